@@ -1,0 +1,42 @@
+//! The flow hash, shared so that userspace tests can predict the program's choice.
+//! MurmurHash3 (x86, 32-bit) over the key's ten 32-bit words: cheap, well mixed, and
+//! a fixed loop the verifier accepts.
+
+use crate::FlowKey;
+
+const C1: u32 = 0xcc9e_2d51;
+const C2: u32 = 0x1b87_3593;
+const SEED: u32 = 0x4c42_5631;
+
+#[inline(always)]
+fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn word(b: &[u8; 16], i: usize) -> u32 {
+    u32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]])
+}
+
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let mut h = SEED;
+    h = mix(h, word(&key.src, 0));
+    h = mix(h, word(&key.src, 1));
+    h = mix(h, word(&key.src, 2));
+    h = mix(h, word(&key.src, 3));
+    h = mix(h, word(&key.dst, 0));
+    h = mix(h, word(&key.dst, 1));
+    h = mix(h, word(&key.dst, 2));
+    h = mix(h, word(&key.dst, 3));
+    h = mix(h, (key.sport_be as u32) | ((key.dport_be as u32) << 16));
+    h = mix(h, (key.proto as u32) | ((key.family as u32) << 8));
+    h ^= 40;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}

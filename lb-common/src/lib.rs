@@ -1,0 +1,169 @@
+//! Types shared by the XDP program (`lb-ebpf`) and the agent (`lb-userspace`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding, so both sides agree
+//! byte for byte; sizes are asserted at compile time. No `bool`, `Option` or enums
+//! cross the boundary: flags are integers and "none" is a sentinel.
+#![no_std]
+
+pub mod counters;
+pub mod hash;
+
+/// Address family tags stored in keys (`AF_INET`, `AF_INET6` values).
+pub const FAMILY_V4: u8 = 2;
+pub const FAMILY_V6: u8 = 10;
+
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+
+/// How many VIPs (address, port, protocol) one agent can serve.
+pub const MAX_VIPS: u32 = 64;
+/// Backend ids index the backend array; ids are per (service, backend).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Largest Maglev lookup table; each VIP owns a window of this many ring slots.
+pub const MAX_RING_SIZE: u32 = 65537;
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Connection-table capacity (LRU: the least recently used flow goes first).
+pub const MAX_FLOWS: u32 = 1 << 18;
+/// Ring slot value meaning "no backend": traffic for such a slot is dropped and counted.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Key of the VIP map: one virtual service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    /// IPv4 in the first 4 bytes (rest zero) or the 16 IPv6 bytes, network order.
+    pub addr: [u8; 16],
+    /// Destination port, network byte order.
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Value of the VIP map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipInfo {
+    /// Index of this VIP: its ring window and its counter slot.
+    pub vip_num: u32,
+    /// Number of ring slots in use (a prime no larger than `MAX_RING_SIZE`).
+    pub ring_size: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of the map of VIP addresses the LB answers ARP / neighbour solicitations for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipAddrKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the backend array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// The backend's MAC; all zero while unresolved (the program then drops and counts).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    pub flags: u32,
+}
+
+/// Backend flag: the backend is usable for forwarding.
+pub const BACKEND_F_VALID: u32 = 1;
+
+/// Key of the connection table: the 5-tuple as the client sends it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowState {
+    pub backend: u32,
+    pub vip_num: u32,
+    /// `bpf_ktime_get_ns()` of the flow's last packet.
+    pub last_seen_ns: u64,
+}
+
+/// The single entry of the config array: what the agent tells the program about the host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbConfig {
+    /// MAC of the interface the program is attached to (source MAC of forwarded frames).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    pub flags: u32,
+}
+
+/// Config flag: answer ARP / neighbour solicitations for VIP addresses.
+pub const CFG_F_ANSWER_NEIGH: u32 = 1;
+/// Config flag: forward VIP traffic (when clear, VIP traffic is passed to the kernel).
+pub const CFG_F_FORWARD: u32 = 2;
+
+/// One counter slot; all counters live in one per-CPU array of these.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl Counter {
+    pub fn add(&mut self, other: &Counter) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.new_flows = self.new_flows.wrapping_add(other.new_flows);
+    }
+}
+
+/// Names of the maps and programs in the object, used by both sides.
+pub mod names {
+    pub const PROG_LB: &str = "lb_xdp";
+    pub const PROG_PASS: &str = "xdp_pass";
+    pub const MAP_VIPS: &str = "VIPS";
+    pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const MAP_RINGS: &str = "RINGS";
+    pub const MAP_BACKENDS: &str = "BACKENDS";
+    pub const MAP_FLOWS: &str = "FLOWS";
+    pub const MAP_STATS: &str = "STATS";
+    pub const MAP_CONFIG: &str = "CONFIG";
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipInfo>() == 16);
+    assert!(core::mem::size_of::<VipAddrKey>() == 20);
+    assert!(core::mem::size_of::<Backend>() == 12);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<FlowState>() == 16);
+    assert!(core::mem::size_of::<LbConfig>() == 12);
+    assert!(core::mem::size_of::<Counter>() == 24);
+    // The ring array is MAX_VIPS windows of MAX_RING_SIZE slots.
+    assert!((MAX_VIPS as u64) * (MAX_RING_SIZE as u64) < u32::MAX as u64);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all these are repr(C), Copy, with every padding byte an explicit field.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for VipAddrKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for LbConfig {}
+    unsafe impl aya::Pod for Counter {}
+}

@@ -1,0 +1,115 @@
+//! Wire headers, byte arrays only (alignment 1), read with explicit byte order, and the
+//! one bounds-checked accessor every stage uses.
+
+use aya_ebpf::programs::XdpContext;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: [u8; 2],
+}
+
+#[repr(C)]
+pub struct VlanHdr {
+    pub tci: [u8; 2],
+    pub proto: [u8; 2],
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub version_class_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    pub data_off: u8,
+    pub flags: u8,
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urgent: [u8; 2],
+}
+
+#[repr(C)]
+pub struct ArpHdr {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub oper: [u8; 2],
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+
+/// ICMPv6 neighbour solicitation / advertisement body (RFC 4861 4.3, 4.4) without options.
+#[repr(C)]
+pub struct NdMsg {
+    pub icmp_type: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub flags: [u8; 4],
+    pub target: [u8; 16],
+}
+
+pub const ETH_HLEN: usize = core::mem::size_of::<EthHdr>();
+pub const IPV4_HLEN: usize = core::mem::size_of::<Ipv4Hdr>();
+pub const IPV6_HLEN: usize = core::mem::size_of::<Ipv6Hdr>();
+pub const TCP_HLEN: usize = core::mem::size_of::<TcpHdr>();
+
+#[inline(always)]
+pub fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// A pointer to a `T` at `offset` bytes into the frame, or `None` when the frame is
+/// too short. The comparison against `data_end` is what the verifier needs to see.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> usize {
+    ctx.data_end() - ctx.data()
+}

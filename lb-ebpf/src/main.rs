@@ -1,0 +1,250 @@
+//! The XDP data path. One pipeline, read top to bottom:
+//! Ethernet (+ one VLAN tag) -> ARP / IPv4 / IPv6 -> VIP address? -> header sanity ->
+//! TCP -> VIP (address, port, proto) -> connection table, else Maglev ring -> backend ->
+//! MAC rewrite -> count -> XDP_TX.
+//!
+//! Each stage returns `Step<T>`: `Ok` goes on, `Err(reason)` ends the packet. The reason
+//! is counted once in `lb_xdp` and mapped to a verdict by `verdict_of`.
+#![no_std]
+#![no_main]
+
+mod headers;
+mod maps;
+mod neigh;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::bpf_ktime_get_ns,
+    macros::xdp,
+    programs::XdpContext,
+};
+use headers::*;
+use lb_common::{
+    BACKEND_F_VALID, CFG_F_FORWARD, Counter, FAMILY_V4, FAMILY_V6, FlowKey, FlowState,
+    LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, VipInfo, VipKey,
+    counters::{backend_slot, global_slot, reason, vip_slot},
+    hash::flow_hash,
+};
+use maps::{BACKENDS, CONFIG, FLOWS, RINGS, STATS, VIPS};
+
+/// `Ok` to go on to the next stage, `Err(reason)` to end the packet (see `verdict_of`).
+pub type Step<T> = Result<T, u32>;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    match try_lb(&ctx) {
+        Ok(verdict) => verdict,
+        Err(why) => {
+            count(global_slot(why), frame_len(&ctx) as u64, false);
+            verdict_of(why)
+        }
+    }
+}
+
+/// A program that passes everything: the baseline for benchmarks, and what the lab puts
+/// on the peer of a veth so native XDP_TX works there.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+/// Every reason a packet ends early, and what happens to it. Decided once, here.
+#[inline(always)]
+fn verdict_of(why: u32) -> u32 {
+    match why {
+        reason::PASS_NOT_VIP | reason::PASS_TRUNCATED | reason::PASS_NOT_FORWARDING => XDP_PASS,
+        reason::ARP_REPLY | reason::ND_REPLY => XDP_TX,
+        reason::ABORT_INTERNAL => XDP_ABORTED,
+        _ => XDP_DROP,
+    }
+}
+
+/// What the L3/L4 stages hand to the forwarding stage.
+struct Packet {
+    flow: FlowKey,
+    vip: VipInfo,
+    tcp_flags: u8,
+}
+
+#[inline(always)]
+fn try_lb(ctx: &XdpContext) -> Step<u32> {
+    let (ether_type, l3) = parse_ethernet(ctx)?;
+    let cfg = CONFIG.get(0).ok_or(reason::ABORT_INTERNAL)?;
+    let packet = match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, l3)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, l3, cfg)?,
+        ETH_P_ARP => return neigh::arp(ctx, l3, cfg),
+        _ => return Err(reason::PASS_NOT_VIP),
+    };
+    forward(ctx, cfg, &packet)
+}
+
+#[inline(always)]
+fn parse_ethernet(ctx: &XdpContext) -> Step<(u16, usize)> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_TRUNCATED)?;
+    let ether_type = be16(unsafe { (*eth).proto });
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let vlan: *const VlanHdr = ptr_at(ctx, ETH_HLEN).ok_or(reason::PASS_TRUNCATED)?;
+        return Ok((be16(unsafe { (*vlan).proto }), ETH_HLEN + 4));
+    }
+    Ok((ether_type, ETH_HLEN))
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Step<Packet> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
+    let ip = unsafe { &*ip };
+    let mut dst = [0u8; 16];
+    dst[..4].copy_from_slice(&ip.dst);
+    // Only traffic for a VIP address is ours to judge; the rest goes to the kernel as is.
+    if !neigh::is_vip_addr(&dst, FAMILY_V4) {
+        return Err(reason::PASS_NOT_VIP);
+    }
+    let ihl = (ip.version_ihl & 0x0f) as usize * 4;
+    if ip.version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
+        return Err(reason::DROP_BAD_IPV4);
+    }
+    let tot_len = be16(ip.tot_len) as usize;
+    if tot_len < IPV4_HLEN || l3 + tot_len > frame_len(ctx) {
+        return Err(reason::DROP_BAD_IPV4);
+    }
+    if ihl != IPV4_HLEN {
+        return Err(reason::DROP_IP_OPTIONS);
+    }
+    // More-fragments flag or a fragment offset: a fragment.
+    if be16(ip.frag_off) & 0x3fff != 0 {
+        return Err(reason::DROP_FRAGMENT);
+    }
+    if ip.proto != PROTO_TCP {
+        return Err(reason::PASS_NOT_VIP);
+    }
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&ip.src);
+    parse_tcp(ctx, l3 + IPV4_HLEN, l3 + tot_len, src, dst, FAMILY_V4)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> Step<Packet> {
+    neigh::neighbour_solicitation(ctx, l3, cfg)?;
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
+    let ip = unsafe { &*ip };
+    if !neigh::is_vip_addr(&ip.dst, FAMILY_V6) {
+        return Err(reason::PASS_NOT_VIP);
+    }
+    let end = l3 + IPV6_HLEN + be16(ip.payload_len) as usize;
+    if ip.version_class_flow[0] >> 4 != 6 || end > frame_len(ctx) {
+        return Err(reason::DROP_BAD_IPV6);
+    }
+    match ip.next_hdr {
+        PROTO_TCP => parse_tcp(ctx, l3 + IPV6_HLEN, end, ip.src, ip.dst, FAMILY_V6),
+        // Hop-by-hop, routing, fragment, ESP, AH, destination options, mobility, HIP, shim6.
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 => Err(reason::DROP_IPV6_EXT),
+        _ => Err(reason::PASS_NOT_VIP),
+    }
+}
+
+/// `l4` is where TCP starts, `end` where the IP packet ends.
+#[inline(always)]
+fn parse_tcp(
+    ctx: &XdpContext,
+    l4: usize,
+    end: usize,
+    src: [u8; 16],
+    dst: [u8; 16],
+    family: u8,
+) -> Step<Packet> {
+    let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_TCP)?;
+    let tcp = unsafe { &*tcp };
+    let doff = (tcp.data_off >> 4) as usize * 4;
+    if doff < TCP_HLEN || l4 + doff > end {
+        return Err(reason::DROP_BAD_TCP);
+    }
+    let dport_be = u16::from_ne_bytes(tcp.dport);
+    let key = VipKey { addr: dst, port_be: dport_be, proto: PROTO_TCP, family };
+    let vip = *unsafe { VIPS.get(&key) }.ok_or(reason::PASS_NOT_VIP)?;
+    let flow = FlowKey {
+        src,
+        dst,
+        sport_be: u16::from_ne_bytes(tcp.sport),
+        dport_be,
+        proto: PROTO_TCP,
+        family,
+        _pad: [0; 2],
+    };
+    Ok(Packet { flow, vip, tcp_flags: tcp.flags })
+}
+
+/// Connection table first; a SYN or an unknown flow takes the ring and is recorded.
+#[inline(always)]
+fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
+    if cfg.flags & CFG_F_FORWARD == 0 {
+        return Err(reason::PASS_NOT_FORWARDING);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let mut chosen = NO_BACKEND;
+    if !syn && let Some(state) = FLOWS.get_ptr_mut(&p.flow) {
+        let backend = unsafe { (*state).backend };
+        if backend_usable(backend) {
+            chosen = backend;
+            unsafe { (*state).last_seen_ns = now };
+        }
+    }
+    let new_flow = chosen == NO_BACKEND;
+    if new_flow {
+        chosen = ring_lookup(&p.vip, &p.flow)?;
+        let state = FlowState { backend: chosen, vip_num: p.vip.vip_num, last_seen_ns: now };
+        // A full table evicts the least recently used flow; an error here only costs
+        // this flow its pinning, so the packet still goes.
+        let _ = FLOWS.insert(&p.flow, &state, 0);
+    }
+    let backend = BACKENDS.get(chosen).ok_or(reason::DROP_NO_BACKEND)?;
+    if backend.flags & BACKEND_F_VALID == 0 {
+        return Err(reason::DROP_NO_BACKEND);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
+    unsafe {
+        (*eth).dst = backend.mac;
+        (*eth).src = cfg.mac;
+    }
+    let len = frame_len(ctx) as u64;
+    count(vip_slot(p.vip.vip_num), len, new_flow);
+    count(backend_slot(chosen), len, new_flow);
+    Ok(XDP_TX)
+}
+
+#[inline(always)]
+fn backend_usable(backend: u32) -> bool {
+    matches!(BACKENDS.get(backend), Some(b) if b.flags & BACKEND_F_VALID != 0)
+}
+
+#[inline(always)]
+fn ring_lookup(vip: &VipInfo, flow: &FlowKey) -> Step<u32> {
+    if vip.ring_size == 0 || vip.ring_size > MAX_RING_SIZE {
+        return Err(reason::ABORT_INTERNAL);
+    }
+    let slot = vip.vip_num * MAX_RING_SIZE + flow_hash(flow) % vip.ring_size;
+    let backend = *RINGS.get(slot).ok_or(reason::ABORT_INTERNAL)?;
+    if backend == NO_BACKEND {
+        return Err(reason::DROP_NO_BACKEND);
+    }
+    Ok(backend)
+}
+
+#[inline(always)]
+fn count(slot: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = STATS.get_ptr_mut(slot) {
+        let c: &mut Counter = unsafe { &mut *c };
+        c.packets += 1;
+        c.bytes += bytes;
+        if new_flow {
+            c.new_flows += 1;
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,38 @@
+//! Every map of the program, in one place. The agent fills all but FLOWS and STATS.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Counter, FlowKey, FlowState, LbConfig, MAX_BACKENDS, MAX_FLOWS, MAX_RING_SIZE,
+    MAX_VIPS, VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS,
+};
+
+/// (VIP address, port, protocol) -> the VIP's number and ring size.
+#[map]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// VIP addresses (no port): first filter for IP traffic, and what ARP / ND answers for.
+#[map]
+pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// Maglev lookup tables: VIP number n owns slots [n * MAX_RING_SIZE, n * MAX_RING_SIZE + ring_size).
+#[map]
+pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * MAX_RING_SIZE, 0);
+
+/// Backend id -> where to send its frames.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Connection table: keeps an established flow on its backend when the ring changes.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// All counters: per-VIP slots, per-backend slots, then global reasons (lb_common::counters).
+#[map]
+pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+
+/// Host settings from the agent: the interface MAC and what the program may do.
+#[map]
+pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);

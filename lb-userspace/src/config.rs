@@ -1,0 +1,566 @@
+//! The agent's TOML config: parsing, and validation that reports every error with its
+//! place in the file. A config that fails here never reaches the data path.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::Path,
+};
+
+use lb_common::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Smallest ring we accept: below this Maglev cannot spread weights evenly.
+pub const MIN_RING_SIZE: u32 = 101;
+pub const DEFAULT_WEIGHT: u32 = 100;
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub services: Vec<Service>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub interface: String,
+    pub xdp_mode: XdpMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode if the driver supports it, else generic.
+    Auto,
+    Native,
+    Generic,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub ring_size: u32,
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub name: String,
+    pub address: IpAddr,
+    pub weight: u32,
+}
+
+/// One problem in a config file, with where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line and column, when known.
+    pub line: Option<(usize, usize)>,
+    /// Dotted path of the key, e.g. `services[0].backends[1].weight`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some((line, col)) => write!(f, "line {line}, column {col}: ")?,
+            None => {}
+        }
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every error found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors {
+    pub source_name: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(f, "{}: {n} error{}", self.source_name, if n == 1 { "" } else { "s" })?;
+        for e in &self.errors {
+            write!(f, "\n  {}: {e}", self.source_name)?;
+        }
+        Ok(())
+    }
+}
+
+// The raw shape of the file. Every value is optional and spanned so that validation,
+// not serde, decides what is missing and can say where.
+#[derive(Deserialize)]
+struct RawConfig {
+    agent: Option<Spanned<RawAgent>>,
+    #[serde(default)]
+    services: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+struct RawAgent {
+    interface: Option<Spanned<String>>,
+    xdp_mode: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+struct RawService {
+    name: Option<Spanned<String>>,
+    vip: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    ring_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+struct RawBackend {
+    name: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    weight: Option<Spanned<i64>>,
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let name = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, &name),
+        Err(e) => Err(ConfigErrors {
+            source_name: name,
+            errors: vec![ConfigError { line: None, path: String::new(), message: format!("cannot read: {e}") }],
+        }),
+    }
+}
+
+/// Parses and validates config text; `source_name` names it in errors.
+pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
+    let mut v = Validator { text, errors: Vec::new() };
+    let raw = v.deserialize();
+    let config = raw.and_then(|raw| v.validate(raw));
+    match config {
+        Some(c) if v.errors.is_empty() => Ok(c),
+        _ => Err(ConfigErrors { source_name: source_name.to_string(), errors: v.errors }),
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn place(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        (line, col)
+    }
+
+    fn err_at(&mut self, span: Option<std::ops::Range<usize>>, path: &str, message: impl Into<String>) {
+        let line = span.map(|s| self.place(s.start));
+        self.errors.push(ConfigError { line, path: path.to_string(), message: message.into() });
+    }
+
+    fn err<T>(&mut self, value: &Spanned<T>, path: &str, message: impl Into<String>) {
+        self.err_at(Some(value.span()), path, message);
+    }
+
+    fn deserialize(&mut self) -> Option<RawConfig> {
+        let de = match toml::Deserializer::parse(self.text) {
+            Ok(de) => de,
+            Err(e) => {
+                self.err_at(e.span(), "", e.message().trim().to_string());
+                return None;
+            }
+        };
+        let mut unknown = Vec::new();
+        let raw: Result<RawConfig, _> = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+        for path in unknown {
+            let span = self.find_key(&path);
+            self.err_at(span, &display_path(&path), "unknown key");
+        }
+        match raw {
+            Ok(raw) => Some(raw),
+            Err(e) => {
+                self.err_at(e.span(), "", e.message().trim().to_string());
+                None
+            }
+        }
+    }
+
+    /// Best effort: the first line that assigns or opens the key's last component.
+    fn find_key(&self, path: &str) -> Option<std::ops::Range<usize>> {
+        let last = path.rsplit('.').next()?;
+        let mut offset = 0;
+        for line in self.text.split_inclusive('\n') {
+            let t = line.trim_start();
+            let key = t.trim_start_matches('[').split(['=', ']']).next().unwrap_or("").trim();
+            let key = key.rsplit('.').next().unwrap_or(key).trim_matches('"');
+            if key == last {
+                let start = offset + (line.len() - t.len());
+                return Some(start..start);
+            }
+            offset += line.len();
+        }
+        None
+    }
+
+    fn required<'r, T>(&mut self, v: &'r Option<Spanned<T>>, table_span: std::ops::Range<usize>, path: &str) -> Option<&'r Spanned<T>> {
+        if v.is_none() {
+            self.err_at(Some(table_span), path, "missing (required)");
+        }
+        v.as_ref()
+    }
+
+    fn validate(&mut self, raw: RawConfig) -> Option<Config> {
+        let agent = match &raw.agent {
+            None => {
+                self.err_at(None, "agent", "missing [agent] table");
+                None
+            }
+            Some(a) => self.agent(a),
+        };
+        if raw.services.len() > MAX_VIPS as usize {
+            self.err_at(None, "services", format!("{} services; at most {MAX_VIPS}", raw.services.len()));
+        }
+        let mut services = Vec::new();
+        let mut names = HashSet::new();
+        let mut vips = HashMap::new();
+        let mut total_backends = 0;
+        for (i, s) in raw.services.iter().enumerate() {
+            let path = format!("services[{i}]");
+            total_backends += s.get_ref().backends.len();
+            if let Some(svc) = self.service(s, &path) {
+                if !names.insert(svc.name.clone()) {
+                    self.err_at(Some(s.span()), &format!("{path}.name"), format!("service name {:?} is used twice", svc.name));
+                }
+                if let Some(other) = vips.insert((svc.vip, svc.port), svc.name.clone()) {
+                    self.err_at(Some(s.span()), &format!("{path}.vip"), format!("{}:{} is already the VIP of service {other:?}", svc.vip, svc.port));
+                }
+                services.push(svc);
+            }
+        }
+        if total_backends > MAX_BACKENDS as usize {
+            self.err_at(None, "services", format!("{total_backends} backends in all; at most {MAX_BACKENDS}"));
+        }
+        Some(Config { agent: agent?, services })
+    }
+
+    fn agent(&mut self, a: &Spanned<RawAgent>) -> Option<AgentConfig> {
+        let span = a.span();
+        let raw = a.get_ref();
+        let interface = self.required(&raw.interface, span.clone(), "agent.interface").and_then(|i| {
+            let name = i.get_ref();
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                self.err(i, "agent.interface", format!("{name:?} is not an interface name (1 to 15 characters, no '/' or space)"));
+                None
+            } else {
+                Some(name.clone())
+            }
+        });
+        let xdp_mode = match &raw.xdp_mode {
+            None => Some(XdpMode::Auto),
+            Some(m) => match m.get_ref().as_str() {
+                "auto" => Some(XdpMode::Auto),
+                "native" => Some(XdpMode::Native),
+                "generic" => Some(XdpMode::Generic),
+                other => {
+                    self.err(m, "agent.xdp_mode", format!("{other:?}: expected \"auto\", \"native\" or \"generic\""));
+                    None
+                }
+            },
+        };
+        Some(AgentConfig { interface: interface?, xdp_mode: xdp_mode? })
+    }
+
+    fn ip(&mut self, v: &Spanned<String>, path: &str) -> Option<IpAddr> {
+        match v.get_ref().parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+                self.err(v, path, format!("{ip} cannot be used here"));
+                None
+            }
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                self.err(v, path, format!("{:?} is not an IPv4 or IPv6 address", v.get_ref()));
+                None
+            }
+        }
+    }
+
+    fn service(&mut self, s: &Spanned<RawService>, path: &str) -> Option<Service> {
+        let span = s.span();
+        let raw = s.get_ref();
+        let name = self.required(&raw.name, span.clone(), &format!("{path}.name")).and_then(|n| self.name(n, &format!("{path}.name")));
+        let vip = self.required(&raw.vip, span.clone(), &format!("{path}.vip")).and_then(|v| self.ip(v, &format!("{path}.vip")));
+        let port = self.required(&raw.port, span.clone(), &format!("{path}.port")).and_then(|p| match u16::try_from(*p.get_ref()) {
+            Ok(port) if port > 0 => Some(port),
+            _ => {
+                self.err(p, &format!("{path}.port"), format!("{} is not a port (1 to 65535)", p.get_ref()));
+                None
+            }
+        });
+        let ring_size = match &raw.ring_size {
+            None => Some(DEFAULT_RING_SIZE),
+            Some(r) => match u32::try_from(*r.get_ref()) {
+                Ok(n) if (MIN_RING_SIZE..=MAX_RING_SIZE).contains(&n) && is_prime(n) => Some(n),
+                _ => {
+                    self.err(r, &format!("{path}.ring_size"), format!("{} must be a prime from {MIN_RING_SIZE} to {MAX_RING_SIZE}", r.get_ref()));
+                    None
+                }
+            },
+        };
+        let mut backends = Vec::new();
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        let mut ok = true;
+        for (j, b) in raw.backends.iter().enumerate() {
+            let bpath = format!("{path}.backends[{j}]");
+            match self.backend(b, &bpath) {
+                Some(be) => {
+                    if !names.insert(be.name.clone()) {
+                        self.err_at(Some(b.span()), &format!("{bpath}.name"), format!("backend name {:?} is used twice in this service", be.name));
+                    }
+                    if !addresses.insert(be.address) {
+                        self.err_at(Some(b.span()), &format!("{bpath}.address"), format!("{} is used twice in this service", be.address));
+                    }
+                    if let Some(vip) = vip {
+                        if vip.is_ipv4() != be.address.is_ipv4() {
+                            self.err_at(Some(b.span()), &format!("{bpath}.address"), format!("{} and the VIP {vip} are of different families (DSR forwards the client's packet as is)", be.address));
+                        }
+                        if vip == be.address {
+                            self.err_at(Some(b.span()), &format!("{bpath}.address"), "a backend cannot be the VIP itself");
+                        }
+                    }
+                    backends.push(be);
+                }
+                None => ok = false,
+            }
+        }
+        if let Some(m) = ring_size
+            && backends.len() * 10 > m as usize
+        {
+            self.err_at(Some(span.clone()), &format!("{path}.ring_size"), format!("{m} slots for {} backends: need at least 10 slots per backend", backends.len()));
+        }
+        if !ok {
+            return None;
+        }
+        Some(Service { name: name?, vip: vip?, port: port?, ring_size: ring_size?, backends })
+    }
+
+    fn name(&mut self, n: &Spanned<String>, path: &str) -> Option<String> {
+        let s = n.get_ref();
+        if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            self.err(n, path, format!("{s:?}: names are 1 to 64 characters of letters, digits, '-', '_' or '.'"));
+            return None;
+        }
+        Some(s.clone())
+    }
+
+    fn backend(&mut self, b: &Spanned<RawBackend>, path: &str) -> Option<BackendSpec> {
+        let span = b.span();
+        let raw = b.get_ref();
+        let name = self.required(&raw.name, span.clone(), &format!("{path}.name")).and_then(|n| self.name(n, &format!("{path}.name")));
+        let address = self.required(&raw.address, span.clone(), &format!("{path}.address")).and_then(|a| self.ip(a, &format!("{path}.address")));
+        let weight = match &raw.weight {
+            None => Some(DEFAULT_WEIGHT),
+            Some(w) => match u32::try_from(*w.get_ref()) {
+                Ok(n) if n <= MAX_WEIGHT => Some(n),
+                _ => {
+                    self.err(w, &format!("{path}.weight"), format!("{} is not a weight (0 to {MAX_WEIGHT})", w.get_ref()));
+                    None
+                }
+            },
+        };
+        Some(BackendSpec { name: name?, address: address?, weight: weight? })
+    }
+}
+
+/// `services.0.backends.1.wieght` -> `services[0].backends[1].wieght`
+fn display_path(path: &str) -> String {
+    let mut out = String::new();
+    for part in path.split('.').filter(|p| !p.starts_with("$__serde_spanned")) {
+        if part.chars().all(|c| c.is_ascii_digit()) && !part.is_empty() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+interface = "eth0"
+xdp_mode = "native"
+
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+
+[[services.backends]]
+name = "web-1"
+address = "192.0.2.21"
+
+[[services.backends]]
+name = "web-2"
+address = "192.0.2.22"
+weight = 300
+"#;
+
+    #[test]
+    fn parses_a_good_config_with_defaults() {
+        let c = parse(GOOD, "t").expect("valid");
+        assert_eq!(c.agent.interface, "eth0");
+        assert_eq!(c.agent.xdp_mode, XdpMode::Native);
+        let s = &c.services[0];
+        assert_eq!(s.ring_size, DEFAULT_RING_SIZE);
+        assert_eq!(s.backends[0].weight, DEFAULT_WEIGHT);
+        assert_eq!(s.backends[1].weight, 300);
+        assert_eq!(s.vip, "192.0.2.10".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn reports_every_error_with_its_line() {
+        let bad = r#"
+[agent]
+interface = "eth0"
+xdp_mode = "fast"
+
+[[services]]
+name = "web"
+vip = "192.0.2.300"
+port = 0
+ring_size = 1000
+
+[[services.backends]]
+name = "web-1"
+address = "2001:db8::1"
+wieght = 5
+"#;
+        let errs = parse(bad, "bad.toml").expect_err("invalid").errors;
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        let joined = text.join("\n");
+        assert!(joined.contains("line 4, column 12: agent.xdp_mode"), "{joined}");
+        assert!(joined.contains("line 8, column 7: services[0].vip"), "{joined}");
+        assert!(joined.contains("line 9, column 8: services[0].port"), "{joined}");
+        assert!(joined.contains("line 10, column 13: services[0].ring_size"), "{joined}");
+        assert!(joined.contains("line 15, column 1: services[0].backends[0].wieght: unknown key"), "{joined}");
+        assert_eq!(errs.len(), 5, "{joined}");
+    }
+
+    #[test]
+    fn family_mismatch_and_duplicates_are_errors() {
+        let bad = r#"
+[agent]
+interface = "eth0"
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+[[services.backends]]
+name = "a"
+address = "2001:db8::1"
+[[services.backends]]
+name = "a"
+address = "192.0.2.20"
+[[services.backends]]
+name = "c"
+address = "192.0.2.20"
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+"#;
+        let errs = parse(bad, "t").expect_err("invalid").errors;
+        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+        assert!(joined.contains("different families"), "{joined}");
+        assert!(joined.contains("backend name \"a\" is used twice"), "{joined}");
+        assert!(joined.contains("192.0.2.20 is used twice"), "{joined}");
+        assert!(joined.contains("service name \"web\" is used twice"), "{joined}");
+        assert!(joined.contains("already the VIP of service"), "{joined}");
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        let errs = parse("[[services]]\nport = 80\n", "t").expect_err("invalid").errors;
+        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+        assert!(joined.contains("missing [agent] table"), "{joined}");
+        assert!(joined.contains("services[0].name: missing"), "{joined}");
+        assert!(joined.contains("services[0].vip: missing"), "{joined}");
+    }
+
+    #[test]
+    fn syntax_errors_have_a_place() {
+        let errs = parse("[agent]\ninterface = \n", "t").expect_err("invalid").errors;
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line.map(|l| l.0), Some(2), "{}", errs[0]);
+    }
+
+    #[test]
+    fn type_errors_have_a_place() {
+        let errs = parse("[agent]\ninterface = \"eth0\"\n[[services]]\nname = \"w\"\nvip = \"192.0.2.1\"\nport = \"80\"\n", "t")
+            .expect_err("invalid")
+            .errors;
+        assert_eq!(errs[0].line.map(|l| l.0), Some(6), "{}", errs[0]);
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(65537) && is_prime(101) && is_prime(2));
+        assert!(!is_prime(65535) && !is_prime(1) && !is_prime(0) && !is_prime(1000));
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("config/ exists") {
+            let path = entry.expect("dir entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no config in {}", dir.display());
+    }
+}

@@ -1,0 +1,260 @@
+//! The one narrow interface between the control plane and the kernel: the maps of the
+//! XDP program. `XdpDataPlane` is the real one; `FakeDataPlane` records writes for tests.
+
+use std::collections::HashMap as StdHashMap;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, Xdp, XdpMode},
+};
+use lb_common::{
+    Backend, Counter, LbConfig, MAX_RING_SIZE, VipAddrKey, VipInfo, VipKey, names,
+};
+
+/// The XDP object built from `lb-ebpf`, embedded at build time.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("program {program}: {source}")]
+    Program { program: &'static str, source: ProgramError },
+    #[error("attaching to {interface} in {mode} mode: {source}")]
+    Attach { interface: String, mode: &'static str, source: ProgramError },
+}
+
+type Result<T> = std::result::Result<T, DataPlaneError>;
+
+/// What the control plane needs from the data path, and nothing more.
+pub trait DataPlane {
+    fn set_config(&mut self, cfg: &LbConfig) -> Result<()>;
+    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()>;
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
+    fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
+    fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
+    /// Writes `(slot, backend id)` pairs into the ring window of `vip_num`.
+    fn set_ring_slots(&mut self, vip_num: u32, slots: &[(u32, u32)]) -> Result<()>;
+    /// One counter slot, summed over CPUs.
+    fn counter(&self, slot: u32) -> Result<Counter>;
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {
+    move |source| DataPlaneError::Map { map, source }
+}
+
+/// The loaded XDP object and typed handles on its maps.
+pub struct XdpDataPlane {
+    ebpf: Ebpf,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    vip_addrs: HashMap<MapData, VipAddrKey, u32>,
+    rings: Array<MapData, u32>,
+    backends: Array<MapData, Backend>,
+    stats: PerCpuArray<MapData, Counter>,
+    config: Array<MapData, LbConfig>,
+}
+
+/// How the program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl std::fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic",
+        })
+    }
+}
+
+impl XdpDataPlane {
+    /// Loads the embedded object into the kernel (verifier included); attaches nothing.
+    pub fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
+            ebpf.take_map(name).ok_or(DataPlaneError::Missing { kind: "map", name })
+        }
+        let vips = HashMap::try_from(take(&mut ebpf, names::MAP_VIPS)?).map_err(map_err(names::MAP_VIPS))?;
+        let vip_addrs = HashMap::try_from(take(&mut ebpf, names::MAP_VIP_ADDRS)?).map_err(map_err(names::MAP_VIP_ADDRS))?;
+        let rings = Array::try_from(take(&mut ebpf, names::MAP_RINGS)?).map_err(map_err(names::MAP_RINGS))?;
+        let backends = Array::try_from(take(&mut ebpf, names::MAP_BACKENDS)?).map_err(map_err(names::MAP_BACKENDS))?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, names::MAP_STATS)?).map_err(map_err(names::MAP_STATS))?;
+        let config = Array::try_from(take(&mut ebpf, names::MAP_CONFIG)?).map_err(map_err(names::MAP_CONFIG))?;
+        let mut dp = Self { ebpf, vips, vip_addrs, rings, backends, stats, config };
+        dp.program_mut(names::PROG_LB)?;
+        Ok(dp)
+    }
+
+    /// The XDP program `name`, loaded into the kernel.
+    pub fn program_mut(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataPlaneError::Missing { kind: "program", name })?
+            .try_into()
+            .map_err(|source| DataPlaneError::Program { program: name, source })?;
+        if program.fd().is_err() {
+            program.load().map_err(|source| DataPlaneError::Program { program: name, source })?;
+        }
+        Ok(program)
+    }
+
+    /// Attaches the balancer program. `None` tries native first, then generic.
+    /// The attachment is a BPF link owned by this process: it ends when the process
+    /// does, however it ends.
+    pub fn attach(&mut self, interface: &str, mode: Option<AttachedMode>) -> Result<AttachedMode> {
+        let program = self.program_mut(names::PROG_LB)?;
+        let try_mode = |program: &mut Xdp, m: AttachedMode| {
+            let (flag, label) = match m {
+                AttachedMode::Native => (XdpMode::Driver, "native"),
+                AttachedMode::Generic => (XdpMode::Skb, "generic"),
+            };
+            program
+                .attach(interface, flag)
+                .map(|_| m)
+                .map_err(|source| DataPlaneError::Attach { interface: interface.to_string(), mode: label, source })
+        };
+        match mode {
+            Some(m) => try_mode(program, m),
+            None => match try_mode(program, AttachedMode::Native) {
+                Ok(m) => Ok(m),
+                Err(native) => {
+                    eprintln!("lb-agent: native XDP unavailable on {interface} ({native}); trying generic");
+                    try_mode(program, AttachedMode::Generic)
+                }
+            },
+        }
+    }
+
+    /// Number of flows in the connection table (walks the whole map: for tests and
+    /// status, not for hot paths).
+    pub fn flow_count(&self) -> Result<usize> {
+        let flows: HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> = HashMap::try_from(
+            self.ebpf.map(names::MAP_FLOWS).ok_or(DataPlaneError::Missing { kind: "map", name: names::MAP_FLOWS })?,
+        )
+        .map_err(map_err(names::MAP_FLOWS))?;
+        Ok(flows.keys().filter(|k| k.is_ok()).count())
+    }
+
+    /// The connection-table entry of one flow, if any.
+    pub fn flow(&self, key: &lb_common::FlowKey) -> Result<Option<lb_common::FlowState>> {
+        let flows: HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> = HashMap::try_from(
+            self.ebpf.map(names::MAP_FLOWS).ok_or(DataPlaneError::Missing { kind: "map", name: names::MAP_FLOWS })?,
+        )
+        .map_err(map_err(names::MAP_FLOWS))?;
+        match flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::MAP_FLOWS)(e)),
+        }
+    }
+}
+
+impl DataPlane for XdpDataPlane {
+    fn set_config(&mut self, cfg: &LbConfig) -> Result<()> {
+        self.config.set(0, cfg, 0).map_err(map_err(names::MAP_CONFIG))
+    }
+    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        self.vips.insert(key, info, 0).map_err(map_err(names::MAP_VIPS))
+    }
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        match self.vips.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::MAP_VIPS)(e)),
+        }
+    }
+    fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
+        self.vip_addrs.insert(key, 1, 0).map_err(map_err(names::MAP_VIP_ADDRS))
+    }
+    fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
+        match self.vip_addrs.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::MAP_VIP_ADDRS)(e)),
+        }
+    }
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends.set(id, backend, 0).map_err(map_err(names::MAP_BACKENDS))
+    }
+    fn set_ring_slots(&mut self, vip_num: u32, slots: &[(u32, u32)]) -> Result<()> {
+        let base = vip_num * MAX_RING_SIZE;
+        for (slot, backend) in slots {
+            self.rings.set(base + slot, backend, 0).map_err(map_err(names::MAP_RINGS))?;
+        }
+        Ok(())
+    }
+    fn counter(&self, slot: u32) -> Result<Counter> {
+        let per_cpu = self.stats.get(&slot, 0).map_err(map_err(names::MAP_STATS))?;
+        let mut sum = Counter::default();
+        for c in per_cpu.iter() {
+            sum.add(c);
+        }
+        Ok(sum)
+    }
+}
+
+/// An in-memory data path that records what was written, for control-plane tests.
+#[derive(Default, Debug)]
+pub struct FakeDataPlane {
+    pub config: LbConfig,
+    pub vips: StdHashMap<VipKey, VipInfo>,
+    pub vip_addrs: StdHashMap<VipAddrKey, u32>,
+    pub backends: StdHashMap<u32, Backend>,
+    pub rings: StdHashMap<u32, u32>,
+    pub ring_writes: usize,
+    pub counters: StdHashMap<u32, Counter>,
+}
+
+impl FakeDataPlane {
+    /// The ring window of `vip_num`, `size` slots long.
+    pub fn ring(&self, vip_num: u32, size: u32) -> Vec<u32> {
+        (0..size)
+            .map(|s| self.rings.get(&(vip_num * MAX_RING_SIZE + s)).copied().unwrap_or(0))
+            .collect()
+    }
+}
+
+impl DataPlane for FakeDataPlane {
+    fn set_config(&mut self, cfg: &LbConfig) -> Result<()> {
+        self.config = *cfg;
+        Ok(())
+    }
+    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        self.vips.insert(*key, *info);
+        Ok(())
+    }
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.vips.remove(key);
+        Ok(())
+    }
+    fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
+        self.vip_addrs.insert(*key, 1);
+        Ok(())
+    }
+    fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
+        self.vip_addrs.remove(key);
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends.insert(id, *backend);
+        Ok(())
+    }
+    fn set_ring_slots(&mut self, vip_num: u32, slots: &[(u32, u32)]) -> Result<()> {
+        for (slot, backend) in slots {
+            self.rings.insert(vip_num * MAX_RING_SIZE + slot, *backend);
+        }
+        self.ring_writes += slots.len();
+        Ok(())
+    }
+    fn counter(&self, slot: u32) -> Result<Counter> {
+        Ok(self.counters.get(&slot).copied().unwrap_or_default())
+    }
+}

@@ -1,0 +1,297 @@
+//! Turns the validated services into map contents. It remembers what it wrote, so an
+//! update writes only the difference: changed ring slots, new or changed backends, VIPs
+//! that came or went.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+};
+
+use lb_common::{
+    BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS, NO_BACKEND,
+    PROTO_TCP, VipAddrKey, VipInfo, VipKey,
+};
+
+use crate::{
+    config::Service,
+    dataplane::{DataPlane, DataPlaneError},
+    maglev,
+};
+
+/// An address as the maps store it: IPv4 in the first 4 bytes.
+pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+pub fn vip_key(vip: IpAddr, port: u16) -> VipKey {
+    let (addr, family) = addr_bytes(vip);
+    VipKey { addr, port_be: port.to_be(), proto: PROTO_TCP, family }
+}
+
+pub fn vip_addr_key(vip: IpAddr) -> VipAddrKey {
+    let (addr, family) = addr_bytes(vip);
+    VipAddrKey { addr, family, _pad: [0; 3] }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    #[error(transparent)]
+    DataPlane(#[from] DataPlaneError),
+    #[error("no free VIP slot (at most {MAX_VIPS})")]
+    TooManyVips,
+    #[error("no free backend id (at most {MAX_BACKENDS})")]
+    TooManyBackends,
+}
+
+/// What one `apply` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub vips_added: usize,
+    pub vips_removed: usize,
+    pub ring_slots_written: usize,
+    pub backends_written: usize,
+    /// (service, backend) left out of the ring because their MAC is unknown.
+    pub unresolved: Vec<(String, String)>,
+}
+
+/// What the data path holds for one VIP.
+#[derive(Debug)]
+struct VipState {
+    vip_num: u32,
+    ring: Vec<u32>,
+}
+
+#[derive(Debug, Default)]
+pub struct Programmer {
+    vips: HashMap<VipKey, VipState>,
+    free_vip_nums: BTreeSet<u32>,
+    /// (service, backend address) -> backend id. Ids of backends that left the config
+    /// stay assigned while the agent runs, so their established flows keep forwarding.
+    backend_ids: HashMap<(String, IpAddr), u32>,
+    backend_names: HashMap<u32, (String, String)>,
+    backends: HashMap<u32, Backend>,
+    vip_addrs: HashSet<VipAddrKey>,
+}
+
+impl Programmer {
+    pub fn new() -> Self {
+        Self { free_vip_nums: (0..MAX_VIPS).collect(), ..Default::default() }
+    }
+
+    pub fn vip_num(&self, vip: IpAddr, port: u16) -> Option<u32> {
+        self.vips.get(&vip_key(vip, port)).map(|v| v.vip_num)
+    }
+
+    pub fn backend_id(&self, service: &str, address: IpAddr) -> Option<u32> {
+        self.backend_ids.get(&(service.to_string(), address)).copied()
+    }
+
+    /// (service, backend name) of a backend id.
+    pub fn backend_name(&self, id: u32) -> Option<&(String, String)> {
+        self.backend_names.get(&id)
+    }
+
+    fn backend_id_for(&mut self, service: &str, name: &str, address: IpAddr) -> Result<u32, ProgramError> {
+        let key = (service.to_string(), address);
+        if let Some(id) = self.backend_ids.get(&key) {
+            self.backend_names.insert(*id, (service.to_string(), name.to_string()));
+            return Ok(*id);
+        }
+        let id = u32::try_from(self.backend_ids.len()).map_err(|_| ProgramError::TooManyBackends)?;
+        if id >= MAX_BACKENDS {
+            return Err(ProgramError::TooManyBackends);
+        }
+        self.backend_ids.insert(key, id);
+        self.backend_names.insert(id, (service.to_string(), name.to_string()));
+        Ok(id)
+    }
+
+    /// Makes the data path serve exactly `services`. `mac` resolves a backend address.
+    pub fn apply(
+        &mut self,
+        dp: &mut dyn DataPlane,
+        services: &[Service],
+        mac: &dyn Fn(IpAddr) -> Option<[u8; 6]>,
+    ) -> Result<ApplyReport, ProgramError> {
+        let mut report = ApplyReport::default();
+        let wanted: HashSet<VipKey> = services.iter().map(|s| vip_key(s.vip, s.port)).collect();
+
+        // Departures first, so their VIP numbers are free for arrivals.
+        let gone: Vec<VipKey> = self.vips.keys().filter(|k| !wanted.contains(*k)).copied().collect();
+        for key in gone {
+            dp.remove_vip(&key)?;
+            if let Some(state) = self.vips.remove(&key) {
+                self.free_vip_nums.insert(state.vip_num);
+            }
+            report.vips_removed += 1;
+        }
+
+        for service in services {
+            let mut members = Vec::new();
+            for b in &service.backends {
+                let id = self.backend_id_for(&service.name, &b.name, b.address)?;
+                let entry = match mac(b.address) {
+                    Some(mac) => Backend { mac, _pad: [0; 2], flags: BACKEND_F_VALID },
+                    None => {
+                        report.unresolved.push((service.name.clone(), b.name.clone()));
+                        continue;
+                    }
+                };
+                if self.backends.get(&id) != Some(&entry) {
+                    dp.set_backend(id, &entry)?;
+                    self.backends.insert(id, entry);
+                    report.backends_written += 1;
+                }
+                members.push(maglev::Member { identity: b.address.to_string(), id, weight: b.weight });
+            }
+            let ring = maglev::build(&members, service.ring_size);
+            let key = vip_key(service.vip, service.port);
+            let state = match self.vips.get_mut(&key) {
+                Some(state) => state,
+                None => {
+                    let vip_num = self.free_vip_nums.pop_first().ok_or(ProgramError::TooManyVips)?;
+                    report.vips_added += 1;
+                    // A new window: every slot is written, whatever it held before.
+                    self.vips.entry(key).or_insert(VipState { vip_num, ring: Vec::new() })
+                }
+            };
+            let changed = if state.ring.len() == ring.len() {
+                maglev::diff(&state.ring, &ring)
+            } else {
+                maglev::diff(&[], &ring)
+            };
+            dp.set_ring_slots(state.vip_num, &changed)?;
+            report.ring_slots_written += changed.len();
+            state.ring = ring;
+            // The VIP becomes visible only once its ring is complete.
+            let info = VipInfo { vip_num: state.vip_num, ring_size: service.ring_size, flags: 0, _pad: 0 };
+            dp.set_vip(&key, &info)?;
+        }
+
+        let addrs: HashSet<VipAddrKey> = services.iter().map(|s| vip_addr_key(s.vip)).collect();
+        for a in addrs.difference(&self.vip_addrs) {
+            dp.set_vip_addr(a)?;
+        }
+        for a in self.vip_addrs.difference(&addrs) {
+            dp.remove_vip_addr(a)?;
+        }
+        self.vip_addrs = addrs;
+        Ok(report)
+    }
+
+    /// Backend ids currently in some ring (for tests and status).
+    pub fn ring_members(&self, vip: IpAddr, port: u16) -> BTreeSet<u32> {
+        self.vips
+            .get(&vip_key(vip, port))
+            .map(|s| s.ring.iter().copied().filter(|b| *b != NO_BACKEND).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::BackendSpec, dataplane::FakeDataPlane};
+
+    fn service(name: &str, vip: &str, backends: &[(&str, &str, u32)]) -> Service {
+        Service {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            port: 80,
+            ring_size: 1009,
+            backends: backends
+                .iter()
+                .map(|(n, a, w)| BackendSpec { name: n.to_string(), address: a.parse().unwrap(), weight: *w })
+                .collect(),
+        }
+    }
+
+    fn any_mac(ip: IpAddr) -> Option<[u8; 6]> {
+        let (b, _) = addr_bytes(ip);
+        Some([2, 0, b[0], b[1], b[2], b[3]])
+    }
+
+    #[test]
+    fn first_apply_writes_everything_then_nothing() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let s = vec![service("web", "192.0.2.10", &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)])];
+        let r = p.apply(&mut dp, &s, &any_mac).unwrap();
+        assert_eq!(r.ring_slots_written, 1009);
+        assert_eq!(r.vips_added, 1);
+        assert_eq!(dp.vips.len(), 1);
+        assert_eq!(dp.vip_addrs.len(), 1);
+        assert_eq!(dp.backends.len(), 2);
+        let r = p.apply(&mut dp, &s, &any_mac).unwrap();
+        assert_eq!(r, ApplyReport::default());
+    }
+
+    #[test]
+    fn removing_a_backend_writes_only_its_slots_and_keeps_its_entry() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let three = vec![service("web", "192.0.2.10", &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100), ("c", "192.0.2.23", 100)])];
+        p.apply(&mut dp, &three, &any_mac).unwrap();
+        let vip_num = p.vip_num("192.0.2.10".parse().unwrap(), 80).unwrap();
+        let before = dp.ring(vip_num, 1009);
+        let c = p.backend_id("web", "192.0.2.23".parse().unwrap()).unwrap();
+        let owned_by_c = before.iter().filter(|b| **b == c).count();
+
+        let two = vec![service("web", "192.0.2.10", &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)])];
+        dp.ring_writes = 0;
+        let r = p.apply(&mut dp, &two, &any_mac).unwrap();
+        let after = dp.ring(vip_num, 1009);
+        assert_eq!(r.ring_slots_written, maglev::diff(&before, &after).len());
+        assert_eq!(dp.ring_writes, r.ring_slots_written);
+        assert!(r.ring_slots_written >= owned_by_c);
+        assert!(!after.contains(&c));
+        // Established flows to c keep forwarding: its entry stays valid.
+        assert_eq!(dp.backends[&c].flags, BACKEND_F_VALID);
+    }
+
+    #[test]
+    fn unresolved_backends_stay_out_of_the_ring() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let s = vec![service("web", "192.0.2.10", &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)])];
+        let only_a = |ip: IpAddr| (ip == "192.0.2.21".parse::<IpAddr>().unwrap()).then_some([2, 0, 0, 0, 0, 1]);
+        let r = p.apply(&mut dp, &s, &only_a).unwrap();
+        assert_eq!(r.unresolved, vec![("web".to_string(), "b".to_string())]);
+        let a = p.backend_id("web", "192.0.2.21".parse().unwrap()).unwrap();
+        assert_eq!(p.ring_members("192.0.2.10".parse().unwrap(), 80), BTreeSet::from([a]));
+    }
+
+    #[test]
+    fn vips_come_and_go() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let a = service("a", "192.0.2.10", &[("x", "192.0.2.21", 100)]);
+        let b = service("b", "2001:db8::10", &[("y", "2001:db8::21", 100)]);
+        p.apply(&mut dp, &[a.clone(), b.clone()], &any_mac).unwrap();
+        assert_eq!(dp.vips.len(), 2);
+        assert_eq!(dp.vip_addrs.len(), 2);
+        let r = p.apply(&mut dp, &[b], &any_mac).unwrap();
+        assert_eq!(r.vips_removed, 1);
+        assert_eq!(dp.vips.len(), 1);
+        assert_eq!(dp.vip_addrs.len(), 1);
+        assert!(dp.vip_addrs.contains_key(&vip_addr_key("2001:db8::10".parse().unwrap())));
+        // The freed VIP number is reused, and its whole window is rewritten.
+        let r = p.apply(&mut dp, &[a], &any_mac).unwrap();
+        assert_eq!(r.ring_slots_written, 1009);
+    }
+
+    #[test]
+    fn keys_are_in_network_order() {
+        let k = vip_key("192.0.2.10".parse().unwrap(), 80);
+        assert_eq!(&k.addr[..4], &[192, 0, 2, 10]);
+        assert_eq!(k.port_be.to_ne_bytes(), [0, 80]);
+        assert_eq!(k.family, FAMILY_V4);
+    }
+}

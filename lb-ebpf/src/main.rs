@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use headers::*;
 use lb_common::{
-    BACKEND_F_VALID, CFG_F_FORWARD, Counter, FAMILY_V4, FAMILY_V6, FlowKey, FlowState,
-    LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, VipInfo, VipKey,
+    BACKEND_F_VALID, CFG_F_FORWARD, Counter, FAMILY_V4, FAMILY_V6, FlowKey, FlowState, LbConfig,
+    MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, VipInfo, VipKey,
     counters::{backend_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -160,7 +160,12 @@ fn parse_tcp(
         return Err(reason::DROP_BAD_TCP);
     }
     let dport_be = u16::from_ne_bytes(tcp.dport);
-    let key = VipKey { addr: dst, port_be: dport_be, proto: PROTO_TCP, family };
+    let key = VipKey {
+        addr: dst,
+        port_be: dport_be,
+        proto: PROTO_TCP,
+        family,
+    };
     let vip = *unsafe { VIPS.get(&key) }.ok_or(reason::PASS_NOT_VIP)?;
     let flow = FlowKey {
         src,
@@ -171,7 +176,11 @@ fn parse_tcp(
         family,
         _pad: [0; 2],
     };
-    Ok(Packet { flow, vip, tcp_flags: tcp.flags })
+    Ok(Packet {
+        flow,
+        vip,
+        tcp_flags: tcp.flags,
+    })
 }
 
 /// Connection table first; a SYN or an unknown flow takes the ring and is recorded.
@@ -193,7 +202,11 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     let new_flow = chosen == NO_BACKEND;
     if new_flow {
         chosen = ring_lookup(&p.vip, &p.flow)?;
-        let state = FlowState { backend: chosen, vip_num: p.vip.vip_num, last_seen_ns: now };
+        let state = FlowState {
+            backend: chosen,
+            vip_num: p.vip.vip_num,
+            last_seen_ns: now,
+        };
         // A full table evicts the least recently used flow; an error here only costs
         // this flow its pinning, so the packet still goes.
         let _ = FLOWS.insert(&p.flow, &state, 0);

@@ -3,13 +3,11 @@
 //! program is detached, also when the agent is killed: no stale owner of a VIP.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use lb_common::{
-    CFG_F_ANSWER_NEIGH, FAMILY_V4, FAMILY_V6, LbConfig, VipAddrKey, counters::reason,
-};
+use lb_common::{CFG_F_ANSWER_NEIGH, FAMILY_V4, FAMILY_V6, LbConfig, VipAddrKey, counters::reason};
 
 use crate::{
     Step,
-    headers::{ArpHdr, EthHdr, IPV6_HLEN, IPPROTO_ICMPV6, Ipv6Hdr, NdMsg, be16, frame_len, ptr_at},
+    headers::{ArpHdr, EthHdr, IPPROTO_ICMPV6, IPV6_HLEN, Ipv6Hdr, NdMsg, be16, frame_len, ptr_at},
     maps::VIP_ADDRS,
 };
 
@@ -23,7 +21,11 @@ const NA_LEN: usize = core::mem::size_of::<NdMsg>() + 8;
 
 #[inline(always)]
 pub fn is_vip_addr(addr: &[u8; 16], family: u8) -> bool {
-    let key = VipAddrKey { addr: *addr, family, _pad: [0; 3] };
+    let key = VipAddrKey {
+        addr: *addr,
+        family,
+        _pad: [0; 3],
+    };
     unsafe { VIP_ADDRS.get(&key) }.is_some()
 }
 
@@ -33,8 +35,7 @@ fn answers(cfg: &LbConfig) -> bool {
 }
 
 /// ARP: a request for a VIP address becomes the reply, sent back out the same port.
-// Own BPF subprogram: keeps its stack out of the forwarding path's frame.
-#[inline(never)]
+#[inline(always)]
 pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> Step<u32> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_TRUNCATED)?;
     let arp: *mut ArpHdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
@@ -70,16 +71,16 @@ pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> Step<u32> {
     Err(reason::ARP_REPLY)
 }
 
-/// ICMPv6 neighbour solicitation for a VIP address: rewritten into the advertisement.
-/// Returns `Ok(())` when the packet is some other ICMPv6 and should go on.
-#[inline(never)]
+/// ICMPv6 neighbour solicitation for a VIP address: rewritten in place into the
+/// advertisement. Returns `Ok(())` when the packet is anything else and should go on.
+#[inline(always)]
 pub fn neighbour_solicitation(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> Step<()> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ns: *mut NdMsg = match ptr_at(ctx, l3 + IPV6_HLEN) {
         Some(p) => p,
         None => return Ok(()),
     };
-    let (src, target, src_mac) = unsafe {
+    let (src, target) = unsafe {
         if (*ip).next_hdr != IPPROTO_ICMPV6
             || (*ns).icmp_type != ND_SOLICIT
             || (*ns).code != 0
@@ -87,8 +88,7 @@ pub fn neighbour_solicitation(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> St
         {
             return Ok(());
         }
-        let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_TRUNCATED)?;
-        ((*ip).src, (*ns).target, (*eth).src)
+        ((*ip).src, (*ns).target)
     };
     if !answers(cfg) || !is_vip_addr(&target, FAMILY_V6) {
         return Err(reason::PASS_NOT_VIP);
@@ -97,38 +97,33 @@ pub fn neighbour_solicitation(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> St
     if src.iter().all(|b| *b == 0) {
         return Err(reason::PASS_NOT_VIP);
     }
-
-    let mut body = [0u8; NA_LEN];
-    body[0] = ND_ADVERT;
-    body[4] = 0x60; // solicited | override
-    body[8..24].copy_from_slice(&target);
-    body[24] = ND_OPT_TARGET_LLADDR;
-    body[25] = 1; // length in units of 8 bytes
-    body[26..32].copy_from_slice(&cfg.mac);
-    let check = icmpv6_checksum(&target, &src, &body);
-    body[2..4].copy_from_slice(&check.to_be_bytes());
-
-    // Make the frame exactly as long as the advertisement.
+    // Make the frame exactly as long as the advertisement. Only the tail moves: the
+    // headers stay where they are, but every pointer must be taken again.
     let want = l3 + IPV6_HLEN + NA_LEN;
     let delta = want as i32 - frame_len(ctx) as i32;
     if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
         return Err(reason::PASS_TRUNCATED);
     }
-    // The frame moved: every pointer is taken again.
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::ABORT_INTERNAL)?;
     let na: *mut [u8; NA_LEN] = ptr_at(ctx, l3 + IPV6_HLEN).ok_or(reason::ABORT_INTERNAL)?;
-    unsafe {
-        (*eth).dst = src_mac;
-        (*eth).src = cfg.mac;
-        (*ip).version_class_flow = [0x60, 0, 0, 0];
-        (*ip).payload_len = (NA_LEN as u16).to_be_bytes();
-        (*ip).next_hdr = IPPROTO_ICMPV6;
-        (*ip).hop_limit = 255;
-        (*ip).dst = src;
-        (*ip).src = target;
-        *na = body;
-    }
+    // SAFETY: the three pointers were bounds-checked against the resized frame and
+    // do not overlap.
+    let (eth, ip, na) = unsafe { (&mut *eth, &mut *ip, &mut *na) };
+    eth.dst = eth.src;
+    eth.src = cfg.mac;
+    ip.version_class_flow = [0x60, 0, 0, 0];
+    ip.payload_len = (NA_LEN as u16).to_be_bytes();
+    ip.hop_limit = 255;
+    ip.dst = src;
+    ip.src = target;
+    // Type, code, checksum, flags (solicited | override); the target stays.
+    na[..8].copy_from_slice(&[ND_ADVERT, 0, 0, 0, 0x60, 0, 0, 0]);
+    na[24] = ND_OPT_TARGET_LLADDR;
+    na[25] = 1; // option length in units of 8 bytes
+    na[26..32].copy_from_slice(&cfg.mac);
+    let check = icmpv6_checksum(&ip.src, &ip.dst, na);
+    na[2..4].copy_from_slice(&check.to_be_bytes());
     Err(reason::ND_REPLY)
 }
 

@@ -76,9 +76,8 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some((line, col)) => write!(f, "line {line}, column {col}: ")?,
-            None => {}
+        if let Some((line, col)) = self.line {
+            write!(f, "line {line}, column {col}: ")?;
         }
         if self.path.is_empty() {
             write!(f, "{}", self.message)
@@ -98,7 +97,12 @@ pub struct ConfigErrors {
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.errors.len();
-        write!(f, "{}: {n} error{}", self.source_name, if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{}: {n} error{}",
+            self.source_name,
+            if n == 1 { "" } else { "s" }
+        )?;
         for e in &self.errors {
             write!(f, "\n  {}: {e}", self.source_name)?;
         }
@@ -145,19 +149,29 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         Ok(text) => parse(&text, &name),
         Err(e) => Err(ConfigErrors {
             source_name: name,
-            errors: vec![ConfigError { line: None, path: String::new(), message: format!("cannot read: {e}") }],
+            errors: vec![ConfigError {
+                line: None,
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
         }),
     }
 }
 
 /// Parses and validates config text; `source_name` names it in errors.
 pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigErrors> {
-    let mut v = Validator { text, errors: Vec::new() };
+    let mut v = Validator {
+        text,
+        errors: Vec::new(),
+    };
     let raw = v.deserialize();
     let config = raw.and_then(|raw| v.validate(raw));
     match config {
         Some(c) if v.errors.is_empty() => Ok(c),
-        _ => Err(ConfigErrors { source_name: source_name.to_string(), errors: v.errors }),
+        _ => Err(ConfigErrors {
+            source_name: source_name.to_string(),
+            errors: v.errors,
+        }),
     }
 }
 
@@ -174,9 +188,18 @@ impl Validator<'_> {
         (line, col)
     }
 
-    fn err_at(&mut self, span: Option<std::ops::Range<usize>>, path: &str, message: impl Into<String>) {
+    fn err_at(
+        &mut self,
+        span: Option<std::ops::Range<usize>>,
+        path: &str,
+        message: impl Into<String>,
+    ) {
         let line = span.map(|s| self.place(s.start));
-        self.errors.push(ConfigError { line, path: path.to_string(), message: message.into() });
+        self.errors.push(ConfigError {
+            line,
+            path: path.to_string(),
+            message: message.into(),
+        });
     }
 
     fn err<T>(&mut self, value: &Spanned<T>, path: &str, message: impl Into<String>) {
@@ -192,7 +215,8 @@ impl Validator<'_> {
             }
         };
         let mut unknown = Vec::new();
-        let raw: Result<RawConfig, _> = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+        let raw: Result<RawConfig, _> =
+            serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
         for path in unknown {
             let span = self.find_key(&path);
             self.err_at(span, &display_path(&path), "unknown key");
@@ -212,7 +236,12 @@ impl Validator<'_> {
         let mut offset = 0;
         for line in self.text.split_inclusive('\n') {
             let t = line.trim_start();
-            let key = t.trim_start_matches('[').split(['=', ']']).next().unwrap_or("").trim();
+            let key = t
+                .trim_start_matches('[')
+                .split(['=', ']'])
+                .next()
+                .unwrap_or("")
+                .trim();
             let key = key.rsplit('.').next().unwrap_or(key).trim_matches('"');
             if key == last {
                 let start = offset + (line.len() - t.len());
@@ -223,7 +252,12 @@ impl Validator<'_> {
         None
     }
 
-    fn required<'r, T>(&mut self, v: &'r Option<Spanned<T>>, table_span: std::ops::Range<usize>, path: &str) -> Option<&'r Spanned<T>> {
+    fn required<'r, T>(
+        &mut self,
+        v: &'r Option<Spanned<T>>,
+        table_span: std::ops::Range<usize>,
+        path: &str,
+    ) -> Option<&'r Spanned<T>> {
         if v.is_none() {
             self.err_at(Some(table_span), path, "missing (required)");
         }
@@ -239,7 +273,11 @@ impl Validator<'_> {
             Some(a) => self.agent(a),
         };
         if raw.services.len() > MAX_VIPS as usize {
-            self.err_at(None, "services", format!("{} services; at most {MAX_VIPS}", raw.services.len()));
+            self.err_at(
+                None,
+                "services",
+                format!("{} services; at most {MAX_VIPS}", raw.services.len()),
+            );
         }
         let mut services = Vec::new();
         let mut names = HashSet::new();
@@ -250,18 +288,36 @@ impl Validator<'_> {
             total_backends += s.get_ref().backends.len();
             if let Some(svc) = self.service(s, &path) {
                 if !names.insert(svc.name.clone()) {
-                    self.err_at(Some(s.span()), &format!("{path}.name"), format!("service name {:?} is used twice", svc.name));
+                    self.err_at(
+                        Some(s.span()),
+                        &format!("{path}.name"),
+                        format!("service name {:?} is used twice", svc.name),
+                    );
                 }
                 if let Some(other) = vips.insert((svc.vip, svc.port), svc.name.clone()) {
-                    self.err_at(Some(s.span()), &format!("{path}.vip"), format!("{}:{} is already the VIP of service {other:?}", svc.vip, svc.port));
+                    self.err_at(
+                        Some(s.span()),
+                        &format!("{path}.vip"),
+                        format!(
+                            "{}:{} is already the VIP of service {other:?}",
+                            svc.vip, svc.port
+                        ),
+                    );
                 }
                 services.push(svc);
             }
         }
         if total_backends > MAX_BACKENDS as usize {
-            self.err_at(None, "services", format!("{total_backends} backends in all; at most {MAX_BACKENDS}"));
+            self.err_at(
+                None,
+                "services",
+                format!("{total_backends} backends in all; at most {MAX_BACKENDS}"),
+            );
         }
-        Some(Config { agent: agent?, services })
+        Some(Config {
+            agent: agent?,
+            services,
+        })
     }
 
     fn agent(&mut self, a: &Spanned<RawAgent>) -> Option<AgentConfig> {
@@ -283,12 +339,19 @@ impl Validator<'_> {
                 "native" => Some(XdpMode::Native),
                 "generic" => Some(XdpMode::Generic),
                 other => {
-                    self.err(m, "agent.xdp_mode", format!("{other:?}: expected \"auto\", \"native\" or \"generic\""));
+                    self.err(
+                        m,
+                        "agent.xdp_mode",
+                        format!("{other:?}: expected \"auto\", \"native\" or \"generic\""),
+                    );
                     None
                 }
             },
         };
-        Some(AgentConfig { interface: interface?, xdp_mode: xdp_mode? })
+        Some(AgentConfig {
+            interface: interface?,
+            xdp_mode: xdp_mode?,
+        })
     }
 
     fn ip(&mut self, v: &Spanned<String>, path: &str) -> Option<IpAddr> {
@@ -299,7 +362,11 @@ impl Validator<'_> {
             }
             Ok(ip) => Some(ip),
             Err(_) => {
-                self.err(v, path, format!("{:?} is not an IPv4 or IPv6 address", v.get_ref()));
+                self.err(
+                    v,
+                    path,
+                    format!("{:?} is not an IPv4 or IPv6 address", v.get_ref()),
+                );
                 None
             }
         }
@@ -308,21 +375,38 @@ impl Validator<'_> {
     fn service(&mut self, s: &Spanned<RawService>, path: &str) -> Option<Service> {
         let span = s.span();
         let raw = s.get_ref();
-        let name = self.required(&raw.name, span.clone(), &format!("{path}.name")).and_then(|n| self.name(n, &format!("{path}.name")));
-        let vip = self.required(&raw.vip, span.clone(), &format!("{path}.vip")).and_then(|v| self.ip(v, &format!("{path}.vip")));
-        let port = self.required(&raw.port, span.clone(), &format!("{path}.port")).and_then(|p| match u16::try_from(*p.get_ref()) {
-            Ok(port) if port > 0 => Some(port),
-            _ => {
-                self.err(p, &format!("{path}.port"), format!("{} is not a port (1 to 65535)", p.get_ref()));
-                None
-            }
-        });
+        let name = self
+            .required(&raw.name, span.clone(), &format!("{path}.name"))
+            .and_then(|n| self.name(n, &format!("{path}.name")));
+        let vip = self
+            .required(&raw.vip, span.clone(), &format!("{path}.vip"))
+            .and_then(|v| self.ip(v, &format!("{path}.vip")));
+        let port = self
+            .required(&raw.port, span.clone(), &format!("{path}.port"))
+            .and_then(|p| match u16::try_from(*p.get_ref()) {
+                Ok(port) if port > 0 => Some(port),
+                _ => {
+                    self.err(
+                        p,
+                        &format!("{path}.port"),
+                        format!("{} is not a port (1 to 65535)", p.get_ref()),
+                    );
+                    None
+                }
+            });
         let ring_size = match &raw.ring_size {
             None => Some(DEFAULT_RING_SIZE),
             Some(r) => match u32::try_from(*r.get_ref()) {
                 Ok(n) if (MIN_RING_SIZE..=MAX_RING_SIZE).contains(&n) && is_prime(n) => Some(n),
                 _ => {
-                    self.err(r, &format!("{path}.ring_size"), format!("{} must be a prime from {MIN_RING_SIZE} to {MAX_RING_SIZE}", r.get_ref()));
+                    self.err(
+                        r,
+                        &format!("{path}.ring_size"),
+                        format!(
+                            "{} must be a prime from {MIN_RING_SIZE} to {MAX_RING_SIZE}",
+                            r.get_ref()
+                        ),
+                    );
                     None
                 }
             },
@@ -336,17 +420,29 @@ impl Validator<'_> {
             match self.backend(b, &bpath) {
                 Some(be) => {
                     if !names.insert(be.name.clone()) {
-                        self.err_at(Some(b.span()), &format!("{bpath}.name"), format!("backend name {:?} is used twice in this service", be.name));
+                        self.err_at(
+                            Some(b.span()),
+                            &format!("{bpath}.name"),
+                            format!("backend name {:?} is used twice in this service", be.name),
+                        );
                     }
                     if !addresses.insert(be.address) {
-                        self.err_at(Some(b.span()), &format!("{bpath}.address"), format!("{} is used twice in this service", be.address));
+                        self.err_at(
+                            Some(b.span()),
+                            &format!("{bpath}.address"),
+                            format!("{} is used twice in this service", be.address),
+                        );
                     }
                     if let Some(vip) = vip {
                         if vip.is_ipv4() != be.address.is_ipv4() {
                             self.err_at(Some(b.span()), &format!("{bpath}.address"), format!("{} and the VIP {vip} are of different families (DSR forwards the client's packet as is)", be.address));
                         }
                         if vip == be.address {
-                            self.err_at(Some(b.span()), &format!("{bpath}.address"), "a backend cannot be the VIP itself");
+                            self.err_at(
+                                Some(b.span()),
+                                &format!("{bpath}.address"),
+                                "a backend cannot be the VIP itself",
+                            );
                         }
                     }
                     backends.push(be);
@@ -357,18 +453,40 @@ impl Validator<'_> {
         if let Some(m) = ring_size
             && backends.len() * 10 > m as usize
         {
-            self.err_at(Some(span.clone()), &format!("{path}.ring_size"), format!("{m} slots for {} backends: need at least 10 slots per backend", backends.len()));
+            self.err_at(
+                Some(span.clone()),
+                &format!("{path}.ring_size"),
+                format!(
+                    "{m} slots for {} backends: need at least 10 slots per backend",
+                    backends.len()
+                ),
+            );
         }
         if !ok {
             return None;
         }
-        Some(Service { name: name?, vip: vip?, port: port?, ring_size: ring_size?, backends })
+        Some(Service {
+            name: name?,
+            vip: vip?,
+            port: port?,
+            ring_size: ring_size?,
+            backends,
+        })
     }
 
     fn name(&mut self, n: &Spanned<String>, path: &str) -> Option<String> {
         let s = n.get_ref();
-        if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            self.err(n, path, format!("{s:?}: names are 1 to 64 characters of letters, digits, '-', '_' or '.'"));
+        if s.is_empty()
+            || s.len() > 64
+            || !s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            self.err(
+                n,
+                path,
+                format!("{s:?}: names are 1 to 64 characters of letters, digits, '-', '_' or '.'"),
+            );
             return None;
         }
         Some(s.clone())
@@ -377,26 +495,41 @@ impl Validator<'_> {
     fn backend(&mut self, b: &Spanned<RawBackend>, path: &str) -> Option<BackendSpec> {
         let span = b.span();
         let raw = b.get_ref();
-        let name = self.required(&raw.name, span.clone(), &format!("{path}.name")).and_then(|n| self.name(n, &format!("{path}.name")));
-        let address = self.required(&raw.address, span.clone(), &format!("{path}.address")).and_then(|a| self.ip(a, &format!("{path}.address")));
+        let name = self
+            .required(&raw.name, span.clone(), &format!("{path}.name"))
+            .and_then(|n| self.name(n, &format!("{path}.name")));
+        let address = self
+            .required(&raw.address, span.clone(), &format!("{path}.address"))
+            .and_then(|a| self.ip(a, &format!("{path}.address")));
         let weight = match &raw.weight {
             None => Some(DEFAULT_WEIGHT),
             Some(w) => match u32::try_from(*w.get_ref()) {
                 Ok(n) if n <= MAX_WEIGHT => Some(n),
                 _ => {
-                    self.err(w, &format!("{path}.weight"), format!("{} is not a weight (0 to {MAX_WEIGHT})", w.get_ref()));
+                    self.err(
+                        w,
+                        &format!("{path}.weight"),
+                        format!("{} is not a weight (0 to {MAX_WEIGHT})", w.get_ref()),
+                    );
                     None
                 }
             },
         };
-        Some(BackendSpec { name: name?, address: address?, weight: weight? })
+        Some(BackendSpec {
+            name: name?,
+            address: address?,
+            weight: weight?,
+        })
     }
 }
 
 /// `services.0.backends.1.wieght` -> `services[0].backends[1].wieght`
 fn display_path(path: &str) -> String {
     let mut out = String::new();
-    for part in path.split('.').filter(|p| !p.starts_with("$__serde_spanned")) {
+    for part in path
+        .split('.')
+        .filter(|p| !p.starts_with("$__serde_spanned"))
+    {
         if part.chars().all(|c| c.is_ascii_digit()) && !part.is_empty() {
             out.push_str(&format!("[{part}]"));
         } else {
@@ -415,7 +548,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while d.saturating_mul(d) <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -480,11 +613,26 @@ wieght = 5
         let errs = parse(bad, "bad.toml").expect_err("invalid").errors;
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         let joined = text.join("\n");
-        assert!(joined.contains("line 4, column 12: agent.xdp_mode"), "{joined}");
-        assert!(joined.contains("line 8, column 7: services[0].vip"), "{joined}");
-        assert!(joined.contains("line 9, column 8: services[0].port"), "{joined}");
-        assert!(joined.contains("line 10, column 13: services[0].ring_size"), "{joined}");
-        assert!(joined.contains("line 15, column 1: services[0].backends[0].wieght: unknown key"), "{joined}");
+        assert!(
+            joined.contains("line 4, column 12: agent.xdp_mode"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("line 8, column 7: services[0].vip"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("line 9, column 8: services[0].port"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("line 10, column 13: services[0].ring_size"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("line 15, column 1: services[0].backends[0].wieght: unknown key"),
+            "{joined}"
+        );
         assert_eq!(errs.len(), 5, "{joined}");
     }
 
@@ -514,15 +662,23 @@ port = 80
         let errs = parse(bad, "t").expect_err("invalid").errors;
         let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
         assert!(joined.contains("different families"), "{joined}");
-        assert!(joined.contains("backend name \"a\" is used twice"), "{joined}");
+        assert!(
+            joined.contains("backend name \"a\" is used twice"),
+            "{joined}"
+        );
         assert!(joined.contains("192.0.2.20 is used twice"), "{joined}");
-        assert!(joined.contains("service name \"web\" is used twice"), "{joined}");
+        assert!(
+            joined.contains("service name \"web\" is used twice"),
+            "{joined}"
+        );
         assert!(joined.contains("already the VIP of service"), "{joined}");
     }
 
     #[test]
     fn missing_required_keys_are_named() {
-        let errs = parse("[[services]]\nport = 80\n", "t").expect_err("invalid").errors;
+        let errs = parse("[[services]]\nport = 80\n", "t")
+            .expect_err("invalid")
+            .errors;
         let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
         assert!(joined.contains("missing [agent] table"), "{joined}");
         assert!(joined.contains("services[0].name: missing"), "{joined}");
@@ -531,7 +687,9 @@ port = 80
 
     #[test]
     fn syntax_errors_have_a_place() {
-        let errs = parse("[agent]\ninterface = \n", "t").expect_err("invalid").errors;
+        let errs = parse("[agent]\ninterface = \n", "t")
+            .expect_err("invalid")
+            .errors;
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].line.map(|l| l.0), Some(2), "{}", errs[0]);
     }

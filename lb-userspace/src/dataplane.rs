@@ -8,9 +8,7 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp, XdpMode},
 };
-use lb_common::{
-    Backend, Counter, LbConfig, MAX_RING_SIZE, VipAddrKey, VipInfo, VipKey, names,
-};
+use lb_common::{Backend, Counter, LbConfig, MAX_RING_SIZE, VipAddrKey, VipInfo, VipKey, names};
 
 /// The XDP object built from `lb-ebpf`, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -20,13 +18,23 @@ pub enum DataPlaneError {
     #[error("loading the XDP object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("the XDP object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
     #[error("program {program}: {source}")]
-    Program { program: &'static str, source: ProgramError },
+    Program {
+        program: &'static str,
+        source: ProgramError,
+    },
     #[error("attaching to {interface} in {mode} mode: {source}")]
-    Attach { interface: String, mode: &'static str, source: ProgramError },
+    Attach {
+        interface: String,
+        mode: &'static str,
+        source: ProgramError,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataPlaneError>;
@@ -81,15 +89,30 @@ impl XdpDataPlane {
     pub fn load() -> Result<Self> {
         let mut ebpf = Ebpf::load(OBJECT)?;
         fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
-            ebpf.take_map(name).ok_or(DataPlaneError::Missing { kind: "map", name })
+            ebpf.take_map(name)
+                .ok_or(DataPlaneError::Missing { kind: "map", name })
         }
-        let vips = HashMap::try_from(take(&mut ebpf, names::MAP_VIPS)?).map_err(map_err(names::MAP_VIPS))?;
-        let vip_addrs = HashMap::try_from(take(&mut ebpf, names::MAP_VIP_ADDRS)?).map_err(map_err(names::MAP_VIP_ADDRS))?;
-        let rings = Array::try_from(take(&mut ebpf, names::MAP_RINGS)?).map_err(map_err(names::MAP_RINGS))?;
-        let backends = Array::try_from(take(&mut ebpf, names::MAP_BACKENDS)?).map_err(map_err(names::MAP_BACKENDS))?;
-        let stats = PerCpuArray::try_from(take(&mut ebpf, names::MAP_STATS)?).map_err(map_err(names::MAP_STATS))?;
-        let config = Array::try_from(take(&mut ebpf, names::MAP_CONFIG)?).map_err(map_err(names::MAP_CONFIG))?;
-        let mut dp = Self { ebpf, vips, vip_addrs, rings, backends, stats, config };
+        let vips = HashMap::try_from(take(&mut ebpf, names::MAP_VIPS)?)
+            .map_err(map_err(names::MAP_VIPS))?;
+        let vip_addrs = HashMap::try_from(take(&mut ebpf, names::MAP_VIP_ADDRS)?)
+            .map_err(map_err(names::MAP_VIP_ADDRS))?;
+        let rings = Array::try_from(take(&mut ebpf, names::MAP_RINGS)?)
+            .map_err(map_err(names::MAP_RINGS))?;
+        let backends = Array::try_from(take(&mut ebpf, names::MAP_BACKENDS)?)
+            .map_err(map_err(names::MAP_BACKENDS))?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, names::MAP_STATS)?)
+            .map_err(map_err(names::MAP_STATS))?;
+        let config = Array::try_from(take(&mut ebpf, names::MAP_CONFIG)?)
+            .map_err(map_err(names::MAP_CONFIG))?;
+        let mut dp = Self {
+            ebpf,
+            vips,
+            vip_addrs,
+            rings,
+            backends,
+            stats,
+            config,
+        };
         dp.program_mut(names::PROG_LB)?;
         Ok(dp)
     }
@@ -99,11 +122,20 @@ impl XdpDataPlane {
         let program: &mut Xdp = self
             .ebpf
             .program_mut(name)
-            .ok_or(DataPlaneError::Missing { kind: "program", name })?
+            .ok_or(DataPlaneError::Missing {
+                kind: "program",
+                name,
+            })?
             .try_into()
-            .map_err(|source| DataPlaneError::Program { program: name, source })?;
+            .map_err(|source| DataPlaneError::Program {
+                program: name,
+                source,
+            })?;
         if program.fd().is_err() {
-            program.load().map_err(|source| DataPlaneError::Program { program: name, source })?;
+            program.load().map_err(|source| DataPlaneError::Program {
+                program: name,
+                source,
+            })?;
         }
         Ok(program)
     }
@@ -121,14 +153,20 @@ impl XdpDataPlane {
             program
                 .attach(interface, flag)
                 .map(|_| m)
-                .map_err(|source| DataPlaneError::Attach { interface: interface.to_string(), mode: label, source })
+                .map_err(|source| DataPlaneError::Attach {
+                    interface: interface.to_string(),
+                    mode: label,
+                    source,
+                })
         };
         match mode {
             Some(m) => try_mode(program, m),
             None => match try_mode(program, AttachedMode::Native) {
                 Ok(m) => Ok(m),
                 Err(native) => {
-                    eprintln!("lb-agent: native XDP unavailable on {interface} ({native}); trying generic");
+                    eprintln!(
+                        "lb-agent: native XDP unavailable on {interface} ({native}); trying generic"
+                    );
                     try_mode(program, AttachedMode::Generic)
                 }
             },
@@ -139,7 +177,12 @@ impl XdpDataPlane {
     /// status, not for hot paths).
     pub fn flow_count(&self) -> Result<usize> {
         let flows: HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> = HashMap::try_from(
-            self.ebpf.map(names::MAP_FLOWS).ok_or(DataPlaneError::Missing { kind: "map", name: names::MAP_FLOWS })?,
+            self.ebpf
+                .map(names::MAP_FLOWS)
+                .ok_or(DataPlaneError::Missing {
+                    kind: "map",
+                    name: names::MAP_FLOWS,
+                })?,
         )
         .map_err(map_err(names::MAP_FLOWS))?;
         Ok(flows.keys().filter(|k| k.is_ok()).count())
@@ -148,7 +191,12 @@ impl XdpDataPlane {
     /// The connection-table entry of one flow, if any.
     pub fn flow(&self, key: &lb_common::FlowKey) -> Result<Option<lb_common::FlowState>> {
         let flows: HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> = HashMap::try_from(
-            self.ebpf.map(names::MAP_FLOWS).ok_or(DataPlaneError::Missing { kind: "map", name: names::MAP_FLOWS })?,
+            self.ebpf
+                .map(names::MAP_FLOWS)
+                .ok_or(DataPlaneError::Missing {
+                    kind: "map",
+                    name: names::MAP_FLOWS,
+                })?,
         )
         .map_err(map_err(names::MAP_FLOWS))?;
         match flows.get(key, 0) {
@@ -161,10 +209,14 @@ impl XdpDataPlane {
 
 impl DataPlane for XdpDataPlane {
     fn set_config(&mut self, cfg: &LbConfig) -> Result<()> {
-        self.config.set(0, cfg, 0).map_err(map_err(names::MAP_CONFIG))
+        self.config
+            .set(0, cfg, 0)
+            .map_err(map_err(names::MAP_CONFIG))
     }
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
-        self.vips.insert(key, info, 0).map_err(map_err(names::MAP_VIPS))
+        self.vips
+            .insert(key, info, 0)
+            .map_err(map_err(names::MAP_VIPS))
     }
     fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         match self.vips.remove(key) {
@@ -173,7 +225,9 @@ impl DataPlane for XdpDataPlane {
         }
     }
     fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
-        self.vip_addrs.insert(key, 1, 0).map_err(map_err(names::MAP_VIP_ADDRS))
+        self.vip_addrs
+            .insert(key, 1, 0)
+            .map_err(map_err(names::MAP_VIP_ADDRS))
     }
     fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
         match self.vip_addrs.remove(key) {
@@ -182,17 +236,24 @@ impl DataPlane for XdpDataPlane {
         }
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends.set(id, backend, 0).map_err(map_err(names::MAP_BACKENDS))
+        self.backends
+            .set(id, backend, 0)
+            .map_err(map_err(names::MAP_BACKENDS))
     }
     fn set_ring_slots(&mut self, vip_num: u32, slots: &[(u32, u32)]) -> Result<()> {
         let base = vip_num * MAX_RING_SIZE;
         for (slot, backend) in slots {
-            self.rings.set(base + slot, backend, 0).map_err(map_err(names::MAP_RINGS))?;
+            self.rings
+                .set(base + slot, backend, 0)
+                .map_err(map_err(names::MAP_RINGS))?;
         }
         Ok(())
     }
     fn counter(&self, slot: u32) -> Result<Counter> {
-        let per_cpu = self.stats.get(&slot, 0).map_err(map_err(names::MAP_STATS))?;
+        let per_cpu = self
+            .stats
+            .get(&slot, 0)
+            .map_err(map_err(names::MAP_STATS))?;
         let mut sum = Counter::default();
         for c in per_cpu.iter() {
             sum.add(c);
@@ -217,7 +278,12 @@ impl FakeDataPlane {
     /// The ring window of `vip_num`, `size` slots long.
     pub fn ring(&self, vip_num: u32, size: u32) -> Vec<u32> {
         (0..size)
-            .map(|s| self.rings.get(&(vip_num * MAX_RING_SIZE + s)).copied().unwrap_or(0))
+            .map(|s| {
+                self.rings
+                    .get(&(vip_num * MAX_RING_SIZE + s))
+                    .copied()
+                    .unwrap_or(0)
+            })
             .collect()
     }
 }

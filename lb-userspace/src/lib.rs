@@ -1,7 +1,9 @@
 //! The load balancer's control plane: config, Maglev, the data-path interface, and the
 //! agent that ties them together. `lb-agent` and `lbctl` are thin binaries over this.
 
+pub mod agent;
 pub mod config;
-pub mod maglev;
 pub mod dataplane;
+pub mod maglev;
+pub mod neigh;
 pub mod programmer;

@@ -86,7 +86,11 @@ mod tests {
         weights
             .iter()
             .enumerate()
-            .map(|(i, w)| Member { identity: format!("10.0.0.{}", i + 1), id: i as u32, weight: *w })
+            .map(|(i, w)| Member {
+                identity: format!("10.0.0.{}", i + 1),
+                id: i as u32,
+                weight: *w,
+            })
             .collect()
     }
 
@@ -95,7 +99,10 @@ mod tests {
         for b in table {
             counts[*b as usize] += 1;
         }
-        counts.iter().map(|c| *c as f64 / table.len() as f64).collect()
+        counts
+            .iter()
+            .map(|c| *c as f64 / table.len() as f64)
+            .collect()
     }
 
     fn assert_shares_match_weights(weights: &[u32], size: u32) {
@@ -104,7 +111,10 @@ mod tests {
         let total: u32 = weights.iter().sum();
         for (i, share) in shares(&table, weights.len()).iter().enumerate() {
             let want = weights[i] as f64 / total as f64;
-            assert!((share - want).abs() <= 0.01, "backend {i}: share {share:.4}, weight share {want:.4} ({weights:?})");
+            assert!(
+                (share - want).abs() <= 0.01,
+                "backend {i}: share {share:.4}, weight share {want:.4} ({weights:?})"
+            );
         }
     }
 
@@ -126,7 +136,11 @@ mod tests {
     fn weight_zero_takes_nothing_and_empty_is_no_backend() {
         let table = build(&members(&[100, 0, 100]), 1009);
         assert!(!table.contains(&1));
-        assert!(build(&members(&[0, 0]), 101).iter().all(|b| *b == NO_BACKEND));
+        assert!(
+            build(&members(&[0, 0]), 101)
+                .iter()
+                .all(|b| *b == NO_BACKEND)
+        );
         assert!(build(&[], 101).iter().all(|b| *b == NO_BACKEND));
     }
 
@@ -145,11 +159,18 @@ mod tests {
             let all = members(&vec![100; n]);
             let before = build(&all, 65537);
             for removed in 0..n {
-                let rest: Vec<Member> = all.iter().filter(|m| m.id != removed as u32).cloned().collect();
+                let rest: Vec<Member> = all
+                    .iter()
+                    .filter(|m| m.id != removed as u32)
+                    .cloned()
+                    .collect();
                 let after = build(&rest, 65537);
                 let moved = diff(&before, &after).len() as f64 / 65537.0;
                 let bound = 1.0 / n as f64 + 0.01;
-                assert!(moved <= bound, "n={n}, removed {removed}: {moved:.4} of slots moved, bound {bound:.4}");
+                assert!(
+                    moved <= bound,
+                    "n={n}, removed {removed}: {moved:.4} of slots moved, bound {bound:.4}"
+                );
             }
         }
     }

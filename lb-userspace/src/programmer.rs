@@ -8,8 +8,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS, NO_BACKEND,
-    PROTO_TCP, VipAddrKey, VipInfo, VipKey,
+    BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, PROTO_TCP,
+    VipAddrKey, VipInfo, VipKey,
 };
 
 use crate::{
@@ -32,12 +32,21 @@ pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
 
 pub fn vip_key(vip: IpAddr, port: u16) -> VipKey {
     let (addr, family) = addr_bytes(vip);
-    VipKey { addr, port_be: port.to_be(), proto: PROTO_TCP, family }
+    VipKey {
+        addr,
+        port_be: port.to_be(),
+        proto: PROTO_TCP,
+        family,
+    }
 }
 
 pub fn vip_addr_key(vip: IpAddr) -> VipAddrKey {
     let (addr, family) = addr_bytes(vip);
-    VipAddrKey { addr, family, _pad: [0; 3] }
+    VipAddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +91,10 @@ pub struct Programmer {
 
 impl Programmer {
     pub fn new() -> Self {
-        Self { free_vip_nums: (0..MAX_VIPS).collect(), ..Default::default() }
+        Self {
+            free_vip_nums: (0..MAX_VIPS).collect(),
+            ..Default::default()
+        }
     }
 
     pub fn vip_num(&self, vip: IpAddr, port: u16) -> Option<u32> {
@@ -90,7 +102,9 @@ impl Programmer {
     }
 
     pub fn backend_id(&self, service: &str, address: IpAddr) -> Option<u32> {
-        self.backend_ids.get(&(service.to_string(), address)).copied()
+        self.backend_ids
+            .get(&(service.to_string(), address))
+            .copied()
     }
 
     /// (service, backend name) of a backend id.
@@ -98,18 +112,26 @@ impl Programmer {
         self.backend_names.get(&id)
     }
 
-    fn backend_id_for(&mut self, service: &str, name: &str, address: IpAddr) -> Result<u32, ProgramError> {
+    fn backend_id_for(
+        &mut self,
+        service: &str,
+        name: &str,
+        address: IpAddr,
+    ) -> Result<u32, ProgramError> {
         let key = (service.to_string(), address);
         if let Some(id) = self.backend_ids.get(&key) {
-            self.backend_names.insert(*id, (service.to_string(), name.to_string()));
+            self.backend_names
+                .insert(*id, (service.to_string(), name.to_string()));
             return Ok(*id);
         }
-        let id = u32::try_from(self.backend_ids.len()).map_err(|_| ProgramError::TooManyBackends)?;
+        let id =
+            u32::try_from(self.backend_ids.len()).map_err(|_| ProgramError::TooManyBackends)?;
         if id >= MAX_BACKENDS {
             return Err(ProgramError::TooManyBackends);
         }
         self.backend_ids.insert(key, id);
-        self.backend_names.insert(id, (service.to_string(), name.to_string()));
+        self.backend_names
+            .insert(id, (service.to_string(), name.to_string()));
         Ok(id)
     }
 
@@ -124,7 +146,12 @@ impl Programmer {
         let wanted: HashSet<VipKey> = services.iter().map(|s| vip_key(s.vip, s.port)).collect();
 
         // Departures first, so their VIP numbers are free for arrivals.
-        let gone: Vec<VipKey> = self.vips.keys().filter(|k| !wanted.contains(*k)).copied().collect();
+        let gone: Vec<VipKey> = self
+            .vips
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .copied()
+            .collect();
         for key in gone {
             dp.remove_vip(&key)?;
             if let Some(state) = self.vips.remove(&key) {
@@ -138,9 +165,15 @@ impl Programmer {
             for b in &service.backends {
                 let id = self.backend_id_for(&service.name, &b.name, b.address)?;
                 let entry = match mac(b.address) {
-                    Some(mac) => Backend { mac, _pad: [0; 2], flags: BACKEND_F_VALID },
+                    Some(mac) => Backend {
+                        mac,
+                        _pad: [0; 2],
+                        flags: BACKEND_F_VALID,
+                    },
                     None => {
-                        report.unresolved.push((service.name.clone(), b.name.clone()));
+                        report
+                            .unresolved
+                            .push((service.name.clone(), b.name.clone()));
                         continue;
                     }
                 };
@@ -149,17 +182,27 @@ impl Programmer {
                     self.backends.insert(id, entry);
                     report.backends_written += 1;
                 }
-                members.push(maglev::Member { identity: b.address.to_string(), id, weight: b.weight });
+                members.push(maglev::Member {
+                    identity: b.address.to_string(),
+                    id,
+                    weight: b.weight,
+                });
             }
             let ring = maglev::build(&members, service.ring_size);
             let key = vip_key(service.vip, service.port);
             let state = match self.vips.get_mut(&key) {
                 Some(state) => state,
                 None => {
-                    let vip_num = self.free_vip_nums.pop_first().ok_or(ProgramError::TooManyVips)?;
+                    let vip_num = self
+                        .free_vip_nums
+                        .pop_first()
+                        .ok_or(ProgramError::TooManyVips)?;
                     report.vips_added += 1;
                     // A new window: every slot is written, whatever it held before.
-                    self.vips.entry(key).or_insert(VipState { vip_num, ring: Vec::new() })
+                    self.vips.entry(key).or_insert(VipState {
+                        vip_num,
+                        ring: Vec::new(),
+                    })
                 }
             };
             let changed = if state.ring.len() == ring.len() {
@@ -171,7 +214,12 @@ impl Programmer {
             report.ring_slots_written += changed.len();
             state.ring = ring;
             // The VIP becomes visible only once its ring is complete.
-            let info = VipInfo { vip_num: state.vip_num, ring_size: service.ring_size, flags: 0, _pad: 0 };
+            let info = VipInfo {
+                vip_num: state.vip_num,
+                ring_size: service.ring_size,
+                flags: 0,
+                _pad: 0,
+            };
             dp.set_vip(&key, &info)?;
         }
 
@@ -190,7 +238,13 @@ impl Programmer {
     pub fn ring_members(&self, vip: IpAddr, port: u16) -> BTreeSet<u32> {
         self.vips
             .get(&vip_key(vip, port))
-            .map(|s| s.ring.iter().copied().filter(|b| *b != NO_BACKEND).collect())
+            .map(|s| {
+                s.ring
+                    .iter()
+                    .copied()
+                    .filter(|b| *b != NO_BACKEND)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -208,7 +262,11 @@ mod tests {
             ring_size: 1009,
             backends: backends
                 .iter()
-                .map(|(n, a, w)| BackendSpec { name: n.to_string(), address: a.parse().unwrap(), weight: *w })
+                .map(|(n, a, w)| BackendSpec {
+                    name: n.to_string(),
+                    address: a.parse().unwrap(),
+                    weight: *w,
+                })
                 .collect(),
         }
     }
@@ -222,7 +280,11 @@ mod tests {
     fn first_apply_writes_everything_then_nothing() {
         let mut dp = FakeDataPlane::default();
         let mut p = Programmer::new();
-        let s = vec![service("web", "192.0.2.10", &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)])];
+        let s = vec![service(
+            "web",
+            "192.0.2.10",
+            &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)],
+        )];
         let r = p.apply(&mut dp, &s, &any_mac).unwrap();
         assert_eq!(r.ring_slots_written, 1009);
         assert_eq!(r.vips_added, 1);
@@ -237,14 +299,26 @@ mod tests {
     fn removing_a_backend_writes_only_its_slots_and_keeps_its_entry() {
         let mut dp = FakeDataPlane::default();
         let mut p = Programmer::new();
-        let three = vec![service("web", "192.0.2.10", &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100), ("c", "192.0.2.23", 100)])];
+        let three = vec![service(
+            "web",
+            "192.0.2.10",
+            &[
+                ("a", "192.0.2.21", 100),
+                ("b", "192.0.2.22", 100),
+                ("c", "192.0.2.23", 100),
+            ],
+        )];
         p.apply(&mut dp, &three, &any_mac).unwrap();
         let vip_num = p.vip_num("192.0.2.10".parse().unwrap(), 80).unwrap();
         let before = dp.ring(vip_num, 1009);
         let c = p.backend_id("web", "192.0.2.23".parse().unwrap()).unwrap();
         let owned_by_c = before.iter().filter(|b| **b == c).count();
 
-        let two = vec![service("web", "192.0.2.10", &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)])];
+        let two = vec![service(
+            "web",
+            "192.0.2.10",
+            &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)],
+        )];
         dp.ring_writes = 0;
         let r = p.apply(&mut dp, &two, &any_mac).unwrap();
         let after = dp.ring(vip_num, 1009);
@@ -260,12 +334,21 @@ mod tests {
     fn unresolved_backends_stay_out_of_the_ring() {
         let mut dp = FakeDataPlane::default();
         let mut p = Programmer::new();
-        let s = vec![service("web", "192.0.2.10", &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)])];
-        let only_a = |ip: IpAddr| (ip == "192.0.2.21".parse::<IpAddr>().unwrap()).then_some([2, 0, 0, 0, 0, 1]);
+        let s = vec![service(
+            "web",
+            "192.0.2.10",
+            &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)],
+        )];
+        let only_a = |ip: IpAddr| {
+            (ip == "192.0.2.21".parse::<IpAddr>().unwrap()).then_some([2, 0, 0, 0, 0, 1])
+        };
         let r = p.apply(&mut dp, &s, &only_a).unwrap();
         assert_eq!(r.unresolved, vec![("web".to_string(), "b".to_string())]);
         let a = p.backend_id("web", "192.0.2.21".parse().unwrap()).unwrap();
-        assert_eq!(p.ring_members("192.0.2.10".parse().unwrap(), 80), BTreeSet::from([a]));
+        assert_eq!(
+            p.ring_members("192.0.2.10".parse().unwrap(), 80),
+            BTreeSet::from([a])
+        );
     }
 
     #[test]
@@ -281,7 +364,10 @@ mod tests {
         assert_eq!(r.vips_removed, 1);
         assert_eq!(dp.vips.len(), 1);
         assert_eq!(dp.vip_addrs.len(), 1);
-        assert!(dp.vip_addrs.contains_key(&vip_addr_key("2001:db8::10".parse().unwrap())));
+        assert!(
+            dp.vip_addrs
+                .contains_key(&vip_addr_key("2001:db8::10".parse().unwrap()))
+        );
         // The freed VIP number is reused, and its whole window is rewritten.
         let r = p.apply(&mut dp, &[a], &any_mac).unwrap();
         assert_eq!(r.ring_slots_written, 1009);

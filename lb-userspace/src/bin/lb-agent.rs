@@ -1,0 +1,57 @@
+//! lb-agent: loads the XDP load balancer onto an interface and keeps it configured.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use lb_userspace::{agent, config};
+
+/// The load balancer agent: attaches the XDP data path to the configured interface,
+/// programs VIPs and backends, answers ARP/NDP for the VIPs while it runs, and detaches
+/// on SIGINT or SIGTERM. SIGHUP re-reads the config (an invalid file changes nothing).
+#[derive(Parser)]
+#[command(name = "lb-agent", version)]
+struct Args {
+    /// Path of the TOML config file.
+    #[arg(long, value_name = "PATH")]
+    config: PathBuf,
+    /// Only validate the config: print every error with its place, exit non-zero if any.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("lb-agent: invalid config {errors}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
+        println!(
+            "{}: OK ({} services, {backends} backends)",
+            args.config.display(),
+            config.services.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lb-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::run(&args.config, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The XDP program loaded outside any interface, its maps filled through the agent's
+//! own code, run on crafted frames with BPF_PROG_TEST_RUN. Shared by the packet tests
+//! and the benchmark.
+
+use std::{net::IpAddr, time::Duration};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{CFG_F_ANSWER_NEIGH, CFG_F_FORWARD, Counter, FAMILY_V4, LbConfig};
+use lb_userspace::{
+    config::{BackendSpec, Service},
+    dataplane::{DataPlane, XdpDataPlane},
+    programmer::{Programmer, addr_bytes},
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x01];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
+
+/// The MAC the rig gives a backend address (the "neighbour table").
+pub fn backend_mac(addr: IpAddr) -> [u8; 6] {
+    let (b, family) = addr_bytes(addr);
+    let last = if family == FAMILY_V4 { b[3] } else { b[15] };
+    [0x02, 0xbe, 0, 0, family, last]
+}
+
+/// A service whose backends `name-0`, `name-1`, ... have weight 100.
+pub fn service(name: &str, vip: &str, port: u16, ring_size: u32, backends: &[&str]) -> Service {
+    Service {
+        name: name.into(),
+        vip: vip.parse().expect("VIP address"),
+        port,
+        ring_size,
+        backends: backends
+            .iter()
+            .enumerate()
+            .map(|(i, a)| BackendSpec {
+                name: format!("{name}-{i}"),
+                address: a.parse().expect("backend address"),
+                weight: 100,
+            })
+            .collect(),
+    }
+}
+
+pub struct Rig {
+    pub dp: XdpDataPlane,
+    pub programmer: Programmer,
+    pub services: Vec<Service>,
+}
+
+/// One BPF_PROG_TEST_RUN: verdict, output frame, average time per run.
+pub struct Run {
+    pub verdict: u32,
+    pub output: Vec<u8>,
+    pub per_run: Duration,
+}
+
+impl Rig {
+    /// Loads the program (root needed) and programs `services` with LB_MAC as ours.
+    pub fn new(services: Vec<Service>) -> anyhow::Result<Self> {
+        let mut dp = XdpDataPlane::load()?;
+        let mut programmer = Programmer::new();
+        programmer.apply(&mut dp, &services, &|a| Some(backend_mac(a)))?;
+        dp.set_config(&LbConfig {
+            mac: LB_MAC,
+            _pad: [0; 2],
+            flags: CFG_F_ANSWER_NEIGH | CFG_F_FORWARD,
+        })?;
+        Ok(Self {
+            dp,
+            programmer,
+            services,
+        })
+    }
+
+    pub fn apply(&mut self, services: Vec<Service>) -> anyhow::Result<()> {
+        self.programmer
+            .apply(&mut self.dp, &services, &|a| Some(backend_mac(a)))?;
+        self.services = services;
+        Ok(())
+    }
+
+    /// Runs `program` on `input` `repeat` times (the kernel feeds each run the previous
+    /// run's output).
+    pub fn run_program(
+        &mut self,
+        program: &'static str,
+        input: &[u8],
+        repeat: u32,
+    ) -> anyhow::Result<Run> {
+        let program = self.dp.program_mut(program)?;
+        let mut out = vec![0u8; input.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(input);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat;
+        let result = program.test_run(opts)?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Run {
+            verdict: result.return_value,
+            output: out,
+            per_run: result.duration,
+        })
+    }
+
+    /// One run of the balancer program.
+    pub fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
+        let r = self
+            .run_program(lb_common::names::PROG_LB, input, 1)
+            .expect("BPF_PROG_TEST_RUN");
+        (r.verdict, r.output)
+    }
+
+    pub fn counter(&self, slot: u32) -> Counter {
+        self.dp.counter(slot).expect("counter")
+    }
+}

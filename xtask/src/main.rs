@@ -9,10 +9,10 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
-use workspace::{Workspace, exec, is_root, require_root, run};
+use workspace::{Workspace, exec, is_root, require_root, run, run_tests};
 
 /// The eBPF crate builds only for the BPF target, through lb-userspace's build script;
 /// cargo commands over the whole workspace leave it out.
@@ -136,8 +136,8 @@ fn test(ws: &Workspace) -> Result<()> {
         "warnings",
     ]))?;
     let bin_dir = build_bins(ws, false)?;
-    run(ws
-        .cargo(&[
+    let (totals, status) = run_tests(
+        ws.cargo(&[
             "test",
             "--workspace",
             "--exclude",
@@ -145,10 +145,22 @@ fn test(ws: &Workspace) -> Result<()> {
             "--",
             "--test-threads=1",
         ])
-        .env(BIN_DIR_VAR, &bin_dir))?;
+        .env(BIN_DIR_VAR, &bin_dir),
+    )?;
     if !root {
         // Said again at the end, where it is seen after the test output.
         warn_not_root();
+    }
+    println!();
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !status.success() || totals.failed > 0 {
+        bail!("cargo test failed ({status})");
+    }
+    if totals.passed == 0 {
+        bail!("cargo test ran no test");
     }
     Ok(())
 }

@@ -92,9 +92,15 @@ pub struct FlowKey {
 pub struct FlowState {
     pub backend: u32,
     pub vip_num: u32,
-    /// `bpf_ktime_get_ns()` of the flow's last packet.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the flow's last packet.
     pub last_seen_ns: u64,
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// Flow flag: the client sent FIN or RST. In DSR only the client's half of a flow passes
+/// the LB, so this is what "closed" can mean here; such a flow no longer counts as active.
+pub const FLOW_F_CLOSING: u32 = 1;
 
 /// The single entry of the config array: what the agent tells the program about the host.
 #[repr(C)]
@@ -147,7 +153,7 @@ const _: () = {
     assert!(core::mem::size_of::<VipAddrKey>() == 20);
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 40);
-    assert!(core::mem::size_of::<FlowState>() == 16);
+    assert!(core::mem::size_of::<FlowState>() == 24);
     assert!(core::mem::size_of::<LbConfig>() == 12);
     assert!(core::mem::size_of::<Counter>() == 24);
     // The ring array is MAX_VIPS windows of MAX_RING_SIZE slots.

@@ -11,7 +11,9 @@ pub const ETH_P_8021AD: u16 = 0x88a8;
 
 pub const IPPROTO_ICMPV6: u8 = 58;
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]

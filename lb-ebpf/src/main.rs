@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use headers::*;
 use lb_common::{
-    BACKEND_F_VALID, CFG_F_FORWARD, Counter, FAMILY_V4, FAMILY_V6, FlowKey, FlowState, LbConfig,
-    MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, VipInfo, VipKey,
+    BACKEND_F_VALID, CFG_F_FORWARD, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING, FlowKey,
+    FlowState, LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, VipInfo, VipKey,
     counters::{backend_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -191,12 +191,21 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let closing = if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        FLOW_F_CLOSING
+    } else {
+        0
+    };
     let mut chosen = NO_BACKEND;
     if !syn && let Some(state) = FLOWS.get_ptr_mut(&p.flow) {
         let backend = unsafe { (*state).backend };
+        // A backend that went down loses its flows to the ring, not into a void.
         if backend_usable(backend) {
             chosen = backend;
-            unsafe { (*state).last_seen_ns = now };
+            unsafe {
+                (*state).last_seen_ns = now;
+                (*state).flags |= closing;
+            }
         }
     }
     let new_flow = chosen == NO_BACKEND;
@@ -206,6 +215,8 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
             backend: chosen,
             vip_num: p.vip.vip_num,
             last_seen_ns: now,
+            flags: closing,
+            _pad: 0,
         };
         // A full table evicts the least recently used flow; an error here only costs
         // this flow its pinning, so the packet still goes.

@@ -5,7 +5,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     net::IpAddr,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use lb_common::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
@@ -28,7 +28,17 @@ pub struct Config {
 pub struct AgentConfig {
     pub interface: String,
     pub xdp_mode: XdpMode,
+    /// Unix socket `lbctl` talks to.
+    pub control_socket: PathBuf,
+    /// Where admin state (disabled backends, weights set by `lbctl`) is kept.
+    pub state_dir: PathBuf,
+    /// A flow with no packet for this long no longer counts as active.
+    pub flow_idle_timeout_s: u32,
 }
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
+pub const DEFAULT_FLOW_IDLE_TIMEOUT_S: u32 = 900;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpMode {
@@ -54,7 +64,31 @@ pub struct Service {
     pub vip: IpAddr,
     pub port: u16,
     pub ring_size: u32,
+    pub health_check: HealthCheck,
     pub backends: Vec<BackendSpec>,
+}
+
+/// TCP connect checks from the LB host to each backend's address and the service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    /// Passes in a row that bring a down backend up.
+    pub rise: u32,
+    /// Failures in a row that take an up backend down.
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    /// A dead backend is seen within about 3 x 200 ms.
+    fn default() -> Self {
+        Self {
+            interval_ms: 200,
+            timeout_ms: 200,
+            rise: 2,
+            fall: 3,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +96,8 @@ pub struct BackendSpec {
     pub name: String,
     pub address: IpAddr,
     pub weight: u32,
+    /// Takes new flows only while no primary backend of the service is usable.
+    pub backup: bool,
 }
 
 /// One problem in a config file, with where it is.
@@ -123,6 +159,9 @@ struct RawConfig {
 struct RawAgent {
     interface: Option<Spanned<String>>,
     xdp_mode: Option<Spanned<String>>,
+    control_socket: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    flow_idle_timeout_s: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -131,8 +170,17 @@ struct RawService {
     vip: Option<Spanned<String>>,
     port: Option<Spanned<i64>>,
     ring_size: Option<Spanned<i64>>,
+    health_check: Option<Spanned<RawHealthCheck>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+struct RawHealthCheck {
+    interval_ms: Option<Spanned<i64>>,
+    timeout_ms: Option<Spanned<i64>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +188,7 @@ struct RawBackend {
     name: Option<Spanned<String>>,
     address: Option<Spanned<String>>,
     weight: Option<Spanned<i64>>,
+    backup: Option<Spanned<bool>>,
 }
 
 /// Reads and validates a config file.
@@ -348,9 +397,100 @@ impl Validator<'_> {
                 }
             },
         };
+        let control_socket = self.path(
+            &raw.control_socket,
+            "agent.control_socket",
+            DEFAULT_CONTROL_SOCKET,
+        );
+        let state_dir = self.path(&raw.state_dir, "agent.state_dir", DEFAULT_STATE_DIR);
+        let flow_idle_timeout_s = self.number(
+            &raw.flow_idle_timeout_s,
+            "agent.flow_idle_timeout_s",
+            DEFAULT_FLOW_IDLE_TIMEOUT_S,
+            1,
+            86_400,
+        );
         Some(AgentConfig {
             interface: interface?,
             xdp_mode: xdp_mode?,
+            control_socket: control_socket?,
+            state_dir: state_dir?,
+            flow_idle_timeout_s: flow_idle_timeout_s?,
+        })
+    }
+
+    /// An absolute path, or the default when absent.
+    fn path(&mut self, v: &Option<Spanned<String>>, path: &str, default: &str) -> Option<PathBuf> {
+        match v {
+            None => Some(PathBuf::from(default)),
+            Some(p) if p.get_ref().starts_with('/') => Some(PathBuf::from(p.get_ref())),
+            Some(p) => {
+                self.err(
+                    p,
+                    path,
+                    format!("{:?} must be an absolute path", p.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    /// An integer in `min..=max`, or the default when absent.
+    fn number(
+        &mut self,
+        v: &Option<Spanned<i64>>,
+        path: &str,
+        default: u32,
+        min: u32,
+        max: u32,
+    ) -> Option<u32> {
+        match v {
+            None => Some(default),
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(x) if (min..=max).contains(&x) => Some(x),
+                _ => {
+                    self.err(
+                        n,
+                        path,
+                        format!("{} is out of range ({min} to {max})", n.get_ref()),
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    fn health_check(
+        &mut self,
+        h: &Option<Spanned<RawHealthCheck>>,
+        path: &str,
+    ) -> Option<HealthCheck> {
+        let Some(h) = h else {
+            return Some(HealthCheck::default());
+        };
+        let d = HealthCheck::default();
+        let raw = h.get_ref();
+        let interval_ms = self.number(
+            &raw.interval_ms,
+            &format!("{path}.interval_ms"),
+            d.interval_ms,
+            10,
+            3_600_000,
+        );
+        let timeout_ms = self.number(
+            &raw.timeout_ms,
+            &format!("{path}.timeout_ms"),
+            d.timeout_ms,
+            1,
+            3_600_000,
+        );
+        let rise = self.number(&raw.rise, &format!("{path}.rise"), d.rise, 1, 100);
+        let fall = self.number(&raw.fall, &format!("{path}.fall"), d.fall, 1, 100);
+        Some(HealthCheck {
+            interval_ms: interval_ms?,
+            timeout_ms: timeout_ms?,
+            rise: rise?,
+            fall: fall?,
         })
     }
 
@@ -411,6 +551,7 @@ impl Validator<'_> {
                 }
             },
         };
+        let health_check = self.health_check(&raw.health_check, &format!("{path}.health_check"));
         let mut backends = Vec::new();
         let mut names = HashSet::new();
         let mut addresses = HashSet::new();
@@ -470,6 +611,7 @@ impl Validator<'_> {
             vip: vip?,
             port: port?,
             ring_size: ring_size?,
+            health_check: health_check?,
             backends,
         })
     }
@@ -515,10 +657,12 @@ impl Validator<'_> {
                 }
             },
         };
+        let backup = raw.backup.as_ref().is_some_and(|b| *b.get_ref());
         Some(BackendSpec {
             name: name?,
             address: address?,
             weight: weight?,
+            backup,
         })
     }
 }

@@ -51,6 +51,32 @@ pub trait DataPlane {
     fn set_ring_slots(&mut self, vip_num: u32, slots: &[(u32, u32)]) -> Result<()>;
     /// One counter slot, summed over CPUs.
     fn counter(&self, slot: u32) -> Result<Counter>;
+    /// Flows per backend id that are still active: no FIN or RST from the client, and a
+    /// packet within the last `idle` (walks the connection table).
+    fn active_flows(&self, idle: std::time::Duration) -> Result<StdHashMap<u32, u64>>;
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Whether a connection-table entry still counts as an active flow at `now`.
+pub fn flow_is_active(
+    state: &lb_common::FlowState,
+    now_ns: u64,
+    idle: std::time::Duration,
+) -> bool {
+    state.flags & lb_common::FLOW_F_CLOSING == 0
+        && now_ns.saturating_sub(state.last_seen_ns) < idle.as_nanos() as u64
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {
@@ -173,32 +199,21 @@ impl XdpDataPlane {
         }
     }
 
-    /// Number of flows in the connection table (walks the whole map: for tests and
-    /// status, not for hot paths).
-    pub fn flow_count(&self) -> Result<usize> {
-        let flows: HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> = HashMap::try_from(
-            self.ebpf
-                .map(names::MAP_FLOWS)
-                .ok_or(DataPlaneError::Missing {
-                    kind: "map",
-                    name: names::MAP_FLOWS,
-                })?,
-        )
-        .map_err(map_err(names::MAP_FLOWS))?;
-        Ok(flows.keys().filter(|k| k.is_ok()).count())
+    /// The connection table, read-only.
+    fn flows(&self) -> Result<HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState>> {
+        let map = self
+            .ebpf
+            .map(names::MAP_FLOWS)
+            .ok_or(DataPlaneError::Missing {
+                kind: "map",
+                name: names::MAP_FLOWS,
+            })?;
+        HashMap::try_from(map).map_err(map_err(names::MAP_FLOWS))
     }
 
     /// The connection-table entry of one flow, if any.
     pub fn flow(&self, key: &lb_common::FlowKey) -> Result<Option<lb_common::FlowState>> {
-        let flows: HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState> = HashMap::try_from(
-            self.ebpf
-                .map(names::MAP_FLOWS)
-                .ok_or(DataPlaneError::Missing {
-                    kind: "map",
-                    name: names::MAP_FLOWS,
-                })?,
-        )
-        .map_err(map_err(names::MAP_FLOWS))?;
+        let flows = self.flows()?;
         match flows.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(MapError::KeyNotFound) => Ok(None),
@@ -249,6 +264,18 @@ impl DataPlane for XdpDataPlane {
         }
         Ok(())
     }
+    fn active_flows(&self, idle: std::time::Duration) -> Result<StdHashMap<u32, u64>> {
+        let flows = self.flows()?;
+        let now = monotonic_ns();
+        let mut counts = StdHashMap::new();
+        // Entries can vanish (LRU eviction) while we walk; those errors are skipped.
+        for (_, state) in flows.iter().flatten() {
+            if flow_is_active(&state, now, idle) {
+                *counts.entry(state.backend).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
     fn counter(&self, slot: u32) -> Result<Counter> {
         let per_cpu = self
             .stats
@@ -272,6 +299,8 @@ pub struct FakeDataPlane {
     pub rings: StdHashMap<u32, u32>,
     pub ring_writes: usize,
     pub counters: StdHashMap<u32, Counter>,
+    /// What `active_flows` reports.
+    pub active: StdHashMap<u32, u64>,
 }
 
 impl FakeDataPlane {
@@ -322,5 +351,54 @@ impl DataPlane for FakeDataPlane {
     }
     fn counter(&self, slot: u32) -> Result<Counter> {
         Ok(self.counters.get(&slot).copied().unwrap_or_default())
+    }
+    fn active_flows(&self, _idle: std::time::Duration) -> Result<StdHashMap<u32, u64>> {
+        Ok(self.active.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::{FLOW_F_CLOSING, FlowState};
+    use std::time::Duration;
+
+    #[test]
+    fn closed_and_idle_flows_are_not_active() {
+        let idle = Duration::from_secs(10);
+        let now = 100_000_000_000;
+        let fresh = FlowState {
+            backend: 1,
+            vip_num: 0,
+            last_seen_ns: now - 1_000_000_000,
+            flags: 0,
+            _pad: 0,
+        };
+        assert!(flow_is_active(&fresh, now, idle));
+        assert!(!flow_is_active(
+            &FlowState {
+                flags: FLOW_F_CLOSING,
+                ..fresh
+            },
+            now,
+            idle
+        ));
+        assert!(!flow_is_active(
+            &FlowState {
+                last_seen_ns: now - 11_000_000_000,
+                ..fresh
+            },
+            now,
+            idle
+        ));
+        // A timestamp from after `now` (read races) counts as fresh, not as ancient.
+        assert!(flow_is_active(
+            &FlowState {
+                last_seen_ns: now + 5,
+                ..fresh
+            },
+            now,
+            idle
+        ));
     }
 }

@@ -1,9 +1,13 @@
 //! The load balancer's control plane: config, Maglev, the data-path interface, and the
 //! agent that ties them together. `lb-agent` and `lbctl` are thin binaries over this.
 
+pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod control;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
 pub mod neigh;
 pub mod programmer;
+pub mod protocol;

@@ -13,7 +13,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::Service,
+    config::{BackendSpec, Service},
     dataplane::{DataPlane, DataPlaneError},
     maglev,
 };
@@ -57,6 +57,55 @@ pub enum ProgramError {
     TooManyVips,
     #[error("no free backend id (at most {MAX_BACKENDS})")]
     TooManyBackends,
+}
+
+/// What the agent knows of one backend right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendView {
+    /// From the neighbour table; `None` until resolved.
+    pub mac: Option<[u8; 6]>,
+    /// Passing its health checks.
+    pub healthy: bool,
+    /// Not disabled by an operator.
+    pub enabled: bool,
+    /// Weight in effect.
+    pub weight: u32,
+}
+
+impl BackendView {
+    /// Can take new flows (if it is of the tier that serves).
+    pub fn usable(&self) -> bool {
+        self.mac.is_some() && self.healthy && self.enabled && self.weight > 0
+    }
+
+    /// Established flows may keep going to it: known and healthy. Disabled and weight-0
+    /// backends keep their flows (drain); down ones lose them to the ring.
+    pub fn forwards(&self) -> bool {
+        self.mac.is_some() && self.healthy
+    }
+}
+
+/// Which backends take new flows: the usable primaries, or, while there is none, the
+/// usable backups (nginx's `backup`).
+pub fn ring_members(
+    service: &Service,
+    view: &dyn Fn(&Service, &BackendSpec) -> BackendView,
+) -> Vec<usize> {
+    let usable = |backup: bool| -> Vec<usize> {
+        service
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.backup == backup && view(service, b).usable())
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let primaries = usable(false);
+    if primaries.is_empty() {
+        usable(true)
+    } else {
+        primaries
+    }
 }
 
 /// What one `apply` did.
@@ -135,12 +184,12 @@ impl Programmer {
         Ok(id)
     }
 
-    /// Makes the data path serve exactly `services`. `mac` resolves a backend address.
+    /// Makes the data path serve exactly `services`, each backend as `view` sees it.
     pub fn apply(
         &mut self,
         dp: &mut dyn DataPlane,
         services: &[Service],
-        mac: &dyn Fn(IpAddr) -> Option<[u8; 6]>,
+        view: &dyn Fn(&Service, &BackendSpec) -> BackendView,
     ) -> Result<ApplyReport, ProgramError> {
         let mut report = ApplyReport::default();
         let wanted: HashSet<VipKey> = services.iter().map(|s| vip_key(s.vip, s.port)).collect();
@@ -161,33 +210,40 @@ impl Programmer {
         }
 
         for service in services {
-            let mut members = Vec::new();
+            let mut ids = Vec::with_capacity(service.backends.len());
             for b in &service.backends {
                 let id = self.backend_id_for(&service.name, &b.name, b.address)?;
-                let entry = match mac(b.address) {
-                    Some(mac) => Backend {
-                        mac,
-                        _pad: [0; 2],
-                        flags: BACKEND_F_VALID,
-                    },
-                    None => {
-                        report
-                            .unresolved
-                            .push((service.name.clone(), b.name.clone()));
-                        continue;
-                    }
+                ids.push(id);
+                let v = view(service, b);
+                let Some(mac) = v.mac else {
+                    report
+                        .unresolved
+                        .push((service.name.clone(), b.name.clone()));
+                    continue;
+                };
+                let flags = if v.forwards() { BACKEND_F_VALID } else { 0 };
+                let entry = Backend {
+                    mac,
+                    _pad: [0; 2],
+                    flags,
                 };
                 if self.backends.get(&id) != Some(&entry) {
                     dp.set_backend(id, &entry)?;
                     self.backends.insert(id, entry);
                     report.backends_written += 1;
                 }
-                members.push(maglev::Member {
-                    identity: b.address.to_string(),
-                    id,
-                    weight: b.weight,
-                });
             }
+            let members: Vec<maglev::Member> = ring_members(service, view)
+                .into_iter()
+                .map(|i| {
+                    let b = &service.backends[i];
+                    maglev::Member {
+                        identity: b.address.to_string(),
+                        id: ids[i],
+                        weight: view(service, b).weight,
+                    }
+                })
+                .collect();
             let ring = maglev::build(&members, service.ring_size);
             let key = vip_key(service.vip, service.port);
             let state = match self.vips.get_mut(&key) {
@@ -260,20 +316,40 @@ mod tests {
             vip: vip.parse().unwrap(),
             port: 80,
             ring_size: 1009,
+            health_check: Default::default(),
             backends: backends
                 .iter()
                 .map(|(n, a, w)| BackendSpec {
                     name: n.to_string(),
                     address: a.parse().unwrap(),
                     weight: *w,
+                    backup: false,
                 })
                 .collect(),
         }
     }
 
-    fn any_mac(ip: IpAddr) -> Option<[u8; 6]> {
+    fn mac_of(ip: IpAddr) -> [u8; 6] {
         let (b, _) = addr_bytes(ip);
-        Some([2, 0, b[0], b[1], b[2], b[3]])
+        [2, 0, b[0], b[1], b[2], b[3]]
+    }
+
+    fn all_up(_: &Service, b: &BackendSpec) -> BackendView {
+        BackendView {
+            mac: Some(mac_of(b.address)),
+            healthy: true,
+            enabled: true,
+            weight: b.weight,
+        }
+    }
+
+    fn members(p: &Programmer, s: &Service) -> BTreeSet<u32> {
+        p.ring_members(s.vip, s.port)
+    }
+
+    fn id(p: &Programmer, s: &Service, backend: &str) -> u32 {
+        let b = s.backends.iter().find(|b| b.name == backend).unwrap();
+        p.backend_id(&s.name, b.address).unwrap()
     }
 
     #[test]
@@ -285,13 +361,13 @@ mod tests {
             "192.0.2.10",
             &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)],
         )];
-        let r = p.apply(&mut dp, &s, &any_mac).unwrap();
+        let r = p.apply(&mut dp, &s, &all_up).unwrap();
         assert_eq!(r.ring_slots_written, 1009);
         assert_eq!(r.vips_added, 1);
         assert_eq!(dp.vips.len(), 1);
         assert_eq!(dp.vip_addrs.len(), 1);
         assert_eq!(dp.backends.len(), 2);
-        let r = p.apply(&mut dp, &s, &any_mac).unwrap();
+        let r = p.apply(&mut dp, &s, &all_up).unwrap();
         assert_eq!(r, ApplyReport::default());
     }
 
@@ -308,7 +384,7 @@ mod tests {
                 ("c", "192.0.2.23", 100),
             ],
         )];
-        p.apply(&mut dp, &three, &any_mac).unwrap();
+        p.apply(&mut dp, &three, &all_up).unwrap();
         let vip_num = p.vip_num("192.0.2.10".parse().unwrap(), 80).unwrap();
         let before = dp.ring(vip_num, 1009);
         let c = p.backend_id("web", "192.0.2.23".parse().unwrap()).unwrap();
@@ -320,7 +396,7 @@ mod tests {
             &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)],
         )];
         dp.ring_writes = 0;
-        let r = p.apply(&mut dp, &two, &any_mac).unwrap();
+        let r = p.apply(&mut dp, &two, &all_up).unwrap();
         let after = dp.ring(vip_num, 1009);
         assert_eq!(r.ring_slots_written, maglev::diff(&before, &after).len());
         assert_eq!(dp.ring_writes, r.ring_slots_written);
@@ -339,8 +415,9 @@ mod tests {
             "192.0.2.10",
             &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)],
         )];
-        let only_a = |ip: IpAddr| {
-            (ip == "192.0.2.21".parse::<IpAddr>().unwrap()).then_some([2, 0, 0, 0, 0, 1])
+        let only_a = |svc: &Service, b: &BackendSpec| BackendView {
+            mac: (b.name == "a").then(|| mac_of(b.address)),
+            ..all_up(svc, b)
         };
         let r = p.apply(&mut dp, &s, &only_a).unwrap();
         assert_eq!(r.unresolved, vec![("web".to_string(), "b".to_string())]);
@@ -357,10 +434,10 @@ mod tests {
         let mut p = Programmer::new();
         let a = service("a", "192.0.2.10", &[("x", "192.0.2.21", 100)]);
         let b = service("b", "2001:db8::10", &[("y", "2001:db8::21", 100)]);
-        p.apply(&mut dp, &[a.clone(), b.clone()], &any_mac).unwrap();
+        p.apply(&mut dp, &[a.clone(), b.clone()], &all_up).unwrap();
         assert_eq!(dp.vips.len(), 2);
         assert_eq!(dp.vip_addrs.len(), 2);
-        let r = p.apply(&mut dp, &[b], &any_mac).unwrap();
+        let r = p.apply(&mut dp, &[b], &all_up).unwrap();
         assert_eq!(r.vips_removed, 1);
         assert_eq!(dp.vips.len(), 1);
         assert_eq!(dp.vip_addrs.len(), 1);
@@ -369,7 +446,7 @@ mod tests {
                 .contains_key(&vip_addr_key("2001:db8::10".parse().unwrap()))
         );
         // The freed VIP number is reused, and its whole window is rewritten.
-        let r = p.apply(&mut dp, &[a], &any_mac).unwrap();
+        let r = p.apply(&mut dp, &[a], &all_up).unwrap();
         assert_eq!(r.ring_slots_written, 1009);
     }
 
@@ -379,5 +456,124 @@ mod tests {
         assert_eq!(&k.addr[..4], &[192, 0, 2, 10]);
         assert_eq!(k.port_be.to_ne_bytes(), [0, 80]);
         assert_eq!(k.family, FAMILY_V4);
+    }
+
+    fn with_backup() -> Service {
+        let mut s = service(
+            "web",
+            "192.0.2.10",
+            &[
+                ("a", "192.0.2.21", 100),
+                ("b", "192.0.2.22", 100),
+                ("spare", "192.0.2.29", 100),
+            ],
+        );
+        s.backends[2].backup = true;
+        s
+    }
+
+    #[test]
+    fn backups_serve_only_while_no_primary_is_usable() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let s = with_backup();
+        p.apply(&mut dp, std::slice::from_ref(&s), &all_up).unwrap();
+        assert_eq!(
+            members(&p, &s),
+            BTreeSet::from([id(&p, &s, "a"), id(&p, &s, "b")])
+        );
+
+        // One primary down: the other serves, not the backup.
+        let a_down = |svc: &Service, b: &BackendSpec| BackendView {
+            healthy: b.name != "a",
+            ..all_up(svc, b)
+        };
+        p.apply(&mut dp, std::slice::from_ref(&s), &a_down).unwrap();
+        assert_eq!(members(&p, &s), BTreeSet::from([id(&p, &s, "b")]));
+
+        // Both primaries out (one down, one disabled): the backup serves.
+        let none = |svc: &Service, b: &BackendSpec| BackendView {
+            healthy: b.name != "a",
+            enabled: b.name != "b",
+            ..all_up(svc, b)
+        };
+        p.apply(&mut dp, std::slice::from_ref(&s), &none).unwrap();
+        assert_eq!(members(&p, &s), BTreeSet::from([id(&p, &s, "spare")]));
+
+        // A primary back: new flows go to it; the backup keeps forwarding its flows.
+        p.apply(&mut dp, std::slice::from_ref(&s), &a_down).unwrap();
+        assert_eq!(members(&p, &s), BTreeSet::from([id(&p, &s, "b")]));
+        assert_eq!(dp.backends[&id(&p, &s, "spare")].flags, BACKEND_F_VALID);
+    }
+
+    #[test]
+    fn down_backends_lose_their_flows_disabled_ones_keep_them() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let s = with_backup();
+        let view = |svc: &Service, b: &BackendSpec| BackendView {
+            healthy: b.name != "a",
+            enabled: b.name != "b",
+            ..all_up(svc, b)
+        };
+        p.apply(&mut dp, std::slice::from_ref(&s), &view).unwrap();
+        assert_eq!(
+            dp.backends[&id(&p, &s, "a")].flags,
+            0,
+            "down: its flows go back to the ring"
+        );
+        assert_eq!(
+            dp.backends[&id(&p, &s, "b")].flags,
+            BACKEND_F_VALID,
+            "disabled: drains"
+        );
+    }
+
+    #[test]
+    fn nothing_usable_leaves_an_empty_ring() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let s = with_backup();
+        let all_down = |svc: &Service, b: &BackendSpec| BackendView {
+            healthy: false,
+            ..all_up(svc, b)
+        };
+        p.apply(&mut dp, std::slice::from_ref(&s), &all_down)
+            .unwrap();
+        assert!(members(&p, &s).is_empty());
+        let vip_num = p.vip_num(s.vip, s.port).unwrap();
+        assert!(
+            dp.ring(vip_num, s.ring_size)
+                .iter()
+                .all(|b| *b == NO_BACKEND)
+        );
+    }
+
+    #[test]
+    fn weights_from_the_view_shape_the_ring() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let s = service(
+            "web",
+            "192.0.2.10",
+            &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)],
+        );
+        let heavy_b = |svc: &Service, b: &BackendSpec| BackendView {
+            weight: if b.name == "b" { 300 } else { 100 },
+            ..all_up(svc, b)
+        };
+        p.apply(&mut dp, std::slice::from_ref(&s), &heavy_b)
+            .unwrap();
+        let vip_num = p.vip_num(s.vip, s.port).unwrap();
+        let ring = dp.ring(vip_num, s.ring_size);
+        let b_share =
+            ring.iter().filter(|x| **x == id(&p, &s, "b")).count() as f64 / ring.len() as f64;
+        assert!((b_share - 0.75).abs() < 0.01, "{b_share}");
+        let a_zero = |svc: &Service, b: &BackendSpec| BackendView {
+            weight: if b.name == "a" { 0 } else { 100 },
+            ..all_up(svc, b)
+        };
+        p.apply(&mut dp, std::slice::from_ref(&s), &a_zero).unwrap();
+        assert_eq!(members(&p, &s), BTreeSet::from([id(&p, &s, "b")]));
     }
 }

@@ -9,7 +9,7 @@ use lb_common::{CFG_F_ANSWER_NEIGH, CFG_F_FORWARD, Counter, FAMILY_V4, LbConfig}
 use lb_userspace::{
     config::{BackendSpec, Service},
     dataplane::{DataPlane, XdpDataPlane},
-    programmer::{Programmer, addr_bytes},
+    programmer::{BackendView, Programmer, addr_bytes},
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -33,6 +33,7 @@ pub fn service(name: &str, vip: &str, port: u16, ring_size: u32, backends: &[&st
         vip: vip.parse().expect("VIP address"),
         port,
         ring_size,
+        health_check: Default::default(),
         backends: backends
             .iter()
             .enumerate()
@@ -40,8 +41,19 @@ pub fn service(name: &str, vip: &str, port: u16, ring_size: u32, backends: &[&st
                 name: format!("{name}-{i}"),
                 address: a.parse().expect("backend address"),
                 weight: 100,
+                backup: false,
             })
             .collect(),
+    }
+}
+
+/// Every backend resolved, healthy, enabled, at its configured weight.
+pub fn all_up(_: &Service, b: &BackendSpec) -> BackendView {
+    BackendView {
+        mac: Some(backend_mac(b.address)),
+        healthy: true,
+        enabled: true,
+        weight: b.weight,
     }
 }
 
@@ -63,7 +75,7 @@ impl Rig {
     pub fn new(services: Vec<Service>) -> anyhow::Result<Self> {
         let mut dp = XdpDataPlane::load()?;
         let mut programmer = Programmer::new();
-        programmer.apply(&mut dp, &services, &|a| Some(backend_mac(a)))?;
+        programmer.apply(&mut dp, &services, &all_up)?;
         dp.set_config(&LbConfig {
             mac: LB_MAC,
             _pad: [0; 2],
@@ -77,8 +89,16 @@ impl Rig {
     }
 
     pub fn apply(&mut self, services: Vec<Service>) -> anyhow::Result<()> {
-        self.programmer
-            .apply(&mut self.dp, &services, &|a| Some(backend_mac(a)))?;
+        self.apply_with(services, &all_up)
+    }
+
+    /// Programs `services` with each backend as `view` says.
+    pub fn apply_with(
+        &mut self,
+        services: Vec<Service>,
+        view: &dyn Fn(&Service, &BackendSpec) -> BackendView,
+    ) -> anyhow::Result<()> {
+        self.programmer.apply(&mut self.dp, &services, view)?;
         self.services = services;
         Ok(())
     }

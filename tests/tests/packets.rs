@@ -12,13 +12,13 @@ use lb_common::{
 use lb_tests::{
     packet::*,
     require_root,
-    rig::{CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, service},
+    rig::{CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_PASS, XDP_TX, all_up, backend_mac, service},
 };
 use lb_userspace::{
     config::{BackendSpec, Service},
     dataplane::DataPlane,
     maglev,
-    programmer::addr_bytes,
+    programmer::{BackendView, addr_bytes},
 };
 
 const ROUTER_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x01];
@@ -866,4 +866,96 @@ fn host_that_does_not_forward_passes_vip_traffic_and_answers_nothing() {
     );
     let (v, out) = rig.run(&req);
     assert_eq!((v, out), (XDP_PASS, req));
+}
+
+#[test]
+fn fin_and_rst_end_a_flows_activity() {
+    if !require_root("fin_and_rst_end_a_flows_activity") {
+        return;
+    }
+    let mut rig = rig();
+    let vip = (ip("192.0.2.10"), 80);
+    let a = (ip("198.51.100.40"), 42000);
+    let b = (ip("198.51.100.41"), 42001);
+    let idle = std::time::Duration::from_secs(60);
+    let active = |rig: &Rig| -> u64 {
+        rig.dp
+            .active_flows(idle)
+            .expect("active flows")
+            .values()
+            .sum()
+    };
+    assert_eq!(active(&rig), 0);
+    for client in [a, b] {
+        let (v, _) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+        assert_eq!(v, XDP_TX);
+    }
+    rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, a, vip, ACK | PSH));
+    assert_eq!(active(&rig), 2);
+    // The client closes one: FIN. The flow still forwards (the last ACKs must reach the
+    // backend) but no longer counts as active.
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, a, vip, FIN | ACK));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out[0..6], ring_choice(&rig, "web", &flow(a, vip)).1);
+    assert_eq!(active(&rig), 1);
+    rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, a, vip, ACK));
+    assert_eq!(active(&rig), 1, "an ACK after FIN does not revive the flow");
+    // The other resets.
+    rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, b, vip, RST));
+    assert_eq!(active(&rig), 0);
+    // A new connection on the same 5-tuple is active again.
+    rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, a, vip, SYN));
+    assert_eq!(active(&rig), 1);
+    // And idle flows age out of the count.
+    assert_eq!(
+        rig.dp
+            .active_flows(std::time::Duration::from_nanos(1))
+            .expect("active")
+            .values()
+            .sum::<u64>(),
+        0
+    );
+}
+
+#[test]
+fn flows_of_a_backend_that_went_down_are_rebalanced() {
+    if !require_root("flows_of_a_backend_that_went_down_are_rebalanced") {
+        return;
+    }
+    let mut rig = rig();
+    let vip = (ip("192.0.2.10"), 80);
+    let client = (ip("198.51.100.50"), 43000);
+    let key = flow(client, vip);
+    rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    let (first, first_mac) = ring_choice(&rig, "web", &key);
+    let dead = rig.services[0]
+        .backends
+        .iter()
+        .find(|b| backend_mac(b.address) == first_mac)
+        .expect("backend")
+        .address;
+    let down = move |s: &Service, b: &BackendSpec| BackendView {
+        healthy: b.address != dead,
+        ..all_up(s, b)
+    };
+    rig.apply_with(services(), &down).expect("reprogram");
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK));
+    assert_eq!(v, XDP_TX);
+    assert_ne!(
+        out[0..6],
+        first_mac,
+        "a flow must not follow its backend into the void"
+    );
+    let moved = rig.dp.flow(&key).expect("lookup").expect("flow");
+    assert_ne!(moved.backend, first);
+    let new_mac = rig.services[0]
+        .backends
+        .iter()
+        .find(|b| rig.programmer.backend_id("web", b.address) == Some(moved.backend))
+        .map(|b| backend_mac(b.address));
+    assert_eq!(
+        Some(&out[0..6]),
+        new_mac.as_ref().map(|m| &m[..]),
+        "sent where the table now says"
+    );
 }

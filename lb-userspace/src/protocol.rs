@@ -1,0 +1,261 @@
+//! The control protocol between `lbctl` and the agent, defined once for both.
+//!
+//! One JSON object per line over the agent's Unix socket. Each request carries the
+//! protocol version; a request the agent cannot read gets an `Error` reply, never a
+//! dropped connection without a word. Frames are capped at `MAX_FRAME` bytes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest request or response line, newline included.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Largest request line the agent reads.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    ListBackends {
+        service: Option<String>,
+    },
+    DisableBackend {
+        service: String,
+        backend: String,
+    },
+    EnableBackend {
+        service: String,
+        backend: String,
+    },
+    SetWeight {
+        service: String,
+        backend: String,
+        weight: u32,
+    },
+    Reload,
+}
+
+/// What goes over the wire: the request and the version it speaks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub version: u32,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    Backends {
+        backends: Vec<BackendStatus>,
+    },
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+        details: Vec<String>,
+    },
+}
+
+impl Response {
+    pub fn error(message: impl Into<String>) -> Self {
+        Response::Error {
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub interface: String,
+    pub xdp_mode: String,
+    pub uptime_s: u64,
+    pub services: Vec<ServiceStatus>,
+    /// Global counters of packets not forwarded, by reason.
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+/// How an operator sees a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Healthy and enabled.
+    Up,
+    /// Failing its health checks (or its MAC is unknown).
+    Down,
+    /// Disabled by the operator, no active flows left.
+    Disabled,
+    /// Disabled by the operator, established flows still running.
+    Draining,
+}
+
+impl std::fmt::Display for BackendState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendState::Up => "up",
+            BackendState::Down => "down",
+            BackendState::Disabled => "disabled",
+            BackendState::Draining => "draining",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub service: String,
+    pub name: String,
+    pub address: String,
+    pub state: BackendState,
+    /// Why it is down, or the last health check's outcome.
+    pub health: String,
+    pub enabled: bool,
+    pub backup: bool,
+    /// Weight in effect (an operator's `lbctl backend weight` wins over the config).
+    pub weight: u32,
+    pub config_weight: u32,
+    /// Whether new flows can land on it now.
+    pub in_ring: bool,
+    pub active_flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("message larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("protocol version {got}, this side speaks {PROTOCOL_VERSION}")]
+    Version { got: u32 },
+}
+
+/// One message as a frame: its JSON and a newline.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serializing these plain types cannot fail; an empty object would be read as malformed.
+    let mut frame = serde_json::to_vec(message).unwrap_or_else(|_| b"{}".to_vec());
+    frame.push(b'\n');
+    frame
+}
+
+/// A request frame (without or with its newline), version checked.
+pub fn decode_request(frame: &[u8]) -> Result<Request, ProtocolError> {
+    if frame.len() > MAX_REQUEST {
+        return Err(ProtocolError::TooLarge(MAX_REQUEST));
+    }
+    // Read the version first, so a newer lbctl gets "version" rather than "malformed".
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let v: Version = serde_json::from_slice(frame)?;
+    if v.version != PROTOCOL_VERSION {
+        return Err(ProtocolError::Version { got: v.version });
+    }
+    let envelope: Envelope = serde_json::from_slice(frame)?;
+    Ok(envelope.request)
+}
+
+pub fn decode_response(frame: &[u8]) -> Result<Response, ProtocolError> {
+    if frame.len() > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(MAX_FRAME));
+    }
+    Ok(serde_json::from_slice(frame)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for r in [
+            Request::Status,
+            Request::ListBackends { service: None },
+            Request::ListBackends {
+                service: Some("web".into()),
+            },
+            Request::DisableBackend {
+                service: "web".into(),
+                backend: "b1".into(),
+            },
+            Request::EnableBackend {
+                service: "web".into(),
+                backend: "b1".into(),
+            },
+            Request::SetWeight {
+                service: "web".into(),
+                backend: "b1".into(),
+                weight: 7,
+            },
+            Request::Reload,
+        ] {
+            let frame = encode(&Envelope {
+                version: PROTOCOL_VERSION,
+                request: r.clone(),
+            });
+            assert_eq!(frame.last(), Some(&b'\n'));
+            assert_eq!(decode_request(&frame).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn wire_format_is_plain_json() {
+        let frame = encode(&Envelope {
+            version: 1,
+            request: Request::DisableBackend {
+                service: "s".into(),
+                backend: "b".into(),
+            },
+        });
+        assert_eq!(frame, b"{\"version\":1,\"command\":\"disable_backend\",\"service\":\"s\",\"backend\":\"b\"}\n");
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        assert!(matches!(
+            decode_request(b"{\"version\":1,\"command\":\"explode\"}"),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_request(b"not json"),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_request(b"{\"version\":9,\"command\":\"status\"}"),
+            Err(ProtocolError::Version { got: 9 })
+        ));
+        let big = vec![b' '; MAX_REQUEST + 1];
+        assert!(matches!(
+            decode_request(&big),
+            Err(ProtocolError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let r = Response::Error {
+            message: "no".into(),
+            details: vec!["a".into()],
+        };
+        assert_eq!(decode_response(&encode(&r)).unwrap(), r);
+    }
+}

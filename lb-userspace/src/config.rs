@@ -22,6 +22,22 @@ pub const MAX_WEIGHT: u32 = 10_000;
 pub struct Config {
     pub agent: AgentConfig,
     pub services: Vec<Service>,
+    /// Absent: standalone, always master.
+    pub vrrp: Option<VrrpSettings>,
+}
+
+/// Peering with a second LB host (VRRP version 3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VrrpSettings {
+    pub router_id: u8,
+    pub priority: u8,
+    pub advert_interval_ms: u32,
+    pub preempt: bool,
+    pub preempt_delay_ms: u32,
+    /// Unicast peers; empty: multicast.
+    pub peers: Vec<IpAddr>,
+    pub auth_key_file: Option<PathBuf>,
+    pub notify: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,6 +169,20 @@ struct RawConfig {
     agent: Option<Spanned<RawAgent>>,
     #[serde(default)]
     services: Vec<Spanned<RawService>>,
+    vrrp: Option<Spanned<RawVrrp>>,
+}
+
+#[derive(Deserialize)]
+struct RawVrrp {
+    router_id: Option<Spanned<i64>>,
+    priority: Option<Spanned<i64>>,
+    advert_interval_ms: Option<Spanned<i64>>,
+    preempt: Option<Spanned<bool>>,
+    preempt_delay_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    peers: Vec<Spanned<String>>,
+    auth_key_file: Option<Spanned<String>>,
+    notify: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -363,9 +393,106 @@ impl Validator<'_> {
                 format!("{total_backends} backends in all; at most {MAX_BACKENDS}"),
             );
         }
+        let vrrp = match &raw.vrrp {
+            None => Some(None),
+            Some(v) => self.vrrp(v, &services).map(Some),
+        };
         Some(Config {
             agent: agent?,
             services,
+            vrrp: vrrp?,
+        })
+    }
+
+    fn vrrp(&mut self, v: &Spanned<RawVrrp>, services: &[Service]) -> Option<VrrpSettings> {
+        let raw = v.get_ref();
+        let router_id = self
+            .required(&raw.router_id, v.span(), "vrrp.router_id")
+            .and_then(|r| match u8::try_from(*r.get_ref()) {
+                Ok(id) if id >= 1 => Some(id),
+                _ => {
+                    self.err(
+                        r,
+                        "vrrp.router_id",
+                        format!("{} is not a router id (1 to 255)", r.get_ref()),
+                    );
+                    None
+                }
+            });
+        let priority = self
+            .required(&raw.priority, v.span(), "vrrp.priority")
+            .and_then(|p| match u8::try_from(*p.get_ref()) {
+                Ok(n) if (1..=254).contains(&n) => Some(n),
+                _ => {
+                    self.err(p, "vrrp.priority", format!("{} is not a priority (1 to 254; 255 is for an address owner, which an LB is not)", p.get_ref()));
+                    None
+                }
+            });
+        // Sent in centiseconds in a 12-bit field.
+        let advert_interval_ms = match &raw.advert_interval_ms {
+            Some(i) if *i.get_ref() % 10 != 0 => {
+                self.err(
+                    i,
+                    "vrrp.advert_interval_ms",
+                    format!(
+                        "{} is not a multiple of 10 (adverts carry centiseconds)",
+                        i.get_ref()
+                    ),
+                );
+                None
+            }
+            // 100 ms: a dead master is replaced in about a third of a second.
+            other => self.number(other, "vrrp.advert_interval_ms", 100, 10, 40_950),
+        };
+        let preempt = raw.preempt.as_ref().is_none_or(|p| *p.get_ref());
+        let preempt_delay_ms = self.number(
+            &raw.preempt_delay_ms,
+            "vrrp.preempt_delay_ms",
+            0,
+            0,
+            3_600_000,
+        );
+        let family_v4 = services.first().is_none_or(|s| s.vip.is_ipv4());
+        let mut peers = Vec::new();
+        for (i, p) in raw.peers.iter().enumerate() {
+            let path = format!("vrrp.peers[{i}]");
+            if let Some(ip) = self.ip(p, &path) {
+                if ip.is_ipv4() != family_v4 {
+                    self.err(
+                        p,
+                        &path,
+                        format!(
+                            "{ip}: adverts go over {} (the family of the first service's VIP)",
+                            if family_v4 { "IPv4" } else { "IPv6" }
+                        ),
+                    );
+                } else {
+                    peers.push(ip);
+                }
+            }
+        }
+        let auth_key_file = match &raw.auth_key_file {
+            None => Some(None),
+            Some(_) => self
+                .path(&raw.auth_key_file, "vrrp.auth_key_file", "")
+                .map(Some),
+        };
+        let notify = match &raw.notify {
+            None => Some(None),
+            Some(_) => self.path(&raw.notify, "vrrp.notify", "").map(Some),
+        };
+        if peers.len() != raw.peers.len() {
+            return None;
+        }
+        Some(VrrpSettings {
+            router_id: router_id?,
+            priority: priority?,
+            advert_interval_ms: advert_interval_ms?,
+            preempt,
+            preempt_delay_ms: preempt_delay_ms?,
+            peers,
+            auth_key_file: auth_key_file?,
+            notify: notify?,
         })
     }
 
@@ -864,5 +991,42 @@ port = 80
             }
         }
         assert!(seen > 0, "no config in {}", dir.display());
+    }
+
+    #[test]
+    fn vrrp_section() {
+        let base = "[agent]\ninterface = \"eth0\"\n[[services]]\nname = \"w\"\nvip = \"192.0.2.1\"\nport = 80\n";
+        assert_eq!(parse(base, "t").unwrap().vrrp, None);
+        let good = format!(
+            "{base}[vrrp]\nrouter_id = 51\npriority = 100\nadvert_interval_ms = 100\npeers = [\"192.0.2.7\"]\nauth_key_file = \"/etc/lb/vrrp.key\"\n"
+        );
+        let v = parse(&good, "t").unwrap().vrrp.unwrap();
+        assert_eq!(
+            (
+                v.router_id,
+                v.priority,
+                v.advert_interval_ms,
+                v.preempt,
+                v.preempt_delay_ms
+            ),
+            (51, 100, 100, true, 0)
+        );
+        assert_eq!(v.peers, vec!["192.0.2.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(v.auth_key_file, Some(PathBuf::from("/etc/lb/vrrp.key")));
+        let bad = format!(
+            "{base}[vrrp]\nrouter_id = 0\npriority = 255\nadvert_interval_ms = 105\npeers = [\"2001:db8::1\"]\nnotify = \"relative\"\n"
+        );
+        let errs = parse(&bad, "t").expect_err("invalid").errors;
+        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+        for want in [
+            "line 8, column 13: vrrp.router_id",
+            "line 9, column 12: vrrp.priority",
+            "vrrp.advert_interval_ms: 105 is not a multiple of 10",
+            "vrrp.peers[0]",
+            "vrrp.notify",
+        ] {
+            assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+        }
+        assert_eq!(errs.len(), 5, "{joined}");
     }
 }

@@ -11,3 +11,4 @@ pub mod maglev;
 pub mod neigh;
 pub mod programmer;
 pub mod protocol;
+pub mod tracking;

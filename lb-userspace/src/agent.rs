@@ -32,12 +32,16 @@ use crate::{
     neigh::Neighbours,
     programmer::{ApplyReport, BackendView, Programmer},
     protocol::{BackendState, BackendStatus, Request, Response, ServiceStatus, Status},
+    tracking::{DataPathHealth, effective_priority, interface_up},
+    vrrp::{self, StateChange, VrrpHandle},
 };
 
 /// How long start-up waits for backend MACs before serving with what it has.
 const RESOLVE_WAIT: Duration = Duration::from_secs(3);
 /// How often the neighbour table is read again (new MACs, unresolved backends).
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
+/// How often tracking looks at the interface (a sysfs read).
+const TRACK_EVERY: Duration = Duration::from_millis(100);
 
 /// One health check's outcome, sent by a checker task to the main loop.
 #[derive(Debug)]
@@ -68,6 +72,13 @@ pub struct Agent {
     health: HashMap<BackendKey, BackendHealth>,
     checkers: Vec<JoinHandle<()>>,
     health_tx: mpsc::Sender<HealthReport>,
+    /// The interface's MAC: the source of forwarded frames and of ARP/ND answers.
+    mac: [u8; 6],
+    /// Answering for the VIPs and forwarding: always when standalone, as master with VRRP.
+    serving: bool,
+    vrrp: Option<VrrpHandle>,
+    /// The priority last handed to the VRRP speaker.
+    advertised: Option<u8>,
 }
 
 /// Why a reload changed nothing.
@@ -172,14 +183,15 @@ impl Agent {
             health: HashMap::new(),
             checkers: Vec::new(),
             health_tx,
+            mac,
+            serving: false,
+            vrrp: None,
+            advertised: None,
         };
         agent.sync_health().await;
         agent.apply()?;
-        agent.dp.set_config(&LbConfig {
-            mac,
-            _pad: [0; 2],
-            flags: CFG_F_ANSWER_NEIGH | CFG_F_FORWARD,
-        })?;
+        // With VRRP, a host starts as backup: it serves once the election says so.
+        agent.set_serving(agent.config.vrrp.is_none())?;
         let wanted = match agent.config.agent.xdp_mode {
             XdpMode::Auto => None,
             XdpMode::Native => Some(AttachedMode::Native),
@@ -198,7 +210,98 @@ impl Agent {
         view_of(&self.macs, &self.health, &self.admin, service, backend)
     }
 
+    /// Whether the program answers ARP/ND for the VIPs and forwards their traffic.
+    fn set_serving(&mut self, on: bool) -> Result<()> {
+        let flags = if on {
+            CFG_F_ANSWER_NEIGH | CFG_F_FORWARD
+        } else {
+            0
+        };
+        self.dp.set_config(&LbConfig {
+            mac: self.mac,
+            _pad: [0; 2],
+            flags,
+        })?;
+        self.serving = on;
+        Ok(())
+    }
+
+    /// Starts the VRRP speaker, if configured.
+    pub fn start_vrrp(&mut self) -> Result<Option<mpsc::Receiver<StateChange>>> {
+        let Some(settings) = self.config.vrrp.clone() else {
+            return Ok(None);
+        };
+        let vips = self.config.services.iter().map(|s| s.vip).collect();
+        let (handle, changes) = vrrp::spawn(
+            settings,
+            self.config.agent.interface.clone(),
+            vips,
+            self.mac,
+        )?;
+        self.vrrp = Some(handle);
+        self.track();
+        Ok(Some(changes))
+    }
+
+    /// An election result: serve as master, stand by otherwise.
+    pub fn on_vrrp(&mut self, change: StateChange) -> Result<()> {
+        self.set_serving(change.to.serves())
+    }
+
+    /// Hands the speaker the priority this host's data path deserves now.
+    pub fn track(&mut self) {
+        let (Some(handle), Some(settings)) = (&self.vrrp, &self.config.vrrp) else {
+            return;
+        };
+        let serving = self
+            .config
+            .services
+            .iter()
+            .filter(|s| !self.programmer.ring_members(s.vip, s.port).is_empty())
+            .count();
+        let health = DataPathHealth {
+            interface_up: interface_up(&self.config.agent.interface),
+            services: self.config.services.len(),
+            services_serving: serving,
+        };
+        let priority = effective_priority(settings.priority, health);
+        if self.advertised != Some(priority) {
+            if self.advertised.is_some() || priority != settings.priority {
+                eprintln!(
+                    "lb-agent: tracking: priority {priority} of {} (interface {}, {serving} of {} services with a usable backend)",
+                    settings.priority,
+                    if health.interface_up { "up" } else { "down" },
+                    health.services
+                );
+            }
+            handle.set_priority(priority);
+            self.advertised = Some(priority);
+        }
+    }
+
+    /// Stops the speaker gracefully: priority 0 tells the peer to take over at once;
+    /// this host keeps forwarding until the peer has had time to.
+    pub async fn stop_vrrp(&mut self) {
+        let Some(handle) = self.vrrp.take() else {
+            return;
+        };
+        let was_serving = self.serving;
+        handle.shutdown().await;
+        if was_serving && let Some(v) = &self.config.vrrp {
+            // The peer waits its skew time (under one interval) before it takes over.
+            let grace =
+                Duration::from_millis(u64::from(v.advert_interval_ms)).min(Duration::from_secs(1));
+            tokio::time::sleep(grace).await;
+        }
+    }
+
     fn apply(&mut self) -> Result<ApplyReport> {
+        let report = self.program()?;
+        self.track();
+        Ok(report)
+    }
+
+    fn program(&mut self) -> Result<ApplyReport> {
         let Self {
             programmer,
             dp,
@@ -310,6 +413,9 @@ impl Agent {
         if old.state_dir != newa.state_dir {
             return Err(ReloadError::NeedsRestart("agent.state_dir changed"));
         }
+        if self.config.vrrp != new.vrrp {
+            return Err(ReloadError::NeedsRestart("[vrrp] changed"));
+        }
         let fresh = self
             .neigh
             .resolve(&backend_addresses(&new), RESOLVE_WAIT)
@@ -353,7 +459,7 @@ impl Agent {
     /// Answers one control request.
     pub async fn handle(&mut self, request: Request) -> Response {
         let result = match request {
-            Request::Status => self.status().map(Response::Status),
+            Request::Status => self.status().map(|s| Response::Status(Box::new(s))),
             Request::ListBackends { service } => self
                 .backends(service.as_deref())
                 .map(|backends| Response::Backends { backends }),
@@ -559,6 +665,8 @@ impl Agent {
             uptime_s: self.started.elapsed().as_secs(),
             services,
             counters,
+            vrrp: self.vrrp.as_ref().map(|h| h.status()),
+            serving: self.serving,
         })
     }
 }
@@ -580,6 +688,14 @@ fn view_of(
             .is_some_and(|h| h.health.is_up()),
         enabled: !a.disabled,
         weight: a.weight.unwrap_or(backend.weight),
+    }
+}
+
+/// The next VRRP transition, or never when VRRP is off.
+async fn next_change(changes: &mut Option<mpsc::Receiver<StateChange>>) -> Option<StateChange> {
+    match changes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -621,6 +737,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     let mut agent = Agent::start(config_path, config, health_tx).await?;
+    let mut vrrp_changes = agent.start_vrrp()?;
     let server = tokio::spawn(control::serve(listener, call_tx));
     eprintln!("lb-agent: control socket {}", socket.display());
     let backends: usize = agent.config.services.iter().map(|s| s.backends.len()).sum();
@@ -632,6 +749,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     );
     let mut tick = tokio::time::interval(REFRESH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut track_tick = tokio::time::interval(TRACK_EVERY);
+    track_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
@@ -648,6 +767,12 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
                 let response = agent.handle(request).await;
                 let _ = answer.send(response);
             }
+            Some(change) = next_change(&mut vrrp_changes) => {
+                if let Err(e) = agent.on_vrrp(change) {
+                    eprintln!("lb-agent: applying a VRRP transition failed: {e:#}");
+                }
+            }
+            _ = track_tick.tick(), if agent.vrrp.is_some() => agent.track(),
             _ = tick.tick() => {
                 if let Err(e) = agent.refresh_neighbours().await {
                     eprintln!("lb-agent: neighbour refresh failed: {e:#}");
@@ -655,6 +780,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             }
         }
     }
+    agent.stop_vrrp().await;
     server.abort();
     let _ = std::fs::remove_file(&socket);
     let interface = agent.config.agent.interface.clone();

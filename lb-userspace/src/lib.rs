@@ -12,3 +12,4 @@ pub mod neigh;
 pub mod programmer;
 pub mod protocol;
 pub mod tracking;
+pub mod vrrp;

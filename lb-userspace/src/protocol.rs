@@ -48,7 +48,7 @@ pub struct Envelope {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Status(Status),
+    Status(Box<Status>),
     Backends {
         backends: Vec<BackendStatus>,
     },
@@ -79,6 +79,10 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Global counters of packets not forwarded, by reason.
     pub counters: BTreeMap<String, u64>,
+    /// Absent when the agent runs standalone (no `[vrrp]`): always master.
+    pub vrrp: Option<crate::vrrp::VrrpStatus>,
+    /// Whether this host answers for the VIPs and forwards their traffic now.
+    pub serving: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

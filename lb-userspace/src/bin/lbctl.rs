@@ -16,6 +16,7 @@ use lb_userspace::{
         BackendStatus, Envelope, MAX_FRAME, PROTOCOL_VERSION, Request, Response, Status,
         decode_response, encode,
     },
+    vrrp::VrrpStatus,
 };
 
 /// Control a running lb-agent: show its state, drain and restore backends before and
@@ -279,6 +280,10 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         status.xdp_mode,
         human_duration(status.uptime_s)
     );
+    match &status.vrrp {
+        None => println!("standalone (no [vrrp]): serving the VIPs"),
+        Some(v) => print_vrrp(v, status.serving),
+    }
     for s in &status.services {
         println!();
         let vip = if s.vip.contains(':') {
@@ -308,6 +313,60 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         }
     );
     Ok(())
+}
+
+fn print_vrrp(v: &VrrpStatus, serving: bool) {
+    println!(
+        "vrrp router {} on {} from {} ({}{}): {}, priority {} (effective {}), advert every {} ms; {}",
+        v.router_id,
+        v.interface,
+        v.address,
+        v.mode,
+        if v.authenticated {
+            ", authenticated"
+        } else {
+            ""
+        },
+        v.state,
+        v.priority,
+        v.effective_priority,
+        v.advert_interval_ms,
+        if serving {
+            "serving the VIPs"
+        } else {
+            "not serving the VIPs"
+        }
+    );
+    match &v.master {
+        Some(m) => println!("  master {} priority {}", m.address, m.priority),
+        None => println!("  master unknown"),
+    }
+    if let Some(t) = &v.last_transition {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(t.at_unix_ms);
+        println!(
+            "  last transition {} -> {}, {} ago: {}",
+            t.from,
+            t.to,
+            human_duration(now_ms.saturating_sub(t.at_unix_ms) / 1000),
+            t.reason
+        );
+    }
+    let c = &v.counters;
+    let dropped: Vec<String> = c.dropped.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!(
+        "  adverts sent {}, received {}, dropped {}; announcements sent {}",
+        c.adverts_sent,
+        c.adverts_received,
+        if dropped.is_empty() {
+            "0".to_string()
+        } else {
+            dropped.join(", ")
+        },
+        c.announcements_sent
+    );
 }
 
 fn print_backends(backends: &[BackendStatus]) {

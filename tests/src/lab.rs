@@ -16,6 +16,11 @@
 //! The root namespace holds no lab address and sends no lab traffic; no namespace has a
 //! default route.
 //!
+//! Every config the lab renders names a control socket and a state directory inside the
+//! lab's temporary directory; `lbctl*` run the operator tool against that socket,
+//! `wait_backend` polls it, and `start_load` keeps a client opening short connections
+//! in the background while a test operates the agent.
+//!
 //! Every namespace and every process is owned by a guard whose `Drop` removes or kills
 //! it, so a failing or panicking test leaves nothing behind. Processes (`ProcessGuard`,
 //! `AgentGuard`) borrow the `Lab`, so the borrow checker makes them end before the
@@ -37,7 +42,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     ffi::OsStr,
     fs::{self, File},
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     marker::PhantomData,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -51,7 +56,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use lb_userspace::protocol::{self, BackendStatus, Response, Status};
 
 /// The IPv4 VIP every lab service uses unless a test says otherwise.
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
@@ -62,7 +68,13 @@ pub const SERVICE_PORT: u16 = 8080;
 /// Connect and read timeout of `ask_backend`.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long one `lbctl` run may take before the lab kills it (`Lab::lbctl`).
+pub const LBCTL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often `Lab::wait_backend` asks `lbctl backend list`.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
 const AGENT_READY: &str = "lb-agent: ready";
+const AGENT_CONTROL_SOCKET: &str = "lb-agent: control socket";
 const AGENT_RELOADED: &str = "lb-agent: reloaded";
 const AGENT_RELOAD_FAILED: &str = "lb-agent: reload failed";
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -644,8 +656,16 @@ impl Lab {
     /// Renders an lb-agent config for this lab: `eth0`, the given XDP mode (`auto`,
     /// `native`, `generic`) and services whose backends are lab backends, addressed in
     /// the family of the service's VIP.
+    ///
+    /// The `[agent]` table always names a control socket and a state directory inside
+    /// this lab's temporary directory (`control_socket()`, `state_dir()`), so labs never
+    /// share them and every agent of one lab finds the admin state of the one before.
     pub fn config(&self, xdp_mode: &str, services: &[Service]) -> String {
-        let mut out = format!("[agent]\ninterface = \"eth0\"\nxdp_mode = \"{xdp_mode}\"\n");
+        let mut out = format!(
+            "[agent]\ninterface = \"eth0\"\nxdp_mode = \"{xdp_mode}\"\ncontrol_socket = {}\nstate_dir = {}\n",
+            toml_string(&self.control_socket().to_string_lossy()),
+            toml_string(&self.state_dir().to_string_lossy()),
+        );
         for s in services {
             out += &format!(
                 "\n[[services]]\nname = \"{}\"\nvip = \"{}\"\nport = {}\n",
@@ -654,6 +674,12 @@ impl Lab {
             if let Some(ring) = s.ring_size {
                 out += &format!("ring_size = {ring}\n");
             }
+            if let Some(hc) = s.health_check {
+                out += &format!(
+                    "\n[services.health_check]\ninterval_ms = {}\ntimeout_ms = {}\nrise = {}\nfall = {}\n",
+                    hc.interval_ms, hc.timeout_ms, hc.rise, hc.fall
+                );
+            }
             for &(i, weight) in &s.backends {
                 let node = Node::Backend(i);
                 out += &format!(
@@ -661,9 +687,27 @@ impl Lab {
                     node.short_name(),
                     addr_like(node, s.vip)
                 );
+                if s.backups.contains(&i) {
+                    out += "backup = true\n";
+                }
             }
         }
         out
+    }
+
+    /// The control socket every config of this lab names (`<lab dir>/lb.sock`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.0.join("lb.sock")
+    }
+
+    /// The agent's state directory every config of this lab names (`<lab dir>/state`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.0.join("state")
+    }
+
+    /// The lab's temporary directory (configs, logs, the control socket).
+    pub fn dir(&self) -> &Path {
+        &self.dir.0
     }
 
     /// Starts `lb-agent --config FILE` in the LB namespace and waits (at most 20 s) for
@@ -686,6 +730,196 @@ impl Lab {
             count_lines(log, AGENT_READY) > 0
         })?;
         Ok(agent)
+    }
+
+    /// `spawn_agent`, then waits (at most 20 s) until the agent says its control socket
+    /// is up (`lb-agent: control socket <path>`) and the socket file exists.
+    pub fn spawn_controlled_agent(&self, config: &str) -> Result<AgentGuard<'_>> {
+        let mut agent = self.spawn_agent(config)?;
+        agent.wait_log(
+            "the control socket",
+            AGENT_CONTROL_SOCKET,
+            AGENT_START_TIMEOUT,
+        )?;
+        let socket = self.control_socket();
+        ensure!(
+            socket.exists(),
+            "lb-agent announced its control socket, but {} does not exist; its log:\n{}",
+            socket.display(),
+            agent.log()
+        );
+        Ok(agent)
+    }
+
+    // ---- lbctl ---------------------------------------------------------------------
+
+    /// The command `lbctl --socket <this lab's socket> ARGS`, not started. It runs in
+    /// the root namespace: the control socket is a file, not lab traffic. For a run
+    /// on another thread, pass it to `run_bounded`.
+    pub fn lbctl_command<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Command> {
+        let mut cmd = Command::new(bin_path("lbctl")?);
+        cmd.arg("--socket").arg(self.control_socket()).args(args);
+        Ok(cmd)
+    }
+
+    /// Runs `lbctl --socket <socket> ARGS`, bounded by `LBCTL_TIMEOUT`, and returns its
+    /// output whatever the exit status.
+    pub fn lbctl<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
+        run_bounded(self.lbctl_command(args)?, LBCTL_TIMEOUT)
+    }
+
+    /// `lbctl` that must exit 0; returns its stdout. The error holds status and stderr.
+    pub fn lbctl_ok<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<String> {
+        let out = self.lbctl(args)?;
+        ensure!(
+            out.status.success(),
+            "lbctl {} failed ({}):\nstdout: {}\nstderr: {}",
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `lbctl --json status`, parsed.
+    pub fn lbctl_status(&self) -> Result<Status> {
+        parse_status_json(&self.lbctl_ok(&["--json", "status"])?)
+    }
+
+    /// `lbctl --json backend list [SERVICE]`, parsed.
+    pub fn lbctl_backends(&self, service: Option<&str>) -> Result<Vec<BackendStatus>> {
+        let mut args = vec!["--json", "backend", "list"];
+        args.extend(service);
+        parse_backends_json(&self.lbctl_ok(&args)?)
+    }
+
+    /// One backend as `lbctl --json backend list SERVICE` shows it.
+    pub fn lbctl_backend(&self, service: &str, backend: &str) -> Result<BackendStatus> {
+        let all = self.lbctl_backends(Some(service))?;
+        all.iter()
+            .find(|b| b.service == service && b.name == backend)
+            .cloned()
+            .ok_or_else(|| anyhow!("lbctl backend list {service} has no {backend}: {all:#?}"))
+    }
+
+    /// Polls `lbctl --json backend list SERVICE` every `POLL_INTERVAL` until `done`
+    /// holds for `backend`; returns how long that took and what lbctl showed then.
+    /// Fails after `timeout`, with the last state seen.
+    pub fn wait_backend(
+        &self,
+        service: &str,
+        backend: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&BackendStatus) -> bool,
+    ) -> Result<(Duration, BackendStatus)> {
+        let start = Instant::now();
+        loop {
+            let b = self.lbctl_backend(service, backend)?;
+            if done(&b) {
+                return Ok((start.elapsed(), b));
+            }
+            if start.elapsed() > timeout {
+                bail!("{service}/{backend}: not {what} within {timeout:?}; last seen: {b:?}");
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Waits until every named backend of `service` is up (healthy, enabled, in the ring).
+    pub fn wait_backends_up(
+        &self,
+        service: &str,
+        backends: &[&str],
+        timeout: Duration,
+    ) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let all = self.lbctl_backends(Some(service))?;
+            let missing: Vec<&BackendStatus> = all
+                .iter()
+                .filter(|b| backends.contains(&b.name.as_str()))
+                .filter(|b| b.state != protocol::BackendState::Up)
+                .collect();
+            let found = all
+                .iter()
+                .filter(|b| backends.contains(&b.name.as_str()))
+                .count();
+            if missing.is_empty() && found == backends.len() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{service}: {backends:?} not all up within {timeout:?}; lbctl shows {all:#?}"
+                );
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    // ---- load ----------------------------------------------------------------------
+
+    /// Starts a client thread in the client namespace that opens short connections to
+    /// `addr` one after the other (each reads the greeting, then closes), pausing
+    /// `pause` between two, and records every attempt. It stops by itself after
+    /// `max_connections` attempts or `max_time`, or when the `Load` is stopped or dropped.
+    pub fn start_load(
+        &self,
+        addr: SocketAddr,
+        max_connections: usize,
+        max_time: Duration,
+        pause: Duration,
+    ) -> Result<Load<'_>> {
+        let ns = self.ns(Node::Client);
+        let stop = Arc::new(AtomicBool::new(false));
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (stop, attempts) = (stop.clone(), attempts.clone());
+            thread::Builder::new()
+                .name(format!("load-{addr}"))
+                .spawn(move || {
+                    let entered = enter_netns(&ns);
+                    let ok = entered.is_ok();
+                    let _ = entered_tx.send(entered);
+                    if !ok {
+                        return;
+                    }
+                    let start = Instant::now();
+                    for _ in 0..max_connections {
+                        if stop.load(Ordering::Relaxed) || start.elapsed() > max_time {
+                            break;
+                        }
+                        let started = Instant::now();
+                        let outcome = greeting_of(addr).map_err(|e| e.to_string());
+                        let attempt = Attempt {
+                            started,
+                            elapsed: started.elapsed(),
+                            outcome,
+                        };
+                        attempts
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(attempt);
+                        thread::sleep(pause);
+                    }
+                })
+                .context("starting the load thread")?
+        };
+        entered_rx
+            .recv()
+            .context("the load thread ended before entering the client namespace")?
+            .context("load thread")?;
+        Ok(Load {
+            stop,
+            attempts,
+            thread: Some(thread),
+            _lab: PhantomData,
+        })
     }
 
     /// What the kernel says about the lab's links: for the report of a failing test.
@@ -746,6 +980,21 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// `text` as a TOML basic string, quotes included.
+fn toml_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out += "\\\"",
+            '\\' => out += "\\\\",
+            c if c.is_control() => out += &format!("\\u{:04X}", c as u32),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn count_lines(log: &str, marker: &str) -> usize {
     log.lines().filter(|l| l.contains(marker)).count()
 }
@@ -759,6 +1008,19 @@ pub struct Service {
     pub ring_size: Option<u32>,
     /// (backend number, weight)
     pub backends: Vec<(usize, u32)>,
+    /// Backend numbers rendered with `backup = true`.
+    pub backups: Vec<usize>,
+    /// The `[services.health_check]` table; none means the agent's defaults.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A service's `[services.health_check]` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 impl Service {
@@ -769,7 +1031,26 @@ impl Service {
             port,
             ring_size: None,
             backends: Vec::new(),
+            backups: Vec::new(),
+            health_check: None,
         }
+    }
+
+    /// Adds backend `i` with `weight` as a backup (`backup = true`).
+    pub fn backup(mut self, i: usize, weight: u32) -> Self {
+        self.backends.push((i, weight));
+        self.backups.push(i);
+        self
+    }
+
+    pub fn health_check(mut self, interval_ms: u32, timeout_ms: u32, rise: u32, fall: u32) -> Self {
+        self.health_check = Some(HealthCheck {
+            interval_ms,
+            timeout_ms,
+            rise,
+            fall,
+        });
+        self
     }
 
     /// Adds backend `i` with `weight`.
@@ -897,6 +1178,309 @@ impl Conversation {
     pub fn echo(&mut self, line: &str) -> io::Result<String> {
         self.writer.write_all(format!("{line}\n").as_bytes())?;
         self.read_line()
+    }
+}
+
+/// Connects to `addr` and reads the greeting; both bounded by `ASK_TIMEOUT`.
+fn greeting_of(addr: SocketAddr) -> io::Result<String> {
+    let stream = TcpStream::connect_timeout(&addr, ASK_TIMEOUT)?;
+    stream.set_read_timeout(Some(ASK_TIMEOUT))?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server closed the connection before its greeting",
+        ));
+    }
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+// ---- load ------------------------------------------------------------------------------
+
+/// One short connection of a `Load`.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    /// When the connect began.
+    pub started: Instant,
+    /// Connect plus greeting.
+    pub elapsed: Duration,
+    /// The greeting (backend name), or the error.
+    pub outcome: Result<String, String>,
+}
+
+impl Attempt {
+    /// The backend that answered, if any.
+    pub fn backend(&self) -> Option<&str> {
+        self.outcome.as_deref().ok()
+    }
+}
+
+/// A client thread opening short connections (see `Lab::start_load`). `Drop` stops it.
+pub struct Load<'lab> {
+    stop: Arc<AtomicBool>,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
+    thread: Option<JoinHandle<()>>,
+    _lab: PhantomData<&'lab Lab>,
+}
+
+impl Load<'_> {
+    /// Every attempt so far, in order.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the thread still runs (it ends by itself at its bounds).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Polls (every 10 ms) until `done` holds for the attempts so far, the thread ends,
+    /// or `timeout` passes; returns whether `done` held.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&[Attempt]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running = self.is_running();
+            if done(&self.attempts.lock().unwrap_or_else(|e| e.into_inner())) {
+                return true;
+            }
+            if !running || Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the thread, waits for its last connection, returns every attempt.
+    pub fn stop(mut self) -> Vec<Attempt> {
+        self.halt();
+        self.attempts()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Load<'_> {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+// ---- processes and JSON ----------------------------------------------------------------
+
+/// Runs `cmd` (stdin from /dev/null, stdout and stderr captured) and waits at most
+/// `timeout` for it to exit; then it is killed and this is an error.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let what = format!("{cmd:?}");
+    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {what}"))?
+        {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(2));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    match status {
+        Some(status) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        None => bail!(
+            "{what} did not finish within {timeout:?} (killed)\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&stdout).trim(),
+            String::from_utf8_lossy(&stderr).trim()
+        ),
+    }
+}
+
+/// A command running in the background whose stdout lines are timestamped as they
+/// arrive (e.g. `lbctl backend disable --wait`: when its first line comes, the disable
+/// is in effect). `Drop` kills it if it still runs.
+pub struct Streaming {
+    child: Child,
+    what: String,
+    lines: std::sync::mpsc::Receiver<(Instant, String)>,
+    seen: Vec<(Instant, String)>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+    ended: Option<(ExitStatus, Instant)>,
+}
+
+impl Streaming {
+    /// Starts `cmd` (stdin from /dev/null, stdout and stderr captured).
+    pub fn spawn(mut cmd: Command) -> Result<Self> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let what = format!("{cmd:?}");
+        let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = child.stderr.take().map(|mut pipe| {
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = pipe.read_to_end(&mut buf);
+                buf
+            })
+        });
+        Ok(Streaming {
+            child,
+            what,
+            lines,
+            seen: Vec::new(),
+            stderr,
+            ended: None,
+        })
+    }
+
+    fn collect(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
+    /// The first stdout line and when it was read, waiting at most `timeout` for it.
+    pub fn first_line(&mut self, timeout: Duration) -> Result<(Instant, String)> {
+        if self.seen.is_empty() {
+            match self.lines.recv_timeout(timeout) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => bail!("{}: no output within {timeout:?}", self.what),
+            }
+        }
+        Ok(self.seen[0].clone())
+    }
+
+    /// The exit status and when it was first seen, if the command has ended.
+    pub fn poll(&mut self) -> Result<Option<(ExitStatus, Instant)>> {
+        if self.ended.is_none()
+            && let Some(status) = self
+                .child
+                .try_wait()
+                .with_context(|| format!("waiting for {}", self.what))?
+        {
+            self.ended = Some((status, Instant::now()));
+        }
+        Ok(self.ended)
+    }
+
+    /// Waits (polling every 5 ms) at most `timeout` for the command to end.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Option<(ExitStatus, Instant)>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(ended) = self.poll()? {
+                return Ok(Some(ended));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Every stdout line so far.
+    pub fn stdout(&mut self) -> String {
+        self.collect();
+        self.seen.iter().map(|(_, l)| format!("{l}\n")).collect()
+    }
+
+    /// Its stderr; empty until the command has ended.
+    pub fn stderr(&mut self) -> String {
+        if self.ended.is_none() {
+            return String::new();
+        }
+        let bytes = self
+            .stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        if self.ended.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses what `lbctl --json status` prints: one `protocol::Status` object.
+pub fn parse_status_json(text: &str) -> Result<Status> {
+    // The test crate reads JSON through the protocol's own decoder: a status object is
+    // the body of a `{"result":"status",...}` response.
+    let body = text
+        .trim()
+        .strip_prefix('{')
+        .ok_or_else(|| anyhow!("lbctl status --json printed no JSON object: {text:?}"))?;
+    let frame = format!("{{\"result\":\"status\",{body}");
+    match protocol::decode_response(frame.as_bytes()) {
+        // Boxed or not, depending on the protocol's version of the day.
+        Ok(Response::Status(status)) => Ok(std::borrow::Borrow::<Status>::borrow(&status).clone()),
+        Ok(other) => bail!("not a status: {other:?}"),
+        Err(e) => bail!("lbctl status --json: {e}: {text:?}"),
+    }
+}
+
+/// Parses what `lbctl --json backend list` prints: a JSON array of
+/// `protocol::BackendStatus`.
+pub fn parse_backends_json(text: &str) -> Result<Vec<BackendStatus>> {
+    let frame = format!("{{\"result\":\"backends\",\"backends\":{}}}", text.trim());
+    match protocol::decode_response(frame.as_bytes()) {
+        Ok(Response::Backends { backends }) => Ok(backends),
+        Ok(other) => bail!("not a backend list: {other:?}"),
+        Err(e) => bail!("lbctl backend list --json: {e}: {text:?}"),
     }
 }
 
@@ -1195,6 +1779,32 @@ impl AgentGuard<'_> {
 
     pub fn config_path(&self) -> &Path {
         &self.config_path
+    }
+
+    /// Rewrites the config file without telling the agent (for `lbctl reload`).
+    pub fn write_config(&self, config: &str) -> Result<()> {
+        write_atomically(&self.config_path, config)
+    }
+
+    /// Sends `signal` to the agent unless it has exited.
+    pub fn signal(&mut self, signal: libc::c_int) -> io::Result<()> {
+        self.process.signal(signal)
+    }
+
+    /// How many lines of the log so far contain `marker`.
+    pub fn count_log(&self, marker: &str) -> usize {
+        count_lines(&self.log(), marker)
+    }
+
+    /// Waits (polling the log) until a line contains `marker`; fails if the agent exits
+    /// first or `timeout` passes, with the log.
+    pub fn wait_log(&mut self, what: &str, marker: &str, timeout: Duration) -> Result<()> {
+        self.wait_for(what, timeout, |log| count_lines(log, marker) > 0)
+    }
+
+    /// The exit status if the agent has ended (without waiting).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.process.exited()
     }
 
     /// Rewrites the config file, sends SIGHUP and waits (at most 20 s) for the agent to

@@ -133,6 +133,11 @@ fn demo(connections: usize) -> Result<()> {
     let spread = lab.spread(vip6, connections, BUDGET);
     report(&lab, &spread, &equal_shares)?;
 
+    println!("\n4. What an operator sees: lbctl status");
+    for line in lab.lbctl_ok(&["status"])?.lines() {
+        println!("   {line}");
+    }
+
     println!(
         "\nEvery connection reached a backend. Cleaning up: lb-agent stops, the namespaces go."
     );

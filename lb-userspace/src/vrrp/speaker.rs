@@ -468,6 +468,14 @@ impl Speaker {
             match action {
                 Action::SendAdvert { priority } => self.send_advert(priority),
                 Action::Transition(t) => self.transition(now, t),
+                Action::Announce => {
+                    eprintln!(
+                        "lb-agent: vrrp {}: heard another master: announcing the VIPs again",
+                        self.router_id
+                    );
+                    self.announce_left = ANNOUNCE_ROUNDS;
+                    self.announce_round(now);
+                }
             }
         }
     }

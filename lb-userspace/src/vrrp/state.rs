@@ -123,7 +123,13 @@ pub enum Action {
     SendAdvert { priority: u8 },
     /// The state changed: log, notify, and flip the data path.
     Transition(Transition),
+    /// Announce the VIPs again (gratuitous ARP / unsolicited NA): another master was
+    /// heard, so the segment may have followed it during a partition.
+    Announce,
 }
+
+/// How often a master re-announces the VIPs while it hears other masters.
+pub const REANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct Machine {
@@ -133,6 +139,8 @@ pub struct Machine {
     /// The interval the master advertises (ours until one is heard).
     master_interval: Duration,
     master_down_at: Option<Instant>,
+    /// When this master last re-announced the VIPs on hearing another master.
+    reannounced: Option<Instant>,
     advert_at: Option<Instant>,
     /// The master we follow (or are: our own address), and its priority.
     master: Option<(IpAddr, u8)>,
@@ -155,6 +163,7 @@ impl Machine {
             effective,
             master_interval,
             master_down_at: None,
+            reannounced: None,
             advert_at: None,
             master: None,
             resigned: None,
@@ -331,7 +340,14 @@ impl Machine {
         // Priority 0: the peer stops, tell it (and the segment) who is master now.
         // Lower: a peer back from a partition, or just started; it yields on hearing us.
         self.advert_at = Some(now + self.p.interval);
-        vec![Action::SendAdvert { priority: ours }]
+        let mut actions = vec![Action::SendAdvert { priority: ours }];
+        // Only a master sends adverts, so a lower one means two masters: clients may
+        // have followed the other one's announcements. Win them back (rate-limited).
+        if priority > 0 && self.reannounced.is_none_or(|t| now >= t + REANNOUNCE_EVERY) {
+            self.reannounced = Some(now);
+            actions.push(Action::Announce);
+        }
+        actions
     }
 
     pub fn on_timer(&mut self, now: Instant) -> Vec<Action> {
@@ -867,5 +883,30 @@ mod tests {
             assert_eq!(pair.m[winner].state(), VrrpState::Master);
             assert_eq!(pair.m[1 - winner].state(), VrrpState::Backup);
         }
+    }
+
+    #[test]
+    fn a_master_that_hears_another_master_reannounces_at_most_once_a_second() {
+        let mut pair = Pair::new(params(200, "10.0.0.1"), params(100, "10.0.0.2"));
+        pair.linked = false;
+        pair.run(Duration::from_secs(1));
+        assert_eq!(pair.states(), [VrrpState::Master, VrrpState::Master]);
+        let announces = |a: &[Action]| a.iter().filter(|x| matches!(x, Action::Announce)).count();
+        let peer = pair.addr[1];
+        let t0 = pair.now;
+        // The healed partition: the lower master's advert arrives.
+        assert_eq!(announces(&pair.m[0].on_advert(t0, peer, 100, INTERVAL)), 1);
+        assert_eq!(
+            announces(&pair.m[0].on_advert(t0 + INTERVAL, peer, 100, INTERVAL)),
+            0
+        );
+        assert_eq!(
+            announces(&pair.m[0].on_advert(t0 + REANNOUNCE_EVERY, peer, 100, INTERVAL)),
+            1
+        );
+        // A peer that stops (priority 0) is not a rival: no announcement.
+        let later = t0 + 3 * REANNOUNCE_EVERY;
+        assert_eq!(announces(&pair.m[0].on_advert(later, peer, 0, INTERVAL)), 0);
+        assert_eq!(pair.m[0].state(), VrrpState::Master);
     }
 }

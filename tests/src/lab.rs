@@ -16,6 +16,13 @@
 //! The root namespace holds no lab address and sends no lab traffic; no namespace has a
 //! default route.
 //!
+//! With `LabBuilder::second_lb`, a second LB (`Node::Lb2`, `<p>-lb2`, 10.77.0.4,
+//! fd00:77::4, peer `vlb2`) joins the bridge for VRRP failover tests: `config_on` renders
+//! a config with its own control socket and state directory and a `[vrrp]` table
+//! (`VrrpSection`), `spawn_agent_on` / `lbctl_status_on` start and ask the agent of
+//! either LB, `AgentGuard::kill` sends SIGKILL, and `start_probe` / `probe_gap` measure
+//! how long the client could not connect around an event.
+//!
 //! Every config the lab renders names a control socket and a state directory inside the
 //! lab's temporary directory; `lbctl*` run the operator tool against that socket,
 //! `wait_backend` polls it, and `start_load` keeps a client opening short connections
@@ -96,6 +103,9 @@ pub enum Node {
     Client,
     /// The load balancer: where lb-agent runs and `lb_xdp` sits on `eth0`.
     Lb,
+    /// The second load balancer (`LabBuilder::second_lb`), 10.77.0.4 / fd00:77::4,
+    /// for VRRP failover: the same bridge, `xdp_pass` on its veth peer too.
+    Lb2,
     /// Backend `i`, counted from 1.
     Backend(usize),
 }
@@ -108,6 +118,7 @@ impl Node {
             Node::Bridge => "br".into(),
             Node::Client => "cl".into(),
             Node::Lb => "lb".into(),
+            Node::Lb2 => "lb2".into(),
             Node::Backend(i) => format!("b{i}"),
         }
     }
@@ -118,6 +129,7 @@ impl Node {
             Node::Bridge => None,
             Node::Client => Some(2),
             Node::Lb => Some(3),
+            Node::Lb2 => Some(4),
             Node::Backend(i) => Some(10 + i),
         }
     }
@@ -282,9 +294,18 @@ impl Drop for TempDir {
 pub struct LabBuilder {
     backends: usize,
     ipv6: bool,
+    second_lb: bool,
 }
 
 impl LabBuilder {
+    /// Whether to add a second load balancer, `Node::Lb2` (10.77.0.4, fd00:77::4), on
+    /// the same bridge, set up like the first (checksum offload off, `xdp_pass` on its
+    /// veth peer `vlb2`). Off by default.
+    pub fn second_lb(mut self, on: bool) -> Self {
+        self.second_lb = on;
+        self
+    }
+
     /// Number of backend namespaces, 1 to 50.
     pub fn backends(mut self, n: usize) -> Self {
         self.backends = n;
@@ -318,6 +339,8 @@ impl LabBuilder {
             ipv6: self.ipv6,
             servers: Mutex::new(HashMap::new()),
             xdp_pass: None,
+            second_lb: self.second_lb,
+            xdp_pass_lb2: None,
             namespaces: Vec::new(),
             dir: TempDir(dir),
             files: AtomicUsize::new(0),
@@ -337,6 +360,10 @@ pub struct Lab {
     servers: Mutex<HashMap<(Node, u16), Server>>,
     /// `xdp_pass` on the LB's veth peer; its link lives as long as this value.
     xdp_pass: Option<aya::Ebpf>,
+    /// Whether `Node::Lb2` exists.
+    second_lb: bool,
+    /// `xdp_pass` on the second LB's veth peer, when there is one.
+    xdp_pass_lb2: Option<aya::Ebpf>,
     namespaces: Vec<Netns>,
     dir: TempDir,
     /// Numbers the files written into `dir`.
@@ -348,6 +375,7 @@ impl Lab {
         LabBuilder {
             backends: 3,
             ipv6: true,
+            second_lb: false,
         }
     }
 
@@ -367,6 +395,9 @@ impl Lab {
     /// Every node of the lab, the bridge first.
     pub fn nodes(&self) -> Vec<Node> {
         let mut nodes = vec![Node::Bridge, Node::Client, Node::Lb];
+        if self.second_lb {
+            nodes.push(Node::Lb2);
+        }
         nodes.extend((1..=self.backends).map(Node::Backend));
         nodes
     }
@@ -421,6 +452,9 @@ impl Lab {
             Ok(ebpf)
         })?;
         self.xdp_pass = Some(ebpf);
+        if self.second_lb {
+            self.xdp_pass_lb2 = Some(xdp_pass_on(&br, &Node::Lb2.peer_name())?);
+        }
         Ok(())
     }
 
@@ -939,6 +973,11 @@ impl Lab {
         show(Node::Lb, &["ethtool", "-S", "eth0"]);
         show(Node::Bridge, &["ip", "-s", "link"]);
         show(Node::Bridge, &["ethtool", "-S", "vlb"]);
+        if self.second_lb {
+            show(Node::Lb2, &["ip", "-d", "link", "show", "eth0"]);
+            show(Node::Lb2, &["ethtool", "-S", "eth0"]);
+            show(Node::Bridge, &["ethtool", "-S", "vlb2"]);
+        }
         show(Node::Client, &["ip", "neigh"]);
         show(Node::Client, &["ip", "-s", "link", "show", "eth0"]);
         for i in 1..=self.backends {
@@ -967,6 +1006,7 @@ impl Drop for Lab {
             .unwrap_or_else(|e| e.into_inner())
             .clear();
         self.xdp_pass = None;
+        self.xdp_pass_lb2 = None;
         while let Some(ns) = self.namespaces.pop() {
             drop(ns);
         }
@@ -1878,5 +1918,447 @@ impl Drop for AgentGuard<'_> {
             );
         }
         // ProcessGuard's Drop stops the process.
+    }
+}
+
+// ---- a second LB, VRRP and failover ----------------------------------------------------
+
+/// Loads `xdp_pass` and attaches it (native) to `peer` in the bridge namespace `br`;
+/// the link lives as long as the returned value.
+fn xdp_pass_on(br: &str, peer: &str) -> Result<aya::Ebpf> {
+    in_ns(br, || -> Result<aya::Ebpf> {
+        let mut ebpf =
+            aya::Ebpf::load(lb_userspace::dataplane::OBJECT).context("loading the XDP object")?;
+        let name = lb_common::names::PROG_PASS;
+        let program: &mut aya::programs::Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the XDP object has no program {name}"))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        program
+            .attach(peer, aya::programs::XdpMode::Driver)
+            .with_context(|| format!("attaching {name} to {peer} (native)"))?;
+        Ok(ebpf)
+    })
+}
+
+/// The `[vrrp]` table of a lab config (`Lab::config_on`). `new` gives multicast,
+/// 100 ms adverts, preemption on without delay, no key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VrrpSection {
+    pub router_id: u8,
+    pub priority: u8,
+    pub advert_interval_ms: u32,
+    pub preempt: bool,
+    pub preempt_delay_ms: u32,
+    /// Unicast peers; empty: multicast.
+    pub peers: Vec<IpAddr>,
+    pub auth_key_file: Option<PathBuf>,
+    pub notify: Option<PathBuf>,
+}
+
+impl VrrpSection {
+    pub fn new(router_id: u8, priority: u8) -> Self {
+        VrrpSection {
+            router_id,
+            priority,
+            advert_interval_ms: 100,
+            preempt: true,
+            preempt_delay_ms: 0,
+            peers: Vec::new(),
+            auth_key_file: None,
+            notify: None,
+        }
+    }
+
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    pub fn advert_interval_ms(mut self, ms: u32) -> Self {
+        self.advert_interval_ms = ms;
+        self
+    }
+
+    pub fn preempt(mut self, on: bool) -> Self {
+        self.preempt = on;
+        self
+    }
+
+    pub fn preempt_delay_ms(mut self, ms: u32) -> Self {
+        self.preempt_delay_ms = ms;
+        self
+    }
+
+    pub fn peers(mut self, peers: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.peers = peers.into_iter().collect();
+        self
+    }
+
+    pub fn auth_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.auth_key_file = Some(path.into());
+        self
+    }
+
+    pub fn notify(mut self, path: impl Into<PathBuf>) -> Self {
+        self.notify = Some(path.into());
+        self
+    }
+
+    /// The table as TOML, starting with a blank line and `[vrrp]`.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "\n[vrrp]\nrouter_id = {}\npriority = {}\nadvert_interval_ms = {}\npreempt = {}\npreempt_delay_ms = {}\n",
+            self.router_id,
+            self.priority,
+            self.advert_interval_ms,
+            self.preempt,
+            self.preempt_delay_ms
+        );
+        if !self.peers.is_empty() {
+            let peers: Vec<String> = self
+                .peers
+                .iter()
+                .map(|p| toml_string(&p.to_string()))
+                .collect();
+            out += &format!("peers = [{}]\n", peers.join(", "));
+        }
+        if let Some(key) = &self.auth_key_file {
+            out += &format!("auth_key_file = {}\n", toml_string(&key.to_string_lossy()));
+        }
+        if let Some(notify) = &self.notify {
+            out += &format!("notify = {}\n", toml_string(&notify.to_string_lossy()));
+        }
+        out
+    }
+}
+
+/// What a prober (`Lab::start_probe`) saw around one event: the longest time without
+/// a successful connection, from the end of the last success begun before the event
+/// to the end of the success that closed that stretch. (A connection begun just after
+/// a SIGKILL may still get through while the kernel tears the XDP link down, so "the
+/// first success after the event" alone would hide the outage that follows.)
+#[derive(Clone, Debug)]
+pub struct ProbeGap {
+    pub gap: Duration,
+    /// When the stretch began, measured from the event (negative: before it).
+    pub from_event_ms: i64,
+    /// Failed attempts within the stretch.
+    pub failures: usize,
+    /// When the success that ended the stretch ended, measured from the event.
+    pub recovered_after: Duration,
+    /// The backend that answered that connection.
+    pub backend: String,
+    /// When the record ends in failures: how long since its last success (an outage
+    /// still going on, not counted in `gap`), and how many failed since.
+    pub still_failing: Option<(Duration, usize)>,
+}
+
+impl std::fmt::Display for ProbeGap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "gap {:.1?} (from {} ms after the event to a success from {} {:.1?} after it; {} failed attempts in between)",
+            self.gap, self.from_event_ms, self.backend, self.recovered_after, self.failures
+        )?;
+        if let Some((d, n)) = self.still_failing {
+            write!(
+                f,
+                "; STILL FAILING: {n} attempts in {d:.1?} since the last success"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The longest stretch without success in a prober's record from the last success
+/// begun before `event` on (see `ProbeGap`); `None` when no connection begun after
+/// `event` succeeded. With no success before the event, the first stretch counts from
+/// the event.
+pub fn probe_gap(attempts: &[Attempt], event: Instant) -> Option<ProbeGap> {
+    let end = |a: &Attempt| a.started + a.elapsed;
+    let from = attempts
+        .iter()
+        .rposition(|a| a.started < event && a.outcome.is_ok());
+    if !attempts[from.map_or(0, |i| i + 1)..]
+        .iter()
+        .any(|a| a.outcome.is_ok())
+    {
+        return None;
+    }
+    let mut prev = from.map_or(event, |i| end(&attempts[i]));
+    let mut failures = 0;
+    let mut best: Option<ProbeGap> = None;
+    for a in &attempts[from.map_or(0, |i| i + 1)..] {
+        if a.started < event && from.is_none() {
+            continue;
+        }
+        if a.outcome.is_err() {
+            failures += 1;
+            continue;
+        }
+        let gap = end(a).saturating_duration_since(prev);
+        if best.as_ref().is_none_or(|b| gap > b.gap) {
+            let from_event_ms = if prev >= event {
+                prev.duration_since(event).as_millis() as i64
+            } else {
+                -(event.duration_since(prev).as_millis() as i64)
+            };
+            best = Some(ProbeGap {
+                gap,
+                from_event_ms,
+                failures,
+                recovered_after: end(a).saturating_duration_since(event),
+                backend: a.backend().unwrap_or_default().to_string(),
+                still_failing: None,
+            });
+        }
+        prev = end(a);
+        failures = 0;
+    }
+    if let (Some(b), Some(last)) = (best.as_mut(), attempts.last())
+        && failures > 0
+    {
+        b.still_failing = Some((end(last).saturating_duration_since(prev), failures));
+    }
+    best
+}
+
+/// Connects to `addr` and reads the greeting, connect and read each bounded by `timeout`.
+fn greeting_within(addr: SocketAddr, timeout: Duration) -> io::Result<String> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server closed the connection before its greeting",
+        ));
+    }
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+impl Lab {
+    /// Whether the lab has `Node::Lb2`.
+    pub fn has_second_lb(&self) -> bool {
+        self.second_lb
+    }
+
+    /// The control socket of the agent in `node`'s namespace: `control_socket()` for
+    /// `Node::Lb`, `<lab dir>/<short name>.sock` for the others (`lb2.sock`).
+    pub fn control_socket_of(&self, node: Node) -> PathBuf {
+        match node {
+            Node::Lb => self.control_socket(),
+            other => self.dir.0.join(format!("{}.sock", other.short_name())),
+        }
+    }
+
+    /// The state directory of the agent in `node`'s namespace: `state_dir()` for
+    /// `Node::Lb`, `<lab dir>/state-<short name>` for the others.
+    pub fn state_dir_of(&self, node: Node) -> PathBuf {
+        match node {
+            Node::Lb => self.state_dir(),
+            other => self.dir.0.join(format!("state-{}", other.short_name())),
+        }
+    }
+
+    /// `config` for an agent in `node`'s namespace: its own control socket and state
+    /// directory (`control_socket_of`, `state_dir_of`), and the `[vrrp]` table if given.
+    pub fn config_on(
+        &self,
+        node: Node,
+        xdp_mode: &str,
+        services: &[Service],
+        vrrp: Option<&VrrpSection>,
+    ) -> String {
+        let base = self.config(xdp_mode, services);
+        let mut out = String::new();
+        let mut in_agent = false;
+        for line in base.lines() {
+            if line.starts_with('[') {
+                in_agent = line == "[agent]";
+            }
+            if in_agent && (line.starts_with("control_socket") || line.starts_with("state_dir")) {
+                continue;
+            }
+            out += line;
+            out.push('\n');
+            if line == "[agent]" {
+                out += &format!(
+                    "control_socket = {}\nstate_dir = {}\n",
+                    toml_string(&self.control_socket_of(node).to_string_lossy()),
+                    toml_string(&self.state_dir_of(node).to_string_lossy()),
+                );
+            }
+        }
+        if let Some(v) = vrrp {
+            out += &v.render();
+        }
+        out
+    }
+
+    /// Starts `lb-agent --config FILE` in `node`'s namespace (`Node::Lb` or
+    /// `Node::Lb2`) and waits (at most 20 s) until it says it is ready and its control
+    /// socket (`control_socket_of(node)`) exists. The config should come from
+    /// `config_on(node, ..)`. On failure the error holds the agent's log.
+    pub fn spawn_agent_on(&self, node: Node, config: &str) -> Result<AgentGuard<'_>> {
+        ensure!(
+            self.nodes().contains(&node),
+            "no {node:?} in this lab (LabBuilder::second_lb for Node::Lb2)"
+        );
+        let bin = bin_path("lb-agent")?;
+        let stem = format!("agent-{}", node.short_name());
+        let config_path = self.new_file(&stem, "toml");
+        write_atomically(&config_path, config)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(node)])
+            .arg(&bin)
+            .arg("--config")
+            .arg(&config_path);
+        let process = ProcessGuard::spawn(cmd, self.new_file(&stem, "log"))?;
+        let mut agent = AgentGuard {
+            process,
+            config_path,
+        };
+        agent.wait_for("start", AGENT_START_TIMEOUT, |log| {
+            count_lines(log, AGENT_READY) > 0
+        })?;
+        let socket = self.control_socket_of(node);
+        ensure!(
+            socket.exists(),
+            "lb-agent in {node:?} is ready, but its control socket {} does not exist; its log:\n{}",
+            socket.display(),
+            agent.log()
+        );
+        Ok(agent)
+    }
+
+    /// `lbctl --socket <control_socket_of(node)> ARGS`, bounded by `LBCTL_TIMEOUT`; its
+    /// output whatever the exit status.
+    pub fn lbctl_on<S: AsRef<OsStr>>(&self, node: Node, args: &[S]) -> Result<Output> {
+        let mut cmd = Command::new(bin_path("lbctl")?);
+        cmd.arg("--socket")
+            .arg(self.control_socket_of(node))
+            .args(args);
+        run_bounded(cmd, LBCTL_TIMEOUT)
+    }
+
+    /// `lbctl --json status` against the agent in `node`'s namespace, parsed.
+    pub fn lbctl_status_on(&self, node: Node) -> Result<Status> {
+        let out = self.lbctl_on(node, &["--json", "status"])?;
+        ensure!(
+            out.status.success(),
+            "lbctl status ({node:?}) failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        parse_status_json(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// The MAC address of `node`'s `eth0`, as `ip link` prints it (`02:..`).
+    pub fn mac_of(&self, node: Node) -> Result<String> {
+        let out = ip(&["-n", &self.ns(node), "-o", "link", "show", "eth0"])?;
+        let mut words = out.split_whitespace();
+        words
+            .find(|w| *w == "link/ether")
+            .and_then(|_| words.next())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no MAC in {out:?}"))
+    }
+
+    /// What `ip neigh show ADDR dev eth0` says in `node`'s namespace (empty: no entry).
+    pub fn neigh(&self, node: Node, addr: IpAddr) -> Result<String> {
+        ip(&[
+            "-n",
+            &self.ns(node),
+            "neigh",
+            "show",
+            &addr.to_string(),
+            "dev",
+            "eth0",
+        ])
+    }
+
+    /// Starts a prober: a thread in the client namespace that, every `every`, opens a
+    /// short connection to `addr` (connect and greeting each bounded by `timeout`),
+    /// records it as an `Attempt`, and closes it. It ends by itself after `max_time`,
+    /// or when the returned `Load` is stopped or dropped. `probe_gap` reads the record.
+    pub fn start_probe(
+        &self,
+        addr: SocketAddr,
+        every: Duration,
+        timeout: Duration,
+        max_time: Duration,
+    ) -> Result<Load<'_>> {
+        let ns = self.ns(Node::Client);
+        let stop = Arc::new(AtomicBool::new(false));
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (stop, attempts) = (stop.clone(), attempts.clone());
+            thread::Builder::new()
+                .name(format!("probe-{addr}"))
+                .spawn(move || {
+                    let entered = enter_netns(&ns);
+                    let ok = entered.is_ok();
+                    let _ = entered_tx.send(entered);
+                    if !ok {
+                        return;
+                    }
+                    let start = Instant::now();
+                    while !stop.load(Ordering::Relaxed) && start.elapsed() < max_time {
+                        let started = Instant::now();
+                        let outcome = greeting_within(addr, timeout).map_err(|e| e.to_string());
+                        let attempt = Attempt {
+                            started,
+                            elapsed: started.elapsed(),
+                            outcome,
+                        };
+                        attempts
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(attempt);
+                        if let Some(rest) = every.checked_sub(started.elapsed()) {
+                            thread::sleep(rest);
+                        }
+                    }
+                })
+                .context("starting the probe thread")?
+        };
+        entered_rx
+            .recv()
+            .context("the probe thread ended before entering the client namespace")?
+            .context("probe thread")?;
+        Ok(Load {
+            stop,
+            attempts,
+            thread: Some(thread),
+            _lab: PhantomData,
+        })
+    }
+}
+
+impl ProcessGuard<'_> {
+    /// SIGKILL (no chance to clean up) and reap. Returns how it ended.
+    pub fn kill(&mut self) -> io::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            return Err(io::Error::other("already stopped"));
+        };
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        // Child::kill sends SIGKILL to this child's own pid.
+        child.kill()?;
+        child.wait()
+    }
+}
+
+impl AgentGuard<'_> {
+    /// SIGKILL the agent and reap it: its XDP link goes with the process. The log
+    /// stays readable; start a new agent with `Lab::spawn_agent_on`.
+    pub fn kill(&mut self) -> io::Result<ExitStatus> {
+        self.process.kill()
     }
 }

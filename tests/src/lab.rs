@@ -64,7 +64,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use lb_userspace::protocol::{self, BackendStatus, Response, Status};
+use lb_userspace::protocol::{self, BackendStatus, Status};
 
 /// The IPv4 VIP every lab service uses unless a test says otherwise.
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
@@ -1054,14 +1054,7 @@ pub struct Service {
     pub health_check: Option<HealthCheck>,
 }
 
-/// A service's `[services.health_check]` table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HealthCheck {
-    pub interval_ms: u32,
-    pub timeout_ms: u32,
-    pub rise: u32,
-    pub fall: u32,
-}
+pub use lb_userspace::config::HealthCheck;
 
 impl Service {
     pub fn new(name: &str, vip: impl Into<IpAddr>, port: u16) -> Self {
@@ -1496,32 +1489,15 @@ impl Drop for Streaming {
     }
 }
 
-/// Parses what `lbctl --json status` prints: one `protocol::Status` object.
+/// `lbctl status --json`.
 pub fn parse_status_json(text: &str) -> Result<Status> {
-    // The test crate reads JSON through the protocol's own decoder: a status object is
-    // the body of a `{"result":"status",...}` response.
-    let body = text
-        .trim()
-        .strip_prefix('{')
-        .ok_or_else(|| anyhow!("lbctl status --json printed no JSON object: {text:?}"))?;
-    let frame = format!("{{\"result\":\"status\",{body}");
-    match protocol::decode_response(frame.as_bytes()) {
-        // Boxed or not, depending on the protocol's version of the day.
-        Ok(Response::Status(status)) => Ok(std::borrow::Borrow::<Status>::borrow(&status).clone()),
-        Ok(other) => bail!("not a status: {other:?}"),
-        Err(e) => bail!("lbctl status --json: {e}: {text:?}"),
-    }
+    serde_json::from_str(text.trim()).map_err(|e| anyhow!("lbctl status --json: {e}: {text:?}"))
 }
 
-/// Parses what `lbctl --json backend list` prints: a JSON array of
-/// `protocol::BackendStatus`.
+/// `lbctl backend list --json`.
 pub fn parse_backends_json(text: &str) -> Result<Vec<BackendStatus>> {
-    let frame = format!("{{\"result\":\"backends\",\"backends\":{}}}", text.trim());
-    match protocol::decode_response(frame.as_bytes()) {
-        Ok(Response::Backends { backends }) => Ok(backends),
-        Ok(other) => bail!("not a backend list: {other:?}"),
-        Err(e) => bail!("lbctl backend list --json: {e}: {text:?}"),
-    }
+    serde_json::from_str(text.trim())
+        .map_err(|e| anyhow!("lbctl backend list --json: {e}: {text:?}"))
 }
 
 // ---- servers ---------------------------------------------------------------------------

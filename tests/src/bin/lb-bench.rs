@@ -4,11 +4,21 @@
 //!
 //! With `repeat`, each run sees the previous run's output. Every case here rewrites at
 //! most MAC addresses, so run 2..N take the same path as run 1.
+//!
+//! Then failover: two LB hosts with VRRP in the namespace lab, a client probing the VIP
+//! every 5 ms; the gap without a successful connection when the master goes, beside the
+//! longest gap the same prober sees over a quiet stretch of the same length (its own
+//! resolution), measured in the same run.
 
-use std::{process::ExitCode, time::Duration};
+use std::{
+    net::SocketAddr,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use lb_common::names;
 use lb_tests::{
+    lab::{Lab, Node, SERVICE_PORT, Service, VIP4, VrrpSection, probe_gap},
     packet::{ACK, SYN, tcp_frame},
     rig::{CLIENT_MAC, LB_MAC, Rig, XDP_PASS, XDP_TX, service},
 };
@@ -34,7 +44,7 @@ fn main() -> ExitCode {
         eprintln!("lb-bench: needs root (it loads the XDP program). Run: sudo cargo xtask bench");
         return ExitCode::FAILURE;
     }
-    match run() {
+    match run().and_then(|()| failover()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb-bench: {e:#}");
@@ -148,4 +158,97 @@ fn run() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+const FAILOVER_ROUNDS: usize = 3;
+const PROBE_EVERY: Duration = Duration::from_millis(5);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(80);
+/// How long each record runs: the event comes after a third of it.
+const RECORD: Duration = Duration::from_secs(3);
+
+/// Waits (bounded) until `node` is the VRRP master and serves.
+fn wait_master(lab: &Lab, node: Node) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(s) = lab.lbctl_status_on(node)
+            && s.serving
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("{node:?} did not become master within 10 s")
+}
+
+fn failover() -> anyhow::Result<()> {
+    let lab = Lab::builder()
+        .backends(3)
+        .ipv6(false)
+        .second_lb(true)
+        .build()?;
+    lab.start_servers(SERVICE_PORT)?;
+    let services = [Service::new("web", VIP4, SERVICE_PORT).backends(1..=3)];
+    let vip: SocketAddr = (VIP4, SERVICE_PORT).into();
+    let master = lab.config_on(
+        Node::Lb,
+        "native",
+        &services,
+        Some(&VrrpSection::new(51, 150)),
+    );
+    let backup = lab.config_on(
+        Node::Lb2,
+        "native",
+        &services,
+        Some(&VrrpSection::new(51, 100)),
+    );
+    let gap_of = |attempts: &[lb_tests::lab::Attempt], at: Instant| -> anyhow::Result<f64> {
+        let g = probe_gap(attempts, at)
+            .ok_or_else(|| anyhow::anyhow!("no connection succeeded after the event"))?;
+        Ok(g.gap.as_secs_f64() * 1000.0)
+    };
+    println!();
+    println!(
+        "VRRP failover, advert interval 100 ms: gap without a successful connection, client probing every {} ms",
+        PROBE_EVERY.as_millis()
+    );
+    println!(
+        "{:<28} {:>10} {:>12} {:>8}",
+        "event", "gap ms", "quiet gap ms", "ratio"
+    );
+    for (name, graceful) in [
+        ("graceful stop (SIGTERM)", true),
+        ("agent killed (SIGKILL)", false),
+    ] {
+        let mut gaps = Vec::new();
+        let mut quiet = Vec::new();
+        for _ in 0..FAILOVER_ROUNDS {
+            let _standby = lab.spawn_agent_on(Node::Lb2, &backup)?;
+            let mut active = lab.spawn_agent_on(Node::Lb, &master)?;
+            wait_master(&lab, Node::Lb)?;
+            // The baseline: a record of the same length with nothing happening.
+            let probe = lab.start_probe(vip, PROBE_EVERY, PROBE_TIMEOUT, RECORD)?;
+            let start = Instant::now();
+            std::thread::sleep(RECORD);
+            quiet.push(gap_of(&probe.stop(), start + RECORD / 3)?);
+            // The event.
+            let probe = lab.start_probe(vip, PROBE_EVERY, PROBE_TIMEOUT, RECORD)?;
+            std::thread::sleep(RECORD / 3);
+            let event = Instant::now();
+            if graceful {
+                active.signal(libc::SIGTERM)?;
+            } else {
+                active.kill()?;
+            }
+            std::thread::sleep(RECORD * 2 / 3);
+            gaps.push(gap_of(&probe.stop(), event)?);
+        }
+        let (g, q) = (median_ms(gaps), median_ms(quiet));
+        println!("{name:<28} {g:>10.1} {q:>12.1} {:>7.1}x", g / q.max(0.001));
+    }
+    Ok(())
+}
+
+fn median_ms(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }

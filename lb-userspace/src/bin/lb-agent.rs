@@ -6,8 +6,11 @@ use clap::Parser;
 use lb_userspace::{agent, config};
 
 /// The load balancer agent: attaches the XDP data path to the configured interface,
-/// programs VIPs and backends, answers ARP/NDP for the VIPs while it runs, and detaches
-/// on SIGINT or SIGTERM. SIGHUP re-reads the config (an invalid file changes nothing).
+/// programs VIPs and backends, checks their health, and serves `lbctl` on its control
+/// socket. It answers ARP/NDP for the VIPs and forwards their traffic while it runs, or,
+/// with a [vrrp] section, while it is the master of its pair. SIGHUP re-reads the config
+/// (an invalid file changes nothing); SIGINT or SIGTERM detach and exit (as VRRP master:
+/// priority 0 first, so the peer takes over at once).
 #[derive(Parser)]
 #[command(name = "lb-agent", version)]
 struct Args {

@@ -1226,6 +1226,70 @@ fn keepalived_interop() -> Result<()> {
         log.matches("Entering MASTER STATE").count() == 1,
         "keepalived flapped:\n{log}"
     );
+
+    // The other way round: keepalived is the backup of our agent, takes over when our
+    // agent is killed, and yields when our agent comes back with the higher priority.
+    let status = agents.others[1].1.stop()?;
+    wait_status(
+        &lab,
+        Node::Lb,
+        "master after keepalived stopped",
+        TAKEOVER_WAIT,
+        is_master,
+    )?;
+    eprintln!("failover: keepalived_interop: keepalived stopped ({status}); our agent is master");
+    let _ = lab.exec(
+        Node::Lb2,
+        &["ip", "addr", "del", &format!("{VIP4}/32"), "dev", "eth0"],
+    );
+    let ka = start_keepalived(&lab, &bin, PRIO_LB - 50, "3")?;
+    agents.others.push(("keepalived (third, lower)".into(), ka));
+    let count = |agents: &Agents, state: &str| {
+        agents.others[2]
+            .1
+            .log()
+            .matches(&format!("Entering {state} STATE"))
+            .count()
+    };
+    let wait_count = |agents: &Agents, state: &str, n: usize, what: &str| -> Result<Duration> {
+        let start = Instant::now();
+        while count(agents, state) < n {
+            ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "keepalived did not {what} within 10 s:\n{}",
+                agents.others[2].1.log()
+            );
+            thread::sleep(POLL);
+        }
+        Ok(start.elapsed())
+    };
+    wait_count(&agents, "BACKUP", 1, "follow our agent")?;
+    thread::sleep(Duration::from_millis(500));
+    ensure!(
+        count(&agents, "MASTER") == 0,
+        "keepalived took over from a live master"
+    );
+    ensure!(
+        is_master(&lab.lbctl_status_on(Node::Lb)?),
+        "our agent lost master to a lower keepalived"
+    );
+
+    agents.kill(Node::Lb)?;
+    let took = wait_count(&agents, "MASTER", 1, "take over from our killed agent")?;
+    eprintln!(
+        "failover: keepalived_interop: keepalived master {took:.1?} after our agent was killed"
+    );
+    ensure!(
+        took < Duration::from_secs(1),
+        "keepalived took {took:?} to take over"
+    );
+
+    agents.start(Node::Lb, &config(&lab, Node::Lb, &vrrp(PRIO_LB)))?;
+    let took = wait_count(&agents, "BACKUP", 2, "yield to our agent")?;
+    wait_status(&lab, Node::Lb, "master again", TAKEOVER_WAIT, is_master)?;
+    eprintln!(
+        "failover: keepalived_interop: keepalived yielded {took:.1?} after our agent started again"
+    );
     agents.finish();
     Ok(())
 }

@@ -333,9 +333,13 @@ impl Machine {
                     priority,
                 }
             };
+            // One last advert at our own priority before yielding: if we were master
+            // through a partition, clients may have followed our announcements, and
+            // only a lower advert tells the winner to win them back (see below).
+            let last = Action::SendAdvert { priority: ours };
             let t = self.go(now, VrrpState::Backup, reason);
             self.master = Some((from, priority));
-            return vec![t];
+            return vec![last, t];
         }
         // Priority 0: the peer stops, tell it (and the segment) who is master now.
         // Lower: a peer back from a partition, or just started; it yields on hearing us.
@@ -653,7 +657,8 @@ mod tests {
         assert_eq!(m.next_deadline(), Some(t + INTERVAL));
         let a = m.on_advert(t, ip("10.0.0.0"), 101, INTERVAL);
         assert_eq!(to(&a), Some(VrrpState::Backup));
-        assert!(sends(&a).is_empty());
+        // One last advert at its own priority, so a winner after a partition knows.
+        assert_eq!(sends(&a), vec![100]);
         assert_eq!(m.master(), Some((ip("10.0.0.0"), 101)));
         assert_eq!(
             m.last_transition().unwrap().reason,
@@ -689,8 +694,9 @@ mod tests {
         let mut m = Machine::new(params(100, "fe80::9"));
         m.start(t0);
         m.on_timer(t0 + m.master_down_interval());
-        assert_eq!(m.on_advert(t, ip("fe80::10"), 100, INTERVAL).len(), 1);
-        assert_eq!(m.state(), VrrpState::Backup);
+        let a = m.on_advert(t, ip("fe80::10"), 100, INTERVAL);
+        assert_eq!(to(&a), Some(VrrpState::Backup));
+        assert_eq!(sends(&a), vec![100]);
     }
 
     #[test]
@@ -908,5 +914,29 @@ mod tests {
         let later = t0 + 3 * REANNOUNCE_EVERY;
         assert_eq!(announces(&pair.m[0].on_advert(later, peer, 0, INTERVAL)), 0);
         assert_eq!(pair.m[0].state(), VrrpState::Master);
+    }
+
+    #[test]
+    fn after_a_heal_the_winner_announces_whoever_hears_whom_first() {
+        let mut pair = Pair::new(params(200, "10.0.0.1"), params(100, "10.0.0.2"));
+        pair.linked = false;
+        pair.run(Duration::from_secs(1));
+        assert_eq!(pair.states(), [VrrpState::Master, VrrpState::Master]);
+        // The winner's advert reaches the loser first: the loser answers with one last
+        // advert at its own priority, then yields.
+        let now = pair.now;
+        let loser = pair.m[1].on_advert(now, pair.addr[0], 200, INTERVAL);
+        assert!(
+            matches!(loser.first(), Some(Action::SendAdvert { priority: 100 })),
+            "{loser:?}"
+        );
+        assert_eq!(pair.m[1].state(), VrrpState::Backup);
+        // That advert makes the winner announce the VIPs again.
+        let winner = pair.m[0].on_advert(now, pair.addr[1], 100, INTERVAL);
+        assert!(
+            winner.iter().any(|a| matches!(a, Action::Announce)),
+            "{winner:?}"
+        );
+        assert_eq!(pair.states(), [VrrpState::Master, VrrpState::Backup]);
     }
 }

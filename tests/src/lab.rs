@@ -1054,7 +1054,7 @@ pub struct Service {
     pub health_check: Option<HealthCheck>,
 }
 
-pub use lb_userspace::config::HealthCheck;
+pub use lb_userspace::config::{HealthCheck, VrrpSettings};
 
 impl Service {
     pub fn new(name: &str, vip: impl Into<IpAddr>, port: u16) -> Self {
@@ -1918,24 +1918,14 @@ fn xdp_pass_on(br: &str, peer: &str) -> Result<aya::Ebpf> {
     })
 }
 
-/// The `[vrrp]` table of a lab config (`Lab::config_on`). `new` gives multicast,
-/// 100 ms adverts, preemption on without delay, no key.
+/// A `[vrrp]` table to render into a lab config: the agent's own settings type, with
+/// builder methods and the TOML an operator would write.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VrrpSection {
-    pub router_id: u8,
-    pub priority: u8,
-    pub advert_interval_ms: u32,
-    pub preempt: bool,
-    pub preempt_delay_ms: u32,
-    /// Unicast peers; empty: multicast.
-    pub peers: Vec<IpAddr>,
-    pub auth_key_file: Option<PathBuf>,
-    pub notify: Option<PathBuf>,
-}
+pub struct VrrpSection(pub VrrpSettings);
 
 impl VrrpSection {
     pub fn new(router_id: u8, priority: u8) -> Self {
-        VrrpSection {
+        VrrpSection(VrrpSettings {
             router_id,
             priority,
             advert_interval_ms: 100,
@@ -1944,66 +1934,63 @@ impl VrrpSection {
             peers: Vec::new(),
             auth_key_file: None,
             notify: None,
-        }
+        })
     }
 
     pub fn priority(mut self, priority: u8) -> Self {
-        self.priority = priority;
+        self.0.priority = priority;
         self
     }
 
     pub fn advert_interval_ms(mut self, ms: u32) -> Self {
-        self.advert_interval_ms = ms;
+        self.0.advert_interval_ms = ms;
         self
     }
 
     pub fn preempt(mut self, on: bool) -> Self {
-        self.preempt = on;
+        self.0.preempt = on;
         self
     }
 
     pub fn preempt_delay_ms(mut self, ms: u32) -> Self {
-        self.preempt_delay_ms = ms;
+        self.0.preempt_delay_ms = ms;
         self
     }
 
     pub fn peers(mut self, peers: impl IntoIterator<Item = IpAddr>) -> Self {
-        self.peers = peers.into_iter().collect();
+        self.0.peers = peers.into_iter().collect();
         self
     }
 
     pub fn auth_key_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.auth_key_file = Some(path.into());
+        self.0.auth_key_file = Some(path.into());
         self
     }
 
     pub fn notify(mut self, path: impl Into<PathBuf>) -> Self {
-        self.notify = Some(path.into());
+        self.0.notify = Some(path.into());
         self
     }
 
     /// The table as TOML, starting with a blank line and `[vrrp]`.
     pub fn render(&self) -> String {
+        let v = &self.0;
         let mut out = format!(
             "\n[vrrp]\nrouter_id = {}\npriority = {}\nadvert_interval_ms = {}\npreempt = {}\npreempt_delay_ms = {}\n",
-            self.router_id,
-            self.priority,
-            self.advert_interval_ms,
-            self.preempt,
-            self.preempt_delay_ms
+            v.router_id, v.priority, v.advert_interval_ms, v.preempt, v.preempt_delay_ms
         );
-        if !self.peers.is_empty() {
-            let peers: Vec<String> = self
+        if !v.peers.is_empty() {
+            let peers: Vec<String> = v
                 .peers
                 .iter()
                 .map(|p| toml_string(&p.to_string()))
                 .collect();
             out += &format!("peers = [{}]\n", peers.join(", "));
         }
-        if let Some(key) = &self.auth_key_file {
+        if let Some(key) = &v.auth_key_file {
             out += &format!("auth_key_file = {}\n", toml_string(&key.to_string_lossy()));
         }
-        if let Some(notify) = &self.notify {
+        if let Some(notify) = &v.notify {
             out += &format!("notify = {}\n", toml_string(&notify.to_string_lossy()));
         }
         out

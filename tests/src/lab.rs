@@ -908,6 +908,22 @@ impl Lab {
         max_time: Duration,
         pause: Duration,
     ) -> Result<Load<'_>> {
+        let pacing = Pacing::Pause(pause);
+        self.start_recorder("load", addr, max_connections, max_time, pacing, ASK_TIMEOUT)
+    }
+
+    /// A client thread in the client namespace that opens short connections to `addr`
+    /// (connect and greeting each bounded by `timeout`), paced by `pacing`, and records
+    /// every attempt, until `max_connections`, `max_time`, or the `Load` stops or drops.
+    fn start_recorder(
+        &self,
+        what: &'static str,
+        addr: SocketAddr,
+        max_connections: usize,
+        max_time: Duration,
+        pacing: Pacing,
+        timeout: Duration,
+    ) -> Result<Load<'_>> {
         let ns = self.ns(Node::Client);
         let stop = Arc::new(AtomicBool::new(false));
         let attempts = Arc::new(Mutex::new(Vec::new()));
@@ -915,7 +931,7 @@ impl Lab {
         let thread = {
             let (stop, attempts) = (stop.clone(), attempts.clone());
             thread::Builder::new()
-                .name(format!("load-{addr}"))
+                .name(format!("{what}-{addr}"))
                 .spawn(move || {
                     let entered = enter_netns(&ns);
                     let ok = entered.is_ok();
@@ -929,7 +945,7 @@ impl Lab {
                             break;
                         }
                         let started = Instant::now();
-                        let outcome = greeting_of(addr).map_err(|e| e.to_string());
+                        let outcome = greeting_within(addr, timeout).map_err(|e| e.to_string());
                         let attempt = Attempt {
                             started,
                             elapsed: started.elapsed(),
@@ -939,15 +955,20 @@ impl Lab {
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .push(attempt);
-                        thread::sleep(pause);
+                        thread::sleep(match pacing {
+                            Pacing::Pause(pause) => pause,
+                            Pacing::Every(every) => every.saturating_sub(started.elapsed()),
+                        });
                     }
                 })
-                .context("starting the load thread")?
+                .with_context(|| format!("starting the {what} thread"))?
         };
         entered_rx
             .recv()
-            .context("the load thread ended before entering the client namespace")?
-            .context("load thread")?;
+            .with_context(|| {
+                format!("the {what} thread ended before entering the client namespace")
+            })?
+            .with_context(|| format!("{what} thread"))?;
         Ok(Load {
             stop,
             attempts,
@@ -1214,22 +1235,16 @@ impl Conversation {
     }
 }
 
-/// Connects to `addr` and reads the greeting; both bounded by `ASK_TIMEOUT`.
-fn greeting_of(addr: SocketAddr) -> io::Result<String> {
-    let stream = TcpStream::connect_timeout(&addr, ASK_TIMEOUT)?;
-    stream.set_read_timeout(Some(ASK_TIMEOUT))?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the server closed the connection before its greeting",
-        ));
-    }
-    Ok(line.trim_end_matches(['\r', '\n']).to_string())
-}
-
 // ---- load ------------------------------------------------------------------------------
+
+/// How a recording client spaces its connections.
+#[derive(Clone, Copy, Debug)]
+enum Pacing {
+    /// This long between the end of one connection and the start of the next.
+    Pause(Duration),
+    /// One connection started this often (or as soon as the last one ends).
+    Every(Duration),
+}
 
 /// One short connection of a `Load`.
 #[derive(Clone, Debug)]
@@ -2255,51 +2270,8 @@ impl Lab {
         timeout: Duration,
         max_time: Duration,
     ) -> Result<Load<'_>> {
-        let ns = self.ns(Node::Client);
-        let stop = Arc::new(AtomicBool::new(false));
-        let attempts = Arc::new(Mutex::new(Vec::new()));
-        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (stop, attempts) = (stop.clone(), attempts.clone());
-            thread::Builder::new()
-                .name(format!("probe-{addr}"))
-                .spawn(move || {
-                    let entered = enter_netns(&ns);
-                    let ok = entered.is_ok();
-                    let _ = entered_tx.send(entered);
-                    if !ok {
-                        return;
-                    }
-                    let start = Instant::now();
-                    while !stop.load(Ordering::Relaxed) && start.elapsed() < max_time {
-                        let started = Instant::now();
-                        let outcome = greeting_within(addr, timeout).map_err(|e| e.to_string());
-                        let attempt = Attempt {
-                            started,
-                            elapsed: started.elapsed(),
-                            outcome,
-                        };
-                        attempts
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(attempt);
-                        if let Some(rest) = every.checked_sub(started.elapsed()) {
-                            thread::sleep(rest);
-                        }
-                    }
-                })
-                .context("starting the probe thread")?
-        };
-        entered_rx
-            .recv()
-            .context("the probe thread ended before entering the client namespace")?
-            .context("probe thread")?;
-        Ok(Load {
-            stop,
-            attempts,
-            thread: Some(thread),
-            _lab: PhantomData,
-        })
+        let pacing = Pacing::Every(every);
+        self.start_recorder("probe", addr, usize::MAX, max_time, pacing, timeout)
     }
 }
 

@@ -736,8 +736,19 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     let listener = control::bind(&socket)?;
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
-    let mut agent = Agent::start(config_path, config, health_tx).await?;
-    let mut vrrp_changes = agent.start_vrrp()?;
+    // A failed start leaves no socket file behind for the next one to find.
+    let started = async {
+        let mut agent = Agent::start(config_path, config, health_tx).await?;
+        let changes = agent.start_vrrp()?;
+        anyhow::Ok((agent, changes))
+    };
+    let (mut agent, mut vrrp_changes) = match started.await {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
     let server = tokio::spawn(control::serve(listener, call_tx));
     eprintln!("lb-agent: control socket {}", socket.display());
     let backends: usize = agent.config.services.iter().map(|s| s.backends.len()).sum();

@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use headers::*;
 use lb_common::{
-    BACKEND_F_VALID, CFG_F_FORWARD, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING, FlowKey,
-    FlowState, LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, VipInfo, VipKey,
+    BACKEND_F_VALID, Backend, CFG_F_FORWARD, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING,
+    FlowKey, FlowState, LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, VipInfo, VipKey,
     counters::{backend_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -196,36 +196,36 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     } else {
         0
     };
-    let mut chosen = NO_BACKEND;
+    let mut pinned = None;
     if !syn && let Some(state) = FLOWS.get_ptr_mut(&p.flow) {
-        let backend = unsafe { (*state).backend };
+        let id = unsafe { (*state).backend };
         // A backend that went down loses its flows to the ring, not into a void.
-        if backend_usable(backend) {
-            chosen = backend;
+        if let Some(backend) = usable_backend(id) {
+            pinned = Some((id, backend));
             unsafe {
                 (*state).last_seen_ns = now;
                 (*state).flags |= closing;
             }
         }
     }
-    let new_flow = chosen == NO_BACKEND;
-    if new_flow {
-        chosen = ring_lookup(&p.vip, &p.flow)?;
-        let state = FlowState {
-            backend: chosen,
-            vip_num: p.vip.vip_num,
-            last_seen_ns: now,
-            flags: closing,
-            _pad: 0,
-        };
-        // A full table evicts the least recently used flow; an error here only costs
-        // this flow its pinning, so the packet still goes.
-        let _ = FLOWS.insert(&p.flow, &state, 0);
-    }
-    let backend = BACKENDS.get(chosen).ok_or(reason::DROP_NO_BACKEND)?;
-    if backend.flags & BACKEND_F_VALID == 0 {
-        return Err(reason::DROP_NO_BACKEND);
-    }
+    let new_flow = pinned.is_none();
+    let (chosen, backend) = match pinned {
+        Some(pinned) => pinned,
+        None => {
+            let id = ring_lookup(&p.vip, &p.flow)?;
+            let state = FlowState {
+                backend: id,
+                vip_num: p.vip.vip_num,
+                last_seen_ns: now,
+                flags: closing,
+                _pad: 0,
+            };
+            // A full table evicts the least recently used flow; an error here only costs
+            // this flow its pinning, so the packet still goes.
+            let _ = FLOWS.insert(&p.flow, &state, 0);
+            (id, usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?)
+        }
+    };
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
     unsafe {
         (*eth).dst = backend.mac;
@@ -237,9 +237,10 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     Ok(XDP_TX)
 }
 
+/// The backend's entry, if it may take packets.
 #[inline(always)]
-fn backend_usable(backend: u32) -> bool {
-    matches!(BACKENDS.get(backend), Some(b) if b.flags & BACKEND_F_VALID != 0)
+fn usable_backend(id: u32) -> Option<&'static Backend> {
+    BACKENDS.get(id).filter(|b| b.flags & BACKEND_F_VALID != 0)
 }
 
 #[inline(always)]

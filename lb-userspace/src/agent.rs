@@ -257,7 +257,7 @@ impl Agent {
             .config
             .services
             .iter()
-            .filter(|s| !self.programmer.ring_members(s.vip, s.port).is_empty())
+            .filter(|s| self.programmer.serves(s.vip, s.port))
             .count();
         let health = DataPathHealth {
             interface_up: interface_up(&self.config.agent.interface),

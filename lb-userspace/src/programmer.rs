@@ -290,6 +290,14 @@ impl Programmer {
         Ok(report)
     }
 
+    /// Whether any backend takes new flows for this VIP (tracking asks often: it stops
+    /// at the first filled slot).
+    pub fn serves(&self, vip: IpAddr, port: u16) -> bool {
+        self.vips
+            .get(&vip_key(vip, port))
+            .is_some_and(|s| s.ring.iter().any(|b| *b != NO_BACKEND))
+    }
+
     /// Backend ids currently in some ring (for tests and status).
     pub fn ring_members(&self, vip: IpAddr, port: u16) -> BTreeSet<u32> {
         self.vips
@@ -541,6 +549,7 @@ mod tests {
         p.apply(&mut dp, std::slice::from_ref(&s), &all_down)
             .unwrap();
         assert!(members(&p, &s).is_empty());
+        assert!(!p.serves(s.vip, s.port));
         let vip_num = p.vip_num(s.vip, s.port).unwrap();
         assert!(
             dp.ring(vip_num, s.ring_size)

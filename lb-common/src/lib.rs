@@ -103,19 +103,34 @@ pub struct FlowState {
 pub const FLOW_F_CLOSING: u32 = 1;
 
 /// The single entry of the config array: what the agent tells the program about the host.
+/// Written by the agent's main loop only (at start and on reload).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LbConfig {
     /// MAC of the interface the program is attached to (source MAC of forwarded frames).
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
-    pub flags: u32,
+    /// Flood guard: new flows one CPU records in the connection table per second; above
+    /// it, new flows still take the ring but are not recorded. 0: no limit.
+    pub new_flows_per_cpu_s: u32,
 }
 
-/// Config flag: answer ARP / neighbour solicitations for VIP addresses.
-pub const CFG_F_ANSWER_NEIGH: u32 = 1;
-/// Config flag: forward VIP traffic (when clear, VIP traffic is passed to the kernel).
-pub const CFG_F_FORWARD: u32 = 2;
+/// The single entry of the serving array: whether this host answers for the VIPs.
+/// Written by one writer only: the VRRP speaker's thread, or a standalone agent at start.
+/// Kept apart from `LbConfig` so the two writers never overwrite each other's fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Serving {
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Serving flag: answer ARP / neighbour solicitations for VIP addresses.
+pub const SERVE_F_ANSWER_NEIGH: u32 = 1;
+/// Serving flag: forward VIP traffic.
+pub const SERVE_F_FORWARD: u32 = 2;
+/// Both: what a master (or a standalone host) does.
+pub const SERVE_F_ALL: u32 = SERVE_F_ANSWER_NEIGH | SERVE_F_FORWARD;
 
 /// One counter slot; all counters live in one per-CPU array of these.
 #[repr(C)]
@@ -145,6 +160,7 @@ pub mod names {
     pub const MAP_FLOWS: &str = "FLOWS";
     pub const MAP_STATS: &str = "STATS";
     pub const MAP_CONFIG: &str = "CONFIG";
+    pub const MAP_SERVING: &str = "SERVING";
 }
 
 const _: () = {
@@ -155,6 +171,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowState>() == 24);
     assert!(core::mem::size_of::<LbConfig>() == 12);
+    assert!(core::mem::size_of::<Serving>() == 8);
     assert!(core::mem::size_of::<Counter>() == 24);
     // The ring array is MAX_VIPS windows of MAX_RING_SIZE slots.
     assert!((MAX_VIPS as u64) * (MAX_RING_SIZE as u64) < u32::MAX as u64);
@@ -171,5 +188,6 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for LbConfig {}
+    unsafe impl aya::Pod for Serving {}
     unsafe impl aya::Pod for Counter {}
 }

@@ -20,12 +20,12 @@ use aya_ebpf::{
 };
 use headers::*;
 use lb_common::{
-    BACKEND_F_VALID, Backend, CFG_F_FORWARD, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING,
-    FlowKey, FlowState, LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, VipInfo, VipKey,
+    BACKEND_F_VALID, Backend, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING, FlowKey, FlowState,
+    LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, SERVE_F_FORWARD, VipInfo, VipKey,
     counters::{backend_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
-use maps::{BACKENDS, CONFIG, FLOWS, RINGS, STATS, VIPS};
+use maps::{BACKENDS, CONFIG, FLOWS, RINGS, SERVING, STATS, VIPS};
 
 /// `Ok` to go on to the next stage, `Err(reason)` to end the packet (see `verdict_of`).
 pub type Step<T> = Result<T, u32>;
@@ -70,13 +70,14 @@ struct Packet {
 fn try_lb(ctx: &XdpContext) -> Step<u32> {
     let (ether_type, l3) = parse_ethernet(ctx)?;
     let cfg = CONFIG.get(0).ok_or(reason::ABORT_INTERNAL)?;
+    let serve_flags = SERVING.get(0).ok_or(reason::ABORT_INTERNAL)?.flags;
     let packet = match ether_type {
         ETH_P_IP => parse_ipv4(ctx, l3)?,
-        ETH_P_IPV6 => parse_ipv6(ctx, l3, cfg)?,
-        ETH_P_ARP => return neigh::arp(ctx, l3, cfg),
+        ETH_P_IPV6 => parse_ipv6(ctx, l3, cfg, serve_flags)?,
+        ETH_P_ARP => return neigh::arp(ctx, l3, cfg, serve_flags),
         _ => return Err(reason::PASS_NOT_VIP),
     };
-    forward(ctx, cfg, &packet)
+    forward(ctx, cfg, serve_flags, &packet)
 }
 
 #[inline(always)]
@@ -124,8 +125,8 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Step<Packet> {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> Step<Packet> {
-    neigh::neighbour_solicitation(ctx, l3, cfg)?;
+fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Step<Packet> {
+    neigh::neighbour_solicitation(ctx, l3, cfg, serve_flags)?;
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ip = unsafe { &*ip };
     if !neigh::is_vip_addr(&ip.dst, FAMILY_V6) {
@@ -185,8 +186,8 @@ fn parse_tcp(
 
 /// Connection table first; a SYN or an unknown flow takes the ring and is recorded.
 #[inline(always)]
-fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
-    if cfg.flags & CFG_F_FORWARD == 0 {
+fn forward(ctx: &XdpContext, cfg: &LbConfig, serve_flags: u32, p: &Packet) -> Step<u32> {
+    if serve_flags & SERVE_F_FORWARD == 0 {
         return Err(reason::PASS_NOT_FORWARDING);
     }
     let now = unsafe { bpf_ktime_get_ns() };

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Counter, FlowKey, FlowState, LbConfig, MAX_BACKENDS, MAX_FLOWS, MAX_RING_SIZE,
-    MAX_VIPS, VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS,
+    MAX_VIPS, Serving, VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS,
 };
 
 /// (VIP address, port, protocol) -> the VIP's number and ring size.
@@ -36,3 +36,8 @@ pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_SLO
 /// Host settings from the agent: the interface MAC and what the program may do.
 #[map]
 pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
+
+/// Whether this host serves the VIPs (VRRP master or standalone); one writer, see
+/// `lb_common::Serving`.
+#[map]
+pub static SERVING: Array<Serving> = Array::with_max_entries(1, 0);

@@ -3,7 +3,9 @@
 //! program is detached, also when the agent is killed: no stale owner of a VIP.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use lb_common::{CFG_F_ANSWER_NEIGH, FAMILY_V4, FAMILY_V6, LbConfig, VipAddrKey, counters::reason};
+use lb_common::{
+    FAMILY_V4, FAMILY_V6, LbConfig, SERVE_F_ANSWER_NEIGH, VipAddrKey, counters::reason,
+};
 
 use crate::{
     Step,
@@ -30,13 +32,13 @@ pub fn is_vip_addr(addr: &[u8; 16], family: u8) -> bool {
 }
 
 #[inline(always)]
-fn answers(cfg: &LbConfig) -> bool {
-    cfg.flags & CFG_F_ANSWER_NEIGH != 0
+fn answers(serve_flags: u32) -> bool {
+    serve_flags & SERVE_F_ANSWER_NEIGH != 0
 }
 
 /// ARP: a request for a VIP address becomes the reply, sent back out the same port.
 #[inline(always)]
-pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> Step<u32> {
+pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Step<u32> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_TRUNCATED)?;
     let arp: *mut ArpHdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     unsafe {
@@ -56,7 +58,7 @@ pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> Step<u32> {
         }
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&tpa);
-        if !answers(cfg) || !is_vip_addr(&addr, FAMILY_V4) {
+        if !answers(serve_flags) || !is_vip_addr(&addr, FAMILY_V4) {
             return Err(reason::PASS_NOT_VIP);
         }
         let sha = (*arp).sha;
@@ -74,7 +76,12 @@ pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> Step<u32> {
 /// ICMPv6 neighbour solicitation for a VIP address: rewritten in place into the
 /// advertisement. Returns `Ok(())` when the packet is anything else and should go on.
 #[inline(always)]
-pub fn neighbour_solicitation(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> Step<()> {
+pub fn neighbour_solicitation(
+    ctx: &XdpContext,
+    l3: usize,
+    cfg: &LbConfig,
+    serve_flags: u32,
+) -> Step<()> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ns: *mut NdMsg = match ptr_at(ctx, l3 + IPV6_HLEN) {
         Some(p) => p,
@@ -90,7 +97,7 @@ pub fn neighbour_solicitation(ctx: &XdpContext, l3: usize, cfg: &LbConfig) -> St
         }
         ((*ip).src, (*ns).target)
     };
-    if !answers(cfg) || !is_vip_addr(&target, FAMILY_V6) {
+    if !answers(serve_flags) || !is_vip_addr(&target, FAMILY_V6) {
         return Err(reason::PASS_NOT_VIP);
     }
     // Duplicate address detection (source ::) is left to the kernel.

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use lb_common::{
-    CFG_F_ANSWER_NEIGH, CFG_F_FORWARD, LbConfig,
+    LbConfig,
     counters::{backend_slot, global_slot, reason, vip_slot},
 };
 use tokio::{
@@ -27,7 +27,7 @@ use crate::{
     admin::{AdminBackend, AdminState},
     config::{self, BackendSpec, Config, ConfigErrors, HealthCheck, MAX_WEIGHT, Service, XdpMode},
     control::{self, Call},
-    dataplane::{AttachedMode, DataPlane, XdpDataPlane},
+    dataplane::{AttachedMode, DataPlane, ServeSwitch, ServingMap, XdpDataPlane},
     health::{CheckResult, Health, Verdict, check_tcp},
     neigh::Neighbours,
     programmer::{ApplyReport, BackendView, Programmer},
@@ -76,6 +76,7 @@ pub struct Agent {
     mac: [u8; 6],
     /// Answering for the VIPs and forwarding: always when standalone, as master with VRRP.
     serving: bool,
+    serve_switch: ServingMap,
     vrrp: Option<VrrpHandle>,
     /// The priority last handed to the VRRP speaker.
     advertised: Option<u8>,
@@ -164,7 +165,10 @@ impl Agent {
         let interface = config.agent.interface.clone();
         let mac = interface_mac(&interface)?;
         let admin = AdminState::load(&config.agent.state_dir)?;
-        let dp = XdpDataPlane::load().context("loading the XDP program")?;
+        let mut dp = XdpDataPlane::load().context("loading the XDP program")?;
+        let serve_switch = dp
+            .take_serve_switch()
+            .context("the XDP object has no serving switch")?;
         let neigh = Neighbours::new(&interface)
             .with_context(|| format!("watching neighbours on {interface}"))?;
         let macs = neigh
@@ -185,10 +189,16 @@ impl Agent {
             health_tx,
             mac,
             serving: false,
+            serve_switch,
             vrrp: None,
             advertised: None,
         };
         agent.sync_health().await;
+        agent.dp.set_config(&LbConfig {
+            mac,
+            _pad: [0; 2],
+            new_flows_per_cpu_s: 0,
+        })?;
         agent.apply()?;
         // With VRRP, a host starts as backup: it serves once the election says so.
         agent.set_serving(agent.config.vrrp.is_none())?;
@@ -212,16 +222,7 @@ impl Agent {
 
     /// Whether the program answers ARP/ND for the VIPs and forwards their traffic.
     fn set_serving(&mut self, on: bool) -> Result<()> {
-        let flags = if on {
-            CFG_F_ANSWER_NEIGH | CFG_F_FORWARD
-        } else {
-            0
-        };
-        self.dp.set_config(&LbConfig {
-            mac: self.mac,
-            _pad: [0; 2],
-            flags,
-        })?;
+        self.serve_switch.set_serving(on)?;
         self.serving = on;
         Ok(())
     }

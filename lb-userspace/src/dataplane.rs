@@ -8,7 +8,10 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp, XdpMode},
 };
-use lb_common::{Backend, Counter, LbConfig, MAX_RING_SIZE, VipAddrKey, VipInfo, VipKey, names};
+use lb_common::{
+    Backend, Counter, LbConfig, MAX_RING_SIZE, SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey,
+    names,
+};
 
 /// The XDP object built from `lb-ebpf`, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -56,6 +59,37 @@ pub trait DataPlane {
     fn active_flows(&self, idle: std::time::Duration) -> Result<StdHashMap<u32, u64>>;
 }
 
+/// The one switch that says whether this host serves the VIPs (answers ARP/ND for them
+/// and forwards their traffic). It owns its own handle on the SERVING map, so the VRRP
+/// speaker's thread flips it without going through the agent's loop.
+pub trait ServeSwitch: Send {
+    fn set_serving(&mut self, on: bool) -> Result<()>;
+}
+
+/// The real switch: the program's SERVING map.
+pub struct ServingMap(Array<MapData, Serving>);
+
+impl ServeSwitch for ServingMap {
+    fn set_serving(&mut self, on: bool) -> Result<()> {
+        let value = Serving {
+            flags: if on { SERVE_F_ALL } else { 0 },
+            _pad: 0,
+        };
+        self.0.set(0, value, 0).map_err(map_err(names::MAP_SERVING))
+    }
+}
+
+/// A switch for tests: shares its state with whoever holds a clone of the flag.
+#[derive(Clone, Debug, Default)]
+pub struct FakeServeSwitch(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl ServeSwitch for FakeServeSwitch {
+    fn set_serving(&mut self, on: bool) -> Result<()> {
+        self.0.store(on, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -92,6 +126,7 @@ pub struct XdpDataPlane {
     backends: Array<MapData, Backend>,
     stats: PerCpuArray<MapData, Counter>,
     config: Array<MapData, LbConfig>,
+    serving: Option<ServingMap>,
 }
 
 /// How the program ended up attached.
@@ -130,6 +165,8 @@ impl XdpDataPlane {
             .map_err(map_err(names::MAP_STATS))?;
         let config = Array::try_from(take(&mut ebpf, names::MAP_CONFIG)?)
             .map_err(map_err(names::MAP_CONFIG))?;
+        let serving = Array::try_from(take(&mut ebpf, names::MAP_SERVING)?)
+            .map_err(map_err(names::MAP_SERVING))?;
         let mut dp = Self {
             ebpf,
             vips,
@@ -138,9 +175,16 @@ impl XdpDataPlane {
             backends,
             stats,
             config,
+            serving: Some(ServingMap(serving)),
         };
         dp.program_mut(names::PROG_LB)?;
         Ok(dp)
+    }
+
+    /// The serving switch, handed out once: whoever holds it decides whether this host
+    /// serves (the VRRP speaker, or a standalone agent). The program starts not serving.
+    pub fn take_serve_switch(&mut self) -> Option<ServingMap> {
+        self.serving.take()
     }
 
     /// The XDP program `name`, loaded into the kernel.

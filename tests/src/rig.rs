@@ -5,10 +5,10 @@
 use std::{net::IpAddr, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{CFG_F_ANSWER_NEIGH, CFG_F_FORWARD, Counter, FAMILY_V4, LbConfig};
+use lb_common::{Counter, FAMILY_V4, LbConfig};
 use lb_userspace::{
     config::{BackendSpec, Service},
-    dataplane::{DataPlane, XdpDataPlane},
+    dataplane::{DataPlane, ServeSwitch, ServingMap, XdpDataPlane},
     programmer::{BackendView, Programmer, addr_bytes},
 };
 
@@ -59,6 +59,8 @@ pub fn all_up(_: &Service, b: &BackendSpec) -> BackendView {
 
 pub struct Rig {
     pub dp: XdpDataPlane,
+    /// Serving from the start; a test turns it off to play a backup host.
+    pub serving: ServingMap,
     pub programmer: Programmer,
     pub services: Vec<Service>,
 }
@@ -79,10 +81,15 @@ impl Rig {
         dp.set_config(&LbConfig {
             mac: LB_MAC,
             _pad: [0; 2],
-            flags: CFG_F_ANSWER_NEIGH | CFG_F_FORWARD,
+            new_flows_per_cpu_s: 0,
         })?;
+        let mut serving = dp
+            .take_serve_switch()
+            .ok_or_else(|| anyhow::anyhow!("the data plane has no serving switch"))?;
+        serving.set_serving(true)?;
         Ok(Self {
             dp,
+            serving,
             programmer,
             services,
         })

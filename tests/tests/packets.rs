@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    FlowKey, LbConfig, PROTO_TCP,
+    FlowKey, PROTO_TCP,
     counters::{backend_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -16,7 +16,7 @@ use lb_tests::{
 };
 use lb_userspace::{
     config::{BackendSpec, Service},
-    dataplane::DataPlane,
+    dataplane::{DataPlane, ServeSwitch},
     maglev,
     programmer::{BackendView, addr_bytes},
 };
@@ -839,13 +839,7 @@ fn host_that_does_not_forward_passes_vip_traffic_and_answers_nothing() {
         return;
     }
     let mut rig = rig();
-    rig.dp
-        .set_config(&LbConfig {
-            mac: LB_MAC,
-            _pad: [0; 2],
-            flags: 0,
-        })
-        .expect("config");
+    rig.serving.set_serving(false).expect("serving switch");
     let syn = tcp4("192.0.2.10", 80, SYN);
     let before = rig
         .counter(global_slot(reason::PASS_NOT_FORWARDING))

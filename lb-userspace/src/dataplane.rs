@@ -90,6 +90,75 @@ impl ServeSwitch for FakeServeSwitch {
     }
 }
 
+/// The two flow tables of the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlowTable {
+    /// FLOWS: the LRU connection table every flow enters on its first packet.
+    Connections,
+    /// PINNED: flows whose backend is no longer the ring's choice, copied here by the
+    /// agent so that no eviction from the connection table can move them; the program
+    /// consults it when the connection table misses.
+    Pinned,
+}
+
+/// The flow tables, read and written off the agent's main loop: whoever holds this has
+/// its own handles on the maps (a scanner thread, say).
+pub trait FlowStore: Send {
+    /// A copy of every entry of `table`, read in batches (BPF_MAP_LOOKUP_BATCH). Entries
+    /// that come and go during the read may or may not be in it.
+    fn read(&mut self, table: FlowTable)
+    -> Result<Vec<(lb_common::FlowKey, lb_common::FlowState)>>;
+    /// Writes flows into the pinned table (an existing entry is overwritten). Returns
+    /// how many did not fit because the table is full.
+    fn pin(&mut self, flows: &[(lb_common::FlowKey, lb_common::FlowState)]) -> Result<usize>;
+    /// Removes flows from the pinned table; absent ones are ignored.
+    fn unpin(&mut self, keys: &[lb_common::FlowKey]) -> Result<()>;
+}
+
+/// Flow tables in memory, for tests: clones share the tables.
+#[derive(Clone, Debug, Default)]
+pub struct FakeFlowStore {
+    pub connections:
+        std::sync::Arc<std::sync::Mutex<StdHashMap<lb_common::FlowKey, lb_common::FlowState>>>,
+    pub pinned:
+        std::sync::Arc<std::sync::Mutex<StdHashMap<lb_common::FlowKey, lb_common::FlowState>>>,
+    /// Capacity of the pinned table.
+    pub max_pinned: usize,
+}
+
+impl FlowStore for FakeFlowStore {
+    fn read(
+        &mut self,
+        table: FlowTable,
+    ) -> Result<Vec<(lb_common::FlowKey, lb_common::FlowState)>> {
+        let map = match table {
+            FlowTable::Connections => &self.connections,
+            FlowTable::Pinned => &self.pinned,
+        };
+        let map = map.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(map.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn pin(&mut self, flows: &[(lb_common::FlowKey, lb_common::FlowState)]) -> Result<usize> {
+        let mut map = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut full = 0;
+        for (k, v) in flows {
+            if map.len() >= self.max_pinned && !map.contains_key(k) {
+                full += 1;
+            } else {
+                map.insert(*k, *v);
+            }
+        }
+        Ok(full)
+    }
+    fn unpin(&mut self, keys: &[lb_common::FlowKey]) -> Result<()> {
+        let mut map = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            map.remove(k);
+        }
+        Ok(())
+    }
+}
+
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

@@ -247,7 +247,7 @@ fn rolling_upgrade_under_load() -> Result<()> {
         return Ok(());
     }
     let lab = lab_with_servers(3)?;
-    let agent = lab.spawn_controlled_agent(&lab.config("native", &[web().backends(1..=3)]))?;
+    let agent = lab.spawn_agent(&lab.config("native", &[web().backends(1..=3)]))?;
     lab.wait_backends_up(SERVICE, &["b1", "b2", "b3"], UP_TIMEOUT)?;
     let mut long = with_diagnostics(&lab, one_per_backend(&lab, &["b1", "b2", "b3"], 200))?;
 
@@ -450,7 +450,7 @@ fn dead_backend_detected() -> Result<()> {
         return Ok(());
     }
     let lab = lab_with_servers(3)?;
-    let mut agent = lab.spawn_controlled_agent(&lab.config("native", &[web().backends(1..=3)]))?;
+    let mut agent = lab.spawn_agent(&lab.config("native", &[web().backends(1..=3)]))?;
     lab.wait_backends_up(SERVICE, &["b1", "b2", "b3"], UP_TIMEOUT)?;
 
     let load = lab.start_load(vip(), LOAD_MAX_CONNECTIONS, LOAD_MAX_TIME, LOAD_PAUSE)?;
@@ -577,7 +577,7 @@ fn backups() -> Result<()> {
     }
     let lab = lab_with_servers(3)?;
     let service = web().backends(1..=2).backup(3, 100);
-    let _agent = lab.spawn_controlled_agent(&lab.config("native", &[service]))?;
+    let _agent = lab.spawn_agent(&lab.config("native", &[service]))?;
     lab.wait_backends_up(SERVICE, &["b1", "b2"], UP_TIMEOUT)?;
     let (_, b3) = lab.wait_backend(SERVICE, "b3", "healthy", UP_TIMEOUT, health_passing)?;
     println!(
@@ -744,7 +744,7 @@ fn reload_bad_and_good() -> Result<()> {
     }
     let lab = lab_with_servers(4)?;
     let three = lab.config("native", &[web().backends(1..=3)]);
-    let agent = lab.spawn_controlled_agent(&three)?;
+    let agent = lab.spawn_agent(&three)?;
     lab.wait_backends_up(SERVICE, &["b1", "b2", "b3"], UP_TIMEOUT)?;
     let mut long = with_diagnostics(&lab, one_per_backend(&lab, &["b1", "b2", "b3"], 200))?;
     let shares3 = [("b1", 1.0), ("b2", 1.0), ("b3", 1.0)];
@@ -899,7 +899,7 @@ fn admin_state_survives_restart() -> Result<()> {
     }
     let lab = lab_with_servers(3)?;
     let config = lab.config("native", &[web().backends(1..=3)]);
-    let mut agent = lab.spawn_controlled_agent(&config)?;
+    let mut agent = lab.spawn_agent(&config)?;
     lab.wait_backends_up(SERVICE, &["b1", "b2", "b3"], UP_TIMEOUT)?;
     let out = lab.lbctl_ok(&["backend", "disable", SERVICE, "b1"])?;
     println!("lbctl backend disable {SERVICE} b1: {}", out.trim());
@@ -924,7 +924,7 @@ fn admin_state_survives_restart() -> Result<()> {
     );
     drop(agent);
     let t_restart = Instant::now();
-    let mut agent = lab.spawn_controlled_agent(&config)?;
+    let mut agent = lab.spawn_agent(&config)?;
     lab.wait_backends_up(SERVICE, &["b2", "b3"], UP_TIMEOUT)?;
     println!(
         "new agent serving {:.2?} after the start",
@@ -935,7 +935,7 @@ fn admin_state_survives_restart() -> Result<()> {
     lab.lbctl_ok(&["reload"])?;
     check_admin_state(&lab, "after lbctl reload")?;
 
-    agent.reload(&config)?;
+    agent.reload_by_sighup(&config)?;
     check_admin_state(&lab, "after SIGHUP")?;
     Ok(())
 }
@@ -992,7 +992,7 @@ fn control_socket_robustness() -> Result<()> {
         return Ok(());
     }
     let lab = lab_with_servers(2)?;
-    let _agent = lab.spawn_controlled_agent(&lab.config("native", &[web().backends(1..=2)]))?;
+    let _agent = lab.spawn_agent(&lab.config("native", &[web().backends(1..=2)]))?;
     lab.wait_backends_up(SERVICE, &["b1", "b2"], UP_TIMEOUT)?;
     let socket = lab.control_socket();
 

@@ -119,12 +119,13 @@ fn demo(connections: usize) -> Result<()> {
     let spread = lab.spread(vip4, connections, BUDGET);
     report(&lab, &spread, &equal_shares)?;
 
-    println!("\n2. Weights 100, 200, 300: config rewritten, lb-agent reloaded with SIGHUP");
+    println!("\n2. Weights 100, 200, 300: config rewritten, then lbctl reload");
     let weighted = Service::new("web", VIP4, SERVICE_PORT)
         .backend(1, 100)
         .backend(2, 200)
         .backend(3, 300);
-    agent.reload(&lab.config("native", &[weighted, equal(VIP6.into(), "web6")]))?;
+    let answer = agent.reload(&lab.config("native", &[weighted, equal(VIP6.into(), "web6")]))?;
+    println!("   lbctl reload: {}", answer.trim());
     println!("   {connections} connections to {vip4}, expected shares 1/6, 2/6, 3/6");
     let spread = lab.spread(vip4, connections, BUDGET);
     report(&lab, &spread, &[("b1", 1.0), ("b2", 2.0), ("b3", 3.0)])?;

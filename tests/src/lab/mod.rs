@@ -1,0 +1,257 @@
+//! The network-namespace lab: a client, one or two load balancers and N backends, each
+//! in its own network namespace, joined by veth pairs to a bridge that lives in a
+//! namespace of its own.
+//!
+//! ```text
+//!            ns <p>-br: br0 (no address)
+//!      vcl ---------- vlb ----------- vlb2 ---------- vb1 ... vbN
+//!       |              |               |               |
+//!   <p>-cl eth0    <p>-lb eth0    <p>-lb2 eth0    <p>-b1 eth0 ... <p>-bN eth0
+//!   10.77.0.2      10.77.0.3      10.77.0.4       10.77.0.11 ... 10.77.0.(10+N)
+//!   fd00:77::2     fd00:77::3     fd00:77::4      fd00:77::11 ...
+//! ```
+//!
+//! The VIPs (10.77.0.100, fd00:77::100) sit on the backends' `lo` (direct server
+//! return); the LB namespaces hold no VIP, their XDP program answers ARP / NDP for them.
+//! The root namespace holds no lab address and sends no lab traffic; no namespace has a
+//! default route. `Node::Lb2` exists only with `LabBuilder::second_lb`, for VRRP
+//! failover.
+//!
+//! One module a concern, one API for one or two LB hosts, all of it re-exported here:
+//! - `topology`: `Node`, the addresses (`addr4`, `addr6`), the namespaces and their
+//!   guards, `in_ns` / `try_in_ns`, `Lab::exec` / `run` / `mac_of` / `neigh` /
+//!   `diagnostics`.
+//! - `config`: the agent's config as typed values (`ConfigFile` and its sections,
+//!   `Service`, `VrrpSection`), serialised with `toml`: `Lab::config_file(node, ..)`,
+//!   and `Lab::config` / `config_on` for the TOML text.
+//! - `processes`: `Lab::spawn`, `Lab::spawn_agent_on(node, config)` (`spawn_agent` for
+//!   `Node::Lb`) and its `AgentGuard` (`reload`, `status`, `kill`, `log`), `lbctl*_on`
+//!   (and the `Node::Lb` shorthands `lbctl*`), `wait_status_on`, `wait_backend`,
+//!   `run_bounded`, `Streaming`.
+//! - `servers`: the backends' greeting / echo servers (`Lab::start_servers`).
+//! - `probes`: single connections from the client (`ask_backend`, `converse`), the
+//!   prober (`start_probe`) and `probe_gap`.
+//! - `load`: `start_load` and `spread`, with `Load`, `Attempt` and `Spread`.
+//!
+//! An agent is ready when its control socket answers `lbctl --json status`; a reload is
+//! confirmed by `lbctl reload`'s answer; what an agent did is asked of `lbctl status` /
+//! `backend list`. Its log is kept for diagnostics (printed when a test fails) and for
+//! tests about what it logs.
+//!
+//! Every namespace and every process is owned by a guard whose `Drop` removes or kills
+//! it, so a failing or panicking test leaves nothing behind. Processes (`ProcessGuard`,
+//! `AgentGuard`) borrow the `Lab`, so the borrow checker makes them end before the
+//! namespaces do.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use lb_tests::lab::{Lab, Node, Service, SERVICE_PORT, VIP4, VrrpSection};
+//! let lab = Lab::builder().backends(3).second_lb(true).build()?;
+//! lab.start_servers(SERVICE_PORT)?;
+//! let services = [Service::new("web", VIP4, SERVICE_PORT).backends(1..=3)];
+//! let _lb = lab.spawn_agent(&lab.config_on(Node::Lb, "native", &services, Some(&VrrpSection::new(51, 150))))?;
+//! let _lb2 = lab.spawn_agent_on(Node::Lb2, &lab.config_on(Node::Lb2, "native", &services, Some(&VrrpSection::new(51, 100))))?;
+//! let (took, _) = lab.wait_status_on(Node::Lb, "master", std::time::Duration::from_secs(3), |s| s.serving)?;
+//! println!("lb serving after {took:?}");
+//! let spread = lab.spread((VIP4, SERVICE_PORT).into(), 300, std::time::Duration::from_secs(30));
+//! println!("{}", spread.table());
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod load;
+mod probes;
+mod processes;
+mod servers;
+mod topology;
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, ensure};
+
+pub use config::{
+    AgentSection, BackendSection, ConfigFile, HealthCheckSection, Service, ServiceSection,
+    VrrpSection,
+};
+pub use load::{Attempt, Load, Spread};
+pub use probes::{Conversation, ProbeGap, probe_gap};
+pub use processes::{
+    AgentGuard, ProcessGuard, Streaming, bin_path, parse_backends_json, parse_status_json,
+    run_bounded,
+};
+pub use topology::{Node, addr_like, addr4, addr6, in_ns, try_in_ns};
+
+use servers::Server;
+use topology::Netns;
+
+/// The IPv4 VIP every lab service uses unless a test says otherwise.
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+/// The IPv6 VIP (`fd00:77::100`).
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
+/// The port the lab's services and backend servers use by default.
+pub const SERVICE_PORT: u16 = 8080;
+/// Connect and read timeout of `ask_backend`.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long one `lbctl` run may take before the lab kills it (`Lab::lbctl`).
+pub const LBCTL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often `Lab::wait_backend` and `Lab::wait_status_on` ask lbctl.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+const MAX_BACKENDS: usize = 50;
+
+/// Lab numbers within this process; with the pid they make the name prefix unique.
+static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A temporary directory for configs and logs; `Drop` removes it.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            eprintln!("lab: could not remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// Builds a `Lab`. Defaults: 3 backends, IPv6 addresses on.
+#[derive(Clone, Debug)]
+pub struct LabBuilder {
+    backends: usize,
+    ipv6: bool,
+    second_lb: bool,
+}
+
+impl LabBuilder {
+    /// Whether to add a second load balancer, `Node::Lb2` (10.77.0.4, fd00:77::4), on
+    /// the same bridge, set up like the first (checksum offload off, `xdp_pass` on its
+    /// veth peer `vlb2`). Off by default.
+    pub fn second_lb(mut self, on: bool) -> Self {
+        self.second_lb = on;
+        self
+    }
+
+    /// Number of backend namespaces, 1 to 50.
+    pub fn backends(mut self, n: usize) -> Self {
+        self.backends = n;
+        self
+    }
+
+    /// Whether to add the `fd00:77::/64` addresses and the IPv6 VIP.
+    pub fn ipv6(mut self, on: bool) -> Self {
+        self.ipv6 = on;
+        self
+    }
+
+    /// Creates the namespaces, links and addresses, and attaches `xdp_pass` to each
+    /// LB's veth peer. On error, whatever was made so far is removed again.
+    pub fn build(self) -> Result<Lab> {
+        ensure!(
+            (1..=MAX_BACKENDS).contains(&self.backends),
+            "a lab has 1 to {MAX_BACKENDS} backends, not {}",
+            self.backends
+        );
+        let prefix = format!(
+            "lbt{}x{}",
+            std::process::id(),
+            LAB_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&prefix);
+        fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut lab = Lab {
+            prefix,
+            backends: self.backends,
+            ipv6: self.ipv6,
+            servers: Mutex::new(HashMap::new()),
+            second_lb: self.second_lb,
+            xdp_pass: Vec::new(),
+            namespaces: Vec::new(),
+            dir: TempDir(dir),
+            files: AtomicUsize::new(0),
+        };
+        lab.setup()
+            .with_context(|| format!("building lab {}", lab.prefix))?;
+        Ok(lab)
+    }
+}
+
+/// A running lab. See the module documentation for the layout.
+pub struct Lab {
+    prefix: String,
+    backends: usize,
+    ipv6: bool,
+    /// TCP servers, by node and port.
+    servers: Mutex<HashMap<(Node, u16), Server>>,
+    /// Whether `Node::Lb2` exists.
+    second_lb: bool,
+    /// `xdp_pass` on each LB's veth peer; a link lives as long as its value.
+    xdp_pass: Vec<aya::Ebpf>,
+    namespaces: Vec<Netns>,
+    dir: TempDir,
+    /// Numbers the files written into `dir`.
+    files: AtomicUsize,
+}
+
+impl Lab {
+    pub fn builder() -> LabBuilder {
+        LabBuilder {
+            backends: 3,
+            ipv6: true,
+            second_lb: false,
+        }
+    }
+
+    /// The name prefix of this lab's namespaces (`lbt<pid>x<n>`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends
+    }
+
+    pub fn has_ipv6(&self) -> bool {
+        self.ipv6
+    }
+
+    /// Whether the lab has `Node::Lb2`.
+    pub fn has_second_lb(&self) -> bool {
+        self.second_lb
+    }
+
+    /// The lab's temporary directory (configs, logs, the control sockets).
+    pub fn dir(&self) -> &Path {
+        &self.dir.0
+    }
+
+    /// A new file name in the lab's temporary directory.
+    fn new_file(&self, stem: &str, ext: &str) -> PathBuf {
+        let n = self.files.fetch_add(1, Ordering::Relaxed);
+        self.dir.0.join(format!("{stem}{n}.{ext}"))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Processes borrow the lab and are gone already; then servers, the XDP links,
+        // the namespaces (bridge last) and the files.
+        self.servers
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.xdp_pass.clear();
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
+        }
+    }
+}

@@ -347,3 +347,193 @@ impl Lab {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    //! The files the lab writes pass the agent's own check and mean what the typed
+    //! values say. Needs the `lb-agent` binary (`cargo build --bins`), not root.
+
+    use std::{
+        fs,
+        net::Ipv4Addr,
+        path::PathBuf,
+        process::Command,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use anyhow::{Context, Result, ensure};
+    use lb_userspace::config::{self, Config, XdpMode};
+
+    use super::*;
+    use crate::lab::{SERVICE_PORT, VIP4, VIP6, addr4, addr6, bin_path};
+
+    static FILES: AtomicUsize = AtomicUsize::new(0);
+
+    /// A file of its own in the temporary directory; removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn write(text: &str) -> Result<Self> {
+            let path = std::env::temp_dir().join(format!(
+                "lbt-config-{}-{}.toml",
+                std::process::id(),
+                FILES.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            Ok(TempFile(path))
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+
+    /// Writes `file`, runs `lb-agent --config F --check` on it, and returns what the
+    /// agent's parser makes of the same text.
+    fn check(file: &ConfigFile) -> Result<Config> {
+        let text = file.to_toml();
+        let written = TempFile::write(&text)?;
+        let out = Command::new(bin_path("lb-agent")?)
+            .arg("--config")
+            .arg(&written.0)
+            .arg("--check")
+            .output()
+            .context("running lb-agent --check")?;
+        ensure!(
+            out.status.success(),
+            "lb-agent --check failed ({}):\n{}{}\nthe file:\n{text}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        config::parse(&text, "the lab config").map_err(|e| anyhow::anyhow!("{e}\n{text}"))
+    }
+
+    fn agent(node: Node) -> AgentSection {
+        let dir = PathBuf::from("/tmp/lbt-config");
+        AgentSection::new(
+            "native",
+            &dir.join(format!("{}.sock", node.short_name())),
+            &dir.join(format!("state-{}", node.short_name())),
+        )
+    }
+
+    fn services() -> Vec<Service> {
+        vec![
+            Service::new("web4", VIP4, SERVICE_PORT)
+                .backends(1..=2)
+                .backend(3, 300)
+                .backup(4, 50)
+                .health_check(100, 150, 2, 3)
+                .ring_size(1021),
+            Service::new("web6", VIP6, 443).backends([1, 2]),
+        ]
+    }
+
+    #[test]
+    fn standalone_config_passes_the_agents_check() -> Result<()> {
+        let file = ConfigFile::new(agent(Node::Lb)).services(&services());
+        let text = file.to_toml();
+        for absent in ["flow_idle_timeout_s", "[vrrp]", "peers"] {
+            ensure!(
+                !text.contains(absent),
+                "{absent} in a file without it:\n{text}"
+            );
+        }
+        let parsed = check(&file)?;
+
+        ensure!(parsed.agent.interface == "eth0" && parsed.agent.xdp_mode == XdpMode::Native);
+        ensure!(parsed.agent.control_socket == file.agent.control_socket);
+        ensure!(parsed.agent.state_dir == file.agent.state_dir);
+        ensure!(parsed.vrrp.is_none());
+        ensure!(parsed.services.len() == 2, "{parsed:#?}");
+        let web4 = &parsed.services[0];
+        ensure!(web4.name == "web4" && web4.vip == IpAddr::V4(VIP4) && web4.port == SERVICE_PORT);
+        ensure!(web4.ring_size == 1021);
+        let hc = web4.health_check;
+        ensure!((hc.interval_ms, hc.timeout_ms, hc.rise, hc.fall) == (100, 150, 2, 3));
+        let backends: Vec<(&str, IpAddr, u32, bool)> = web4
+            .backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.address, b.weight, b.backup))
+            .collect();
+        let b = |i| addr4(Node::Backend(i)).into();
+        ensure!(
+            backends
+                == [
+                    ("b1", b(1), 100, false),
+                    ("b2", b(2), 100, false),
+                    ("b3", b(3), 300, false),
+                    ("b4", b(4), 50, true),
+                ],
+            "{backends:?}"
+        );
+        let web6 = &parsed.services[1];
+        ensure!(web6.vip == IpAddr::V6(VIP6) && web6.port == 443);
+        ensure!(web6.health_check == config::HealthCheck::default());
+        let v6: Vec<IpAddr> = web6.backends.iter().map(|b| b.address).collect();
+        ensure!(
+            v6 == [
+                IpAddr::V6(addr6(Node::Backend(1))),
+                IpAddr::V6(addr6(Node::Backend(2)))
+            ],
+            "{v6:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn vrrp_pair_configs_pass_the_agents_check() -> Result<()> {
+        let plain = ConfigFile::new(agent(Node::Lb))
+            .services(&services())
+            .vrrp(VrrpSection::new(51, 150));
+        let v = check(&plain)?
+            .vrrp
+            .context("no [vrrp] in the parsed config")?;
+        ensure!((v.router_id, v.priority, v.advert_interval_ms) == (51, 150, 100));
+        ensure!(v.preempt && v.preempt_delay_ms == 0 && v.peers.is_empty());
+        ensure!(v.auth_key_file.is_none() && v.notify.is_none());
+
+        let peer = IpAddr::V4(addr4(Node::Lb));
+        let full = ConfigFile::new(agent(Node::Lb2))
+            .services(&services())
+            .vrrp(
+                VrrpSection::new(51, 150)
+                    .priority(100)
+                    .advert_interval_ms(250)
+                    .preempt(false)
+                    .preempt_delay_ms(1500)
+                    .peers([peer, IpAddr::V4(Ipv4Addr::new(10, 77, 0, 9))])
+                    .auth_key_file("/tmp/lbt-config/vrrp.key")
+                    .notify("/tmp/lbt-config/notify.sh"),
+            );
+        let v = check(&full)?
+            .vrrp
+            .context("no [vrrp] in the parsed config")?;
+        ensure!((v.router_id, v.priority, v.advert_interval_ms) == (51, 100, 250));
+        ensure!(!v.preempt && v.preempt_delay_ms == 1500);
+        ensure!(v.peers == [peer, IpAddr::V4(Ipv4Addr::new(10, 77, 0, 9))]);
+        ensure!(v.auth_key_file == Some(PathBuf::from("/tmp/lbt-config/vrrp.key")));
+        ensure!(v.notify == Some(PathBuf::from("/tmp/lbt-config/notify.sh")));
+        Ok(())
+    }
+
+    #[test]
+    fn optional_agent_keys_are_written_when_set() -> Result<()> {
+        let mut file = ConfigFile::new(agent(Node::Lb)).services(&services()[1..]);
+        file.agent.flow_idle_timeout_s = Some(30);
+        file.agent.xdp_mode = "generic".into();
+        let parsed = check(&file)?;
+        ensure!(parsed.agent.flow_idle_timeout_s == 30);
+        ensure!(parsed.agent.xdp_mode == XdpMode::Generic);
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_without_services_passes_the_agents_check() -> Result<()> {
+        let parsed = check(&ConfigFile::new(agent(Node::Lb)))?;
+        ensure!(parsed.services.is_empty());
+        Ok(())
+    }
+}

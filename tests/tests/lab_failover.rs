@@ -101,20 +101,7 @@ fn wait_status(
     timeout: Duration,
     done: impl Fn(&Status) -> bool,
 ) -> Result<(Duration, Status)> {
-    let start = Instant::now();
-    loop {
-        let status = lab.lbctl_status_on(node)?;
-        if done(&status) {
-            return Ok((start.elapsed(), status));
-        }
-        if start.elapsed() > timeout {
-            bail!(
-                "{node:?}: not {what} within {timeout:?}; last status: {:#?}",
-                status.vrrp
-            );
-        }
-        thread::sleep(POLL);
-    }
+    lab.wait_status_on(node, what, timeout, done)
 }
 
 fn is_state(status: &Status, state: VrrpState) -> bool {

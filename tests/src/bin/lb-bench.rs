@@ -165,20 +165,8 @@ const PROBE_EVERY: Duration = Duration::from_millis(5);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(80);
 /// How long each record runs: the event comes after a third of it.
 const RECORD: Duration = Duration::from_secs(3);
-
-/// Waits (bounded) until `node` is the VRRP master and serves.
-fn wait_master(lab: &Lab, node: Node) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(s) = lab.lbctl_status_on(node)
-            && s.serving
-        {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    anyhow::bail!("{node:?} did not become master within 10 s")
-}
+/// How long the agent in `Node::Lb` may take to become master and serve.
+const MASTER_WAIT: Duration = Duration::from_secs(10);
 
 fn failover() -> anyhow::Result<()> {
     let lab = Lab::builder()
@@ -224,7 +212,7 @@ fn failover() -> anyhow::Result<()> {
         for _ in 0..FAILOVER_ROUNDS {
             let _standby = lab.spawn_agent_on(Node::Lb2, &backup)?;
             let mut active = lab.spawn_agent_on(Node::Lb, &master)?;
-            wait_master(&lab, Node::Lb)?;
+            lab.wait_status_on(Node::Lb, "master", MASTER_WAIT, |s| s.serving)?;
             // The baseline: a record of the same length with nothing happening.
             let probe = lab.start_probe(vip, PROBE_EVERY, PROBE_TIMEOUT, RECORD)?;
             let start = Instant::now();

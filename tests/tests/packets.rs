@@ -190,7 +190,7 @@ fn fixtures() -> Vec<Fixture> {
         Fixture {
             name: "VIP address, other port",
             input: tcp4("192.0.2.10", 81, SYN),
-            expect: Expect::Unchanged(XDP_PASS, reason::PASS_NOT_VIP),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_VIP_UNSERVED),
         },
         Fixture {
             name: "VIP address, UDP",
@@ -201,7 +201,7 @@ fn fixtures() -> Vec<Fixture> {
                 ETH_P_IP,
                 &Ipv4::new(v4("198.51.100.7"), v4("192.0.2.10"), 17).build(&[0; 8]),
             ),
-            expect: Expect::Unchanged(XDP_PASS, reason::PASS_NOT_VIP),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_VIP_UNSERVED),
         },
         Fixture {
             name: "ARP request for a non-VIP",
@@ -834,23 +834,37 @@ fn established_flow_keeps_its_backend_after_its_slot_moves() {
 }
 
 #[test]
-fn host_that_does_not_forward_passes_vip_traffic_and_answers_nothing() {
-    if !require_root("host_that_does_not_forward_passes_vip_traffic_and_answers_nothing") {
+fn host_that_does_not_serve_drops_vip_traffic_and_answers_nothing() {
+    if !require_root("host_that_does_not_serve_drops_vip_traffic_and_answers_nothing") {
         return;
     }
     let mut rig = rig();
     rig.serving.set_serving(false).expect("serving switch");
-    let syn = tcp4("192.0.2.10", 80, SYN);
-    let before = rig
-        .counter(global_slot(reason::PASS_NOT_FORWARDING))
-        .packets;
-    let (v, out) = rig.run(&syn);
-    assert_eq!((v, out), (XDP_PASS, syn));
-    assert_eq!(
-        rig.counter(global_slot(reason::PASS_NOT_FORWARDING))
-            .packets,
-        before + 1
+    // Every kind of VIP traffic, served port or not, TCP or not: dropped, never passed.
+    let udp = ethernet(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        ETH_P_IP,
+        &Ipv4::new(v4("198.51.100.7"), v4("192.0.2.10"), 17).build(&[0; 8]),
     );
+    for frame in [
+        tcp4("192.0.2.10", 80, SYN),
+        tcp4("192.0.2.10", 80, ACK),
+        tcp4("192.0.2.10", 81, SYN),
+        tcp6("2001:db8::10", 443, SYN),
+        udp,
+    ] {
+        let globals = global_counters(&rig);
+        let (v, out) = rig.run(&frame);
+        assert_eq!((v, &out), (XDP_DROP, &frame));
+        let mut want = globals.clone();
+        want[reason::DROP_NOT_MASTER as usize] += 1;
+        assert_eq!(global_counters(&rig), want, "only drop_not_master moves");
+    }
+    // Non-VIP traffic still passes untouched.
+    let other = tcp4("192.0.2.99", 80, SYN);
+    assert_eq!(rig.run(&other), (XDP_PASS, other));
     let req = ethernet(
         BROADCAST,
         CLIENT_MAC,

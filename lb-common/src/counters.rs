@@ -1,5 +1,6 @@
 //! Layout of the per-CPU counter array: per-VIP slots, then per-backend slots, then
-//! one slot for each global reason a packet was passed, dropped or answered.
+//! one slot for each global reason a packet was passed, dropped or answered, then one
+//! slot for each event of a forwarded packet worth knowing about.
 
 use crate::{MAX_BACKENDS, MAX_VIPS};
 
@@ -37,14 +38,27 @@ pub mod reason {
     pub const DROP_BAD_TCP: u32 = 8;
     /// VIP with no usable backend for this packet: dropped.
     pub const DROP_NO_BACKEND: u32 = 9;
-    /// VIP traffic while this host does not forward (not master): passed.
-    pub const PASS_NOT_FORWARDING: u32 = 10;
+    /// VIP traffic while this host does not serve (VRRP backup, or not yet started):
+    /// dropped, so that the kernel never answers for a VIP it does not own.
+    pub const DROP_NOT_MASTER: u32 = 10;
     /// Internal map lookup failure (should never happen): aborted.
     pub const ABORT_INTERNAL: u32 = 11;
     /// IPv6 to a VIP with a bad header (payload length beyond the frame): dropped.
     pub const DROP_BAD_IPV6: u32 = 12;
 
-    pub const COUNT: u32 = 13;
+    /// IP to a VIP address in a frame not addressed to our MAC (broadcast, multicast,
+    /// another host's): dropped.
+    pub const DROP_OTHER_MAC: u32 = 13;
+    /// ARP request or neighbour solicitation for a VIP from a multicast or broadcast
+    /// sender (Ethernet or ARP hardware address, or sender IP): dropped, not answered.
+    pub const DROP_BAD_NEIGH: u32 = 14;
+    /// To a VIP address but no service of this host: another port, not TCP, an ICMP
+    /// message other than the errors the program forwards. Dropped.
+    pub const DROP_VIP_UNSERVED: u32 = 15;
+    /// ICMP error to a VIP whose quoted packet cannot be read as IP + TCP ports: dropped.
+    pub const DROP_BAD_ICMP: u32 = 16;
+
+    pub const COUNT: u32 = 17;
 
     /// Human names, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -58,10 +72,42 @@ pub mod reason {
         "drop_ipv6_ext",
         "drop_bad_tcp",
         "drop_no_backend",
-        "pass_not_forwarding",
+        "drop_not_master",
         "abort_internal",
         "drop_bad_ipv6",
+        "drop_other_mac",
+        "drop_bad_neigh",
+        "drop_vip_unserved",
+        "drop_bad_icmp",
     ];
 }
 
-pub const STATS_SLOTS: u32 = MAX_VIPS + MAX_BACKENDS + reason::COUNT;
+/// Events of forwarded packets (they are also counted on their VIP and backend): not
+/// reasons, a packet may move none or one of them.
+pub mod event {
+    /// A new flow took the ring and was forwarded, but the flood guard
+    /// (`LbConfig::new_flows_per_cpu_s`) kept it out of the connection table.
+    pub const FLOW_NOT_RECORDED: u32 = 0;
+    /// A non-SYN packet whose flow was in neither FLOWS nor PINNED: a flow the table
+    /// lost (evicted, or the LB restarted). It took the ring.
+    pub const FLOW_MISS: u32 = 1;
+    /// ICMP fragmentation-needed / packet-too-big about a known flow, sent to its backend.
+    pub const ICMP_TO_FLOW: u32 = 2;
+    /// Such an ICMP error about a flow in no table, sent where the ring puts the flow.
+    pub const ICMP_TO_RING: u32 = 3;
+
+    pub const COUNT: u32 = 4;
+
+    pub const NAMES: [&str; COUNT as usize] = [
+        "flow_not_recorded",
+        "flow_miss",
+        "icmp_to_flow",
+        "icmp_to_ring",
+    ];
+}
+
+pub const fn event_slot(event: u32) -> u32 {
+    global_slot(reason::COUNT + event)
+}
+
+pub const STATS_SLOTS: u32 = MAX_VIPS + MAX_BACKENDS + reason::COUNT + event::COUNT;

@@ -22,8 +22,13 @@ pub const MAX_BACKENDS: u32 = 4096;
 /// Largest Maglev lookup table; each VIP owns a window of this many ring slots.
 pub const MAX_RING_SIZE: u32 = 65537;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
-/// Connection-table capacity (LRU: the least recently used flow goes first).
+/// Default connection-table capacity (LRU: the least recently used flow goes first);
+/// the agent sets the real size at load time (`[agent] max_flows`).
 pub const MAX_FLOWS: u32 = 1 << 18;
+/// Default capacity of the pinned-flow table (`[agent] max_pinned_flows`).
+pub const MAX_PINNED_FLOWS: u32 = 1 << 16;
+/// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU, so CPUs do not contend for one lock.
+pub const BPF_F_NO_COMMON_LRU: u32 = 2;
 /// Ring slot value meaning "no backend": traffic for such a slot is dropped and counted.
 pub const NO_BACKEND: u32 = u32::MAX;
 
@@ -115,6 +120,17 @@ pub struct LbConfig {
     pub new_flows_per_cpu_s: u32,
 }
 
+/// The flood guard's window, one per CPU (a per-CPU array of one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FloodWindow {
+    /// `bpf_ktime_get_ns()` when the current one-second window began.
+    pub start_ns: u64,
+    /// New flows this CPU recorded in the connection table in the window.
+    pub recorded: u32,
+    pub _pad: u32,
+}
+
 /// The single entry of the serving array: whether this host answers for the VIPs.
 /// Written by one writer only: the VRRP speaker's thread, or a standalone agent at start.
 /// Kept apart from `LbConfig` so the two writers never overwrite each other's fields.
@@ -158,6 +174,8 @@ pub mod names {
     pub const MAP_RINGS: &str = "RINGS";
     pub const MAP_BACKENDS: &str = "BACKENDS";
     pub const MAP_FLOWS: &str = "FLOWS";
+    pub const MAP_PINNED: &str = "PINNED";
+    pub const MAP_FLOOD_GUARD: &str = "FLOOD_GUARD";
     pub const MAP_STATS: &str = "STATS";
     pub const MAP_CONFIG: &str = "CONFIG";
     pub const MAP_SERVING: &str = "SERVING";
@@ -172,6 +190,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowState>() == 24);
     assert!(core::mem::size_of::<LbConfig>() == 12);
     assert!(core::mem::size_of::<Serving>() == 8);
+    assert!(core::mem::size_of::<FloodWindow>() == 16);
     assert!(core::mem::size_of::<Counter>() == 24);
     // The ring array is MAX_VIPS windows of MAX_RING_SIZE slots.
     assert!((MAX_VIPS as u64) * (MAX_RING_SIZE as u64) < u32::MAX as u64);
@@ -189,5 +208,6 @@ mod pod {
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for Serving {}
+    unsafe impl aya::Pod for FloodWindow {}
     unsafe impl aya::Pod for Counter {}
 }

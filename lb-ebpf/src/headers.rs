@@ -9,6 +9,7 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
 pub const TCP_FIN: u8 = 0x01;
@@ -93,6 +94,18 @@ pub const ETH_HLEN: usize = core::mem::size_of::<EthHdr>();
 pub const IPV4_HLEN: usize = core::mem::size_of::<Ipv4Hdr>();
 pub const IPV6_HLEN: usize = core::mem::size_of::<Ipv6Hdr>();
 pub const TCP_HLEN: usize = core::mem::size_of::<TcpHdr>();
+
+/// The group bit of a MAC address: multicast or broadcast.
+#[inline(always)]
+pub fn is_multicast_mac(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 != 0
+}
+
+/// Byte by byte, so that no `bcmp` call is emitted.
+#[inline(always)]
+pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
+}
 
 #[inline(always)]
 pub fn be16(b: [u8; 2]) -> u16 {

@@ -1,7 +1,8 @@
 //! The XDP data path. One pipeline, read top to bottom:
-//! Ethernet (+ one VLAN tag) -> ARP / IPv4 / IPv6 -> VIP address? -> header sanity ->
-//! TCP -> VIP (address, port, proto) -> connection table, else Maglev ring -> backend ->
-//! MAC rewrite -> count -> XDP_TX.
+//! Ethernet (+ one VLAN tag) -> ARP / IPv4 / IPv6 -> VIP address? -> serving, our MAC? ->
+//! header sanity -> TCP (or an ICMP error about a flow, see `icmp.rs`) -> VIP (address,
+//! port, proto) -> connection table, pinned table, else Maglev ring -> backend -> MAC
+//! rewrite -> count -> XDP_TX.
 //!
 //! Each stage returns `Step<T>`: `Ok` goes on, `Err(reason)` ends the packet. The reason
 //! is counted once in `lb_xdp` and mapped to a verdict by `verdict_of`.
@@ -9,6 +10,7 @@
 #![no_main]
 
 mod headers;
+mod icmp;
 mod maps;
 mod neigh;
 
@@ -22,10 +24,16 @@ use headers::*;
 use lb_common::{
     BACKEND_F_VALID, Backend, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING, FlowKey, FlowState,
     LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, SERVE_F_FORWARD, VipInfo, VipKey,
-    counters::{backend_slot, global_slot, reason, vip_slot},
+    counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
-use maps::{BACKENDS, CONFIG, FLOWS, RINGS, SERVING, STATS, VIPS};
+use maps::{BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, PINNED, RINGS, SERVING, STATS, VIPS};
+
+/// A pinned flow's last_seen_ns is rewritten at most this often: one map write per flow
+/// per second instead of one per packet; the agent's idle timeouts are in seconds.
+const PINNED_TOUCH_NS: u64 = 1_000_000_000;
+/// The flood guard's window.
+const GUARD_WINDOW_NS: u64 = 1_000_000_000;
 
 /// `Ok` to go on to the next stage, `Err(reason)` to end the packet (see `verdict_of`).
 pub type Step<T> = Result<T, u32>;
@@ -52,7 +60,7 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn verdict_of(why: u32) -> u32 {
     match why {
-        reason::PASS_NOT_VIP | reason::PASS_TRUNCATED | reason::PASS_NOT_FORWARDING => XDP_PASS,
+        reason::PASS_NOT_VIP | reason::PASS_TRUNCATED => XDP_PASS,
         reason::ARP_REPLY | reason::ND_REPLY => XDP_TX,
         reason::ABORT_INTERNAL => XDP_ABORTED,
         _ => XDP_DROP,
@@ -66,18 +74,29 @@ struct Packet {
     tcp_flags: u8,
 }
 
+/// What a VIP packet turned out to be.
+enum Parsed {
+    /// TCP to a served (VIP, port).
+    Tcp(Packet),
+    /// An ICMP error about a flow: the client's 5-tuple, rebuilt from the quoted packet.
+    IcmpError(FlowKey),
+}
+
 #[inline(always)]
 fn try_lb(ctx: &XdpContext) -> Step<u32> {
     let (ether_type, l3) = parse_ethernet(ctx)?;
     let cfg = CONFIG.get(0).ok_or(reason::ABORT_INTERNAL)?;
     let serve_flags = SERVING.get(0).ok_or(reason::ABORT_INTERNAL)?.flags;
-    let packet = match ether_type {
-        ETH_P_IP => parse_ipv4(ctx, l3)?,
+    let parsed = match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, l3, cfg, serve_flags)?,
         ETH_P_IPV6 => parse_ipv6(ctx, l3, cfg, serve_flags)?,
         ETH_P_ARP => return neigh::arp(ctx, l3, cfg, serve_flags),
         _ => return Err(reason::PASS_NOT_VIP),
     };
-    forward(ctx, cfg, serve_flags, &packet)
+    match parsed {
+        Parsed::Tcp(packet) => forward(ctx, cfg, &packet),
+        Parsed::IcmpError(flow) => forward_icmp_error(ctx, cfg, &flow),
+    }
 }
 
 #[inline(always)]
@@ -91,8 +110,23 @@ fn parse_ethernet(ctx: &XdpContext) -> Step<(u16, usize)> {
     Ok((ether_type, ETH_HLEN))
 }
 
+/// For IP to a VIP address, before anything else is read: a host that does not serve
+/// drops it (its kernel must not answer for a VIP), and only frames sent to our MAC are
+/// forwarded (a broadcast or another host's frame would be sent on a second time).
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Step<Packet> {
+fn vip_gate(ctx: &XdpContext, cfg: &LbConfig, serve_flags: u32) -> Step<()> {
+    if serve_flags & SERVE_F_FORWARD == 0 {
+        return Err(reason::DROP_NOT_MASTER);
+    }
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
+    if !mac_eq(unsafe { &(*eth).dst }, &cfg.mac) {
+        return Err(reason::DROP_OTHER_MAC);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Step<Parsed> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ip = unsafe { &*ip };
     let mut dst = [0u8; 16];
@@ -101,6 +135,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Step<Packet> {
     if !neigh::is_vip_addr(&dst, FAMILY_V4) {
         return Err(reason::PASS_NOT_VIP);
     }
+    vip_gate(ctx, cfg, serve_flags)?;
     let ihl = (ip.version_ihl & 0x0f) as usize * 4;
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
         return Err(reason::DROP_BAD_IPV4);
@@ -116,32 +151,45 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Step<Packet> {
     if be16(ip.frag_off) & 0x3fff != 0 {
         return Err(reason::DROP_FRAGMENT);
     }
-    if ip.proto != PROTO_TCP {
-        return Err(reason::PASS_NOT_VIP);
+    let l4 = l3 + IPV4_HLEN;
+    let end = l3 + tot_len;
+    match ip.proto {
+        PROTO_TCP => {
+            let mut src = [0u8; 16];
+            src[..4].copy_from_slice(&ip.src);
+            parse_tcp(ctx, l4, end, src, dst, FAMILY_V4).map(Parsed::Tcp)
+        }
+        IPPROTO_ICMP => icmp::quoted_flow_v4(ctx, l4, end).map(Parsed::IcmpError),
+        _ => Err(reason::DROP_VIP_UNSERVED),
     }
-    let mut src = [0u8; 16];
-    src[..4].copy_from_slice(&ip.src);
-    parse_tcp(ctx, l3 + IPV4_HLEN, l3 + tot_len, src, dst, FAMILY_V4)
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Step<Packet> {
+fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Step<Parsed> {
     neigh::neighbour_solicitation(ctx, l3, cfg, serve_flags)?;
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ip = unsafe { &*ip };
     if !neigh::is_vip_addr(&ip.dst, FAMILY_V6) {
         return Err(reason::PASS_NOT_VIP);
     }
+    vip_gate(ctx, cfg, serve_flags)?;
     let end = l3 + IPV6_HLEN + be16(ip.payload_len) as usize;
     if ip.version_class_flow[0] >> 4 != 6 || end > frame_len(ctx) {
         return Err(reason::DROP_BAD_IPV6);
     }
+    let l4 = l3 + IPV6_HLEN;
     match ip.next_hdr {
-        PROTO_TCP => parse_tcp(ctx, l3 + IPV6_HLEN, end, ip.src, ip.dst, FAMILY_V6),
-        // Hop-by-hop, routing, fragment, ESP, AH, destination options, mobility, HIP, shim6.
-        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 => Err(reason::DROP_IPV6_EXT),
-        _ => Err(reason::PASS_NOT_VIP),
+        PROTO_TCP => parse_tcp(ctx, l4, end, ip.src, ip.dst, FAMILY_V6).map(Parsed::Tcp),
+        IPPROTO_ICMPV6 => icmp::quoted_flow_v6(ctx, l4, end).map(Parsed::IcmpError),
+        next if is_ipv6_ext(next) => Err(reason::DROP_IPV6_EXT),
+        _ => Err(reason::DROP_VIP_UNSERVED),
     }
+}
+
+/// Hop-by-hop, routing, fragment, ESP, AH, destination options, mobility, HIP, shim6.
+#[inline(always)]
+pub fn is_ipv6_ext(next_hdr: u8) -> bool {
+    matches!(next_hdr, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
 /// `l4` is where TCP starts, `end` where the IP packet ends.
@@ -167,7 +215,7 @@ fn parse_tcp(
         proto: PROTO_TCP,
         family,
     };
-    let vip = *unsafe { VIPS.get(&key) }.ok_or(reason::PASS_NOT_VIP)?;
+    let vip = *unsafe { VIPS.get(&key) }.ok_or(reason::DROP_VIP_UNSERVED)?;
     let flow = FlowKey {
         src,
         dst,
@@ -184,58 +232,151 @@ fn parse_tcp(
     })
 }
 
-/// Connection table first; a SYN or an unknown flow takes the ring and is recorded.
+/// Connection table first; on a miss (non-SYN), the pinned table; a SYN or an unknown
+/// flow takes the ring and is recorded (not an RST, and within the flood guard).
 #[inline(always)]
-fn forward(ctx: &XdpContext, cfg: &LbConfig, serve_flags: u32, p: &Packet) -> Step<u32> {
-    if serve_flags & SERVE_F_FORWARD == 0 {
-        return Err(reason::PASS_NOT_FORWARDING);
-    }
+fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let rst = p.tcp_flags & TCP_RST != 0;
     let closing = if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         FLOW_F_CLOSING
     } else {
         0
     };
-    let mut pinned = None;
-    if !syn && let Some(state) = FLOWS.get_ptr_mut(&p.flow) {
-        let id = unsafe { (*state).backend };
-        // A backend that went down loses its flows to the ring, not into a void.
-        if let Some(backend) = usable_backend(id) {
-            pinned = Some((id, backend));
-            unsafe {
-                (*state).last_seen_ns = now;
-                (*state).flags |= closing;
+    let mut found = None;
+    let mut lost = false;
+    if !syn {
+        if let Some(state) = FLOWS.get_ptr_mut(&p.flow) {
+            let id = unsafe { (*state).backend };
+            // A backend that went down loses its flows to the ring, not into a void.
+            if let Some(backend) = usable_backend(id) {
+                found = Some((id, backend));
+                unsafe {
+                    (*state).last_seen_ns = now;
+                    (*state).flags |= closing;
+                }
             }
+        } else if let Some(state) = PINNED.get_ptr_mut(&p.flow) {
+            let id = unsafe { (*state).backend };
+            if let Some(backend) = usable_backend(id) {
+                found = Some((id, backend));
+                // Written only when stale or newly closing: no write per packet.
+                unsafe {
+                    if now > (*state).last_seen_ns + PINNED_TOUCH_NS {
+                        (*state).last_seen_ns = now;
+                    }
+                    if closing != 0 && (*state).flags & FLOW_F_CLOSING == 0 {
+                        (*state).flags |= FLOW_F_CLOSING;
+                    }
+                }
+            }
+        } else {
+            lost = true;
         }
     }
-    let new_flow = pinned.is_none();
-    let (chosen, backend) = match pinned {
-        Some(pinned) => pinned,
+    let new_flow = found.is_none();
+    let mut not_recorded = false;
+    let (chosen, backend) = match found {
+        Some(found) => found,
         None => {
             let id = ring_lookup(&p.vip, &p.flow)?;
-            let state = FlowState {
-                backend: id,
-                vip_num: p.vip.vip_num,
-                last_seen_ns: now,
-                flags: closing,
-                _pad: 0,
-            };
-            // A full table evicts the least recently used flow; an error here only costs
-            // this flow its pinning, so the packet still goes.
-            let _ = FLOWS.insert(&p.flow, &state, 0);
-            (id, usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?)
+            let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
+            // An RST ends a flow: recording it would only push a live flow out.
+            if !rst {
+                let state = FlowState {
+                    backend: id,
+                    vip_num: p.vip.vip_num,
+                    last_seen_ns: now,
+                    flags: closing,
+                    _pad: 0,
+                };
+                not_recorded = !record(cfg, &p.flow, &state, now)?;
+            }
+            (id, backend)
         }
     };
+    let len = rewrite_macs(ctx, cfg, backend)?;
+    count(vip_slot(p.vip.vip_num), len, new_flow);
+    count(backend_slot(chosen), len, new_flow);
+    if lost {
+        count(event_slot(event::FLOW_MISS), len, false);
+    }
+    if not_recorded {
+        count(event_slot(event::FLOW_NOT_RECORDED), len, false);
+    }
+    Ok(XDP_TX)
+}
+
+/// Records a new flow in the connection table unless this CPU has already recorded
+/// `new_flows_per_cpu_s` in the current one-second window. Returns whether it did.
+#[inline(always)]
+fn record(cfg: &LbConfig, flow: &FlowKey, state: &FlowState, now: u64) -> Step<bool> {
+    let limit = cfg.new_flows_per_cpu_s;
+    if limit != 0 {
+        let w = FLOOD_GUARD.get_ptr_mut(0).ok_or(reason::ABORT_INTERNAL)?;
+        // SAFETY: this CPU's own entry; XDP runs with preemption off on a CPU.
+        let w = unsafe { &mut *w };
+        if now.wrapping_sub(w.start_ns) >= GUARD_WINDOW_NS {
+            w.start_ns = now;
+            w.recorded = 0;
+        }
+        if w.recorded >= limit {
+            return Ok(false);
+        }
+        w.recorded += 1;
+    }
+    // A full table evicts the least recently used flow; an error here only costs this
+    // flow its entry, so the packet still goes.
+    let _ = FLOWS.insert(flow, state, 0);
+    Ok(true)
+}
+
+/// ICMP fragmentation-needed / packet-too-big about a VIP flow goes to the backend that
+/// sent the packet it quotes (in DSR only the backend can lower its path MTU): the
+/// flow's backend from FLOWS or PINNED, else the ring's choice; nothing is recorded.
+#[inline(always)]
+fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<u32> {
+    let mut found = None;
+    if let Some(state) = unsafe { FLOWS.get(flow) } {
+        found = usable_backend(state.backend).map(|b| (state.backend, state.vip_num, b));
+    }
+    if found.is_none()
+        && let Some(state) = unsafe { PINNED.get(flow) }
+    {
+        found = usable_backend(state.backend).map(|b| (state.backend, state.vip_num, b));
+    }
+    let (chosen, vip_num, backend, what) = match found {
+        Some((id, vip_num, backend)) => (id, vip_num, backend, event::ICMP_TO_FLOW),
+        None => {
+            let key = VipKey {
+                addr: flow.dst,
+                port_be: flow.dport_be,
+                proto: PROTO_TCP,
+                family: flow.family,
+            };
+            let vip = *unsafe { VIPS.get(&key) }.ok_or(reason::DROP_VIP_UNSERVED)?;
+            let id = ring_lookup(&vip, flow)?;
+            let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
+            (id, vip.vip_num, backend, event::ICMP_TO_RING)
+        }
+    };
+    let len = rewrite_macs(ctx, cfg, backend)?;
+    count(vip_slot(vip_num), len, false);
+    count(backend_slot(chosen), len, false);
+    count(event_slot(what), len, false);
+    Ok(XDP_TX)
+}
+
+/// DSR: the frame goes to the backend's MAC from ours, IP untouched. Returns its length.
+#[inline(always)]
+fn rewrite_macs(ctx: &XdpContext, cfg: &LbConfig, backend: &Backend) -> Step<u64> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
     unsafe {
         (*eth).dst = backend.mac;
         (*eth).src = cfg.mac;
     }
-    let len = frame_len(ctx) as u64;
-    count(vip_slot(p.vip.vip_num), len, new_flow);
-    count(backend_slot(chosen), len, new_flow);
-    Ok(XDP_TX)
+    Ok(frame_len(ctx) as u64)
 }
 
 /// The backend's entry, if it may take packets.

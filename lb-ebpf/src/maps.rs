@@ -1,12 +1,15 @@
-//! Every map of the program, in one place. The agent fills all but FLOWS and STATS.
+//! Every map of the program, in one place. The agent fills all but FLOWS, FLOOD_GUARD
+//! and STATS. FLOWS and PINNED are sized by the agent at load time; the sizes here are
+//! the defaults.
 
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counter, FlowKey, FlowState, LbConfig, MAX_BACKENDS, MAX_FLOWS, MAX_RING_SIZE,
-    MAX_VIPS, Serving, VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS,
+    BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
+    MAX_FLOWS, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, Serving, VipAddrKey, VipInfo, VipKey,
+    counters::STATS_SLOTS,
 };
 
 /// (VIP address, port, protocol) -> the VIP's number and ring size.
@@ -26,8 +29,19 @@ pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * MAX_RING_SIZE,
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Connection table: keeps an established flow on its backend when the ring changes.
+/// One LRU list per CPU: no lock shared by all CPUs on every insert.
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+pub static FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+
+/// Flows the agent pinned to their backend (not LRU: nothing evicts them but the
+/// agent). Consulted only when FLOWS misses for a non-SYN packet.
+#[map]
+pub static PINNED: HashMap<FlowKey, FlowState> = HashMap::with_max_entries(MAX_PINNED_FLOWS, 0);
+
+/// The flood guard's one-second window, per CPU.
+#[map]
+pub static FLOOD_GUARD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
 
 /// All counters: per-VIP slots, per-backend slots, then global reasons (lb_common::counters).
 #[map]

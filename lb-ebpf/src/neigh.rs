@@ -9,7 +9,10 @@ use lb_common::{
 
 use crate::{
     Step,
-    headers::{ArpHdr, EthHdr, IPPROTO_ICMPV6, IPV6_HLEN, Ipv6Hdr, NdMsg, be16, frame_len, ptr_at},
+    headers::{
+        ArpHdr, EthHdr, IPPROTO_ICMPV6, IPV6_HLEN, Ipv6Hdr, NdMsg, be16, frame_len,
+        is_multicast_mac, ptr_at,
+    },
     maps::VIP_ADDRS,
 };
 
@@ -52,8 +55,8 @@ pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Ste
         }
         let tpa = (*arp).tpa;
         let spa = (*arp).spa;
-        // Announcements (sender == target) and probes (sender 0.0.0.0) need no answer.
-        if u32::from_ne_bytes(spa) == 0 || u32::from_ne_bytes(spa) == u32::from_ne_bytes(tpa) {
+        // Announcements (sender == target) need no answer.
+        if u32::from_ne_bytes(spa) == u32::from_ne_bytes(tpa) {
             return Err(reason::PASS_NOT_VIP);
         }
         let mut addr = [0u8; 16];
@@ -62,6 +65,15 @@ pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Ste
             return Err(reason::PASS_NOT_VIP);
         }
         let sha = (*arp).sha;
+        // The answer goes to the sender: a probe (0.0.0.0), a multicast, broadcast or
+        // class E sender, or a group MAC would make us answer to many, or to no one.
+        if is_multicast_mac(&(*eth).src)
+            || is_multicast_mac(&sha)
+            || u32::from_ne_bytes(spa) == 0
+            || spa[0] >= 224
+        {
+            return Err(reason::DROP_BAD_NEIGH);
+        }
         (*arp).oper = ARP_REPLY.to_be_bytes();
         (*arp).tha = sha;
         (*arp).tpa = spa;
@@ -103,6 +115,11 @@ pub fn neighbour_solicitation(
     // Duplicate address detection (source ::) is left to the kernel.
     if src.iter().all(|b| *b == 0) {
         return Err(reason::PASS_NOT_VIP);
+    }
+    // The advertisement goes back to the source: never to a group.
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_TRUNCATED)?;
+    if is_multicast_mac(unsafe { &(*eth).src }) || src[0] == 0xff {
+        return Err(reason::DROP_BAD_NEIGH);
     }
     // Make the frame exactly as long as the advertisement. Only the tail moves: the
     // headers stay where they are, but every pointer must be taken again.

@@ -27,7 +27,7 @@ use crate::{
     admin::{AdminBackend, AdminState},
     config::{self, BackendSpec, Config, ConfigErrors, HealthCheck, MAX_WEIGHT, Service, XdpMode},
     control::{self, Call},
-    dataplane::{AttachedMode, DataPlane, ServeSwitch, ServingMap, XdpDataPlane},
+    dataplane::{AttachedMode, DataPlane, MapSizes, ServeSwitch, ServingMap, XdpDataPlane},
     health::{CheckResult, Health, Verdict, check_tcp},
     neigh::Neighbours,
     programmer::{ApplyReport, BackendView, Programmer},
@@ -164,8 +164,23 @@ impl Agent {
     ) -> Result<Self> {
         let interface = config.agent.interface.clone();
         let mac = interface_mac(&interface)?;
+        // A backend on one of our own addresses would have its traffic sent back to us.
+        let own = vrrp::net::interface_addresses(&interface)
+            .with_context(|| format!("reading the addresses of {interface}"))?;
+        let on_us = config::backends_on_own_addresses(&config, &own);
+        if !on_us.is_empty() {
+            let list: Vec<String> = on_us.iter().map(|b| b.to_string()).collect();
+            anyhow::bail!(
+                "refusing to start: {} ({interface}); a backend must be another host",
+                list.join("; ")
+            );
+        }
         let admin = AdminState::load(&config.agent.state_dir)?;
-        let mut dp = XdpDataPlane::load().context("loading the XDP program")?;
+        let sizes = MapSizes {
+            max_flows: config.agent.max_flows,
+            max_pinned_flows: config.agent.max_pinned_flows,
+        };
+        let mut dp = XdpDataPlane::load_sized(sizes).context("loading the XDP program")?;
         let serve_switch = dp
             .take_serve_switch()
             .context("the XDP object has no serving switch")?;
@@ -197,7 +212,7 @@ impl Agent {
         agent.dp.set_config(&LbConfig {
             mac,
             _pad: [0; 2],
-            new_flows_per_cpu_s: 0,
+            new_flows_per_cpu_s: agent.config.agent.new_flows_per_cpu_s,
         })?;
         agent.apply()?;
         // With VRRP, a host starts as backup: it serves once the election says so.
@@ -417,6 +432,14 @@ impl Agent {
         if self.config.vrrp != new.vrrp {
             return Err(ReloadError::NeedsRestart("[vrrp] changed"));
         }
+        // The flow tables are sized when the program is loaded.
+        if old.max_flows != newa.max_flows {
+            return Err(ReloadError::NeedsRestart("agent.max_flows changed"));
+        }
+        if old.max_pinned_flows != newa.max_pinned_flows {
+            return Err(ReloadError::NeedsRestart("agent.max_pinned_flows changed"));
+        }
+        let guard_changed = old.new_flows_per_cpu_s != newa.new_flows_per_cpu_s;
         let fresh = self
             .neigh
             .resolve(&backend_addresses(&new), RESOLVE_WAIT)
@@ -424,6 +447,15 @@ impl Agent {
             .map_err(anyhow::Error::from)?;
         self.macs.extend(fresh);
         self.config = new;
+        if guard_changed {
+            self.dp
+                .set_config(&LbConfig {
+                    mac: self.mac,
+                    _pad: [0; 2],
+                    new_flows_per_cpu_s: self.config.agent.new_flows_per_cpu_s,
+                })
+                .map_err(anyhow::Error::from)?;
+        }
         self.sync_health().await;
         Ok(self.apply()?)
     }

@@ -8,7 +8,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use lb_common::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
+use lb_common::{
+    DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS,
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -50,11 +52,32 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// A flow with no packet for this long no longer counts as active.
     pub flow_idle_timeout_s: u32,
+    /// Flood guard: new flows one CPU records in the connection table per second;
+    /// beyond it new flows are still forwarded but not recorded. 0: no limit.
+    pub new_flows_per_cpu_s: u32,
+    /// Size of the connection table (FLOWS); changing it needs a restart.
+    pub max_flows: u32,
+    /// Size of the pinned-flow table (PINNED); changing it needs a restart.
+    pub max_pinned_flows: u32,
 }
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
 pub const DEFAULT_FLOW_IDLE_TIMEOUT_S: u32 = 900;
+/// 100,000 new flows per second on each CPU. One CPU of this data path can record about
+/// 2 million SYNs a second (the bench: ~440 ns each), a SYN flood easily that many;
+/// legitimate connection setups at an L4 LB are tens of thousands a second for the
+/// whole host, spread over its CPUs by RSS, and each costs its backend a handshake (and
+/// usually TLS) that is far dearer than our lookup. So legitimate load stays well below
+/// the limit on any one CPU, while a flood records at most this many flows per CPU per
+/// second instead of everything it sends.
+pub const DEFAULT_NEW_FLOWS_PER_CPU_S: u32 = 100_000;
+pub const DEFAULT_MAX_FLOWS: u32 = MAX_FLOWS;
+pub const DEFAULT_MAX_PINNED_FLOWS: u32 = MAX_PINNED_FLOWS;
+/// Flow-table sizes accepted: below this a table is useless, above it the memory (about
+/// 200 bytes a flow with the kernel's own overhead) is more than an LB host should lock.
+pub const MIN_FLOW_TABLE: u32 = 1024;
+pub const MAX_FLOW_TABLE: u32 = 1 << 24;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpMode {
@@ -192,6 +215,9 @@ struct RawAgent {
     control_socket: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
     flow_idle_timeout_s: Option<Spanned<i64>>,
+    new_flows_per_cpu_s: Option<Spanned<i64>>,
+    max_flows: Option<Spanned<i64>>,
+    max_pinned_flows: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -397,6 +423,11 @@ impl Validator<'_> {
             None => Some(None),
             Some(v) => self.vrrp(v, &services).map(Some),
         };
+        let peers = match &vrrp {
+            Some(Some(v)) => v.peers.clone(),
+            _ => Vec::new(),
+        };
+        self.backends_elsewhere(&raw, &services, &peers);
         Some(Config {
             agent: agent?,
             services,
@@ -537,13 +568,69 @@ impl Validator<'_> {
             1,
             86_400,
         );
+        let new_flows_per_cpu_s = self.number(
+            &raw.new_flows_per_cpu_s,
+            "agent.new_flows_per_cpu_s",
+            DEFAULT_NEW_FLOWS_PER_CPU_S,
+            0,
+            100_000_000,
+        );
+        let max_flows = self.number(
+            &raw.max_flows,
+            "agent.max_flows",
+            DEFAULT_MAX_FLOWS,
+            MIN_FLOW_TABLE,
+            MAX_FLOW_TABLE,
+        );
+        let max_pinned_flows = self.number(
+            &raw.max_pinned_flows,
+            "agent.max_pinned_flows",
+            DEFAULT_MAX_PINNED_FLOWS,
+            MIN_FLOW_TABLE,
+            MAX_FLOW_TABLE,
+        );
         Some(AgentConfig {
             interface: interface?,
             xdp_mode: xdp_mode?,
             control_socket: control_socket?,
             state_dir: state_dir?,
             flow_idle_timeout_s: flow_idle_timeout_s?,
+            new_flows_per_cpu_s: new_flows_per_cpu_s?,
+            max_flows: max_flows?,
+            max_pinned_flows: max_pinned_flows?,
         })
+    }
+
+    /// A backend must be a host of its own: a VIP's traffic sent to a VIP, or to the
+    /// peer LB, would come back to an LB instead of reaching a server.
+    fn backends_elsewhere(&mut self, raw: &RawConfig, services: &[Service], peers: &[IpAddr]) {
+        let vips: HashMap<IpAddr, &str> =
+            services.iter().map(|s| (s.vip, s.name.as_str())).collect();
+        for (i, s) in raw.services.iter().enumerate() {
+            for (j, b) in s.get_ref().backends.iter().enumerate() {
+                let Some(a) = &b.get_ref().address else {
+                    continue;
+                };
+                // Unparsable addresses were reported already.
+                let Ok(addr) = a.get_ref().parse::<IpAddr>() else {
+                    continue;
+                };
+                let path = format!("services[{i}].backends[{j}].address");
+                if let Some(service) = vips.get(&addr) {
+                    self.err(
+                        a,
+                        &path,
+                        format!("{addr} is the VIP of service {service:?}, not a backend"),
+                    );
+                } else if peers.contains(&addr) {
+                    self.err(
+                        a,
+                        &path,
+                        format!("{addr} is a VRRP peer (another LB host), not a backend"),
+                    );
+                }
+            }
+        }
     }
 
     /// An absolute path, or the default when absent.
@@ -705,13 +792,7 @@ impl Validator<'_> {
                         if vip.is_ipv4() != be.address.is_ipv4() {
                             self.err_at(Some(b.span()), &format!("{bpath}.address"), format!("{} and the VIP {vip} are of different families (DSR forwards the client's packet as is)", be.address));
                         }
-                        if vip == be.address {
-                            self.err_at(
-                                Some(b.span()),
-                                &format!("{bpath}.address"),
-                                "a backend cannot be the VIP itself",
-                            );
-                        }
+                        // A backend on any VIP, this one included: `backends_elsewhere`.
                     }
                     backends.push(be);
                 }
@@ -791,6 +872,43 @@ impl Validator<'_> {
             weight: weight?,
             backup,
         })
+    }
+}
+
+/// A backend whose address is one of this LB host's own (`own`: the interface's
+/// addresses): its traffic would be sent back to ourselves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnBackend {
+    pub service: String,
+    pub backend: String,
+    pub address: IpAddr,
+}
+
+/// Every backend of `config` whose address is in `own`, in config order.
+pub fn backends_on_own_addresses(config: &Config, own: &[IpAddr]) -> Vec<OwnBackend> {
+    config
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.backends
+                .iter()
+                .filter(|b| own.contains(&b.address))
+                .map(|b| OwnBackend {
+                    service: s.name.clone(),
+                    backend: b.name.clone(),
+                    address: b.address,
+                })
+        })
+        .collect()
+}
+
+impl fmt::Display for OwnBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "backend {:?} of service {:?} has {}, an address of this host",
+            self.backend, self.service, self.address
+        )
     }
 }
 
@@ -991,6 +1109,119 @@ port = 80
             }
         }
         assert!(seen > 0, "no config in {}", dir.display());
+    }
+
+    #[test]
+    fn flow_table_keys() {
+        let c = parse(GOOD, "t").expect("valid");
+        assert_eq!(
+            (
+                c.agent.new_flows_per_cpu_s,
+                c.agent.max_flows,
+                c.agent.max_pinned_flows
+            ),
+            (100_000, 262_144, 65_536)
+        );
+        let set = GOOD.replace(
+            "xdp_mode = \"native\"\n",
+            "xdp_mode = \"native\"\nnew_flows_per_cpu_s = 0\nmax_flows = 1048576\nmax_pinned_flows = 4096\n",
+        );
+        let c = parse(&set, "t").expect("valid");
+        assert_eq!(
+            (
+                c.agent.new_flows_per_cpu_s,
+                c.agent.max_flows,
+                c.agent.max_pinned_flows
+            ),
+            (0, 1_048_576, 4096)
+        );
+        let bad = GOOD.replace(
+            "xdp_mode = \"native\"\n",
+            "xdp_mode = \"native\"\nnew_flows_per_cpu_s = -1\nmax_flows = 10\nmax_pinned_flows = 99999999999\n",
+        );
+        let errs = parse(&bad, "t").expect_err("invalid").errors;
+        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+        for want in [
+            "line 5, column 23: agent.new_flows_per_cpu_s: -1 is out of range",
+            "line 6, column 13: agent.max_flows: 10 is out of range (1024 to 16777216)",
+            "line 7, column 20: agent.max_pinned_flows",
+        ] {
+            assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+        }
+        assert_eq!(errs.len(), 3, "{joined}");
+    }
+
+    #[test]
+    fn a_backend_cannot_be_a_vip_or_a_vrrp_peer() {
+        let bad = r#"
+[agent]
+interface = "eth0"
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+[[services.backends]]
+name = "a"
+address = "192.0.2.11"
+[[services.backends]]
+name = "b"
+address = "192.0.2.7"
+[[services.backends]]
+name = "c"
+address = "192.0.2.21"
+[[services]]
+name = "api"
+vip = "192.0.2.11"
+port = 443
+[[services.backends]]
+name = "d"
+address = "192.0.2.11"
+[vrrp]
+router_id = 51
+priority = 100
+peers = ["192.0.2.7"]
+"#;
+        let errs = parse(bad, "t").expect_err("invalid").errors;
+        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+        assert!(
+            joined.contains(
+                "line 10, column 11: services[0].backends[0].address: 192.0.2.11 is the VIP of service \"api\""
+            ),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "line 13, column 11: services[0].backends[1].address: 192.0.2.7 is a VRRP peer"
+            ),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "line 23, column 11: services[1].backends[0].address: 192.0.2.11 is the VIP of service \"api\""
+            ),
+            "{joined}"
+        );
+        assert_eq!(errs.len(), 3, "{joined}");
+    }
+
+    #[test]
+    fn backends_on_the_hosts_own_addresses_are_listed() {
+        let c = parse(GOOD, "t").expect("valid");
+        let own: Vec<IpAddr> = vec!["192.0.2.22".parse().unwrap(), "fe80::1".parse().unwrap()];
+        let found = backends_on_own_addresses(&c, &own);
+        assert_eq!(
+            found,
+            vec![OwnBackend {
+                service: "web".into(),
+                backend: "web-2".into(),
+                address: "192.0.2.22".parse().unwrap(),
+            }]
+        );
+        assert_eq!(
+            found[0].to_string(),
+            "backend \"web-2\" of service \"web\" has 192.0.2.22, an address of this host"
+        );
+        assert!(backends_on_own_addresses(&c, &["192.0.2.1".parse().unwrap()]).is_empty());
     }
 
     #[test]

@@ -3,14 +3,16 @@
 
 use std::collections::HashMap as StdHashMap;
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp, XdpMode},
 };
 use lb_common::{
-    Backend, Counter, LbConfig, MAX_RING_SIZE, SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey,
-    names,
+    Backend, Counter, FlowKey, FlowState, LbConfig, MAX_FLOWS, MAX_PINNED_FLOWS, MAX_RING_SIZE,
+    SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, names,
 };
 
 /// The XDP object built from `lb-ebpf`, embedded at build time.
@@ -31,6 +33,12 @@ pub enum DataPlaneError {
     Program {
         program: &'static str,
         source: ProgramError,
+    },
+    #[error("map {map}: {op}: {source}")]
+    Syscall {
+        map: &'static str,
+        op: &'static str,
+        source: std::io::Error,
     },
     #[error("attaching to {interface} in {mode} mode: {source}")]
     Attach {
@@ -159,6 +167,214 @@ impl FlowStore for FakeFlowStore {
     }
 }
 
+/// The real flow tables: the program's FLOWS and PINNED maps, through handles of its own
+/// (duplicated descriptors), so a scanner thread can hold it apart from the data plane.
+pub struct FlowMaps {
+    flows: OwnedFd,
+    pinned: MapData,
+}
+
+/// Entries asked for in one BPF_MAP_LOOKUP_BATCH call. A hash map's batch is made of
+/// whole buckets, so a call may need room for one bucket more than it returns.
+const BATCH: usize = 8192;
+
+impl FlowMaps {
+    fn fd(&self, table: FlowTable) -> (BorrowedFd<'_>, &'static str) {
+        match table {
+            FlowTable::Connections => (self.flows.as_fd(), names::MAP_FLOWS),
+            FlowTable::Pinned => (self.pinned.fd().as_fd(), names::MAP_PINNED),
+        }
+    }
+}
+
+impl FlowStore for FlowMaps {
+    fn read(&mut self, table: FlowTable) -> Result<Vec<(FlowKey, FlowState)>> {
+        let (fd, map) = self.fd(table);
+        sys::lookup_batch(&fd, BATCH).map_err(|source| DataPlaneError::Syscall {
+            map,
+            op: "BPF_MAP_LOOKUP_BATCH",
+            source,
+        })
+    }
+    fn pin(&mut self, flows: &[(FlowKey, FlowState)]) -> Result<usize> {
+        let mut full = 0;
+        for (key, value) in flows {
+            match sys::update(&self.pinned.fd().as_fd(), key, value) {
+                Ok(()) => {}
+                // A full preallocated hash answers E2BIG; ENOMEM when memory runs out.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) => full += 1,
+                Err(source) => {
+                    return Err(DataPlaneError::Syscall {
+                        map: names::MAP_PINNED,
+                        op: "BPF_MAP_UPDATE_ELEM",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(full)
+    }
+    fn unpin(&mut self, keys: &[FlowKey]) -> Result<()> {
+        for key in keys {
+            match sys::delete(&self.pinned.fd().as_fd(), key) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(DataPlaneError::Syscall {
+                        map: names::MAP_PINNED,
+                        op: "BPF_MAP_DELETE_ELEM",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bpf(2) commands aya 0.14 does not wrap for us (batch lookup), and the two element
+/// writes, on a raw map descriptor.
+mod sys {
+    use std::{io, os::fd::AsRawFd};
+
+    use lb_common::{FlowKey, FlowState};
+
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const BPF_ANY: u64 = 0;
+
+    /// `union bpf_attr` as BPF_MAP_*_ELEM reads it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+
+    /// `union bpf_attr` as BPF_MAP_LOOKUP_BATCH reads it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+        // SAFETY: `attr` is a bpf_attr prefix of the right layout for `cmd`, and every
+        // pointer in it points to memory that outlives the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut T as *mut libc::c_void,
+                std::mem::size_of::<T>() as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn update(fd: &impl AsRawFd, key: &FlowKey, value: &FlowState) -> io::Result<()> {
+        let mut attr = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: key as *const FlowKey as u64,
+            value: value as *const FlowState as u64,
+            flags: BPF_ANY,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+    }
+
+    pub fn delete(fd: &impl AsRawFd, key: &FlowKey) -> io::Result<()> {
+        let mut attr = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: key as *const FlowKey as u64,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_DELETE_ELEM, &mut attr)
+    }
+
+    /// Every entry, `batch` at a time. The position between calls is a bucket index
+    /// kept by the kernel (not a key), so entries the LRU evicts meanwhile cost nothing:
+    /// they are simply not returned. ENOENT ends the walk (with that call's last
+    /// entries); ENOSPC means one bucket holds more than `batch`: retried with more room.
+    pub fn lookup_batch(fd: &impl AsRawFd, batch: usize) -> io::Result<Vec<(FlowKey, FlowState)>> {
+        let mut out = Vec::new();
+        let mut size = batch.max(1);
+        let mut keys = vec![FlowKey::default(); size];
+        let mut values = vec![FlowState::default(); size];
+        // Tokens: the kernel reads and writes a u32 bucket index for hash maps.
+        let mut token = 0u64;
+        let mut first = true;
+        loop {
+            let mut next = 0u64;
+            let mut attr = BatchAttr {
+                in_batch: if first {
+                    0
+                } else {
+                    &token as *const u64 as u64
+                },
+                out_batch: &mut next as *mut u64 as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: size as u32,
+                map_fd: fd.as_raw_fd() as u32,
+                ..Default::default()
+            };
+            let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let n = (attr.count as usize).min(size);
+            match r {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+                    return Ok(out);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                    size *= 2;
+                    keys.resize(size, FlowKey::default());
+                    values.resize(size, FlowState::default());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+            token = next;
+            first = false;
+        }
+    }
+}
+
+/// How big the flow tables are made at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// FLOWS, the LRU connection table.
+    pub max_flows: u32,
+    /// PINNED, the agent's table of flows kept on their backend.
+    pub max_pinned_flows: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            max_flows: MAX_FLOWS,
+            max_pinned_flows: MAX_PINNED_FLOWS,
+        }
+    }
+}
+
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -182,6 +398,18 @@ pub fn flow_is_active(
         && now_ns.saturating_sub(state.last_seen_ns) < idle.as_nanos() as u64
 }
 
+/// A descriptor of our own on a map: it keeps the map alive as long as we hold it.
+fn dup_fd(map: &MapData, name: &'static str) -> Result<OwnedFd> {
+    map.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DataPlaneError::Syscall {
+            map: name,
+            op: "dup",
+            source,
+        })
+}
+
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {
     move |source| DataPlaneError::Map { map, source }
 }
@@ -196,6 +424,7 @@ pub struct XdpDataPlane {
     stats: PerCpuArray<MapData, Counter>,
     config: Array<MapData, LbConfig>,
     serving: Option<ServingMap>,
+    flow_store: Option<FlowMaps>,
 }
 
 /// How the program ended up attached.
@@ -215,9 +444,18 @@ impl std::fmt::Display for AttachedMode {
 }
 
 impl XdpDataPlane {
-    /// Loads the embedded object into the kernel (verifier included); attaches nothing.
+    /// Loads the embedded object with the default table sizes; attaches nothing.
     pub fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        Self::load_sized(MapSizes::default())
+    }
+
+    /// Loads the embedded object into the kernel (verifier included) with its flow
+    /// tables of `sizes`; attaches nothing.
+    pub fn load_sized(sizes: MapSizes) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::MAP_FLOWS, sizes.max_flows)
+            .map_max_entries(names::MAP_PINNED, sizes.max_pinned_flows)
+            .load(OBJECT)?;
         fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
             ebpf.take_map(name)
                 .ok_or(DataPlaneError::Missing { kind: "map", name })
@@ -236,6 +474,28 @@ impl XdpDataPlane {
             .map_err(map_err(names::MAP_CONFIG))?;
         let serving = Array::try_from(take(&mut ebpf, names::MAP_SERVING)?)
             .map_err(map_err(names::MAP_SERVING))?;
+        // FLOWS stays in `ebpf` too (for `flow` and `active_flows`): the store gets its
+        // own descriptor on it. PINNED belongs to the store alone.
+        let flows = match ebpf.map(names::MAP_FLOWS) {
+            Some(Map::LruHashMap(m)) => dup_fd(m, names::MAP_FLOWS)?,
+            _ => {
+                return Err(DataPlaneError::Missing {
+                    kind: "LRU hash map",
+                    name: names::MAP_FLOWS,
+                });
+            }
+        };
+        let pinned = match take(&mut ebpf, names::MAP_PINNED)? {
+            // Kept, not duplicated: the program is loaded below and refers to this map
+            // by the descriptor the loader created.
+            Map::HashMap(m) => m,
+            _ => {
+                return Err(DataPlaneError::Missing {
+                    kind: "hash map",
+                    name: names::MAP_PINNED,
+                });
+            }
+        };
         let mut dp = Self {
             ebpf,
             vips,
@@ -245,6 +505,7 @@ impl XdpDataPlane {
             stats,
             config,
             serving: Some(ServingMap(serving)),
+            flow_store: Some(FlowMaps { flows, pinned }),
         };
         dp.program_mut(names::PROG_LB)?;
         Ok(dp)
@@ -254,6 +515,12 @@ impl XdpDataPlane {
     /// serves (the VRRP speaker, or a standalone agent). The program starts not serving.
     pub fn take_serve_switch(&mut self) -> Option<ServingMap> {
         self.serving.take()
+    }
+
+    /// The flow tables, handed out once: whoever holds them reads FLOWS and PINNED and
+    /// writes PINNED (the agent's flow scanner).
+    pub fn take_flow_store(&mut self) -> Option<FlowMaps> {
+        self.flow_store.take()
     }
 
     /// The XDP program `name`, loaded into the kernel.

@@ -245,6 +245,57 @@ pub fn neighbour_advertisement(
     ipv6(src, dst, 58, 255, &m)
 }
 
+/// The first bytes of a packet as an ICMP error quotes it: the IP header and the first
+/// 8 bytes of TCP (the ports, the sequence number), lengths as in the original.
+pub fn quote(src: (IpAddr, u16), dst: (IpAddr, u16), flags: u8) -> Vec<u8> {
+    let seg = tcp(src.0, dst.0, src.1, dst.1, flags, &[0; 1400]);
+    match (src.0, dst.0) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Ipv4::new(s, d, 6).build(&seg)[..28].to_vec(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s, d, 6, 64, &seg)[..48].to_vec(),
+        _ => panic!("mixed address families"),
+    }
+}
+
+/// ICMP destination unreachable, fragmentation needed (type 3 code 4), with the next-hop
+/// MTU, quoting `quoted`, as a router sends it.
+pub fn icmp4_frag_needed(src: Ipv4Addr, dst: Ipv4Addr, mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![3, 4, 0, 0, 0, 0];
+    m.extend_from_slice(&mtu.to_be_bytes());
+    m.extend_from_slice(quoted);
+    let c = checksum(&[&m]);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    Ipv4::new(src, dst, 1).build(&m)
+}
+
+/// ICMPv6 packet too big (type 2), quoting `quoted`.
+pub fn icmp6_packet_too_big(src: Ipv6Addr, dst: Ipv6Addr, mtu: u32, quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![2, 0, 0, 0];
+    m.extend_from_slice(&mtu.to_be_bytes());
+    m.extend_from_slice(quoted);
+    let c = l4_checksum(IpAddr::V6(src), IpAddr::V6(dst), 58, &m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv6(src, dst, 58, 64, &m)
+}
+
+/// ICMP / ICMPv6 echo request (type 8 / 128).
+pub fn echo_request(src: IpAddr, dst: IpAddr) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut m = vec![8, 0, 0, 0, 0, 1, 0, 1];
+            let c = checksum(&[&m]);
+            m[2..4].copy_from_slice(&c.to_be_bytes());
+            Ipv4::new(s, d, 1).build(&m)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut m = vec![128, 0, 0, 0, 0, 1, 0, 1];
+            let c = l4_checksum(src, dst, 58, &m);
+            m[2..4].copy_from_slice(&c.to_be_bytes());
+            ipv6(s, d, 58, 64, &m)
+        }
+        _ => panic!("mixed address families"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

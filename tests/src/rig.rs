@@ -8,7 +8,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{Counter, FAMILY_V4, LbConfig};
 use lb_userspace::{
     config::{BackendSpec, Service},
-    dataplane::{DataPlane, ServeSwitch, ServingMap, XdpDataPlane},
+    dataplane::{DataPlane, MapSizes, ServeSwitch, ServingMap, XdpDataPlane},
     programmer::{BackendView, Programmer, addr_bytes},
 };
 
@@ -75,7 +75,12 @@ pub struct Run {
 impl Rig {
     /// Loads the program (root needed) and programs `services` with LB_MAC as ours.
     pub fn new(services: Vec<Service>) -> anyhow::Result<Self> {
-        let mut dp = XdpDataPlane::load()?;
+        Self::new_sized(services, MapSizes::default())
+    }
+
+    /// As `new`, with flow tables of `sizes`.
+    pub fn new_sized(services: Vec<Service>, sizes: MapSizes) -> anyhow::Result<Self> {
+        let mut dp = XdpDataPlane::load_sized(sizes)?;
         let mut programmer = Programmer::new();
         programmer.apply(&mut dp, &services, &all_up)?;
         dp.set_config(&LbConfig {
@@ -141,7 +146,42 @@ impl Rig {
         (r.verdict, r.output)
     }
 
+    /// Sets the flood guard (new flows recorded per CPU per second; 0: off).
+    pub fn set_flood_guard(&mut self, per_cpu_s: u32) {
+        self.dp
+            .set_config(&LbConfig {
+                mac: LB_MAC,
+                _pad: [0; 2],
+                new_flows_per_cpu_s: per_cpu_s,
+            })
+            .expect("config map");
+    }
+
     pub fn counter(&self, slot: u32) -> Counter {
         self.dp.counter(slot).expect("counter")
     }
+}
+
+/// Moves the calling thread onto one CPU, so that BPF_PROG_TEST_RUN runs there: the
+/// flood guard and the connection table's LRU lists are per CPU.
+pub fn run_on_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it for cpu < 1024.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let r = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            r,
+            0,
+            "sched_setaffinity to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Online CPUs (not this thread's affinity, which `run_on_cpu` narrows).
+pub fn cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
 }

@@ -5,23 +5,29 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    FlowKey, PROTO_TCP,
-    counters::{backend_slot, global_slot, reason, vip_slot},
+    FLOW_F_CLOSING, FlowKey, FlowState, PROTO_TCP,
+    counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
 use lb_tests::{
     packet::*,
     require_root,
-    rig::{CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_PASS, XDP_TX, all_up, backend_mac, service},
+    rig::{
+        CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_PASS, XDP_TX, all_up, backend_mac, cpus, run_on_cpu,
+        service,
+    },
 };
 use lb_userspace::{
     config::{BackendSpec, Service},
-    dataplane::{DataPlane, ServeSwitch},
+    dataplane::{DataPlane, FlowStore, FlowTable, MapSizes, ServeSwitch},
     maglev,
     programmer::{BackendView, addr_bytes},
 };
 
 const ROUTER_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x01];
+const OTHER_HOST_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
+/// A group (multicast) MAC: the low bit of the first byte set.
+const GROUP_MAC: [u8; 6] = [0x03, 0xc1, 0, 0, 0, 0x01];
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
@@ -190,7 +196,7 @@ fn fixtures() -> Vec<Fixture> {
         Fixture {
             name: "VIP address, other port",
             input: tcp4("192.0.2.10", 81, SYN),
-            expect: Expect::Unchanged(XDP_PASS, reason::PASS_NOT_VIP),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_VIP_UNSERVED),
         },
         Fixture {
             name: "VIP address, UDP",
@@ -201,7 +207,7 @@ fn fixtures() -> Vec<Fixture> {
                 ETH_P_IP,
                 &Ipv4::new(v4("198.51.100.7"), v4("192.0.2.10"), 17).build(&[0; 8]),
             ),
-            expect: Expect::Unchanged(XDP_PASS, reason::PASS_NOT_VIP),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_VIP_UNSERVED),
         },
         Fixture {
             name: "ARP request for a non-VIP",
@@ -377,6 +383,246 @@ fn fixtures() -> Vec<Fixture> {
                 ),
             ),
             expect: Expect::Unchanged(XDP_PASS, reason::PASS_NOT_VIP),
+        },
+        // Hostile neighbour requests for a VIP: never answered.
+        Fixture {
+            name: "ARP request for a VIP from a multicast sender MAC",
+            input: ethernet(
+                BROADCAST,
+                CLIENT_MAC,
+                None,
+                ETH_P_ARP,
+                &arp(1, GROUP_MAC, v4("192.0.2.50"), [0; 6], v4("192.0.2.10")),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_NEIGH),
+        },
+        Fixture {
+            name: "ARP request for a VIP from a broadcast Ethernet source",
+            input: ethernet(
+                BROADCAST,
+                BROADCAST,
+                None,
+                ETH_P_ARP,
+                &arp(1, CLIENT_MAC, v4("192.0.2.50"), [0; 6], v4("192.0.2.10")),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_NEIGH),
+        },
+        Fixture {
+            name: "ARP probe (sender 0.0.0.0) for a VIP",
+            input: ethernet(
+                BROADCAST,
+                CLIENT_MAC,
+                None,
+                ETH_P_ARP,
+                &arp(1, CLIENT_MAC, v4("0.0.0.0"), [0; 6], v4("192.0.2.10")),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_NEIGH),
+        },
+        Fixture {
+            name: "ARP request for a VIP from a multicast sender address",
+            input: ethernet(
+                BROADCAST,
+                CLIENT_MAC,
+                None,
+                ETH_P_ARP,
+                &arp(1, CLIENT_MAC, v4("224.0.0.1"), [0; 6], v4("192.0.2.10")),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_NEIGH),
+        },
+        Fixture {
+            name: "ARP request for a VIP from the broadcast address",
+            input: ethernet(
+                BROADCAST,
+                CLIENT_MAC,
+                None,
+                ETH_P_ARP,
+                &arp(
+                    1,
+                    CLIENT_MAC,
+                    v4("255.255.255.255"),
+                    [0; 6],
+                    v4("192.0.2.10"),
+                ),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_NEIGH),
+        },
+        Fixture {
+            name: "neighbour solicitation for a VIP from a multicast IPv6 source",
+            input: ethernet(
+                [0x33, 0x33, 0xff, 0, 0, 0x10],
+                CLIENT_MAC,
+                None,
+                ETH_P_IPV6,
+                &neighbour_solicitation(
+                    v6("ff02::1"),
+                    solicited_node(v6("2001:db8::10")),
+                    v6("2001:db8::10"),
+                    Some(CLIENT_MAC),
+                ),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_NEIGH),
+        },
+        Fixture {
+            name: "neighbour solicitation for a VIP from a multicast Ethernet source",
+            input: ethernet(
+                [0x33, 0x33, 0xff, 0, 0, 0x10],
+                GROUP_MAC,
+                None,
+                ETH_P_IPV6,
+                &neighbour_solicitation(
+                    v6("2001:db8::50"),
+                    solicited_node(v6("2001:db8::10")),
+                    v6("2001:db8::10"),
+                    Some(CLIENT_MAC),
+                ),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_NEIGH),
+        },
+        // VIP traffic in a frame not sent to us.
+        Fixture {
+            name: "VIP SYN IPv4 to the broadcast MAC",
+            input: tcp_frame(BROADCAST, CLIENT_MAC, None, c4, vip4, SYN),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_OTHER_MAC),
+        },
+        Fixture {
+            name: "VIP SYN IPv6 to a multicast MAC",
+            input: tcp_frame([0x33, 0x33, 0, 0, 0, 1], CLIENT_MAC, None, c6, vip6, SYN),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_OTHER_MAC),
+        },
+        Fixture {
+            name: "VIP ACK IPv4 to another host's MAC",
+            input: tcp_frame(OTHER_HOST_MAC, CLIENT_MAC, None, c4, vip4, ACK),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_OTHER_MAC),
+        },
+        Fixture {
+            name: "non-VIP to another host's MAC passes",
+            input: tcp_frame(
+                OTHER_HOST_MAC,
+                CLIENT_MAC,
+                None,
+                c4,
+                (ip("192.0.2.99"), 80),
+                SYN,
+            ),
+            expect: Expect::Unchanged(XDP_PASS, reason::PASS_NOT_VIP),
+        },
+        // VIP addresses, but nothing this host serves.
+        Fixture {
+            name: "VIP address IPv6, other port",
+            input: tcp6("2001:db8::10", 80, SYN),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_VIP_UNSERVED),
+        },
+        Fixture {
+            name: "VIP address IPv6, UDP",
+            input: ethernet(
+                LB_MAC,
+                CLIENT_MAC,
+                None,
+                ETH_P_IPV6,
+                &ipv6(v6("2001:db8:1::7"), v6("2001:db8::10"), 17, 64, &[0; 8]),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_VIP_UNSERVED),
+        },
+        Fixture {
+            name: "ICMP echo to a VIP",
+            input: ethernet(
+                LB_MAC,
+                CLIENT_MAC,
+                None,
+                ETH_P_IP,
+                &echo_request(c4.0, vip4.0),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_VIP_UNSERVED),
+        },
+        Fixture {
+            name: "ICMPv6 echo to a VIP",
+            input: ethernet(
+                LB_MAC,
+                CLIENT_MAC,
+                None,
+                ETH_P_IPV6,
+                &echo_request(c6.0, vip6.0),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_VIP_UNSERVED),
+        },
+        Fixture {
+            name: "ICMP frag-needed to a VIP quoting a UDP packet",
+            input: ethernet(
+                LB_MAC,
+                ROUTER_MAC,
+                None,
+                ETH_P_IP,
+                &icmp4_frag_needed(
+                    v4("203.0.113.1"),
+                    v4("192.0.2.10"),
+                    1400,
+                    &Ipv4::new(v4("192.0.2.10"), v4("198.51.100.7"), 17).build(&[0; 8]),
+                ),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_VIP_UNSERVED),
+        },
+        // ICMP errors whose quote cannot be read.
+        Fixture {
+            name: "ICMP frag-needed to a VIP with the quote cut before the ports",
+            input: ethernet(
+                LB_MAC,
+                ROUTER_MAC,
+                None,
+                ETH_P_IP,
+                &icmp4_frag_needed(
+                    v4("203.0.113.1"),
+                    v4("192.0.2.10"),
+                    1400,
+                    &quote(vip4, c4, ACK)[..22],
+                ),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_ICMP),
+        },
+        Fixture {
+            name: "ICMP frag-needed to a VIP quoting IP with options",
+            input: ethernet(
+                LB_MAC,
+                ROUTER_MAC,
+                None,
+                ETH_P_IP,
+                &icmp4_frag_needed(v4("203.0.113.1"), v4("192.0.2.10"), 1400, &{
+                    let mut q = quote(vip4, c4, ACK);
+                    q[0] = 0x46;
+                    q
+                }),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_ICMP),
+        },
+        Fixture {
+            name: "ICMPv6 packet-too-big to a VIP quoting a truncated IPv6 header",
+            input: ethernet(
+                LB_MAC,
+                ROUTER_MAC,
+                None,
+                ETH_P_IPV6,
+                &icmp6_packet_too_big(
+                    v6("2001:db8:ff::1"),
+                    v6("2001:db8::10"),
+                    1280,
+                    &quote(vip6, c6, ACK)[..30],
+                ),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_ICMP),
+        },
+        Fixture {
+            name: "ICMPv6 packet-too-big to a VIP quoting an extension header",
+            input: ethernet(
+                LB_MAC,
+                ROUTER_MAC,
+                None,
+                ETH_P_IPV6,
+                &icmp6_packet_too_big(v6("2001:db8:ff::1"), v6("2001:db8::10"), 1280, &{
+                    let mut q = quote(vip6, c6, ACK);
+                    q[6] = 44;
+                    q
+                }),
+            ),
+            expect: Expect::Unchanged(XDP_DROP, reason::DROP_BAD_ICMP),
         },
         // Forwarded.
         Fixture {
@@ -834,23 +1080,37 @@ fn established_flow_keeps_its_backend_after_its_slot_moves() {
 }
 
 #[test]
-fn host_that_does_not_forward_passes_vip_traffic_and_answers_nothing() {
-    if !require_root("host_that_does_not_forward_passes_vip_traffic_and_answers_nothing") {
+fn host_that_does_not_serve_drops_vip_traffic_and_answers_nothing() {
+    if !require_root("host_that_does_not_serve_drops_vip_traffic_and_answers_nothing") {
         return;
     }
     let mut rig = rig();
     rig.serving.set_serving(false).expect("serving switch");
-    let syn = tcp4("192.0.2.10", 80, SYN);
-    let before = rig
-        .counter(global_slot(reason::PASS_NOT_FORWARDING))
-        .packets;
-    let (v, out) = rig.run(&syn);
-    assert_eq!((v, out), (XDP_PASS, syn));
-    assert_eq!(
-        rig.counter(global_slot(reason::PASS_NOT_FORWARDING))
-            .packets,
-        before + 1
+    // Every kind of VIP traffic, served port or not, TCP or not: dropped, never passed.
+    let udp = ethernet(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        ETH_P_IP,
+        &Ipv4::new(v4("198.51.100.7"), v4("192.0.2.10"), 17).build(&[0; 8]),
     );
+    for frame in [
+        tcp4("192.0.2.10", 80, SYN),
+        tcp4("192.0.2.10", 80, ACK),
+        tcp4("192.0.2.10", 81, SYN),
+        tcp6("2001:db8::10", 443, SYN),
+        udp,
+    ] {
+        let globals = global_counters(&rig);
+        let (v, out) = rig.run(&frame);
+        assert_eq!((v, &out), (XDP_DROP, &frame));
+        let mut want = globals.clone();
+        want[reason::DROP_NOT_MASTER as usize] += 1;
+        assert_eq!(global_counters(&rig), want, "only drop_not_master moves");
+    }
+    // Non-VIP traffic still passes untouched.
+    let other = tcp4("192.0.2.99", 80, SYN);
+    assert_eq!(rig.run(&other), (XDP_PASS, other));
     let req = ethernet(
         BROADCAST,
         CLIENT_MAC,
@@ -952,4 +1212,501 @@ fn flows_of_a_backend_that_went_down_are_rebalanced() {
         new_mac.as_ref().map(|m| &m[..]),
         "sent where the table now says"
     );
+}
+
+fn events(rig: &Rig) -> Vec<u64> {
+    (0..event::COUNT)
+        .map(|e| rig.counter(event_slot(e)).packets)
+        .collect()
+}
+
+/// `before` with `n` more in `which`.
+fn plus(before: &[u64], which: u32, n: u64) -> Vec<u64> {
+    let mut v = before.to_vec();
+    v[which as usize] += n;
+    v
+}
+
+fn backend_id_by_mac(rig: &Rig, service: &str, mac: [u8; 6]) -> (u32, IpAddr) {
+    let s = rig
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .expect("service");
+    let b = s
+        .backends
+        .iter()
+        .find(|b| backend_mac(b.address) == mac)
+        .expect("backend");
+    (
+        rig.programmer.backend_id(service, b.address).expect("id"),
+        b.address,
+    )
+}
+
+#[test]
+fn flood_guard_records_at_most_the_limit_per_cpu_and_window() {
+    if !require_root("flood_guard_records_at_most_the_limit_per_cpu_and_window") {
+        return;
+    }
+    run_on_cpu(0);
+    let mut rig = rig();
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    rig.set_flood_guard(5);
+    let vip = (ip("192.0.2.10"), 80);
+    let before = events(&rig);
+    let mut keys = Vec::new();
+    for port in 0..8u16 {
+        let client = (ip("198.51.100.60"), 44000 + port);
+        let key = flow(client, vip);
+        let syn = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN);
+        let (v, out) = rig.run(&syn);
+        // Every one is forwarded, recorded or not.
+        assert_eq!(v, XDP_TX);
+        assert_eq!(
+            out,
+            with_macs(&syn, ring_choice(&rig, "web", &key).1, LB_MAC)
+        );
+        keys.push(key);
+    }
+    let mut recorded: Vec<FlowKey> = store
+        .read(FlowTable::Connections)
+        .expect("read FLOWS")
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    recorded.sort_by_key(|k| (k.sport_be.to_be(), k.src));
+    assert_eq!(
+        recorded,
+        keys[..5],
+        "the first five flows are recorded, no more"
+    );
+    assert_eq!(
+        events(&rig),
+        plus(&before, event::FLOW_NOT_RECORDED, 3),
+        "three flows over the limit are counted"
+    );
+    // Off again: the next new flow is recorded.
+    rig.set_flood_guard(0);
+    let client = (ip("198.51.100.61"), 45000);
+    rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert!(rig.dp.flow(&flow(client, vip)).expect("lookup").is_some());
+    assert_eq!(events(&rig), plus(&before, event::FLOW_NOT_RECORDED, 3));
+}
+
+#[test]
+fn a_pinned_flow_keeps_its_backend_when_the_connection_table_loses_it() {
+    if !require_root("a_pinned_flow_keeps_its_backend_when_the_connection_table_loses_it") {
+        return;
+    }
+    run_on_cpu(0);
+    // A small connection table, so that other flows push this one out.
+    let sizes = MapSizes {
+        max_flows: 1024,
+        max_pinned_flows: 1024,
+    };
+    let mut rig = Rig::new_sized(services(), sizes).expect("load (needs root)");
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("192.0.2.10"), 80);
+    let client = (ip("198.51.100.70"), 46000);
+    let key = flow(client, vip);
+    let syn = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN);
+    let ack = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK);
+    let (_, out) = rig.run(&syn);
+    let first_mac: [u8; 6] = out[0..6].try_into().expect("MAC");
+    let (first, gone) = backend_id_by_mac(&rig, "web", first_mac);
+
+    // The agent pins it: its backend leaves the ring (but stays valid for old flows).
+    let state = rig.dp.flow(&key).expect("lookup").expect("recorded");
+    assert_eq!(state.backend, first);
+    let pinned = FlowState {
+        last_seen_ns: 0,
+        ..state
+    };
+    assert_eq!(store.pin(&[(key, pinned)]).expect("pin"), 0);
+    let mut s = services();
+    s[0].backends.retain(|b| b.address != gone);
+    rig.apply(s).expect("reprogram");
+    assert_ne!(
+        ring_choice(&rig, "web", &key).0,
+        first,
+        "the ring must now choose another backend"
+    );
+
+    // Other flows push it out of the LRU table.
+    for i in 0..4096u32 {
+        let c = (
+            IpAddr::V4(Ipv4Addr::from(0xc633_0000 + i)),
+            (40000 + i % 1000) as u16,
+        );
+        rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, c, vip, SYN));
+    }
+    assert_eq!(
+        rig.dp.flow(&key).expect("lookup"),
+        None,
+        "evicted from FLOWS"
+    );
+
+    // The pinned table keeps it on its backend; no miss, nothing recorded.
+    let before = events(&rig);
+    let backend_before = rig.counter(backend_slot(first));
+    let (v, out) = rig.run(&ack);
+    assert_eq!((v, out), (XDP_TX, with_macs(&ack, first_mac, LB_MAC)));
+    assert_eq!(events(&rig), before, "a pinned hit is no miss");
+    let backend_after = rig.counter(backend_slot(first));
+    assert_eq!(backend_after.packets, backend_before.packets + 1);
+    assert_eq!(backend_after.new_flows, backend_before.new_flows);
+    assert_eq!(rig.dp.flow(&key).expect("lookup"), None, "not copied back");
+    let read = store.read(FlowTable::Pinned).expect("read PINNED");
+    assert_eq!(read.len(), 1);
+    let touched = read[0].1;
+    assert!(touched.last_seen_ns > 0, "a stale last_seen is refreshed");
+    assert_eq!(touched.flags & FLOW_F_CLOSING, 0);
+
+    // Within the second, another packet writes nothing.
+    rig.run(&ack);
+    assert_eq!(
+        store.read(FlowTable::Pinned).expect("read")[0].1,
+        touched,
+        "no write per packet"
+    );
+
+    // FIN: still to its backend, now closing.
+    let fin = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, FIN | ACK);
+    let (v, out) = rig.run(&fin);
+    assert_eq!((v, out), (XDP_TX, with_macs(&fin, first_mac, LB_MAC)));
+    let closed = store.read(FlowTable::Pinned).expect("read")[0].1;
+    assert_eq!(closed.flags & FLOW_F_CLOSING, FLOW_F_CLOSING);
+    assert_eq!(closed.backend, first);
+
+    // Unpinned, the flow is lost: the ring takes it, and that is a miss.
+    store.unpin(&[key]).expect("unpin");
+    let before = events(&rig);
+    let (_, out) = rig.run(&ack);
+    assert_eq!(out[0..6], ring_choice(&rig, "web", &key).1);
+    assert_eq!(events(&rig), plus(&before, event::FLOW_MISS, 1));
+}
+
+#[test]
+fn an_rst_is_forwarded_but_never_records_a_flow() {
+    if !require_root("an_rst_is_forwarded_but_never_records_a_flow") {
+        return;
+    }
+    let mut rig = rig();
+    let vip = (ip("192.0.2.10"), 80);
+    let client = (ip("198.51.100.80"), 47000);
+    let key = flow(client, vip);
+    let before = events(&rig);
+    for flags in [RST, RST | ACK] {
+        let rst = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, flags);
+        let (v, out) = rig.run(&rst);
+        assert_eq!(
+            (v, out),
+            (
+                XDP_TX,
+                with_macs(&rst, ring_choice(&rig, "web", &key).1, LB_MAC)
+            )
+        );
+        assert_eq!(rig.dp.flow(&key).expect("lookup"), None, "RST recorded");
+    }
+    assert_eq!(events(&rig), plus(&before, event::FLOW_MISS, 2));
+}
+
+#[test]
+fn a_flow_in_neither_table_is_counted_as_a_miss_once() {
+    if !require_root("a_flow_in_neither_table_is_counted_as_a_miss_once") {
+        return;
+    }
+    let mut rig = rig();
+    let vip = (ip("2001:db8::10"), 443);
+    let client = (ip("2001:db8:1::80"), 47001);
+    let key = flow(client, vip);
+    let ack = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK);
+    let before = events(&rig);
+    let (v, out) = rig.run(&ack);
+    assert_eq!(
+        (v, out),
+        (
+            XDP_TX,
+            with_macs(&ack, ring_choice(&rig, "web6", &key).1, LB_MAC)
+        )
+    );
+    assert_eq!(events(&rig), plus(&before, event::FLOW_MISS, 1));
+    assert!(rig.dp.flow(&key).expect("lookup").is_some(), "recorded");
+    // Known now: no more misses. A SYN is never a miss.
+    rig.run(&ack);
+    let other = (ip("2001:db8:1::81"), 47002);
+    rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, other, vip, SYN));
+    assert_eq!(events(&rig), plus(&before, event::FLOW_MISS, 1));
+}
+
+/// An ICMP error about `flow` (client -> VIP) must reach `mac`, byte for byte.
+fn check_icmp_forward(
+    rig: &mut Rig,
+    frame: &[u8],
+    service: &str,
+    id: u32,
+    mac: [u8; 6],
+    what: u32,
+) {
+    let globals = global_counters(rig);
+    let before = events(rig);
+    let vip_before = rig.counter(vip_slot(vip_num(rig, service)));
+    let backend_before = rig.counter(backend_slot(id));
+    let (v, out) = rig.run(frame);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out, with_macs(frame, mac, LB_MAC), "exact output bytes");
+    assert_eq!(global_counters(rig), globals, "no reason counter moves");
+    assert_eq!(events(rig), plus(&before, what, 1));
+    let len = frame.len() as u64;
+    for (b, a) in [
+        (vip_before, rig.counter(vip_slot(vip_num(rig, service)))),
+        (backend_before, rig.counter(backend_slot(id))),
+    ] {
+        assert_eq!(
+            (a.packets, a.bytes, a.new_flows),
+            (b.packets + 1, b.bytes + len, b.new_flows)
+        );
+    }
+}
+
+#[test]
+fn icmp_frag_needed_reaches_the_flows_backend() {
+    if !require_root("icmp_frag_needed_reaches_the_flows_backend") {
+        return;
+    }
+    let mut rig = rig();
+    let vip = (ip("192.0.2.10"), 80);
+    let client = (ip("198.51.100.90"), 48000);
+    let key = flow(client, vip);
+    let (_, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    let first_mac: [u8; 6] = out[0..6].try_into().expect("MAC");
+    let (first, gone) = backend_id_by_mac(&rig, "web", first_mac);
+    let mut s = services();
+    s[0].backends.retain(|b| b.address != gone);
+    rig.apply(s).expect("reprogram");
+    assert_ne!(ring_choice(&rig, "web", &key).0, first);
+
+    // The backend's answer (VIP -> client) was too big for a router on the way.
+    let icmp = ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        None,
+        ETH_P_IP,
+        &icmp4_frag_needed(
+            v4("203.0.113.1"),
+            v4("192.0.2.10"),
+            1400,
+            &quote(vip, client, ACK | PSH),
+        ),
+    );
+    check_icmp_forward(
+        &mut rig,
+        &icmp,
+        "web",
+        first,
+        first_mac,
+        event::ICMP_TO_FLOW,
+    );
+
+    // About a flow in no table: where the ring puts it; nothing is recorded.
+    let stranger = (ip("198.51.100.91"), 48001);
+    let skey = flow(stranger, vip);
+    let icmp = ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        None,
+        ETH_P_IP,
+        &icmp4_frag_needed(
+            v4("203.0.113.1"),
+            v4("192.0.2.10"),
+            1400,
+            &quote(vip, stranger, ACK),
+        ),
+    );
+    let (id, mac) = ring_choice(&rig, "web", &skey);
+    check_icmp_forward(&mut rig, &icmp, "web", id, mac, event::ICMP_TO_RING);
+    assert_eq!(rig.dp.flow(&skey).expect("lookup"), None);
+}
+
+#[test]
+fn icmpv6_packet_too_big_reaches_the_flows_backend() {
+    if !require_root("icmpv6_packet_too_big_reaches_the_flows_backend") {
+        return;
+    }
+    let mut rig = rig();
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("2001:db8::10"), 443);
+    let client = (ip("2001:db8:1::90"), 48002);
+    let key = flow(client, vip);
+    let (_, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    let first_mac: [u8; 6] = out[0..6].try_into().expect("MAC");
+    let (first, gone) = backend_id_by_mac(&rig, "web6", first_mac);
+    let mut s = services();
+    s[1].backends.retain(|b| b.address != gone);
+    rig.apply(s).expect("reprogram");
+    assert_ne!(ring_choice(&rig, "web6", &key).0, first);
+    let icmp = ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        None,
+        ETH_P_IPV6,
+        &icmp6_packet_too_big(
+            v6("2001:db8:ff::1"),
+            v6("2001:db8::10"),
+            1280,
+            &quote(vip, client, ACK | PSH),
+        ),
+    );
+    check_icmp_forward(
+        &mut rig,
+        &icmp,
+        "web6",
+        first,
+        first_mac,
+        event::ICMP_TO_FLOW,
+    );
+
+    // A flow known only to the pinned table is found there too.
+    let pinned_client = (ip("2001:db8:1::91"), 48003);
+    let pkey = flow(pinned_client, vip);
+    let state = FlowState {
+        backend: first,
+        vip_num: vip_num(&rig, "web6"),
+        last_seen_ns: 0,
+        flags: 0,
+        _pad: 0,
+    };
+    assert_eq!(store.pin(&[(pkey, state)]).expect("pin"), 0);
+    assert_ne!(ring_choice(&rig, "web6", &pkey).0, first);
+    let icmp = ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        None,
+        ETH_P_IPV6,
+        &icmp6_packet_too_big(
+            v6("2001:db8:ff::1"),
+            v6("2001:db8::10"),
+            1280,
+            &quote(vip, pinned_client, ACK),
+        ),
+    );
+    check_icmp_forward(
+        &mut rig,
+        &icmp,
+        "web6",
+        first,
+        first_mac,
+        event::ICMP_TO_FLOW,
+    );
+}
+
+/// Flows with distinct keys and values, as the agent would pin them.
+fn made_up_flows(n: u32) -> Vec<(FlowKey, FlowState)> {
+    (0..n)
+        .map(|i| {
+            let client = (
+                IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+                (i % 60000) as u16 + 1,
+            );
+            (
+                flow(client, (ip("192.0.2.10"), 80)),
+                FlowState {
+                    backend: i % 4096,
+                    vip_num: i % 64,
+                    last_seen_ns: u64::from(i) * 1000 + 7,
+                    flags: i % 2,
+                    _pad: 0,
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn pinned_table_reads_back_exactly_what_was_pinned_and_says_what_did_not_fit() {
+    if !require_root("pinned_table_reads_back_exactly_what_was_pinned_and_says_what_did_not_fit") {
+        return;
+    }
+    let sizes = MapSizes {
+        max_flows: 1024,
+        max_pinned_flows: 65536,
+    };
+    let mut rig = Rig::new_sized(services(), sizes).expect("load (needs root)");
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    assert!(rig.dp.take_flow_store().is_none(), "handed out once");
+    assert!(store.read(FlowTable::Pinned).expect("read").is_empty());
+    let flows = made_up_flows(65536 + 100);
+    assert_eq!(store.pin(&flows).expect("pin"), 100, "100 did not fit");
+    let t = std::time::Instant::now();
+    let read = store.read(FlowTable::Pinned).expect("read");
+    println!("read() of {} pinned flows: {:?}", read.len(), t.elapsed());
+    let got: std::collections::HashMap<FlowKey, FlowState> = read.iter().copied().collect();
+    assert_eq!(read.len(), 65536, "each entry once");
+    assert_eq!(got.len(), 65536);
+    let want: std::collections::HashMap<FlowKey, FlowState> = flows
+        .iter()
+        .copied()
+        .filter(|(k, _)| got.contains_key(k))
+        .collect();
+    assert_eq!(want.len(), 65536, "only pinned flows come back");
+    assert_eq!(got, want, "keys and values as written");
+    // Overwrite and remove.
+    let mut changed = flows[0];
+    changed.1.backend = 4095;
+    if got.contains_key(&changed.0) {
+        store.pin(&[changed]).expect("pin");
+    }
+    let removed: Vec<FlowKey> = read.iter().take(10).map(|(k, _)| *k).collect();
+    store.unpin(&removed).expect("unpin");
+    store.unpin(&removed).expect("unpin of absent keys is fine");
+    let again: std::collections::HashMap<FlowKey, FlowState> = store
+        .read(FlowTable::Pinned)
+        .expect("read")
+        .into_iter()
+        .collect();
+    assert_eq!(again.len(), 65526);
+    assert!(removed.iter().all(|k| !again.contains_key(k)));
+}
+
+#[test]
+fn connection_table_full_size_reads_back_exactly_what_the_program_recorded() {
+    if !require_root("connection_table_full_size_reads_back_exactly_what_the_program_recorded") {
+        return;
+    }
+    let mut rig = rig();
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("192.0.2.10"), 80);
+    // The LRU lists are per CPU, each holding its share: fill each CPU's share from it.
+    let cpus = cpus() as u32;
+    let share = lb_common::MAX_FLOWS / cpus;
+    let mut want = std::collections::HashMap::new();
+    let mut frame = tcp_frame(LB_MAC, CLIENT_MAC, None, (ip("10.0.0.0"), 1), vip, SYN);
+    for cpu in 0..cpus {
+        run_on_cpu(cpu as usize);
+        for i in 0..share {
+            let n = cpu * share + i;
+            let client = (
+                IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
+                1000 + (n % 50000) as u16,
+            );
+            // The address and the port in place; the program does not check checksums.
+            frame[26..30].copy_from_slice(&Ipv4Addr::from(0x0a00_0000 + n).octets());
+            frame[34..36].copy_from_slice(&client.1.to_be_bytes());
+            let (v, _) = rig.run(&frame);
+            assert_eq!(v, XDP_TX);
+            let key = flow(client, vip);
+            want.insert(key, ring_choice(&rig, "web", &key).0);
+        }
+    }
+    let t = std::time::Instant::now();
+    let read = store.read(FlowTable::Connections).expect("read");
+    let took = t.elapsed();
+    println!("read() of {} flows (a full FLOWS): {took:?}", read.len());
+    assert_eq!(read.len(), want.len(), "every recorded flow, each once");
+    let got: std::collections::HashMap<FlowKey, u32> =
+        read.iter().map(|(k, s)| (*k, s.backend)).collect();
+    assert_eq!(got.len(), read.len(), "no duplicates");
+    assert_eq!(got, want, "keys and backends as the program recorded them");
+    assert!(read.iter().all(|(_, s)| s.flags == 0 && s.last_seen_ns > 0));
 }

@@ -681,6 +681,9 @@ pub struct FakeDataPlane {
     pub counters: StdHashMap<u32, Counter>,
     /// What `active_flows` reports.
     pub active: StdHashMap<u32, u64>,
+    /// Refuse one map write once this many more have succeeded (a kernel that says no
+    /// half-way through an apply); the writes after it succeed again.
+    pub fail_one_write_after: Option<usize>,
 }
 
 impl FakeDataPlane {
@@ -697,32 +700,58 @@ impl FakeDataPlane {
     }
 }
 
+impl FakeDataPlane {
+    fn write(&mut self, map: &'static str) -> Result<()> {
+        match &mut self.fail_one_write_after {
+            Some(0) => {
+                self.fail_one_write_after = None;
+                Err(DataPlaneError::Map {
+                    map,
+                    source: MapError::KeyNotFound,
+                })
+            }
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
 impl DataPlane for FakeDataPlane {
     fn set_config(&mut self, cfg: &LbConfig) -> Result<()> {
+        self.write(names::MAP_CONFIG)?;
         self.config = *cfg;
         Ok(())
     }
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        self.write(names::MAP_VIPS)?;
         self.vips.insert(*key, *info);
         Ok(())
     }
     fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.write(names::MAP_VIPS)?;
         self.vips.remove(key);
         Ok(())
     }
     fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
+        self.write(names::MAP_VIP_ADDRS)?;
         self.vip_addrs.insert(*key, 1);
         Ok(())
     }
     fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
+        self.write(names::MAP_VIP_ADDRS)?;
         self.vip_addrs.remove(key);
         Ok(())
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.write(names::MAP_BACKENDS)?;
         self.backends.insert(id, *backend);
         Ok(())
     }
     fn set_ring_slots(&mut self, vip_num: u32, slots: &[(u32, u32)]) -> Result<()> {
+        self.write(names::MAP_RINGS)?;
         for (slot, backend) in slots {
             self.rings.insert(vip_num * MAX_RING_SIZE + slot, *backend);
         }

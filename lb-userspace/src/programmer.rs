@@ -3,8 +3,10 @@
 //! that came or went.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
+    time::Instant,
 };
 
 use lb_common::{
@@ -15,6 +17,7 @@ use lb_common::{
 use crate::{
     config::{BackendSpec, Service},
     dataplane::{DataPlane, DataPlaneError},
+    flows::RingSet,
     maglev,
 };
 
@@ -126,16 +129,88 @@ struct VipState {
     ring: Vec<u32>,
 }
 
+/// One backend's identity: the service it serves and its address. Names are for
+/// people; two names for one address in a service are one backend to the data path.
+pub type BackendIdentity = (String, IpAddr);
+
+/// Everything one apply will write, computed before anything is written: the plan of a
+/// reload either is complete or fails here, with the maps untouched.
+#[derive(Debug, Default)]
+pub struct Plan {
+    gone_vips: Vec<VipKey>,
+    vips: Vec<PlannedVip>,
+    backends: Vec<(u32, Backend)>,
+    /// Ids handed out by this plan, and ids it takes back from the retired.
+    new_ids: Vec<(BackendIdentity, u32)>,
+    names: Vec<(u32, (String, String))>,
+    /// Backends that left the config in this plan: their ids retire (flows finish).
+    retiring: Vec<u32>,
+    vip_addrs: HashSet<VipAddrKey>,
+    pub unresolved: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+struct PlannedVip {
+    key: VipKey,
+    vip_num: u32,
+    ring: Vec<u32>,
+    ring_size: u32,
+    added: bool,
+    /// Its ring differs from the one in the map.
+    changed: bool,
+}
+
+impl Plan {
+    /// Whether committing it writes any map entry.
+    pub fn writes_anything(&self) -> bool {
+        !self.gone_vips.is_empty()
+            || !self.backends.is_empty()
+            || !self.retiring.is_empty()
+            || self.vips.iter().any(|v| v.added || v.changed)
+    }
+
+    /// The rings and forwarding backends the data path will have once this plan is
+    /// committed (what the flow scanner pins against).
+    pub fn ring_set(&self, programmer: &Programmer) -> RingSet {
+        let mut set = programmer.ring_set();
+        for k in &self.gone_vips {
+            if let Some(v) = programmer.vips.get(k) {
+                set.rings.remove(&v.vip_num);
+            }
+        }
+        for v in &self.vips {
+            set.rings.insert(v.vip_num, Arc::new(v.ring.clone()));
+        }
+        for (id, b) in &self.backends {
+            if b.flags & BACKEND_F_VALID != 0 {
+                set.forwarding.insert(*id);
+            } else {
+                set.forwarding.remove(id);
+            }
+        }
+        set
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Programmer {
     vips: HashMap<VipKey, VipState>,
     free_vip_nums: BTreeSet<u32>,
     /// (service, backend address) -> backend id. Ids of backends that left the config
-    /// stay assigned while the agent runs, so their established flows keep forwarding.
-    backend_ids: HashMap<(String, IpAddr), u32>,
+    /// stay assigned (retired) until their flows have ended, so established flows keep
+    /// forwarding; then `reclaim` frees them for reuse.
+    backend_ids: HashMap<BackendIdentity, u32>,
     backend_names: HashMap<u32, (String, String)>,
     backends: HashMap<u32, Backend>,
+    /// Ids of backends no longer in the config, still forwarding their flows, with
+    /// when they left.
+    retired: BTreeMap<u32, Instant>,
+    free_ids: BTreeSet<u32>,
+    next_id: u32,
     vip_addrs: HashSet<VipAddrKey>,
+    /// A commit failed half-way: the maps may differ from what we recorded, so the next
+    /// commit writes everything again.
+    dirty: bool,
 }
 
 impl Programmer {
@@ -161,27 +236,206 @@ impl Programmer {
         self.backend_names.get(&id)
     }
 
-    fn backend_id_for(
+    /// Ids of backends that left the config and whose flows may still be running.
+    pub fn retired(&self) -> impl Iterator<Item = u32> + '_ {
+        self.retired.keys().copied()
+    }
+
+    /// What the data path does with new flows now, for the flow scanner.
+    pub fn ring_set(&self) -> RingSet {
+        RingSet {
+            rings: self
+                .vips
+                .values()
+                .map(|v| (v.vip_num, Arc::new(v.ring.clone())))
+                .collect(),
+            forwarding: self
+                .backends
+                .iter()
+                .filter(|(_, b)| b.flags & BACKEND_F_VALID != 0)
+                .map(|(id, _)| *id)
+                .collect(),
+        }
+    }
+
+    /// Computes everything that making the data path serve exactly `services` (each
+    /// backend as `view` sees it) will write. Changes nothing.
+    pub fn plan(
+        &self,
+        services: &[Service],
+        view: &dyn Fn(&Service, &BackendSpec) -> BackendView,
+    ) -> Result<Plan, ProgramError> {
+        let mut plan = Plan::default();
+        let wanted: HashSet<VipKey> = services.iter().map(|s| vip_key(s.vip, s.port)).collect();
+        let mut free_vip_nums = self.free_vip_nums.clone();
+        // Departures first, so their VIP numbers are free for arrivals.
+        for (key, state) in &self.vips {
+            if !wanted.contains(key) {
+                plan.gone_vips.push(*key);
+                free_vip_nums.insert(state.vip_num);
+            }
+        }
+        let mut ids: HashMap<BackendIdentity, u32> = HashMap::new();
+        let mut free_ids = self.free_ids.clone();
+        let mut next_id = self.next_id;
+        for service in services {
+            let mut service_ids = Vec::with_capacity(service.backends.len());
+            for b in &service.backends {
+                let identity = (service.name.clone(), b.address);
+                let id = match ids.get(&identity).or(self.backend_ids.get(&identity)) {
+                    Some(id) => *id,
+                    None => {
+                        let id = match free_ids.pop_first() {
+                            Some(id) => id,
+                            None if next_id < MAX_BACKENDS => {
+                                next_id += 1;
+                                next_id - 1
+                            }
+                            None => return Err(ProgramError::TooManyBackends),
+                        };
+                        plan.new_ids.push((identity.clone(), id));
+                        id
+                    }
+                };
+                ids.insert(identity, id);
+                service_ids.push(id);
+                plan.names
+                    .push((id, (service.name.clone(), b.name.clone())));
+                let v = view(service, b);
+                let Some(mac) = v.mac else {
+                    plan.unresolved.push((service.name.clone(), b.name.clone()));
+                    continue;
+                };
+                let flags = if v.forwards() { BACKEND_F_VALID } else { 0 };
+                let entry = Backend {
+                    mac,
+                    _pad: [0; 2],
+                    flags,
+                };
+                if self.dirty || self.backends.get(&id) != Some(&entry) {
+                    plan.backends.push((id, entry));
+                }
+            }
+            let members: Vec<maglev::Member> = ring_members(service, view)
+                .into_iter()
+                .map(|i| {
+                    let b = &service.backends[i];
+                    maglev::Member {
+                        identity: b.address.to_string(),
+                        id: service_ids[i],
+                        weight: view(service, b).weight,
+                    }
+                })
+                .collect();
+            let ring = maglev::build(&members, service.ring_size);
+            let key = vip_key(service.vip, service.port);
+            let (vip_num, added) = match self.vips.get(&key) {
+                Some(state) if !plan.gone_vips.contains(&key) => (state.vip_num, false),
+                _ => (
+                    free_vip_nums.pop_first().ok_or(ProgramError::TooManyVips)?,
+                    true,
+                ),
+            };
+            let changed = self.dirty || self.vips.get(&key).is_none_or(|state| state.ring != ring);
+            plan.vips.push(PlannedVip {
+                key,
+                vip_num,
+                ring,
+                ring_size: service.ring_size,
+                added,
+                changed,
+            });
+        }
+        for (identity, id) in &self.backend_ids {
+            if !ids.contains_key(identity) && !self.retired.contains_key(id) {
+                plan.retiring.push(*id);
+            }
+        }
+        plan.vip_addrs = services.iter().map(|s| vip_addr_key(s.vip)).collect();
+        Ok(plan)
+    }
+
+    /// Writes a plan made by `plan` on this programmer's current state. Rings are
+    /// complete before their VIP becomes visible. If a write fails, the maps may hold
+    /// part of the plan: the programmer then rewrites everything on its next commit,
+    /// so committing the previous plan again restores the previous state.
+    pub fn commit(
         &mut self,
-        service: &str,
-        name: &str,
-        address: IpAddr,
-    ) -> Result<u32, ProgramError> {
-        let key = (service.to_string(), address);
-        if let Some(id) = self.backend_ids.get(&key) {
-            self.backend_names
-                .insert(*id, (service.to_string(), name.to_string()));
-            return Ok(*id);
+        dp: &mut dyn DataPlane,
+        plan: Plan,
+    ) -> Result<ApplyReport, ProgramError> {
+        let dirty = std::mem::replace(&mut self.dirty, true);
+        let mut report = ApplyReport {
+            unresolved: plan.unresolved,
+            ..Default::default()
+        };
+        for key in &plan.gone_vips {
+            dp.remove_vip(key)?;
+            if let Some(state) = self.vips.remove(key) {
+                self.free_vip_nums.insert(state.vip_num);
+            }
+            report.vips_removed += 1;
         }
-        let id =
-            u32::try_from(self.backend_ids.len()).map_err(|_| ProgramError::TooManyBackends)?;
-        if id >= MAX_BACKENDS {
-            return Err(ProgramError::TooManyBackends);
+        for (identity, id) in plan.new_ids {
+            self.free_ids.remove(&id);
+            self.next_id = self.next_id.max(id + 1);
+            self.retired.remove(&id);
+            self.backend_ids.insert(identity, id);
         }
-        self.backend_ids.insert(key, id);
-        self.backend_names
-            .insert(id, (service.to_string(), name.to_string()));
-        Ok(id)
+        for (id, name) in plan.names {
+            self.retired.remove(&id);
+            self.backend_names.insert(id, name);
+        }
+        let now = Instant::now();
+        self.retired
+            .extend(plan.retiring.into_iter().map(|id| (id, now)));
+        for (id, entry) in plan.backends {
+            dp.set_backend(id, &entry)?;
+            self.backends.insert(id, entry);
+            report.backends_written += 1;
+        }
+        for v in plan.vips {
+            let old = match self.vips.get(&v.key) {
+                Some(state) if !dirty && state.ring.len() == v.ring.len() => state.ring.as_slice(),
+                _ => &[],
+            };
+            let changed = maglev::diff(old, &v.ring);
+            dp.set_ring_slots(v.vip_num, &changed)?;
+            report.ring_slots_written += changed.len();
+            if v.added {
+                self.free_vip_nums.remove(&v.vip_num);
+                report.vips_added += 1;
+            }
+            self.vips.insert(
+                v.key,
+                VipState {
+                    vip_num: v.vip_num,
+                    ring: v.ring,
+                },
+            );
+            // The VIP becomes visible only once its ring is complete.
+            let info = VipInfo {
+                vip_num: v.vip_num,
+                ring_size: v.ring_size,
+                flags: 0,
+                _pad: 0,
+            };
+            dp.set_vip(&v.key, &info)?;
+        }
+        let current = if dirty {
+            HashSet::new()
+        } else {
+            self.vip_addrs.clone()
+        };
+        for a in plan.vip_addrs.difference(&current) {
+            dp.set_vip_addr(a)?;
+        }
+        for a in self.vip_addrs.difference(&plan.vip_addrs) {
+            dp.remove_vip_addr(a)?;
+        }
+        self.vip_addrs = plan.vip_addrs;
+        self.dirty = false;
+        Ok(report)
     }
 
     /// Makes the data path serve exactly `services`, each backend as `view` sees it.
@@ -191,103 +445,35 @@ impl Programmer {
         services: &[Service],
         view: &dyn Fn(&Service, &BackendSpec) -> BackendView,
     ) -> Result<ApplyReport, ProgramError> {
-        let mut report = ApplyReport::default();
-        let wanted: HashSet<VipKey> = services.iter().map(|s| vip_key(s.vip, s.port)).collect();
+        let plan = self.plan(services, view)?;
+        self.commit(dp, plan)
+    }
 
-        // Departures first, so their VIP numbers are free for arrivals.
-        let gone: Vec<VipKey> = self
-            .vips
-            .keys()
-            .filter(|k| !wanted.contains(*k))
-            .copied()
+    /// Frees the ids of retired backends that no active flow uses any more, as a flow
+    /// scan started at `scanned_at` saw them (`active`); only backends that retired
+    /// before that scan qualify. Their entries stop forwarding; the ids go to the next
+    /// new backends. Returns the ids freed.
+    pub fn reclaim(
+        &mut self,
+        dp: &mut dyn DataPlane,
+        active: &HashMap<u32, u64>,
+        scanned_at: Instant,
+    ) -> Result<Vec<u32>, ProgramError> {
+        let done: Vec<u32> = self
+            .retired
+            .iter()
+            .filter(|(id, since)| **since < scanned_at && active.get(id).copied().unwrap_or(0) == 0)
+            .map(|(id, _)| *id)
             .collect();
-        for key in gone {
-            dp.remove_vip(&key)?;
-            if let Some(state) = self.vips.remove(&key) {
-                self.free_vip_nums.insert(state.vip_num);
-            }
-            report.vips_removed += 1;
+        for id in &done {
+            dp.set_backend(*id, &Backend::default())?;
+            self.retired.remove(id);
+            self.backends.remove(id);
+            self.backend_names.remove(id);
+            self.backend_ids.retain(|_, v| v != id);
+            self.free_ids.insert(*id);
         }
-
-        for service in services {
-            let mut ids = Vec::with_capacity(service.backends.len());
-            for b in &service.backends {
-                let id = self.backend_id_for(&service.name, &b.name, b.address)?;
-                ids.push(id);
-                let v = view(service, b);
-                let Some(mac) = v.mac else {
-                    report
-                        .unresolved
-                        .push((service.name.clone(), b.name.clone()));
-                    continue;
-                };
-                let flags = if v.forwards() { BACKEND_F_VALID } else { 0 };
-                let entry = Backend {
-                    mac,
-                    _pad: [0; 2],
-                    flags,
-                };
-                if self.backends.get(&id) != Some(&entry) {
-                    dp.set_backend(id, &entry)?;
-                    self.backends.insert(id, entry);
-                    report.backends_written += 1;
-                }
-            }
-            let members: Vec<maglev::Member> = ring_members(service, view)
-                .into_iter()
-                .map(|i| {
-                    let b = &service.backends[i];
-                    maglev::Member {
-                        identity: b.address.to_string(),
-                        id: ids[i],
-                        weight: view(service, b).weight,
-                    }
-                })
-                .collect();
-            let ring = maglev::build(&members, service.ring_size);
-            let key = vip_key(service.vip, service.port);
-            let state = match self.vips.get_mut(&key) {
-                Some(state) => state,
-                None => {
-                    let vip_num = self
-                        .free_vip_nums
-                        .pop_first()
-                        .ok_or(ProgramError::TooManyVips)?;
-                    report.vips_added += 1;
-                    // A new window: every slot is written, whatever it held before.
-                    self.vips.entry(key).or_insert(VipState {
-                        vip_num,
-                        ring: Vec::new(),
-                    })
-                }
-            };
-            let changed = if state.ring.len() == ring.len() {
-                maglev::diff(&state.ring, &ring)
-            } else {
-                maglev::diff(&[], &ring)
-            };
-            dp.set_ring_slots(state.vip_num, &changed)?;
-            report.ring_slots_written += changed.len();
-            state.ring = ring;
-            // The VIP becomes visible only once its ring is complete.
-            let info = VipInfo {
-                vip_num: state.vip_num,
-                ring_size: service.ring_size,
-                flags: 0,
-                _pad: 0,
-            };
-            dp.set_vip(&key, &info)?;
-        }
-
-        let addrs: HashSet<VipAddrKey> = services.iter().map(|s| vip_addr_key(s.vip)).collect();
-        for a in addrs.difference(&self.vip_addrs) {
-            dp.set_vip_addr(a)?;
-        }
-        for a in self.vip_addrs.difference(&addrs) {
-            dp.remove_vip_addr(a)?;
-        }
-        self.vip_addrs = addrs;
-        Ok(report)
+        Ok(done)
     }
 
     /// Whether any backend takes new flows for this VIP (tracking asks often: it stops
@@ -412,6 +598,86 @@ mod tests {
         assert!(!after.contains(&c));
         // Established flows to c keep forwarding: its entry stays valid.
         assert_eq!(dp.backends[&c].flags, BACKEND_F_VALID);
+    }
+
+    #[test]
+    fn a_plan_writes_nothing_until_committed() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let s = vec![service("web", "192.0.2.10", &[("a", "192.0.2.21", 100)])];
+        let plan = p.plan(&s, &all_up).unwrap();
+        assert!(plan.writes_anything());
+        assert!(dp.vips.is_empty() && dp.backends.is_empty() && dp.rings.is_empty());
+        assert_eq!(p.vip_num(s[0].vip, 80), None);
+        p.commit(&mut dp, plan).unwrap();
+        assert_eq!(dp.vips.len(), 1);
+        assert!(!p.plan(&s, &all_up).unwrap().writes_anything());
+    }
+
+    #[test]
+    fn removed_backends_ids_are_reused_once_their_flows_have_ended() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let two = vec![service(
+            "web",
+            "192.0.2.10",
+            &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)],
+        )];
+        p.apply(&mut dp, &two, &all_up).unwrap();
+        let b = p.backend_id("web", "192.0.2.22".parse().unwrap()).unwrap();
+        let one = vec![service("web", "192.0.2.10", &[("a", "192.0.2.21", 100)])];
+        p.apply(&mut dp, &one, &all_up).unwrap();
+        assert_eq!(p.retired().collect::<Vec<_>>(), vec![b]);
+        assert_eq!(
+            dp.backends[&b].flags, BACKEND_F_VALID,
+            "its flows still forward"
+        );
+
+        // A scan from before the removal proves nothing; one after with active flows keeps it.
+        let before = Instant::now() - std::time::Duration::from_secs(60);
+        assert!(
+            p.reclaim(&mut dp, &HashMap::new(), before)
+                .unwrap()
+                .is_empty()
+        );
+        let active = HashMap::from([(b, 3)]);
+        assert!(
+            p.reclaim(&mut dp, &active, Instant::now())
+                .unwrap()
+                .is_empty()
+        );
+        // No flow left: freed, its entry no longer forwards, and the next new backend gets it.
+        assert_eq!(
+            p.reclaim(&mut dp, &HashMap::new(), Instant::now()).unwrap(),
+            vec![b]
+        );
+        assert_eq!(dp.backends[&b], Backend::default());
+        let again = vec![service(
+            "web",
+            "192.0.2.10",
+            &[("a", "192.0.2.21", 100), ("c", "192.0.2.23", 100)],
+        )];
+        p.apply(&mut dp, &again, &all_up).unwrap();
+        assert_eq!(p.backend_id("web", "192.0.2.23".parse().unwrap()), Some(b));
+        assert_eq!(p.backend_id("web", "192.0.2.22".parse().unwrap()), None);
+        assert_eq!(dp.backends[&b].flags, BACKEND_F_VALID);
+    }
+
+    #[test]
+    fn a_backend_back_before_its_id_is_freed_keeps_it() {
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let two = vec![service(
+            "web",
+            "192.0.2.10",
+            &[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)],
+        )];
+        p.apply(&mut dp, &two, &all_up).unwrap();
+        let b = p.backend_id("web", "192.0.2.22".parse().unwrap()).unwrap();
+        p.apply(&mut dp, &two[..0], &all_up).unwrap();
+        p.apply(&mut dp, &two, &all_up).unwrap();
+        assert_eq!(p.backend_id("web", "192.0.2.22".parse().unwrap()), Some(b));
+        assert_eq!(p.retired().count(), 0);
     }
 
     #[test]

@@ -3,12 +3,21 @@
 //! and detaches when told to stop.
 //!
 //! Everything that changes state runs on one loop (`run`): health reports, control
-//! requests, signals and the neighbour refresh arrive there over channels.
+//! requests, signals and the neighbour refresh arrive there over channels. What takes
+//! time runs elsewhere: the flow tables are read by the scanner thread (`flows`), a
+//! reload's MAC resolution and first health checks run on a task of their own and
+//! only the finished result is applied on the loop, and the VRRP speaker has its own
+//! thread. The loop itself never waits for the network.
+//!
+//! Every change of the data path is planned first (`Programmer::plan`: pure, no map
+//! written) and then committed; a reload whose plan fails changes nothing, and one
+//! whose commit fails is rolled back by committing the previous plan.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,7 +28,7 @@ use lb_common::{
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
     task::JoinHandle,
 };
 
@@ -27,11 +36,14 @@ use crate::{
     admin::{AdminBackend, AdminState},
     config::{self, BackendSpec, Config, ConfigErrors, HealthCheck, MAX_WEIGHT, Service, XdpMode},
     control::{self, Call},
-    dataplane::{AttachedMode, DataPlane, MapSizes, ServeSwitch, ServingMap, XdpDataPlane},
+    dataplane::{AttachedMode, DataPlane, FlowStore, MapSizes, ServeSwitch, XdpDataPlane},
+    flows::{FlowSnapshot, Scanner},
     health::{CheckResult, Health, Verdict, check_tcp},
     neigh::Neighbours,
-    programmer::{ApplyReport, BackendView, Programmer},
-    protocol::{BackendState, BackendStatus, Request, Response, ServiceStatus, Status},
+    programmer::{ApplyReport, BackendView, Plan, Programmer},
+    protocol::{
+        BackendState, BackendStatus, FlowTableStatus, Request, Response, ServiceStatus, Status,
+    },
     tracking::{DataPathHealth, effective_priority, interface_up},
     vrrp::{self, StateChange, VrrpHandle},
 };
@@ -52,6 +64,7 @@ pub struct HealthReport {
     result: CheckResult,
 }
 
+#[derive(Clone)]
 struct BackendHealth {
     target: SocketAddr,
     health: Health,
@@ -59,12 +72,13 @@ struct BackendHealth {
 
 type BackendKey = (String, String);
 
-pub struct Agent {
+pub struct Agent<D: DataPlane = XdpDataPlane> {
     config_path: PathBuf,
     config: Config,
-    dp: XdpDataPlane,
+    dp: D,
     programmer: Programmer,
-    neigh: Neighbours,
+    /// The kernel's neighbour table; absent in tests, where every MAC is given.
+    neigh: Option<Neighbours>,
     macs: HashMap<IpAddr, [u8; 6]>,
     mode: AttachedMode,
     started: Instant,
@@ -76,7 +90,9 @@ pub struct Agent {
     mac: [u8; 6],
     /// Answering for the VIPs and forwarding: always when standalone, as master with VRRP.
     serving: bool,
-    serve_switch: ServingMap,
+    serve_switch: Box<dyn ServeSwitch>,
+    /// Reads and pins flows on its own thread; its snapshot answers "how many active".
+    scanner: Scanner,
     vrrp: Option<VrrpHandle>,
     /// The priority last handed to the VRRP speaker.
     advertised: Option<u8>,
@@ -154,7 +170,19 @@ fn log_transition(service: &str, backend: &str, from: Verdict, to: Verdict, caus
     }
 }
 
-impl Agent {
+/// What a reload gathered off the loop: the new config, the MACs of its backends, and
+/// the first health check of each backend that is new (or has a new target).
+pub struct PreparedReload {
+    config: Config,
+    macs: HashMap<IpAddr, [u8; 6]>,
+    checks: Vec<(BackendKey, SocketAddr, CheckResult)>,
+}
+
+/// A reload's slow half, to run on a task of its own.
+pub type ReloadJob =
+    std::pin::Pin<Box<dyn Future<Output = Result<PreparedReload, ReloadError>> + Send>>;
+
+impl Agent<XdpDataPlane> {
     /// Loads, checks health, fills the maps, then attaches: the program never sees half
     /// a config, and traffic starts on backends known to be up.
     pub async fn start(
@@ -184,36 +212,27 @@ impl Agent {
         let serve_switch = dp
             .take_serve_switch()
             .context("the XDP object has no serving switch")?;
+        let flow_store = dp
+            .take_flow_store()
+            .context("the XDP object has no flow tables")?;
         let neigh = Neighbours::new(&interface)
             .with_context(|| format!("watching neighbours on {interface}"))?;
         let macs = neigh
             .resolve(&backend_addresses(&config), RESOLVE_WAIT)
             .await?;
-        let mut agent = Self {
+        let mut agent = Agent::assemble(Parts {
             config_path: config_path.to_path_buf(),
             config,
             dp,
-            programmer: Programmer::new(),
-            neigh,
+            serve_switch: Box::new(serve_switch),
+            flow_store: Box::new(flow_store),
+            neigh: Some(neigh),
             macs,
-            mode: AttachedMode::Generic,
-            started: Instant::now(),
             admin,
-            health: HashMap::new(),
-            checkers: Vec::new(),
+            mac,
             health_tx,
-            mac,
-            serving: false,
-            serve_switch,
-            vrrp: None,
-            advertised: None,
-        };
-        agent.sync_health().await;
-        agent.dp.set_config(&LbConfig {
-            mac,
-            _pad: [0; 2],
-            new_flows_per_cpu_s: agent.config.agent.new_flows_per_cpu_s,
         })?;
+        agent.first_checks().await;
         agent.apply()?;
         // With VRRP, a host starts as backup: it serves once the election says so.
         agent.set_serving(agent.config.vrrp.is_none())?;
@@ -228,6 +247,63 @@ impl Agent {
             agent.mode, agent.config.agent.xdp_mode
         );
         Ok(agent)
+    }
+}
+
+/// Everything an agent is made of, for `Agent::assemble`.
+pub struct Parts<D> {
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub dp: D,
+    pub serve_switch: Box<dyn ServeSwitch>,
+    pub flow_store: Box<dyn FlowStore>,
+    pub neigh: Option<Neighbours>,
+    pub macs: HashMap<IpAddr, [u8; 6]>,
+    pub admin: AdminState,
+    pub mac: [u8; 6],
+    pub health_tx: mpsc::Sender<HealthReport>,
+}
+
+impl<D: DataPlane> Agent<D> {
+    /// An agent over a loaded data path that nothing has written yet: writes the host
+    /// config and starts the flow scanner. Health starts unknown; `first_checks` and
+    /// `apply` follow.
+    pub fn assemble(parts: Parts<D>) -> Result<Self> {
+        let Parts {
+            config_path,
+            config,
+            mut dp,
+            serve_switch,
+            flow_store,
+            neigh,
+            macs,
+            admin,
+            mac,
+            health_tx,
+        } = parts;
+        dp.set_config(&host_config(mac, &config))?;
+        let idle = Duration::from_secs(u64::from(config.agent.flow_idle_timeout_s));
+        let scanner = Scanner::spawn(flow_store, idle).context("starting the flow scanner")?;
+        Ok(Self {
+            config_path,
+            config,
+            dp,
+            programmer: Programmer::new(),
+            neigh,
+            macs,
+            mode: AttachedMode::Generic,
+            started: Instant::now(),
+            admin,
+            health: HashMap::new(),
+            checkers: Vec::new(),
+            health_tx,
+            mac,
+            serving: false,
+            serve_switch,
+            scanner,
+            vrrp: None,
+            advertised: None,
+        })
     }
 
     /// The view of one backend that decides its place in the ring.
@@ -311,24 +387,35 @@ impl Agent {
         }
     }
 
+    /// Makes the data path follow the current config, health, admin state and MACs.
+    /// A commit that fails half-way is retried once as a whole (the programmer then
+    /// rewrites every entry).
     fn apply(&mut self) -> Result<ApplyReport> {
-        let report = self.program()?;
+        let report = match self.program() {
+            Ok(report) => report,
+            Err(first) => {
+                eprintln!("lb-agent: writing the data path failed ({first:#}); rewriting it whole");
+                self.program()?
+            }
+        };
         self.track();
         Ok(report)
     }
 
     fn program(&mut self) -> Result<ApplyReport> {
-        let Self {
-            programmer,
-            dp,
-            config,
-            macs,
-            health,
-            admin,
-            ..
-        } = self;
-        let view = |s: &Service, b: &BackendSpec| view_of(macs, health, admin, s, b);
-        let report = programmer.apply(dp, &config.services, &view)?;
+        let plan = {
+            let Self {
+                programmer,
+                config,
+                macs,
+                health,
+                admin,
+                ..
+            } = &*self;
+            let view = |s: &Service, b: &BackendSpec| view_of(macs, health, admin, s, b);
+            programmer.plan(&config.services, &view)?
+        };
+        let report = self.commit(plan)?;
         for (service, backend) in &report.unresolved {
             eprintln!(
                 "lb-agent: service {service}: backend {backend} has no MAC yet (not in the neighbour table); left out until it resolves"
@@ -337,50 +424,35 @@ impl Agent {
         Ok(report)
     }
 
-    /// Matches health state and checker tasks to the config: keeps the state of backends
-    /// whose target is unchanged, checks new ones once right away, and restarts the
-    /// checkers.
-    async fn sync_health(&mut self) {
+    /// Writes a plan. The flows it moves away from their backend are pinned first, so
+    /// the new ring never costs an established flow its backend.
+    fn commit(&mut self, plan: Plan) -> Result<ApplyReport> {
+        if plan.writes_anything()
+            && !self
+                .scanner
+                .prepare(Arc::new(plan.ring_set(&self.programmer)))
+        {
+            eprintln!(
+                "lb-agent: the flow scanner did not answer in time; writing the rings without waiting for the pins"
+            );
+        }
+        let result = self.programmer.commit(&mut self.dp, plan);
+        self.scanner.committed(Arc::new(self.programmer.ring_set()));
+        Ok(result?)
+    }
+
+    /// The first check of every backend, all at once, then the checker tasks (at start).
+    async fn first_checks(&mut self) {
+        let fresh = fresh_targets(&self.config, &self.health);
+        let checks = run_checks(fresh).await;
+        self.health = next_health(&self.config, &self.health, checks);
+        self.restart_checkers();
+    }
+
+    /// One checker task per backend of the config, replacing the running ones.
+    fn restart_checkers(&mut self) {
         for task in self.checkers.drain(..) {
             task.abort();
-        }
-        let mut next = HashMap::new();
-        let mut fresh = Vec::new();
-        for s in &self.config.services {
-            for b in &s.backends {
-                let k = key(s, b);
-                let t = target(s, b);
-                match self.health.remove(&k) {
-                    Some(h) if h.target == t => {
-                        next.insert(k, h);
-                    }
-                    _ => {
-                        let h = Health::new(s.health_check.rise, s.health_check.fall);
-                        next.insert(
-                            k.clone(),
-                            BackendHealth {
-                                target: t,
-                                health: h,
-                            },
-                        );
-                        fresh.push((k, t, s.health_check.timeout_ms));
-                    }
-                }
-            }
-        }
-        self.health = next;
-        let results = futures_util::future::join_all(
-            fresh
-                .iter()
-                .map(|(_, t, timeout)| check_tcp(*t, Duration::from_millis(u64::from(*timeout)))),
-        )
-        .await;
-        for ((k, _, _), result) in fresh.into_iter().zip(results) {
-            if let Some(h) = self.health.get_mut(&k)
-                && let Some(t) = h.health.observe(result)
-            {
-                log_transition(&k.0, &k.1, t.from, t.to, &t.cause);
-            }
         }
         for s in &self.config.services {
             for b in &s.backends {
@@ -412,9 +484,10 @@ impl Agent {
         Ok(())
     }
 
-    /// Re-reads the config file. An invalid file, or one that changes what only a
-    /// restart can change, changes nothing.
-    pub async fn reload(&mut self) -> Result<ApplyReport, ReloadError> {
+    /// A reload's first half, on the loop: reads and validates the file and refuses what
+    /// only a restart can change. Returns the slow half (MACs of the new backends, their
+    /// first health checks) to run elsewhere; `finish_reload` applies its result.
+    pub fn begin_reload(&self) -> Result<ReloadJob, ReloadError> {
         let new = config::load(&self.config_path).map_err(ReloadError::Invalid)?;
         let (old, newa) = (&self.config.agent, &new.agent);
         if old.interface != newa.interface {
@@ -429,6 +502,11 @@ impl Agent {
         if old.state_dir != newa.state_dir {
             return Err(ReloadError::NeedsRestart("agent.state_dir changed"));
         }
+        if old.flow_idle_timeout_s != newa.flow_idle_timeout_s {
+            return Err(ReloadError::NeedsRestart(
+                "agent.flow_idle_timeout_s changed",
+            ));
+        }
         if self.config.vrrp != new.vrrp {
             return Err(ReloadError::NeedsRestart("[vrrp] changed"));
         }
@@ -439,30 +517,90 @@ impl Agent {
         if old.max_pinned_flows != newa.max_pinned_flows {
             return Err(ReloadError::NeedsRestart("agent.max_pinned_flows changed"));
         }
-        let guard_changed = old.new_flows_per_cpu_s != newa.new_flows_per_cpu_s;
-        let fresh = self
-            .neigh
-            .resolve(&backend_addresses(&new), RESOLVE_WAIT)
-            .await
-            .map_err(anyhow::Error::from)?;
-        self.macs.extend(fresh);
-        self.config = new;
+        let neigh = self.neigh.clone();
+        let fresh = fresh_targets(&new, &self.health);
+        Ok(Box::pin(async move {
+            let macs = match neigh {
+                Some(n) => n
+                    .resolve(&backend_addresses(&new), RESOLVE_WAIT)
+                    .await
+                    .map_err(anyhow::Error::from)?,
+                None => HashMap::new(),
+            };
+            let checks = run_checks(fresh).await;
+            Ok(PreparedReload {
+                config: new,
+                macs,
+                checks,
+            })
+        }))
+    }
+
+    /// A reload's second half, on the loop: plans the new config against the current
+    /// state and applies it whole, or changes nothing. Health results of backends whose
+    /// target changed meanwhile are not taken.
+    pub fn finish_reload(&mut self, prepared: PreparedReload) -> Result<ApplyReport, ReloadError> {
+        let PreparedReload {
+            config: new,
+            macs: fresh,
+            checks,
+        } = prepared;
+        let mut macs = self.macs.clone();
+        macs.extend(fresh);
+        let health = next_health(&new, &self.health, checks);
+        let plan = {
+            let view = |s: &Service, b: &BackendSpec| view_of(&macs, &health, &self.admin, s, b);
+            self.programmer
+                .plan(&new.services, &view)
+                .map_err(anyhow::Error::from)?
+        };
+        // The flood guard's limit first: if the rest fails, it is written back too.
+        let guard_changed = self.config.agent.new_flows_per_cpu_s != new.agent.new_flows_per_cpu_s;
         if guard_changed {
             self.dp
-                .set_config(&LbConfig {
-                    mac: self.mac,
-                    _pad: [0; 2],
-                    new_flows_per_cpu_s: self.config.agent.new_flows_per_cpu_s,
-                })
+                .set_config(&host_config(self.mac, &new))
                 .map_err(anyhow::Error::from)?;
         }
-        self.sync_health().await;
-        Ok(self.apply()?)
+        let report = match self.commit(plan) {
+            Ok(report) => report,
+            Err(e) => {
+                // Put back what was there: the programmer rewrites every entry now.
+                let restored = self.program().and_then(|r| {
+                    if guard_changed {
+                        self.dp.set_config(&host_config(self.mac, &self.config))?;
+                    }
+                    Ok(r)
+                });
+                return Err(ReloadError::Other(match restored {
+                    Ok(_) => {
+                        e.context("applying the new config failed; the previous one is restored")
+                    }
+                    Err(r) => e.context(format!(
+                        "applying the new config failed, and restoring the previous one failed too ({r:#})"
+                    )),
+                }));
+            }
+        };
+        self.macs = macs;
+        self.config = new;
+        self.health = health;
+        self.restart_checkers();
+        self.track();
+        Ok(report)
+    }
+
+    /// Both halves of a reload at once (tests, and callers with nothing else to do).
+    pub async fn reload(&mut self) -> Result<ApplyReport, ReloadError> {
+        let prepared = self.begin_reload()?.await?;
+        self.finish_reload(prepared)
     }
 
     /// Picks up MACs that changed or appeared; probes the backends still unresolved.
     pub async fn refresh_neighbours(&mut self) -> Result<()> {
-        let table = self.neigh.table().await?;
+        let Some(neigh) = &self.neigh else {
+            return Ok(());
+        };
+        let table = neigh.table().await?;
         let mut changed = false;
         for ip in backend_addresses(&self.config) {
             match table.get(&ip) {
@@ -479,7 +617,7 @@ impl Agent {
                 Some(_) => {}
                 // Keep using a MAC the kernel forgot; ask again in the background.
                 None => {
-                    let _ = self.neigh.probe(ip);
+                    let _ = neigh.probe(ip);
                 }
             }
         }
@@ -489,8 +627,26 @@ impl Agent {
         Ok(())
     }
 
-    /// Answers one control request.
-    pub async fn handle(&mut self, request: Request) -> Response {
+    /// Frees the backend ids of removed backends whose flows have all ended.
+    pub fn reclaim_backend_ids(&mut self) -> Result<()> {
+        let snapshot = self.scanner.snapshot();
+        let (Some(taken_at), None) = (snapshot.taken_at, &snapshot.error) else {
+            return Ok(());
+        };
+        let freed = self
+            .programmer
+            .reclaim(&mut self.dp, &snapshot.active, taken_at)?;
+        if !freed.is_empty() {
+            eprintln!(
+                "lb-agent: {} backend id(s) of removed backends freed: their flows have ended",
+                freed.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Answers one control request. A reload is the loop's to run (`begin_reload`).
+    pub fn handle(&mut self, request: Request) -> Response {
         let result = match request {
             Request::Status => self.status().map(|s| Response::Status(Box::new(s))),
             Request::ListBackends { service } => self
@@ -514,40 +670,11 @@ impl Agent {
                 }
                 self.set_admin(&service, &backend, |a| a.weight = Some(weight))
             }
-            Request::Reload => return self.reload_response().await,
+            Request::Reload => Err(anyhow::anyhow!(
+                "internal: a reload reached the request handler"
+            )),
         };
         result.unwrap_or_else(|e| Response::error(format!("{e:#}")))
-    }
-
-    async fn reload_response(&mut self) -> Response {
-        match self.reload().await {
-            Ok(r) => {
-                let message = format!(
-                    "reloaded: {} VIPs added, {} removed, {} ring slots and {} backends written",
-                    r.vips_added, r.vips_removed, r.ring_slots_written, r.backends_written
-                );
-                eprintln!("lb-agent: {message}");
-                Response::Done { message }
-            }
-            Err(e) => {
-                eprintln!("lb-agent: reload failed, running config unchanged: {e:#}");
-                match e {
-                    ReloadError::Invalid(errors) => Response::Error {
-                        message: format!(
-                            "{}: {} error(s); the running config is unchanged",
-                            errors.source_name,
-                            errors.errors.len()
-                        ),
-                        details: errors
-                            .errors
-                            .iter()
-                            .map(|x| format!("{}: {x}", errors.source_name))
-                            .collect(),
-                    },
-                    other => Response::error(format!("{other:#}")),
-                }
-            }
-        }
     }
 
     fn find(&self, service: &str, backend: &str) -> Result<(&Service, &BackendSpec)> {
@@ -601,9 +728,7 @@ impl Agent {
         {
             anyhow::bail!("no service named {name:?}");
         }
-        let active = self.dp.active_flows(Duration::from_secs(u64::from(
-            self.config.agent.flow_idle_timeout_s,
-        )))?;
+        let active = self.scanner.snapshot();
         let mut out = Vec::new();
         for s in &self.config.services {
             if service.is_some_and(|n| n != s.name) {
@@ -611,7 +736,7 @@ impl Agent {
             }
             let ring = self.programmer.ring_members(s.vip, s.port);
             for b in &s.backends {
-                out.push(self.backend_status(s, b, &active, &ring)?);
+                out.push(self.backend_status(s, b, &active.active, &ring)?);
             }
         }
         Ok(out)
@@ -664,6 +789,7 @@ impl Agent {
 
     fn status(&self) -> Result<Status> {
         let backends = self.backends(None)?;
+        let flows = flow_table_status(&self.scanner.snapshot());
         let mut services = Vec::new();
         for s in &self.config.services {
             let c = match self.programmer.vip_num(s.vip, s.port) {
@@ -700,6 +826,7 @@ impl Agent {
             counters,
             vrrp: self.vrrp.as_ref().map(|h| h.status()),
             serving: self.serving,
+            flows,
         })
     }
 }
@@ -728,6 +855,198 @@ fn view_of(
 async fn next_change(changes: &mut Option<mpsc::Receiver<StateChange>>) -> Option<StateChange> {
     match changes {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the program is told about this host: its MAC and the flood guard's limit.
+fn host_config(mac: [u8; 6], config: &Config) -> LbConfig {
+    LbConfig {
+        mac,
+        _pad: [0; 2],
+        new_flows_per_cpu_s: config.agent.new_flows_per_cpu_s,
+    }
+}
+
+/// Backends of `config` with no health state for their current target yet.
+fn fresh_targets(
+    config: &Config,
+    health: &HashMap<BackendKey, BackendHealth>,
+) -> Vec<(BackendKey, SocketAddr, u32)> {
+    let mut fresh = Vec::new();
+    for s in &config.services {
+        for b in &s.backends {
+            let t = target(s, b);
+            if health.get(&key(s, b)).is_none_or(|h| h.target != t) {
+                fresh.push((key(s, b), t, s.health_check.timeout_ms));
+            }
+        }
+    }
+    fresh
+}
+
+/// One health check of each target, all at once.
+async fn run_checks(
+    targets: Vec<(BackendKey, SocketAddr, u32)>,
+) -> Vec<(BackendKey, SocketAddr, CheckResult)> {
+    let results = futures_util::future::join_all(
+        targets
+            .iter()
+            .map(|(_, t, timeout)| check_tcp(*t, Duration::from_millis(u64::from(*timeout)))),
+    )
+    .await;
+    targets
+        .into_iter()
+        .zip(results)
+        .map(|((k, t, _), r)| (k, t, r))
+        .collect()
+}
+
+/// Health state for `config`: a backend whose target is unchanged keeps its state; a new
+/// one starts unknown and takes its first check from `checks`, if there is one for
+/// its target.
+fn next_health(
+    config: &Config,
+    current: &HashMap<BackendKey, BackendHealth>,
+    checks: Vec<(BackendKey, SocketAddr, CheckResult)>,
+) -> HashMap<BackendKey, BackendHealth> {
+    let mut first: HashMap<(BackendKey, SocketAddr), CheckResult> =
+        checks.into_iter().map(|(k, t, r)| ((k, t), r)).collect();
+    let mut next = HashMap::new();
+    for s in &config.services {
+        for b in &s.backends {
+            let k = key(s, b);
+            let t = target(s, b);
+            let h = match current.get(&k) {
+                Some(h) if h.target == t => h.clone(),
+                _ => {
+                    let mut h = BackendHealth {
+                        target: t,
+                        health: Health::new(s.health_check.rise, s.health_check.fall),
+                    };
+                    if let Some(result) = first.remove(&(k.clone(), t))
+                        && let Some(tr) = h.health.observe(result)
+                    {
+                        log_transition(&k.0, &k.1, tr.from, tr.to, &tr.cause);
+                    }
+                    h
+                }
+            };
+            next.insert(k, h);
+        }
+    }
+    next
+}
+
+fn flow_table_status(snapshot: &FlowSnapshot) -> FlowTableStatus {
+    FlowTableStatus {
+        scan_age_ms: snapshot
+            .age()
+            .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
+        connections: snapshot.connections as u64,
+        pinned: snapshot.pinned as u64,
+        pin_failures: snapshot.pin_failures,
+        error: snapshot.error.clone(),
+    }
+}
+
+/// The answer to a reload, for `lbctl` and the log.
+fn reload_response(result: Result<ApplyReport, ReloadError>) -> Response {
+    match result {
+        Ok(r) => {
+            let message = format!(
+                "reloaded: {} VIPs added, {} removed, {} ring slots and {} backends written",
+                r.vips_added, r.vips_removed, r.ring_slots_written, r.backends_written
+            );
+            eprintln!("lb-agent: {message}");
+            Response::Done { message }
+        }
+        Err(e) => {
+            eprintln!("lb-agent: reload failed, running config unchanged: {e:#}");
+            match e {
+                ReloadError::Invalid(errors) => Response::Error {
+                    message: format!(
+                        "{}: {} error(s); the running config is unchanged",
+                        errors.source_name,
+                        errors.errors.len()
+                    ),
+                    details: errors
+                        .errors
+                        .iter()
+                        .map(|x| format!("{}: {x}", errors.source_name))
+                        .collect(),
+                },
+                other => Response::error(format!("{other:#}")),
+            }
+        }
+    }
+}
+
+/// Reloads in flight and asked for: one runs at a time; requests that arrive meanwhile
+/// share the next one, which reads the file again.
+#[derive(Default)]
+struct Reloads {
+    running: Option<(JoinHandle<Result<PreparedReload, ReloadError>>, Vec<Waiter>)>,
+    queued: Option<Vec<Waiter>>,
+}
+
+/// Who waits for a reload's answer: an `lbctl reload`, or nobody (SIGHUP).
+type Waiter = Option<oneshot::Sender<Response>>;
+
+impl Reloads {
+    fn ask<D: DataPlane>(&mut self, agent: &Agent<D>, waiter: Waiter) {
+        if self.running.is_some() {
+            self.queued.get_or_insert_with(Vec::new).push(waiter);
+            return;
+        }
+        self.start(agent, vec![waiter]);
+    }
+
+    fn start<D: DataPlane>(&mut self, agent: &Agent<D>, waiters: Vec<Waiter>) {
+        match agent.begin_reload() {
+            Ok(job) => self.running = Some((tokio::spawn(job), waiters)),
+            Err(e) => answer(waiters, reload_response(Err(e))),
+        }
+    }
+
+    /// The running reload's slow half, when there is one.
+    async fn next(&mut self) -> Option<(Result<PreparedReload, ReloadError>, Vec<Waiter>)> {
+        let (task, _) = self.running.as_mut()?;
+        let joined = task.await;
+        let (_, waiters) = self.running.take()?;
+        let result = joined.unwrap_or_else(|e| {
+            Err(ReloadError::Other(anyhow::anyhow!(
+                "the reload task failed: {e}"
+            )))
+        });
+        Some((result, waiters))
+    }
+
+    fn finish<D: DataPlane>(
+        &mut self,
+        agent: &mut Agent<D>,
+        result: Result<PreparedReload, ReloadError>,
+        waiters: Vec<Waiter>,
+    ) {
+        let outcome = result.and_then(|prepared| agent.finish_reload(prepared));
+        answer(waiters, reload_response(outcome));
+        if let Some(queued) = self.queued.take() {
+            self.start(agent, queued);
+        }
+    }
+}
+
+fn answer(waiters: Vec<Waiter>, response: Response) {
+    for w in waiters.into_iter().flatten() {
+        let _ = w.send(response.clone());
+    }
+}
+
+async fn next_reload(
+    reloads: &mut Reloads,
+) -> Option<(Result<PreparedReload, ReloadError>, Vec<Waiter>)> {
+    match reloads.next().await {
+        Some(done) => Some(done),
         None => std::future::pending().await,
     }
 }
@@ -795,12 +1114,14 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut track_tick = tokio::time::interval(TRACK_EVERY);
     track_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reloads = Reloads::default();
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => {
-                let _ = agent.reload_response().await;
+            _ = sighup.recv() => reloads.ask(&agent, None),
+            Some((result, waiters)) = next_reload(&mut reloads) => {
+                reloads.finish(&mut agent, result, waiters);
             }
             Some(report) = health_rx.recv() => {
                 if let Err(e) = agent.on_health(report) {
@@ -808,8 +1129,11 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
                 }
             }
             Some((request, answer)) = call_rx.recv() => {
-                let response = agent.handle(request).await;
-                let _ = answer.send(response);
+                if request == Request::Reload {
+                    reloads.ask(&agent, Some(answer));
+                } else {
+                    let _ = answer.send(agent.handle(request));
+                }
             }
             Some(change) = next_change(&mut vrrp_changes) => {
                 if let Err(e) = agent.on_vrrp(change) {
@@ -820,6 +1144,9 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             _ = tick.tick() => {
                 if let Err(e) = agent.refresh_neighbours().await {
                     eprintln!("lb-agent: neighbour refresh failed: {e:#}");
+                }
+                if let Err(e) = agent.reclaim_backend_ids() {
+                    eprintln!("lb-agent: freeing backend ids failed: {e:#}");
                 }
             }
         }
@@ -839,6 +1166,202 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::{FakeDataPlane, FakeFlowStore, FakeServeSwitch};
+
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+
+    /// A service on 127.0.0.1's loopback range: health checks of new backends are
+    /// refused at once, so they start down without waiting.
+    fn config_text(dir: &Path, backends: &[(&str, &str)]) -> String {
+        let mut text = format!(
+            "[agent]\ninterface = \"lo\"\nstate_dir = \"{}\"\ncontrol_socket = \"{}/s\"\n\n[[services]]\nname = \"web\"\nvip = \"192.0.2.10\"\nport = 9\nring_size = 1009\n",
+            dir.display(),
+            dir.display()
+        );
+        for (name, address) in backends {
+            text.push_str(&format!(
+                "\n[[services.backends]]\nname = \"{name}\"\naddress = \"{address}\"\n"
+            ));
+        }
+        text
+    }
+
+    struct TestAgent {
+        agent: Agent<FakeDataPlane>,
+        dir: PathBuf,
+        _health_rx: mpsc::Receiver<HealthReport>,
+    }
+
+    impl Drop for TestAgent {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// An agent over the fake data path with `backends` all up and resolved.
+    fn test_agent(name: &str, backends: &[(&str, &str)]) -> TestAgent {
+        let dir = std::env::temp_dir().join(format!("lb-agent-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lb.toml");
+        std::fs::write(&path, config_text(&dir, backends)).unwrap();
+        let config = config::load(&path).unwrap();
+        let (health_tx, health_rx) = mpsc::channel(16);
+        let macs = backends
+            .iter()
+            .map(|(_, a)| (a.parse().unwrap(), [2, 0, 0, 0, 0, 9]))
+            .collect();
+        let mut agent = Agent::assemble(Parts {
+            config_path: path,
+            config,
+            dp: FakeDataPlane::default(),
+            serve_switch: Box::new(FakeServeSwitch::default()),
+            flow_store: Box::new(FakeFlowStore::default()),
+            neigh: None,
+            macs,
+            admin: AdminState::default(),
+            mac: MAC,
+            health_tx,
+        })
+        .unwrap();
+        for s in &agent.config.services {
+            for b in &s.backends {
+                let mut health = Health::new(1, 1);
+                health.observe(CheckResult::Passed);
+                agent.health.insert(
+                    key(s, b),
+                    BackendHealth {
+                        target: target(s, b),
+                        health,
+                    },
+                );
+            }
+        }
+        agent.apply().unwrap();
+        TestAgent {
+            agent,
+            dir,
+            _health_rx: health_rx,
+        }
+    }
+
+    fn dp_state(dp: &FakeDataPlane) -> String {
+        let mut vips: Vec<_> = dp
+            .vips
+            .iter()
+            .map(|(k, v)| format!("{k:?}={v:?}"))
+            .collect();
+        vips.sort();
+        let mut backends: Vec<_> = dp
+            .backends
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
+        backends.sort();
+        let mut rings: Vec<_> = dp.rings.iter().map(|(k, v)| (*k, *v)).collect();
+        rings.sort();
+        format!("{vips:?} {backends:?} {rings:?} {}", dp.vip_addrs.len())
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_fails_half_way_leaves_the_running_state_as_it_was() {
+        let mut t = test_agent("half", &[("a", "127.0.0.2"), ("b", "127.0.0.3")]);
+        let before = dp_state(&t.agent.dp);
+        let config_before = t.agent.config.clone();
+        std::fs::write(
+            &t.agent.config_path,
+            config_text(&t.dir, &[("a", "127.0.0.2"), ("c", "127.0.0.4")]),
+        )
+        .unwrap();
+        t.agent
+            .macs
+            .insert("127.0.0.4".parse().unwrap(), [2, 0, 0, 0, 0, 4]);
+        let prepared = t.agent.begin_reload().unwrap().await.unwrap();
+        // The kernel refuses the plan's second write: the first (c's entry) went in.
+        t.agent.dp.fail_one_write_after = Some(1);
+        let backends_before = t.agent.dp.backends.len();
+        let result = t.agent.finish_reload(prepared);
+        assert!(
+            matches!(&result, Err(ReloadError::Other(e)) if format!("{e:#}").contains("previous one is restored")),
+            "{:?}",
+            result.err()
+        );
+        assert_eq!(
+            t.agent.dp.fail_one_write_after, None,
+            "the refusal happened"
+        );
+        assert!(
+            t.agent.dp.backends.len() > backends_before,
+            "part of the plan was written before the refusal"
+        );
+        assert_eq!(
+            t.agent.config, config_before,
+            "the running config is unchanged"
+        );
+        // c's entry was written before the refusal: its id is retired (no ring slot names
+        // it) and freed by the next reclaim, which resets the entry.
+        let c = t
+            .agent
+            .programmer
+            .backend_id("web", "127.0.0.4".parse().unwrap())
+            .unwrap();
+        assert!(t.agent.programmer.retired().any(|id| id == c));
+        // The scan after the restore's commit is the one that may free it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.agent.programmer.retired().count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            t.agent.reclaim_backend_ids().unwrap();
+        }
+        assert_eq!(
+            t.agent.dp.backends.get(&c),
+            Some(&lb_common::Backend::default())
+        );
+        t.agent.dp.backends.remove(&c);
+        assert_eq!(
+            dp_state(&t.agent.dp),
+            before,
+            "the maps hold the previous state"
+        );
+        // And the same reload goes through once the kernel says yes.
+        let report = t.agent.reload().await.unwrap();
+        assert!(report.ring_slots_written > 0);
+        assert_ne!(t.agent.config, config_before);
+    }
+
+    #[tokio::test]
+    async fn an_invalid_reload_writes_nothing() {
+        let mut t = test_agent("invalid", &[("a", "127.0.0.2")]);
+        let before = dp_state(&t.agent.dp);
+        std::fs::write(&t.agent.config_path, "[agent]\ninterface = 7\n").unwrap();
+        t.agent.dp.fail_one_write_after = Some(0);
+        assert!(matches!(
+            t.agent.reload().await,
+            Err(ReloadError::Invalid(_))
+        ));
+        assert_eq!(dp_state(&t.agent.dp), before);
+    }
+
+    #[tokio::test]
+    async fn status_answers_from_the_scan_without_walking_the_table() {
+        let mut t = test_agent("status", &[("a", "127.0.0.2"), ("b", "127.0.0.3")]);
+        let status = t.agent.status().unwrap();
+        assert_eq!(status.services.len(), 1);
+        assert!(status.flows.scan_age_ms.is_some(), "apply scanned once");
+        // Disabling drains: the scan before the ring change pins b's flows.
+        let r = t.agent.handle(Request::DisableBackend {
+            service: "web".into(),
+            backend: "b".into(),
+        });
+        assert!(matches!(r, Response::Done { .. }), "{r:?}");
+        let b = t
+            .agent
+            .backends(Some("web"))
+            .unwrap()
+            .into_iter()
+            .find(|b| b.name == "b")
+            .unwrap();
+        assert_eq!(b.state, BackendState::Disabled);
+        assert!(!b.in_ring);
+    }
 
     #[test]
     fn macs_parse() {

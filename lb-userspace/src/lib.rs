@@ -6,6 +6,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod flows;
 pub mod health;
 pub mod maglev;
 pub mod neigh;

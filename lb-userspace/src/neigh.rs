@@ -22,6 +22,7 @@ pub enum NeighError {
     Io(#[from] std::io::Error),
 }
 
+#[derive(Clone)]
 pub struct Neighbours {
     handle: rtnetlink::Handle,
     interface: String,

@@ -83,6 +83,25 @@ pub struct Status {
     pub vrrp: Option<crate::vrrp::VrrpStatus>,
     /// Whether this host answers for the VIPs and forwards their traffic now.
     pub serving: bool,
+    /// The flow tables as the last background scan saw them.
+    #[serde(default)]
+    pub flows: FlowTableStatus,
+}
+
+/// What the flow scanner last saw. Active-flow counts come from the same scan, so
+/// `scan_age_ms` says how old they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTableStatus {
+    /// Milliseconds since the scan began; absent before the first scan.
+    pub scan_age_ms: Option<u64>,
+    /// Entries in the connection table (LRU).
+    pub connections: u64,
+    /// Flows pinned because their backend is no longer the ring's choice.
+    pub pinned: u64,
+    /// Flows that should have been pinned but found the pinned table full.
+    pub pin_failures: u64,
+    /// Why the last scan failed, if it did.
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -298,6 +298,25 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         print_backends(&s.backends);
     }
     println!();
+    let f = &status.flows;
+    let age = match f.scan_age_ms {
+        Some(ms) => format!("scanned {ms} ms ago"),
+        None => "not scanned yet".to_string(),
+    };
+    println!(
+        "flow table: {} connections, {} pinned{} ({age}{})",
+        f.connections,
+        f.pinned,
+        if f.pin_failures > 0 {
+            format!(", {} could not be pinned (table full)", f.pin_failures)
+        } else {
+            String::new()
+        },
+        f.error
+            .as_deref()
+            .map(|e| format!("; last scan failed: {e}"))
+            .unwrap_or_default()
+    );
     let counters: Vec<String> = status
         .counters
         .iter()

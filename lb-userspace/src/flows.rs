@@ -1,0 +1,527 @@
+//! The flow scanner: everything the agent learns from, or does to, the flow tables,
+//! on a thread of its own so that no control request and no VRRP timer waits for it.
+//!
+//! - It reads both tables in batches (`FlowStore::read`) every `SCAN_EVERY` and right
+//!   after every ring change, and publishes a [`FlowSnapshot`]: active flows per
+//!   backend id, and how old that count is. `lbctl status`, `backend list` and
+//!   `disable --wait` read the snapshot; none of them walks a table.
+//! - It keeps flows whose backend is no longer the ring's choice out of the LRU's
+//!   reach: such a flow is copied into the pinned table, which the program consults
+//!   when the connection table misses. A flood that evicts the flow from the
+//!   connection table then costs it nothing. Before the agent writes a new ring it hands
+//!   the scanner that ring and waits for the copy ([`Scanner::prepare`]), so a flow
+//!   is pinned before the ring stops choosing its backend; after the write the scanner
+//!   looks again, for flows that arrived in between.
+//! - It collects the pinned table: a flow leaves it once closed (FIN or RST from the
+//!   client, plus `CLOSE_GRACE` for the last ACKs), idle for the idle timeout, when its
+//!   backend can no longer forward (down: its flows go back to the ring), or when the
+//!   ring chooses its backend again.
+//!
+//! The decisions ([`to_pin`], [`to_unpin`], [`count_active`]) are plain functions with
+//! plain tests; the thread only moves data between them and the store.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, mpsc},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use lb_common::{FLOW_F_CLOSING, FlowKey, FlowState, hash::flow_hash};
+
+use crate::dataplane::{FlowStore, FlowTable, monotonic_ns};
+
+/// How often the tables are read when nothing asks.
+pub const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// How long a closed flow stays pinned, for the client's last ACKs.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// How long `prepare` waits for the scanner before the agent writes the ring anyway.
+pub const PREPARE_WAIT: Duration = Duration::from_secs(2);
+
+/// What the data path does with new flows right now: each VIP's ring (by VIP number)
+/// and the backend ids that may still take packets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RingSet {
+    pub rings: HashMap<u32, Arc<Vec<u32>>>,
+    pub forwarding: HashSet<u32>,
+}
+
+impl RingSet {
+    /// The backend the ring gives this flow, if its VIP has a ring.
+    pub fn choice(&self, vip_num: u32, key: &FlowKey) -> Option<u32> {
+        let ring = self.rings.get(&vip_num)?;
+        let len = u32::try_from(ring.len()).ok().filter(|n| *n > 0)?;
+        ring.get((flow_hash(key) % len) as usize).copied()
+    }
+}
+
+/// Active flows per backend, as of one scan.
+#[derive(Clone, Debug, Default)]
+pub struct FlowSnapshot {
+    /// When the scan that made it started; `None` before the first one.
+    pub taken_at: Option<Instant>,
+    pub active: HashMap<u32, u64>,
+    /// Entries in the connection table and in the pinned table.
+    pub connections: usize,
+    pub pinned: usize,
+    /// Flows that should have been pinned but the pinned table was full (since start).
+    pub pin_failures: u64,
+    /// The last scan's error, if it failed.
+    pub error: Option<String>,
+}
+
+impl FlowSnapshot {
+    pub fn age(&self) -> Option<Duration> {
+        self.taken_at.map(|t| t.elapsed())
+    }
+}
+
+/// Whether an entry still counts as an active flow at `now_ns`: no FIN or RST from the
+/// client, and a packet within `idle`.
+pub fn is_active(state: &FlowState, now_ns: u64, idle: Duration) -> bool {
+    state.flags & FLOW_F_CLOSING == 0
+        && now_ns.saturating_sub(state.last_seen_ns) < idle.as_nanos() as u64
+}
+
+/// The two tables' views of each flow, merged: the freshest time, closed if either saw
+/// the close, the pinned table's backend where both have one (it is the older pin).
+pub fn merge(
+    connections: &[(FlowKey, FlowState)],
+    pinned: &[(FlowKey, FlowState)],
+) -> HashMap<FlowKey, FlowState> {
+    let mut all: HashMap<FlowKey, FlowState> = connections.iter().copied().collect();
+    for (k, p) in pinned {
+        let merged = match all.get(k) {
+            Some(c) => FlowState {
+                backend: p.backend,
+                last_seen_ns: c.last_seen_ns.max(p.last_seen_ns),
+                flags: c.flags | p.flags,
+                ..*p
+            },
+            None => *p,
+        };
+        all.insert(*k, merged);
+    }
+    all
+}
+
+/// Active flows per backend id.
+pub fn count_active(
+    flows: &HashMap<FlowKey, FlowState>,
+    now_ns: u64,
+    idle: Duration,
+) -> HashMap<u32, u64> {
+    let mut counts = HashMap::new();
+    for state in flows.values() {
+        if is_active(state, now_ns, idle) {
+            *counts.entry(state.backend).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Connection-table flows to copy into the pinned table: still active, their backend
+/// still forwarding, and not the ring's choice (any more). Flows already pinned to the
+/// same backend are left alone.
+pub fn to_pin(
+    connections: &[(FlowKey, FlowState)],
+    pinned: &HashMap<FlowKey, FlowState>,
+    rings: &RingSet,
+    now_ns: u64,
+    idle: Duration,
+) -> Vec<(FlowKey, FlowState)> {
+    connections
+        .iter()
+        .filter(|(k, s)| {
+            is_active(s, now_ns, idle)
+                && rings.forwarding.contains(&s.backend)
+                && rings
+                    .choice(s.vip_num, k)
+                    .is_some_and(|chosen| chosen != s.backend)
+                && pinned.get(k).is_none_or(|p| p.backend != s.backend)
+        })
+        .copied()
+        .collect()
+}
+
+/// Pinned flows to remove. `merged` is [`merge`] of both tables, so a pinned flow that
+/// is busy in the connection table is not taken for idle.
+pub fn to_unpin(
+    pinned: &[(FlowKey, FlowState)],
+    merged: &HashMap<FlowKey, FlowState>,
+    rings: &RingSet,
+    now_ns: u64,
+    idle: Duration,
+) -> Vec<FlowKey> {
+    pinned
+        .iter()
+        .filter(|(k, p)| {
+            let s = merged.get(k).unwrap_or(p);
+            let quiet_ns = now_ns.saturating_sub(s.last_seen_ns);
+            let closed = s.flags & FLOW_F_CLOSING != 0 && quiet_ns >= CLOSE_GRACE.as_nanos() as u64;
+            let idle = quiet_ns >= idle.as_nanos() as u64;
+            let gone = !rings.forwarding.contains(&p.backend);
+            let chosen_again = rings.choice(p.vip_num, k) == Some(p.backend);
+            closed || idle || gone || chosen_again
+        })
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+enum Command {
+    /// New rings; `done` is told once the flows they move are pinned.
+    Rings {
+        rings: Arc<RingSet>,
+        done: Option<mpsc::SyncSender<()>>,
+    },
+    Stop,
+}
+
+/// The agent's side of the scanner thread.
+pub struct Scanner {
+    commands: mpsc::Sender<Command>,
+    snapshot: Arc<ArcSwap<FlowSnapshot>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Scanner {
+    /// Starts the thread over `store`. `idle`: when a quiet flow stops counting.
+    pub fn spawn(store: Box<dyn FlowStore>, idle: Duration) -> std::io::Result<Self> {
+        let (commands, rx) = mpsc::channel();
+        let snapshot = Arc::new(ArcSwap::from_pointee(FlowSnapshot::default()));
+        let published = snapshot.clone();
+        let thread = std::thread::Builder::new()
+            .name("lb-flows".into())
+            .spawn(move || {
+                Worker {
+                    store,
+                    idle,
+                    rings: Arc::new(RingSet::default()),
+                    snapshot: published,
+                    pin_failures: 0,
+                    logged_failures: 0,
+                }
+                .run(rx)
+            })?;
+        Ok(Self {
+            commands,
+            snapshot,
+            thread: Some(thread),
+        })
+    }
+
+    /// The latest snapshot; never waits for a scan.
+    pub fn snapshot(&self) -> Arc<FlowSnapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Hands the scanner the rings about to be written and waits (at most
+    /// `PREPARE_WAIT`) until the flows they move away from their backend are pinned.
+    /// Returns false if the scanner did not answer in time.
+    pub fn prepare(&self, rings: Arc<RingSet>) -> bool {
+        let (done, wait) = mpsc::sync_channel(1);
+        let sent = self.commands.send(Command::Rings {
+            rings,
+            done: Some(done),
+        });
+        sent.is_ok() && wait.recv_timeout(PREPARE_WAIT).is_ok()
+    }
+
+    /// The rings now in the maps: the scanner looks again for flows that took the old
+    /// ones meanwhile, and from now on keeps to these.
+    pub fn committed(&self, rings: Arc<RingSet>) {
+        let _ = self.commands.send(Command::Rings { rings, done: None });
+    }
+}
+
+impl Drop for Scanner {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    store: Box<dyn FlowStore>,
+    idle: Duration,
+    rings: Arc<RingSet>,
+    snapshot: Arc<ArcSwap<FlowSnapshot>>,
+    pin_failures: u64,
+    logged_failures: u64,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        let mut next = Instant::now();
+        loop {
+            let wait = next.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Command::Rings { rings, done }) => {
+                    self.rings = rings;
+                    self.scan();
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                    next = Instant::now() + SCAN_EVERY;
+                }
+                Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.scan();
+                    next = Instant::now() + SCAN_EVERY;
+                }
+            }
+        }
+    }
+
+    fn scan(&mut self) {
+        let taken_at = Instant::now();
+        let snapshot = match self.try_scan() {
+            Ok((active, connections, pinned)) => FlowSnapshot {
+                taken_at: Some(taken_at),
+                active,
+                connections,
+                pinned,
+                pin_failures: self.pin_failures,
+                error: None,
+            },
+            Err(e) => {
+                eprintln!("lb-agent: flow scan failed: {e}");
+                FlowSnapshot {
+                    error: Some(e.to_string()),
+                    ..(*self.snapshot.load_full()).clone()
+                }
+            }
+        };
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    fn try_scan(
+        &mut self,
+    ) -> Result<(HashMap<u32, u64>, usize, usize), crate::dataplane::DataPlaneError> {
+        let connections = self.store.read(FlowTable::Connections)?;
+        let pinned = self.store.read(FlowTable::Pinned)?;
+        let now = monotonic_ns();
+        let pinned_map: HashMap<FlowKey, FlowState> = pinned.iter().copied().collect();
+        let pin = to_pin(&connections, &pinned_map, &self.rings, now, self.idle);
+        let merged = merge(&connections, &pinned);
+        let unpin = to_unpin(&pinned, &merged, &self.rings, now, self.idle);
+        if !unpin.is_empty() {
+            self.store.unpin(&unpin)?;
+        }
+        let mut full = 0;
+        if !pin.is_empty() {
+            full = self.store.pin(&pin)?;
+            if full > 0 {
+                self.pin_failures += full as u64;
+                // The 1st, 2nd, 4th... time: a full table is worth knowing, not a flood of lines.
+                if self.logged_failures.count_ones() <= 1 {
+                    eprintln!(
+                        "lb-agent: pinned-flow table full: {full} flow(s) not pinned ({} so far); raise [agent] max_pinned_flows",
+                        self.pin_failures
+                    );
+                }
+                self.logged_failures += 1;
+            }
+        }
+        // New pins may overwrite old ones of the same flow: an upper bound until the next scan.
+        let pinned_now = pinned.len().saturating_sub(unpin.len()) + pin.len().saturating_sub(full);
+        Ok((
+            count_active(&merged, now, self.idle),
+            connections.len(),
+            pinned_now,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::FakeFlowStore;
+
+    const IDLE: Duration = Duration::from_secs(900);
+    const NOW: u64 = 10_000_000_000_000;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [10, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport_be: port.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: 6,
+            family: 2,
+            _pad: [0; 2],
+        }
+    }
+
+    fn state(backend: u32) -> FlowState {
+        FlowState {
+            backend,
+            vip_num: 0,
+            last_seen_ns: NOW - 1_000_000_000,
+            flags: 0,
+            _pad: 0,
+        }
+    }
+
+    /// A ring of 7 slots, every slot `backend`; `forwarding` ids still valid.
+    fn rings(backend: u32, forwarding: &[u32]) -> RingSet {
+        RingSet {
+            rings: HashMap::from([(0, Arc::new(vec![backend; 7]))]),
+            forwarding: forwarding.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn flows_off_the_ring_are_pinned_others_not() {
+        let conns = vec![
+            (key(1), state(1)),
+            (key(2), state(2)),
+            (
+                key(3),
+                FlowState {
+                    flags: FLOW_F_CLOSING,
+                    ..state(2)
+                },
+            ),
+            (
+                key(4),
+                FlowState {
+                    last_seen_ns: NOW - IDLE.as_nanos() as u64 - 1,
+                    ..state(2)
+                },
+            ),
+            // Its backend is down: it goes back to the ring, nothing to keep.
+            (key(5), state(3)),
+        ];
+        let r = rings(1, &[1, 2]);
+        let pin = to_pin(&conns, &HashMap::new(), &r, NOW, IDLE);
+        assert_eq!(pin, vec![(key(2), state(2))]);
+        // Already pinned to that backend: not written again.
+        let pinned = HashMap::from([(key(2), state(2))]);
+        assert!(to_pin(&conns, &pinned, &r, NOW, IDLE).is_empty());
+    }
+
+    #[test]
+    fn pinned_flows_leave_when_closed_idle_down_or_chosen_again() {
+        let long_ago = NOW - CLOSE_GRACE.as_nanos() as u64 - 1;
+        let pinned = vec![
+            (key(1), state(2)),
+            (
+                key(2),
+                FlowState {
+                    flags: FLOW_F_CLOSING,
+                    last_seen_ns: long_ago,
+                    ..state(2)
+                },
+            ),
+            // Closed just now: kept for the last ACKs.
+            (
+                key(3),
+                FlowState {
+                    flags: FLOW_F_CLOSING,
+                    ..state(2)
+                },
+            ),
+            (
+                key(4),
+                FlowState {
+                    last_seen_ns: NOW - IDLE.as_nanos() as u64,
+                    ..state(2)
+                },
+            ),
+            (key(5), state(3)),
+            (key(6), state(1)),
+        ];
+        let merged = merge(&[], &pinned);
+        let mut gone = to_unpin(&pinned, &merged, &rings(1, &[1, 2]), NOW, IDLE);
+        gone.sort_by_key(|k| u16::from_be(k.sport_be));
+        assert_eq!(gone, vec![key(2), key(4), key(5), key(6)]);
+    }
+
+    #[test]
+    fn a_busy_connection_entry_keeps_its_pin_from_idling_out() {
+        let stale = FlowState {
+            last_seen_ns: NOW - IDLE.as_nanos() as u64 - 5,
+            ..state(2)
+        };
+        let pinned = vec![(key(1), stale)];
+        let conns = vec![(key(1), state(2))];
+        let merged = merge(&conns, &pinned);
+        assert!(to_unpin(&pinned, &merged, &rings(1, &[1, 2]), NOW, IDLE).is_empty());
+        // And a close seen by either table counts.
+        let closing = vec![(
+            key(1),
+            FlowState {
+                flags: FLOW_F_CLOSING,
+                last_seen_ns: NOW - CLOSE_GRACE.as_nanos() as u64 - 1,
+                ..state(2)
+            },
+        )];
+        let merged = merge(&closing, &pinned);
+        assert_eq!(
+            to_unpin(&pinned, &merged, &rings(1, &[1, 2]), NOW, IDLE),
+            vec![key(1)]
+        );
+    }
+
+    #[test]
+    fn active_counts_each_flow_once() {
+        let conns = vec![(key(1), state(2)), (key(2), state(1))];
+        let pinned = vec![(key(1), state(2))];
+        let merged = merge(&conns, &pinned);
+        let counts = count_active(&merged, NOW, IDLE);
+        assert_eq!(counts, HashMap::from([(1, 1), (2, 1)]));
+    }
+
+    #[test]
+    fn the_ring_choice_follows_the_program() {
+        let mut r = RingSet::default();
+        let ring: Vec<u32> = (0..13).collect();
+        r.rings.insert(4, Arc::new(ring));
+        let k = key(4242);
+        assert_eq!(r.choice(4, &k), Some(flow_hash(&k) % 13));
+        assert_eq!(r.choice(5, &k), None);
+    }
+
+    #[test]
+    fn the_scanner_pins_before_prepare_returns_and_publishes_counts() {
+        let store = FakeFlowStore {
+            max_pinned: 1,
+            ..Default::default()
+        };
+        {
+            let mut c = store.connections.lock().unwrap();
+            let now = monotonic_ns();
+            for (port, backend) in [(1, 1), (2, 2), (3, 2)] {
+                c.insert(
+                    key(port),
+                    FlowState {
+                        last_seen_ns: now,
+                        ..state(backend)
+                    },
+                );
+            }
+        }
+        let scanner = Scanner::spawn(Box::new(store.clone()), IDLE).unwrap();
+        // Backend 2 leaves the ring but still forwards (a drain).
+        assert!(scanner.prepare(Arc::new(rings(1, &[1, 2]))));
+        let pinned = store.pinned.lock().unwrap().clone();
+        assert_eq!(
+            pinned.len(),
+            1,
+            "the table holds one; the other is a failure"
+        );
+        assert!(pinned.values().all(|s| s.backend == 2));
+        let snap = scanner.snapshot();
+        assert!(snap.taken_at.is_some());
+        assert_eq!(snap.active.get(&2), Some(&2));
+        assert_eq!(snap.active.get(&1), Some(&1));
+        assert_eq!(snap.pin_failures, 1);
+        assert_eq!(snap.connections, 3);
+        assert_eq!(snap.pinned, 1);
+        drop(scanner);
+    }
+}

@@ -27,8 +27,8 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use lb_tests::lab::{
-    AgentGuard, Attempt, Lab, Node, ProcessGuard, SERVICE_PORT, Service, VIP4, VIP6, VrrpSection,
-    addr4, probe_gap, try_in_ns,
+    AgentGuard, Attempt, BackendSection, Lab, Node, ProcessGuard, SERVICE_PORT, Service, VIP4,
+    VIP6, VrrpSection, addr4, parse_backends_json, probe_gap, try_in_ns,
 };
 use lb_userspace::{
     protocol::Status,
@@ -426,6 +426,65 @@ fn sigkill_master() -> Result<()> {
         Duration::from_secs(1),
         |agents| agents.kill(Node::Lb),
         |_| Ok(()),
+    )
+}
+
+/// A reload on the backup that waits for an unresolvable backend's MAC (3 s) while the
+/// master is killed: the backup's VRRP speaker and its serving switch run on a thread
+/// of their own, so the takeover is as quick as without the reload (same bound as
+/// `sigkill_master`), and the reload still finishes afterwards.
+#[test]
+fn reload_waiting_on_a_mac_does_not_delay_a_takeover() -> Result<()> {
+    const TEST: &str = "reload_waiting_on_a_mac_does_not_delay_a_takeover";
+    if !lb_tests::require_root(TEST) {
+        return Ok(());
+    }
+    takeover(
+        TEST,
+        Duration::from_secs(1),
+        |agents| {
+            // Nobody has this address on the segment: the reload probes it for 3 s.
+            let mut file = agents
+                .lab
+                .config_file(Node::Lb2, "native", &services())
+                .vrrp(vrrp(PRIO_LB2));
+            file.services[0].backends.push(BackendSection {
+                name: "ghost".into(),
+                address: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 250)),
+                weight: 100,
+                backup: None,
+            });
+            let lb2 = agents.agent(Node::Lb2)?;
+            lb2.write_config(&file.to_toml())?;
+            lb2.signal(libc::SIGHUP)?;
+            // The reload is under way (resolving) when the master goes.
+            thread::sleep(Duration::from_millis(200));
+            agents.kill(Node::Lb)
+        },
+        |agents| {
+            let lb2 = agents.agent(Node::Lb2)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while lb2.count_log("lb-agent: reloaded") == 0 {
+                ensure!(
+                    Instant::now() < deadline,
+                    "lb2's reload did not finish: {}",
+                    lb2.log()
+                );
+                thread::sleep(POLL);
+            }
+            let list = agents
+                .lab
+                .lbctl_ok_on(Node::Lb2, &["--json", "backend", "list", "web4"])?;
+            let ghost = parse_backends_json(&list)?
+                .into_iter()
+                .find(|b| b.name == "ghost")
+                .ok_or_else(|| anyhow!("lb2 does not list the reloaded backend: {list}"))?;
+            ensure!(
+                !ghost.in_ring,
+                "an unresolved backend is in the ring: {ghost:?}"
+            );
+            Ok(())
+        },
     )
 }
 

@@ -21,6 +21,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "iptables",
     "keepalived",
+    // Bounded SYN floods in the flood lab test.
+    "hping3",
 ];
 
 pub fn setup(ws: &Workspace) -> Result<()> {

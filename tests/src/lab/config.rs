@@ -79,6 +79,8 @@ pub struct AgentSection {
     pub state_dir: PathBuf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flow_idle_timeout_s: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_flows: Option<u32>,
 }
 
 impl AgentSection {

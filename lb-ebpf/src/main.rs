@@ -263,7 +263,7 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
                 found = Some((id, backend));
                 // Written only when stale or newly closing: no write per packet.
                 unsafe {
-                    if now > (*state).last_seen_ns + PINNED_TOUCH_NS {
+                    if now.saturating_sub((*state).last_seen_ns) > PINNED_TOUCH_NS {
                         (*state).last_seen_ns = now;
                     }
                     if closing != 0 && (*state).flags & FLOW_F_CLOSING == 0 {

@@ -788,11 +788,11 @@ impl Validator<'_> {
                             format!("{} is used twice in this service", be.address),
                         );
                     }
-                    if let Some(vip) = vip {
-                        if vip.is_ipv4() != be.address.is_ipv4() {
-                            self.err_at(Some(b.span()), &format!("{bpath}.address"), format!("{} and the VIP {vip} are of different families (DSR forwards the client's packet as is)", be.address));
-                        }
-                        // A backend on any VIP, this one included: `backends_elsewhere`.
+                    // A backend on any VIP, this one included, is `backends_elsewhere`'s.
+                    if let Some(vip) = vip
+                        && vip.is_ipv4() != be.address.is_ipv4()
+                    {
+                        self.err_at(Some(b.span()), &format!("{bpath}.address"), format!("{} and the VIP {vip} are of different families (DSR forwards the client's packet as is)", be.address));
                     }
                     backends.push(be);
                 }

@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context, Result};
 use lb_common::{
     LbConfig,
-    counters::{backend_slot, global_slot, reason, vip_slot},
+    counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -817,6 +817,13 @@ impl<D: DataPlane> Agent<D> {
                 self.dp.counter(global_slot(r))?.packets,
             );
         }
+        let mut events = BTreeMap::new();
+        for e in 0..event::COUNT {
+            events.insert(
+                event::NAMES[e as usize].to_string(),
+                self.dp.counter(event_slot(e))?.packets,
+            );
+        }
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             interface: self.config.agent.interface.clone(),
@@ -824,6 +831,7 @@ impl<D: DataPlane> Agent<D> {
             uptime_s: self.started.elapsed().as_secs(),
             services,
             counters,
+            events,
             vrrp: self.vrrp.as_ref().map(|h| h.status()),
             serving: self.serving,
             flows,
@@ -986,9 +994,12 @@ fn reload_response(result: Result<ApplyReport, ReloadError>) -> Response {
 /// share the next one, which reads the file again.
 #[derive(Default)]
 struct Reloads {
-    running: Option<(JoinHandle<Result<PreparedReload, ReloadError>>, Vec<Waiter>)>,
+    running: Option<(ReloadTask, Vec<Waiter>)>,
     queued: Option<Vec<Waiter>>,
 }
+
+/// A reload's slow half, running.
+type ReloadTask = JoinHandle<Result<PreparedReload, ReloadError>>;
 
 /// Who waits for a reload's answer: an `lbctl reload`, or nobody (SIGHUP).
 type Waiter = Option<oneshot::Sender<Response>>;

@@ -62,9 +62,6 @@ pub trait DataPlane {
     fn set_ring_slots(&mut self, vip_num: u32, slots: &[(u32, u32)]) -> Result<()>;
     /// One counter slot, summed over CPUs.
     fn counter(&self, slot: u32) -> Result<Counter>;
-    /// Flows per backend id that are still active: no FIN or RST from the client, and a
-    /// packet within the last `idle` (walks the connection table).
-    fn active_flows(&self, idle: std::time::Duration) -> Result<StdHashMap<u32, u64>>;
 }
 
 /// The one switch that says whether this host serves the VIPs (answers ARP/ND for them
@@ -388,16 +385,6 @@ pub fn monotonic_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
-/// Whether a connection-table entry still counts as an active flow at `now`.
-pub fn flow_is_active(
-    state: &lb_common::FlowState,
-    now_ns: u64,
-    idle: std::time::Duration,
-) -> bool {
-    state.flags & lb_common::FLOW_F_CLOSING == 0
-        && now_ns.saturating_sub(state.last_seen_ns) < idle.as_nanos() as u64
-}
-
 /// A descriptor of our own on a map: it keeps the map alive as long as we hold it.
 fn dup_fd(map: &MapData, name: &'static str) -> Result<OwnedFd> {
     map.fd()
@@ -644,18 +631,6 @@ impl DataPlane for XdpDataPlane {
         }
         Ok(())
     }
-    fn active_flows(&self, idle: std::time::Duration) -> Result<StdHashMap<u32, u64>> {
-        let flows = self.flows()?;
-        let now = monotonic_ns();
-        let mut counts = StdHashMap::new();
-        // Entries can vanish (LRU eviction) while we walk; those errors are skipped.
-        for (_, state) in flows.iter().flatten() {
-            if flow_is_active(&state, now, idle) {
-                *counts.entry(state.backend).or_insert(0) += 1;
-            }
-        }
-        Ok(counts)
-    }
     fn counter(&self, slot: u32) -> Result<Counter> {
         let per_cpu = self
             .stats
@@ -679,8 +654,6 @@ pub struct FakeDataPlane {
     pub rings: StdHashMap<u32, u32>,
     pub ring_writes: usize,
     pub counters: StdHashMap<u32, Counter>,
-    /// What `active_flows` reports.
-    pub active: StdHashMap<u32, u64>,
     /// Refuse one map write once this many more have succeeded (a kernel that says no
     /// half-way through an apply); the writes after it succeed again.
     pub fail_one_write_after: Option<usize>,
@@ -760,54 +733,5 @@ impl DataPlane for FakeDataPlane {
     }
     fn counter(&self, slot: u32) -> Result<Counter> {
         Ok(self.counters.get(&slot).copied().unwrap_or_default())
-    }
-    fn active_flows(&self, _idle: std::time::Duration) -> Result<StdHashMap<u32, u64>> {
-        Ok(self.active.clone())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use lb_common::{FLOW_F_CLOSING, FlowState};
-    use std::time::Duration;
-
-    #[test]
-    fn closed_and_idle_flows_are_not_active() {
-        let idle = Duration::from_secs(10);
-        let now = 100_000_000_000;
-        let fresh = FlowState {
-            backend: 1,
-            vip_num: 0,
-            last_seen_ns: now - 1_000_000_000,
-            flags: 0,
-            _pad: 0,
-        };
-        assert!(flow_is_active(&fresh, now, idle));
-        assert!(!flow_is_active(
-            &FlowState {
-                flags: FLOW_F_CLOSING,
-                ..fresh
-            },
-            now,
-            idle
-        ));
-        assert!(!flow_is_active(
-            &FlowState {
-                last_seen_ns: now - 11_000_000_000,
-                ..fresh
-            },
-            now,
-            idle
-        ));
-        // A timestamp from after `now` (read races) counts as fresh, not as ancient.
-        assert!(flow_is_active(
-            &FlowState {
-                last_seen_ns: now + 5,
-                ..fresh
-            },
-            now,
-            idle
-        ));
     }
 }

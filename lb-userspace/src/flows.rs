@@ -468,6 +468,28 @@ mod tests {
     }
 
     #[test]
+    fn closed_and_idle_flows_are_not_active() {
+        let fresh = state(1);
+        assert!(is_active(&fresh, NOW, IDLE));
+        let closed = FlowState {
+            flags: FLOW_F_CLOSING,
+            ..fresh
+        };
+        assert!(!is_active(&closed, NOW, IDLE));
+        let quiet = FlowState {
+            last_seen_ns: NOW - IDLE.as_nanos() as u64 - 1,
+            ..fresh
+        };
+        assert!(!is_active(&quiet, NOW, IDLE));
+        // A time from after `now` (the program wrote it during the read) is fresh.
+        let later = FlowState {
+            last_seen_ns: NOW + 5,
+            ..fresh
+        };
+        assert!(is_active(&later, NOW, IDLE));
+    }
+
+    #[test]
     fn active_counts_each_flow_once() {
         let conns = vec![(key(1), state(2)), (key(2), state(1))];
         let pinned = vec![(key(1), state(2))];

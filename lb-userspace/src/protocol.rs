@@ -79,6 +79,10 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Global counters of packets not forwarded, by reason.
     pub counters: BTreeMap<String, u64>,
+    /// Data-path events that are not a verdict: flows the flood guard left unrecorded,
+    /// flows the tables lost, ICMP errors sent on to a flow's backend.
+    #[serde(default)]
+    pub events: BTreeMap<String, u64>,
     /// Absent when the agent runs standalone (no `[vrrp]`): always master.
     pub vrrp: Option<crate::vrrp::VrrpStatus>,
     /// Whether this host answers for the VIPs and forwards their traffic now.

@@ -19,8 +19,8 @@ use lb_tests::{
 };
 use lb_userspace::{
     config::{BackendSpec, Service},
-    dataplane::{DataPlane, FlowStore, FlowTable, MapSizes, ServeSwitch},
-    maglev,
+    dataplane::{FlowStore, FlowTable, MapSizes, ServeSwitch, monotonic_ns},
+    flows, maglev,
     programmer::{BackendView, addr_bytes},
 };
 
@@ -1132,13 +1132,17 @@ fn fin_and_rst_end_a_flows_activity() {
     let a = (ip("198.51.100.40"), 42000);
     let b = (ip("198.51.100.41"), 42001);
     let idle = std::time::Duration::from_secs(60);
-    let active = |rig: &Rig| -> u64 {
-        rig.dp
-            .active_flows(idle)
-            .expect("active flows")
+    // Counted as the agent's flow scanner counts: both tables read, merged, filtered.
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let mut count = |idle: std::time::Duration| -> u64 {
+        let conns = store.read(FlowTable::Connections).expect("read flows");
+        let pinned = store.read(FlowTable::Pinned).expect("read pinned");
+        let merged = flows::merge(&conns, &pinned);
+        flows::count_active(&merged, monotonic_ns(), idle)
             .values()
             .sum()
     };
+    let mut active = |_: &Rig| count(idle);
     assert_eq!(active(&rig), 0);
     for client in [a, b] {
         let (v, _) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
@@ -1161,14 +1165,7 @@ fn fin_and_rst_end_a_flows_activity() {
     rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, a, vip, SYN));
     assert_eq!(active(&rig), 1);
     // And idle flows age out of the count.
-    assert_eq!(
-        rig.dp
-            .active_flows(std::time::Duration::from_nanos(1))
-            .expect("active")
-            .values()
-            .sum::<u64>(),
-        0
-    );
+    assert_eq!(count(std::time::Duration::from_nanos(1)), 0);
 }
 
 #[test]

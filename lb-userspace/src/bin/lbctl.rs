@@ -331,6 +331,15 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
             counters.join(", ")
         }
     );
+    let events: Vec<String> = status
+        .events
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    if !events.is_empty() {
+        println!("events: {}", events.join(", "));
+    }
     Ok(())
 }
 

@@ -14,9 +14,8 @@ use lb_userspace::{
     config::DEFAULT_CONTROL_SOCKET,
     protocol::{
         BackendStatus, Envelope, MAX_FRAME, PROTOCOL_VERSION, Request, Response, Status,
-        decode_response, encode,
+        VrrpStatus, decode_response, encode,
     },
-    vrrp::VrrpStatus,
 };
 
 /// Control a running lb-agent: show its state, drain and restore backends before and

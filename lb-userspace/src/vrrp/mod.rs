@@ -52,11 +52,11 @@ pub mod state;
 #[cfg(test)]
 mod lab_tests;
 
-use std::{fmt, net::IpAddr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
-use serde::{Deserialize, Serialize};
-
-pub use speaker::{StateChange, VrrpError, VrrpHandle, VrrpStatus, spawn};
+// The status types are the control protocol's: `lbctl` reads them without this module.
+pub use crate::protocol::{MasterStatus, TransitionStatus, VrrpCounters, VrrpState, VrrpStatus};
+pub use speaker::{StateChange, VrrpError, VrrpHandle, spawn};
 
 /// The `[vrrp]` section, as `config.rs` validated it; the speaker's own checks below
 /// guard callers that build one by hand.
@@ -112,40 +112,6 @@ impl VrrpConfig {
             (None, Some(vip)) => vip.is_ipv4(),
             (None, None) => true,
         }
-    }
-}
-
-/// A VRRP state as operators see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VrrpState {
-    /// Not started, or stopped.
-    Init,
-    Backup,
-    Master,
-    /// Effective priority 0: the data path cannot serve; never becomes master.
-    Fault,
-}
-
-impl VrrpState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VrrpState::Init => "init",
-            VrrpState::Backup => "backup",
-            VrrpState::Master => "master",
-            VrrpState::Fault => "fault",
-        }
-    }
-
-    /// Whether the data path should answer ARP/ND for the VIPs and forward.
-    pub fn serves(self) -> bool {
-        self == VrrpState::Master
-    }
-}
-
-impl fmt::Display for VrrpState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -9,7 +9,7 @@
 //! apart: a lost frame or a slow switch does not leave a VIP pointing at the old host.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -25,7 +25,8 @@ use tokio::{
 };
 
 use super::{
-    ConfigError, VrrpConfig, VrrpState, announce,
+    ConfigError, MasterStatus, TransitionStatus, VrrpConfig, VrrpCounters, VrrpState, VrrpStatus,
+    announce,
     auth::{self, AuthKey, KeyError, Sequencer, Verifier},
     net::{self, AdvertSocket, AnnounceSocket, NetError, Received},
     packet::{self, Advert, DropReason},
@@ -71,61 +72,6 @@ pub struct StateChange {
     pub from: VrrpState,
     pub to: VrrpState,
     pub reason: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MasterStatus {
-    pub address: IpAddr,
-    pub priority: u8,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransitionStatus {
-    /// Wall-clock time of the transition, milliseconds since the Unix epoch.
-    pub at_unix_ms: u64,
-    pub from: VrrpState,
-    pub to: VrrpState,
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VrrpCounters {
-    /// Advert packets sent (one per destination: the group, or each peer).
-    pub adverts_sent: u64,
-    /// Adverts that passed every check.
-    pub adverts_received: u64,
-    /// Dropped adverts by reason: `packet::DropReason::name`, and `from_self`,
-    /// `unknown_source` (not a configured peer), `unreadable_ip_header`.
-    pub dropped: BTreeMap<String, u64>,
-    /// Valid adverts whose VIP list differs from ours (RFC 5798: log, still act).
-    pub address_list_mismatch: u64,
-    pub send_errors: u64,
-    pub receive_errors: u64,
-    /// Gratuitous ARP / unsolicited NA frames sent.
-    pub announcements_sent: u64,
-    pub announcement_errors: u64,
-}
-
-/// What `lbctl status` shows of VRRP.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VrrpStatus {
-    pub state: VrrpState,
-    pub router_id: u8,
-    pub interface: String,
-    /// Our advert source: the election's address.
-    pub address: IpAddr,
-    /// "multicast" or "unicast".
-    pub mode: String,
-    pub authenticated: bool,
-    /// Configured priority.
-    pub priority: u8,
-    /// The priority the data path's health allows (tracking), what we advertise.
-    pub effective_priority: u8,
-    pub advert_interval_ms: u32,
-    /// The master we follow, or ourselves.
-    pub master: Option<MasterStatus>,
-    pub last_transition: Option<TransitionStatus>,
-    pub counters: VrrpCounters,
 }
 
 /// The agent's side of a running speaker.
@@ -606,40 +552,6 @@ fn notify(cmd: &Path, from: VrrpState, to: VrrpState, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn status_serializes_for_lbctl() {
-        let mut counters = VrrpCounters::default();
-        counters.dropped.insert("bad_checksum".into(), 2);
-        let status = VrrpStatus {
-            state: VrrpState::Backup,
-            router_id: 51,
-            interface: "eth0".into(),
-            address: "192.0.2.1".parse().unwrap(),
-            mode: "multicast".into(),
-            authenticated: false,
-            priority: 100,
-            effective_priority: 90,
-            advert_interval_ms: 100,
-            master: Some(MasterStatus {
-                address: "192.0.2.2".parse().unwrap(),
-                priority: 200,
-            }),
-            last_transition: Some(TransitionStatus {
-                at_unix_ms: 1,
-                from: VrrpState::Init,
-                to: VrrpState::Backup,
-                reason: "started".into(),
-            }),
-            counters,
-        };
-        let json = serde_json::to_value(&status).unwrap();
-        assert_eq!(json["state"], "backup");
-        assert_eq!(json["master"]["address"], "192.0.2.2");
-        assert_eq!(json["counters"]["dropped"]["bad_checksum"], 2);
-        let back: VrrpStatus = serde_json::from_value(json).unwrap();
-        assert_eq!(back, status);
-    }
 
     #[test]
     fn notify_runs_in_the_background_with_the_state() {

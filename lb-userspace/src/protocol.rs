@@ -203,15 +203,31 @@ pub struct VrrpCounters {
     pub adverts_received: u64,
     /// Dropped adverts by reason: the speaker's drop reasons (`bad_checksum`,
     /// `auth_stale`...), and `from_self`, `unknown_source` (not a configured peer),
-    /// `unreadable_ip_header`.
+    /// `foreign_group` (our router id, another VIP list), `unreadable_ip_header`.
     pub dropped: BTreeMap<String, u64>,
-    /// Valid adverts whose VIP list differs from ours (RFC 5798: log, still act).
-    pub address_list_mismatch: u64,
     pub send_errors: u64,
     pub receive_errors: u64,
     /// Gratuitous ARP / unsolicited NA frames sent.
     pub announcements_sent: u64,
     pub announcement_errors: u64,
+    /// Failed writes of the data path's serving switch (each is retried).
+    #[serde(default)]
+    pub serve_switch_errors: u64,
+    /// Authentic adverts dropped for their age alone (clock skew, or old captures).
+    #[serde(default)]
+    pub clock_skew: u64,
+}
+
+/// Something an operator should look at; it stays until the condition clears.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VrrpAlarm {
+    /// What kind: `clock_skew`.
+    pub kind: String,
+    /// The peer it is about.
+    pub source: IpAddr,
+    pub message: String,
+    /// When it was last seen, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
 }
 
 /// What `lbctl status` shows of VRRP.
@@ -234,6 +250,8 @@ pub struct VrrpStatus {
     pub master: Option<MasterStatus>,
     pub last_transition: Option<TransitionStatus>,
     pub counters: VrrpCounters,
+    #[serde(default)]
+    pub alarms: Vec<VrrpAlarm>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -382,12 +400,31 @@ mod tests {
                 reason: "started".into(),
             }),
             counters,
+            alarms: vec![VrrpAlarm {
+                kind: "clock_skew".into(),
+                source: "192.0.2.2".parse().unwrap(),
+                message: "stale".into(),
+                at_unix_ms: 2,
+            }],
         };
-        let json = serde_json::to_value(&status).unwrap();
+        let mut json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["state"], "backup");
         assert_eq!(json["master"]["address"], "192.0.2.2");
         assert_eq!(json["counters"]["dropped"]["bad_checksum"], 2);
-        let back: VrrpStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(json["alarms"][0]["source"], "192.0.2.2");
+        let back: VrrpStatus = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(back, status);
+        // An older agent's status, without the newer fields, still reads.
+        json.as_object_mut().unwrap().remove("alarms");
+        json["counters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("clock_skew");
+        json["counters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("serve_switch_errors");
+        let old: VrrpStatus = serde_json::from_value(json).unwrap();
+        assert!(old.alarms.is_empty());
     }
 }

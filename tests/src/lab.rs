@@ -1949,6 +1949,8 @@ impl VrrpSection {
             peers: Vec::new(),
             auth_key_file: None,
             notify: None,
+            // The agent's default: `render` leaves the key out.
+            rt_priority: 10,
         })
     }
 

@@ -353,6 +353,9 @@ fn print_vrrp(v: &VrrpStatus, serving: bool) {
             t.reason
         );
     }
+    for a in &v.alarms {
+        println!("  ALARM {}: {}", a.kind, a.message);
+    }
     let c = &v.counters;
     let dropped: Vec<String> = c.dropped.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!(
@@ -366,6 +369,12 @@ fn print_vrrp(v: &VrrpStatus, serving: bool) {
         },
         c.announcements_sent
     );
+    if c.serve_switch_errors > 0 {
+        println!(
+            "  serving switch: {} failed writes (retried)",
+            c.serve_switch_errors
+        );
+    }
 }
 
 fn print_backends(backends: &[BackendStatus]) {

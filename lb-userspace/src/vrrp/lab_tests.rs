@@ -16,7 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
+
+use crate::dataplane::FakeServeSwitch;
 
 use super::{
     StateChange, VrrpConfig, VrrpState, VrrpStatus,
@@ -177,7 +180,9 @@ enum Cmd {
 
 /// A speaker running on its own thread inside a namespace.
 struct Speaker {
-    status: Arc<Mutex<VrrpStatus>>,
+    status: Arc<ArcSwap<VrrpStatus>>,
+    /// The serving switch the speaker was handed.
+    switch: FakeServeSwitch,
     changes: Arc<Mutex<Vec<StateChange>>>,
     cmd: mpsc::UnboundedSender<Cmd>,
     done: std::sync::mpsc::Receiver<()>,
@@ -198,6 +203,8 @@ impl Speaker {
         let (cmd, mut cmd_rx) = mpsc::unbounded_channel();
         let ns = ns.to_string();
         let iface = iface.to_string();
+        let switch = FakeServeSwitch::default();
+        let theirs = Box::new(switch.clone());
         let thread = thread::spawn(move || {
             enter_netns(&ns);
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -205,7 +212,7 @@ impl Speaker {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let (handle, mut rx) = match spawn(cfg, iface, vips, mac) {
+                let (handle, mut rx) = match spawn(cfg, iface, vips, mac, theirs) {
                     Ok(x) => x,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
@@ -244,6 +251,7 @@ impl Speaker {
             .unwrap_or_else(|e| panic!("spawn: {e}"));
         Speaker {
             status,
+            switch,
             changes,
             cmd,
             done,
@@ -252,7 +260,11 @@ impl Speaker {
     }
 
     fn status(&self) -> VrrpStatus {
-        self.status.lock().unwrap().clone()
+        VrrpStatus::clone(&self.status.load())
+    }
+
+    fn serving(&self) -> bool {
+        self.switch.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn state(&self) -> VrrpState {
@@ -298,6 +310,7 @@ fn cfg(priority: u8) -> VrrpConfig {
         peers: vec![],
         auth_key_file: None,
         notify: None,
+        rt_priority: 10,
     }
 }
 
@@ -314,6 +327,13 @@ fn assert_elected(a: &Speaker, b: &Speaker, a_addr: &str, a_prio: u8) {
             && b.status().counters.adverts_received >= 3
     });
     assert!(ok, "no election:\nA {:#?}\nB {:#?}", a.status(), b.status());
+    // The speaker sets the switch before it publishes the state.
+    assert!(
+        a.serving() && !b.serving(),
+        "serving: A {}, B {}",
+        a.serving(),
+        b.serving()
+    );
 }
 
 /// Stops master `a` gracefully and checks `b` takes over within about one interval.
@@ -327,6 +347,8 @@ fn assert_handover(a: &mut Speaker, b: &Speaker) {
     );
     let took = stopped.elapsed();
     eprintln!("vrrp lab: takeover after a graceful stop: {took:?}");
+    assert!(!a.serving(), "a stopped speaker left its host serving");
+    assert!(b.serving(), "the new master does not serve");
     assert!(
         took < Duration::from_millis(u64::from(INTERVAL_MS) * 3),
         "{took:?}"

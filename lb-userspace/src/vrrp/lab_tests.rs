@@ -175,6 +175,8 @@ impl Drop for Lab {
 
 enum Cmd {
     SetPriority(u8),
+    /// Blocks the runtime the handle lives on, as a long map walk would the agent's.
+    Block(Duration),
     Stop,
 }
 
@@ -230,6 +232,7 @@ impl Speaker {
                     tokio::select! {
                         c = cmd_rx.recv() => match c {
                             Some(Cmd::SetPriority(p)) => handle.set_priority(p),
+                            Some(Cmd::Block(d)) => thread::sleep(d),
                             Some(Cmd::Stop) | None => break,
                         },
                         c = rx.recv(), if open => match c {
@@ -361,6 +364,51 @@ fn assert_handover(a: &mut Speaker, b: &Speaker) {
         Some(VrrpState::Master),
         "{changes:?}"
     );
+}
+
+/// The issue "under load the pair flaps": the loop that holds the handles (the agent's)
+/// stops for 15 intervals, and the election does not notice: the master keeps
+/// advertising, the backup keeps following, nobody changes state.
+#[test]
+fn a_blocked_agent_loop_does_not_stop_the_election() {
+    if !require_root("vrrp a_blocked_agent_loop_does_not_stop_the_election") {
+        return;
+    }
+    let lab = Lab::new("m7");
+    let vips = vec![ip(VIP4)];
+    let a = Speaker::start(&lab.a, "va", cfg(200), vips.clone(), MAC_A, None);
+    let b = Speaker::start(&lab.b, "vb", cfg(100), vips, MAC_B, None);
+    assert_elected(&a, &b, A4, 200);
+    let (sent, heard) = (
+        a.status().counters.adverts_sent,
+        b.status().counters.adverts_received,
+    );
+    let changes = b.changes.lock().unwrap().len();
+    let block = Duration::from_millis(u64::from(INTERVAL_MS) * 15);
+    let _ = a.cmd.send(Cmd::Block(block));
+    let _ = b.cmd.send(Cmd::Block(block));
+    // The status is read from here, while both handles' loops sleep.
+    let end = Instant::now() + block;
+    while Instant::now() < end {
+        assert_eq!(a.state(), VrrpState::Master);
+        assert_eq!(b.state(), VrrpState::Backup);
+        assert!(a.serving() && !b.serving());
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (sa, sb) = (a.status(), b.status());
+    // About 15 adverts each way in the time; allow for a slow machine.
+    assert!(
+        sa.counters.adverts_sent >= sent + 10,
+        "{sent} -> {}",
+        sa.counters.adverts_sent
+    );
+    assert!(
+        sb.counters.adverts_received >= heard + 10,
+        "{heard} -> {}",
+        sb.counters.adverts_received
+    );
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(b.changes.lock().unwrap().len(), changes, "b changed state");
 }
 
 #[test]

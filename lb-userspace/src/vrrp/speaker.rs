@@ -905,14 +905,20 @@ mod tests {
         }
     }
 
-    fn speaker(fail: usize) -> (Speaker<FakeWire>, mpsc::UnboundedReceiver<StateChange>, Log) {
+    type Made = (Speaker<FakeWire>, mpsc::UnboundedReceiver<StateChange>, Log);
+
+    fn speaker(fail: usize) -> Made {
+        keyed_speaker(fail, None)
+    }
+
+    fn keyed_speaker(fail: usize, key: Option<AuthKey>) -> Made {
         let log = Log::default();
         let (sp, rx) = Speaker::new(
             &cfg(),
             "test0".into(),
             vec![ip(VIP), ip("2001:db8::100")],
             [2, 0, 0, 0, 0, 1],
-            None,
+            key,
             FakeWire(log.clone()),
             Box::new(Switch {
                 log: log.clone(),
@@ -941,6 +947,16 @@ mod tests {
 
     /// An advert from `src` as received, with `vips`.
     fn received(src: &str, priority: u8, vips: &[&str]) -> (Received, Vec<u8>) {
+        signed(src, priority, vips, None)
+    }
+
+    /// The same, with a trailer signed by `auth` (key, sequence).
+    fn signed(
+        src: &str,
+        priority: u8,
+        vips: &[&str],
+        auth: Option<(&AuthKey, u64)>,
+    ) -> (Received, Vec<u8>) {
         let adv = Advert {
             router_id: 51,
             priority,
@@ -948,7 +964,7 @@ mod tests {
             addresses: vips.iter().map(|v| ip(v)).collect(),
         };
         let dst = IpAddr::V4(packet::GROUP_V4);
-        let bytes = packet::encode(&adv, ip(src), dst, None).unwrap();
+        let bytes = packet::encode(&adv, ip(src), dst, auth).unwrap();
         let r = Received {
             env: packet::Envelope {
                 src: ip(src),
@@ -1081,6 +1097,39 @@ mod tests {
         let (r, bytes) = received(PEER, 254, &[VIP]);
         sp.on_packet(t, &r, &bytes);
         assert_eq!(sp.machine.state(), VrrpState::Backup);
+    }
+
+    #[test]
+    fn an_authentic_stale_advert_raises_the_alarm_a_forged_one_does_not() {
+        let key = AuthKey::from_bytes(b"0123456789abcdef0123456789abcdef".to_vec()).unwrap();
+        let other = AuthKey::from_bytes(b"another key, also 32 bytes long!".to_vec()).unwrap();
+        let (mut sp, _rx, _log) = keyed_speaker(0, Some(key.clone()));
+        let t = Instant::now();
+        let stale = auth::seq_from_unix(unix_now() - Duration::from_secs(30));
+        // Signed with another key and stale: a forgery, not a clock problem.
+        let (r, bytes) = signed(PEER, 200, &[VIP], Some((&other, stale)));
+        sp.on_packet(t, &r, &bytes);
+        assert_eq!(sp.status.counters.dropped.get("auth_bad_hmac"), Some(&1));
+        assert!(sp.status.alarms.is_empty());
+        // The right key, 30 s old: dropped, counted, and an alarm.
+        let (r, bytes) = signed(PEER, 200, &[VIP], Some((&key, stale)));
+        sp.on_packet(t, &r, &bytes);
+        assert_eq!(sp.status.counters.dropped.get("auth_stale"), Some(&1));
+        assert_eq!(sp.status.counters.clock_skew, 1);
+        assert_eq!(sp.status.alarms.len(), 1, "{:?}", sp.status.alarms);
+        let message = &sp.status.alarms[0].message;
+        assert!(
+            message.starts_with(&format!("adverts from {PEER} are 3")),
+            "{message}"
+        );
+        assert!(message.ends_with("s stale: clock skew?"), "{message}");
+        assert_eq!(sp.status.counters.adverts_received, 0);
+        // Fresh again: taken, and the alarm goes.
+        let fresh = auth::seq_from_unix(unix_now());
+        let (r, bytes) = signed(PEER, 200, &[VIP], Some((&key, fresh)));
+        sp.on_packet(t, &r, &bytes);
+        assert_eq!(sp.status.counters.adverts_received, 1);
+        assert!(sp.status.alarms.is_empty());
     }
 
     #[test]

@@ -13,6 +13,10 @@ use std::{io, sync::Once};
 pub fn lock_memory() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        if let Err(why) = memlock_unlimited() {
+            eprintln!("lb-agent: vrrp: warning: not locking the process's memory: {why}");
+            return;
+        }
         // SAFETY: mlockall takes flags only and touches no memory of ours.
         let mut r =
             unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
@@ -28,6 +32,36 @@ pub fn lock_memory() {
             );
         }
     });
+}
+
+/// Makes sure locking every future page cannot fail an allocation later: with a finite
+/// RLIMIT_MEMLOCK (and no CAP_IPC_LOCK), MCL_FUTURE makes any mmap past the limit fail.
+/// The agent runs as root, where raising the limit works.
+fn memlock_unlimited() -> Result<(), String> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to fill in.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Err(format!("getrlimit: {}", io::Error::last_os_error()));
+    }
+    if lim.rlim_cur == libc::RLIM_INFINITY {
+        return Ok(());
+    }
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: `unlimited` is a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        return Err(format!(
+            "RLIMIT_MEMLOCK is {} bytes and cannot be raised ({}); locking every page could make a later allocation fail",
+            lim.rlim_cur,
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Puts the calling thread on SCHED_FIFO at `priority` (1 to 99; 0: leave it alone).

@@ -35,8 +35,9 @@ pub fn lock_memory() {
 }
 
 /// Makes sure locking every future page cannot fail an allocation later: with a finite
-/// RLIMIT_MEMLOCK (and no CAP_IPC_LOCK), MCL_FUTURE makes any mmap past the limit fail.
-/// The agent runs as root, where raising the limit works.
+/// RLIMIT_MEMLOCK and no CAP_IPC_LOCK, MCL_FUTURE makes any mmap past the limit fail.
+/// The agent runs as root, which has CAP_IPC_LOCK (the limit does not apply) or can
+/// raise the limit (CAP_SYS_RESOURCE); a container may grant one and not the other.
 fn memlock_unlimited() -> Result<(), String> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -46,7 +47,7 @@ fn memlock_unlimited() -> Result<(), String> {
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
         return Err(format!("getrlimit: {}", io::Error::last_os_error()));
     }
-    if lim.rlim_cur == libc::RLIM_INFINITY {
+    if lim.rlim_cur == libc::RLIM_INFINITY || has_cap_ipc_lock() {
         return Ok(());
     }
     let unlimited = libc::rlimit {
@@ -62,6 +63,19 @@ fn memlock_unlimited() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Whether this process may lock memory past RLIMIT_MEMLOCK (CapEff in
+/// /proc/self/status, read once at start).
+fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
 /// Puts the calling thread on SCHED_FIFO at `priority` (1 to 99; 0: leave it alone).

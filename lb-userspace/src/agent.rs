@@ -88,9 +88,11 @@ pub struct Agent<D: DataPlane = XdpDataPlane> {
     health_tx: mpsc::Sender<HealthReport>,
     /// The interface's MAC: the source of forwarded frames and of ARP/ND answers.
     mac: [u8; 6],
-    /// Answering for the VIPs and forwarding: always when standalone, as master with VRRP.
+    /// Answering for the VIPs and forwarding: always when standalone, as master with VRRP
+    /// (as the speaker last said: it flips the switch itself).
     serving: bool,
-    serve_switch: Box<dyn ServeSwitch>,
+    /// Ours while standalone or until the VRRP speaker takes it.
+    serve_switch: Option<Box<dyn ServeSwitch>>,
     /// Reads and pins flows on its own thread; its snapshot answers "how many active".
     scanner: Scanner,
     vrrp: Option<VrrpHandle>,
@@ -299,7 +301,7 @@ impl<D: DataPlane> Agent<D> {
             health_tx,
             mac,
             serving: false,
-            serve_switch,
+            serve_switch: Some(serve_switch),
             scanner,
             vrrp: None,
             advertised: None,
@@ -311,33 +313,44 @@ impl<D: DataPlane> Agent<D> {
         view_of(&self.macs, &self.health, &self.admin, service, backend)
     }
 
-    /// Whether the program answers ARP/ND for the VIPs and forwards their traffic.
+    /// Whether the program answers ARP/ND for the VIPs and forwards their traffic; set
+    /// here only before the VRRP speaker, if any, takes the switch.
     fn set_serving(&mut self, on: bool) -> Result<()> {
-        self.serve_switch.set_serving(on)?;
+        let switch = self
+            .serve_switch
+            .as_mut()
+            .context("the VRRP speaker holds the serving switch")?;
+        switch.set_serving(on)?;
         self.serving = on;
         Ok(())
     }
 
-    /// Starts the VRRP speaker, if configured.
-    pub fn start_vrrp(&mut self) -> Result<Option<mpsc::Receiver<StateChange>>> {
+    /// Starts the VRRP speaker, if configured, on its own thread; it takes the serving
+    /// switch and flips it itself, so that nothing on this loop can delay a takeover.
+    pub fn start_vrrp(&mut self) -> Result<Option<mpsc::UnboundedReceiver<StateChange>>> {
         let Some(settings) = self.config.vrrp.clone() else {
             return Ok(None);
         };
+        let switch = self
+            .serve_switch
+            .take()
+            .context("the serving switch is already handed over")?;
         let vips = self.config.services.iter().map(|s| s.vip).collect();
         let (handle, changes) = vrrp::spawn(
             settings,
             self.config.agent.interface.clone(),
             vips,
             self.mac,
+            switch,
         )?;
         self.vrrp = Some(handle);
         self.track();
         Ok(Some(changes))
     }
 
-    /// An election result: serve as master, stand by otherwise.
-    pub fn on_vrrp(&mut self, change: StateChange) -> Result<()> {
-        self.set_serving(change.to.serves())
+    /// An election result, for the status: the speaker has already flipped the switch.
+    pub fn on_vrrp(&mut self, change: StateChange) {
+        self.serving = change.to.serves();
     }
 
     /// Hands the speaker the priority this host's data path deserves now.
@@ -372,19 +385,14 @@ impl<D: DataPlane> Agent<D> {
     }
 
     /// Stops the speaker gracefully: priority 0 tells the peer to take over at once;
-    /// this host keeps forwarding until the peer has had time to.
+    /// the speaker keeps this host forwarding until the peer has had time to, then
+    /// turns serving off.
     pub async fn stop_vrrp(&mut self) {
         let Some(handle) = self.vrrp.take() else {
             return;
         };
-        let was_serving = self.serving;
         handle.shutdown().await;
-        if was_serving && let Some(v) = &self.config.vrrp {
-            // The peer waits its skew time (under one interval) before it takes over.
-            let grace =
-                Duration::from_millis(u64::from(v.advert_interval_ms)).min(Duration::from_secs(1));
-            tokio::time::sleep(grace).await;
-        }
+        self.serving = false;
     }
 
     /// Makes the data path follow the current config, health, admin state and MACs.
@@ -860,7 +868,9 @@ fn view_of(
 }
 
 /// The next VRRP transition, or never when VRRP is off.
-async fn next_change(changes: &mut Option<mpsc::Receiver<StateChange>>) -> Option<StateChange> {
+async fn next_change(
+    changes: &mut Option<mpsc::UnboundedReceiver<StateChange>>,
+) -> Option<StateChange> {
     match changes {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -1146,11 +1156,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
                     let _ = answer.send(agent.handle(request));
                 }
             }
-            Some(change) = next_change(&mut vrrp_changes) => {
-                if let Err(e) = agent.on_vrrp(change) {
-                    eprintln!("lb-agent: applying a VRRP transition failed: {e:#}");
-                }
-            }
+            Some(change) = next_change(&mut vrrp_changes) => agent.on_vrrp(change),
             _ = track_tick.tick(), if agent.vrrp.is_some() => agent.track(),
             _ = tick.tick() => {
                 if let Err(e) = agent.refresh_neighbours().await {

@@ -40,6 +40,8 @@ pub struct VrrpSettings {
     pub peers: Vec<IpAddr>,
     pub auth_key_file: Option<PathBuf>,
     pub notify: Option<PathBuf>,
+    /// SCHED_FIFO priority of the speaker's thread (1 to 99); 0: an ordinary thread.
+    pub rt_priority: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,6 +208,7 @@ struct RawVrrp {
     peers: Vec<Spanned<String>>,
     auth_key_file: Option<Spanned<String>>,
     notify: Option<Spanned<String>>,
+    rt_priority: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -512,6 +515,13 @@ impl Validator<'_> {
             None => Some(None),
             Some(_) => self.path(&raw.notify, "vrrp.notify", "").map(Some),
         };
+        // SCHED_FIFO 1 to 99, as keepalived's vrrp_rt_priority. 10: above every ordinary
+        // task (load, builds, the agent's own loop), below the kernel's interrupt
+        // threads (50) that deliver the adverts; the speaker sleeps between events, so
+        // it cannot starve the rest. 0 turns it off.
+        let rt_priority = self
+            .number(&raw.rt_priority, "vrrp.rt_priority", 10, 0, 99)
+            .and_then(|p| u8::try_from(p).ok());
         if peers.len() != raw.peers.len() {
             return None;
         }
@@ -524,6 +534,7 @@ impl Validator<'_> {
             peers,
             auth_key_file: auth_key_file?,
             notify: notify?,
+            rt_priority: rt_priority?,
         })
     }
 
@@ -1244,8 +1255,11 @@ peers = ["192.0.2.7"]
         );
         assert_eq!(v.peers, vec!["192.0.2.7".parse::<IpAddr>().unwrap()]);
         assert_eq!(v.auth_key_file, Some(PathBuf::from("/etc/lb/vrrp.key")));
+        assert_eq!(v.rt_priority, 10);
+        let off = format!("{base}[vrrp]\nrouter_id = 51\npriority = 100\nrt_priority = 0\n");
+        assert_eq!(parse(&off, "t").unwrap().vrrp.unwrap().rt_priority, 0);
         let bad = format!(
-            "{base}[vrrp]\nrouter_id = 0\npriority = 255\nadvert_interval_ms = 105\npeers = [\"2001:db8::1\"]\nnotify = \"relative\"\n"
+            "{base}[vrrp]\nrouter_id = 0\npriority = 255\nadvert_interval_ms = 105\npeers = [\"2001:db8::1\"]\nnotify = \"relative\"\nrt_priority = 100\n"
         );
         let errs = parse(&bad, "t").expect_err("invalid").errors;
         let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
@@ -1255,9 +1269,10 @@ peers = ["192.0.2.7"]
             "vrrp.advert_interval_ms: 105 is not a multiple of 10",
             "vrrp.peers[0]",
             "vrrp.notify",
+            "vrrp.rt_priority: 100 is out of range (0 to 99)",
         ] {
             assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
         }
-        assert_eq!(errs.len(), 5, "{joined}");
+        assert_eq!(errs.len(), 6, "{joined}");
     }
 }

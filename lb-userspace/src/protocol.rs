@@ -4,7 +4,7 @@
 //! protocol version; a request the agent cannot read gets an `Error` reply, never a
 //! dropped connection without a word. Frames are capped at `MAX_FRAME` bytes.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -84,7 +84,7 @@ pub struct Status {
     #[serde(default)]
     pub events: BTreeMap<String, u64>,
     /// Absent when the agent runs standalone (no `[vrrp]`): always master.
-    pub vrrp: Option<crate::vrrp::VrrpStatus>,
+    pub vrrp: Option<VrrpStatus>,
     /// Whether this host answers for the VIPs and forwards their traffic now.
     pub serving: bool,
     /// The flow tables as the last background scan saw them.
@@ -133,8 +133,8 @@ pub enum BackendState {
     Draining,
 }
 
-impl std::fmt::Display for BackendState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             BackendState::Up => "up",
             BackendState::Down => "down",
@@ -163,6 +163,118 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+}
+
+// ---- VRRP, as `lbctl status` shows it -----------------------------------------------------
+// The speaker (`crate::vrrp`) fills these in; they are defined here so that the wire
+// depends on nothing of the speaker's.
+
+/// A VRRP state as operators see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VrrpState {
+    /// Not started, or stopped.
+    Init,
+    Backup,
+    Master,
+    /// Effective priority 0: the data path cannot serve; never becomes master.
+    Fault,
+}
+
+impl VrrpState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VrrpState::Init => "init",
+            VrrpState::Backup => "backup",
+            VrrpState::Master => "master",
+            VrrpState::Fault => "fault",
+        }
+    }
+
+    /// Whether the data path should answer ARP/ND for the VIPs and forward.
+    pub fn serves(self) -> bool {
+        self == VrrpState::Master
+    }
+}
+
+impl fmt::Display for VrrpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterStatus {
+    pub address: IpAddr,
+    pub priority: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionStatus {
+    /// Wall-clock time of the transition, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    pub from: VrrpState,
+    pub to: VrrpState,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VrrpCounters {
+    /// Advert packets sent (one per destination: the group, or each peer).
+    pub adverts_sent: u64,
+    /// Adverts that passed every check.
+    pub adverts_received: u64,
+    /// Dropped adverts by reason: the speaker's drop reasons (`bad_checksum`,
+    /// `auth_stale`...), and `from_self`, `unknown_source` (not a configured peer),
+    /// `foreign_group` (our router id, another VIP list), `unreadable_ip_header`.
+    pub dropped: BTreeMap<String, u64>,
+    pub send_errors: u64,
+    pub receive_errors: u64,
+    /// Gratuitous ARP / unsolicited NA frames sent.
+    pub announcements_sent: u64,
+    pub announcement_errors: u64,
+    /// Failed writes of the data path's serving switch (each is retried).
+    #[serde(default)]
+    pub serve_switch_errors: u64,
+    /// Authentic adverts dropped for their age alone (clock skew, or old captures).
+    #[serde(default)]
+    pub clock_skew: u64,
+}
+
+/// Something an operator should look at; it stays until the condition clears.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VrrpAlarm {
+    /// What kind: `clock_skew`.
+    pub kind: String,
+    /// The peer it is about.
+    pub source: IpAddr,
+    pub message: String,
+    /// When it was last seen, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+}
+
+/// What `lbctl status` shows of VRRP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VrrpStatus {
+    pub state: VrrpState,
+    pub router_id: u8,
+    pub interface: String,
+    /// Our advert source: the election's address.
+    pub address: IpAddr,
+    /// "multicast" or "unicast".
+    pub mode: String,
+    pub authenticated: bool,
+    /// Configured priority.
+    pub priority: u8,
+    /// The priority the data path's health allows (tracking), what we advertise.
+    pub effective_priority: u8,
+    pub advert_interval_ms: u32,
+    /// The master we follow, or ourselves.
+    pub master: Option<MasterStatus>,
+    pub last_transition: Option<TransitionStatus>,
+    pub counters: VrrpCounters,
+    #[serde(default)]
+    pub alarms: Vec<VrrpAlarm>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,5 +396,58 @@ mod tests {
             details: vec!["a".into()],
         };
         assert_eq!(decode_response(&encode(&r)).unwrap(), r);
+    }
+
+    #[test]
+    fn vrrp_status_serializes_for_lbctl() {
+        let mut counters = VrrpCounters::default();
+        counters.dropped.insert("bad_checksum".into(), 2);
+        let status = VrrpStatus {
+            state: VrrpState::Backup,
+            router_id: 51,
+            interface: "eth0".into(),
+            address: "192.0.2.1".parse().unwrap(),
+            mode: "multicast".into(),
+            authenticated: false,
+            priority: 100,
+            effective_priority: 90,
+            advert_interval_ms: 100,
+            master: Some(MasterStatus {
+                address: "192.0.2.2".parse().unwrap(),
+                priority: 200,
+            }),
+            last_transition: Some(TransitionStatus {
+                at_unix_ms: 1,
+                from: VrrpState::Init,
+                to: VrrpState::Backup,
+                reason: "started".into(),
+            }),
+            counters,
+            alarms: vec![VrrpAlarm {
+                kind: "clock_skew".into(),
+                source: "192.0.2.2".parse().unwrap(),
+                message: "stale".into(),
+                at_unix_ms: 2,
+            }],
+        };
+        let mut json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["state"], "backup");
+        assert_eq!(json["master"]["address"], "192.0.2.2");
+        assert_eq!(json["counters"]["dropped"]["bad_checksum"], 2);
+        assert_eq!(json["alarms"][0]["source"], "192.0.2.2");
+        let back: VrrpStatus = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, status);
+        // An older agent's status, without the newer fields, still reads.
+        json.as_object_mut().unwrap().remove("alarms");
+        json["counters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("clock_skew");
+        json["counters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("serve_switch_errors");
+        let old: VrrpStatus = serde_json::from_value(json).unwrap();
+        assert!(old.alarms.is_empty());
     }
 }

@@ -8,9 +8,12 @@ use lb_userspace::{agent, config};
 /// The load balancer agent: attaches the XDP data path to the configured interface,
 /// programs VIPs and backends, checks their health, and serves `lbctl` on its control
 /// socket. It answers ARP/NDP for the VIPs and forwards their traffic while it runs, or,
-/// with a [vrrp] section, while it is the master of its pair. SIGHUP re-reads the config
-/// (an invalid file changes nothing); SIGINT or SIGTERM detach and exit (as VRRP master:
-/// priority 0 first, so the peer takes over at once).
+/// with a [vrrp] section, while it is the master of its pair: the VRRP speaker then runs
+/// on a thread of its own at real-time priority ([vrrp] rt_priority) with the agent's
+/// memory locked, and flips serving itself (a warning if it lacks the privilege; a
+/// warning too without [vrrp] auth_key_file). SIGHUP re-reads the config (an invalid
+/// file changes nothing); SIGINT or SIGTERM detach and exit (as VRRP master: priority 0
+/// first, so the peer takes over at once).
 #[derive(Parser)]
 #[command(name = "lb-agent", version)]
 struct Args {

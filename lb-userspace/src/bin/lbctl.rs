@@ -14,9 +14,8 @@ use lb_userspace::{
     config::DEFAULT_CONTROL_SOCKET,
     protocol::{
         BackendStatus, Envelope, MAX_FRAME, PROTOCOL_VERSION, Request, Response, Status,
-        decode_response, encode,
+        VrrpStatus, decode_response, encode,
     },
-    vrrp::VrrpStatus,
 };
 
 /// Control a running lb-agent: show its state, drain and restore backends before and
@@ -382,6 +381,9 @@ fn print_vrrp(v: &VrrpStatus, serving: bool) {
             t.reason
         );
     }
+    for a in &v.alarms {
+        println!("  ALARM {}: {}", a.kind, a.message);
+    }
     let c = &v.counters;
     let dropped: Vec<String> = c.dropped.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!(
@@ -395,6 +397,12 @@ fn print_vrrp(v: &VrrpStatus, serving: bool) {
         },
         c.announcements_sent
     );
+    if c.serve_switch_errors > 0 {
+        println!(
+            "  serving switch: {} failed writes (retried)",
+            c.serve_switch_errors
+        );
+    }
 }
 
 fn print_backends(backends: &[BackendStatus]) {

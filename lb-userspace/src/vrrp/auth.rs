@@ -33,12 +33,13 @@
 //! - the trailer's first 12 bytes, then 16 zero bytes in place of the HMAC.
 //!
 //! The destination is not covered: one signature serves every unicast peer, and the
-//! source binds the advert to its sender. A receiver drops an advert whose seconds are
-//! more than the freshness window away from its own clock (max(3 × advert interval in
-//! whole seconds, 5 s), at most 300 s, as keepalived: the hosts need NTP), then checks
-//! the HMAC, then requires the sequence to be strictly greater than the last one
-//! accepted from that source. The sequence is the wall clock at send time, so it keeps growing across a
-//! restart of the sender; a receiver forgets a source's last sequence once it falls out
+//! source binds the advert to its sender. A receiver checks the HMAC, then drops an
+//! advert whose seconds are more than the freshness window away from its own clock
+//! (max(3 × advert interval in whole seconds, 5 s), at most 300 s, as keepalived: the
+//! hosts need NTP), then requires the sequence to be strictly greater than the last one
+//! accepted from that source. The sequence is the wall clock at send time, so it keeps
+//! growing across a restart of the sender; a receiver forgets a source's last sequence
+//! once it falls out
 //! of the window, so a peer whose clock was stepped back recovers.
 
 use std::{
@@ -81,8 +82,10 @@ pub enum AuthError {
     UnknownKey(u8),
     #[error("bad HMAC (another key, or altered)")]
     BadHmac,
-    #[error("timestamp {skew_s} s away from our clock, beyond the freshness window")]
-    Stale { skew_s: i64 },
+    /// The HMAC is right, only the stamp is too old (or ahead): the sender's clock is
+    /// off, or this is an old capture. `skew_ms` > 0: the stamp is behind our clock.
+    #[error("timestamp {:.1} s away from our clock, beyond the freshness window", *skew_ms as f64 / 1000.0)]
+    Stale { skew_ms: i64 },
     #[error("sequence not above the last one accepted from this source (replayed)")]
     Replayed,
 }
@@ -198,6 +201,12 @@ fn age_s(now: Duration, seq: u64) -> i64 {
     i64::from((now.as_secs() as u32).wrapping_sub((seq >> 32) as u32) as i32)
 }
 
+/// Milliseconds from the stamp of `seq` (seconds and fraction) to `now`.
+fn age_ms(now: Duration, seq: u64) -> i64 {
+    let frac_ms = |f: u64| (((f & 0xffff) * 1000 + 0x8000) >> 16) as i64;
+    age_s(now, seq) * 1000 + i64::from(now.subsec_millis()) - frac_ms(seq >> 16)
+}
+
 /// Hands out the sender's sequence numbers: the clock, or one more than the last one
 /// if the clock has not moved on.
 #[derive(Clone, Debug)]
@@ -307,18 +316,21 @@ impl Verifier {
         seq_bytes.copy_from_slice(&trailer[4..12]);
         let seq = u64::from_be_bytes(seq_bytes);
         let window = self.window.as_secs() as i64;
-        // Cheap checks before the HMAC, so a flood of stale captures costs no digest;
-        // nothing is trusted, or remembered, before the HMAC passes.
-        let skew_s = age_s(now_unix, seq);
-        if skew_s.abs() > window {
-            return Err(AuthError::Stale { skew_s });
-        }
         if trailer[1] != KEY_ID {
             return Err(AuthError::UnknownKey(trailer[1]));
         }
+        // The HMAC before the stamp: a stale advert then says something true about a
+        // key holder (its clock is off), which the speaker raises as an alarm. Checking
+        // the stamp first would save no digest against a forger, whose stamps are fresh.
+        // Nothing is remembered before the HMAC passes.
         hmac(&self.key, src, router_id, message, &trailer[..PREFIX_LEN])
             .verify_truncated_left(&trailer[PREFIX_LEN..])
             .map_err(|_| AuthError::BadHmac)?;
+        if age_s(now_unix, seq).abs() > window {
+            return Err(AuthError::Stale {
+                skew_ms: age_ms(now_unix, seq),
+            });
+        }
         if let Some(&last) = self.last.get(&src) {
             // A mark outside the window only orders adverts the window rejects anyway;
             // forgetting it lets a sender whose clock was stepped back recover.
@@ -485,7 +497,7 @@ mod tests {
         );
         assert_eq!(
             v.verify(src(), 51, &msg(), &old, NOW),
-            Err(AuthError::Stale { skew_s: 6 })
+            Err(AuthError::Stale { skew_ms: 6000 })
         );
         let ahead = sign(
             &key(),
@@ -496,7 +508,7 @@ mod tests {
         );
         assert_eq!(
             v.verify(src(), 51, &msg(), &ahead, NOW),
-            Err(AuthError::Stale { skew_s: -6 })
+            Err(AuthError::Stale { skew_ms: -6000 })
         );
         let edge = sign(
             &key(),
@@ -506,6 +518,25 @@ mod tests {
             seq_from_unix(NOW - Duration::from_secs(5)),
         );
         assert_eq!(v.verify(src(), 51, &msg(), &edge, NOW), Ok(()));
+        // The skew to the millisecond, fraction of a second included.
+        let half = sign(
+            &key(),
+            src(),
+            51,
+            &msg(),
+            seq_from_unix(NOW - Duration::from_millis(5_200)),
+        );
+        assert_eq!(
+            v.verify(src(), 51, &msg(), &half, NOW + Duration::from_secs(1)),
+            Err(AuthError::Stale { skew_ms: 6_200 })
+        );
+        // Stale only with the right HMAC: a forged old advert is a forgery.
+        let mut forged = old;
+        forged[27] ^= 1;
+        assert_eq!(
+            v.verify(src(), 51, &msg(), &forged, NOW),
+            Err(AuthError::BadHmac)
+        );
     }
 
     #[test]

@@ -16,7 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
+
+use crate::dataplane::FakeServeSwitch;
 
 use super::{
     StateChange, VrrpConfig, VrrpState, VrrpStatus,
@@ -172,12 +175,16 @@ impl Drop for Lab {
 
 enum Cmd {
     SetPriority(u8),
+    /// Blocks the runtime the handle lives on, as a long map walk would the agent's.
+    Block(Duration),
     Stop,
 }
 
 /// A speaker running on its own thread inside a namespace.
 struct Speaker {
-    status: Arc<Mutex<VrrpStatus>>,
+    status: Arc<ArcSwap<VrrpStatus>>,
+    /// The serving switch the speaker was handed.
+    switch: FakeServeSwitch,
     changes: Arc<Mutex<Vec<StateChange>>>,
     cmd: mpsc::UnboundedSender<Cmd>,
     done: std::sync::mpsc::Receiver<()>,
@@ -198,6 +205,8 @@ impl Speaker {
         let (cmd, mut cmd_rx) = mpsc::unbounded_channel();
         let ns = ns.to_string();
         let iface = iface.to_string();
+        let switch = FakeServeSwitch::default();
+        let theirs = Box::new(switch.clone());
         let thread = thread::spawn(move || {
             enter_netns(&ns);
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -205,7 +214,7 @@ impl Speaker {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let (handle, mut rx) = match spawn(cfg, iface, vips, mac) {
+                let (handle, mut rx) = match spawn(cfg, iface, vips, mac, theirs) {
                     Ok(x) => x,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
@@ -223,6 +232,7 @@ impl Speaker {
                     tokio::select! {
                         c = cmd_rx.recv() => match c {
                             Some(Cmd::SetPriority(p)) => handle.set_priority(p),
+                            Some(Cmd::Block(d)) => thread::sleep(d),
                             Some(Cmd::Stop) | None => break,
                         },
                         c = rx.recv(), if open => match c {
@@ -244,6 +254,7 @@ impl Speaker {
             .unwrap_or_else(|e| panic!("spawn: {e}"));
         Speaker {
             status,
+            switch,
             changes,
             cmd,
             done,
@@ -252,7 +263,11 @@ impl Speaker {
     }
 
     fn status(&self) -> VrrpStatus {
-        self.status.lock().unwrap().clone()
+        VrrpStatus::clone(&self.status.load())
+    }
+
+    fn serving(&self) -> bool {
+        self.switch.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn state(&self) -> VrrpState {
@@ -298,6 +313,7 @@ fn cfg(priority: u8) -> VrrpConfig {
         peers: vec![],
         auth_key_file: None,
         notify: None,
+        rt_priority: 10,
     }
 }
 
@@ -314,6 +330,13 @@ fn assert_elected(a: &Speaker, b: &Speaker, a_addr: &str, a_prio: u8) {
             && b.status().counters.adverts_received >= 3
     });
     assert!(ok, "no election:\nA {:#?}\nB {:#?}", a.status(), b.status());
+    // The speaker sets the switch before it publishes the state.
+    assert!(
+        a.serving() && !b.serving(),
+        "serving: A {}, B {}",
+        a.serving(),
+        b.serving()
+    );
 }
 
 /// Stops master `a` gracefully and checks `b` takes over within about one interval.
@@ -327,6 +350,8 @@ fn assert_handover(a: &mut Speaker, b: &Speaker) {
     );
     let took = stopped.elapsed();
     eprintln!("vrrp lab: takeover after a graceful stop: {took:?}");
+    assert!(!a.serving(), "a stopped speaker left its host serving");
+    assert!(b.serving(), "the new master does not serve");
     assert!(
         took < Duration::from_millis(u64::from(INTERVAL_MS) * 3),
         "{took:?}"
@@ -339,6 +364,51 @@ fn assert_handover(a: &mut Speaker, b: &Speaker) {
         Some(VrrpState::Master),
         "{changes:?}"
     );
+}
+
+/// The issue "under load the pair flaps": the loop that holds the handles (the agent's)
+/// stops for 15 intervals, and the election does not notice: the master keeps
+/// advertising, the backup keeps following, nobody changes state.
+#[test]
+fn a_blocked_agent_loop_does_not_stop_the_election() {
+    if !require_root("vrrp a_blocked_agent_loop_does_not_stop_the_election") {
+        return;
+    }
+    let lab = Lab::new("m7");
+    let vips = vec![ip(VIP4)];
+    let a = Speaker::start(&lab.a, "va", cfg(200), vips.clone(), MAC_A, None);
+    let b = Speaker::start(&lab.b, "vb", cfg(100), vips, MAC_B, None);
+    assert_elected(&a, &b, A4, 200);
+    let (sent, heard) = (
+        a.status().counters.adverts_sent,
+        b.status().counters.adverts_received,
+    );
+    let changes = b.changes.lock().unwrap().len();
+    let block = Duration::from_millis(u64::from(INTERVAL_MS) * 15);
+    let _ = a.cmd.send(Cmd::Block(block));
+    let _ = b.cmd.send(Cmd::Block(block));
+    // The status is read from here, while both handles' loops sleep.
+    let end = Instant::now() + block;
+    while Instant::now() < end {
+        assert_eq!(a.state(), VrrpState::Master);
+        assert_eq!(b.state(), VrrpState::Backup);
+        assert!(a.serving() && !b.serving());
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (sa, sb) = (a.status(), b.status());
+    // About 15 adverts each way in the time; allow for a slow machine.
+    assert!(
+        sa.counters.adverts_sent >= sent + 10,
+        "{sent} -> {}",
+        sa.counters.adverts_sent
+    );
+    assert!(
+        sb.counters.adverts_received >= heard + 10,
+        "{heard} -> {}",
+        sb.counters.adverts_received
+    );
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(b.changes.lock().unwrap().len(), changes, "b changed state");
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! VRRP version 3 (RFC 5798) between two LB hosts: which one holds the VIPs.
 //!
 //! The master's XDP program answers ARP/ND for the VIPs and forwards; the backup's does
-//! neither. This module decides which host is which and tells the agent; the agent
-//! flips the data path's flags.
+//! neither. This module decides which host is which, flips the data path's serving
+//! switch itself (on its own thread, so that no work of the agent's delays it), and
+//! tells the agent.
 //!
 //! - [`packet`] (pure): adverts on the wire, encoded and strictly decoded. Every
 //!   reason to drop an advert is its own [`packet::DropReason`], counted apart.
@@ -15,9 +16,11 @@
 //! - [`announce`] (pure): gratuitous ARP and unsolicited neighbour advertisement frames.
 //! - [`net`]: the raw sockets (IP protocol 112, and `AF_PACKET` for the announcements)
 //!   and the interface's own addresses.
-//! - [`speaker`]: the task that ties them together: [`speaker::spawn`] returns a
-//!   [`speaker::VrrpHandle`] (tracking input, status, graceful shutdown) and a channel
-//!   of [`speaker::StateChange`]s.
+//! - [`realtime`]: SCHED_FIFO for the speaker's thread, locked memory for the process.
+//! - [`speaker`]: the thread that ties them together: [`speaker::spawn`] takes the
+//!   serving switch and returns a [`speaker::VrrpHandle`] (tracking input, status,
+//!   graceful shutdown) and a lossless channel of [`speaker::StateChange`]s.
+//! - The status types are the control protocol's (`crate::protocol`), re-exported here.
 //!
 //! Choices worth knowing:
 //! - One election per host, in one address family: the family of the unicast peers if
@@ -36,9 +39,14 @@
 //!   `LB_VRRP_REASON` in its environment. It runs in the background; a failure is logged.
 //! - A new master announces every VIP (both families) at once and 4 more times, 200 ms
 //!   apart (`speaker::ANNOUNCE_ROUNDS`, `ANNOUNCE_SPACING`).
+//! - An advert for our router id whose VIP list differs from ours is another group's
+//!   (or a peer with other services): dropped as `foreign_group`, never obeyed.
 //! - Without a key the adverts are plain VRRPv3 and keepalived (VRRPv3, default
 //!   checksum) takes them as its own; with a key they carry keepalived's `auth_hmac`
-//!   trailer. `lab_tests` checks both against a real keepalived.
+//!   trailer. `lab_tests` checks both against a real keepalived. Without a key any host
+//!   on the segment can take the VIPs: the speaker warns at start. With one, authentic
+//!   adverts dropped only for their time stamp raise a clock skew alarm (log, counter,
+//!   status).
 //! - Not followed after start: the interface's addresses (the advert source) and the
 //!   interface itself being deleted and created again; restart the speaker for those.
 
@@ -46,17 +54,18 @@ pub mod announce;
 pub mod auth;
 pub mod net;
 pub mod packet;
+pub mod realtime;
 pub mod speaker;
 pub mod state;
 
 #[cfg(test)]
 mod lab_tests;
 
-use std::{fmt, net::IpAddr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
-use serde::{Deserialize, Serialize};
-
-pub use speaker::{StateChange, VrrpError, VrrpHandle, VrrpStatus, spawn};
+// The status types are the control protocol's: `lbctl` reads them without this module.
+pub use crate::protocol::{MasterStatus, TransitionStatus, VrrpCounters, VrrpState, VrrpStatus};
+pub use speaker::{StateChange, VrrpError, VrrpHandle, spawn};
 
 /// The `[vrrp]` section, as `config.rs` validated it; the speaker's own checks below
 /// guard callers that build one by hand.
@@ -115,40 +124,6 @@ impl VrrpConfig {
     }
 }
 
-/// A VRRP state as operators see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VrrpState {
-    /// Not started, or stopped.
-    Init,
-    Backup,
-    Master,
-    /// Effective priority 0: the data path cannot serve; never becomes master.
-    Fault,
-}
-
-impl VrrpState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VrrpState::Init => "init",
-            VrrpState::Backup => "backup",
-            VrrpState::Master => "master",
-            VrrpState::Fault => "fault",
-        }
-    }
-
-    /// Whether the data path should answer ARP/ND for the VIPs and forward.
-    pub fn serves(self) -> bool {
-        self == VrrpState::Master
-    }
-}
-
-impl fmt::Display for VrrpState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +138,7 @@ mod tests {
             peers: vec![],
             auth_key_file: None,
             notify: None,
+            rt_priority: 0,
         }
     }
 

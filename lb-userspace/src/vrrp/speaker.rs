@@ -1,43 +1,61 @@
-//! The VRRP task: sockets, timers and the state machine on one loop.
+//! The VRRP speaker: sockets, timers and the state machine on a thread of its own.
 //!
-//! Everything that changes the machine arrives on that loop: received adverts, the
-//! master-down and advert deadlines, the agent's effective priority, and the stop.
-//! Each transition gets one log line with its reason, a `StateChange` to the agent,
-//! and the notify command (in the background). On becoming master the speaker
-//! announces every VIP at once (gratuitous ARP for IPv4, unsolicited neighbour
-//! advertisement for IPv6) and again `ANNOUNCE_ROUNDS - 1` times, `ANNOUNCE_SPACING`
-//! apart: a lost frame or a slow switch does not leave a VIP pointing at the old host.
+//! Nothing the agent does can delay an advert or a takeover. The speaker runs on its own
+//! OS thread with its own current-thread tokio runtime (its sockets and timers only), at
+//! real-time priority with the process's memory locked (see [`super::realtime`]), as
+//! keepalived runs its VRRP process apart from its checkers. It shares no lock or queue
+//! with map walks, reloads, health checks, neighbour resolution or file I/O:
+//! - it owns the data path's serving switch: on becoming master it turns serving on
+//!   before the first announcement; on leaving master it turns it off before anything
+//!   else (a graceful stop excepted: priority 0 first, then one more interval of
+//!   forwarding while the peer takes over). A failed write is counted, logged and retried
+//!   every `SWITCH_RETRY`; a master does not announce the VIPs until it serves;
+//! - each transition goes to the agent over an unbounded channel: none is lost, and they
+//!   arrive in order however long the agent takes to read them;
+//! - its status is published as an immutable snapshot after each loop turn (`ArcSwap`):
+//!   the agent reads it without a lock it could hold the speaker up with;
+//! - the tracking input (effective priority) comes in over a watch channel: only the
+//!   latest value matters.
+//!
+//! Each transition gets one log line with its reason and runs the notify command (in the
+//! background). On becoming master the speaker announces every VIP at once (gratuitous
+//! ARP for IPv4, unsolicited neighbour advertisement for IPv6) and again
+//! `ANNOUNCE_ROUNDS - 1` times, `ANNOUNCE_SPACING` apart: a lost frame or a slow switch
+//! does not leave a VIP pointing at the old host.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{HashMap, HashSet},
+    io,
     net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
-use tokio::{
-    sync::{mpsc, oneshot, watch},
-    task::JoinHandle,
-};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    ConfigError, VrrpConfig, VrrpState, announce,
-    auth::{self, AuthKey, KeyError, Sequencer, Verifier},
+    ConfigError, MasterStatus, TransitionStatus, VrrpConfig, VrrpCounters, VrrpState, VrrpStatus,
+    announce,
+    auth::{self, AuthError, AuthKey, KeyError, Sequencer, Verifier},
     net::{self, AdvertSocket, AnnounceSocket, NetError, Received},
     packet::{self, Advert, DropReason},
+    realtime,
     state::{Action, Machine, Params, Transition},
 };
+use crate::{dataplane::ServeSwitch, protocol::VrrpAlarm};
 
 /// Announcement rounds on becoming master (the first at once).
 pub const ANNOUNCE_ROUNDS: u32 = 5;
 pub const ANNOUNCE_SPACING: Duration = Duration::from_millis(200);
-/// State changes the agent may fall behind by before one is lost (and logged);
-/// `status()` always has the current state.
-const STATE_CHANGES: usize = 32;
+/// How soon a failed write of the serving switch is tried again.
+pub const SWITCH_RETRY: Duration = Duration::from_millis(10);
+/// How often a standing clock skew alarm is logged again, per peer.
+const ALARM_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Larger than any advert: 255 IPv6 addresses and a trailer are about 4 KiB.
 const RECV_BUF: usize = 8192;
 
@@ -61,8 +79,8 @@ pub enum VrrpError {
     TooManyVips(usize),
     #[error("vrrp: {0}")]
     Net(#[from] NetError),
-    #[error("vrrp: spawn needs a tokio runtime with I/O and time enabled")]
-    NoRuntime,
+    #[error("vrrp: starting the speaker's thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A transition, for the agent: serve (answer ARP/ND and forward) only as master.
@@ -73,68 +91,15 @@ pub struct StateChange {
     pub reason: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MasterStatus {
-    pub address: IpAddr,
-    pub priority: u8,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransitionStatus {
-    /// Wall-clock time of the transition, milliseconds since the Unix epoch.
-    pub at_unix_ms: u64,
-    pub from: VrrpState,
-    pub to: VrrpState,
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VrrpCounters {
-    /// Advert packets sent (one per destination: the group, or each peer).
-    pub adverts_sent: u64,
-    /// Adverts that passed every check.
-    pub adverts_received: u64,
-    /// Dropped adverts by reason: `packet::DropReason::name`, and `from_self`,
-    /// `unknown_source` (not a configured peer), `unreadable_ip_header`.
-    pub dropped: BTreeMap<String, u64>,
-    /// Valid adverts whose VIP list differs from ours (RFC 5798: log, still act).
-    pub address_list_mismatch: u64,
-    pub send_errors: u64,
-    pub receive_errors: u64,
-    /// Gratuitous ARP / unsolicited NA frames sent.
-    pub announcements_sent: u64,
-    pub announcement_errors: u64,
-}
-
-/// What `lbctl status` shows of VRRP.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VrrpStatus {
-    pub state: VrrpState,
-    pub router_id: u8,
-    pub interface: String,
-    /// Our advert source: the election's address.
-    pub address: IpAddr,
-    /// "multicast" or "unicast".
-    pub mode: String,
-    pub authenticated: bool,
-    /// Configured priority.
-    pub priority: u8,
-    /// The priority the data path's health allows (tracking), what we advertise.
-    pub effective_priority: u8,
-    pub advert_interval_ms: u32,
-    /// The master we follow, or ourselves.
-    pub master: Option<MasterStatus>,
-    pub last_transition: Option<TransitionStatus>,
-    pub counters: VrrpCounters,
-}
-
 /// The agent's side of a running speaker.
 pub struct VrrpHandle {
     priority: watch::Sender<u8>,
     stop: Option<oneshot::Sender<()>>,
-    /// Shared with the task, which updates it; the lab tests read it from afar.
-    pub(super) status: Arc<Mutex<VrrpStatus>>,
-    task: JoinHandle<()>,
+    /// Replaced by the speaker after each loop turn; the lab tests read it from afar.
+    pub(super) status: Arc<ArcSwap<VrrpStatus>>,
+    /// Fires when the speaker has finished (its last advert sent, serving off).
+    done: Option<oneshot::Receiver<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl VrrpHandle {
@@ -144,26 +109,30 @@ impl VrrpHandle {
         self.priority.send_replace(effective);
     }
 
+    /// The speaker's latest snapshot: a load, never a wait on the speaker.
     pub fn status(&self) -> VrrpStatus {
-        lock(&self.status).clone()
+        VrrpStatus::clone(&self.status.load())
     }
 
     /// Stops the speaker; a master first sends priority 0 so its peer takes over at
-    /// once. Returns when the task has ended. (Dropping the handle stops it the same
-    /// way, without waiting.)
+    /// once, and keeps forwarding for one more interval (at most 1 s) while it does.
+    /// Returns when the speaker has ended. (Dropping the handle stops it the same way,
+    /// without waiting.)
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Err(e) = (&mut self.task).await {
-            eprintln!("lb-agent: vrrp: speaker task failed: {e}");
+        if let Some(done) = self.done.take()
+            && done.await.is_err()
+        {
+            eprintln!("lb-agent: vrrp: the speaker's thread ended before its graceful stop");
+        }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            eprintln!("lb-agent: vrrp: the speaker's thread panicked");
         }
     }
-}
-
-fn lock(status: &Mutex<VrrpStatus>) -> std::sync::MutexGuard<'_, VrrpStatus> {
-    // A panic elsewhere leaves plain counters behind: still worth reading.
-    status.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn unix_now() -> Duration {
@@ -172,17 +141,22 @@ fn unix_now() -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
+fn unix_ms() -> u64 {
+    u64::try_from(unix_now().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Starts the speaker on `interface` for `vips` (in service order: the first one's
-/// family is the election's unless peers say otherwise), announcing them from `mac`.
-/// Must be called inside a tokio runtime with I/O and time enabled.
+/// family is the election's unless peers say otherwise), announcing them from `mac`,
+/// on a thread of its own. It takes `switch`, the data path's serving switch, and is
+/// its only writer from here on. Needs no runtime of the caller's.
 pub fn spawn(
     cfg: VrrpConfig,
     interface: String,
     vips: Vec<IpAddr>,
     mac: [u8; 6],
-) -> Result<(VrrpHandle, mpsc::Receiver<StateChange>), VrrpError> {
+    switch: Box<dyn ServeSwitch>,
+) -> Result<(VrrpHandle, mpsc::UnboundedReceiver<StateChange>), VrrpError> {
     cfg.validate()?;
-    tokio::runtime::Handle::try_current().map_err(|_| VrrpError::NoRuntime)?;
     let v4 = cfg.family_v4(&vips);
     let src = net::advert_source(&interface, v4)
         .map_err(|source| VrrpError::Addresses {
@@ -198,99 +172,52 @@ pub fn spawn(
             warn_if_readable(path);
             Some(AuthKey::load(path)?)
         }
-        None => None,
+        None => {
+            eprintln!(
+                "lb-agent: vrrp {}: warning: no auth_key_file: any host on the segment can send adverts and take the VIPs",
+                cfg.router_id
+            );
+            None
+        }
     };
-    let mut seen = HashSet::new();
-    let all_vips: Vec<IpAddr> = vips.into_iter().filter(|v| seen.insert(*v)).collect();
-    let advert_vips: Vec<IpAddr> = all_vips
-        .iter()
-        .copied()
-        .filter(|v| v.is_ipv4() == v4)
-        .collect();
-    if advert_vips.len() > 255 {
-        return Err(VrrpError::TooManyVips(advert_vips.len()));
-    }
-    let multicast = cfg.peers.is_empty();
-    let dests = if multicast {
-        vec![if v4 {
-            IpAddr::V4(packet::GROUP_V4)
-        } else {
-            IpAddr::V6(packet::GROUP_V6)
-        }]
-    } else {
-        cfg.peers.clone()
+    // The speaker's runtime is built here so that its sockets register with it (and
+    // their errors are the caller's); its thread then drives it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(VrrpError::Thread)?;
+    let wire = {
+        let _in_runtime = runtime.enter();
+        Net {
+            sock: AdvertSocket::open(&interface, src, cfg.peers.is_empty())?,
+            announcer: AnnounceSocket::open(&interface)?,
+        }
     };
-    let sock = AdvertSocket::open(&interface, src, multicast)?;
-    let announcer = AnnounceSocket::open(&interface)?;
-    let interval = cfg.interval();
-    let machine = Machine::new(Params {
-        priority: cfg.priority,
-        interval,
-        preempt: cfg.preempt,
-        preempt_delay: Duration::from_millis(u64::from(cfg.preempt_delay_ms)),
-        address: src,
-    });
-    let status = Arc::new(Mutex::new(VrrpStatus {
-        state: VrrpState::Init,
-        router_id: cfg.router_id,
-        interface: interface.clone(),
-        address: src,
-        mode: if multicast { "multicast" } else { "unicast" }.to_string(),
-        authenticated: key.is_some(),
-        priority: cfg.priority,
-        effective_priority: cfg.priority,
-        advert_interval_ms: cfg.advert_interval_ms,
-        master: None,
-        last_transition: None,
-        counters: VrrpCounters::default(),
-    }));
-    let window = auth::window_for(interval);
-    let (changes_tx, changes_rx) = mpsc::channel(STATE_CHANGES);
+    let (speaker, changes) = Speaker::new(&cfg, interface, vips, mac, key, wire, switch)?;
+    let status = speaker.published.clone();
     let (priority_tx, priority_rx) = watch::channel(cfg.priority);
     let (stop_tx, stop_rx) = oneshot::channel();
-    eprintln!(
-        "lb-agent: vrrp {}: on {interface} from {src}, {}, priority {}, advert every {} ms{}",
-        cfg.router_id,
-        if multicast {
-            "multicast".to_string()
-        } else {
-            format!("unicast to {}", fmt_list(&cfg.peers))
-        },
-        cfg.priority,
-        cfg.advert_interval_ms,
-        if key.is_some() { ", authenticated" } else { "" }
-    );
-    let speaker = Speaker {
-        machine,
-        router_id: cfg.router_id,
-        interval_cs: cfg.interval_cs(),
-        peers: cfg.peers.clone(),
-        notify: cfg.notify.clone(),
-        sock,
-        announcer,
-        dests,
-        advert_vips,
-        all_vips,
-        mac,
-        auth: key.map(|k| Auth {
-            sequencer: Sequencer::new(window),
-            verifier: Verifier::new(k.clone(), window),
-            key: k,
-        }),
-        status: status.clone(),
-        changes: changes_tx,
-        announce_left: 0,
-        announce_next: None,
-    };
-    let task = tokio::spawn(run(speaker, stop_rx, priority_rx));
+    let (done_tx, done_rx) = oneshot::channel();
+    realtime::lock_memory();
+    let rt_priority = cfg.rt_priority;
+    let thread = std::thread::Builder::new()
+        .name(format!("vrrp-{}", cfg.router_id))
+        .spawn(move || {
+            realtime::set_thread_priority(rt_priority);
+            runtime.block_on(run(speaker, stop_rx, priority_rx));
+            drop(runtime);
+            let _ = done_tx.send(());
+        })
+        .map_err(VrrpError::Thread)?;
     Ok((
         VrrpHandle {
             priority: priority_tx,
             stop: Some(stop_tx),
             status,
-            task,
+            done: Some(done_rx),
+            thread: Some(thread),
         },
-        changes_rx,
+        changes,
     ))
 }
 
@@ -313,20 +240,47 @@ fn fmt_list(addrs: &[IpAddr]) -> String {
         .join(", ")
 }
 
+/// What the speaker puts on the wire: adverts and announcements. The real one is two
+/// sockets; tests record what would have been sent.
+trait Wire {
+    /// The advert source.
+    fn src(&self) -> IpAddr;
+    fn send_advert(&mut self, dst: IpAddr, packet: &[u8]) -> io::Result<()>;
+    fn announce(&mut self, frame: &[u8]) -> io::Result<()>;
+}
+
+struct Net {
+    sock: AdvertSocket,
+    announcer: AnnounceSocket,
+}
+
+impl Wire for Net {
+    fn src(&self) -> IpAddr {
+        self.sock.src()
+    }
+
+    fn send_advert(&mut self, dst: IpAddr, packet: &[u8]) -> io::Result<()> {
+        self.sock.send_to(dst, packet)
+    }
+
+    fn announce(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.announcer.send(frame)
+    }
+}
+
 struct Auth {
     key: AuthKey,
     sequencer: Sequencer,
     verifier: Verifier,
 }
 
-struct Speaker {
+struct Speaker<W> {
     machine: Machine,
     router_id: u8,
     interval_cs: u16,
     peers: Vec<IpAddr>,
     notify: Option<PathBuf>,
-    sock: AdvertSocket,
-    announcer: AnnounceSocket,
+    wire: W,
     dests: Vec<IpAddr>,
     /// The VIPs of the election's family, as adverts carry them.
     advert_vips: Vec<IpAddr>,
@@ -334,26 +288,141 @@ struct Speaker {
     all_vips: Vec<IpAddr>,
     mac: [u8; 6],
     auth: Option<Auth>,
-    status: Arc<Mutex<VrrpStatus>>,
-    changes: mpsc::Sender<StateChange>,
+    /// The status as this thread keeps it; `publish` hands out snapshots of it.
+    status: VrrpStatus,
+    published: Arc<ArcSwap<VrrpStatus>>,
+    changes: mpsc::UnboundedSender<StateChange>,
+    switch: Box<dyn ServeSwitch>,
+    /// Whether the data path should serve now.
+    serve: bool,
+    /// What the switch was last set to; `None` before the first write and after a
+    /// failed one (the map's state is then unknown).
+    serving: Option<bool>,
+    switch_retry: Option<Instant>,
     announce_left: u32,
     announce_next: Option<Instant>,
+    /// Per peer, when its clock skew alarm was last logged.
+    skew_logged: HashMap<IpAddr, Instant>,
 }
 
-async fn run(mut sp: Speaker, mut stop: oneshot::Receiver<()>, mut priority: watch::Receiver<u8>) {
+impl<W: Wire> Speaker<W> {
+    fn new(
+        cfg: &VrrpConfig,
+        interface: String,
+        vips: Vec<IpAddr>,
+        mac: [u8; 6],
+        key: Option<AuthKey>,
+        wire: W,
+        switch: Box<dyn ServeSwitch>,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<StateChange>), VrrpError> {
+        let v4 = cfg.family_v4(&vips);
+        let src = wire.src();
+        let mut seen = HashSet::new();
+        let all_vips: Vec<IpAddr> = vips.into_iter().filter(|v| seen.insert(*v)).collect();
+        let advert_vips: Vec<IpAddr> = all_vips
+            .iter()
+            .copied()
+            .filter(|v| v.is_ipv4() == v4)
+            .collect();
+        if advert_vips.len() > 255 {
+            return Err(VrrpError::TooManyVips(advert_vips.len()));
+        }
+        let multicast = cfg.peers.is_empty();
+        let dests = if multicast {
+            vec![if v4 {
+                IpAddr::V4(packet::GROUP_V4)
+            } else {
+                IpAddr::V6(packet::GROUP_V6)
+            }]
+        } else {
+            cfg.peers.clone()
+        };
+        let interval = cfg.interval();
+        let machine = Machine::new(Params {
+            priority: cfg.priority,
+            interval,
+            preempt: cfg.preempt,
+            preempt_delay: Duration::from_millis(u64::from(cfg.preempt_delay_ms)),
+            address: src,
+        });
+        let status = VrrpStatus {
+            state: VrrpState::Init,
+            router_id: cfg.router_id,
+            interface: interface.clone(),
+            address: src,
+            mode: if multicast { "multicast" } else { "unicast" }.to_string(),
+            authenticated: key.is_some(),
+            priority: cfg.priority,
+            effective_priority: cfg.priority,
+            advert_interval_ms: cfg.advert_interval_ms,
+            master: None,
+            last_transition: None,
+            counters: VrrpCounters::default(),
+            alarms: Vec::new(),
+        };
+        let window = auth::window_for(interval);
+        let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+        eprintln!(
+            "lb-agent: vrrp {}: on {interface} from {src}, {}, priority {}, advert every {} ms{}",
+            cfg.router_id,
+            if multicast {
+                "multicast".to_string()
+            } else {
+                format!("unicast to {}", fmt_list(&cfg.peers))
+            },
+            cfg.priority,
+            cfg.advert_interval_ms,
+            if key.is_some() { ", authenticated" } else { "" }
+        );
+        let speaker = Speaker {
+            machine,
+            router_id: cfg.router_id,
+            interval_cs: cfg.interval_cs(),
+            peers: cfg.peers.clone(),
+            notify: cfg.notify.clone(),
+            wire,
+            dests,
+            advert_vips,
+            all_vips,
+            mac,
+            auth: key.map(|k| Auth {
+                sequencer: Sequencer::new(window),
+                verifier: Verifier::new(k.clone(), window),
+                key: k,
+            }),
+            published: Arc::new(ArcSwap::from_pointee(status.clone())),
+            status,
+            changes: changes_tx,
+            switch,
+            serve: false,
+            serving: None,
+            switch_retry: None,
+            announce_left: 0,
+            announce_next: None,
+            skew_logged: HashMap::new(),
+        };
+        Ok((speaker, changes_rx))
+    }
+}
+
+async fn run(
+    mut sp: Speaker<Net>,
+    mut stop: oneshot::Receiver<()>,
+    mut priority: watch::Receiver<u8>,
+) {
     let now = Instant::now();
+    // Off until the election says otherwise, whatever the map held.
+    sp.sync_switch(now);
     // A priority set between spawn and here counts from the start.
     let p = *priority.borrow_and_update();
     let mut actions = sp.machine.set_effective_priority(now, p);
     actions.extend(sp.machine.start(now));
     sp.apply(now, actions);
+    sp.publish();
     let mut buf = vec![0u8; RECV_BUF];
     let mut priority_open = true;
     loop {
-        let deadline = [sp.machine.next_deadline(), sp.announce_next]
-            .into_iter()
-            .flatten()
-            .min();
+        let deadline = sp.next_deadline();
         let sleep = async move {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -365,14 +434,12 @@ async fn run(mut sp: Speaker, mut stop: oneshot::Receiver<()>, mut priority: wat
             changed = priority.changed(), if priority_open => match changed {
                 Ok(()) => {
                     let p = *priority.borrow_and_update();
-                    let now = Instant::now();
-                    let actions = sp.machine.set_effective_priority(now, p);
-                    sp.apply(now, actions);
+                    sp.set_priority(Instant::now(), p);
                 }
                 // The handle is gone; the stop channel says so too.
                 Err(_) => priority_open = false,
             },
-            received = sp.sock.recv(&mut buf) => {
+            received = sp.wire.sock.recv(&mut buf) => {
                 let now = Instant::now();
                 match received {
                     Ok(Some(r)) => sp.on_packet(now, &r, &buf),
@@ -385,36 +452,80 @@ async fn run(mut sp: Speaker, mut stop: oneshot::Receiver<()>, mut priority: wat
                     }
                 }
             }
-            () = sleep => {
-                let now = Instant::now();
-                let actions = sp.machine.on_timer(now);
-                sp.apply(now, actions);
-                if sp.announce_next.is_some_and(|t| t <= now) {
-                    sp.announce_round(now);
-                }
-            }
+            () = sleep => sp.on_timer(Instant::now()),
         }
         sp.publish();
     }
+    // Graceful stop: priority 0 first, so the peer takes over within its skew time;
+    // a master keeps forwarding meanwhile, then stops serving and says so.
     let now = Instant::now();
-    let actions = sp.machine.shutdown(now);
-    sp.apply(now, actions);
+    let was_master = sp.machine.state() == VrrpState::Master;
+    let (sends, rest): (Vec<Action>, Vec<Action>) = sp
+        .machine
+        .shutdown(now)
+        .into_iter()
+        .partition(|a| matches!(a, Action::SendAdvert { .. }));
+    sp.apply(now, sends);
+    if was_master {
+        let grace = sp.machine.params().interval.min(Duration::from_secs(1));
+        tokio::time::sleep(grace).await;
+    }
+    sp.apply(Instant::now(), rest);
+    // Never leave this host serving: a few more tries if the switch fails.
+    for _ in 0..100 {
+        if sp.serving == Some(false) {
+            break;
+        }
+        tokio::time::sleep(SWITCH_RETRY).await;
+        sp.sync_switch(Instant::now());
+    }
     sp.publish();
 }
 
-impl Speaker {
-    fn count(&self, field: impl FnOnce(&mut VrrpCounters) -> &mut u64) -> u64 {
-        let mut status = lock(&self.status);
-        let c = field(&mut status.counters);
+impl<W: Wire> Speaker<W> {
+    fn count(&mut self, field: impl FnOnce(&mut VrrpCounters) -> &mut u64) -> u64 {
+        let c = field(&mut self.status.counters);
         *c += 1;
         *c
     }
 
+    /// When the loop next has something to do on its own.
+    fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.machine.next_deadline(),
+            self.announce_next,
+            self.switch_retry,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn on_timer(&mut self, now: Instant) {
+        if self.switch_retry.is_some_and(|t| t <= now) {
+            self.sync_switch(now);
+        }
+        let actions = self.machine.on_timer(now);
+        self.apply(now, actions);
+        if self.announce_next.is_some_and(|t| t <= now) {
+            self.announce_round(now);
+        }
+    }
+
+    fn set_priority(&mut self, now: Instant, priority: u8) {
+        let actions = self.machine.set_effective_priority(now, priority);
+        self.apply(now, actions);
+    }
+
     /// Counts a dropped advert; logs the 1st, 2nd, 4th, 8th... of each reason.
-    fn drop_advert(&self, src: Option<IpAddr>, name: &str, why: &str) {
+    fn drop_advert(&mut self, src: Option<IpAddr>, name: &str, why: &str) {
         let n = {
-            let mut status = lock(&self.status);
-            let c = status.counters.dropped.entry(name.to_string()).or_default();
+            let c = self
+                .status
+                .counters
+                .dropped
+                .entry(name.to_string())
+                .or_default();
             *c += 1;
             *c
         };
@@ -429,7 +540,7 @@ impl Speaker {
 
     fn on_packet(&mut self, now: Instant, r: &Received, buf: &[u8]) {
         let src = r.env.src;
-        if src == self.sock.src() {
+        if src == self.wire.src() {
             return self.drop_advert(Some(src), "from_self", "our own advert");
         }
         if !self.peers.is_empty() && !self.peers.contains(&src) {
@@ -441,29 +552,99 @@ impl Speaker {
         let verifier = self.auth.as_mut().map(|a| &mut a.verifier);
         let advert = match packet::decode(payload, &r.env, self.router_id, verifier, unix_now()) {
             Ok(a) => a,
-            Err(reason) => return self.drop_advert(Some(src), reason.name(), &reason.to_string()),
+            Err(reason) => {
+                if let DropReason::Auth(AuthError::Stale { skew_ms }) = reason {
+                    self.clock_skew(now, src, skew_ms);
+                }
+                return self.drop_advert(Some(src), reason.name(), &reason.to_string());
+            }
         };
-        self.count(|c| &mut c.adverts_received);
+        // Our router id with other VIPs: another group on the segment (or a peer
+        // configured with other services). Obeying it would hand our VIPs to a host
+        // that does not serve them, or take over theirs.
         let ours: HashSet<&IpAddr> = self.advert_vips.iter().collect();
         let theirs: HashSet<&IpAddr> = advert.addresses.iter().collect();
         if ours != theirs {
-            let n = self.count(|c| &mut c.address_list_mismatch);
-            if n.is_power_of_two() {
-                eprintln!(
-                    "lb-agent: vrrp {}: advert from {src} lists VIPs [{}], ours are [{}] ({n} so far); the two hosts' services differ",
-                    self.router_id,
-                    fmt_list(&advert.addresses),
-                    fmt_list(&self.advert_vips)
-                );
-            }
+            let why = format!(
+                "lists VIPs [{}], ours are [{}]: another group with our router id, or the two hosts' services differ",
+                fmt_list(&advert.addresses),
+                fmt_list(&self.advert_vips)
+            );
+            return self.drop_advert(Some(src), "foreign_group", &why);
         }
+        self.count(|c| &mut c.adverts_received);
+        self.clear_clock_skew(src);
         let actions = self
             .machine
             .on_advert(now, src, advert.priority, advert.interval());
         self.apply(now, actions);
     }
 
+    /// An authentic advert dropped for its age alone: the peer's clock (or ours) is
+    /// off, or someone replays old captures. Either way an operator should know.
+    fn clock_skew(&mut self, now: Instant, src: IpAddr, skew_ms: i64) {
+        self.count(|c| &mut c.clock_skew);
+        let secs = skew_ms.unsigned_abs() as f64 / 1000.0;
+        let message = if skew_ms >= 0 {
+            format!("adverts from {src} are {secs:.1} s stale: clock skew?")
+        } else {
+            format!("adverts from {src} are {secs:.1} s ahead of our clock: clock skew?")
+        };
+        let at_unix_ms = unix_ms();
+        match self
+            .status
+            .alarms
+            .iter_mut()
+            .find(|a| a.kind == "clock_skew" && a.source == src)
+        {
+            Some(a) => {
+                a.message.clone_from(&message);
+                a.at_unix_ms = at_unix_ms;
+            }
+            None => self.status.alarms.push(VrrpAlarm {
+                kind: "clock_skew".into(),
+                source: src,
+                message: message.clone(),
+                at_unix_ms,
+            }),
+        }
+        if self
+            .skew_logged
+            .get(&src)
+            .is_none_or(|t| now >= *t + ALARM_LOG_EVERY)
+        {
+            self.skew_logged.insert(src, now);
+            eprintln!(
+                "lb-agent: vrrp {}: alarm: {message} Its adverts carry the right HMAC but a time stamp outside the freshness window, so they are dropped: synchronise the hosts' clocks (or old adverts are being replayed)",
+                self.router_id
+            );
+        }
+    }
+
+    fn clear_clock_skew(&mut self, src: IpAddr) {
+        let before = self.status.alarms.len();
+        self.status
+            .alarms
+            .retain(|a| !(a.kind == "clock_skew" && a.source == src));
+        if self.status.alarms.len() != before {
+            self.skew_logged.remove(&src);
+            eprintln!(
+                "lb-agent: vrrp {}: adverts from {src} are fresh again: clock skew alarm cleared",
+                self.router_id
+            );
+        }
+    }
+
     fn apply(&mut self, now: Instant, actions: Vec<Action>) {
+        // The switch moves before anything else a transition brings: off before the
+        // advert that yields or resigns, on before the first announcement.
+        if let Some(to) = actions.iter().rev().find_map(|a| match a {
+            Action::Transition(t) => Some(t.to),
+            _ => None,
+        }) {
+            self.serve = to.serves();
+            self.sync_switch(now);
+        }
         for action in actions {
             match action {
                 Action::SendAdvert { priority } => self.send_advert(priority),
@@ -480,6 +661,41 @@ impl Speaker {
         }
     }
 
+    /// Brings the data path's switch to `serve`; a failure is retried from the loop.
+    fn sync_switch(&mut self, now: Instant) {
+        if self.serving == Some(self.serve) {
+            self.switch_retry = None;
+            return;
+        }
+        let on = self.serve;
+        match self.switch.set_serving(on) {
+            Ok(()) => {
+                if self.switch_retry.is_some() {
+                    eprintln!(
+                        "lb-agent: vrrp {}: serving switch set {} after failures",
+                        self.router_id,
+                        if on { "on" } else { "off" }
+                    );
+                }
+                self.serving = Some(on);
+                self.switch_retry = None;
+            }
+            Err(e) => {
+                self.serving = None;
+                self.switch_retry = Some(now + SWITCH_RETRY);
+                let n = self.count(|c| &mut c.serve_switch_errors);
+                if n.is_power_of_two() {
+                    eprintln!(
+                        "lb-agent: vrrp {}: setting the serving switch {}: {e} ({n} so far); retrying every {} ms",
+                        self.router_id,
+                        if on { "on" } else { "off" },
+                        SWITCH_RETRY.as_millis()
+                    );
+                }
+            }
+        }
+    }
+
     fn send_advert(&mut self, priority: u8) {
         let advert = Advert {
             router_id: self.router_id,
@@ -489,12 +705,17 @@ impl Speaker {
         };
         // One sequence number per advert: the HMAC does not cover the destination.
         let seq = self.auth.as_mut().map(|a| a.sequencer.next(unix_now()));
-        let auth = self.auth.as_ref().zip(seq).map(|(a, seq)| (&a.key, seq));
-        let src = self.sock.src();
-        for &dst in &self.dests {
+        let src = self.wire.src();
+        for i in 0..self.dests.len() {
+            let dst = self.dests[i];
+            let auth = self.auth.as_ref().zip(seq).map(|(a, seq)| (&a.key, seq));
             let sent = packet::encode(&advert, src, dst, auth)
                 .map_err(|e| e.to_string())
-                .and_then(|bytes| self.sock.send_to(dst, &bytes).map_err(|e| e.to_string()));
+                .and_then(|bytes| {
+                    self.wire
+                        .send_advert(dst, &bytes)
+                        .map_err(|e| e.to_string())
+                });
             match sent {
                 Ok(()) => {
                     self.count(|c| &mut c.adverts_sent);
@@ -518,15 +739,12 @@ impl Speaker {
             "lb-agent: vrrp {}: {} -> {}: {reason}",
             self.router_id, t.from, t.to
         );
-        {
-            let mut status = lock(&self.status);
-            status.last_transition = Some(TransitionStatus {
-                at_unix_ms: u64::try_from(unix_now().as_millis()).unwrap_or(u64::MAX),
-                from: t.from,
-                to: t.to,
-                reason: reason.clone(),
-            });
-        }
+        self.status.last_transition = Some(TransitionStatus {
+            at_unix_ms: unix_ms(),
+            from: t.from,
+            to: t.to,
+            reason: reason.clone(),
+        });
         if t.to == VrrpState::Master {
             self.announce_left = ANNOUNCE_ROUNDS;
             self.announce_round(now);
@@ -537,22 +755,25 @@ impl Speaker {
         if let Some(cmd) = &self.notify {
             notify(cmd, t.from, t.to, &reason);
         }
-        let change = StateChange {
+        // Unbounded: the agent may fall behind, never lose one. It fails only when the
+        // agent has gone, and then nobody is left to tell.
+        let _ = self.changes.send(StateChange {
             from: t.from,
             to: t.to,
             reason,
-        };
-        if let Err(e) = self.changes.try_send(change) {
-            eprintln!(
-                "lb-agent: vrrp {}: the agent missed a state change ({e}); status has the current state",
-                self.router_id
-            );
-        }
+        });
     }
 
     fn announce_round(&mut self, now: Instant) {
-        for &vip in &self.all_vips {
-            match self.announcer.send(&announce::frame(self.mac, vip)) {
+        if self.serving != Some(true) {
+            // Pointing the segment at a host that does not forward would black-hole
+            // the VIPs: wait for the switch (retried every SWITCH_RETRY).
+            self.announce_next = Some(now + SWITCH_RETRY);
+            return;
+        }
+        for i in 0..self.all_vips.len() {
+            let vip = self.all_vips[i];
+            match self.wire.announce(&announce::frame(self.mac, vip)) {
                 Ok(()) => {
                     self.count(|c| &mut c.announcements_sent);
                 }
@@ -568,15 +789,16 @@ impl Speaker {
         self.announce_next = (self.announce_left > 0).then(|| now + ANNOUNCE_SPACING);
     }
 
-    /// Copies the machine's view into the status the handle reads.
-    fn publish(&self) {
-        let mut status = lock(&self.status);
-        status.state = self.machine.state();
-        status.effective_priority = self.machine.effective_priority();
-        status.master = self
+    /// Hands out a snapshot of the status: readers never wait for this thread, nor it
+    /// for them.
+    fn publish(&mut self) {
+        self.status.state = self.machine.state();
+        self.status.effective_priority = self.machine.effective_priority();
+        self.status.master = self
             .machine
             .master()
             .map(|(address, priority)| MasterStatus { address, priority });
+        self.published.store(Arc::new(self.status.clone()));
     }
 }
 
@@ -605,40 +827,333 @@ fn notify(cmd: &Path, from: VrrpState, to: VrrpState, reason: &str) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::dataplane::DataPlaneError;
+
+    /// What the speaker did, in order: the switch, adverts, announcements.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Event {
+        Serving(bool),
+        Advert { priority: u8 },
+        Announce,
+    }
+
+    type Log = Arc<Mutex<Vec<Event>>>;
+
+    const SRC: &str = "192.0.2.1";
+    const PEER: &str = "192.0.2.2";
+    const VIP: &str = "192.0.2.100";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    struct FakeWire(Log);
+
+    impl Wire for FakeWire {
+        fn src(&self) -> IpAddr {
+            ip(SRC)
+        }
+
+        fn send_advert(&mut self, _dst: IpAddr, packet: &[u8]) -> io::Result<()> {
+            // The VRRP message as encoded: byte 2 is the priority.
+            self.0.lock().unwrap().push(Event::Advert {
+                priority: packet[2],
+            });
+            Ok(())
+        }
+
+        fn announce(&mut self, _frame: &[u8]) -> io::Result<()> {
+            self.0.lock().unwrap().push(Event::Announce);
+            Ok(())
+        }
+    }
+
+    /// A switch that logs its writes, and fails the first `fail` of them.
+    struct Switch {
+        log: Log,
+        fail: usize,
+    }
+
+    impl ServeSwitch for Switch {
+        fn set_serving(&mut self, on: bool) -> Result<(), DataPlaneError> {
+            if self.fail > 0 {
+                self.fail -= 1;
+                return Err(DataPlaneError::Missing {
+                    kind: "map",
+                    name: "SERVING",
+                });
+            }
+            self.log.lock().unwrap().push(Event::Serving(on));
+            Ok(())
+        }
+    }
+
+    fn cfg() -> VrrpConfig {
+        VrrpConfig {
+            router_id: 51,
+            priority: 100,
+            advert_interval_ms: 100,
+            preempt: true,
+            preempt_delay_ms: 0,
+            peers: vec![],
+            auth_key_file: None,
+            notify: None,
+            rt_priority: 0,
+        }
+    }
+
+    type Made = (Speaker<FakeWire>, mpsc::UnboundedReceiver<StateChange>, Log);
+
+    fn speaker(fail: usize) -> Made {
+        keyed_speaker(fail, None)
+    }
+
+    fn keyed_speaker(fail: usize, key: Option<AuthKey>) -> Made {
+        let log = Log::default();
+        let (sp, rx) = Speaker::new(
+            &cfg(),
+            "test0".into(),
+            vec![ip(VIP), ip("2001:db8::100")],
+            [2, 0, 0, 0, 0, 1],
+            key,
+            FakeWire(log.clone()),
+            Box::new(Switch {
+                log: log.clone(),
+                fail,
+            }),
+        )
+        .unwrap();
+        (sp, rx, log)
+    }
+
+    /// Starts `sp` as `run` does and brings it to master; returns the time.
+    fn to_master(sp: &mut Speaker<FakeWire>) -> Instant {
+        let t0 = Instant::now();
+        sp.sync_switch(t0);
+        let actions = sp.machine.start(t0);
+        sp.apply(t0, actions);
+        let t = t0 + sp.machine.master_down_interval();
+        sp.on_timer(t);
+        assert_eq!(sp.machine.state(), VrrpState::Master);
+        t
+    }
+
+    fn take(log: &Log) -> Vec<Event> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    /// An advert from `src` as received, with `vips`.
+    fn received(src: &str, priority: u8, vips: &[&str]) -> (Received, Vec<u8>) {
+        signed(src, priority, vips, None)
+    }
+
+    /// The same, with a trailer signed by `auth` (key, sequence).
+    fn signed(
+        src: &str,
+        priority: u8,
+        vips: &[&str],
+        auth: Option<(&AuthKey, u64)>,
+    ) -> (Received, Vec<u8>) {
+        let adv = Advert {
+            router_id: 51,
+            priority,
+            interval_cs: 10,
+            addresses: vips.iter().map(|v| ip(v)).collect(),
+        };
+        let dst = IpAddr::V4(packet::GROUP_V4);
+        let bytes = packet::encode(&adv, ip(src), dst, auth).unwrap();
+        let r = Received {
+            env: packet::Envelope {
+                src: ip(src),
+                dst,
+                ttl: packet::TTL,
+            },
+            payload: 0..bytes.len(),
+        };
+        (r, bytes)
+    }
 
     #[test]
-    fn status_serializes_for_lbctl() {
-        let mut counters = VrrpCounters::default();
-        counters.dropped.insert("bad_checksum".into(), 2);
-        let status = VrrpStatus {
-            state: VrrpState::Backup,
-            router_id: 51,
-            interface: "eth0".into(),
-            address: "192.0.2.1".parse().unwrap(),
-            mode: "multicast".into(),
-            authenticated: false,
-            priority: 100,
-            effective_priority: 90,
-            advert_interval_ms: 100,
-            master: Some(MasterStatus {
-                address: "192.0.2.2".parse().unwrap(),
-                priority: 200,
-            }),
-            last_transition: Some(TransitionStatus {
-                at_unix_ms: 1,
-                from: VrrpState::Init,
-                to: VrrpState::Backup,
-                reason: "started".into(),
-            }),
-            counters,
-        };
-        let json = serde_json::to_value(&status).unwrap();
-        assert_eq!(json["state"], "backup");
-        assert_eq!(json["master"]["address"], "192.0.2.2");
-        assert_eq!(json["counters"]["dropped"]["bad_checksum"], 2);
-        let back: VrrpStatus = serde_json::from_value(json).unwrap();
-        assert_eq!(back, status);
+    fn serving_goes_on_before_the_first_announcement_and_off_first_on_leaving() {
+        let (mut sp, mut rx, log) = speaker(0);
+        let t = to_master(&mut sp);
+        let events = take(&log);
+        // Off at start, on before anything a new master sends: both VIPs announced,
+        // then the first advert.
+        assert_eq!(
+            events,
+            vec![
+                Event::Serving(false),
+                Event::Serving(true),
+                Event::Announce,
+                Event::Announce,
+                Event::Advert { priority: 100 },
+            ]
+        );
+        // Yielding to a higher priority: off before the last advert at our priority.
+        let (r, bytes) = received(PEER, 200, &[VIP]);
+        sp.on_packet(t, &r, &bytes);
+        assert_eq!(sp.machine.state(), VrrpState::Backup);
+        assert_eq!(
+            take(&log),
+            vec![Event::Serving(false), Event::Advert { priority: 100 }]
+        );
+        // Resigning (tracking says the data path cannot serve): off before priority 0.
+        let (mut sp, _rx2, log) = speaker(0);
+        let t = to_master(&mut sp);
+        take(&log);
+        sp.set_priority(t, 0);
+        assert_eq!(sp.machine.state(), VrrpState::Fault);
+        assert_eq!(
+            take(&log),
+            vec![Event::Serving(false), Event::Advert { priority: 0 }]
+        );
+        let states: Vec<VrrpState> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|c| c.to)
+            .collect();
+        assert_eq!(
+            states,
+            vec![VrrpState::Backup, VrrpState::Master, VrrpState::Backup]
+        );
+    }
+
+    #[test]
+    fn a_failed_switch_write_is_retried_and_nothing_is_announced_before_it_works() {
+        // Every write fails until the new master's first "on": the start's "off", the
+        // backup's, its retry at the master-down timer, then that "on".
+        let (mut sp, _rx, log) = speaker(4);
+        let t = to_master(&mut sp);
+        assert_eq!(sp.status.counters.serve_switch_errors, 4);
+        assert_eq!(sp.serving, None);
+        // Adverts go out (the election goes on), announcements wait for the switch.
+        let events = take(&log);
+        assert!(!events.contains(&Event::Announce), "{events:?}");
+        let retry = sp.next_deadline().unwrap();
+        assert!(retry <= t + SWITCH_RETRY, "{retry:?}");
+        sp.on_timer(retry);
+        let events = take(&log);
+        assert_eq!(events[0], Event::Serving(true), "{events:?}");
+        assert_eq!(events[1..3], [Event::Announce, Event::Announce]);
+        assert_eq!(sp.serving, Some(true));
+    }
+
+    #[test]
+    fn no_state_change_is_lost_when_the_agent_does_not_read() {
+        let (mut sp, mut rx, _log) = speaker(0);
+        let mut t = Instant::now();
+        let actions = sp.machine.start(t);
+        sp.apply(t, actions);
+        // Tracking flaps: backup -> fault -> backup ..., 10,000 transitions unread.
+        for i in 0..10_000 {
+            t += Duration::from_millis(1);
+            sp.set_priority(t, if i % 2 == 0 { 0 } else { 100 });
+        }
+        let changes: Vec<StateChange> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(changes.len(), 10_001);
+        assert_eq!(changes[0].to, VrrpState::Backup);
+        for pair in changes.windows(2) {
+            assert_eq!(pair[0].to, pair[1].from, "out of order: {pair:?}");
+        }
+        assert_eq!(changes.last().unwrap().to, VrrpState::Backup);
+    }
+
+    #[test]
+    fn status_is_a_snapshot_published_after_each_turn() {
+        let (mut sp, _rx, _log) = speaker(0);
+        let published = sp.published.clone();
+        let before = published.load_full();
+        to_master(&mut sp);
+        // Not yet published: readers see the last snapshot whole, never a half-made one.
+        assert_eq!(published.load().state, VrrpState::Init);
+        sp.publish();
+        let now = published.load_full();
+        assert_eq!(now.state, VrrpState::Master);
+        assert_eq!(now.master.as_ref().map(|m| m.address), Some(ip(SRC)));
+        assert!(now.counters.adverts_sent >= 1);
+        // An old snapshot stays as it was for whoever holds it.
+        assert_eq!(before.state, VrrpState::Init);
+    }
+
+    #[test]
+    fn an_advert_of_another_group_is_dropped_never_obeyed() {
+        let (mut sp, _rx, log) = speaker(0);
+        let t = to_master(&mut sp);
+        take(&log);
+        // Our router id, priority 254, other VIPs: dropped and counted.
+        for _ in 0..3 {
+            let (r, bytes) = received(PEER, 254, &["192.0.2.200"]);
+            sp.on_packet(t, &r, &bytes);
+        }
+        let (r, bytes) = received(PEER, 254, &[VIP, "192.0.2.200"]);
+        sp.on_packet(t, &r, &bytes);
+        assert_eq!(sp.machine.state(), VrrpState::Master);
+        assert_eq!(sp.status.counters.dropped.get("foreign_group"), Some(&4));
+        assert_eq!(sp.status.counters.adverts_received, 0);
+        assert!(take(&log).is_empty());
+        // The same list in another order is ours.
+        let (r, bytes) = received(PEER, 254, &[VIP]);
+        sp.on_packet(t, &r, &bytes);
+        assert_eq!(sp.machine.state(), VrrpState::Backup);
+    }
+
+    #[test]
+    fn an_authentic_stale_advert_raises_the_alarm_a_forged_one_does_not() {
+        let key = AuthKey::from_bytes(b"0123456789abcdef0123456789abcdef".to_vec()).unwrap();
+        let other = AuthKey::from_bytes(b"another key, also 32 bytes long!".to_vec()).unwrap();
+        let (mut sp, _rx, _log) = keyed_speaker(0, Some(key.clone()));
+        let t = Instant::now();
+        let stale = auth::seq_from_unix(unix_now() - Duration::from_secs(30));
+        // Signed with another key and stale: a forgery, not a clock problem.
+        let (r, bytes) = signed(PEER, 200, &[VIP], Some((&other, stale)));
+        sp.on_packet(t, &r, &bytes);
+        assert_eq!(sp.status.counters.dropped.get("auth_bad_hmac"), Some(&1));
+        assert!(sp.status.alarms.is_empty());
+        // The right key, 30 s old: dropped, counted, and an alarm.
+        let (r, bytes) = signed(PEER, 200, &[VIP], Some((&key, stale)));
+        sp.on_packet(t, &r, &bytes);
+        assert_eq!(sp.status.counters.dropped.get("auth_stale"), Some(&1));
+        assert_eq!(sp.status.counters.clock_skew, 1);
+        assert_eq!(sp.status.alarms.len(), 1, "{:?}", sp.status.alarms);
+        let message = &sp.status.alarms[0].message;
+        assert!(
+            message.starts_with(&format!("adverts from {PEER} are 3")),
+            "{message}"
+        );
+        assert!(message.ends_with("s stale: clock skew?"), "{message}");
+        assert_eq!(sp.status.counters.adverts_received, 0);
+        // Fresh again: taken, and the alarm goes.
+        let fresh = auth::seq_from_unix(unix_now());
+        let (r, bytes) = signed(PEER, 200, &[VIP], Some((&key, fresh)));
+        sp.on_packet(t, &r, &bytes);
+        assert_eq!(sp.status.counters.adverts_received, 1);
+        assert!(sp.status.alarms.is_empty());
+    }
+
+    #[test]
+    fn clock_skew_raises_an_alarm_until_fresh_adverts_come() {
+        let (mut sp, _rx, _log) = speaker(0);
+        let now = Instant::now();
+        sp.clock_skew(now, ip(PEER), 5_200);
+        sp.clock_skew(now, ip(PEER), 5_300);
+        assert_eq!(sp.status.counters.clock_skew, 2);
+        assert_eq!(sp.status.alarms.len(), 1);
+        let alarm = &sp.status.alarms[0];
+        assert_eq!(
+            (alarm.kind.as_str(), alarm.source),
+            ("clock_skew", ip(PEER))
+        );
+        assert_eq!(
+            alarm.message,
+            format!("adverts from {PEER} are 5.3 s stale: clock skew?")
+        );
+        sp.clock_skew(now, ip("192.0.2.3"), -7_000);
+        assert!(sp.status.alarms[1].message.contains("7.0 s ahead"));
+        sp.clear_clock_skew(ip(PEER));
+        assert_eq!(sp.status.alarms.len(), 1);
+        assert_eq!(sp.status.alarms[0].source, ip("192.0.2.3"));
     }
 
     #[test]

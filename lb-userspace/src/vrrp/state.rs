@@ -10,7 +10,8 @@
 //!   the timer fires and we take over. With a preemption delay, lower-priority adverts
 //!   still count for that long after the first of them.
 //! - Master: sends an advert every interval; answers a priority-0 or lower-priority
-//!   advert with one at once (a peer that stops, a peer back from a partition); yields
+//!   advert with one at once (a peer that stops, a peer back from a partition), at most
+//!   one answer per interval (a flood of low adverts is not amplified); yields
 //!   to a higher priority, or to the same priority from a higher address.
 //! - Tracking: effective priority 0 means the data path cannot serve: fault. A master
 //!   first sends priority 0 so its peer takes over at once. Fault never becomes master;
@@ -142,6 +143,8 @@ pub struct Machine {
     /// When this master last re-announced the VIPs on hearing another master.
     reannounced: Option<Instant>,
     advert_at: Option<Instant>,
+    /// When this master last answered a lower or priority-0 advert (rate limit).
+    answered: Option<Instant>,
     /// The master we follow (or are: our own address), and its priority.
     master: Option<(IpAddr, u8)>,
     /// The master sent priority 0 and the timer runs on skew time.
@@ -165,6 +168,7 @@ impl Machine {
             master_down_at: None,
             reannounced: None,
             advert_at: None,
+            answered: None,
             master: None,
             resigned: None,
             lower: None,
@@ -343,8 +347,15 @@ impl Machine {
         }
         // Priority 0: the peer stops, tell it (and the segment) who is master now.
         // Lower: a peer back from a partition, or just started; it yields on hearing us.
-        self.advert_at = Some(now + self.p.interval);
-        let mut actions = vec![Action::SendAdvert { priority: ours }];
+        // At most one answer per interval: anyone on the segment can send low adverts,
+        // and each answer goes to the group or every peer. The regular advert is never
+        // more than an interval away anyway.
+        let mut actions = Vec::new();
+        if self.answered.is_none_or(|t| now >= t + self.p.interval) {
+            self.answered = Some(now);
+            self.advert_at = Some(now + self.p.interval);
+            actions.push(Action::SendAdvert { priority: ours });
+        }
         // Only a master sends adverts, so a lower one means two masters: clients may
         // have followed the other one's announcements. Win them back (rate-limited).
         if priority > 0 && self.reannounced.is_none_or(|t| now >= t + REANNOUNCE_EVERY) {
@@ -938,5 +949,38 @@ mod tests {
             "{winner:?}"
         );
         assert_eq!(pair.states(), [VrrpState::Master, VrrpState::Backup]);
+    }
+
+    #[test]
+    fn a_master_answers_low_adverts_at_most_once_an_interval() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(params(200, "10.0.0.1"));
+        m.start(t0);
+        let t1 = t0 + m.master_down_interval();
+        m.on_timer(t1);
+        assert_eq!(m.state(), VrrpState::Master);
+        // A flood: a low advert every millisecond for one second.
+        let mut answers = 0;
+        let mut t = t1;
+        for _ in 0..1000 {
+            t += MS;
+            answers += sends(&m.on_advert(t, ip("10.0.0.9"), 50, INTERVAL)).len();
+            answers += sends(&m.on_advert(t, ip("10.0.0.8"), 0, INTERVAL)).len();
+        }
+        // One answer per interval (10 in a second), and the first one at once.
+        assert!((10..=11).contains(&answers), "{answers} answers");
+        let t2 = t + INTERVAL;
+        assert_eq!(
+            sends(&m.on_advert(t2, ip("10.0.0.9"), 50, INTERVAL)),
+            vec![200]
+        );
+        assert_eq!(
+            sends(&m.on_advert(t2 + MS, ip("10.0.0.9"), 50, INTERVAL)),
+            Vec::<u8>::new()
+        );
+        // The regular adverts go on regardless.
+        assert_eq!(m.next_deadline(), Some(t2 + INTERVAL));
+        assert_eq!(sends(&m.on_timer(t2 + INTERVAL)), vec![200]);
+        assert_eq!(m.state(), VrrpState::Master);
     }
 }

@@ -125,10 +125,11 @@ impl VrrpConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cfg() -> VrrpConfig {
+    /// A valid config for tests: router 51, priority 100, adverts every 100 ms.
+    pub(crate) fn cfg() -> VrrpConfig {
         VrrpConfig {
             router_id: 51,
             priority: 100,

@@ -891,19 +891,7 @@ mod tests {
         }
     }
 
-    fn cfg() -> VrrpConfig {
-        VrrpConfig {
-            router_id: 51,
-            priority: 100,
-            advert_interval_ms: 100,
-            preempt: true,
-            preempt_delay_ms: 0,
-            peers: vec![],
-            auth_key_file: None,
-            notify: None,
-            rt_priority: 0,
-        }
-    }
+    use crate::vrrp::tests::cfg;
 
     type Made = (Speaker<FakeWire>, mpsc::UnboundedReceiver<StateChange>, Log);
 

@@ -9,14 +9,13 @@
 
 use std::{
     net::SocketAddr,
-    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, ensure};
-use lb_tests::lab::{Lab, Node, SERVICE_PORT, Service, VIP4, VrrpSection, run_bounded};
+use lb_tests::lab::{Lab, Node, SERVICE_PORT, Service, VIP4, VrrpSection};
 use lb_userspace::protocol::{Status, VrrpState};
 
 /// A small table, so that a flood of a few seconds overfills it.
@@ -109,7 +108,7 @@ fn syn_flood_moves_no_vip_and_costs_no_pinned_flow() -> Result<()> {
             FLOOD_TIMEOUT + Duration::from_secs(10),
             Duration::from_millis(20),
         )?;
-        let flood = flood(&lab);
+        let flood = lab.syn_flood(FLOOD_SYNS, FLOOD_TIMEOUT);
         // A little more load after the flood, on the overfilled table.
         thread::sleep(Duration::from_secs(1));
         let attempts = load.stop();
@@ -125,7 +124,7 @@ fn syn_flood_moves_no_vip_and_costs_no_pinned_flow() -> Result<()> {
     let share = ok as f64 / attempts.len().max(1) as f64;
     eprintln!(
         "flood: hping3: {}; table {} connections (max {MAX_FLOWS}), {} pinned, counters {:?}",
-        flood_out.trim(),
+        flood_out.summary(),
         status.flows.connections,
         status.flows.pinned,
         status.counters
@@ -219,51 +218,4 @@ fn poll_status(lab: &Lab, stop: &AtomicBool) -> Polls {
         thread::sleep(STATUS_EVERY.saturating_sub(asked.elapsed()));
     }
     polls
-}
-
-/// Runs hping3 in the client namespace, one process pinned to each CPU so that every
-/// CPU's share of the connection table (per-CPU LRU lists) is flooded wherever the
-/// idle connection's entry lives: SYNs from random sources to the VIP's service port,
-/// `FLOOD_SYNS` in all, as fast as hping3 goes with a 5 µs pause. Bounded in count and
-/// time.
-fn flood(lab: &Lab) -> Result<String> {
-    let cpus = thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-    let count = (FLOOD_SYNS / cpus).to_string();
-    let port = SERVICE_PORT.to_string();
-    let vip = VIP4.to_string();
-    let ns = lab.ns(Node::Client);
-    let outputs = thread::scope(|scope| {
-        let runs: Vec<_> = (0..cpus)
-            .map(|cpu| {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", &ns, "taskset", "-c", &cpu.to_string()])
-                    .args(["hping3", "-q", "-S", "--rand-source", "-i", "u5"])
-                    .args(["-c", &count, "-p", &port, &vip]);
-                scope.spawn(move || run_bounded(cmd, FLOOD_TIMEOUT))
-            })
-            .collect();
-        runs.into_iter()
-            .map(|r| r.join().map_err(|_| anyhow!("a flood thread panicked"))?)
-            .collect::<Result<Vec<_>>>()
-    })?;
-    let mut summary = Vec::new();
-    for out in outputs {
-        // hping3 exits non-zero when no reply came back, which is the case here: the
-        // backends answer the spoofed sources, not us. What it printed is the record.
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ensure!(
-            text.contains("packets transmitted"),
-            "hping3 did not run: {text}"
-        );
-        summary.extend(
-            text.lines()
-                .filter(|l| l.contains("transmitted"))
-                .map(str::to_string),
-        );
-    }
-    Ok(summary.join("; "))
 }

@@ -9,16 +9,24 @@
 //! every 5 ms; the gap without a successful connection when the master goes, beside the
 //! longest gap the same prober sees over a quiet stretch of the same length (its own
 //! resolution), measured in the same run.
+//!
+//! Then VRRP advert jitter on the wire: the same pair, adverts every 100 ms, the master's
+//! adverts captured with tcpdump (kernel timestamps) in the client namespace; the gaps
+//! between consecutive adverts with the agent idle, then with its flow table kept
+//! overfilled by a SYN flood on every CPU while `lbctl status` is polled at 5 Hz.
+//! `--jitter-only` runs only this part.
 
 use std::{
     net::SocketAddr,
-    process::ExitCode,
+    process::{Command, ExitCode},
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
     time::{Duration, Instant},
 };
 
 use lb_common::names;
 use lb_tests::{
-    lab::{Lab, Node, SERVICE_PORT, Service, VIP4, VrrpSection, probe_gap},
+    lab::{Lab, Node, SERVICE_PORT, Service, VIP4, VrrpSection, addr4, probe_gap, run_bounded},
     packet::{ACK, SYN, tcp_frame},
     rig::{CLIENT_MAC, LB_MAC, Rig, XDP_PASS, XDP_TX, service},
 };
@@ -44,7 +52,13 @@ fn main() -> ExitCode {
         eprintln!("lb-bench: needs root (it loads the XDP program). Run: sudo cargo xtask bench");
         return ExitCode::FAILURE;
     }
-    match run().and_then(|()| failover()) {
+    let jitter_only = std::env::args().skip(1).any(|a| a == "--jitter-only");
+    let result = if jitter_only {
+        jitter()
+    } else {
+        run().and_then(|()| failover()).and_then(|()| jitter())
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb-bench: {e:#}");
@@ -239,4 +253,181 @@ fn failover() -> anyhow::Result<()> {
 fn median_ms(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Adverts every this long.
+const ADVERT_MS: u32 = 100;
+/// Gaps measured per condition (one record of about `JITTER_GAPS` × 100 ms).
+const JITTER_GAPS: usize = 100;
+/// A small table, so that the flood overfills it within a second or two.
+const JITTER_MAX_FLOWS: u32 = 16_384;
+/// SYNs at most in the flood; it is also bounded in time (`JITTER_FLOOD_TIME`).
+const JITTER_FLOOD_SYNS: u32 = 2_000_000;
+/// How long the table may take to fill before the record starts.
+const JITTER_FILL_LIMIT: Duration = Duration::from_secs(10);
+const JITTER_STATUS_EVERY: Duration = Duration::from_millis(200);
+
+fn jitter_record() -> Duration {
+    Duration::from_millis(u64::from(ADVERT_MS) * JITTER_GAPS as u64)
+}
+
+fn jitter() -> anyhow::Result<()> {
+    let lab = Lab::builder()
+        .backends(3)
+        .ipv6(false)
+        .second_lb(true)
+        .build()?;
+    lab.start_servers(SERVICE_PORT)?;
+    let config = |node: Node, priority: u8| {
+        let services = [Service::new("web", VIP4, SERVICE_PORT).backends(1..=3)];
+        let mut file = lab
+            .config_file(node, "native", &services)
+            .vrrp(VrrpSection::new(51, priority).advert_interval_ms(ADVERT_MS));
+        file.agent.max_flows = Some(JITTER_MAX_FLOWS);
+        file.to_toml()
+    };
+    let _master = lab.spawn_agent_on(Node::Lb, &config(Node::Lb, 150))?;
+    lab.wait_status_on(Node::Lb, "master", MASTER_WAIT, |s| s.serving)?;
+    let _backup = lab.spawn_agent_on(Node::Lb2, &config(Node::Lb2, 100))?;
+    lab.wait_status_on(Node::Lb2, "backup", MASTER_WAIT, |s| {
+        !s.serving
+            && s.vrrp
+                .as_ref()
+                .is_some_and(|v| v.counters.adverts_received >= 3)
+    })?;
+
+    let idle = advert_gaps(&lab)?;
+
+    // The flood runs until the table is full, through the record, then a little more.
+    let flood_time = JITTER_FILL_LIMIT + jitter_record() + Duration::from_secs(3);
+    let stop = AtomicBool::new(false);
+    let (full, flood, polls, during) = thread::scope(|scope| -> anyhow::Result<_> {
+        let flood = scope.spawn(|| lab.syn_flood(JITTER_FLOOD_SYNS, flood_time));
+        let filled = lab.wait_status_on(Node::Lb, "a full flow table", JITTER_FILL_LIMIT, |s| {
+            s.flows.connections >= u64::from(JITTER_MAX_FLOWS) * 9 / 10
+        });
+        let poller = scope.spawn(|| poll_status(&lab, &stop, flood_time));
+        let gaps = filled.and_then(|_| advert_gaps(&lab));
+        let during = lab.lbctl_status_on(Node::Lb);
+        stop.store(true, Ordering::Relaxed);
+        let polls = poller
+            .join()
+            .map_err(|_| anyhow::anyhow!("the status poller panicked"))?;
+        let flood = flood
+            .join()
+            .map_err(|_| anyhow::anyhow!("the flood thread panicked"))?;
+        Ok((gaps?, flood?, polls, during?))
+    })?;
+
+    println!();
+    println!(
+        "VRRP advert gaps on the wire (advert interval {ADVERT_MS} ms, {} gaps per condition, tcpdump in the client namespace)",
+        JITTER_GAPS
+    );
+    println!(
+        "{:<44} {:>8} {:>8} {:>8} {:>14}",
+        "condition", "p50 ms", "p99 ms", "max ms", "p99 - idle ms"
+    );
+    let idle_p99 = percentile(&idle, 0.99);
+    for (name, gaps) in [
+        ("idle agent", &idle),
+        ("full flow table, SYN flood, status at 5 Hz", &full),
+    ] {
+        let p99 = percentile(gaps, 0.99);
+        println!(
+            "{name:<44} {:>8.2} {p99:>8.2} {:>8.2} {:>+14.2}",
+            percentile(gaps, 0.5),
+            gaps.iter().copied().fold(0.0, f64::max),
+            p99 - idle_p99
+        );
+    }
+    println!(
+        "flood: {} SYNs in {:.1?} ({:.0}/s) from every CPU to {VIP4}:{SERVICE_PORT} [{}]",
+        flood.sent,
+        flood.elapsed,
+        flood.sent as f64 / flood.elapsed.as_secs_f64().max(0.001),
+        flood.summary()
+    );
+    let events: Vec<String> = during
+        .events
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    println!(
+        "flow table after the record (flood still on): {} connections (max_flows {JITTER_MAX_FLOWS}), events: {}",
+        during.flows.connections,
+        if events.is_empty() {
+            "none".to_string()
+        } else {
+            events.join(" ")
+        }
+    );
+    println!(
+        "lbctl status on the master during the flood: {} answers, slowest {:.1?}, {} failed",
+        polls.answered, polls.slowest, polls.failed
+    );
+    anyhow::ensure!(
+        flood.elapsed >= jitter_record(),
+        "the flood ended before the record did: the flooded figures are not valid"
+    );
+    Ok(())
+}
+
+/// The gaps (ms) between `JITTER_GAPS + 1` consecutive adverts from the master, as
+/// tcpdump timestamps them in the client namespace.
+fn advert_gaps(lab: &Lab) -> anyhow::Result<Vec<f64>> {
+    let filter = format!("ip proto 112 and src host {}", addr4(Node::Lb));
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.ns(Node::Client)])
+        .args(["tcpdump", "-tt", "-n", "-i", "eth0", "-c"])
+        .arg((JITTER_GAPS + 1).to_string())
+        .arg(&filter);
+    let out = run_bounded(cmd, jitter_record() + Duration::from_secs(5))?;
+    let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    anyhow::ensure!(
+        times.len() == JITTER_GAPS + 1,
+        "tcpdump caught {} adverts, not {}: {}",
+        times.len(),
+        JITTER_GAPS + 1,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(times.windows(2).map(|w| (w[1] - w[0]) * 1000.0).collect())
+}
+
+/// Nearest-rank percentile of `v` (`p` in 0..=1).
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+#[derive(Default)]
+struct Polls {
+    answered: usize,
+    failed: usize,
+    slowest: Duration,
+}
+
+/// Polls the master's `lbctl status` every `JITTER_STATUS_EVERY` until `stop`, or
+/// `limit` has passed.
+fn poll_status(lab: &Lab, stop: &AtomicBool, limit: Duration) -> Polls {
+    let mut polls = Polls::default();
+    let deadline = Instant::now() + limit;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let asked = Instant::now();
+        match lab.lbctl_status_on(Node::Lb) {
+            Ok(_) => {
+                polls.answered += 1;
+                polls.slowest = polls.slowest.max(asked.elapsed());
+            }
+            Err(_) => polls.failed += 1,
+        }
+        thread::sleep(JITTER_STATUS_EVERY.saturating_sub(asked.elapsed()));
+    }
+    polls
 }

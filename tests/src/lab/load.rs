@@ -1,11 +1,13 @@
 //! Load: client threads in the client namespace that open short connections to a VIP
 //! and record each (`Load`, `Attempt`), and the spread of a series of connections over
-//! the backends (`Spread`).
+//! the backends (`Spread`), and a spoofed SYN flood from the client namespace
+//! (`Lab::syn_flood`, `Flood`).
 
 use std::{
     collections::BTreeMap,
     marker::PhantomData,
     net::SocketAddr,
+    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -16,9 +18,72 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 
-use super::{ASK_TIMEOUT, Lab, Node, probes::greeting_within, topology::enter_netns};
+use super::{
+    ASK_TIMEOUT, Lab, Node, SERVICE_PORT, VIP4, probes::greeting_within, run_bounded,
+    topology::enter_netns,
+};
 
 impl Lab {
+    /// Runs hping3 in the client namespace, one process pinned to each CPU so that every
+    /// CPU's share of the connection table (per-CPU LRU lists) is flooded: SYNs from
+    /// random sources to the VIP's (`VIP4`) service port, `syns` in all, as fast as
+    /// hping3 goes with a 5 µs pause. Bounded in count and in time: each hping3 is
+    /// interrupted (SIGINT, so that it still prints its statistics) after `max_time`.
+    pub fn syn_flood(&self, syns: u32, max_time: Duration) -> Result<Flood> {
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let count = (syns / cpus).max(1).to_string();
+        let secs = format!("{:.3}", max_time.as_secs_f64());
+        let port = SERVICE_PORT.to_string();
+        let vip = VIP4.to_string();
+        let ns = self.ns(Node::Client);
+        let started = Instant::now();
+        let outputs = thread::scope(|scope| {
+            let runs: Vec<_> = (0..cpus)
+                .map(|cpu| {
+                    let mut cmd = Command::new("ip");
+                    cmd.args(["netns", "exec", &ns, "taskset", "-c", &cpu.to_string()])
+                        .args(["timeout", "-s", "INT", &secs])
+                        .args(["hping3", "-q", "-S", "--rand-source", "-i", "u5"])
+                        .args(["-c", &count, "-p", &port, &vip]);
+                    scope.spawn(move || run_bounded(cmd, max_time + Duration::from_secs(10)))
+                })
+                .collect();
+            runs.into_iter()
+                .map(|r| {
+                    r.join()
+                        .map_err(|_| anyhow::anyhow!("a flood thread panicked"))?
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let mut flood = Flood {
+            lines: Vec::new(),
+            sent: 0,
+            elapsed: started.elapsed(),
+        };
+        for out in outputs {
+            // hping3 exits non-zero when no reply came back, which is the case here: the
+            // backends answer the spoofed sources, not us. What it printed is the record.
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ensure!(
+                text.contains("packets transmitted"),
+                "hping3 did not run: {text}"
+            );
+            for line in text.lines().filter(|l| l.contains("transmitted")) {
+                flood.sent += line
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+                flood.lines.push(line.trim().to_string());
+            }
+        }
+        Ok(flood)
+    }
+
     /// Opens `n` connections to `addr` one after the other and counts which backend
     /// greeted each. Stops early once `budget` has passed; connections not tried then
     /// count as failures.
@@ -293,5 +358,23 @@ impl Spread {
             );
         }
         Ok(())
+    }
+}
+
+/// What `Lab::syn_flood` sent.
+#[derive(Clone, Debug)]
+pub struct Flood {
+    /// hping3's "packets transmitted" line, one per process.
+    pub lines: Vec<String>,
+    /// SYNs transmitted, all processes together.
+    pub sent: u64,
+    /// From the start of the first process to the end of the last.
+    pub elapsed: Duration,
+}
+
+impl Flood {
+    /// One line: what each hping3 reported.
+    pub fn summary(&self) -> String {
+        self.lines.join("; ")
     }
 }

@@ -31,7 +31,8 @@
 //! - `servers`: the backends' greeting / echo servers (`Lab::start_servers`).
 //! - `probes`: single connections from the client (`ask_backend`, `converse`), the
 //!   prober (`start_probe`) and `probe_gap`.
-//! - `load`: `start_load` and `spread`, with `Load`, `Attempt` and `Spread`.
+//! - `load`: `start_load`, `spread` and `syn_flood`, with `Load`, `Attempt`, `Spread`
+//!   and `Flood`.
 //!
 //! An agent is ready when its control socket answers `lbctl --json status`; a reload is
 //! confirmed by `lbctl reload`'s answer; what an agent did is asked of `lbctl status` /
@@ -83,7 +84,7 @@ pub use config::{
     AgentSection, BackendSection, ConfigFile, HealthCheckSection, Service, ServiceSection,
     VrrpSection,
 };
-pub use load::{Attempt, Load, Spread};
+pub use load::{Attempt, Flood, Load, Spread};
 pub use probes::{Conversation, ProbeGap, probe_gap};
 pub use processes::{
     AgentGuard, ProcessGuard, Streaming, bin_path, parse_backends_json, parse_status_json,

@@ -126,7 +126,8 @@ pub struct ApplyReport {
 #[derive(Debug)]
 struct VipState {
     vip_num: u32,
-    ring: Vec<u32>,
+    /// Shared with the flow scanner's `RingSet`: handing it over copies no slot.
+    ring: Arc<Vec<u32>>,
 }
 
 /// One backend's identity: the service it serves and its address. Names are for
@@ -153,7 +154,7 @@ pub struct Plan {
 struct PlannedVip {
     key: VipKey,
     vip_num: u32,
-    ring: Vec<u32>,
+    ring: Arc<Vec<u32>>,
     ring_size: u32,
     added: bool,
     /// Its ring differs from the one in the map.
@@ -179,7 +180,7 @@ impl Plan {
             }
         }
         for v in &self.vips {
-            set.rings.insert(v.vip_num, Arc::new(v.ring.clone()));
+            set.rings.insert(v.vip_num, v.ring.clone());
         }
         for (id, b) in &self.backends {
             if b.flags & BACKEND_F_VALID != 0 {
@@ -247,7 +248,7 @@ impl Programmer {
             rings: self
                 .vips
                 .values()
-                .map(|v| (v.vip_num, Arc::new(v.ring.clone())))
+                .map(|v| (v.vip_num, v.ring.clone()))
                 .collect(),
             forwarding: self
                 .backends
@@ -327,7 +328,7 @@ impl Programmer {
                     }
                 })
                 .collect();
-            let ring = maglev::build(&members, service.ring_size);
+            let ring = Arc::new(maglev::build(&members, service.ring_size));
             let key = vip_key(service.vip, service.port);
             let (vip_num, added) = match self.vips.get(&key) {
                 Some(state) if !plan.gone_vips.contains(&key) => (state.vip_num, false),

@@ -435,7 +435,8 @@ impl<D: DataPlane> Agent<D> {
     /// Writes a plan. The flows it moves away from their backend are pinned first, so
     /// the new ring never costs an established flow its backend.
     fn commit(&mut self, plan: Plan) -> Result<ApplyReport> {
-        if plan.writes_anything()
+        let writes = plan.writes_anything();
+        if writes
             && !self
                 .scanner
                 .prepare(Arc::new(plan.ring_set(&self.programmer)))
@@ -445,7 +446,10 @@ impl<D: DataPlane> Agent<D> {
             );
         }
         let result = self.programmer.commit(&mut self.dp, plan);
-        self.scanner.committed(Arc::new(self.programmer.ring_set()));
+        // A plan that wrote nothing changed no ring: the scanner's rings are current.
+        if writes {
+            self.scanner.committed(Arc::new(self.programmer.ring_set()));
+        }
         Ok(result?)
     }
 
@@ -1030,17 +1034,18 @@ impl Reloads {
         }
     }
 
-    /// The running reload's slow half, when there is one.
-    async fn next(&mut self) -> Option<(Result<PreparedReload, ReloadError>, Vec<Waiter>)> {
-        let (task, _) = self.running.as_mut()?;
-        let joined = task.await;
-        let (_, waiters) = self.running.take()?;
-        let result = joined.unwrap_or_else(|e| {
+    /// The running reload's slow half once it is done; never, while none runs.
+    async fn next(&mut self) -> (Result<PreparedReload, ReloadError>, Vec<Waiter>) {
+        let Some((task, _)) = self.running.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = task.await.unwrap_or_else(|e| {
             Err(ReloadError::Other(anyhow::anyhow!(
                 "the reload task failed: {e}"
             )))
         });
-        Some((result, waiters))
+        let waiters = self.running.take().map(|(_, w)| w).unwrap_or_default();
+        (result, waiters)
     }
 
     fn finish<D: DataPlane>(
@@ -1060,15 +1065,6 @@ impl Reloads {
 fn answer(waiters: Vec<Waiter>, response: Response) {
     for w in waiters.into_iter().flatten() {
         let _ = w.send(response.clone());
-    }
-}
-
-async fn next_reload(
-    reloads: &mut Reloads,
-) -> Option<(Result<PreparedReload, ReloadError>, Vec<Waiter>)> {
-    match reloads.next().await {
-        Some(done) => Some(done),
-        None => std::future::pending().await,
     }
 }
 
@@ -1141,7 +1137,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => reloads.ask(&agent, None),
-            Some((result, waiters)) = next_reload(&mut reloads) => {
+            (result, waiters) = reloads.next() => {
                 reloads.finish(&mut agent, result, waiters);
             }
             Some(report) = health_rx.recv() => {

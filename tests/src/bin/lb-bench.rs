@@ -182,13 +182,19 @@ const RECORD: Duration = Duration::from_secs(3);
 /// How long the agent in `Node::Lb` may take to become master and serve.
 const MASTER_WAIT: Duration = Duration::from_secs(10);
 
-fn failover() -> anyhow::Result<()> {
+/// Two LB hosts, three backends serving the greeting/echo server, IPv4 only.
+fn pair_lab() -> anyhow::Result<Lab> {
     let lab = Lab::builder()
         .backends(3)
         .ipv6(false)
         .second_lb(true)
         .build()?;
     lab.start_servers(SERVICE_PORT)?;
+    Ok(lab)
+}
+
+fn failover() -> anyhow::Result<()> {
+    let lab = pair_lab()?;
     let services = [Service::new("web", VIP4, SERVICE_PORT).backends(1..=3)];
     let vip: SocketAddr = (VIP4, SERVICE_PORT).into();
     let master = lab.config_on(
@@ -272,12 +278,7 @@ fn jitter_record() -> Duration {
 }
 
 fn jitter() -> anyhow::Result<()> {
-    let lab = Lab::builder()
-        .backends(3)
-        .ipv6(false)
-        .second_lb(true)
-        .build()?;
-    lab.start_servers(SERVICE_PORT)?;
+    let lab = pair_lab()?;
     let config = |node: Node, priority: u8| {
         let services = [Service::new("web", VIP4, SERVICE_PORT).backends(1..=3)];
         let mut file = lab

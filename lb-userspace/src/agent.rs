@@ -159,15 +159,31 @@ fn target(service: &Service, backend: &BackendSpec) -> SocketAddr {
     SocketAddr::new(backend.address, service.port)
 }
 
+/// One structured event per health transition (`event = "health"`).
 fn log_transition(service: &str, backend: &str, from: Verdict, to: Verdict, cause: &CheckResult) {
     match to {
-        Verdict::Down => {
-            eprintln!("lb-agent: service {service}: backend {backend} is down ({cause})")
-        }
-        Verdict::Up if from == Verdict::Unknown => {
-            eprintln!("lb-agent: service {service}: backend {backend} is up")
-        }
-        Verdict::Up => eprintln!("lb-agent: service {service}: backend {backend} is up again"),
+        Verdict::Down => tracing::warn!(
+            event = "health",
+            service,
+            backend,
+            state = "down",
+            cause = %cause,
+            "service {service}: backend {backend} is down ({cause})"
+        ),
+        Verdict::Up if from == Verdict::Unknown => tracing::info!(
+            event = "health",
+            service,
+            backend,
+            state = "up",
+            "service {service}: backend {backend} is up"
+        ),
+        Verdict::Up => tracing::info!(
+            event = "health",
+            service,
+            backend,
+            state = "up",
+            "service {service}: backend {backend} is up again"
+        ),
         Verdict::Unknown => {}
     }
 }
@@ -244,9 +260,10 @@ impl Agent<XdpDataPlane> {
             XdpMode::Generic => Some(AttachedMode::Generic),
         };
         agent.mode = agent.dp.attach(&interface, wanted)?;
-        eprintln!(
-            "lb-agent: attached to {interface} in {} mode (xdp_mode = {})",
-            agent.mode, agent.config.agent.xdp_mode
+        tracing::info!(
+            "attached to {interface} in {} mode (xdp_mode = {})",
+            agent.mode,
+            agent.config.agent.xdp_mode
         );
         Ok(agent)
     }
@@ -372,8 +389,8 @@ impl<D: DataPlane> Agent<D> {
         let priority = effective_priority(settings.priority, health);
         if self.advertised != Some(priority) {
             if self.advertised.is_some() || priority != settings.priority {
-                eprintln!(
-                    "lb-agent: tracking: priority {priority} of {} (interface {}, {serving} of {} services with a usable backend)",
+                tracing::info!(
+                    "tracking: priority {priority} of {} (interface {}, {serving} of {} services with a usable backend)",
                     settings.priority,
                     if health.interface_up { "up" } else { "down" },
                     health.services
@@ -402,7 +419,7 @@ impl<D: DataPlane> Agent<D> {
         let report = match self.program() {
             Ok(report) => report,
             Err(first) => {
-                eprintln!("lb-agent: writing the data path failed ({first:#}); rewriting it whole");
+                tracing::warn!("writing the data path failed ({first:#}); rewriting it whole");
                 self.program()?
             }
         };
@@ -425,8 +442,8 @@ impl<D: DataPlane> Agent<D> {
         };
         let report = self.commit(plan)?;
         for (service, backend) in &report.unresolved {
-            eprintln!(
-                "lb-agent: service {service}: backend {backend} has no MAC yet (not in the neighbour table); left out until it resolves"
+            tracing::warn!(
+                "service {service}: backend {backend} has no MAC yet (not in the neighbour table); left out until it resolves"
             );
         }
         Ok(report)
@@ -441,8 +458,8 @@ impl<D: DataPlane> Agent<D> {
                 .scanner
                 .prepare(Arc::new(plan.ring_set(&self.programmer)))
         {
-            eprintln!(
-                "lb-agent: the flow scanner did not answer in time; writing the rings without waiting for the pins"
+            tracing::warn!(
+                "the flow scanner did not answer in time; writing the rings without waiting for the pins"
             );
         }
         let result = self.programmer.commit(&mut self.dp, plan);
@@ -618,8 +635,8 @@ impl<D: DataPlane> Agent<D> {
             match table.get(&ip) {
                 Some(mac) if self.macs.get(&ip) != Some(mac) => {
                     if let Some(old) = self.macs.insert(ip, *mac) {
-                        eprintln!(
-                            "lb-agent: backend {ip} moved from {} to {}",
+                        tracing::warn!(
+                            "backend {ip} moved from {} to {}",
                             fmt_mac(&old),
                             fmt_mac(mac)
                         );
@@ -649,8 +666,8 @@ impl<D: DataPlane> Agent<D> {
             .programmer
             .reclaim(&mut self.dp, &snapshot.active, taken_at)?;
         if !freed.is_empty() {
-            eprintln!(
-                "lb-agent: {} backend id(s) of removed backends freed: their flows have ended",
+            tracing::info!(
+                "{} backend id(s) of removed backends freed: their flows have ended",
                 freed.len()
             );
         }
@@ -730,7 +747,14 @@ impl<D: DataPlane> Agent<D> {
             ),
             (false, w) => format!("service {service}: backend {backend} enabled, weight {w}"),
         };
-        eprintln!("lb-agent: {message}");
+        tracing::info!(
+            event = "admin",
+            service,
+            backend,
+            disabled = entry.disabled,
+            weight = v.weight,
+            "{message}"
+        );
         Ok(Response::Done { message })
     }
 
@@ -980,11 +1004,15 @@ fn reload_response(result: Result<ApplyReport, ReloadError>) -> Response {
                 "reloaded: {} VIPs added, {} removed, {} ring slots and {} backends written",
                 r.vips_added, r.vips_removed, r.ring_slots_written, r.backends_written
             );
-            eprintln!("lb-agent: {message}");
+            tracing::info!(event = "reload", result = "ok", "{message}");
             Response::Done { message }
         }
         Err(e) => {
-            eprintln!("lb-agent: reload failed, running config unchanged: {e:#}");
+            tracing::warn!(
+                event = "reload",
+                result = "failed",
+                "reload failed, running config unchanged: {e:#}"
+            );
             match e {
                 ReloadError::Invalid(errors) => Response::Error {
                     message: format!(
@@ -1119,10 +1147,10 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
         }
     };
     let server = tokio::spawn(control::serve(listener, call_tx));
-    eprintln!("lb-agent: control socket {}", socket.display());
+    tracing::info!("control socket {}", socket.display());
     let backends: usize = agent.config.services.iter().map(|s| s.backends.len()).sum();
-    eprintln!(
-        "lb-agent: ready: {} services, {backends} backends on {} ({} XDP)",
+    tracing::info!(
+        "ready: {} services, {backends} backends on {} ({} XDP)",
         agent.config.services.len(),
         agent.config.agent.interface,
         agent.mode
@@ -1142,7 +1170,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             }
             Some(report) = health_rx.recv() => {
                 if let Err(e) = agent.on_health(report) {
-                    eprintln!("lb-agent: applying a health change failed: {e:#}");
+                    tracing::warn!("applying a health change failed: {e:#}");
                 }
             }
             Some((request, answer)) = call_rx.recv() => {
@@ -1156,10 +1184,10 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             _ = track_tick.tick(), if agent.vrrp.is_some() => agent.track(),
             _ = tick.tick() => {
                 if let Err(e) = agent.refresh_neighbours().await {
-                    eprintln!("lb-agent: neighbour refresh failed: {e:#}");
+                    tracing::warn!("neighbour refresh failed: {e:#}");
                 }
                 if let Err(e) = agent.reclaim_backend_ids() {
-                    eprintln!("lb-agent: freeing backend ids failed: {e:#}");
+                    tracing::warn!("freeing backend ids failed: {e:#}");
                 }
             }
         }
@@ -1172,7 +1200,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
         task.abort();
     }
     drop(agent);
-    eprintln!("lb-agent: detached from {interface}; exiting");
+    tracing::info!("detached from {interface}; exiting");
     Ok(())
 }
 

@@ -55,7 +55,7 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
                 tokio::spawn(serve_connection(stream, calls.clone()));
             }
             Err(e) => {
-                eprintln!("lb-agent: control socket accept failed: {e}");
+                tracing::warn!("control socket accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }

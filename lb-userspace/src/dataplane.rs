@@ -557,8 +557,8 @@ impl XdpDataPlane {
             None => match try_mode(program, AttachedMode::Native) {
                 Ok(m) => Ok(m),
                 Err(native) => {
-                    eprintln!(
-                        "lb-agent: native XDP unavailable on {interface} ({native}); trying generic"
+                    tracing::warn!(
+                        "native XDP unavailable on {interface} ({native}); trying generic"
                     );
                     try_mode(program, AttachedMode::Generic)
                 }

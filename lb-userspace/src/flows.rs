@@ -288,7 +288,7 @@ impl Worker {
                 error: None,
             },
             Err(e) => {
-                eprintln!("lb-agent: flow scan failed: {e}");
+                tracing::warn!("flow scan failed: {e}");
                 FlowSnapshot {
                     error: Some(e.to_string()),
                     ..(*self.snapshot.load_full()).clone()
@@ -318,8 +318,8 @@ impl Worker {
                 self.pin_failures += full as u64;
                 // The 1st, 2nd, 4th... time: a full table is worth knowing, not a flood of lines.
                 if self.logged_failures.count_ones() <= 1 {
-                    eprintln!(
-                        "lb-agent: pinned-flow table full: {full} flow(s) not pinned ({} so far); raise [agent] max_pinned_flows",
+                    tracing::warn!(
+                        "pinned-flow table full: {full} flow(s) not pinned ({} so far); raise [agent] max_pinned_flows",
                         self.pin_failures
                     );
                 }

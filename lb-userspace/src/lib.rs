@@ -8,6 +8,7 @@ pub mod control;
 pub mod dataplane;
 pub mod flows;
 pub mod health;
+pub mod logging;
 pub mod maglev;
 pub mod neigh;
 pub mod programmer;

@@ -135,10 +135,7 @@ impl Neighbours {
             if !probed {
                 for ip in &missing {
                     if let Err(e) = self.probe(*ip) {
-                        eprintln!(
-                            "lb-agent: cannot probe backend {ip} on {}: {e}",
-                            self.interface
-                        );
+                        tracing::warn!("cannot probe backend {ip} on {}: {e}", self.interface);
                     }
                 }
                 probed = true;

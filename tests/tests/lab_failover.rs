@@ -464,7 +464,7 @@ fn reload_waiting_on_a_mac_does_not_delay_a_takeover() -> Result<()> {
         |agents| {
             let lb2 = agents.agent(Node::Lb2)?;
             let deadline = Instant::now() + Duration::from_secs(10);
-            while lb2.count_log("lb-agent: reloaded") == 0 {
+            while lb2.count_log("reloaded: ") == 0 {
                 ensure!(
                     Instant::now() < deadline,
                     "lb2's reload did not finish: {}",

@@ -3,7 +3,10 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
-use lb_userspace::{agent, config};
+use lb_userspace::{
+    agent, config,
+    logging::{self, LogFormat},
+};
 
 /// The load balancer agent: attaches the XDP data path to the configured interface,
 /// programs VIPs and backends, checks their health, and serves `lbctl` on its control
@@ -23,6 +26,14 @@ struct Args {
     /// Only validate the config: print every error with its place, exit non-zero if any.
     #[arg(long)]
     check: bool,
+    /// Log lines on stderr as text, or as one JSON object a line. Health, admin, VRRP and
+    /// reload transitions are one event each, with an `event` field and their details.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Least severe level logged: error, warn, info, debug or trace; or a filter such as
+    /// `info,lb_userspace::vrrp=debug`.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_level: String,
 }
 
 fn main() -> ExitCode {
@@ -43,20 +54,24 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if let Err(e) = logging::init(args.log_format, &args.log_level) {
+        eprintln!("lb-agent: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("lb-agent: cannot start the runtime: {e}");
+            tracing::error!("cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(agent::run(&args.config, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb-agent: {e:#}");
+            tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
     }

@@ -14,7 +14,7 @@ pub fn lock_memory() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         if let Err(why) = memlock_unlimited() {
-            eprintln!("lb-agent: vrrp: warning: not locking the process's memory: {why}");
+            tracing::warn!("vrrp: warning: not locking the process's memory: {why}");
             return;
         }
         // SAFETY: mlockall takes flags only and touches no memory of ours.
@@ -26,8 +26,8 @@ pub fn lock_memory() {
             r = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
         }
         if r != 0 {
-            eprintln!(
-                "lb-agent: vrrp: warning: cannot lock the process's memory (mlockall: {}); the speaker may wait on page-ins under memory pressure",
+            tracing::warn!(
+                "vrrp: warning: cannot lock the process's memory (mlockall: {}); the speaker may wait on page-ins under memory pressure",
                 io::Error::last_os_error()
             );
         }
@@ -96,8 +96,8 @@ pub fn set_thread_priority(priority: u8) {
         static WARNED: Once = Once::new();
         let e = io::Error::last_os_error();
         WARNED.call_once(|| {
-            eprintln!(
-                "lb-agent: vrrp: warning: cannot run the speaker at real-time priority {priority} (SCHED_FIFO: {e}); it runs as an ordinary thread"
+            tracing::warn!(
+                "vrrp: warning: cannot run the speaker at real-time priority {priority} (SCHED_FIFO: {e}); it runs as an ordinary thread"
             );
         });
     }

@@ -125,12 +125,12 @@ impl VrrpHandle {
         if let Some(done) = self.done.take()
             && done.await.is_err()
         {
-            eprintln!("lb-agent: vrrp: the speaker's thread ended before its graceful stop");
+            tracing::warn!("vrrp: the speaker's thread ended before its graceful stop");
         }
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
-            eprintln!("lb-agent: vrrp: the speaker's thread panicked");
+            tracing::warn!("vrrp: the speaker's thread panicked");
         }
     }
 }
@@ -173,8 +173,8 @@ pub fn spawn(
             Some(AuthKey::load(path)?)
         }
         None => {
-            eprintln!(
-                "lb-agent: vrrp {}: warning: no auth_key_file: any host on the segment can send adverts and take the VIPs",
+            tracing::warn!(
+                "vrrp {}: warning: no auth_key_file: any host on the segment can send adverts and take the VIPs",
                 cfg.router_id
             );
             None
@@ -225,8 +225,8 @@ fn warn_if_readable(path: &Path) {
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
     {
-        eprintln!(
-            "lb-agent: vrrp: warning: key file {} is readable by group or others",
+        tracing::warn!(
+            "vrrp: warning: key file {} is readable by group or others",
             path.display()
         );
     }
@@ -362,8 +362,8 @@ impl<W: Wire> Speaker<W> {
         };
         let window = auth::window_for(interval);
         let (changes_tx, changes_rx) = mpsc::unbounded_channel();
-        eprintln!(
-            "lb-agent: vrrp {}: on {interface} from {src}, {}, priority {}, advert every {} ms{}",
+        tracing::info!(
+            "vrrp {}: on {interface} from {src}, {}, priority {}, advert every {} ms{}",
             cfg.router_id,
             if multicast {
                 "multicast".to_string()
@@ -447,7 +447,7 @@ async fn run(
                     Err(e) => {
                         let n = sp.count(|c| &mut c.receive_errors);
                         if n.is_power_of_two() {
-                            eprintln!("lb-agent: vrrp: receive error ({n} so far): {e}");
+                            tracing::warn!("vrrp: receive error ({n} so far): {e}");
                         }
                     }
                 }
@@ -531,8 +531,8 @@ impl<W: Wire> Speaker<W> {
         };
         if n.is_power_of_two() {
             let from = src.map(|s| format!(" from {s}")).unwrap_or_default();
-            eprintln!(
-                "lb-agent: vrrp {}: dropped advert{from}: {why} ({name}: {n} so far)",
+            tracing::warn!(
+                "vrrp {}: dropped advert{from}: {why} ({name}: {n} so far)",
                 self.router_id
             );
         }
@@ -614,8 +614,8 @@ impl<W: Wire> Speaker<W> {
             .is_none_or(|t| now >= *t + ALARM_LOG_EVERY)
         {
             self.skew_logged.insert(src, now);
-            eprintln!(
-                "lb-agent: vrrp {}: alarm: {message} Its adverts carry the right HMAC but a time stamp outside the freshness window, so they are dropped: synchronise the hosts' clocks (or old adverts are being replayed)",
+            tracing::warn!(
+                "vrrp {}: alarm: {message} Its adverts carry the right HMAC but a time stamp outside the freshness window, so they are dropped: synchronise the hosts' clocks (or old adverts are being replayed)",
                 self.router_id
             );
         }
@@ -628,8 +628,8 @@ impl<W: Wire> Speaker<W> {
             .retain(|a| !(a.kind == "clock_skew" && a.source == src));
         if self.status.alarms.len() != before {
             self.skew_logged.remove(&src);
-            eprintln!(
-                "lb-agent: vrrp {}: adverts from {src} are fresh again: clock skew alarm cleared",
+            tracing::info!(
+                "vrrp {}: adverts from {src} are fresh again: clock skew alarm cleared",
                 self.router_id
             );
         }
@@ -650,8 +650,8 @@ impl<W: Wire> Speaker<W> {
                 Action::SendAdvert { priority } => self.send_advert(priority),
                 Action::Transition(t) => self.transition(now, t),
                 Action::Announce => {
-                    eprintln!(
-                        "lb-agent: vrrp {}: heard another master: announcing the VIPs again",
+                    tracing::info!(
+                        "vrrp {}: heard another master: announcing the VIPs again",
                         self.router_id
                     );
                     self.announce_left = ANNOUNCE_ROUNDS;
@@ -671,8 +671,8 @@ impl<W: Wire> Speaker<W> {
         match self.switch.set_serving(on) {
             Ok(()) => {
                 if self.switch_retry.is_some() {
-                    eprintln!(
-                        "lb-agent: vrrp {}: serving switch set {} after failures",
+                    tracing::info!(
+                        "vrrp {}: serving switch set {} after failures",
                         self.router_id,
                         if on { "on" } else { "off" }
                     );
@@ -685,8 +685,8 @@ impl<W: Wire> Speaker<W> {
                 self.switch_retry = Some(now + SWITCH_RETRY);
                 let n = self.count(|c| &mut c.serve_switch_errors);
                 if n.is_power_of_two() {
-                    eprintln!(
-                        "lb-agent: vrrp {}: setting the serving switch {}: {e} ({n} so far); retrying every {} ms",
+                    tracing::warn!(
+                        "vrrp {}: setting the serving switch {}: {e} ({n} so far); retrying every {} ms",
                         self.router_id,
                         if on { "on" } else { "off" },
                         SWITCH_RETRY.as_millis()
@@ -723,8 +723,8 @@ impl<W: Wire> Speaker<W> {
                 Err(e) => {
                     let n = self.count(|c| &mut c.send_errors);
                     if n.is_power_of_two() {
-                        eprintln!(
-                            "lb-agent: vrrp {}: sending an advert to {dst}: {e} ({n} so far)",
+                        tracing::warn!(
+                            "vrrp {}: sending an advert to {dst}: {e} ({n} so far)",
                             self.router_id
                         );
                     }
@@ -735,9 +735,16 @@ impl<W: Wire> Speaker<W> {
 
     fn transition(&mut self, now: Instant, t: Transition) {
         let reason = t.reason.to_string();
-        eprintln!(
-            "lb-agent: vrrp {}: {} -> {}: {reason}",
-            self.router_id, t.from, t.to
+        tracing::info!(
+            event = "vrrp_transition",
+            router_id = self.router_id,
+            from = %t.from,
+            to = %t.to,
+            reason = %reason,
+            "vrrp {}: {} -> {}: {reason}",
+            self.router_id,
+            t.from,
+            t.to
         );
         self.status.last_transition = Some(TransitionStatus {
             at_unix_ms: unix_ms(),
@@ -780,7 +787,7 @@ impl<W: Wire> Speaker<W> {
                 Err(e) => {
                     let n = self.count(|c| &mut c.announcement_errors);
                     if n.is_power_of_two() {
-                        eprintln!("lb-agent: vrrp: announcing {vip}: {e} ({n} so far)");
+                        tracing::warn!("vrrp: announcing {vip}: {e} ({n} so far)");
                     }
                 }
             }
@@ -817,11 +824,11 @@ fn notify(cmd: &Path, from: VrrpState, to: VrrpState, reason: &str) {
         Ok(mut child) => {
             std::thread::spawn(move || match child.wait() {
                 Ok(s) if s.success() => {}
-                Ok(s) => eprintln!("lb-agent: vrrp: notify {cmd} {to}: {s}"),
-                Err(e) => eprintln!("lb-agent: vrrp: notify {cmd} {to}: {e}"),
+                Ok(s) => tracing::warn!("vrrp: notify {cmd} {to}: {s}"),
+                Err(e) => tracing::warn!("vrrp: notify {cmd} {to}: {e}"),
             });
         }
-        Err(e) => eprintln!("lb-agent: vrrp: notify {cmd} {to}: {e}"),
+        Err(e) => tracing::warn!("vrrp: notify {cmd} {to}: {e}"),
     }
 }
 

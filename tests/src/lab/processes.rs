@@ -26,8 +26,8 @@ const READY_POLL: Duration = Duration::from_millis(50);
 /// How long a process gets to exit after SIGTERM before it gets SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(5);
 /// A SIGHUP has no reply: the agent's report of it is a line of its log, one of these.
-const AGENT_RELOADED: &str = "lb-agent: reloaded";
-const AGENT_RELOAD_FAILED: &str = "lb-agent: reload failed";
+const AGENT_RELOADED: &str = "reloaded: ";
+const AGENT_RELOAD_FAILED: &str = "reload failed, running config unchanged";
 const AGENT_RELOAD_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Lab {

@@ -1,0 +1,131 @@
+//! The agent's log: `tracing` events on stderr, as text for people or as one JSON object
+//! a line for collectors. Transitions (health, admin, VRRP, reload) are one event each
+//! with an `event` field and their particulars as fields.
+
+use std::io::IsTerminal;
+
+use tracing::Subscriber;
+use tracing_subscriber::{EnvFilter, fmt::MakeWriter};
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `TIME LEVEL message key=value ...`
+    #[default]
+    Text,
+    /// One JSON object a line: `timestamp`, `level`, `fields` (with `message`).
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("--log-level {0:?}: {1}")]
+    Level(String, tracing_subscriber::filter::ParseError),
+    #[error("a logger is already installed")]
+    Installed,
+}
+
+/// The logger, writing to `writer`. `level` is a level (`error`, `warn`, `info`,
+/// `debug`, `trace`) or a filter in `RUST_LOG` syntax (`info,lb_userspace::vrrp=debug`).
+pub fn subscriber<W>(
+    format: LogFormat,
+    level: &str,
+    writer: W,
+    ansi: bool,
+) -> Result<Box<dyn Subscriber + Send + Sync>, LogError>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_new(level).map_err(|e| LogError::Level(level.to_string(), e))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_target(false);
+    Ok(match format {
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
+        LogFormat::Json => Box::new(builder.json().finish()),
+    })
+}
+
+/// Installs the logger on stderr for the whole process.
+pub fn init(format: LogFormat, level: &str) -> Result<(), LogError> {
+    let ansi = std::io::stderr().is_terminal();
+    let s = subscriber(format, level, std::io::stderr, ansi)?;
+    tracing::subscriber::set_global_default(s).map_err(|_| LogError::Installed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A writer that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(format: LogFormat, level: &str) -> String {
+        let buffer = Buffer::default();
+        let keep = buffer.clone();
+        let s = subscriber(format, level, move || keep.clone(), false).unwrap();
+        tracing::subscriber::with_default(s, || {
+            tracing::info!(
+                event = "admin",
+                service = "web",
+                backend = "b1",
+                disabled = true,
+                "service web: backend b1 disabled"
+            );
+            tracing::debug!("not shown at info");
+        });
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn json_lines_carry_the_event_and_its_fields() {
+        let text = logged(LogFormat::Json, "info");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["fields"]["event"], "admin");
+        assert_eq!(v["fields"]["backend"], "b1");
+        assert_eq!(v["fields"]["disabled"], true);
+        assert_eq!(v["fields"]["message"], "service web: backend b1 disabled");
+    }
+
+    #[test]
+    fn text_lines_say_the_message_then_the_fields_and_levels_filter() {
+        let text = logged(LogFormat::Text, "info");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("INFO"), "{text}");
+        assert!(
+            text.contains("service web: backend b1 disabled event=\"admin\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains('\u{1b}'),
+            "no colour codes off a terminal: {text}"
+        );
+        assert_eq!(logged(LogFormat::Text, "warn"), "");
+        assert_eq!(logged(LogFormat::Text, "debug").lines().count(), 2);
+    }
+
+    #[test]
+    fn a_bad_level_is_named() {
+        let err = subscriber(LogFormat::Text, "info,=loud", std::io::stderr, false)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("--log-level"), "{err}");
+    }
+}

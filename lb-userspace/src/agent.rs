@@ -34,7 +34,10 @@ use tokio::{
 
 use crate::{
     admin::{AdminBackend, AdminState},
-    config::{self, BackendSpec, Config, ConfigErrors, HealthCheck, MAX_WEIGHT, Service, XdpMode},
+    config::{
+        self, BackendId, BackendSpec, Config, ConfigErrors, HealthCheck, MAX_WEIGHT, Service,
+        XdpMode,
+    },
     control::{self, Call},
     dataplane::{AttachedMode, DataPlane, FlowStore, MapSizes, ServeSwitch, XdpDataPlane},
     flows::{FlowSnapshot, Scanner},
@@ -58,8 +61,7 @@ const TRACK_EVERY: Duration = Duration::from_millis(100);
 /// One health check's outcome, sent by a checker task to the main loop.
 #[derive(Debug)]
 pub struct HealthReport {
-    service: String,
-    backend: String,
+    backend: BackendId,
     target: SocketAddr,
     result: CheckResult,
 }
@@ -69,8 +71,6 @@ struct BackendHealth {
     target: SocketAddr,
     health: Health,
 }
-
-type BackendKey = (String, String);
 
 pub struct Agent<D: DataPlane = XdpDataPlane> {
     config_path: PathBuf,
@@ -83,7 +83,7 @@ pub struct Agent<D: DataPlane = XdpDataPlane> {
     mode: AttachedMode,
     started: Instant,
     admin: AdminState,
-    health: HashMap<BackendKey, BackendHealth>,
+    health: HashMap<BackendId, BackendHealth>,
     checkers: Vec<JoinHandle<()>>,
     health_tx: mpsc::Sender<HealthReport>,
     /// The interface's MAC: the source of forwarded frames and of ARP/ND answers.
@@ -151,10 +151,6 @@ fn backend_addresses(config: &Config) -> Vec<IpAddr> {
     ips
 }
 
-fn key(service: &Service, backend: &BackendSpec) -> BackendKey {
-    (service.name.clone(), backend.name.clone())
-}
-
 fn target(service: &Service, backend: &BackendSpec) -> SocketAddr {
     SocketAddr::new(backend.address, service.port)
 }
@@ -193,7 +189,7 @@ fn log_transition(service: &str, backend: &str, from: Verdict, to: Verdict, caus
 pub struct PreparedReload {
     config: Config,
     macs: HashMap<IpAddr, [u8; 6]>,
-    checks: Vec<(BackendKey, SocketAddr, CheckResult)>,
+    checks: Vec<(BackendId, SocketAddr, CheckResult)>,
 }
 
 /// A reload's slow half, to run on a task of its own.
@@ -221,7 +217,14 @@ impl Agent<XdpDataPlane> {
                 list.join("; ")
             );
         }
-        let admin = AdminState::load(&config.agent.state_dir)?;
+        let (admin, unknown) = AdminState::load(&config.agent.state_dir, &config)?;
+        if !unknown.is_empty() {
+            // A file of the name-keyed format, naming backends the config no longer has.
+            tracing::warn!(
+                "admin state for backends no longer in the config dropped: {}",
+                unknown.join(", ")
+            );
+        }
         let sizes = MapSizes {
             max_flows: config.agent.max_flows,
             max_pinned_flows: config.agent.max_pinned_flows,
@@ -487,8 +490,7 @@ impl<D: DataPlane> Agent<D> {
             for b in &s.backends {
                 self.checkers.push(spawn_checker(
                     self.health_tx.clone(),
-                    s.name.clone(),
-                    b.name.clone(),
+                    s.backend_id(b),
                     target(s, b),
                     s.health_check,
                 ));
@@ -498,8 +500,7 @@ impl<D: DataPlane> Agent<D> {
 
     /// One check's outcome; re-programs the data path when it changes a verdict.
     pub fn on_health(&mut self, report: HealthReport) -> Result<()> {
-        let k = (report.service, report.backend);
-        let Some(h) = self.health.get_mut(&k) else {
+        let Some(h) = self.health.get_mut(&report.backend) else {
             return Ok(());
         };
         // A report from a checker of an older config.
@@ -507,7 +508,8 @@ impl<D: DataPlane> Agent<D> {
             return Ok(());
         }
         if let Some(t) = h.health.observe(report.result) {
-            log_transition(&k.0, &k.1, t.from, t.to, &t.cause);
+            let name = self.config.backend_name(&report.backend).unwrap_or("?");
+            log_transition(&report.backend.service, name, t.from, t.to, &t.cause);
             self.apply()?;
         }
         Ok(())
@@ -707,18 +709,12 @@ impl<D: DataPlane> Agent<D> {
     }
 
     fn find(&self, service: &str, backend: &str) -> Result<(&Service, &BackendSpec)> {
-        let s = self
-            .config
-            .services
-            .iter()
-            .find(|s| s.name == service)
-            .with_context(|| format!("no service named {service:?}"))?;
-        let b = s
-            .backends
-            .iter()
-            .find(|b| b.name == backend)
-            .with_context(|| format!("service {service} has no backend named {backend:?}"))?;
-        Ok((s, b))
+        if !self.config.services.iter().any(|s| s.name == service) {
+            anyhow::bail!("no service named {service:?}");
+        }
+        self.config
+            .find_backend(service, backend)
+            .with_context(|| format!("service {service} has no backend named {backend:?}"))
     }
 
     /// Changes one backend's admin state: saved first, then applied. If it cannot be
@@ -729,11 +725,14 @@ impl<D: DataPlane> Agent<D> {
         backend: &str,
         change: impl FnOnce(&mut AdminBackend),
     ) -> Result<Response> {
-        self.find(service, backend)?;
+        let id = {
+            let (s, b) = self.find(service, backend)?;
+            s.backend_id(b)
+        };
         let before = self.admin.clone();
-        let mut entry = self.admin.get(service, backend);
+        let mut entry = self.admin.get(&id);
         change(&mut entry);
-        self.admin.set(service, backend, entry);
+        self.admin.set(&id, entry);
         if let Err(e) = self.admin.save(&self.config.agent.state_dir) {
             self.admin = before;
             return Err(e).context("saving admin state; nothing changed");
@@ -792,7 +791,7 @@ impl<D: DataPlane> Agent<D> {
             Some(id) => self.dp.counter(backend_slot(id))?,
             None => Default::default(),
         };
-        let h = self.health.get(&key(s, b));
+        let h = self.health.get(&s.backend_id(b));
         let health = match (v.mac, h.map(|h| (h.health.verdict(), h.health.last()))) {
             (None, _) => "no MAC (not in the neighbour table)".to_string(),
             (_, Some((Verdict::Up, _))) => "up".to_string(),
@@ -879,16 +878,16 @@ impl<D: DataPlane> Agent<D> {
 /// the agent, so `apply` can lend the programmer and the data path mutably beside it.
 fn view_of(
     macs: &HashMap<IpAddr, [u8; 6]>,
-    health: &HashMap<BackendKey, BackendHealth>,
+    health: &HashMap<BackendId, BackendHealth>,
     admin: &AdminState,
     service: &Service,
     backend: &BackendSpec,
 ) -> BackendView {
-    let a = admin.get(&service.name, &backend.name);
+    let a = admin.get(&service.backend_id(backend));
     BackendView {
         mac: macs.get(&backend.address).copied(),
         healthy: health
-            .get(&key(service, backend))
+            .get(&service.backend_id(backend))
             .is_some_and(|h| h.health.is_up()),
         enabled: !a.disabled,
         weight: a.weight.unwrap_or(backend.weight),
@@ -917,14 +916,14 @@ fn host_config(mac: [u8; 6], config: &Config) -> LbConfig {
 /// Backends of `config` with no health state for their current target yet.
 fn fresh_targets(
     config: &Config,
-    health: &HashMap<BackendKey, BackendHealth>,
-) -> Vec<(BackendKey, SocketAddr, u32)> {
+    health: &HashMap<BackendId, BackendHealth>,
+) -> Vec<(BackendId, SocketAddr, u32)> {
     let mut fresh = Vec::new();
     for s in &config.services {
         for b in &s.backends {
             let t = target(s, b);
-            if health.get(&key(s, b)).is_none_or(|h| h.target != t) {
-                fresh.push((key(s, b), t, s.health_check.timeout_ms));
+            if health.get(&s.backend_id(b)).is_none_or(|h| h.target != t) {
+                fresh.push((s.backend_id(b), t, s.health_check.timeout_ms));
             }
         }
     }
@@ -933,8 +932,8 @@ fn fresh_targets(
 
 /// One health check of each target, all at once.
 async fn run_checks(
-    targets: Vec<(BackendKey, SocketAddr, u32)>,
-) -> Vec<(BackendKey, SocketAddr, CheckResult)> {
+    targets: Vec<(BackendId, SocketAddr, u32)>,
+) -> Vec<(BackendId, SocketAddr, CheckResult)> {
     let results = futures_util::future::join_all(
         targets
             .iter()
@@ -953,15 +952,15 @@ async fn run_checks(
 /// its target.
 fn next_health(
     config: &Config,
-    current: &HashMap<BackendKey, BackendHealth>,
-    checks: Vec<(BackendKey, SocketAddr, CheckResult)>,
-) -> HashMap<BackendKey, BackendHealth> {
-    let mut first: HashMap<(BackendKey, SocketAddr), CheckResult> =
+    current: &HashMap<BackendId, BackendHealth>,
+    checks: Vec<(BackendId, SocketAddr, CheckResult)>,
+) -> HashMap<BackendId, BackendHealth> {
+    let mut first: HashMap<(BackendId, SocketAddr), CheckResult> =
         checks.into_iter().map(|(k, t, r)| ((k, t), r)).collect();
     let mut next = HashMap::new();
     for s in &config.services {
         for b in &s.backends {
-            let k = key(s, b);
+            let k = s.backend_id(b);
             let t = target(s, b);
             let h = match current.get(&k) {
                 Some(h) if h.target == t => h.clone(),
@@ -973,7 +972,7 @@ fn next_health(
                     if let Some(result) = first.remove(&(k.clone(), t))
                         && let Some(tr) = h.health.observe(result)
                     {
-                        log_transition(&k.0, &k.1, tr.from, tr.to, &tr.cause);
+                        log_transition(&s.name, &b.name, tr.from, tr.to, &tr.cause);
                     }
                     h
                 }
@@ -1098,8 +1097,7 @@ fn answer(waiters: Vec<Waiter>, response: Response) {
 
 fn spawn_checker(
     tx: mpsc::Sender<HealthReport>,
-    service: String,
-    backend: String,
+    backend: BackendId,
     target: SocketAddr,
     hc: HealthCheck,
 ) -> JoinHandle<()> {
@@ -1112,7 +1110,6 @@ fn spawn_checker(
             tick.tick().await;
             let result = check_tcp(target, Duration::from_millis(u64::from(hc.timeout_ms))).await;
             let report = HealthReport {
-                service: service.clone(),
                 backend: backend.clone(),
                 target,
                 result,
@@ -1269,7 +1266,7 @@ mod tests {
                 let mut health = Health::new(1, 1);
                 health.observe(CheckResult::Passed);
                 agent.health.insert(
-                    key(s, b),
+                    s.backend_id(b),
                     BackendHealth {
                         target: target(s, b),
                         health,
@@ -1366,6 +1363,48 @@ mod tests {
         let report = t.agent.reload().await.unwrap();
         assert!(report.ring_slots_written > 0);
         assert_ne!(t.agent.config, config_before);
+    }
+
+    #[tokio::test]
+    async fn a_renamed_backend_keeps_its_admin_state_health_and_id() {
+        let mut t = test_agent("rename", &[("a", "127.0.0.2"), ("b", "127.0.0.3")]);
+        let r = t.agent.handle(Request::DisableBackend {
+            service: "web".into(),
+            backend: "b".into(),
+        });
+        assert!(matches!(r, Response::Done { .. }), "{r:?}");
+        let id_before = t
+            .agent
+            .programmer
+            .backend_id("web", "127.0.0.3".parse().unwrap());
+        std::fs::write(
+            &t.agent.config_path,
+            config_text(&t.dir, &[("a", "127.0.0.2"), ("b-renamed", "127.0.0.3")]),
+        )
+        .unwrap();
+        t.agent.reload().await.unwrap();
+        let renamed = t
+            .agent
+            .backends(Some("web"))
+            .unwrap()
+            .into_iter()
+            .find(|b| b.name == "b-renamed")
+            .unwrap();
+        assert!(
+            !renamed.enabled,
+            "the operator's disable follows the address"
+        );
+        assert_eq!(
+            renamed.health, "up",
+            "its health state is kept, not re-learnt"
+        );
+        assert_eq!(
+            t.agent
+                .programmer
+                .backend_id("web", "127.0.0.3".parse().unwrap()),
+            id_before
+        );
+        assert_eq!(t.agent.programmer.retired().count(), 0);
     }
 
     #[tokio::test]

@@ -99,6 +99,45 @@ impl fmt::Display for XdpMode {
     }
 }
 
+/// A backend's one identity in the agent: its service and its address (unique within a
+/// service). Health, admin state, backend ids and flow pins are all keyed by it; names
+/// are for people, so renaming a backend in the config keeps all of that.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
+pub struct BackendId {
+    pub service: String,
+    pub address: IpAddr,
+}
+
+impl fmt::Display for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.service, self.address)
+    }
+}
+
+impl Config {
+    /// The service and backend an operator names, if the config has them.
+    pub fn find_backend(&self, service: &str, name: &str) -> Option<(&Service, &BackendSpec)> {
+        let s = self.services.iter().find(|s| s.name == service)?;
+        Some((s, s.backends.iter().find(|b| b.name == name)?))
+    }
+
+    /// The configured name of a backend, if it is still in the config.
+    pub fn backend_name(&self, id: &BackendId) -> Option<&str> {
+        let s = self.services.iter().find(|s| s.name == id.service)?;
+        let b = s.backends.iter().find(|b| b.address == id.address)?;
+        Some(&b.name)
+    }
+}
+
+impl Service {
+    pub fn backend_id(&self, backend: &BackendSpec) -> BackendId {
+        BackendId {
+            service: self.name.clone(),
+            address: backend.address,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub name: String,

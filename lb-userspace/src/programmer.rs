@@ -15,7 +15,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::{BackendSpec, Service},
+    config::{BackendId, BackendSpec, Service},
     dataplane::{DataPlane, DataPlaneError},
     flows::RingSet,
     maglev,
@@ -130,10 +130,6 @@ struct VipState {
     ring: Arc<Vec<u32>>,
 }
 
-/// One backend's identity: the service it serves and its address. Names are for
-/// people; two names for one address in a service are one backend to the data path.
-pub type BackendIdentity = (String, IpAddr);
-
 /// Everything one apply will write, computed before anything is written: the plan of a
 /// reload either is complete or fails here, with the maps untouched.
 #[derive(Debug, Default)]
@@ -142,7 +138,7 @@ pub struct Plan {
     vips: Vec<PlannedVip>,
     backends: Vec<(u32, Backend)>,
     /// Ids handed out by this plan, and ids it takes back from the retired.
-    new_ids: Vec<(BackendIdentity, u32)>,
+    new_ids: Vec<(BackendId, u32)>,
     names: Vec<(u32, (String, String))>,
     /// Backends that left the config in this plan: their ids retire (flows finish).
     retiring: Vec<u32>,
@@ -200,7 +196,7 @@ pub struct Programmer {
     /// (service, backend address) -> backend id. Ids of backends that left the config
     /// stay assigned (retired) until their flows have ended, so established flows keep
     /// forwarding; then `reclaim` frees them for reuse.
-    backend_ids: HashMap<BackendIdentity, u32>,
+    backend_ids: HashMap<BackendId, u32>,
     backend_names: HashMap<u32, (String, String)>,
     backends: HashMap<u32, Backend>,
     /// Ids of backends no longer in the config, still forwarding their flows, with
@@ -227,9 +223,11 @@ impl Programmer {
     }
 
     pub fn backend_id(&self, service: &str, address: IpAddr) -> Option<u32> {
-        self.backend_ids
-            .get(&(service.to_string(), address))
-            .copied()
+        let id = BackendId {
+            service: service.to_string(),
+            address,
+        };
+        self.backend_ids.get(&id).copied()
     }
 
     /// (service, backend name) of a backend id.
@@ -276,13 +274,13 @@ impl Programmer {
                 free_vip_nums.insert(state.vip_num);
             }
         }
-        let mut ids: HashMap<BackendIdentity, u32> = HashMap::new();
+        let mut ids: HashMap<BackendId, u32> = HashMap::new();
         let mut free_ids = self.free_ids.clone();
         let mut next_id = self.next_id;
         for service in services {
             let mut service_ids = Vec::with_capacity(service.backends.len());
             for b in &service.backends {
-                let identity = (service.name.clone(), b.address);
+                let identity = service.backend_id(b);
                 let id = match ids.get(&identity).or(self.backend_ids.get(&identity)) {
                     Some(id) => *id,
                     None => {

@@ -26,7 +26,21 @@ pub struct Config {
     pub services: Vec<Service>,
     /// Absent: standalone, always master.
     pub vrrp: Option<VrrpSettings>,
+    /// Absent: no state shared with other LB hosts.
+    pub sync: Option<SyncSettings>,
 }
+
+/// State sharing with the other LB host(s): admin changes and flow pins (`crate::sync`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncSettings {
+    /// The other LB hosts, all of one family, on the `[agent]` interface's segment.
+    pub peers: Vec<IpAddr>,
+    /// The shared HMAC key (at least 16 bytes; mode 0600).
+    pub key_file: PathBuf,
+    pub port: u16,
+}
+
+pub const DEFAULT_SYNC_PORT: u16 = 7947;
 
 /// Peering with a second LB host (VRRP version 3).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,6 +248,15 @@ struct RawConfig {
     #[serde(default)]
     services: Vec<Spanned<RawService>>,
     vrrp: Option<Spanned<RawVrrp>>,
+    sync: Option<Spanned<RawSync>>,
+}
+
+#[derive(Deserialize)]
+struct RawSync {
+    #[serde(default)]
+    peers: Vec<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -469,11 +492,80 @@ impl Validator<'_> {
             Some(Some(v)) => v.peers.clone(),
             _ => Vec::new(),
         };
-        self.backends_elsewhere(&raw, &services, &peers);
+        let sync = match &raw.sync {
+            None => Some(None),
+            Some(v) => self.sync(v).map(Some),
+        };
+        // Also when [sync] has errors of its own: each address is checked once.
+        let sync_peers: Vec<IpAddr> = raw
+            .sync
+            .iter()
+            .flat_map(|s| s.get_ref().peers.iter())
+            .filter_map(|p| p.get_ref().parse().ok())
+            .collect();
+        self.backends_elsewhere(&raw, &services, &peers, &sync_peers);
         Some(Config {
             agent: agent?,
             services,
             vrrp: vrrp?,
+            sync: sync?,
+        })
+    }
+
+    fn sync(&mut self, v: &Spanned<RawSync>) -> Option<SyncSettings> {
+        let raw = v.get_ref();
+        if raw.peers.is_empty() {
+            self.err_at(
+                Some(v.span()),
+                "sync.peers",
+                "missing or empty (required: the other LB host(s))",
+            );
+        }
+        let mut peers: Vec<IpAddr> = Vec::new();
+        let mut ok = true;
+        for (i, p) in raw.peers.iter().enumerate() {
+            let path = format!("sync.peers[{i}]");
+            let Some(ip) = self.ip(p, &path) else {
+                ok = false;
+                continue;
+            };
+            if let Some(first) = peers.first()
+                && first.is_ipv4() != ip.is_ipv4()
+            {
+                self.err(
+                    p,
+                    &path,
+                    format!("{ip}: every peer must be of one family (the first is {first})"),
+                );
+                ok = false;
+            } else if peers.contains(&ip) {
+                self.err(p, &path, format!("{ip} is listed twice"));
+                ok = false;
+            } else {
+                peers.push(ip);
+            }
+        }
+        let key_file = self
+            .required(&raw.key_file, v.span(), "sync.key_file")
+            .is_some()
+            .then(|| self.path(&raw.key_file, "sync.key_file", ""))
+            .flatten();
+        let port = self
+            .number(
+                &raw.port,
+                "sync.port",
+                u32::from(DEFAULT_SYNC_PORT),
+                1,
+                65_535,
+            )
+            .and_then(|p| u16::try_from(p).ok());
+        if !ok || peers.is_empty() {
+            return None;
+        }
+        Some(SyncSettings {
+            peers,
+            key_file: key_file?,
+            port: port?,
         })
     }
 
@@ -653,7 +745,13 @@ impl Validator<'_> {
 
     /// A backend must be a host of its own: a VIP's traffic sent to a VIP, or to the
     /// peer LB, would come back to an LB instead of reaching a server.
-    fn backends_elsewhere(&mut self, raw: &RawConfig, services: &[Service], peers: &[IpAddr]) {
+    fn backends_elsewhere(
+        &mut self,
+        raw: &RawConfig,
+        services: &[Service],
+        peers: &[IpAddr],
+        sync_peers: &[IpAddr],
+    ) {
         let vips: HashMap<IpAddr, &str> =
             services.iter().map(|s| (s.vip, s.name.as_str())).collect();
         for (i, s) in raw.services.iter().enumerate() {
@@ -677,6 +775,12 @@ impl Validator<'_> {
                         a,
                         &path,
                         format!("{addr} is a VRRP peer (another LB host), not a backend"),
+                    );
+                } else if sync_peers.contains(&addr) {
+                    self.err(
+                        a,
+                        &path,
+                        format!("{addr} is a sync peer (another LB host), not a backend"),
                     );
                 }
             }
@@ -1313,5 +1417,46 @@ peers = ["192.0.2.7"]
             assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
         }
         assert_eq!(errs.len(), 6, "{joined}");
+    }
+
+    #[test]
+    fn sync_section() {
+        let base = "[agent]\ninterface = \"eth0\"\n[[services]]\nname = \"w\"\nvip = \"192.0.2.1\"\nport = 80\n[[services.backends]]\nname = \"b\"\naddress = \"192.0.2.9\"\n";
+        assert_eq!(parse(base, "t").unwrap().sync, None);
+        let good = format!(
+            "{base}[sync]\npeers = [\"192.0.2.7\", \"192.0.2.8\"]\nkey_file = \"/etc/lb/sync.key\"\n"
+        );
+        let s = parse(&good, "t").unwrap().sync.unwrap();
+        assert_eq!(s.peers.len(), 2);
+        assert_eq!(s.key_file, PathBuf::from("/etc/lb/sync.key"));
+        assert_eq!(s.port, DEFAULT_SYNC_PORT);
+        let v6 = format!("{base}[sync]\npeers = [\"fd00::3\"]\nkey_file = \"/k\"\nport = 9000\n");
+        assert_eq!(parse(&v6, "t").unwrap().sync.unwrap().port, 9000);
+        // Line 10 is [sync]; every error says where.
+        let bad = format!(
+            "{base}[sync]\npeers = [\"192.0.2.7\", \"fd00::3\", \"nope\", \"192.0.2.7\", \"192.0.2.9\"]\nkey_file = \"relative\"\nport = 70000\n"
+        );
+        let errs = parse(&bad, "t").expect_err("invalid").errors;
+        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+        for want in [
+            "line 11, column 23: sync.peers[1]: fd00::3: every peer must be of one family",
+            "line 11, column 34: sync.peers[2]: \"nope\" is not an IPv4 or IPv6 address",
+            "sync.peers[3]: 192.0.2.7 is listed twice",
+            "line 12, column 12: sync.key_file: \"relative\" must be an absolute path",
+            "line 13, column 8: sync.port: 70000 is out of range (1 to 65535)",
+            "line 9, column 11: services[0].backends[0].address: 192.0.2.9 is a sync peer",
+        ] {
+            assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+        }
+        assert_eq!(errs.len(), 6, "{joined}");
+        let empty = format!("{base}[sync]\nport = 1\n");
+        let errs = parse(&empty, "t").expect_err("invalid").errors;
+        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+        assert!(joined.contains("sync.peers: missing or empty"), "{joined}");
+        assert!(
+            joined.contains("sync.key_file: missing (required)"),
+            "{joined}"
+        );
+        assert!(joined.starts_with("line 10"), "{joined}");
     }
 }

@@ -1,6 +1,12 @@
 //! Admin state: what operators changed with `lbctl` (disabled backends, weights). Kept
 //! in `state_dir` so that a restart or a reload half-way through an upgrade does not put
 //! a drained backend back in rotation.
+//!
+//! With `[sync]`, every entry carries a [`Version`] (a hybrid logical clock stamp) and
+//! the hosts of an LB pair exchange entries: [`AdminState::merge`] keeps the higher
+//! version, so every host ends with the same state whatever order the entries arrive
+//! in. An entry set back to the defaults is kept while it has a version (a tombstone):
+//! an `enable` must beat the `disable` it undoes on a host that missed both.
 
 use std::{
     collections::BTreeMap,
@@ -23,6 +29,61 @@ pub struct AdminBackend {
     /// Overrides the config's weight while set.
     #[serde(default)]
     pub weight: Option<u32>,
+    /// When and where it was set (absent in files written before `[sync]`: older than
+    /// any stamped change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<Version>,
+}
+
+/// A hybrid logical clock stamp: wall-clock milliseconds, a counter for changes within
+/// one millisecond (or while the wall clock lags a stamp already seen), and the host
+/// that made the change, which breaks ties. Ordered field by field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Version {
+    pub ms: u64,
+    pub counter: u32,
+    pub host: IpAddr,
+}
+
+/// Hands out versions that are above every version this host has made or seen, and
+/// follow the wall clock when it is ahead.
+#[derive(Clone, Debug)]
+pub struct Clock {
+    host: IpAddr,
+    last: (u64, u32),
+}
+
+impl Clock {
+    pub fn new(host: IpAddr) -> Self {
+        Self { host, last: (0, 0) }
+    }
+
+    /// A stamp for a change made here at wall-clock `now_ms`.
+    pub fn tick(&mut self, now_ms: u64) -> Version {
+        self.last = if now_ms > self.last.0 {
+            (now_ms, 0)
+        } else {
+            (self.last.0, self.last.1.saturating_add(1))
+        };
+        Version {
+            ms: self.last.0,
+            counter: self.last.1,
+            host: self.host,
+        }
+    }
+
+    /// Takes note of a version made elsewhere: the next tick is above it.
+    pub fn observe(&mut self, seen: Version) {
+        self.last = self.last.max((seen.ms, seen.counter));
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// What operators set, per backend (service and address: `BackendId`).
@@ -86,6 +147,51 @@ impl AdminState {
         } else {
             self.backends.insert(id.clone(), value);
         }
+    }
+
+    /// Takes `remote` if its version is above ours (an entry without a version is below
+    /// every stamped one); returns whether anything changed. Merging is commutative,
+    /// associative and idempotent: hosts that have seen the same entries agree.
+    pub fn merge(&mut self, id: &BackendId, remote: AdminBackend) -> bool {
+        let Some(theirs) = remote.version else {
+            return false;
+        };
+        let ours = self.backends.get(id).and_then(|a| a.version);
+        if ours.is_some_and(|v| v >= theirs) {
+            return false;
+        }
+        self.backends.insert(id.clone(), remote);
+        true
+    }
+
+    /// The stamped entries, the ones other hosts can merge.
+    pub fn versioned(&self) -> impl Iterator<Item = (&BackendId, &AdminBackend)> {
+        self.backends.iter().filter(|(_, a)| a.version.is_some())
+    }
+
+    /// A digest of the stamped entries: equal on two hosts when they agree.
+    pub fn digest(&self) -> [u8; 8] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (id, a) in self.versioned() {
+            let v = a.version.unwrap_or(Version {
+                ms: 0,
+                counter: 0,
+                host: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            });
+            h.update(id.service.as_bytes());
+            h.update([0]);
+            h.update(id.address.to_string().as_bytes());
+            h.update([0, u8::from(a.disabled)]);
+            h.update(a.weight.map_or([0xff; 4], u32::to_be_bytes));
+            h.update(v.ms.to_be_bytes());
+            h.update(v.counter.to_be_bytes());
+            h.update(v.host.to_string().as_bytes());
+            h.update([0]);
+        }
+        let mut out = [0; 8];
+        out.copy_from_slice(&h.finalize()[..8]);
+        out
     }
 
     /// Reads `dir/admin.json`; a missing file is an empty state, a corrupt one an error
@@ -211,14 +317,14 @@ mod tests {
         let mut s = AdminState::default();
         let disabled = AdminBackend {
             disabled: true,
-            weight: None,
+            ..Default::default()
         };
         s.set(&id("192.0.2.21"), disabled);
         s.set(
             &id("192.0.2.22"),
             AdminBackend {
-                disabled: false,
                 weight: Some(300),
+                ..Default::default()
             },
         );
         s.save(&dir).unwrap();
@@ -255,7 +361,7 @@ mod tests {
         let mut s = AdminState::default();
         let disabled = AdminBackend {
             disabled: true,
-            weight: None,
+            ..Default::default()
         };
         s.set(&id("192.0.2.21"), disabled);
         s.set(&id("192.0.2.21"), AdminBackend::default());
@@ -276,6 +382,133 @@ mod tests {
             AdminState::load(&dir, &config()),
             Err(AdminError::Version { version: 3, .. })
         ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn v(ms: u64, counter: u32, host: &str) -> Version {
+        Version {
+            ms,
+            counter,
+            host: host.parse().unwrap(),
+        }
+    }
+
+    fn stamped(disabled: bool, version: Version) -> AdminBackend {
+        AdminBackend {
+            disabled,
+            weight: None,
+            version: Some(version),
+        }
+    }
+
+    #[test]
+    fn the_clock_follows_the_wall_clock_and_what_it_saw() {
+        let mut c = Clock::new("10.0.0.2".parse().unwrap());
+        assert_eq!(c.tick(1000), v(1000, 0, "10.0.0.2"));
+        assert_eq!(c.tick(1000), v(1000, 1, "10.0.0.2"));
+        // The wall clock stepped back: the stamps still grow.
+        assert_eq!(c.tick(900), v(1000, 2, "10.0.0.2"));
+        // A peer's clock is ahead: ours goes past its stamp.
+        c.observe(v(5000, 7, "10.0.0.3"));
+        assert_eq!(c.tick(1001), v(5000, 8, "10.0.0.2"));
+        assert_eq!(c.tick(6000), v(6000, 0, "10.0.0.2"));
+        // Ties on time and counter are broken by the host address.
+        assert!(v(6000, 0, "10.0.0.3") > v(6000, 0, "10.0.0.2"));
+        assert!(v(6000, 1, "10.0.0.2") > v(6000, 0, "10.0.0.3"));
+    }
+
+    #[test]
+    fn the_higher_version_wins_and_tombstones_beat_what_they_undo() {
+        let mut s = AdminState::default();
+        let b = id("192.0.2.21");
+        assert!(s.merge(&b, stamped(true, v(10, 0, "10.0.0.2"))));
+        assert!(!s.merge(&b, stamped(false, v(9, 5, "10.0.0.3"))), "older");
+        assert!(
+            !s.merge(&b, stamped(true, v(10, 0, "10.0.0.2"))),
+            "the same"
+        );
+        assert!(
+            s.merge(&b, stamped(false, v(10, 0, "10.0.0.3"))),
+            "tie: higher host"
+        );
+        assert!(!s.get(&b).disabled);
+        // The enable is kept as a tombstone, so an older disable cannot come back.
+        assert!(!s.merge(&b, stamped(true, v(10, 0, "10.0.0.2"))));
+        // Unstamped entries never replace anything.
+        assert!(!s.merge(
+            &b,
+            AdminBackend {
+                disabled: true,
+                ..Default::default()
+            }
+        ));
+    }
+
+    #[test]
+    fn merging_is_the_same_in_any_order() {
+        let changes = [
+            (id("192.0.2.21"), stamped(true, v(10, 0, "10.0.0.2"))),
+            (id("192.0.2.21"), stamped(false, v(10, 0, "10.0.0.3"))),
+            (id("192.0.2.21"), stamped(true, v(9, 9, "10.0.0.4"))),
+            (
+                id("192.0.2.22"),
+                AdminBackend {
+                    weight: Some(5),
+                    ..stamped(false, v(11, 0, "10.0.0.2"))
+                },
+            ),
+            (id("192.0.2.22"), stamped(true, v(11, 1, "10.0.0.2"))),
+            (id("192.0.2.23"), stamped(true, v(1, 0, "10.0.0.3"))),
+        ];
+        let mut reference: Option<AdminState> = None;
+        // Every rotation and its reverse, each change delivered twice.
+        for start in 0..changes.len() {
+            for reverse in [false, true] {
+                let mut order: Vec<_> = changes
+                    .iter()
+                    .cycle()
+                    .skip(start)
+                    .take(changes.len())
+                    .collect();
+                if reverse {
+                    order.reverse();
+                }
+                let mut s = AdminState::default();
+                for (b, a) in order.iter().chain(order.iter()) {
+                    s.merge(b, *a);
+                }
+                match &reference {
+                    None => reference = Some(s),
+                    Some(r) => {
+                        assert_eq!(&s, r);
+                        assert_eq!(s.digest(), r.digest());
+                    }
+                }
+            }
+        }
+        let r = reference.unwrap();
+        assert!(!r.get(&id("192.0.2.21")).disabled);
+        assert!(r.get(&id("192.0.2.22")).disabled);
+        assert_ne!(r.digest(), AdminState::default().digest());
+    }
+
+    #[test]
+    fn versions_are_saved_and_files_without_them_still_load() {
+        let dir = temp_dir("versions");
+        let mut s = AdminState::default();
+        s.set(&id("192.0.2.21"), stamped(true, v(1234, 2, "10.0.0.2")));
+        s.set(&id("192.0.2.22"), stamped(false, v(1235, 0, "fd00::2")));
+        s.save(&dir).unwrap();
+        let (back, _) = AdminState::load(&dir, &config()).unwrap();
+        assert_eq!(back, s);
+        fs::write(
+            dir.join(FILE),
+            r#"{"version": 2, "backends": [{"service": "web", "address": "192.0.2.21", "disabled": true}]}"#,
+        )
+        .unwrap();
+        let (old, _) = AdminState::load(&dir, &config()).unwrap();
+        assert!(old.get(&id("192.0.2.21")).disabled);
+        assert_eq!(old.get(&id("192.0.2.21")).version, None);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -33,7 +33,7 @@ use tokio::{
 };
 
 use crate::{
-    admin::{AdminBackend, AdminState},
+    admin::{AdminBackend, AdminState, Clock, Version, now_ms},
     config::{
         self, BackendId, BackendSpec, Config, ConfigErrors, HealthCheck, MAX_WEIGHT, Service,
         XdpMode,
@@ -47,6 +47,7 @@ use crate::{
     protocol::{
         BackendState, BackendStatus, FlowTableStatus, Request, Response, ServiceStatus, Status,
     },
+    sync::{self, Confirmation, SyncEvent, SyncHandle, wire::AdminEntry},
     tracking::{DataPathHealth, effective_priority, interface_up},
     vrrp::{self, StateChange, VrrpHandle},
 };
@@ -98,7 +99,17 @@ pub struct Agent<D: DataPlane = XdpDataPlane> {
     vrrp: Option<VrrpHandle>,
     /// The priority last handed to the VRRP speaker.
     advertised: Option<u8>,
+    /// Shares admin state and flow pins with the other LB hosts (`[sync]`).
+    sync: Option<SyncHandle>,
+    /// Versions for admin changes made here.
+    clock: Clock,
+    /// The peers' acknowledgement of the admin change `handle` just made, for the loop
+    /// to wait on beside it (`take_confirmation`).
+    confirmation: Option<oneshot::Receiver<Confirmation>>,
 }
+
+/// How long a starting host waits for its peers' admin state before VRRP starts.
+const SYNC_CATCH_UP: Duration = Duration::from_millis(1500);
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -325,6 +336,9 @@ impl<D: DataPlane> Agent<D> {
             scanner,
             vrrp: None,
             advertised: None,
+            sync: None,
+            clock: Clock::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            confirmation: None,
         })
     }
 
@@ -371,6 +385,141 @@ impl<D: DataPlane> Agent<D> {
     /// An election result, for the status: the speaker has already flipped the switch.
     pub fn on_vrrp(&mut self, change: StateChange) {
         self.serving = change.to.serves();
+        if let Some(sync) = &self.sync {
+            sync.set_serving(self.serving);
+        }
+    }
+
+    /// Starts sharing state with the other LB hosts, if `[sync]` is configured, and
+    /// waits (at most `SYNC_CATCH_UP`) until every peer's admin state is merged here, so
+    /// that a host coming back does not take over with a stale state. Call before
+    /// `start_vrrp`.
+    pub async fn start_sync(&mut self) -> Result<Option<mpsc::UnboundedReceiver<SyncEvent>>> {
+        let Some(settings) = self.config.sync.clone() else {
+            return Ok(None);
+        };
+        let key = sync::load_key(&settings)?;
+        let local = sync::local_address(&self.config.agent.interface, &settings.peers)
+            .with_context(|| format!("[sync] on {}", self.config.agent.interface))?;
+        self.clock = Clock::new(local);
+        // Entries from before [sync] carry no version: the oldest possible one, so they
+        // are shared but lose to any change made since.
+        let unversioned: Vec<BackendId> = self
+            .admin
+            .backends
+            .iter()
+            .filter(|(_, a)| a.version.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in unversioned {
+            let mut a = self.admin.get(&id);
+            a.version = Some(Version {
+                ms: 0,
+                counter: 0,
+                host: local,
+            });
+            self.admin.set(&id, a);
+        }
+        for a in self.admin.backends.values() {
+            if let Some(v) = a.version {
+                self.clock.observe(v);
+            }
+        }
+        let (handle, mut events) = SyncHandle::spawn(
+            &settings,
+            key,
+            local,
+            self.admin.clone(),
+            self.serving || self.config.vrrp.is_none(),
+            Some(self.scanner.inbox()),
+        )?;
+        self.scanner.connect_sync(handle.pin_sink());
+        self.sync = Some(handle);
+        let deadline = tokio::time::Instant::now() + SYNC_CATCH_UP;
+        let caught_up = loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(SyncEvent::CaughtUp)) => break true,
+                Ok(Some(event)) => self.on_sync(event),
+                Ok(None) | Err(_) => break false,
+            }
+        };
+        let peers: Vec<String> = settings.peers.iter().map(|p| p.to_string()).collect();
+        if caught_up {
+            tracing::info!(
+                "sync: from {local} port {} with {}; admin state in step",
+                settings.port,
+                peers.join(", ")
+            );
+        } else {
+            tracing::warn!(
+                "sync: from {local} port {} with {}; not every peer answered within {} ms: going on with what this host has",
+                settings.port,
+                peers.join(", "),
+                SYNC_CATCH_UP.as_millis()
+            );
+        }
+        Ok(Some(events))
+    }
+
+    /// Admin entries from a peer: merged (the higher version wins), saved, applied, and
+    /// acknowledged once saved.
+    pub fn on_sync(&mut self, event: SyncEvent) {
+        let SyncEvent::Admin { from, entries, ack } = event else {
+            return;
+        };
+        let before = self.admin.clone();
+        let mut changed = Vec::new();
+        for e in entries {
+            if let Some(v) = e.admin.version {
+                self.clock.observe(v);
+            }
+            if self.admin.merge(&e.id, e.admin) {
+                changed.push(e);
+            }
+        }
+        if !changed.is_empty() {
+            if let Err(e) = self.admin.save(&self.config.agent.state_dir) {
+                // Not acknowledged: the peer reports this host as not confirming, and
+                // the next state exchange offers the entries again.
+                tracing::warn!("sync: saving admin state from {from} failed, not applied: {e}");
+                self.admin = before;
+                return;
+            }
+            if let Err(e) = self.apply() {
+                tracing::warn!("applying admin state from {from} failed: {e:#}");
+            }
+            for e in &changed {
+                let backend = self.config.backend_name(&e.id).unwrap_or("?").to_string();
+                tracing::info!(
+                    event = "admin",
+                    service = e.id.service,
+                    backend,
+                    address = %e.id.address,
+                    disabled = e.admin.disabled,
+                    weight = e.admin.weight,
+                    source = %from,
+                    "service {}: backend {backend} ({}) {} by peer {from}{}",
+                    e.id.service,
+                    e.id.address,
+                    if e.admin.disabled { "disabled" } else { "enabled" },
+                    e.admin
+                        .weight
+                        .map(|w| format!(", weight {w}"))
+                        .unwrap_or_default()
+                );
+            }
+            if let Some(sync) = &self.sync {
+                sync.state(self.admin.clone());
+            }
+        }
+        if let (Some(change), Some(sync)) = (ack, &self.sync) {
+            sync.applied(from, change);
+        }
+    }
+
+    /// The acknowledgement the last `handle` asked the peers for, if any.
+    pub fn take_confirmation(&mut self) -> Option<oneshot::Receiver<Confirmation>> {
+        self.confirmation.take()
     }
 
     /// Hands the speaker the priority this host's data path deserves now.
@@ -540,6 +689,9 @@ impl<D: DataPlane> Agent<D> {
         }
         if self.config.vrrp != new.vrrp {
             return Err(ReloadError::NeedsRestart("[vrrp] changed"));
+        }
+        if self.config.sync != new.sync {
+            return Err(ReloadError::NeedsRestart("[sync] changed"));
         }
         // The flow tables are sized when the program is loaded.
         if old.max_flows != newa.max_flows {
@@ -732,12 +884,16 @@ impl<D: DataPlane> Agent<D> {
         let before = self.admin.clone();
         let mut entry = self.admin.get(&id);
         change(&mut entry);
+        entry.version = Some(self.clock.tick(now_ms()));
         self.admin.set(&id, entry);
         if let Err(e) = self.admin.save(&self.config.agent.state_dir) {
             self.admin = before;
             return Err(e).context("saving admin state; nothing changed");
         }
         self.apply()?;
+        if let Some(sync) = &self.sync {
+            self.confirmation = Some(sync.publish(vec![AdminEntry { id, admin: entry }]));
+        }
         let (s, b) = self.find(service, backend)?;
         let v = self.view(s, b);
         let message = match (entry.disabled, v.weight) {
@@ -870,6 +1026,7 @@ impl<D: DataPlane> Agent<D> {
             vrrp: self.vrrp.as_ref().map(|h| h.status()),
             serving: self.serving,
             flows,
+            sync: self.sync.as_ref().map(|h| h.status()),
         })
     }
 }
@@ -901,6 +1058,28 @@ async fn next_change(
     match changes {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The next event of the sync thread, or never without `[sync]`.
+async fn next_sync(events: &mut Option<mpsc::UnboundedReceiver<SyncEvent>>) -> Option<SyncEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An admin change's answer, with how many hosts confirmed it.
+async fn confirmed(response: Response, wait: oneshot::Receiver<Confirmation>) -> Response {
+    let Response::Done { message } = response else {
+        return response;
+    };
+    let said = match tokio::time::timeout(sync::ACK_WAIT * 2, wait).await {
+        Ok(Ok(c)) => c.describe(),
+        _ => "applied here; the sync thread did not answer".to_string(),
+    };
+    Response::Done {
+        message: format!("{message}; {said}"),
     }
 }
 
@@ -1133,10 +1312,11 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     // A failed start leaves no socket file behind for the next one to find.
     let started = async {
         let mut agent = Agent::start(config_path, config, health_tx).await?;
+        let sync_events = agent.start_sync().await?;
         let changes = agent.start_vrrp()?;
-        anyhow::Ok((agent, changes))
+        anyhow::Ok((agent, changes, sync_events))
     };
-    let (mut agent, mut vrrp_changes) = match started.await {
+    let (mut agent, mut vrrp_changes, mut sync_events) = match started.await {
         Ok(started) => started,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
@@ -1174,10 +1354,22 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
                 if request == Request::Reload {
                     reloads.ask(&agent, Some(answer));
                 } else {
-                    let _ = answer.send(agent.handle(request));
+                    let response = agent.handle(request);
+                    match agent.take_confirmation() {
+                        // The peers' answer is waited for beside the loop.
+                        Some(wait) => {
+                            tokio::spawn(async move {
+                                let _ = answer.send(confirmed(response, wait).await);
+                            });
+                        }
+                        None => {
+                            let _ = answer.send(response);
+                        }
+                    }
                 }
             }
             Some(change) = next_change(&mut vrrp_changes) => agent.on_vrrp(change),
+            Some(event) = next_sync(&mut sync_events) => agent.on_sync(event),
             _ = track_tick.tick(), if agent.vrrp.is_some() => agent.track(),
             _ = tick.tick() => {
                 if let Err(e) = agent.refresh_neighbours().await {

@@ -17,8 +17,15 @@
 //!   backend can no longer forward (down: its flows go back to the ring), or when the
 //!   ring chooses its backend again.
 //!
-//! The decisions ([`to_pin`], [`to_unpin`], [`count_active`]) are plain functions with
-//! plain tests; the thread only moves data between them and the store.
+//! - With `[sync]`, it tells the sync thread which flows it pinned and unpinned, named
+//!   by backend (service and address) rather than by this host's backend id
+//!   ([`wire_pins`]), and all of its pins every [`PIN_REFRESH_SCANS`] scans; and it
+//!   installs the pins peers send ([`remote_pins`]), translated to its own ids, into
+//!   its pinned table, where the same collection rules apply to them.
+//!
+//! The decisions ([`to_pin`], [`to_unpin`], [`count_active`], [`wire_pins`],
+//! [`remote_pins`]) are plain functions with plain tests; the thread only moves data
+//! between them, the store and the sync thread.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -28,9 +35,13 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use lb_common::{FLOW_F_CLOSING, FlowKey, FlowState, hash::flow_hash};
+use lb_common::{FLOW_F_CLOSING, FlowKey, FlowState, VipKey, hash::flow_hash};
 
-use crate::dataplane::{FlowStore, FlowTable, monotonic_ns};
+use crate::{
+    config::BackendId,
+    dataplane::{FlowStore, FlowTable, monotonic_ns},
+    sync::{PinSink, wire::Pin},
+};
 
 /// How often the tables are read when nothing asks.
 pub const SCAN_EVERY: Duration = Duration::from_secs(1);
@@ -38,6 +49,8 @@ pub const SCAN_EVERY: Duration = Duration::from_secs(1);
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// How long `prepare` waits for the scanner before the agent writes the ring anyway.
 pub const PREPARE_WAIT: Duration = Duration::from_secs(2);
+/// Every this many scans, all pins go to the sync peers again (their copies' idle time).
+pub const PIN_REFRESH_SCANS: u64 = 10;
 
 /// What the data path does with new flows right now: each VIP's ring (by VIP number)
 /// and the backend ids that may still take packets.
@@ -45,6 +58,87 @@ pub const PREPARE_WAIT: Duration = Duration::from_secs(2);
 pub struct RingSet {
     pub rings: HashMap<u32, Arc<Vec<u32>>>,
     pub forwarding: HashSet<u32>,
+    /// This host's numbers for backends and VIPs, to name pins between hosts.
+    pub names: Arc<Names>,
+}
+
+/// Backend ids and VIP numbers of this host, both ways.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Names {
+    pub backends: HashMap<u32, BackendId>,
+    pub ids: HashMap<BackendId, u32>,
+    pub vips: HashMap<VipKey, u32>,
+}
+
+/// Pins from a peer, for the scanner to install (or remove).
+#[derive(Clone, Debug, Default)]
+pub struct RemotePins {
+    pub pins: Vec<Pin>,
+    pub unpins: Vec<FlowKey>,
+}
+
+/// The sync thread's way to the scanner.
+#[derive(Clone)]
+pub struct PinInbox(mpsc::Sender<Command>);
+
+impl PinInbox {
+    pub fn deliver(&self, pins: RemotePins) {
+        let _ = self.0.send(Command::Remote(pins));
+    }
+}
+
+/// Pins of this host as peers should know them: by backend address, with their idle
+/// time. Flows whose backend id has no name here (a plan not yet committed) are left
+/// for the next scan's refresh.
+pub fn wire_pins(
+    pins: &[(FlowKey, FlowState)],
+    merged: &HashMap<FlowKey, FlowState>,
+    names: &Names,
+    now_ns: u64,
+) -> Vec<Pin> {
+    pins.iter()
+        .filter_map(|(k, p)| {
+            let s = merged.get(k).unwrap_or(p);
+            let idle_ms = now_ns.saturating_sub(s.last_seen_ns) / 1_000_000;
+            Some(Pin {
+                key: *k,
+                backend: names.backends.get(&p.backend)?.clone(),
+                idle_ms: u32::try_from(idle_ms).unwrap_or(u32::MAX),
+                closing: s.flags & FLOW_F_CLOSING != 0,
+            })
+        })
+        .collect()
+}
+
+/// A peer's pins as entries of this host's pinned table: its backend id and VIP number
+/// for the flow; skipped when this host has no such backend or VIP, the backend does
+/// not forward here, or this host's ring already gives the flow that backend.
+pub fn remote_pins(pins: &[Pin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKey, FlowState)> {
+    pins.iter()
+        .filter_map(|p| {
+            let id = *rings.names.ids.get(&p.backend)?;
+            let vip = VipKey {
+                addr: p.key.dst,
+                port_be: p.key.dport_be,
+                proto: p.key.proto,
+                family: p.key.family,
+            };
+            let vip_num = *rings.names.vips.get(&vip)?;
+            if !rings.forwarding.contains(&id) || rings.choice(vip_num, &p.key) == Some(id) {
+                return None;
+            }
+            Some((
+                p.key,
+                FlowState {
+                    backend: id,
+                    vip_num,
+                    last_seen_ns: now_ns.saturating_sub(u64::from(p.idle_ms) * 1_000_000),
+                    flags: if p.closing { FLOW_F_CLOSING } else { 0 },
+                    _pad: 0,
+                },
+            ))
+        })
+        .collect()
 }
 
 impl RingSet {
@@ -67,6 +161,8 @@ pub struct FlowSnapshot {
     pub pinned: usize,
     /// Flows that should have been pinned but the pinned table was full (since start).
     pub pin_failures: u64,
+    /// Pins from sync peers written into the pinned table (since start).
+    pub remote_installed: u64,
     /// The last scan's error, if it failed.
     pub error: Option<String>,
 }
@@ -175,6 +271,10 @@ enum Command {
         rings: Arc<RingSet>,
         done: Option<mpsc::SyncSender<()>>,
     },
+    /// From now on, tell the sync thread what is pinned and unpinned.
+    Sync(PinSink),
+    /// Pins from a peer.
+    Remote(RemotePins),
     Stop,
 }
 
@@ -201,6 +301,9 @@ impl Scanner {
                     snapshot: published,
                     pin_failures: 0,
                     logged_failures: 0,
+                    sync: None,
+                    scans: 0,
+                    remote_installed: 0,
                 }
                 .run(rx)
             })?;
@@ -228,6 +331,16 @@ impl Scanner {
         sent.is_ok() && wait.recv_timeout(PREPARE_WAIT).is_ok()
     }
 
+    /// Where pins from peers are to be delivered.
+    pub fn inbox(&self) -> PinInbox {
+        PinInbox(self.commands.clone())
+    }
+
+    /// Tells the sync thread, from now on, which flows this scanner pins and unpins.
+    pub fn connect_sync(&self, sink: PinSink) {
+        let _ = self.commands.send(Command::Sync(sink));
+    }
+
     /// The rings now in the maps: the scanner looks again for flows that took the old
     /// ones meanwhile, and from now on keeps to these.
     pub fn committed(&self, rings: Arc<RingSet>) {
@@ -251,6 +364,10 @@ struct Worker {
     snapshot: Arc<ArcSwap<FlowSnapshot>>,
     pin_failures: u64,
     logged_failures: u64,
+    sync: Option<PinSink>,
+    scans: u64,
+    /// Pins from peers written into the pinned table (since start).
+    remote_installed: u64,
 }
 
 impl Worker {
@@ -267,12 +384,33 @@ impl Worker {
                     }
                     next = Instant::now() + SCAN_EVERY;
                 }
+                Ok(Command::Sync(sink)) => self.sync = Some(sink),
+                Ok(Command::Remote(pins)) => self.install(pins),
                 Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.scan();
                     next = Instant::now() + SCAN_EVERY;
                 }
             }
+        }
+    }
+
+    /// Writes a peer's pins into the pinned table, removes those it unpinned.
+    fn install(&mut self, remote: RemotePins) {
+        let pins = remote_pins(&remote.pins, &self.rings, monotonic_ns());
+        let result = self.store.unpin(&remote.unpins).and_then(|()| {
+            if pins.is_empty() {
+                Ok(0)
+            } else {
+                self.store.pin(&pins)
+            }
+        });
+        match result {
+            Ok(full) => {
+                self.remote_installed += (pins.len() - full) as u64;
+                self.pin_failures += full as u64;
+            }
+            Err(e) => tracing::warn!("installing a peer's flow pins failed: {e}"),
         }
     }
 
@@ -285,6 +423,7 @@ impl Worker {
                 connections,
                 pinned,
                 pin_failures: self.pin_failures,
+                remote_installed: self.remote_installed,
                 error: None,
             },
             Err(e) => {
@@ -325,6 +464,23 @@ impl Worker {
                 }
                 self.logged_failures += 1;
             }
+        }
+        self.scans += 1;
+        if let Some(sink) = &self.sync {
+            let names = &self.rings.names;
+            if self.scans.is_multiple_of(PIN_REFRESH_SCANS) {
+                let gone: HashSet<&FlowKey> = unpin.iter().collect();
+                let all: Vec<(FlowKey, FlowState)> = pinned
+                    .iter()
+                    .filter(|(k, _)| !gone.contains(k))
+                    .chain(pin.iter())
+                    .copied()
+                    .collect();
+                sink.pinned(wire_pins(&all, &merged, names, now));
+            } else {
+                sink.pinned(wire_pins(&pin, &merged, names, now));
+            }
+            sink.unpinned(unpin.clone());
         }
         // New pins may overwrite old ones of the same flow: an upper bound until the next scan.
         let pinned_now = pinned.len().saturating_sub(unpin.len()) + pin.len().saturating_sub(full);
@@ -371,6 +527,7 @@ mod tests {
         RingSet {
             rings: HashMap::from([(0, Arc::new(vec![backend; 7]))]),
             forwarding: forwarding.iter().copied().collect(),
+            ..Default::default()
         }
     }
 

@@ -13,5 +13,6 @@ pub mod maglev;
 pub mod neigh;
 pub mod programmer;
 pub mod protocol;
+pub mod sync;
 pub mod tracking;
 pub mod vrrp;

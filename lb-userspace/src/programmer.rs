@@ -254,6 +254,15 @@ impl Programmer {
                 .filter(|(_, b)| b.flags & BACKEND_F_VALID != 0)
                 .map(|(id, _)| *id)
                 .collect(),
+            names: Arc::new(crate::flows::Names {
+                backends: self
+                    .backend_ids
+                    .iter()
+                    .map(|(b, id)| (*id, b.clone()))
+                    .collect(),
+                ids: self.backend_ids.clone(),
+                vips: self.vips.iter().map(|(k, v)| (*k, v.vip_num)).collect(),
+            }),
         }
     }
 

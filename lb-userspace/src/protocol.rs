@@ -90,6 +90,76 @@ pub struct Status {
     /// The flow tables as the last background scan saw them.
     #[serde(default)]
     pub flows: FlowTableStatus,
+    /// State shared with the other LB hosts; absent without `[sync]`.
+    #[serde(default)]
+    pub sync: Option<SyncStatus>,
+}
+
+/// `[sync]` as `lbctl status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// This host's sync address and port.
+    pub address: IpAddr,
+    pub port: u16,
+    #[serde(default)]
+    pub peers: Vec<SyncPeerStatus>,
+    /// Admin entries with a version (the ones shared), and their digest.
+    #[serde(default)]
+    pub admin_entries: u64,
+    #[serde(default)]
+    pub admin_digest: String,
+    #[serde(default)]
+    pub counters: SyncCounters,
+}
+
+impl Default for SyncStatus {
+    fn default() -> Self {
+        Self {
+            address: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            port: 0,
+            peers: Vec::new(),
+            admin_entries: 0,
+            admin_digest: String::new(),
+            counters: SyncCounters::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncPeerStatus {
+    pub address: IpAddr,
+    /// Heard within the last 1.5 s.
+    #[serde(default)]
+    pub connected: bool,
+    /// Wall-clock time it connected (ms since the epoch), while connected.
+    #[serde(default)]
+    pub connected_since_unix_ms: Option<u64>,
+    #[serde(default)]
+    pub last_heard_unix_ms: Option<u64>,
+    #[serde(default)]
+    pub last_heard_ms_ago: Option<u64>,
+    /// Its last heartbeat's admin digest equals ours.
+    #[serde(default)]
+    pub admin_in_step: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SyncCounters {
+    pub messages_sent: u64,
+    pub bytes_sent: u64,
+    pub messages_received: u64,
+    pub admin_updates_received: u64,
+    /// Flow pins sent (once per peer) and received.
+    pub flows_sent: u64,
+    pub flows_received: u64,
+    pub unpins_sent: u64,
+    pub unpins_received: u64,
+    /// Dropped messages by reason: `unknown_source`, `bad_tag`, `replayed`, `stale`,
+    /// `oversized`, `malformed`.
+    pub dropped: BTreeMap<String, u64>,
+    pub send_errors: u64,
+    pub receive_errors: u64,
 }
 
 /// What the flow scanner last saw. Active-flow counts come from the same scan, so

@@ -283,6 +283,9 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         None => println!("standalone (no [vrrp]): serving the VIPs"),
         Some(v) => print_vrrp(v, status.serving),
     }
+    if let Some(sync) = &status.sync {
+        print_sync(sync);
+    }
     for s in &status.services {
         println!();
         let vip = if s.vip.contains(':') {
@@ -340,6 +343,76 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         println!("events: {}", events.join(", "));
     }
     Ok(())
+}
+
+fn print_sync(s: &lb_userspace::protocol::SyncStatus) {
+    println!(
+        "sync from {} port {}: {} admin entries (digest {})",
+        s.address, s.port, s.admin_entries, s.admin_digest
+    );
+    for p in &s.peers {
+        let heard = p
+            .last_heard_ms_ago
+            .map(|ms| format!("last heard {ms} ms ago"))
+            .unwrap_or_else(|| "never heard".to_string());
+        let since = p
+            .connected_since_unix_ms
+            .map(|t| format!(" since {}", unix_ms_to_utc(t)))
+            .unwrap_or_default();
+        println!(
+            "  peer {}: {}{since}, {heard}, admin state {}",
+            p.address,
+            if p.connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            if p.admin_in_step {
+                "in step"
+            } else {
+                "differs (exchanging)"
+            }
+        );
+    }
+    let c = &s.counters;
+    let dropped: Vec<String> = c.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "  messages sent {} ({} bytes), received {}; flows sent {}, received {}; unpins sent {}, received {}; dropped: {}",
+        c.messages_sent,
+        c.bytes_sent,
+        c.messages_received,
+        c.flows_sent,
+        c.flows_received,
+        c.unpins_sent,
+        c.unpins_received,
+        if dropped.is_empty() {
+            "none".to_string()
+        } else {
+            dropped.join(", ")
+        }
+    );
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for milliseconds since the epoch.
+fn unix_ms_to_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn print_vrrp(v: &VrrpStatus, serving: bool) {

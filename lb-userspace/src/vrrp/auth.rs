@@ -161,6 +161,11 @@ impl AuthKey {
         self.0.len()
     }
 
+    /// The secret itself, for signing.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -111,8 +111,11 @@ pub fn wire_pins(
 }
 
 /// A peer's pins as entries of this host's pinned table: its backend id and VIP number
-/// for the flow; skipped when this host has no such backend or VIP, the backend does
-/// not forward here, or this host's ring already gives the flow that backend.
+/// for the flow; skipped when this host has no such backend or VIP, or the backend does
+/// not forward here. A pin whose backend this host's ring still chooses is installed
+/// all the same: the peer pins before it tells us of the change that moves the ring
+/// (and this host's scanner drops pins its ring agrees with at its next scan, by then
+/// after the change).
 pub fn remote_pins(pins: &[Pin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKey, FlowState)> {
     pins.iter()
         .filter_map(|p| {
@@ -124,7 +127,7 @@ pub fn remote_pins(pins: &[Pin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKey, 
                 family: p.key.family,
             };
             let vip_num = *rings.names.vips.get(&vip)?;
-            if !rings.forwarding.contains(&id) || rings.choice(vip_num, &p.key) == Some(id) {
+            if !rings.forwarding.contains(&id) {
                 return None;
             }
             Some((

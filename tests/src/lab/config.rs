@@ -2,7 +2,7 @@
 //!
 //! The types mirror the agent's layout: `ConfigFile` holds `[agent]` (`AgentSection`),
 //! `[[services]]` (`ServiceSection`, with `[services.health_check]` and
-//! `[[services.backends]]`) and `[vrrp]` (`VrrpSection`). One field is one key, in
+//! `[[services.backends]]`), `[vrrp]` (`VrrpSection`) and `[sync]` (`SyncSection`). One field is one key, in
 //! the order an operator would write them; a key the agent may go without is an
 //! `Option` (or an empty list) left out of the file while unset, so the agent's own
 //! default applies. A new `[agent]` key is one field:
@@ -37,6 +37,28 @@ pub struct ConfigFile {
     /// Absent: a standalone LB, always master.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vrrp: Option<VrrpSection>,
+    /// Absent: nothing shared with other LB hosts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncSection>,
+}
+
+/// `[sync]`: the other LB hosts, the shared key, the port (the agent's default if unset).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SyncSection {
+    pub peers: Vec<IpAddr>,
+    pub key_file: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl SyncSection {
+    pub fn new(peers: impl IntoIterator<Item = IpAddr>, key_file: impl Into<PathBuf>) -> Self {
+        SyncSection {
+            peers: peers.into_iter().collect(),
+            key_file: key_file.into(),
+            port: None,
+        }
+    }
 }
 
 impl ConfigFile {
@@ -46,6 +68,7 @@ impl ConfigFile {
             agent,
             services: Vec::new(),
             vrrp: None,
+            sync: None,
         }
     }
 
@@ -58,6 +81,11 @@ impl ConfigFile {
 
     pub fn vrrp(mut self, vrrp: VrrpSection) -> Self {
         self.vrrp = Some(vrrp);
+        self
+    }
+
+    pub fn sync(mut self, sync: SyncSection) -> Self {
+        self.sync = Some(sync);
         self
     }
 

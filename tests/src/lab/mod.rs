@@ -82,7 +82,7 @@ use anyhow::{Context, Result, ensure};
 
 pub use config::{
     AgentSection, BackendSection, ConfigFile, HealthCheckSection, Service, ServiceSection,
-    VrrpSection,
+    SyncSection, VrrpSection,
 };
 pub use load::{Attempt, Flood, Load, Spread};
 pub use probes::{Conversation, ProbeGap, probe_gap};

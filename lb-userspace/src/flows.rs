@@ -706,4 +706,73 @@ mod tests {
         assert_eq!(snap.pinned, 1);
         drop(scanner);
     }
+
+    #[test]
+    fn pins_cross_hosts_by_backend_address_and_land_on_local_ids() {
+        let b = BackendId {
+            service: "web".into(),
+            address: "10.0.0.22".parse().unwrap(),
+        };
+        let mut vip = VipKey {
+            port_be: 80u16.to_be(),
+            proto: 6,
+            family: lb_common::FAMILY_V4,
+            ..Default::default()
+        };
+        vip.addr[..4].copy_from_slice(&[10, 0, 0, 100]);
+        // The sender knows the backend as id 2; the receiver as id 7, its VIP as 4.
+        let sender = Names {
+            backends: HashMap::from([(2, b.clone())]),
+            ..Default::default()
+        };
+        let closing = FlowState {
+            flags: FLOW_F_CLOSING,
+            ..state(2)
+        };
+        let pins = vec![(key(1), state(2)), (key(2), closing), (key(3), state(3))];
+        // key(1) is busier in the connection table than in the pin.
+        let merged = HashMap::from([(
+            key(1),
+            FlowState {
+                last_seen_ns: NOW - 5_000_000,
+                ..state(2)
+            },
+        )]);
+        let wire = wire_pins(&pins, &merged, &sender, NOW);
+        assert_eq!(wire.len(), 2, "backend 3 has no name: left for the refresh");
+        assert_eq!((wire[0].idle_ms, wire[0].closing), (5, false));
+        assert_eq!((wire[1].idle_ms, wire[1].closing), (1000, true));
+        assert!(wire.iter().all(|p| p.backend == b));
+
+        let mut receiver = RingSet {
+            rings: HashMap::from([(4, Arc::new(vec![7; 7]))]),
+            forwarding: [7].into_iter().collect(),
+            names: Arc::new(Names {
+                ids: HashMap::from([(b.clone(), 7)]),
+                vips: HashMap::from([(vip, 4)]),
+                ..Default::default()
+            }),
+        };
+        let local = remote_pins(&wire, &receiver, NOW);
+        assert_eq!(local.len(), 2, "installed even where the ring still agrees");
+        assert_eq!(local[0].0, key(1));
+        assert_eq!(
+            (
+                local[0].1.backend,
+                local[0].1.vip_num,
+                local[0].1.last_seen_ns
+            ),
+            (7, 4, NOW - 5_000_000)
+        );
+        assert_eq!(local[1].1.flags, FLOW_F_CLOSING);
+        // A backend that does not forward here, or a VIP this host lacks: nothing.
+        receiver.forwarding.clear();
+        assert!(remote_pins(&wire, &receiver, NOW).is_empty());
+        receiver.forwarding.insert(7);
+        receiver.names = Arc::new(Names {
+            ids: HashMap::from([(b, 7)]),
+            ..Default::default()
+        });
+        assert!(remote_pins(&wire, &receiver, NOW).is_empty());
+    }
 }

@@ -169,6 +169,29 @@ pub fn load_key(settings: &SyncSettings) -> anyhow::Result<AuthKey> {
     AuthKey::load(path).map_err(|e| anyhow::anyhow!("sync key file {}: {e}", path.display()))
 }
 
+/// A drain of tens of thousands of flows arrives as hundreds of datagrams at once:
+/// room for them (root may go past `net.core.rmem_max`). Lost pins come back with the
+/// next refresh, so a failure here is not fatal.
+fn grow_receive_buffer(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    const BYTES: libc::c_int = 8 << 20;
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket and a c_int option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&BYTES as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
 /// The agent's side of the sync thread.
 pub struct SyncHandle {
     commands: mpsc::Sender<Command>,
@@ -190,6 +213,7 @@ impl SyncHandle {
         let socket = UdpSocket::bind(SocketAddr::new(local, settings.port))
             .map_err(|e| anyhow::anyhow!("sync: binding {local} port {}: {e}", settings.port))?;
         socket.set_read_timeout(Some(POLL))?;
+        grow_receive_buffer(&socket);
         let (commands, rx) = mpsc::channel();
         let (events, events_rx) = tmpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(SyncStatus {
@@ -705,5 +729,165 @@ impl Worker {
         s.counters = self.counters.clone();
         s.admin_entries = self.admin.versioned().count() as u64;
         s.admin_digest = digest.iter().map(|b| format!("{b:02x}")).collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, net::Ipv4Addr};
+
+    use lb_common::{FAMILY_V4, FlowKey};
+
+    use super::*;
+    use crate::{
+        admin::{AdminBackend, Version},
+        config::BackendId,
+        dataplane::FakeFlowStore,
+        flows::{Names, RingSet, Scanner},
+    };
+
+    fn settings(peer: &str, port: u16) -> SyncSettings {
+        SyncSettings {
+            peers: vec![peer.parse().unwrap()],
+            key_file: "/unused".into(),
+            port,
+        }
+    }
+
+    fn key() -> AuthKey {
+        AuthKey::from_bytes(b"a unit test key of 16+".to_vec()).unwrap()
+    }
+
+    fn backend() -> BackendId {
+        BackendId {
+            service: "web".into(),
+            address: "10.0.0.21".parse().unwrap(),
+        }
+    }
+
+    async fn next(rx: &mut tmpsc::UnboundedReceiver<SyncEvent>) -> SyncEvent {
+        tokio::time::timeout(Duration::from_secs(3), rx.recv())
+            .await
+            .expect("an event within 3 s")
+            .expect("the thread runs")
+    }
+
+    /// Two sync threads over loopback (127.0.0.1 and 127.0.0.2): catch-up, a change
+    /// acknowledged, pins installed in the peer's pinned table.
+    #[tokio::test]
+    async fn two_hosts_over_loopback() {
+        let port = 20_000 + (std::process::id() % 20_000) as u16;
+        let (a_addr, b_addr): (IpAddr, IpAddr) =
+            ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        // B's scanner over a fake store, with names for one backend and one VIP.
+        let store = FakeFlowStore {
+            max_pinned: 1 << 20,
+            ..Default::default()
+        };
+        let scanner = Scanner::spawn(Box::new(store.clone()), Duration::from_secs(900)).unwrap();
+        let mut vip = lb_common::VipKey {
+            port_be: 80u16.to_be(),
+            proto: 6,
+            family: FAMILY_V4,
+            ..Default::default()
+        };
+        vip.addr[..4].copy_from_slice(&[10, 0, 0, 100]);
+        scanner.committed(Arc::new(RingSet {
+            rings: HashMap::from([(3, Arc::new(vec![9; 7]))]),
+            forwarding: [5, 9].into_iter().collect(),
+            names: Arc::new(Names {
+                backends: HashMap::from([(5, backend())]),
+                ids: HashMap::from([(backend(), 5)]),
+                vips: HashMap::from([(vip, 3)]),
+            }),
+        }));
+        let (a, mut a_events) = SyncHandle::spawn(
+            &settings("127.0.0.2", port),
+            key(),
+            a_addr,
+            AdminState::default(),
+            true,
+            None,
+        )
+        .unwrap();
+        let (b, mut b_events) = SyncHandle::spawn(
+            &settings("127.0.0.1", port),
+            key(),
+            b_addr,
+            AdminState::default(),
+            false,
+            Some(scanner.inbox()),
+        )
+        .unwrap();
+        assert!(matches!(next(&mut a_events).await, SyncEvent::CaughtUp));
+        assert!(matches!(next(&mut b_events).await, SyncEvent::CaughtUp));
+
+        let change = AdminEntry {
+            id: backend(),
+            admin: AdminBackend {
+                disabled: true,
+                weight: None,
+                version: Some(Version {
+                    ms: 1,
+                    counter: 0,
+                    host: a_addr,
+                }),
+            },
+        };
+        let confirmation = a.publish(vec![change.clone()]);
+        let SyncEvent::Admin { from, entries, ack } = next(&mut b_events).await else {
+            panic!("not an admin event");
+        };
+        assert_eq!((from, entries, ack.is_some()), (a_addr, vec![change], true));
+        b.applied(from, ack.unwrap());
+        let c = tokio::time::timeout(Duration::from_secs(2), confirmation)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.confirmed, vec![b_addr]);
+        assert_eq!(c.describe(), "applied on 2 of 2 hosts");
+
+        let pins: Vec<Pin> = (0..500u16)
+            .map(|i| {
+                let mut key = FlowKey {
+                    sport_be: (1000 + i).to_be(),
+                    dport_be: 80u16.to_be(),
+                    proto: 6,
+                    family: FAMILY_V4,
+                    ..Default::default()
+                };
+                key.src[..4].copy_from_slice(&Ipv4Addr::new(10, 0, 1, 1).octets());
+                key.dst[..4].copy_from_slice(&[10, 0, 0, 100]);
+                Pin {
+                    key,
+                    backend: backend(),
+                    idle_ms: 10,
+                    closing: false,
+                }
+            })
+            .collect();
+        a.pin_sink().pinned(pins.clone());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while store.pinned.lock().unwrap().len() < pins.len() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let pinned = store.pinned.lock().unwrap().clone();
+        assert_eq!(pinned.len(), 500, "{:?} {:?}", a.status(), b.status());
+        assert!(pinned.values().all(|s| s.backend == 5 && s.vip_num == 3));
+        // Unpins follow; a host that does not serve sends none.
+        b.pin_sink().pinned(pins.clone());
+        a.pin_sink().unpinned(pins.iter().map(|p| p.key).collect());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !store.pinned.lock().unwrap().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(store.pinned.lock().unwrap().is_empty());
+        // The status is published at most every 50 ms.
+        std::thread::sleep(Duration::from_millis(120));
+        let status = a.status();
+        assert_eq!(status.counters.flows_sent, 500);
+        assert_eq!(status.counters.unpins_sent, 500);
+        assert!(b.status().counters.dropped.is_empty());
+        assert_eq!(b.status().counters.flows_received, 500);
     }
 }

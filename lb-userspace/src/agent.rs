@@ -1170,6 +1170,7 @@ fn flow_table_status(snapshot: &FlowSnapshot) -> FlowTableStatus {
         connections: snapshot.connections as u64,
         pinned: snapshot.pinned as u64,
         pin_failures: snapshot.pin_failures,
+        synced_pins_installed: snapshot.remote_installed,
         error: snapshot.error.clone(),
     }
 }

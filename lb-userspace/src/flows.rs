@@ -412,6 +412,14 @@ impl Worker {
             Ok(full) => {
                 self.remote_installed += (pins.len() - full) as u64;
                 self.pin_failures += full as u64;
+                // Published at once (not at the next scan): `lbctl status` and the bench
+                // see what arrived.
+                let old = self.snapshot.load_full();
+                self.snapshot.store(Arc::new(FlowSnapshot {
+                    remote_installed: self.remote_installed,
+                    pin_failures: self.pin_failures,
+                    ..(*old).clone()
+                }));
             }
             Err(e) => tracing::warn!("installing a peer's flow pins failed: {e}"),
         }

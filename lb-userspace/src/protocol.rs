@@ -174,6 +174,9 @@ pub struct FlowTableStatus {
     pub pinned: u64,
     /// Flows that should have been pinned but found the pinned table full.
     pub pin_failures: u64,
+    /// Pins from sync peers written into the pinned table (since start).
+    #[serde(default)]
+    pub synced_pins_installed: u64,
     /// Why the last scan failed, if it did.
     pub error: Option<String>,
 }

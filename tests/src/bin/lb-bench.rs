@@ -15,6 +15,11 @@
 //! between consecutive adverts with the agent idle, then with its flow table kept
 //! overfilled by a SYN flood on every CPU while `lbctl status` is polled at 5 Hz.
 //! `--jitter-only` runs only this part.
+//!
+//! Then flow-pin sync: two sync threads over loopback (127.0.0.1 and 127.0.0.2), the
+//! receiver's flow scanner over a real (loaded, unattached) pinned table; the flows per
+//! second one host sends and the other installs, and the bytes per flow on the wire.
+//! `--sync-only` runs only this part.
 
 use std::{
     net::SocketAddr,
@@ -53,10 +58,16 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let jitter_only = std::env::args().skip(1).any(|a| a == "--jitter-only");
+    let sync_only = std::env::args().skip(1).any(|a| a == "--sync-only");
     let result = if jitter_only {
         jitter()
+    } else if sync_only {
+        sync_pins()
     } else {
-        run().and_then(|()| failover()).and_then(|()| jitter())
+        run()
+            .and_then(|()| failover())
+            .and_then(|()| jitter())
+            .and_then(|()| sync_pins())
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -431,4 +442,144 @@ fn poll_status(lab: &Lab, stop: &AtomicBool, limit: Duration) -> Polls {
         thread::sleep(JITTER_STATUS_EVERY.saturating_sub(asked.elapsed()));
     }
     polls
+}
+
+/// Flows one host sends and its peer installs per second, and bytes per flow.
+fn sync_pins() -> anyhow::Result<()> {
+    use std::{collections::HashMap, net::IpAddr, sync::Arc};
+
+    use lb_common::{FAMILY_V4, FlowKey, VipKey};
+    use lb_userspace::{
+        admin::AdminState,
+        config::{BackendId, SyncSettings},
+        dataplane::{MapSizes, XdpDataPlane},
+        flows::{Names, RingSet, Scanner},
+        sync::{SyncHandle, wire::Pin},
+        vrrp::auth::AuthKey,
+    };
+
+    const FLOWS: u32 = 200_000;
+    const BATCH: usize = 5_000;
+    let (a_addr, b_addr): (IpAddr, IpAddr) = ("127.0.0.1".parse()?, "127.0.0.2".parse()?);
+    let key = AuthKey::from_bytes(b"lb-bench sync key, 16+ bytes".to_vec())?;
+    let settings = |peer: IpAddr| SyncSettings {
+        peers: vec![peer],
+        key_file: "/unused".into(),
+        port: 7947,
+    };
+    let backends: Vec<BackendId> = (1..=3)
+        .map(|i| BackendId {
+            service: "web".into(),
+            address: IpAddr::from([10, 0, 0, 20 + i]),
+        })
+        .collect();
+    let mut vip = VipKey {
+        port_be: 80u16.to_be(),
+        proto: 6,
+        family: FAMILY_V4,
+        ..Default::default()
+    };
+    vip.addr[..4].copy_from_slice(&[10, 0, 0, 100]);
+
+    let mut dp = XdpDataPlane::load_sized(MapSizes {
+        max_flows: 16_384,
+        max_pinned_flows: 262_144,
+    })?;
+    let store = dp
+        .take_flow_store()
+        .ok_or_else(|| anyhow::anyhow!("no flow tables"))?;
+    let scanner = Scanner::spawn(Box::new(store), Duration::from_secs(900))?;
+    scanner.committed(Arc::new(RingSet {
+        // The receiver's ring gives every flow backend 1: the pins are for 2 and 3.
+        rings: HashMap::from([(0, Arc::new(vec![1; 101]))]),
+        forwarding: [1, 2, 3].into_iter().collect(),
+        names: Arc::new(Names {
+            backends: backends
+                .iter()
+                .cloned()
+                .zip(1..)
+                .map(|(b, i)| (i, b))
+                .collect(),
+            ids: backends.iter().cloned().zip(1..).collect(),
+            vips: HashMap::from([(vip, 0)]),
+        }),
+    }));
+    let (a, _a_events) = SyncHandle::spawn(
+        &settings(b_addr),
+        key.clone(),
+        a_addr,
+        AdminState::default(),
+        true,
+        None,
+    )?;
+    let (b, _b_events) = SyncHandle::spawn(
+        &settings(a_addr),
+        key,
+        b_addr,
+        AdminState::default(),
+        false,
+        Some(scanner.inbox()),
+    )?;
+    thread::sleep(Duration::from_millis(300));
+    let pins: Vec<Pin> = (0..FLOWS)
+        .map(|i| {
+            let mut key = FlowKey {
+                sport_be: ((i % 60_000) as u16 + 1024).to_be(),
+                dport_be: 80u16.to_be(),
+                proto: 6,
+                family: FAMILY_V4,
+                ..Default::default()
+            };
+            key.src[..4].copy_from_slice(&[198, 51, (i / 60_000) as u8, 7]);
+            key.dst[..4].copy_from_slice(&[10, 0, 0, 100]);
+            Pin {
+                key,
+                backend: backends[1 + (i % 2) as usize].clone(),
+                idle_ms: 100,
+                closing: false,
+            }
+        })
+        .collect();
+    let before = a.status().counters;
+    let start = Instant::now();
+    let sink = a.pin_sink();
+    for chunk in pins.chunks(BATCH) {
+        sink.pinned(chunk.to_vec());
+    }
+    let deadline = start + Duration::from_secs(30);
+    let installed = loop {
+        let n = scanner.snapshot().remote_installed;
+        if n >= u64::from(FLOWS) || Instant::now() > deadline {
+            break n;
+        }
+        thread::sleep(Duration::from_millis(1));
+    };
+    let took = start.elapsed();
+    thread::sleep(Duration::from_millis(200));
+    let (sent, got) = (a.status().counters, b.status().counters);
+    let messages = sent.messages_sent - before.messages_sent;
+    let payload = sent.bytes_sent - before.bytes_sent;
+    let per_flow = payload as f64 / f64::from(FLOWS);
+    // IPv4 and UDP headers on top of each datagram; Ethernet not counted.
+    let per_flow_ip = (payload + 28 * messages) as f64 / f64::from(FLOWS);
+    println!();
+    println!("## Flow-pin sync (loopback, receiver writes the kernel's pinned table)");
+    println!();
+    println!(
+        "| flows | installed | time | flows/s | datagrams | bytes/flow (payload) | bytes/flow (with IP+UDP) | dropped |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {FLOWS} | {installed} | {:.0} ms | {:.0} | {} | {per_flow:.1} | {per_flow_ip:.1} | {:?} |",
+        took.as_secs_f64() * 1000.0,
+        installed as f64 / took.as_secs_f64(),
+        messages,
+        got.dropped
+    );
+    anyhow::ensure!(
+        installed >= u64::from(FLOWS),
+        "only {installed} of {FLOWS} pins installed in {took:?} (received {})",
+        got.flows_received
+    );
+    Ok(())
 }

@@ -479,8 +479,9 @@ impl<D: DataPlane> Agent<D> {
         }
         if !changed.is_empty() {
             if let Err(e) = self.admin.save(&self.config.agent.state_dir) {
-                // Not acknowledged: the peer reports this host as not confirming, and
-                // the next state exchange offers the entries again.
+                // Not acknowledged: the peer's lbctl reports this host as not
+                // confirming. The entries come back from the peer only when its state
+                // changes again or either agent restarts (the sync thread's copy has them).
                 tracing::warn!("sync: saving admin state from {from} failed, not applied: {e}");
                 self.admin = before;
                 return;

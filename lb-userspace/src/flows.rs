@@ -197,7 +197,7 @@ impl Scanner {
                 Worker {
                     store,
                     idle,
-                    rings: Arc::new(RingSet::default()),
+                    rings: None,
                     snapshot: published,
                     pin_failures: 0,
                     logged_failures: 0,
@@ -247,7 +247,10 @@ impl Drop for Scanner {
 struct Worker {
     store: Box<dyn FlowStore>,
     idle: Duration,
-    rings: Arc<RingSet>,
+    /// None until the agent hands over its first rings: until then the tables are only
+    /// read, never pinned or collected. The tables may be an earlier agent's (pinned
+    /// maps), full of flows an empty ring set would take for flows of gone backends.
+    rings: Option<Arc<RingSet>>,
     snapshot: Arc<ArcSwap<FlowSnapshot>>,
     pin_failures: u64,
     logged_failures: u64,
@@ -260,7 +263,7 @@ impl Worker {
             let wait = next.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(Command::Rings { rings, done }) => {
-                    self.rings = rings;
+                    self.rings = Some(rings);
                     self.scan();
                     if let Some(done) = done {
                         let _ = done.send(());
@@ -304,10 +307,17 @@ impl Worker {
         let connections = self.store.read(FlowTable::Connections)?;
         let pinned = self.store.read(FlowTable::Pinned)?;
         let now = monotonic_ns();
-        let pinned_map: HashMap<FlowKey, FlowState> = pinned.iter().copied().collect();
-        let pin = to_pin(&connections, &pinned_map, &self.rings, now, self.idle);
         let merged = merge(&connections, &pinned);
-        let unpin = to_unpin(&pinned, &merged, &self.rings, now, self.idle);
+        let Some(rings) = self.rings.clone() else {
+            return Ok((
+                count_active(&merged, now, self.idle),
+                connections.len(),
+                pinned.len(),
+            ));
+        };
+        let pinned_map: HashMap<FlowKey, FlowState> = pinned.iter().copied().collect();
+        let pin = to_pin(&connections, &pinned_map, &rings, now, self.idle);
+        let unpin = to_unpin(&pinned, &merged, &rings, now, self.idle);
         if !unpin.is_empty() {
             self.store.unpin(&unpin)?;
         }
@@ -545,5 +555,33 @@ mod tests {
         assert_eq!(snap.connections, 3);
         assert_eq!(snap.pinned, 1);
         drop(scanner);
+    }
+
+    #[test]
+    fn a_new_scanner_leaves_the_tables_alone_until_it_has_rings() {
+        // An earlier agent's pinned flow, in tables this agent took over.
+        let store = FakeFlowStore {
+            max_pinned: 10,
+            ..Default::default()
+        };
+        let now = monotonic_ns();
+        let drained = FlowState {
+            last_seen_ns: now,
+            ..state(2)
+        };
+        store.pinned.lock().unwrap().insert(key(1), drained);
+        store.connections.lock().unwrap().insert(key(1), drained);
+        let scanner = Scanner::spawn(Box::new(store.clone()), IDLE).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while scanner.snapshot().taken_at.is_none() {
+            assert!(Instant::now() < deadline, "no scan");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Counted, but not collected although no ring is known to forward to backend 2.
+        assert_eq!(scanner.snapshot().active.get(&2), Some(&1));
+        assert_eq!(store.pinned.lock().unwrap().len(), 1);
+        // The agent's first rings: backend 2 drained, still forwarding: it stays.
+        assert!(scanner.prepare(Arc::new(rings(1, &[1, 2]))));
+        assert_eq!(store.pinned.lock().unwrap().len(), 1);
     }
 }

@@ -340,7 +340,9 @@ impl<D: DataPlane> Agent<D> {
             .serve_switch
             .as_mut()
             .context("the VRRP speaker holds the serving switch")?;
-        switch.set_serving(on)?;
+        // No lease: a standalone host serves until told otherwise, also after its agent
+        // has gone (until the next one takes over).
+        switch.set_serving(on, 0)?;
         self.serving = on;
         Ok(())
     }

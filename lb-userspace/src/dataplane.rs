@@ -68,29 +68,39 @@ pub trait DataPlane {
 /// and forwards their traffic). It owns its own handle on the SERVING map, so the VRRP
 /// speaker's thread flips it without going through the agent's loop.
 pub trait ServeSwitch: Send {
-    fn set_serving(&mut self, on: bool) -> Result<()>;
+    /// `lease_until_ns` (CLOCK_MONOTONIC, see `monotonic_ns`): when the program stops
+    /// serving by itself unless the lease is renewed (by setting it again); 0: no lease.
+    /// One map write; never blocks.
+    fn set_serving(&mut self, on: bool, lease_until_ns: u64) -> Result<()>;
 }
 
 /// The real switch: the program's SERVING map.
 pub struct ServingMap(Array<MapData, Serving>);
 
 impl ServeSwitch for ServingMap {
-    fn set_serving(&mut self, on: bool) -> Result<()> {
+    fn set_serving(&mut self, on: bool, lease_until_ns: u64) -> Result<()> {
         let value = Serving {
             flags: if on { SERVE_F_ALL } else { 0 },
             _pad: 0,
+            lease_until_ns: if on { lease_until_ns } else { 0 },
         };
         self.0.set(0, value, 0).map_err(map_err(names::MAP_SERVING))
     }
 }
 
-/// A switch for tests: shares its state with whoever holds a clone of the flag.
+/// A switch for tests: shares its state with whoever holds a clone of the flag; the
+/// last lease written is in the second field.
 #[derive(Clone, Debug, Default)]
-pub struct FakeServeSwitch(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+pub struct FakeServeSwitch(
+    pub std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub std::sync::Arc<std::sync::atomic::AtomicU64>,
+);
 
 impl ServeSwitch for FakeServeSwitch {
-    fn set_serving(&mut self, on: bool) -> Result<()> {
+    fn set_serving(&mut self, on: bool, lease_until_ns: u64) -> Result<()> {
         self.0.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.1
+            .store(lease_until_ns, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 }

@@ -1085,7 +1085,7 @@ fn host_that_does_not_serve_drops_vip_traffic_and_answers_nothing() {
         return;
     }
     let mut rig = rig();
-    rig.serving.set_serving(false).expect("serving switch");
+    rig.serving.set_serving(false, 0).expect("serving switch");
     // Every kind of VIP traffic, served port or not, TCP or not: dropped, never passed.
     let udp = ethernet(
         LB_MAC,
@@ -1706,4 +1706,77 @@ fn connection_table_full_size_reads_back_exactly_what_the_program_recorded() {
     assert_eq!(got.len(), read.len(), "no duplicates");
     assert_eq!(got, want, "keys and backends as the program recorded them");
     assert!(read.iter().all(|(_, s)| s.flags == 0 && s.last_seen_ns > 0));
+}
+
+/// The serving lease: a VRRP master's switch carries a deadline (CLOCK_MONOTONIC) that
+/// its speaker renews with every advert. Past it, the program answers nothing and
+/// forwards nothing, as a backup; before it, it serves; 0 is no lease (standalone).
+#[test]
+fn the_serving_lease_decides_whether_the_host_answers_and_forwards() {
+    if !require_root("the_serving_lease_decides_whether_the_host_answers_and_forwards") {
+        return;
+    }
+    let mut rig = rig();
+    let arp_req = ethernet(
+        BROADCAST,
+        CLIENT_MAC,
+        None,
+        ETH_P_ARP,
+        &arp(1, CLIENT_MAC, v4("192.0.2.50"), [0; 6], v4("192.0.2.10")),
+    );
+    let ns = ethernet(
+        [0x33, 0x33, 0xff, 0, 0, 0x10],
+        CLIENT_MAC,
+        None,
+        ETH_P_IPV6,
+        &neighbour_solicitation(
+            v6("2001:db8::50"),
+            solicited_node(v6("2001:db8::10")),
+            v6("2001:db8::10"),
+            Some(CLIENT_MAC),
+        ),
+    );
+    let syn = tcp4("192.0.2.10", 80, SYN);
+    let ack = tcp4("192.0.2.10", 80, ACK);
+    let serves = |rig: &mut Rig| {
+        assert_eq!(rig.run(&arp_req).0, XDP_TX, "ARP for a VIP answered");
+        assert_eq!(rig.run(&ns).0, XDP_TX, "NS for a VIP answered");
+        assert_eq!(rig.run(&syn).0, XDP_TX, "SYN forwarded");
+        assert_eq!(rig.run(&ack).0, XDP_TX, "ACK forwarded");
+    };
+    // Lease 0: standalone, serving.
+    rig.serving.set_serving(true, 0).expect("serving switch");
+    serves(&mut rig);
+    // A fresh lease: serving.
+    let fresh = monotonic_ns() + 10_000_000_000;
+    rig.serving
+        .set_serving(true, fresh)
+        .expect("serving switch");
+    serves(&mut rig);
+    // An expired lease (the master that wrote it was killed): nothing answered, VIP
+    // traffic dropped as a backup's, the established flow included.
+    let expired = monotonic_ns() - 1;
+    rig.serving
+        .set_serving(true, expired)
+        .expect("serving switch");
+    for frame in [&arp_req, &ns] {
+        let globals = global_counters(&rig);
+        assert_eq!(rig.run(frame), (XDP_PASS, frame.clone()), "not answered");
+        let mut want = globals.clone();
+        want[reason::PASS_NOT_VIP as usize] += 1;
+        assert_eq!(global_counters(&rig), want);
+    }
+    for frame in [&syn, &ack] {
+        let globals = global_counters(&rig);
+        assert_eq!(rig.run(frame), (XDP_DROP, frame.clone()), "not forwarded");
+        let mut want = globals.clone();
+        want[reason::DROP_NOT_MASTER as usize] += 1;
+        assert_eq!(global_counters(&rig), want, "only drop_not_master moves");
+    }
+    // Renewed: serving again.
+    let renewed = monotonic_ns() + 10_000_000_000;
+    rig.serving
+        .set_serving(true, renewed)
+        .expect("serving switch");
+    serves(&mut rig);
 }

@@ -7,6 +7,7 @@
 
 pub mod counters;
 pub mod hash;
+pub mod layout;
 
 /// Address family tags stored in keys (`AF_INET`, `AF_INET6` values).
 pub const FAMILY_V4: u8 = 2;
@@ -196,6 +197,7 @@ pub mod names {
     pub const MAP_STATS: &str = "STATS";
     pub const MAP_CONFIG: &str = "CONFIG";
     pub const MAP_SERVING: &str = "SERVING";
+    pub const MAP_META: &str = "META";
 }
 
 const _: () = {

@@ -19,8 +19,11 @@ use lb_tests::{
 };
 use lb_userspace::{
     config::{BackendSpec, Service},
-    dataplane::{FlowStore, FlowTable, MapSizes, ServeSwitch, monotonic_ns},
+    dataplane::{
+        DataPlaneError, FlowStore, FlowTable, MapSizes, ServeSwitch, XdpDataPlane, monotonic_ns,
+    },
     flows, maglev,
+    pins::{self, Found, PinDir},
     programmer::{BackendView, addr_bytes},
 };
 
@@ -1779,4 +1782,123 @@ fn the_serving_lease_decides_whether_the_host_answers_and_forwards() {
         .set_serving(true, renewed)
         .expect("serving switch");
     serves(&mut rig);
+}
+
+/// A bpffs directory of this test's own, removed (pins and all) when dropped.
+struct TestPins(std::path::PathBuf);
+
+impl TestPins {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/lbtest-{}-{name}", std::process::id()));
+        let _ = pins::remove(&dir, "test0");
+        Self(dir)
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        if let Err(e) = pins::remove(&self.0, "test0") {
+            eprintln!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// Pinned maps are taken over by the next load as they are (flows included), and a
+/// layout the agent cannot read is refused with an error that says what to do.
+#[test]
+fn pinned_maps_are_reused_and_other_layouts_refused() {
+    if !require_root("pinned_maps_are_reused_and_other_layouts_refused") {
+        return;
+    }
+    let t = TestPins::new("layout");
+    let dir = PinDir::new(&t.0, "test0");
+    let sizes = MapSizes {
+        max_flows: 1024,
+        max_pinned_flows: 1024,
+    };
+    let (first, found) = XdpDataPlane::load_pinned(sizes, &dir).expect("first load");
+    assert_eq!(
+        found,
+        Found {
+            maps: false,
+            link: false
+        }
+    );
+    let key = FlowKey {
+        src: [198, 51, 100, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        dst: [192, 0, 2, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        sport_be: 4000u16.to_be(),
+        dport_be: 80u16.to_be(),
+        proto: PROTO_TCP,
+        family: lb_common::FAMILY_V4,
+        _pad: [0; 2],
+    };
+    let flow = FlowState {
+        backend: 3,
+        vip_num: 0,
+        last_seen_ns: 1,
+        flags: 0,
+        _pad: 0,
+    };
+    let mut first = first;
+    let mut store = first.take_flow_store().expect("flow store");
+    assert_eq!(store.pin(&[(key, flow)]).expect("pin a flow"), 0);
+    drop(store);
+    drop(first);
+    // The next load finds every map of the layout (so the table in lb_common::layout
+    // matches the object: each pinned map was checked against it) and the flow.
+    let (mut second, found) = XdpDataPlane::load_pinned(sizes, &dir).expect("second load");
+    assert!(found.maps);
+    let mut store = second.take_flow_store().expect("flow store");
+    assert_eq!(
+        store.read(FlowTable::Pinned).expect("read pinned"),
+        vec![(key, flow)]
+    );
+    drop(store);
+    drop(second);
+    // Another connection-table size: refused, nothing misread.
+    let other = MapSizes {
+        max_flows: 2048,
+        ..sizes
+    };
+    let err = XdpDataPlane::load_pinned(other, &dir)
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, DataPlaneError::PinnedMismatch { .. })
+            && text.contains("FLOWS")
+            && text.contains("--detach"),
+        "{text}"
+    );
+    // A META map saying another layout version: refused.
+    {
+        let meta = aya::maps::MapData::from_pin(dir.map_path(lb_common::names::MAP_META))
+            .expect("META pinned");
+        let mut meta: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(meta)).expect("array");
+        meta.set(lb_common::layout::meta::LAYOUT, 0xdead_beef, 0)
+            .expect("write META");
+    }
+    let err = XdpDataPlane::load_pinned(sizes, &dir)
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, DataPlaneError::OtherLayout { .. }) && text.contains("vdeadbeef"),
+        "{text}"
+    );
+    // Pins of another layout's directory beside ours: refused too.
+    let t2 = TestPins::new("other");
+    let old = t2.0.join("test0").join("v00000001");
+    std::fs::create_dir_all(&old).expect("an old layout's directory");
+    let err = XdpDataPlane::load_pinned(sizes, &PinDir::new(&t2.0, "test0"))
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, DataPlaneError::OtherLayout { .. }) && text.contains("v00000001"),
+        "{text}"
+    );
 }

@@ -46,6 +46,7 @@ use crate::{
     flows::{FlowSnapshot, Scanner},
     health::{CheckResult, Health, Verdict, check_tcp},
     neigh::Neighbours,
+    numbering::Numbering,
     pins::PinDir,
     programmer::{ApplyReport, BackendView, Plan, Programmer},
     protocol::{
@@ -267,6 +268,17 @@ impl Agent<XdpDataPlane> {
             mac,
             health_tx,
         })?;
+        if found.maps {
+            // The maps hold flows under the ids the last agent gave out: keep them.
+            match Numbering::load(&agent.config.agent.state_dir) {
+                Ok(Some(numbering)) => agent.programmer.adopt(&numbering),
+                Ok(None) => tracing::warn!(
+                    "no saved numbering in {}: backend ids given out afresh, in config order",
+                    agent.config.agent.state_dir.display()
+                ),
+                Err(e) => tracing::warn!("{e}: backend ids given out afresh, in config order"),
+            }
+        }
         agent.first_checks().await;
         agent.apply()?;
         // With VRRP, a host starts as backup: it serves once the election says so.
@@ -499,6 +511,13 @@ impl<D: DataPlane> Agent<D> {
             tracing::warn!(
                 "the flow scanner did not answer in time; writing the rings without waiting for the pins"
             );
+        }
+        // New numbers are saved before any map holds them: the next agent, which takes
+        // the maps over, must give the same backends the same ids.
+        if let Some(numbering) = self.programmer.numbering_after(&plan)
+            && let Err(e) = numbering.save(&self.config.agent.state_dir)
+        {
+            tracing::warn!("saving the numbering: {e}; the next agent may number afresh");
         }
         let result = self.programmer.commit(&mut self.dp, plan);
         // A plan that wrote nothing changed no ring: the scanner's rings are current.

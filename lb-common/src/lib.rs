@@ -7,6 +7,7 @@
 
 pub mod counters;
 pub mod hash;
+pub mod layout;
 
 /// Address family tags stored in keys (`AF_INET`, `AF_INET6` values).
 pub const FAMILY_V4: u8 = 2;
@@ -139,6 +140,23 @@ pub struct FloodWindow {
 pub struct Serving {
     pub flags: u32,
     pub _pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) after which `flags` no longer count: the
+    /// program then neither answers nor forwards for the VIPs. A VRRP master renews it
+    /// with every advert, so a killed master stops serving by itself although its link
+    /// and maps outlive it. 0: no lease (a standalone host serves until told otherwise).
+    pub lease_until_ns: u64,
+}
+
+impl Serving {
+    /// The flags in force at `now_ns`: none once the lease has run out.
+    #[inline(always)]
+    pub fn flags_at(&self, now_ns: u64) -> u32 {
+        if self.lease_until_ns != 0 && now_ns > self.lease_until_ns {
+            0
+        } else {
+            self.flags
+        }
+    }
 }
 
 /// Serving flag: answer ARP / neighbour solicitations for VIP addresses.
@@ -179,6 +197,7 @@ pub mod names {
     pub const MAP_STATS: &str = "STATS";
     pub const MAP_CONFIG: &str = "CONFIG";
     pub const MAP_SERVING: &str = "SERVING";
+    pub const MAP_META: &str = "META";
 }
 
 const _: () = {
@@ -189,7 +208,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowState>() == 24);
     assert!(core::mem::size_of::<LbConfig>() == 12);
-    assert!(core::mem::size_of::<Serving>() == 8);
+    assert!(core::mem::size_of::<Serving>() == 16);
     assert!(core::mem::size_of::<FloodWindow>() == 16);
     assert!(core::mem::size_of::<Counter>() == 24);
     // The ring array is MAX_VIPS windows of MAX_RING_SIZE slots.

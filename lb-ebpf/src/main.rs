@@ -23,7 +23,7 @@ use aya_ebpf::{
 use headers::*;
 use lb_common::{
     BACKEND_F_VALID, Backend, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING, FlowKey, FlowState,
-    LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, SERVE_F_FORWARD, VipInfo, VipKey,
+    LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, SERVE_F_FORWARD, Serving, VipInfo, VipKey,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -86,11 +86,11 @@ enum Parsed {
 fn try_lb(ctx: &XdpContext) -> Step<u32> {
     let (ether_type, l3) = parse_ethernet(ctx)?;
     let cfg = CONFIG.get(0).ok_or(reason::ABORT_INTERNAL)?;
-    let serve_flags = SERVING.get(0).ok_or(reason::ABORT_INTERNAL)?.flags;
+    let serving = SERVING.get(0).ok_or(reason::ABORT_INTERNAL)?;
     let parsed = match ether_type {
-        ETH_P_IP => parse_ipv4(ctx, l3, cfg, serve_flags)?,
-        ETH_P_IPV6 => parse_ipv6(ctx, l3, cfg, serve_flags)?,
-        ETH_P_ARP => return neigh::arp(ctx, l3, cfg, serve_flags),
+        ETH_P_IP => parse_ipv4(ctx, l3, cfg, serving)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, l3, cfg, serving)?,
+        ETH_P_ARP => return neigh::arp(ctx, l3, cfg, serving),
         _ => return Err(reason::PASS_NOT_VIP),
     };
     match parsed {
@@ -114,8 +114,8 @@ fn parse_ethernet(ctx: &XdpContext) -> Step<(u16, usize)> {
 /// drops it (its kernel must not answer for a VIP), and only frames sent to our MAC are
 /// forwarded (a broadcast or another host's frame would be sent on a second time).
 #[inline(always)]
-fn vip_gate(ctx: &XdpContext, cfg: &LbConfig, serve_flags: u32) -> Step<()> {
-    if serve_flags & SERVE_F_FORWARD == 0 {
+fn vip_gate(ctx: &XdpContext, cfg: &LbConfig, serving: &Serving) -> Step<()> {
+    if serve_flags(serving) & SERVE_F_FORWARD == 0 {
         return Err(reason::DROP_NOT_MASTER);
     }
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
@@ -125,8 +125,18 @@ fn vip_gate(ctx: &XdpContext, cfg: &LbConfig, serve_flags: u32) -> Step<()> {
     Ok(())
 }
 
+/// What this host may do for the VIPs now: the switch's flags while its lease (if any)
+/// runs. The clock is read only when there is a lease, and only for VIP traffic.
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Step<Parsed> {
+pub fn serve_flags(serving: &Serving) -> u32 {
+    if serving.lease_until_ns == 0 {
+        return serving.flags;
+    }
+    serving.flags_at(unsafe { bpf_ktime_get_ns() })
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) -> Step<Parsed> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ip = unsafe { &*ip };
     let mut dst = [0u8; 16];
@@ -135,7 +145,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> 
     if !neigh::is_vip_addr(&dst, FAMILY_V4) {
         return Err(reason::PASS_NOT_VIP);
     }
-    vip_gate(ctx, cfg, serve_flags)?;
+    vip_gate(ctx, cfg, serving)?;
     let ihl = (ip.version_ihl & 0x0f) as usize * 4;
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
         return Err(reason::DROP_BAD_IPV4);
@@ -165,14 +175,14 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> 
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Step<Parsed> {
-    neigh::neighbour_solicitation(ctx, l3, cfg, serve_flags)?;
+fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) -> Step<Parsed> {
+    neigh::neighbour_solicitation(ctx, l3, cfg, serving)?;
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ip = unsafe { &*ip };
     if !neigh::is_vip_addr(&ip.dst, FAMILY_V6) {
         return Err(reason::PASS_NOT_VIP);
     }
-    vip_gate(ctx, cfg, serve_flags)?;
+    vip_gate(ctx, cfg, serving)?;
     let end = l3 + IPV6_HLEN + be16(ip.payload_len) as usize;
     if ip.version_class_flow[0] >> 4 != 6 || end > frame_len(ctx) {
         return Err(reason::DROP_BAD_IPV6);

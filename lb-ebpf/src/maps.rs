@@ -1,4 +1,5 @@
-//! Every map of the program, in one place. The agent fills all but FLOWS, FLOOD_GUARD
+//! Every map of the program, in one place (`lb_common::layout::MAPS` says the same, for
+//! the agent's check of pinned maps). The agent fills all but FLOWS, FLOOD_GUARD
 //! and STATS. FLOWS and PINNED are sized by the agent at load time; the sizes here are
 //! the defaults.
 
@@ -9,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
     MAX_FLOWS, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, Serving, VipAddrKey, VipInfo, VipKey,
-    counters::STATS_SLOTS,
+    counters::STATS_SLOTS, layout,
 };
 
 /// (VIP address, port, protocol) -> the VIP's number and ring size.
@@ -55,3 +56,8 @@ pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
 /// `lb_common::Serving`.
 #[map]
 pub static SERVING: Array<Serving> = Array::with_max_entries(1, 0);
+
+/// Never read here: the agent's record of the maps' layout version and of how the
+/// pinned link attached the program (`lb_common::layout::meta`).
+#[map]
+pub static META: Array<u64> = Array::with_max_entries(layout::meta::SLOTS, 0);

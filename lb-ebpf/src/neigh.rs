@@ -4,7 +4,7 @@
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 use lb_common::{
-    FAMILY_V4, FAMILY_V6, LbConfig, SERVE_F_ANSWER_NEIGH, VipAddrKey, counters::reason,
+    FAMILY_V4, FAMILY_V6, LbConfig, SERVE_F_ANSWER_NEIGH, Serving, VipAddrKey, counters::reason,
 };
 
 use crate::{
@@ -35,13 +35,13 @@ pub fn is_vip_addr(addr: &[u8; 16], family: u8) -> bool {
 }
 
 #[inline(always)]
-fn answers(serve_flags: u32) -> bool {
-    serve_flags & SERVE_F_ANSWER_NEIGH != 0
+fn answers(serving: &Serving) -> bool {
+    crate::serve_flags(serving) & SERVE_F_ANSWER_NEIGH != 0
 }
 
 /// ARP: a request for a VIP address becomes the reply, sent back out the same port.
 #[inline(always)]
-pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Step<u32> {
+pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) -> Step<u32> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_TRUNCATED)?;
     let arp: *mut ArpHdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     unsafe {
@@ -61,7 +61,7 @@ pub fn arp(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serve_flags: u32) -> Ste
         }
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&tpa);
-        if !answers(serve_flags) || !is_vip_addr(&addr, FAMILY_V4) {
+        if !is_vip_addr(&addr, FAMILY_V4) || !answers(serving) {
             return Err(reason::PASS_NOT_VIP);
         }
         let sha = (*arp).sha;
@@ -92,7 +92,7 @@ pub fn neighbour_solicitation(
     ctx: &XdpContext,
     l3: usize,
     cfg: &LbConfig,
-    serve_flags: u32,
+    serving: &Serving,
 ) -> Step<()> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ns: *mut NdMsg = match ptr_at(ctx, l3 + IPV6_HLEN) {
@@ -109,7 +109,7 @@ pub fn neighbour_solicitation(
         }
         ((*ip).src, (*ns).target)
     };
-    if !answers(serve_flags) || !is_vip_addr(&target, FAMILY_V6) {
+    if !is_vip_addr(&target, FAMILY_V6) || !answers(serving) {
         return Err(reason::PASS_NOT_VIP);
     }
     // Duplicate address detection (source ::) is left to the kernel.

@@ -1,6 +1,7 @@
 //! The agent: loads the XDP program, keeps its maps in step with the config, the health
-//! of the backends, the operator's admin state and the neighbour table, serves `lbctl`,
-//! and detaches when told to stop.
+//! of the backends, the operator's admin state and the neighbour table, and serves
+//! `lbctl`. The maps and the program's link are pinned (`pins`): when the agent stops,
+//! the program stays attached, and the next agent takes it over without a lost flow.
 //!
 //! Everything that changes state runs on one loop (`run`): health reports, control
 //! requests, signals and the neighbour refresh arrive there over channels. What takes
@@ -39,10 +40,14 @@ use crate::{
         XdpMode,
     },
     control::{self, Call},
-    dataplane::{AttachedMode, DataPlane, FlowStore, MapSizes, ServeSwitch, XdpDataPlane},
+    dataplane::{
+        Attached, AttachedMode, DataPlane, FlowStore, MapSizes, ServeSwitch, XdpDataPlane,
+    },
     flows::{FlowSnapshot, Scanner},
     health::{CheckResult, Health, Verdict, check_tcp},
     neigh::Neighbours,
+    numbering::Numbering,
+    pins::PinDir,
     programmer::{ApplyReport, BackendView, Plan, Programmer},
     protocol::{
         BackendState, BackendStatus, FlowTableStatus, Request, Response, ServiceStatus, Status,
@@ -240,7 +245,17 @@ impl Agent<XdpDataPlane> {
             max_flows: config.agent.max_flows,
             max_pinned_flows: config.agent.max_pinned_flows,
         };
-        let mut dp = XdpDataPlane::load_sized(sizes).context("loading the XDP program")?;
+        // The maps (flow tables included) and the link outlive us: an earlier agent's
+        // are taken over as they are, checked first.
+        let pins = PinDir::new(&config.agent.bpffs_dir, &interface);
+        let (mut dp, found) =
+            XdpDataPlane::load_pinned(sizes, &pins).context("loading the XDP program")?;
+        if found.maps {
+            tracing::info!(
+                "reusing the maps pinned at {}: flow tables kept",
+                pins.dir().display()
+            );
+        }
         let serve_switch = dp
             .take_serve_switch()
             .context("the XDP object has no serving switch")?;
@@ -264,6 +279,17 @@ impl Agent<XdpDataPlane> {
             mac,
             health_tx,
         })?;
+        if found.maps {
+            // The maps hold flows under the ids the last agent gave out: keep them.
+            match Numbering::load(&agent.config.agent.state_dir) {
+                Ok(Some(numbering)) => agent.programmer.adopt(&numbering),
+                Ok(None) => tracing::warn!(
+                    "no saved numbering in {}: backend ids given out afresh, in config order",
+                    agent.config.agent.state_dir.display()
+                ),
+                Err(e) => tracing::warn!("{e}: backend ids given out afresh, in config order"),
+            }
+        }
         agent.first_checks().await;
         agent.apply()?;
         // With VRRP, a host starts as backup: it serves once the election says so.
@@ -273,12 +299,31 @@ impl Agent<XdpDataPlane> {
             XdpMode::Native => Some(AttachedMode::Native),
             XdpMode::Generic => Some(AttachedMode::Generic),
         };
-        agent.mode = agent.dp.attach(&interface, wanted)?;
-        tracing::info!(
-            "attached to {interface} in {} mode (xdp_mode = {})",
-            agent.mode,
-            agent.config.agent.xdp_mode
-        );
+        match agent.dp.attach_pinned(&interface, wanted)? {
+            Attached::New(mode) => {
+                agent.mode = mode;
+                tracing::info!(
+                    "attached to {interface} in {mode} mode (xdp_mode = {}); link pinned at {}",
+                    agent.config.agent.xdp_mode,
+                    pins.link_path().display()
+                );
+            }
+            Attached::Replaced(mode) => {
+                agent.mode = mode.unwrap_or(AttachedMode::Generic);
+                tracing::info!(
+                    "took over the program on {interface}: replaced in its pinned link ({}), {} mode",
+                    pins.link_path().display(),
+                    agent.mode
+                );
+                if wanted.is_some_and(|w| Some(w) != mode) {
+                    tracing::warn!(
+                        "xdp_mode = {} but the pinned link is in {} mode: `lb-agent --detach` and a new start change it",
+                        agent.config.agent.xdp_mode,
+                        agent.mode
+                    );
+                }
+            }
+        }
         Ok(agent)
     }
 }
@@ -354,7 +399,9 @@ impl<D: DataPlane> Agent<D> {
             .serve_switch
             .as_mut()
             .context("the VRRP speaker holds the serving switch")?;
-        switch.set_serving(on)?;
+        // No lease: a standalone host serves until told otherwise, also after its agent
+        // has gone (until the next one takes over).
+        switch.set_serving(on, 0)?;
         self.serving = on;
         Ok(())
     }
@@ -615,6 +662,13 @@ impl<D: DataPlane> Agent<D> {
                 "the flow scanner did not answer in time; writing the rings without waiting for the pins"
             );
         }
+        // New numbers are saved before any map holds them: the next agent, which takes
+        // the maps over, must give the same backends the same ids.
+        if let Some(numbering) = self.programmer.numbering_after(&plan)
+            && let Err(e) = numbering.save(&self.config.agent.state_dir)
+        {
+            tracing::warn!("saving the numbering: {e}; the next agent may number afresh");
+        }
         let result = self.programmer.commit(&mut self.dp, plan);
         // A plan that wrote nothing changed no ring: the scanner's rings are current.
         if writes {
@@ -682,6 +736,9 @@ impl<D: DataPlane> Agent<D> {
         }
         if old.state_dir != newa.state_dir {
             return Err(ReloadError::NeedsRestart("agent.state_dir changed"));
+        }
+        if old.bpffs_dir != newa.bpffs_dir {
+            return Err(ReloadError::NeedsRestart("agent.bpffs_dir changed"));
         }
         if old.flow_idle_timeout_s != newa.flow_idle_timeout_s {
             return Err(ReloadError::NeedsRestart(
@@ -1390,8 +1447,35 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     for task in agent.checkers.drain(..) {
         task.abort();
     }
+    let vrrp = agent.config.vrrp.is_some();
     drop(agent);
-    tracing::info!("detached from {interface}; exiting");
+    // The pinned link keeps the program on the interface and the pinned maps keep every
+    // flow: the next agent takes them over without a packet lost. `--detach` removes them.
+    if vrrp {
+        tracing::info!(
+            "exiting; the program stays attached to {interface}, not serving, until the next agent"
+        );
+    } else {
+        tracing::info!(
+            "exiting; the program stays attached to {interface} and forwarding with the last config until the next agent takes over"
+        );
+    }
+    Ok(())
+}
+
+/// `lb-agent --detach`: removes the program from the interface and every pin of this
+/// config's `bpffs_dir` and interface (maps of any layout), for good. An agent still
+/// running keeps its own link until it exits.
+pub fn detach(config: &Config) -> Result<()> {
+    let interface = &config.agent.interface;
+    let removed = crate::pins::remove(&config.agent.bpffs_dir, interface)
+        .with_context(|| format!("removing the pins of {interface}"))?;
+    tracing::info!(
+        "detached from {interface}: {} pinned link(s) and {} pinned map(s) removed from {}",
+        removed.links,
+        removed.maps,
+        config.agent.bpffs_dir.join(interface).display()
+    );
     Ok(())
 }
 

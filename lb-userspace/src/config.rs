@@ -75,10 +75,14 @@ pub struct AgentConfig {
     pub max_flows: u32,
     /// Size of the pinned-flow table (PINNED); changing it needs a restart.
     pub max_pinned_flows: u32,
+    /// Where the maps and the XDP link are pinned (`<bpffs_dir>/<interface>/v<layout>/`),
+    /// so that they outlive the agent and the next one takes them over.
+    pub bpffs_dir: PathBuf,
 }
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/lb";
 pub const DEFAULT_FLOW_IDLE_TIMEOUT_S: u32 = 900;
 /// 100,000 new flows per second on each CPU. One CPU of this data path can record about
 /// 2 million SYNs a second (the bench: ~440 ns each), a SYN flood easily that many;
@@ -283,6 +287,7 @@ struct RawAgent {
     new_flows_per_cpu_s: Option<Spanned<i64>>,
     max_flows: Option<Spanned<i64>>,
     max_pinned_flows: Option<Spanned<i64>>,
+    bpffs_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -703,6 +708,7 @@ impl Validator<'_> {
             DEFAULT_CONTROL_SOCKET,
         );
         let state_dir = self.path(&raw.state_dir, "agent.state_dir", DEFAULT_STATE_DIR);
+        let bpffs_dir = self.path(&raw.bpffs_dir, "agent.bpffs_dir", DEFAULT_BPFFS_DIR);
         let flow_idle_timeout_s = self.number(
             &raw.flow_idle_timeout_s,
             "agent.flow_idle_timeout_s",
@@ -740,6 +746,7 @@ impl Validator<'_> {
             new_flows_per_cpu_s: new_flows_per_cpu_s?,
             max_flows: max_flows?,
             max_pinned_flows: max_pinned_flows?,
+            bpffs_dir: bpffs_dir?,
         })
     }
 

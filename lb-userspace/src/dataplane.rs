@@ -3,16 +3,25 @@
 
 use std::collections::HashMap as StdHashMap;
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::{
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+};
 
+use crate::pins::{Found, PinDir};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
+
 use lb_common::{
     Backend, Counter, FlowKey, FlowState, LbConfig, MAX_FLOWS, MAX_PINNED_FLOWS, MAX_RING_SIZE,
-    SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, names,
+    SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, layout, names,
 };
 
 /// The XDP object built from `lb-ebpf`, embedded at build time.
@@ -46,6 +55,34 @@ pub enum DataPlaneError {
         mode: &'static str,
         source: ProgramError,
     },
+    #[error(
+        "maps of another layout are pinned at {path} (layout {found}; this agent's is v{ours:08x}): \
+         they cannot be reused. `lb-agent --config PATH --detach` removes them (every flow \
+         is lost; an old agent still running must be stopped first)"
+    )]
+    OtherLayout {
+        path: PathBuf,
+        found: String,
+        ours: u32,
+    },
+    #[error(
+        "pinned map {map} at {path} has {what} {found}, this agent wants {wanted}: it was made \
+         by another layout or with another [agent] max_flows / max_pinned_flows. \
+         `lb-agent --config PATH --detach` removes the pins (every flow is lost); then start again"
+    )]
+    PinnedMismatch {
+        map: &'static str,
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        wanted: u32,
+    },
+    #[error("{what} {path}: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataPlaneError>;
@@ -68,29 +105,39 @@ pub trait DataPlane {
 /// and forwards their traffic). It owns its own handle on the SERVING map, so the VRRP
 /// speaker's thread flips it without going through the agent's loop.
 pub trait ServeSwitch: Send {
-    fn set_serving(&mut self, on: bool) -> Result<()>;
+    /// `lease_until_ns` (CLOCK_MONOTONIC, see `monotonic_ns`): when the program stops
+    /// serving by itself unless the lease is renewed (by setting it again); 0: no lease.
+    /// One map write; never blocks.
+    fn set_serving(&mut self, on: bool, lease_until_ns: u64) -> Result<()>;
 }
 
 /// The real switch: the program's SERVING map.
 pub struct ServingMap(Array<MapData, Serving>);
 
 impl ServeSwitch for ServingMap {
-    fn set_serving(&mut self, on: bool) -> Result<()> {
+    fn set_serving(&mut self, on: bool, lease_until_ns: u64) -> Result<()> {
         let value = Serving {
             flags: if on { SERVE_F_ALL } else { 0 },
             _pad: 0,
+            lease_until_ns: if on { lease_until_ns } else { 0 },
         };
         self.0.set(0, value, 0).map_err(map_err(names::MAP_SERVING))
     }
 }
 
-/// A switch for tests: shares its state with whoever holds a clone of the flag.
+/// A switch for tests: shares its state with whoever holds a clone of the flag; the
+/// last lease written is in the second field.
 #[derive(Clone, Debug, Default)]
-pub struct FakeServeSwitch(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+pub struct FakeServeSwitch(
+    pub std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub std::sync::Arc<std::sync::atomic::AtomicU64>,
+);
 
 impl ServeSwitch for FakeServeSwitch {
-    fn set_serving(&mut self, on: bool) -> Result<()> {
+    fn set_serving(&mut self, on: bool, lease_until_ns: u64) -> Result<()> {
         self.0.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.1
+            .store(lease_until_ns, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 }
@@ -410,8 +457,23 @@ pub struct XdpDataPlane {
     backends: Array<MapData, Backend>,
     stats: PerCpuArray<MapData, Counter>,
     config: Array<MapData, LbConfig>,
+    meta: Array<MapData, u64>,
     serving: Option<ServingMap>,
     flow_store: Option<FlowMaps>,
+    /// Where the maps are pinned, if they are (`load_pinned`).
+    pins: Option<PinDir>,
+    /// The pinned XDP link, once attached by `attach_pinned`.
+    link: Option<PinnedLink>,
+}
+
+/// How `attach_pinned` put the program on the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link, now pinned.
+    New(AttachedMode),
+    /// The program replaced an earlier agent's in its pinned link, atomically
+    /// (`bpf_link_update`): not one packet without a program. The mode is the link's.
+    Replaced(Option<AttachedMode>),
 }
 
 /// How the program ended up attached.
@@ -437,12 +499,36 @@ impl XdpDataPlane {
     }
 
     /// Loads the embedded object into the kernel (verifier included) with its flow
-    /// tables of `sizes`; attaches nothing.
+    /// tables of `sizes`; attaches nothing. Its maps live as long as this value.
     pub fn load_sized(sizes: MapSizes) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_with(sizes, None)
+    }
+
+    /// Loads the embedded object with its maps pinned at `pins`: maps an earlier agent
+    /// pinned there are reused as they are (checked first: another layout, or tables of
+    /// other sizes, are refused), the others are made and pinned. Attaches nothing; see
+    /// `attach_pinned`.
+    pub fn load_pinned(sizes: MapSizes, pins: &PinDir) -> Result<(Self, Found)> {
+        let found = pins.prepare(sizes)?;
+        let mut dp = Self::load_with(sizes, Some(pins))?;
+        dp.pins = Some(pins.clone());
+        dp.meta
+            .set(layout::meta::LAYOUT, u64::from(layout::VERSION), 0)
+            .map_err(map_err(names::MAP_META))?;
+        Ok((dp, found))
+    }
+
+    fn load_with(sizes: MapSizes, pins: Option<&PinDir>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::MAP_FLOWS, sizes.max_flows)
-            .map_max_entries(names::MAP_PINNED, sizes.max_pinned_flows)
-            .load(OBJECT)?;
+            .map_max_entries(names::MAP_PINNED, sizes.max_pinned_flows);
+        if let Some(pins) = pins {
+            for m in &layout::MAPS {
+                loader.map_pin_path(m.name, pins.map_path(m.name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
             ebpf.take_map(name)
                 .ok_or(DataPlaneError::Missing { kind: "map", name })
@@ -461,6 +547,8 @@ impl XdpDataPlane {
             .map_err(map_err(names::MAP_CONFIG))?;
         let serving = Array::try_from(take(&mut ebpf, names::MAP_SERVING)?)
             .map_err(map_err(names::MAP_SERVING))?;
+        let meta =
+            Array::try_from(take(&mut ebpf, names::MAP_META)?).map_err(map_err(names::MAP_META))?;
         // FLOWS stays in `ebpf` too (for `flow` and `active_flows`): the store gets its
         // own descriptor on it. PINNED belongs to the store alone.
         let flows = match ebpf.map(names::MAP_FLOWS) {
@@ -491,8 +579,11 @@ impl XdpDataPlane {
             backends,
             stats,
             config,
+            meta,
             serving: Some(ServingMap(serving)),
             flow_store: Some(FlowMaps { flows, pinned }),
+            pins: None,
+            link: None,
         };
         dp.program_mut(names::PROG_LB)?;
         Ok(dp)
@@ -537,6 +628,14 @@ impl XdpDataPlane {
     /// The attachment is a BPF link owned by this process: it ends when the process
     /// does, however it ends.
     pub fn attach(&mut self, interface: &str, mode: Option<AttachedMode>) -> Result<AttachedMode> {
+        self.attach_link(interface, mode).map(|(m, _)| m)
+    }
+
+    fn attach_link(
+        &mut self,
+        interface: &str,
+        mode: Option<AttachedMode>,
+    ) -> Result<(AttachedMode, XdpLinkId)> {
         let program = self.program_mut(names::PROG_LB)?;
         let try_mode = |program: &mut Xdp, m: AttachedMode| {
             let (flag, label) = match m {
@@ -545,7 +644,7 @@ impl XdpDataPlane {
             };
             program
                 .attach(interface, flag)
-                .map(|_| m)
+                .map(|id| (m, id))
                 .map_err(|source| DataPlaneError::Attach {
                     interface: interface.to_string(),
                     mode: label,
@@ -555,7 +654,7 @@ impl XdpDataPlane {
         match mode {
             Some(m) => try_mode(program, m),
             None => match try_mode(program, AttachedMode::Native) {
-                Ok(m) => Ok(m),
+                Ok(attached) => Ok(attached),
                 Err(native) => {
                     tracing::warn!(
                         "native XDP unavailable on {interface} ({native}); trying generic"
@@ -564,6 +663,88 @@ impl XdpDataPlane {
                 }
             },
         }
+    }
+
+    /// Attaches the balancer program through a pinned link that outlives this process:
+    /// the link an earlier agent pinned has its program replaced atomically; without
+    /// one, the program is attached (as `attach`) and the new link pinned. Needs
+    /// `load_pinned`.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: Option<AttachedMode>,
+    ) -> Result<Attached> {
+        let pins = self.pins.clone().ok_or(DataPlaneError::Missing {
+            kind: "pin directory",
+            name: "load_pinned",
+        })?;
+        let path = pins.link_path();
+        let pin_err = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |e: &dyn std::fmt::Display| DataPlaneError::Pin {
+                what,
+                path,
+                source: std::io::Error::other(e.to_string()),
+            }
+        };
+        if path.exists() {
+            match self.replace_in_link(&path) {
+                Ok(()) => {
+                    let stored = self.meta.get(&layout::meta::XDP_MODE, 0).unwrap_or(0);
+                    let mode = match stored {
+                        1 => Some(AttachedMode::Native),
+                        2 => Some(AttachedMode::Generic),
+                        _ => None,
+                    };
+                    return Ok(Attached::Replaced(mode));
+                }
+                // A link whose interface went away (defunct) cannot take a program:
+                // start over with a new one.
+                Err(e) => {
+                    tracing::warn!(
+                        "replacing the program in {}: {e}; attaching anew",
+                        path.display()
+                    );
+                    std::fs::remove_file(&path).map_err(|e| pin_err("removing", &path)(&e))?;
+                }
+            }
+        }
+        let (got, id) = self.attach_link(interface, mode)?;
+        let program = self.program_mut(names::PROG_LB)?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| DataPlaneError::Program {
+                program: names::PROG_LB,
+                source,
+            })?;
+        let link = FdLink::try_from(link).map_err(|e| pin_err("pinning the link at", &path)(&e))?;
+        let pinned = link
+            .pin(&path)
+            .map_err(|e| pin_err("pinning the link at", &path)(&e))?;
+        self.link = Some(pinned);
+        let stored = match got {
+            AttachedMode::Native => 1,
+            AttachedMode::Generic => 2,
+        };
+        self.meta
+            .set(layout::meta::XDP_MODE, stored, 0)
+            .map_err(map_err(names::MAP_META))?;
+        Ok(Attached::New(got))
+    }
+
+    /// `bpf_link_update` of the pinned link at `path` to our program.
+    fn replace_in_link(&mut self, path: &Path) -> Result<()> {
+        let fail = |e: &dyn std::fmt::Display| DataPlaneError::Pin {
+            what: "replacing the program in the pinned link",
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let pinned = PinnedLink::from_pin(path).map_err(|e| fail(&e))?;
+        let fd_link: FdLink = pinned.into();
+        let link = XdpLink::try_from(fd_link).map_err(|e| fail(&e))?;
+        let program = self.program_mut(names::PROG_LB)?;
+        program.attach_to_link(link).map_err(|e| fail(&e))?;
+        Ok(())
     }
 
     /// The connection table, read-only.

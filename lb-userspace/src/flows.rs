@@ -300,7 +300,7 @@ impl Scanner {
                 Worker {
                     store,
                     idle,
-                    rings: Arc::new(RingSet::default()),
+                    rings: None,
                     snapshot: published,
                     pin_failures: 0,
                     logged_failures: 0,
@@ -363,7 +363,10 @@ impl Drop for Scanner {
 struct Worker {
     store: Box<dyn FlowStore>,
     idle: Duration,
-    rings: Arc<RingSet>,
+    /// None until the agent hands over its first rings: until then the tables are only
+    /// read, never pinned or collected. The tables may be an earlier agent's (pinned
+    /// maps), full of flows an empty ring set would take for flows of gone backends.
+    rings: Option<Arc<RingSet>>,
     snapshot: Arc<ArcSwap<FlowSnapshot>>,
     pin_failures: u64,
     logged_failures: u64,
@@ -380,7 +383,7 @@ impl Worker {
             let wait = next.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(Command::Rings { rings, done }) => {
-                    self.rings = rings;
+                    self.rings = Some(rings);
                     self.scan();
                     if let Some(done) = done {
                         let _ = done.send(());
@@ -400,7 +403,15 @@ impl Worker {
 
     /// Writes a peer's pins into the pinned table, removes those it unpinned.
     fn install(&mut self, remote: RemotePins) {
-        let pins = remote_pins(&remote.pins, &self.rings, monotonic_ns());
+        // Before the agent's first rings there are no local ids to translate to; the
+        // peer's periodic full re-send brings these pins again.
+        let Some(rings) = self.rings.clone() else {
+            tracing::debug!(
+                "a peer's flow pins arrived before the first rings; left for its re-send"
+            );
+            return;
+        };
+        let pins = remote_pins(&remote.pins, &rings, monotonic_ns());
         let result = self.store.unpin(&remote.unpins).and_then(|()| {
             if pins.is_empty() {
                 Ok(0)
@@ -454,10 +465,17 @@ impl Worker {
         let connections = self.store.read(FlowTable::Connections)?;
         let pinned = self.store.read(FlowTable::Pinned)?;
         let now = monotonic_ns();
-        let pinned_map: HashMap<FlowKey, FlowState> = pinned.iter().copied().collect();
-        let pin = to_pin(&connections, &pinned_map, &self.rings, now, self.idle);
         let merged = merge(&connections, &pinned);
-        let unpin = to_unpin(&pinned, &merged, &self.rings, now, self.idle);
+        let Some(rings) = self.rings.clone() else {
+            return Ok((
+                count_active(&merged, now, self.idle),
+                connections.len(),
+                pinned.len(),
+            ));
+        };
+        let pinned_map: HashMap<FlowKey, FlowState> = pinned.iter().copied().collect();
+        let pin = to_pin(&connections, &pinned_map, &rings, now, self.idle);
+        let unpin = to_unpin(&pinned, &merged, &rings, now, self.idle);
         if !unpin.is_empty() {
             self.store.unpin(&unpin)?;
         }
@@ -478,7 +496,7 @@ impl Worker {
         }
         self.scans += 1;
         if let Some(sink) = &self.sync {
-            let names = &self.rings.names;
+            let names = &rings.names;
             if self.scans.is_multiple_of(PIN_REFRESH_SCANS) {
                 let gone: HashSet<&FlowKey> = unpin.iter().collect();
                 let all: Vec<(FlowKey, FlowState)> = pinned
@@ -782,5 +800,33 @@ mod tests {
             ..Default::default()
         });
         assert!(remote_pins(&wire, &receiver, NOW).is_empty());
+    }
+
+    #[test]
+    fn a_new_scanner_leaves_the_tables_alone_until_it_has_rings() {
+        // An earlier agent's pinned flow, in tables this agent took over.
+        let store = FakeFlowStore {
+            max_pinned: 10,
+            ..Default::default()
+        };
+        let now = monotonic_ns();
+        let drained = FlowState {
+            last_seen_ns: now,
+            ..state(2)
+        };
+        store.pinned.lock().unwrap().insert(key(1), drained);
+        store.connections.lock().unwrap().insert(key(1), drained);
+        let scanner = Scanner::spawn(Box::new(store.clone()), IDLE).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while scanner.snapshot().taken_at.is_none() {
+            assert!(Instant::now() < deadline, "no scan");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Counted, but not collected although no ring is known to forward to backend 2.
+        assert_eq!(scanner.snapshot().active.get(&2), Some(&1));
+        assert_eq!(store.pinned.lock().unwrap().len(), 1);
+        // The agent's first rings: backend 2 drained, still forwarding: it stays.
+        assert!(scanner.prepare(Arc::new(rings(1, &[1, 2]))));
+        assert_eq!(store.pinned.lock().unwrap().len(), 1);
     }
 }

@@ -11,6 +11,8 @@ pub mod health;
 pub mod logging;
 pub mod maglev;
 pub mod neigh;
+pub mod numbering;
+pub mod pins;
 pub mod programmer;
 pub mod protocol;
 pub mod sync;

@@ -19,6 +19,7 @@ use crate::{
     dataplane::{DataPlane, DataPlaneError},
     flows::RingSet,
     maglev,
+    numbering::{BackendNumber, Numbering, VipNumber},
 };
 
 /// An address as the maps store it: IPv4 in the first 4 bytes.
@@ -41,6 +42,16 @@ pub fn vip_key(vip: IpAddr, port: u16) -> VipKey {
         proto: PROTO_TCP,
         family,
     }
+}
+
+/// The VIP and port of a VIP key (the inverse of `vip_key`).
+pub fn vip_of(key: &VipKey) -> (IpAddr, u16) {
+    let ip = if key.family == FAMILY_V4 {
+        IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
+    } else {
+        IpAddr::from(key.addr)
+    };
+    (ip, u16::from_be(key.port_be))
 }
 
 pub fn vip_addr_key(vip: IpAddr) -> VipAddrKey {
@@ -238,6 +249,102 @@ impl Programmer {
     /// Ids of backends that left the config and whose flows may still be running.
     pub fn retired(&self) -> impl Iterator<Item = u32> + '_ {
         self.retired.keys().copied()
+    }
+
+    /// The VIP numbers and backend ids given out (retired ids included), sorted.
+    pub fn numbering(&self) -> Numbering {
+        let mut n = Numbering {
+            vips: self
+                .vips
+                .iter()
+                .map(|(key, v)| {
+                    let (vip, port) = vip_of(key);
+                    VipNumber {
+                        vip,
+                        port,
+                        vip_num: v.vip_num,
+                    }
+                })
+                .collect(),
+            backends: self
+                .backend_ids
+                .iter()
+                .map(|(b, id)| BackendNumber {
+                    service: b.service.clone(),
+                    address: b.address,
+                    id: *id,
+                })
+                .collect(),
+        };
+        n.vips.sort();
+        n.backends.sort();
+        n
+    }
+
+    /// The numbering once `plan` is committed, if the plan gives out a number that is
+    /// not in `numbering()` yet (to be saved before the commit); None otherwise.
+    pub fn numbering_after(&self, plan: &Plan) -> Option<Numbering> {
+        if plan.new_ids.is_empty() && !plan.vips.iter().any(|v| v.added) {
+            return None;
+        }
+        let mut n = self.numbering();
+        for key in &plan.gone_vips {
+            let (vip, port) = vip_of(key);
+            n.vips.retain(|x| (x.vip, x.port) != (vip, port));
+        }
+        n.backends
+            .extend(plan.new_ids.iter().map(|(b, id)| BackendNumber {
+                service: b.service.clone(),
+                address: b.address,
+                id: *id,
+            }));
+        for v in plan.vips.iter().filter(|v| v.added) {
+            let (vip, port) = vip_of(&v.key);
+            n.vips.retain(|x| (x.vip, x.port) != (vip, port));
+            n.vips.push(VipNumber {
+                vip,
+                port,
+                vip_num: v.vip_num,
+            });
+        }
+        n.vips.sort();
+        n.backends.sort();
+        Some(n)
+    }
+
+    /// Takes over the numbering an earlier agent gave the maps this programmer is about
+    /// to write (pinned maps), before its first plan: the same backend keeps its id, so
+    /// the flows recorded under it keep their backend; the same VIP keeps its number. A
+    /// VIP no longer in the config is removed by the next commit; a backend no longer in
+    /// it retires (its flows finish, then its id is freed). Rings are written whole.
+    pub fn adopt(&mut self, numbering: &Numbering) {
+        for v in &numbering.vips {
+            if v.vip_num >= MAX_VIPS {
+                continue;
+            }
+            self.free_vip_nums.remove(&v.vip_num);
+            self.vips.insert(
+                vip_key(v.vip, v.port),
+                VipState {
+                    vip_num: v.vip_num,
+                    ring: Arc::new(Vec::new()),
+                },
+            );
+            self.vip_addrs.insert(vip_addr_key(v.vip));
+        }
+        for b in &numbering.backends {
+            if b.id >= MAX_BACKENDS {
+                continue;
+            }
+            let identity = BackendId {
+                service: b.service.clone(),
+                address: b.address,
+            };
+            self.backend_ids.insert(identity, b.id);
+            self.next_id = self.next_id.max(b.id + 1);
+        }
+        let used: HashSet<u32> = self.backend_ids.values().copied().collect();
+        self.free_ids = (0..self.next_id).filter(|id| !used.contains(id)).collect();
     }
 
     /// What the data path does with new flows now, for the flow scanner.
@@ -669,6 +776,75 @@ mod tests {
         assert_eq!(p.backend_id("web", "192.0.2.23".parse().unwrap()), Some(b));
         assert_eq!(p.backend_id("web", "192.0.2.22".parse().unwrap()), None);
         assert_eq!(dp.backends[&b].flags, BACKEND_F_VALID);
+    }
+
+    #[test]
+    fn a_programmer_that_adopts_the_numbering_writes_what_the_maps_hold() {
+        // A history a fresh programmer would not repeat: a removed, its id freed and
+        // given to c; then a VIP removed and another added.
+        let mut dp = FakeDataPlane::default();
+        let mut p = Programmer::new();
+        let web = |b: &[(&str, &str, u32)]| service("web", "192.0.2.10", b);
+        let api = service("api", "192.0.2.11", &[("x", "192.0.2.31", 100)]);
+        let other = service("other", "192.0.2.12", &[("y", "192.0.2.32", 100)]);
+        let ab = web(&[("a", "192.0.2.21", 100), ("b", "192.0.2.22", 100)]);
+        p.apply(&mut dp, &[ab, api.clone()], &all_up).unwrap();
+        p.apply(
+            &mut dp,
+            &[web(&[("b", "192.0.2.22", 100)]), api.clone()],
+            &all_up,
+        )
+        .unwrap();
+        p.reclaim(&mut dp, &HashMap::new(), Instant::now()).unwrap();
+        let bc = web(&[("b", "192.0.2.22", 100), ("c", "192.0.2.23", 100)]);
+        let plan = p.plan(&[bc.clone(), other.clone()], &all_up).unwrap();
+        let saved = p.numbering_after(&plan).expect("new numbers given out");
+        p.commit(&mut dp, plan).unwrap();
+        assert_eq!(saved, p.numbering());
+        let current = [bc, other];
+        assert!(!p.plan(&current, &all_up).unwrap().writes_anything());
+        assert_eq!(p.numbering_after(&p.plan(&current, &all_up).unwrap()), None);
+
+        // The next agent, over the same maps: same ids, same VIP numbers, same rings.
+        let mut next = Programmer::new();
+        next.adopt(&saved);
+        let mut dp2 = FakeDataPlane::default();
+        next.apply(&mut dp2, &current, &all_up).unwrap();
+        assert_eq!(next.numbering(), p.numbering());
+        for s in &current {
+            for b in &s.backends {
+                let id = p.backend_id(&s.name, b.address).unwrap();
+                assert_eq!(next.backend_id(&s.name, b.address), Some(id));
+                assert_eq!(dp2.backends[&id], dp.backends[&id]);
+            }
+            let n = p.vip_num(s.vip, s.port).unwrap();
+            assert_eq!(next.vip_num(s.vip, s.port), Some(n));
+            assert_eq!(dp2.ring(n, s.ring_size), dp.ring(n, s.ring_size));
+        }
+
+        // A fresh programmer would have numbered them otherwise: that is what adopt avoids.
+        let mut fresh = Programmer::new();
+        fresh
+            .apply(&mut FakeDataPlane::default(), &current, &all_up)
+            .unwrap();
+        assert_ne!(fresh.numbering(), p.numbering());
+
+        // A VIP gone from the config meanwhile is removed; backends gone retire (c, and
+        // the other service's y, beside api's x, which had retired already).
+        let mut later = Programmer::new();
+        later.adopt(&saved);
+        let mut dp3 = FakeDataPlane::default();
+        let only_b = [web(&[("b", "192.0.2.22", 100)])];
+        let r = later.apply(&mut dp3, &only_b, &all_up).unwrap();
+        assert_eq!(r.vips_removed, 1);
+        let c = p.backend_id("web", "192.0.2.23".parse().unwrap()).unwrap();
+        let y = p
+            .backend_id("other", "192.0.2.32".parse().unwrap())
+            .unwrap();
+        let x = p.backend_id("api", "192.0.2.31".parse().unwrap()).unwrap();
+        let mut want = vec![c, x, y];
+        want.sort();
+        assert_eq!(later.retired().collect::<Vec<_>>(), want);
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl Rig {
         let mut serving = dp
             .take_serve_switch()
             .ok_or_else(|| anyhow::anyhow!("the data plane has no serving switch"))?;
-        serving.set_serving(true)?;
+        serving.set_serving(true, 0)?;
         Ok(Self {
             dp,
             serving,

@@ -543,8 +543,8 @@ fn graceful_stop() -> Result<()> {
             let status = agent.stop()?;
             ensure!(status.success(), "lb-agent exited with {status}");
             ensure!(
-                agent.count_log("detached from eth0") == 1,
-                "lb-agent did not say it detached:\n{}",
+                agent.count_log("the program stays attached to eth0, not serving") == 1,
+                "lb-agent did not say it left the program attached and not serving:\n{}",
                 agent.log()
             );
             Ok(())

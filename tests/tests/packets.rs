@@ -19,8 +19,11 @@ use lb_tests::{
 };
 use lb_userspace::{
     config::{BackendSpec, Service},
-    dataplane::{FlowStore, FlowTable, MapSizes, ServeSwitch, monotonic_ns},
+    dataplane::{
+        DataPlaneError, FlowStore, FlowTable, MapSizes, ServeSwitch, XdpDataPlane, monotonic_ns,
+    },
     flows, maglev,
+    pins::{self, Found, PinDir},
     programmer::{BackendView, addr_bytes},
 };
 
@@ -1085,7 +1088,7 @@ fn host_that_does_not_serve_drops_vip_traffic_and_answers_nothing() {
         return;
     }
     let mut rig = rig();
-    rig.serving.set_serving(false).expect("serving switch");
+    rig.serving.set_serving(false, 0).expect("serving switch");
     // Every kind of VIP traffic, served port or not, TCP or not: dropped, never passed.
     let udp = ethernet(
         LB_MAC,
@@ -1706,4 +1709,196 @@ fn connection_table_full_size_reads_back_exactly_what_the_program_recorded() {
     assert_eq!(got.len(), read.len(), "no duplicates");
     assert_eq!(got, want, "keys and backends as the program recorded them");
     assert!(read.iter().all(|(_, s)| s.flags == 0 && s.last_seen_ns > 0));
+}
+
+/// The serving lease: a VRRP master's switch carries a deadline (CLOCK_MONOTONIC) that
+/// its speaker renews with every advert. Past it, the program answers nothing and
+/// forwards nothing, as a backup; before it, it serves; 0 is no lease (standalone).
+#[test]
+fn the_serving_lease_decides_whether_the_host_answers_and_forwards() {
+    if !require_root("the_serving_lease_decides_whether_the_host_answers_and_forwards") {
+        return;
+    }
+    let mut rig = rig();
+    let arp_req = ethernet(
+        BROADCAST,
+        CLIENT_MAC,
+        None,
+        ETH_P_ARP,
+        &arp(1, CLIENT_MAC, v4("192.0.2.50"), [0; 6], v4("192.0.2.10")),
+    );
+    let ns = ethernet(
+        [0x33, 0x33, 0xff, 0, 0, 0x10],
+        CLIENT_MAC,
+        None,
+        ETH_P_IPV6,
+        &neighbour_solicitation(
+            v6("2001:db8::50"),
+            solicited_node(v6("2001:db8::10")),
+            v6("2001:db8::10"),
+            Some(CLIENT_MAC),
+        ),
+    );
+    let syn = tcp4("192.0.2.10", 80, SYN);
+    let ack = tcp4("192.0.2.10", 80, ACK);
+    let serves = |rig: &mut Rig| {
+        assert_eq!(rig.run(&arp_req).0, XDP_TX, "ARP for a VIP answered");
+        assert_eq!(rig.run(&ns).0, XDP_TX, "NS for a VIP answered");
+        assert_eq!(rig.run(&syn).0, XDP_TX, "SYN forwarded");
+        assert_eq!(rig.run(&ack).0, XDP_TX, "ACK forwarded");
+    };
+    // Lease 0: standalone, serving.
+    rig.serving.set_serving(true, 0).expect("serving switch");
+    serves(&mut rig);
+    // A fresh lease: serving.
+    let fresh = monotonic_ns() + 10_000_000_000;
+    rig.serving
+        .set_serving(true, fresh)
+        .expect("serving switch");
+    serves(&mut rig);
+    // An expired lease (the master that wrote it was killed): nothing answered, VIP
+    // traffic dropped as a backup's, the established flow included.
+    let expired = monotonic_ns() - 1;
+    rig.serving
+        .set_serving(true, expired)
+        .expect("serving switch");
+    for frame in [&arp_req, &ns] {
+        let globals = global_counters(&rig);
+        assert_eq!(rig.run(frame), (XDP_PASS, frame.clone()), "not answered");
+        let mut want = globals.clone();
+        want[reason::PASS_NOT_VIP as usize] += 1;
+        assert_eq!(global_counters(&rig), want);
+    }
+    for frame in [&syn, &ack] {
+        let globals = global_counters(&rig);
+        assert_eq!(rig.run(frame), (XDP_DROP, frame.clone()), "not forwarded");
+        let mut want = globals.clone();
+        want[reason::DROP_NOT_MASTER as usize] += 1;
+        assert_eq!(global_counters(&rig), want, "only drop_not_master moves");
+    }
+    // Renewed: serving again.
+    let renewed = monotonic_ns() + 10_000_000_000;
+    rig.serving
+        .set_serving(true, renewed)
+        .expect("serving switch");
+    serves(&mut rig);
+}
+
+/// A bpffs directory of this test's own, removed (pins and all) when dropped.
+struct TestPins(std::path::PathBuf);
+
+impl TestPins {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/lbtest-{}-{name}", std::process::id()));
+        let _ = pins::remove(&dir, "test0");
+        Self(dir)
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        if let Err(e) = pins::remove(&self.0, "test0") {
+            eprintln!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// Pinned maps are taken over by the next load as they are (flows included), and a
+/// layout the agent cannot read is refused with an error that says what to do.
+#[test]
+fn pinned_maps_are_reused_and_other_layouts_refused() {
+    if !require_root("pinned_maps_are_reused_and_other_layouts_refused") {
+        return;
+    }
+    let t = TestPins::new("layout");
+    let dir = PinDir::new(&t.0, "test0");
+    let sizes = MapSizes {
+        max_flows: 1024,
+        max_pinned_flows: 1024,
+    };
+    let (first, found) = XdpDataPlane::load_pinned(sizes, &dir).expect("first load");
+    assert_eq!(
+        found,
+        Found {
+            maps: false,
+            link: false
+        }
+    );
+    let key = FlowKey {
+        src: [198, 51, 100, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        dst: [192, 0, 2, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        sport_be: 4000u16.to_be(),
+        dport_be: 80u16.to_be(),
+        proto: PROTO_TCP,
+        family: lb_common::FAMILY_V4,
+        _pad: [0; 2],
+    };
+    let flow = FlowState {
+        backend: 3,
+        vip_num: 0,
+        last_seen_ns: 1,
+        flags: 0,
+        _pad: 0,
+    };
+    let mut first = first;
+    let mut store = first.take_flow_store().expect("flow store");
+    assert_eq!(store.pin(&[(key, flow)]).expect("pin a flow"), 0);
+    drop(store);
+    drop(first);
+    // The next load finds every map of the layout (so the table in lb_common::layout
+    // matches the object: each pinned map was checked against it) and the flow.
+    let (mut second, found) = XdpDataPlane::load_pinned(sizes, &dir).expect("second load");
+    assert!(found.maps);
+    let mut store = second.take_flow_store().expect("flow store");
+    assert_eq!(
+        store.read(FlowTable::Pinned).expect("read pinned"),
+        vec![(key, flow)]
+    );
+    drop(store);
+    drop(second);
+    // Another connection-table size: refused, nothing misread.
+    let other = MapSizes {
+        max_flows: 2048,
+        ..sizes
+    };
+    let err = XdpDataPlane::load_pinned(other, &dir)
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, DataPlaneError::PinnedMismatch { .. })
+            && text.contains("FLOWS")
+            && text.contains("--detach"),
+        "{text}"
+    );
+    // A META map saying another layout version: refused.
+    {
+        let meta = aya::maps::MapData::from_pin(dir.map_path(lb_common::names::MAP_META))
+            .expect("META pinned");
+        let mut meta: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(meta)).expect("array");
+        meta.set(lb_common::layout::meta::LAYOUT, 0xdead_beef, 0)
+            .expect("write META");
+    }
+    let err = XdpDataPlane::load_pinned(sizes, &dir)
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, DataPlaneError::OtherLayout { .. }) && text.contains("vdeadbeef"),
+        "{text}"
+    );
+    // Pins of another layout's directory beside ours: refused too.
+    let t2 = TestPins::new("other");
+    let old = t2.0.join("test0").join("v00000001");
+    std::fs::create_dir_all(&old).expect("an old layout's directory");
+    let err = XdpDataPlane::load_pinned(sizes, &PinDir::new(&t2.0, "test0"))
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, DataPlaneError::OtherLayout { .. }) && text.contains("v00000001"),
+        "{text}"
+    );
 }

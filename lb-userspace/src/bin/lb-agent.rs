@@ -15,8 +15,13 @@ use lb_userspace::{
 /// on a thread of its own at real-time priority ([vrrp] rt_priority) with the agent's
 /// memory locked, and flips serving itself (a warning if it lacks the privilege; a
 /// warning too without [vrrp] auth_key_file). SIGHUP re-reads the config (an invalid
-/// file changes nothing); SIGINT or SIGTERM detach and exit (as VRRP master: priority 0
-/// first, so the peer takes over at once).
+/// file changes nothing). The maps and the program's link are pinned under [agent]
+/// bpffs_dir: SIGINT or SIGTERM end the agent but leave the program attached, and a
+/// standalone host forwarding with the last config, until the next agent takes the
+/// program and its flow tables over (a restart or an upgrade loses no flow). With
+/// [vrrp], SIGTERM as master sends priority 0 first, so the peer takes over at once, then
+/// stops serving; a killed master stops serving by itself (its lease runs out within
+/// 3 advert intervals). `--detach` removes the program and the pins for good.
 #[derive(Parser)]
 #[command(name = "lb-agent", version)]
 struct Args {
@@ -26,6 +31,10 @@ struct Args {
     /// Only validate the config: print every error with its place, exit non-zero if any.
     #[arg(long)]
     check: bool,
+    /// Remove the program from the interface and the pinned maps (every flow) for good,
+    /// then exit. Stop the agent first: a running one keeps its link until it exits.
+    #[arg(long, conflicts_with = "check")]
+    detach: bool,
     /// Log lines on stderr as text, or as one JSON object a line. Health, admin, VRRP and
     /// reload transitions are one event each, with an `event` field and their details.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -57,6 +66,15 @@ fn main() -> ExitCode {
     if let Err(e) = logging::init(args.log_format, &args.log_level) {
         eprintln!("lb-agent: {e}");
         return ExitCode::from(2);
+    }
+    if args.detach {
+        return match agent::detach(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

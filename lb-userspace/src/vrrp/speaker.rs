@@ -9,7 +9,10 @@
 //!   before the first announcement; on leaving master it turns it off before anything
 //!   else (a graceful stop excepted: priority 0 first, then one more interval of
 //!   forwarding while the peer takes over). A failed write is counted, logged and retried
-//!   every `SWITCH_RETRY`; a master does not announce the VIPs until it serves;
+//!   every `SWITCH_RETRY`; a master does not announce the VIPs until it serves. Serving
+//!   is a lease (`LEASE_INTERVALS` advert intervals) that the master renews with every
+//!   advert it sends: the link and maps outlive the process, so a killed master's
+//!   program stops answering and forwarding by itself before the backup takes over;
 //! - each transition goes to the agent over an unbounded channel: none is lost, and they
 //!   arrive in order however long the agent takes to read them;
 //! - its status is published as an immutable snapshot after each loop turn (`ArcSwap`):
@@ -54,6 +57,10 @@ pub const ANNOUNCE_ROUNDS: u32 = 5;
 pub const ANNOUNCE_SPACING: Duration = Duration::from_millis(200);
 /// How soon a failed write of the serving switch is tried again.
 pub const SWITCH_RETRY: Duration = Duration::from_millis(10);
+/// A master's serving lease, in advert intervals from its last advert. The backup takes
+/// over 3 intervals plus its skew after the last advert it received: a killed master
+/// has stopped serving by then.
+pub const LEASE_INTERVALS: u32 = 3;
 /// How often a standing clock skew alarm is logged again, per peer.
 const ALARM_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Larger than any advert: 255 IPv6 addresses and a trailer are about 4 KiB.
@@ -668,7 +675,8 @@ impl<W: Wire> Speaker<W> {
             return;
         }
         let on = self.serve;
-        match self.switch.set_serving(on) {
+        let lease = if on { self.lease_until_ns() } else { 0 };
+        match self.switch.set_serving(on, lease) {
             Ok(()) => {
                 if self.switch_retry.is_some() {
                     tracing::info!(
@@ -696,7 +704,31 @@ impl<W: Wire> Speaker<W> {
         }
     }
 
+    /// When serving set now should end unless renewed.
+    fn lease_until_ns(&self) -> u64 {
+        let lease = self.machine.params().interval * LEASE_INTERVALS;
+        crate::dataplane::monotonic_ns().saturating_add(lease.as_nanos() as u64)
+    }
+
+    /// A master renews its lease with each advert: one map write, never a wait. A failed
+    /// renewal is counted and logged; the next advert tries again.
+    fn renew_lease(&mut self) {
+        if !(self.serve && self.serving == Some(true)) {
+            return;
+        }
+        if let Err(e) = self.switch.set_serving(true, self.lease_until_ns()) {
+            let n = self.count(|c| &mut c.serve_switch_errors);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    "vrrp {}: renewing the serving lease: {e} ({n} so far)",
+                    self.router_id
+                );
+            }
+        }
+    }
+
     fn send_advert(&mut self, priority: u8) {
+        self.renew_lease();
         let advert = Advert {
             router_id: self.router_id,
             priority,
@@ -878,14 +910,17 @@ mod tests {
         }
     }
 
-    /// A switch that logs its writes, and fails the first `fail` of them.
+    /// A switch that logs its changes (not lease renewals), and fails the first `fail`
+    /// writes; the last lease written is kept.
     struct Switch {
         log: Log,
         fail: usize,
+        last: Option<bool>,
+        lease: Arc<std::sync::atomic::AtomicU64>,
     }
 
     impl ServeSwitch for Switch {
-        fn set_serving(&mut self, on: bool) -> Result<(), DataPlaneError> {
+        fn set_serving(&mut self, on: bool, lease_until_ns: u64) -> Result<(), DataPlaneError> {
             if self.fail > 0 {
                 self.fail -= 1;
                 return Err(DataPlaneError::Missing {
@@ -893,7 +928,12 @@ mod tests {
                     name: "SERVING",
                 });
             }
-            self.log.lock().unwrap().push(Event::Serving(on));
+            self.lease
+                .store(lease_until_ns, std::sync::atomic::Ordering::SeqCst);
+            if self.last != Some(on) {
+                self.log.lock().unwrap().push(Event::Serving(on));
+                self.last = Some(on);
+            }
             Ok(())
         }
     }
@@ -907,6 +947,15 @@ mod tests {
     }
 
     fn keyed_speaker(fail: usize, key: Option<AuthKey>) -> Made {
+        leased_speaker(fail, key, Arc::default())
+    }
+
+    /// A speaker whose switch keeps the last lease written in `lease`.
+    fn leased_speaker(
+        fail: usize,
+        key: Option<AuthKey>,
+        lease: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Made {
         let log = Log::default();
         let (sp, rx) = Speaker::new(
             &cfg(),
@@ -918,6 +967,8 @@ mod tests {
             Box::new(Switch {
                 log: log.clone(),
                 fail,
+                last: None,
+                lease,
             }),
         )
         .unwrap();
@@ -1013,6 +1064,32 @@ mod tests {
             states,
             vec![VrrpState::Backup, VrrpState::Master, VrrpState::Backup]
         );
+    }
+
+    #[test]
+    fn a_master_renews_its_serving_lease_with_every_advert() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let lease = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (mut sp, _rx, _log) = leased_speaker(0, None, lease.clone());
+        let t = to_master(&mut sp);
+        let interval = sp.machine.params().interval;
+        let window = (interval * LEASE_INTERVALS).as_nanos() as u64;
+        let first = lease.load(SeqCst);
+        let now = crate::dataplane::monotonic_ns();
+        assert!(
+            first > now && first <= now + window,
+            "lease {first}, now {now}"
+        );
+        // The next advert, one interval on, renews it.
+        std::thread::sleep(Duration::from_millis(2));
+        sp.on_timer(t + interval);
+        let renewed = lease.load(SeqCst);
+        assert!(renewed > first, "lease not renewed: {first} then {renewed}");
+        // Off: no lease (0), and a backup's adverts renew nothing.
+        let (r, bytes) = received(PEER, 200, &[VIP]);
+        sp.on_packet(t + interval, &r, &bytes);
+        assert_eq!(sp.machine.state(), VrrpState::Backup);
+        assert_eq!(lease.load(SeqCst), 0);
     }
 
     #[test]

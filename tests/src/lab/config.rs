@@ -109,6 +109,10 @@ pub struct AgentSection {
     pub flow_idle_timeout_s: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_flows: Option<u32>,
+    /// Where the agent pins its maps and link. Lab hosts share the root's bpffs and all
+    /// call their interface eth0: `config_file` gives each node a directory of its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bpffs_dir: Option<PathBuf>,
 }
 
 impl AgentSection {
@@ -332,6 +336,14 @@ impl Lab {
         }
     }
 
+    /// Where the agent in `node`'s namespace pins its maps and XDP link:
+    /// `<lab dir>/bpffs/<short name>`, on a bpffs the lab mounts for itself (`ip netns
+    /// exec` gives each program a /sys of its own, without /sys/fs/bpf), so labs never
+    /// share pins; dropping the lab removes them and unmounts it.
+    pub fn bpffs_dir_of(&self, node: Node) -> PathBuf {
+        self.bpffs().join(node.short_name())
+    }
+
     /// The control socket of the agent in the LB namespace (`control_socket_of(Node::Lb)`).
     pub fn control_socket(&self) -> PathBuf {
         self.control_socket_of(Node::Lb)
@@ -345,15 +357,17 @@ impl Lab {
     /// The config of an agent in `node`'s namespace, as a typed value: `eth0`, the given
     /// XDP mode (`auto`, `native`, `generic`), services whose backends are lab backends,
     /// no `[vrrp]`. It names a control socket and a state directory of its own inside
-    /// this lab's temporary directory (`control_socket_of`, `state_dir_of`), so labs
-    /// never share them and every agent of one node finds the admin state of the one
+    /// this lab's temporary directory (`control_socket_of`, `state_dir_of`) and a bpffs
+    /// directory of its own (`bpffs_dir_of`), so labs never share them and every agent
+    /// of one node finds the admin state, maps and XDP link of the one
     /// before.
     pub fn config_file(&self, node: Node, xdp_mode: &str, services: &[Service]) -> ConfigFile {
-        let agent = AgentSection::new(
+        let mut agent = AgentSection::new(
             xdp_mode,
             &self.control_socket_of(node),
             &self.state_dir_of(node),
         );
+        agent.bpffs_dir = Some(self.bpffs_dir_of(node));
         ConfigFile::new(agent).services(services)
     }
 
@@ -442,11 +456,13 @@ mod tests {
 
     fn agent(node: Node) -> AgentSection {
         let dir = PathBuf::from("/tmp/lbt-config");
-        AgentSection::new(
+        let mut agent = AgentSection::new(
             "native",
             &dir.join(format!("{}.sock", node.short_name())),
             &dir.join(format!("state-{}", node.short_name())),
-        )
+        );
+        agent.bpffs_dir = Some(PathBuf::from("/sys/fs/bpf/lbt-config"));
+        agent
     }
 
     fn services() -> Vec<Service> {
@@ -476,6 +492,7 @@ mod tests {
         ensure!(parsed.agent.interface == "eth0" && parsed.agent.xdp_mode == XdpMode::Native);
         ensure!(parsed.agent.control_socket == file.agent.control_socket);
         ensure!(parsed.agent.state_dir == file.agent.state_dir);
+        ensure!(Some(&parsed.agent.bpffs_dir) == file.agent.bpffs_dir.as_ref());
         ensure!(parsed.vrrp.is_none());
         ensure!(parsed.services.len() == 2, "{parsed:#?}");
         let web4 = &parsed.services[0];

@@ -117,8 +117,41 @@ static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// A temporary directory for configs and logs; `Drop` removes it.
 struct TempDir(PathBuf);
 
+/// The lab's own bpffs, in its temporary directory.
+const BPFFS: &str = "bpffs";
+
+fn mount_bpffs(at: &Path) -> Result<()> {
+    fs::create_dir(at).with_context(|| format!("creating {}", at.display()))?;
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let target = c(&at.to_string_lossy());
+    let bpf = c("bpf");
+    // SAFETY: valid C strings, no data.
+    let r = unsafe {
+        libc::mount(
+            bpf.as_ptr(),
+            target.as_ptr(),
+            bpf.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    ensure!(
+        r == 0,
+        "mounting bpffs on {}: {}",
+        at.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // The lab's bpffs, if mounted: its pins go with it.
+        let bpffs = self.0.join(BPFFS);
+        if let Ok(c) = std::ffi::CString::new(bpffs.to_string_lossy().as_bytes()) {
+            // SAFETY: a valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
         if let Err(e) = fs::remove_dir_all(&self.0) {
             eprintln!("lab: could not remove {}: {e}", self.0.display());
         }
@@ -169,6 +202,8 @@ impl LabBuilder {
         );
         let dir = std::env::temp_dir().join(&prefix);
         fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = TempDir(dir);
+        mount_bpffs(&dir.0.join(BPFFS))?;
         let mut lab = Lab {
             prefix,
             backends: self.backends,
@@ -177,7 +212,7 @@ impl LabBuilder {
             second_lb: self.second_lb,
             xdp_pass: Vec::new(),
             namespaces: Vec::new(),
-            dir: TempDir(dir),
+            dir,
             files: AtomicUsize::new(0),
         };
         lab.setup()
@@ -235,6 +270,11 @@ impl Lab {
         &self.dir.0
     }
 
+    /// The bpffs the lab mounted for its agents' pins (`bpffs_dir_of`).
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.0.join(BPFFS)
+    }
+
     /// A new file name in the lab's temporary directory.
     fn new_file(&self, stem: &str, ext: &str) -> PathBuf {
         let n = self.files.fetch_add(1, Ordering::Relaxed);
@@ -251,6 +291,14 @@ impl Drop for Lab {
             .unwrap_or_else(|e| e.into_inner())
             .clear();
         self.xdp_pass.clear();
+        // Agents leave their program attached and their maps pinned for the next one:
+        // removing the pins detaches the programs and frees the maps.
+        for node in self.lbs() {
+            let dir = self.bpffs_dir_of(node);
+            if let Err(e) = lb_userspace::pins::remove(&dir, "eth0") {
+                eprintln!("lab: removing the pins under {}: {e}", dir.display());
+            }
+        }
         while let Some(ns) = self.namespaces.pop() {
             drop(ns);
         }

@@ -647,8 +647,28 @@ impl AgentGuard<'_> {
         self.process.stop()
     }
 
-    /// SIGKILL the agent and reap it: its XDP link goes with the process. The log
-    /// stays readable; start a new agent with `Lab::spawn_agent_on`.
+    /// Stops the agent if it still runs, then runs `lb-agent --config <its config>
+    /// --detach`, which removes its program from the interface and its pins for good.
+    /// Returns the detach run's output; an error if it failed.
+    pub fn detach(&mut self) -> Result<Output> {
+        if self.process.exited().is_none() {
+            self.stop().context("stopping lb-agent before --detach")?;
+        }
+        let mut cmd = Command::new(bin_path("lb-agent")?);
+        cmd.arg("--config").arg(&self.config_path).arg("--detach");
+        let out = run_bounded(cmd, LBCTL_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "lb-agent --detach failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out)
+    }
+
+    /// SIGKILL the agent and reap it. Its XDP link and maps stay pinned (a VRRP master's
+    /// serving lease runs out by itself). The log stays readable; start a new agent with
+    /// `Lab::spawn_agent_on`.
     pub fn kill(&mut self) -> io::Result<ExitStatus> {
         self.process.kill()
     }

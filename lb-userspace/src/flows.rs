@@ -85,6 +85,13 @@ impl PinInbox {
     pub fn deliver(&self, pins: RemotePins) {
         let _ = self.0.send(Command::Remote(pins));
     }
+
+    /// A peer (re)connected: hand the sync thread every pin at once, rather than at the
+    /// next periodic refresh, so a host back from a restart or a partition holds them
+    /// before it can become master again.
+    pub fn resend_all(&self) {
+        let _ = self.0.send(Command::ResendAll);
+    }
 }
 
 /// Pins of this host as peers should know them: by backend address, with their idle
@@ -278,6 +285,8 @@ enum Command {
     Sync(PinSink),
     /// Pins from a peer.
     Remote(RemotePins),
+    /// Send every pin to the sync thread at the next scan, which runs now.
+    ResendAll,
     Stop,
 }
 
@@ -306,6 +315,7 @@ impl Scanner {
                     logged_failures: 0,
                     sync: None,
                     scans: 0,
+                    resend_all: false,
                     remote_installed: 0,
                 }
                 .run(rx)
@@ -372,6 +382,8 @@ struct Worker {
     logged_failures: u64,
     sync: Option<PinSink>,
     scans: u64,
+    /// A peer asked for every pin: the next scan sends them all.
+    resend_all: bool,
     /// Pins from peers written into the pinned table (since start).
     remote_installed: u64,
 }
@@ -392,6 +404,11 @@ impl Worker {
                 }
                 Ok(Command::Sync(sink)) => self.sync = Some(sink),
                 Ok(Command::Remote(pins)) => self.install(pins),
+                Ok(Command::ResendAll) => {
+                    self.resend_all = true;
+                    self.scan();
+                    next = Instant::now() + SCAN_EVERY;
+                }
                 Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.scan();
@@ -497,7 +514,8 @@ impl Worker {
         self.scans += 1;
         if let Some(sink) = &self.sync {
             let names = &rings.names;
-            if self.scans.is_multiple_of(PIN_REFRESH_SCANS) {
+            if self.scans.is_multiple_of(PIN_REFRESH_SCANS) || std::mem::take(&mut self.resend_all)
+            {
                 let gone: HashSet<&FlowKey> = unpin.iter().collect();
                 let all: Vec<(FlowKey, FlowState)> = pinned
                     .iter()

@@ -271,11 +271,24 @@ fn admin_changes_and_pins_follow_the_pair_through_a_failover() -> Result<()> {
         );
     }
 
-    // lb comes back holding the disable, and takes over again.
+    // lb comes back holding the disable, and takes over again. Its pinned maps are
+    // removed first (a host rebuilt, or `--detach`ed), so the drained flow's pin can
+    // only come from lb2, which sends every pin to a peer that reconnects.
+    fs::remove_dir_all(lab.bpffs_dir_of(Node::Lb)).context("removing lb's pinned maps")?;
     pair.start(Node::Lb, &config(&lab, Node::Lb, true)?)?;
     lab.wait_status_on(Node::Lb, "master again", TAKEOVER_WAIT, is_master)?;
     ensure!(enabled(&backends_on(&lab, Node::Lb)?, &drained) == Some(false));
     lab.wait_status_on(Node::Lb2, "sync in step", TAKEOVER_WAIT, in_step)?;
+    let back = lab.lbctl_status_on(Node::Lb)?;
+    ensure!(
+        back.flows.synced_pins_installed >= 1,
+        "lb came back without lb2's pins: {:?}",
+        back.flows
+    );
+    let echo = conversation
+        .echo("and back?")
+        .context("the drained backend's connection after lb took over again")?;
+    ensure!(echo == "and back?", "echo: {echo:?}");
 
     // An enable on the backup reaches the master.
     let said = lab.lbctl_ok_on(Node::Lb2, &["backend", "enable", "web", drained.as_str()])?;

@@ -19,8 +19,10 @@
 //!   been merged (or was already equal); the agent waits for it, bounded, before it
 //!   starts the VRRP speaker, so a host that was down does not preempt with a stale state.
 //! - Pins are sent only while this host serves (it is the only one whose flow table
-//!   fills), and all of them again every [`crate::flows::PIN_REFRESH_SCANS`] scans so a peer's
-//!   copies do not idle out while the flows are busy here.
+//!   fills), all of them to a peer that (re)connects or sends its whole state (as a
+//!   starting host does), and all of them again every
+//!   [`crate::flows::PIN_REFRESH_SCANS`] scans so a peer's copies do not idle out while
+//!   the flows are busy here.
 
 pub mod wire;
 
@@ -626,6 +628,12 @@ impl Worker {
                 "sync: peer {peer_addr} connected; sending it our admin state"
             );
             self.send_state(peer_addr);
+            // And every pin, if this host serves (the scanner sends them through us).
+            if self.serving
+                && let Some(inbox) = &self.inbox
+            {
+                inbox.resend_all();
+            }
         }
         match msg.body {
             Body::Heartbeat { digest, .. } => {
@@ -645,6 +653,15 @@ impl Worker {
                 self.merge_in(peer_addr, entries, None);
                 if last && let Some(peer) = self.peers.get_mut(&peer_addr) {
                     peer.got_state = true;
+                }
+                // A whole state comes from a peer that starts (also one restarted within
+                // PEER_TIMEOUT, which never looked disconnected) or that differs from us:
+                // either may lack our pins, so it gets them all, now.
+                if last
+                    && self.serving
+                    && let Some(inbox) = &self.inbox
+                {
+                    inbox.resend_all();
                 }
             }
             Body::Update { change, entries } => {

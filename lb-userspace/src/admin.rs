@@ -11,7 +11,6 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::Write,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -250,13 +249,6 @@ impl AdminState {
 
     /// Writes atomically: a temporary file, fsync, rename, fsync of the directory.
     pub fn save(&self, dir: &Path) -> Result<(), AdminError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| AdminError::Io { path, source }
-        };
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let path = dir.join(FILE);
-        let tmp = dir.join(format!(".{FILE}.tmp"));
         let file = FileV2 {
             version: VERSION,
             backends: self
@@ -271,14 +263,8 @@ impl AdminState {
         };
         let mut bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
         bytes.push(b'\n');
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
-        Ok(())
+        crate::statefile::write_atomically(dir, FILE, &bytes)
+            .map_err(|(path, source)| AdminError::Io { path, source })
     }
 }
 

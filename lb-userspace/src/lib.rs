@@ -15,6 +15,7 @@ pub mod numbering;
 pub mod pins;
 pub mod programmer;
 pub mod protocol;
+pub mod statefile;
 pub mod sync;
 pub mod tracking;
 pub mod vrrp;

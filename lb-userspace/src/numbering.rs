@@ -10,7 +10,6 @@
 
 use std::{
     fs,
-    io::Write,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -84,24 +83,14 @@ impl Numbering {
 
     /// Writes it atomically (a temporary file renamed over the old one, synced).
     pub fn save(&self, dir: &Path) -> Result<(), NumberingError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| NumberingError::Io { path, source }
-        };
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let path = dir.join(FILE);
-        let tmp = dir.join(format!(".{FILE}.tmp"));
         let file = File {
             version: VERSION,
             numbering: self.clone(),
         };
         let mut bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
         bytes.push(b'\n');
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        Ok(())
+        crate::statefile::write_atomically(dir, FILE, &bytes)
+            .map_err(|(path, source)| NumberingError::Io { path, source })
     }
 }
 

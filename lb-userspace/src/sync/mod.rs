@@ -436,6 +436,17 @@ impl Worker {
             .collect()
     }
 
+    /// Sends `bodies` to every peer; returns to how many.
+    fn send_to_every_peer(&mut self, bodies: &[Body]) -> u64 {
+        let peers: Vec<IpAddr> = self.peers.keys().copied().collect();
+        for &p in &peers {
+            for b in bodies {
+                self.send(p, b.clone());
+            }
+        }
+        peers.len() as u64
+    }
+
     fn send_state(&mut self, to: IpAddr) {
         for body in wire::state_bodies(&self.versioned()) {
             self.send(to, body);
@@ -476,26 +487,14 @@ impl Worker {
             Command::Serving(on) => self.serving = on,
             Command::Pinned(pins) => {
                 if self.serving {
-                    let bodies = wire::pin_bodies(&pins);
-                    let peers: Vec<IpAddr> = self.peers.keys().copied().collect();
-                    for p in peers {
-                        for b in &bodies {
-                            self.send(p, b.clone());
-                        }
-                        self.counters.flows_sent += pins.len() as u64;
-                    }
+                    let sent = self.send_to_every_peer(&wire::pin_bodies(&pins));
+                    self.counters.flows_sent += sent * pins.len() as u64;
                 }
             }
             Command::Unpinned(keys) => {
                 if self.serving {
-                    let bodies = wire::unpin_bodies(&keys);
-                    let peers: Vec<IpAddr> = self.peers.keys().copied().collect();
-                    for p in peers {
-                        for b in &bodies {
-                            self.send(p, b.clone());
-                        }
-                        self.counters.unpins_sent += keys.len() as u64;
-                    }
+                    let sent = self.send_to_every_peer(&wire::unpin_bodies(&keys));
+                    self.counters.unpins_sent += sent * keys.len() as u64;
                 }
             }
             Command::Stop => {}

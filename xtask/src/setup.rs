@@ -23,7 +23,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "keepalived",
     // Bounded SYN floods in the flood lab test.
     "hping3",
+    // `promtool check metrics` / `check rules` in the metrics lab test.
+    "prometheus",
+    // `systemd-analyze verify` of config/lb-agent.service.
+    "systemd",
 ];
+
+/// Debian's `invoke-rc.d` asks this script whether a package's postinst may start its
+/// daemon; exit 101 says no. Setup installs tools, never services.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 pub fn setup(ws: &Workspace) -> Result<()> {
     rust_src(ws).context("setup: rust-src for the nightly toolchain")?;
@@ -222,13 +230,50 @@ fn debian_packages(ws: &Workspace) -> Result<()> {
         bail!("missing Debian packages: {list}; install them as root: apt-get install {list}");
     }
     run(ws.command("apt-get").arg("update"))?;
-    run(ws
+    // `prometheus` would start a Prometheus server (and, recommended, a node exporter)
+    // in the root namespace: no daemon is started, and no recommended package added.
+    let policy = NoDaemons::install()?;
+    let installed = run(ws
         .command("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y"])
-        .args(&missing))?;
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing));
+    drop(policy);
+    installed?;
     println!("debian packages: installed {list}");
     Ok(())
+}
+
+/// A `policy-rc.d` that forbids starting daemons, for as long as it lives; a policy the
+/// system already has is left as it is.
+struct NoDaemons(Option<&'static Path>);
+
+impl NoDaemons {
+    fn install() -> Result<Self> {
+        let path = Path::new(POLICY_RC_D);
+        if path.exists() {
+            return Ok(Self(None));
+        }
+        fs::write(
+            path,
+            "#!/bin/sh\n# cargo xtask setup: no daemon starts during its install\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(Self(Some(path)))
+    }
+}
+
+impl Drop for NoDaemons {
+    fn drop(&mut self) {
+        if let Some(path) = self.0
+            && let Err(e) = fs::remove_file(path)
+        {
+            eprintln!("setup: could not remove {}: {e}", path.display());
+        }
+    }
 }
 
 fn debian_package_installed(ws: &Workspace, package: &str) -> Result<bool> {

@@ -456,6 +456,8 @@ pub struct XdpDataPlane {
     rings: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     stats: PerCpuArray<MapData, Counter>,
+    /// Our own descriptor on the counter array, for `stats_reader`.
+    stats_fd: OwnedFd,
     config: Array<MapData, LbConfig>,
     meta: Array<MapData, u64>,
     serving: Option<ServingMap>,
@@ -541,8 +543,17 @@ impl XdpDataPlane {
             .map_err(map_err(names::MAP_RINGS))?;
         let backends = Array::try_from(take(&mut ebpf, names::MAP_BACKENDS)?)
             .map_err(map_err(names::MAP_BACKENDS))?;
-        let stats = PerCpuArray::try_from(take(&mut ebpf, names::MAP_STATS)?)
-            .map_err(map_err(names::MAP_STATS))?;
+        let stats = take(&mut ebpf, names::MAP_STATS)?;
+        let stats_fd = match &stats {
+            Map::PerCpuArray(m) => dup_fd(m, names::MAP_STATS)?,
+            _ => {
+                return Err(DataPlaneError::Missing {
+                    kind: "per-CPU array",
+                    name: names::MAP_STATS,
+                });
+            }
+        };
+        let stats = PerCpuArray::try_from(stats).map_err(map_err(names::MAP_STATS))?;
         let config = Array::try_from(take(&mut ebpf, names::MAP_CONFIG)?)
             .map_err(map_err(names::MAP_CONFIG))?;
         let serving = Array::try_from(take(&mut ebpf, names::MAP_SERVING)?)
@@ -578,6 +589,7 @@ impl XdpDataPlane {
             rings,
             backends,
             stats,
+            stats_fd,
             config,
             meta,
             serving: Some(ServingMap(serving)),
@@ -587,6 +599,23 @@ impl XdpDataPlane {
         };
         dp.program_mut(names::PROG_LB)?;
         Ok(dp)
+    }
+
+    /// A handle of its own on the counter array, for a reader on another thread (the
+    /// metrics endpoint): reading it never waits for the agent's loop.
+    pub fn stats_reader(&self) -> Result<StatsReader> {
+        let fd = self
+            .stats_fd
+            .try_clone()
+            .map_err(|source| DataPlaneError::Syscall {
+                map: names::MAP_STATS,
+                op: "dup",
+                source,
+            })?;
+        let data = MapData::from_fd(fd).map_err(map_err(names::MAP_STATS))?;
+        let map = Map::from_map_data(data).map_err(map_err(names::MAP_STATS))?;
+        let array = PerCpuArray::try_from(map).map_err(map_err(names::MAP_STATS))?;
+        Ok(StatsReader(array))
     }
 
     /// The serving switch, handed out once: whoever holds it decides whether this host
@@ -813,15 +842,31 @@ impl DataPlane for XdpDataPlane {
         Ok(())
     }
     fn counter(&self, slot: u32) -> Result<Counter> {
-        let per_cpu = self
-            .stats
-            .get(&slot, 0)
-            .map_err(map_err(names::MAP_STATS))?;
-        let mut sum = Counter::default();
-        for c in per_cpu.iter() {
-            sum.add(c);
-        }
-        Ok(sum)
+        read_summed(&self.stats, slot)
+    }
+}
+
+/// One slot of the counter array, summed over CPUs.
+fn read_summed(stats: &PerCpuArray<MapData, Counter>, slot: u32) -> Result<Counter> {
+    let per_cpu = stats.get(&slot, 0).map_err(map_err(names::MAP_STATS))?;
+    Ok(sum_per_cpu(per_cpu.iter()))
+}
+
+/// Per-CPU values of one counter slot, added up.
+pub fn sum_per_cpu<'c>(per_cpu: impl IntoIterator<Item = &'c Counter>) -> Counter {
+    let mut sum = Counter::default();
+    for c in per_cpu {
+        sum.add(c);
+    }
+    sum
+}
+
+/// The counter array through a descriptor of its own (`XdpDataPlane::stats_reader`).
+pub struct StatsReader(PerCpuArray<MapData, Counter>);
+
+impl crate::metrics::CounterSource for StatsReader {
+    fn counter(&self, slot: u32) -> Result<Counter> {
+        read_summed(&self.0, slot)
     }
 }
 

@@ -327,6 +327,12 @@ impl Scanner {
         })
     }
 
+    /// Where the scanner publishes its snapshots, for readers off the agent's loop
+    /// (the metrics endpoint).
+    pub fn snapshot_source(&self) -> Arc<ArcSwap<FlowSnapshot>> {
+        self.snapshot.clone()
+    }
+
     /// The latest snapshot; never waits for a scan.
     pub fn snapshot(&self) -> Arc<FlowSnapshot> {
         self.snapshot.load_full()

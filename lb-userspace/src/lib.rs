@@ -10,6 +10,7 @@ pub mod flows;
 pub mod health;
 pub mod logging;
 pub mod maglev;
+pub mod metrics;
 pub mod neigh;
 pub mod numbering;
 pub mod pins;

@@ -312,6 +312,9 @@ pub struct VrrpCounters {
     /// Authentic adverts dropped for their age alone (clock skew, or old captures).
     #[serde(default)]
     pub clock_skew: u64,
+    /// State transitions since the speaker started.
+    #[serde(default)]
+    pub transitions: u64,
 }
 
 /// Something an operator should look at; it stays until the condition clears.

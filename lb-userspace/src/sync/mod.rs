@@ -289,11 +289,24 @@ impl SyncHandle {
     }
 
     pub fn status(&self) -> SyncStatus {
-        let mut s = self
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        self.status_source().read()
+    }
+
+    /// The thread's published status, for readers off the agent's loop (the metrics
+    /// endpoint).
+    pub fn status_source(&self) -> SyncStatusSource {
+        SyncStatusSource(self.status.clone())
+    }
+}
+
+/// The sync thread's status as it last published it (at most every 50 ms); reading it
+/// takes a lock the thread holds only to replace the status.
+#[derive(Clone)]
+pub struct SyncStatusSource(Arc<Mutex<SyncStatus>>);
+
+impl SyncStatusSource {
+    pub fn read(&self) -> SyncStatus {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let now = now_ms();
         for p in &mut s.peers {
             p.last_heard_ms_ago = p.last_heard_unix_ms.map(|t| now.saturating_sub(t));

@@ -116,6 +116,12 @@ impl VrrpHandle {
         self.priority.send_replace(effective);
     }
 
+    /// Where the speaker publishes its snapshots, for readers off the agent's loop
+    /// (the metrics endpoint).
+    pub fn status_source(&self) -> Arc<ArcSwap<VrrpStatus>> {
+        self.status.clone()
+    }
+
     /// The speaker's latest snapshot: a load, never a wait on the speaker.
     pub fn status(&self) -> VrrpStatus {
         VrrpStatus::clone(&self.status.load())
@@ -778,6 +784,7 @@ impl<W: Wire> Speaker<W> {
             t.from,
             t.to
         );
+        self.status.counters.transitions += 1;
         self.status.last_transition = Some(TransitionStatus {
             at_unix_ms: unix_ms(),
             from: t.from,

@@ -23,6 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
 use lb_common::{
     LbConfig,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
@@ -45,6 +46,10 @@ use crate::{
     },
     flows::{FlowSnapshot, Scanner},
     health::{CheckResult, Health, Verdict, check_tcp},
+    metrics::{
+        self, CounterSource,
+        server::{Limits, MetricsServer, Sources},
+    },
     neigh::Neighbours,
     numbering::Numbering,
     pins::PinDir,
@@ -111,6 +116,9 @@ pub struct Agent<D: DataPlane = XdpDataPlane> {
     /// The peers' acknowledgement of the admin change `handle` just made, for the loop
     /// to wait on beside it (`take_confirmation`).
     confirmation: Option<oneshot::Receiver<Confirmation>>,
+    /// What the metrics endpoint shows of the services and backends, published after
+    /// every change (`publish_metrics`): a scrape never asks this loop.
+    metrics: Arc<ArcSwap<metrics::View>>,
 }
 
 /// How long a starting host waits for its peers' admin state before VRRP starts.
@@ -324,6 +332,7 @@ impl Agent<XdpDataPlane> {
                 }
             }
         }
+        agent.publish_metrics();
         Ok(agent)
     }
 }
@@ -384,7 +393,55 @@ impl<D: DataPlane> Agent<D> {
             sync: None,
             clock: Clock::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
             confirmation: None,
+            metrics: Arc::default(),
         })
+    }
+
+    /// Publishes the services and backends as they are now, for the metrics endpoint.
+    fn publish_metrics(&self) {
+        let services = self
+            .config
+            .services
+            .iter()
+            .map(|s| metrics::ServiceView {
+                name: s.name.clone(),
+                vip_num: self.programmer.vip_num(s.vip, s.port),
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let v = self.view(s, b);
+                        metrics::BackendView {
+                            name: b.name.clone(),
+                            address: b.address,
+                            id: self.programmer.backend_id(&s.name, b.address),
+                            up: v.mac.is_some() && v.healthy,
+                            weight: v.weight,
+                            admin_disabled: !v.enabled,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        self.metrics.store(Arc::new(metrics::View {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            xdp_mode: self.mode.to_string(),
+            interface: self.config.agent.interface.clone(),
+            serving: self.serving,
+            services,
+        }));
+    }
+
+    /// Where the metrics endpoint reads from: what this agent, its scanner, speaker and
+    /// sync thread publish, and `counters`. Call after `start_vrrp` and `start_sync`.
+    pub fn metrics_sources(&self, counters: Arc<dyn CounterSource>) -> Sources {
+        Sources {
+            view: self.metrics.clone(),
+            counters,
+            flows: self.scanner.snapshot_source(),
+            vrrp: self.vrrp.as_ref().map(|h| h.status_source()),
+            sync: self.sync.as_ref().map(|h| h.status_source()),
+        }
     }
 
     /// The view of one backend that decides its place in the ring.
@@ -403,6 +460,7 @@ impl<D: DataPlane> Agent<D> {
         // has gone (until the next one takes over).
         switch.set_serving(on, 0)?;
         self.serving = on;
+        self.publish_metrics();
         Ok(())
     }
 
@@ -432,6 +490,7 @@ impl<D: DataPlane> Agent<D> {
     /// An election result, for the status: the speaker has already flipped the switch.
     pub fn on_vrrp(&mut self, change: StateChange) {
         self.serving = change.to.serves();
+        self.publish_metrics();
         if let Some(sync) = &self.sync {
             sync.set_serving(self.serving);
         }
@@ -624,6 +683,7 @@ impl<D: DataPlane> Agent<D> {
             }
         };
         self.track();
+        self.publish_metrics();
         Ok(report)
     }
 
@@ -740,6 +800,9 @@ impl<D: DataPlane> Agent<D> {
         if old.bpffs_dir != newa.bpffs_dir {
             return Err(ReloadError::NeedsRestart("agent.bpffs_dir changed"));
         }
+        if old.metrics_listen != newa.metrics_listen {
+            return Err(ReloadError::NeedsRestart("agent.metrics_listen changed"));
+        }
         if old.flow_idle_timeout_s != newa.flow_idle_timeout_s {
             return Err(ReloadError::NeedsRestart(
                 "agent.flow_idle_timeout_s changed",
@@ -827,6 +890,7 @@ impl<D: DataPlane> Agent<D> {
         self.health = health;
         self.restart_checkers();
         self.track();
+        self.publish_metrics();
         Ok(report)
     }
 
@@ -1366,6 +1430,16 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let socket = config.agent.control_socket.clone();
     let listener = control::bind(&socket)?;
+    let metrics_listener = match config.agent.metrics_listen {
+        Some(addr) => match metrics::server::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                anyhow::bail!("[agent] metrics_listen {addr}: {e}");
+            }
+        },
+        None => None,
+    };
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     // A failed start leaves no socket file behind for the next one to find.
@@ -1373,9 +1447,26 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
         let mut agent = Agent::start(config_path, config, health_tx).await?;
         let sync_events = agent.start_sync().await?;
         let changes = agent.start_vrrp()?;
-        anyhow::Ok((agent, changes, sync_events))
+        // On a thread of its own: a scrape never waits for this loop.
+        let metrics = match metrics_listener {
+            Some(listener) => {
+                let counters = Arc::new(
+                    agent
+                        .dp
+                        .stats_reader()
+                        .context("opening the counters for the metrics endpoint")?,
+                );
+                let sources = agent.metrics_sources(counters);
+                let server = MetricsServer::spawn(listener, sources, Limits::default())
+                    .context("starting the metrics endpoint")?;
+                tracing::info!("metrics on http://{}/metrics", server.local_addr());
+                Some(server)
+            }
+            None => None,
+        };
+        anyhow::Ok((agent, changes, sync_events, metrics))
     };
-    let (mut agent, mut vrrp_changes, mut sync_events) = match started.await {
+    let (mut agent, mut vrrp_changes, mut sync_events, metrics) = match started.await {
         Ok(started) => started,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
@@ -1442,6 +1533,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     }
     agent.stop_vrrp().await;
     server.abort();
+    drop(metrics);
     let _ = std::fs::remove_file(&socket);
     let interface = agent.config.agent.interface.clone();
     for task in agent.checkers.drain(..) {
@@ -1719,6 +1811,125 @@ mod tests {
             .unwrap();
         assert_eq!(b.state, BackendState::Disabled);
         assert!(!b.in_ring);
+    }
+
+    /// No counter moved: the metrics test looks at the published state.
+    struct NoCounters;
+
+    impl CounterSource for NoCounters {
+        fn counter(
+            &self,
+            _slot: u32,
+        ) -> Result<lb_common::Counter, crate::dataplane::DataPlaneError> {
+            Ok(lb_common::Counter::default())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_metrics_show_each_change_without_asking_the_loop() {
+        let mut t = test_agent("metrics", &[("a", "127.0.0.2"), ("b", "127.0.0.3")]);
+        // The sources are read here, beside an agent that runs no loop at all.
+        let sources = t.agent.metrics_sources(Arc::new(NoCounters));
+        let b = r#"{service="web",backend="b",address="127.0.0.3"}"#;
+        let m = metrics::parse(&sources.scrape().unwrap());
+        assert_eq!(m[&format!("lb_backend_up{b}")], 1.0);
+        assert_eq!(m[&format!("lb_backend_admin_disabled{b}")], 0.0);
+        assert_eq!(m[&format!("lb_backend_weight{b}")], 100.0);
+        let r = t.agent.handle(Request::DisableBackend {
+            service: "web".into(),
+            backend: "b".into(),
+        });
+        assert!(matches!(r, Response::Done { .. }), "{r:?}");
+        let r = t.agent.handle(Request::SetWeight {
+            service: "web".into(),
+            backend: "a".into(),
+            weight: 7,
+        });
+        assert!(matches!(r, Response::Done { .. }), "{r:?}");
+        let m = metrics::parse(&sources.scrape().unwrap());
+        assert_eq!(m[&format!("lb_backend_admin_disabled{b}")], 1.0);
+        assert_eq!(
+            m[r#"lb_backend_weight{service="web",backend="a",address="127.0.0.2"}"#],
+            7.0
+        );
+        // A health change too.
+        let report = HealthReport {
+            backend: BackendId {
+                service: "web".into(),
+                address: "127.0.0.2".parse().unwrap(),
+            },
+            target: "127.0.0.2:9".parse().unwrap(),
+            result: CheckResult::Refused,
+        };
+        t.agent.on_health(report).unwrap();
+        let m = metrics::parse(&sources.scrape().unwrap());
+        assert_eq!(
+            m[r#"lb_backend_up{service="web",backend="a",address="127.0.0.2"}"#],
+            0.0
+        );
+    }
+
+    /// Each admin change and each health transition is one structured event, its
+    /// particulars as fields (`--log-format json`).
+    #[tokio::test]
+    async fn admin_and_health_changes_are_one_structured_event_each() {
+        let mut t = test_agent("events", &[("a", "127.0.0.2"), ("b", "127.0.0.3")]);
+        let log = crate::logging::capture::json();
+        let r = t.agent.handle(Request::DisableBackend {
+            service: "web".into(),
+            backend: "b".into(),
+        });
+        assert!(matches!(r, Response::Done { .. }), "{r:?}");
+        let admin = log.events("admin");
+        assert_eq!(admin.len(), 1, "{admin:?}");
+        let f = &admin[0]["fields"];
+        assert_eq!(admin[0]["level"], "INFO");
+        assert_eq!(f["service"], "web");
+        assert_eq!(f["backend"], "b");
+        assert_eq!(f["disabled"], true);
+        assert_eq!(f["weight"], 100);
+        assert_eq!(
+            f["message"],
+            "service web: backend b disabled: no new flows; established flows continue"
+        );
+        let r = t.agent.handle(Request::SetWeight {
+            service: "web".into(),
+            backend: "a".into(),
+            weight: 7,
+        });
+        assert!(matches!(r, Response::Done { .. }), "{r:?}");
+        let admin = log.events("admin");
+        assert_eq!(admin.len(), 1, "{admin:?}");
+        assert_eq!(admin[0]["fields"]["backend"], "a");
+        assert_eq!(admin[0]["fields"]["disabled"], false);
+        assert_eq!(admin[0]["fields"]["weight"], 7);
+
+        let a = BackendId {
+            service: "web".into(),
+            address: "127.0.0.2".parse().unwrap(),
+        };
+        let report = |result| HealthReport {
+            backend: a.clone(),
+            target: "127.0.0.2:9".parse().unwrap(),
+            result,
+        };
+        t.agent.on_health(report(CheckResult::Refused)).unwrap();
+        // A second failure changes nothing: no event.
+        t.agent.on_health(report(CheckResult::Refused)).unwrap();
+        let health = log.events("health");
+        assert_eq!(health.len(), 1, "{health:?}");
+        let f = &health[0]["fields"];
+        assert_eq!(health[0]["level"], "WARN");
+        assert_eq!(
+            (&f["service"], &f["backend"], &f["state"]),
+            (&"web".into(), &"a".into(), &"down".into())
+        );
+        assert_eq!(f["cause"], CheckResult::Refused.to_string());
+        t.agent.on_health(report(CheckResult::Passed)).unwrap();
+        let health = log.events("health");
+        assert_eq!(health.len(), 1, "{health:?}");
+        assert_eq!(health[0]["fields"]["state"], "up");
+        assert_eq!(health[0]["fields"]["backend"], "a");
     }
 
     #[test]

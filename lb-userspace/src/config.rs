@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -78,6 +78,8 @@ pub struct AgentConfig {
     /// Where the maps and the XDP link are pinned (`<bpffs_dir>/<interface>/v<layout>/`),
     /// so that they outlive the agent and the next one takes them over.
     pub bpffs_dir: PathBuf,
+    /// Where `/metrics` is served (Prometheus text format); absent: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
@@ -288,6 +290,7 @@ struct RawAgent {
     max_flows: Option<Spanned<i64>>,
     max_pinned_flows: Option<Spanned<i64>>,
     bpffs_dir: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -737,6 +740,39 @@ impl Validator<'_> {
             MIN_FLOW_TABLE,
             MAX_FLOW_TABLE,
         );
+        let metrics_listen = match &raw.metrics_listen {
+            None => Some(None),
+            Some(m) => match m.get_ref().parse::<SocketAddr>() {
+                Ok(a) if a.port() == 0 => {
+                    self.err(
+                        m,
+                        "agent.metrics_listen",
+                        format!("{a}: port 0 is not a port to scrape"),
+                    );
+                    None
+                }
+                Ok(a) if a.ip().is_multicast() => {
+                    self.err(
+                        m,
+                        "agent.metrics_listen",
+                        format!("{a}: a multicast address cannot be listened on"),
+                    );
+                    None
+                }
+                Ok(a) => Some(Some(a)),
+                Err(_) => {
+                    self.err(
+                        m,
+                        "agent.metrics_listen",
+                        format!(
+                            "{:?} is not an address and port such as \"127.0.0.1:9721\" or \"[::1]:9721\"",
+                            m.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
         Some(AgentConfig {
             interface: interface?,
             xdp_mode: xdp_mode?,
@@ -747,6 +783,7 @@ impl Validator<'_> {
             max_flows: max_flows?,
             max_pinned_flows: max_pinned_flows?,
             bpffs_dir: bpffs_dir?,
+            metrics_listen: metrics_listen?,
         })
     }
 
@@ -1310,6 +1347,49 @@ port = 80
             assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
         }
         assert_eq!(errs.len(), 3, "{joined}");
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_and_port() {
+        assert_eq!(parse(GOOD, "t").expect("valid").agent.metrics_listen, None);
+        for (value, want) in [
+            ("127.0.0.1:9721", "127.0.0.1:9721"),
+            ("[::1]:9721", "[::1]:9721"),
+        ] {
+            let set = GOOD.replace(
+                "xdp_mode = \"native\"\n",
+                &format!("xdp_mode = \"native\"\nmetrics_listen = \"{value}\"\n"),
+            );
+            let c = parse(&set, "t").expect("valid");
+            assert_eq!(c.agent.metrics_listen, Some(want.parse().unwrap()));
+        }
+        for (value, want) in [
+            (
+                "localhost:9721",
+                "line 5, column 18: agent.metrics_listen: \"localhost:9721\" is not an address and port such as \"127.0.0.1:9721\"",
+            ),
+            (
+                "127.0.0.1",
+                "agent.metrics_listen: \"127.0.0.1\" is not an address and port",
+            ),
+            (
+                "127.0.0.1:0",
+                "agent.metrics_listen: 127.0.0.1:0: port 0 is not a port to scrape",
+            ),
+            (
+                "224.0.0.1:9721",
+                "agent.metrics_listen: 224.0.0.1:9721: a multicast address",
+            ),
+        ] {
+            let bad = GOOD.replace(
+                "xdp_mode = \"native\"\n",
+                &format!("xdp_mode = \"native\"\nmetrics_listen = \"{value}\"\n"),
+            );
+            let errs = parse(&bad, "t").expect_err("invalid").errors;
+            let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+            assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+            assert_eq!(errs.len(), 1, "{joined}");
+        }
     }
 
     #[test]

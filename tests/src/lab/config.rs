@@ -113,6 +113,9 @@ pub struct AgentSection {
     /// call their interface eth0: `config_file` gives each node a directory of its own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bpffs_dir: Option<PathBuf>,
+    /// Where the agent serves `/metrics`, in its own namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl AgentSection {
@@ -571,9 +574,11 @@ mod tests {
         let mut file = ConfigFile::new(agent(Node::Lb)).services(&services()[1..]);
         file.agent.flow_idle_timeout_s = Some(30);
         file.agent.xdp_mode = "generic".into();
+        file.agent.metrics_listen = Some("127.0.0.1:9721".parse()?);
         let parsed = check(&file)?;
         ensure!(parsed.agent.flow_idle_timeout_s == 30);
         ensure!(parsed.agent.xdp_mode == XdpMode::Generic);
+        ensure!(parsed.agent.metrics_listen == file.agent.metrics_listen);
         Ok(())
     }
 

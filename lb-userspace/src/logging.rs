@@ -54,6 +54,67 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), LogError> {
     tracing::subscriber::set_global_default(s).map_err(|_| LogError::Installed)
 }
 
+/// For tests about what the agent logs: a JSON logger for the current thread whose
+/// lines are kept.
+#[cfg(test)]
+pub(crate) mod capture {
+    use std::sync::{Arc, Mutex};
+
+    use super::{LogFormat, subscriber};
+
+    /// A writer that keeps what it is given.
+    #[derive(Clone, Default)]
+    pub struct Buffer(pub Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The captured log; the logger stays installed on this thread while it lives.
+    pub struct Captured {
+        buffer: Buffer,
+        _guard: tracing::subscriber::DefaultGuard,
+    }
+
+    /// Installs a JSON logger at `info` on the current thread.
+    pub fn json() -> Captured {
+        let buffer = Buffer::default();
+        let keep = buffer.clone();
+        let s = subscriber(LogFormat::Json, "info", move || keep.clone(), false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Captured {
+            buffer,
+            _guard: tracing::subscriber::set_default(s),
+        }
+    }
+
+    impl Captured {
+        /// The lines logged so far, parsed, that carry an `event` field of `kind`;
+        /// taken, so the next call sees only what came after.
+        pub fn events(&self, kind: &str) -> Vec<serde_json::Value> {
+            let bytes =
+                std::mem::take(&mut *self.buffer.0.lock().unwrap_or_else(|e| e.into_inner()));
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .unwrap_or_else(|e| panic!("{e}: {l}"))
+                })
+                .filter(|v| v["fields"]["event"] == kind)
+                .collect()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};

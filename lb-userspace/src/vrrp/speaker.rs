@@ -1073,6 +1073,34 @@ mod tests {
         );
     }
 
+    /// Each transition is one structured event (`--log-format json`) and one count.
+    #[test]
+    fn each_transition_is_one_structured_event() {
+        let log = crate::logging::capture::json();
+        let (mut sp, mut rx, _) = speaker(0);
+        let t = to_master(&mut sp);
+        let (r, bytes) = received(PEER, 200, &[VIP]);
+        sp.on_packet(t, &r, &bytes);
+        assert_eq!(sp.machine.state(), VrrpState::Backup);
+        let changes: Vec<StateChange> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        let events = log.events("vrrp_transition");
+        assert_eq!(events.len(), changes.len(), "{events:?}");
+        assert_eq!(sp.status.counters.transitions, changes.len() as u64);
+        for (e, c) in events.iter().zip(&changes) {
+            let f = &e["fields"];
+            assert_eq!(e["level"], "INFO");
+            assert_eq!(f["router_id"], 51);
+            assert_eq!(f["from"], c.from.as_str());
+            assert_eq!(f["to"], c.to.as_str());
+            assert_eq!(f["reason"], c.reason.as_str());
+        }
+        let last = &events[events.len() - 1]["fields"];
+        assert_eq!(
+            (&last["from"], &last["to"]),
+            (&"master".into(), &"backup".into())
+        );
+    }
+
     #[test]
     fn a_master_renews_its_serving_lease_with_every_advert() {
         use std::sync::atomic::Ordering::SeqCst;

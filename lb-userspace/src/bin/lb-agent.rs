@@ -21,7 +21,8 @@ use lb_userspace::{
 /// program and its flow tables over (a restart or an upgrade loses no flow). With
 /// [vrrp], SIGTERM as master sends priority 0 first, so the peer takes over at once, then
 /// stops serving; a killed master stops serving by itself (its lease runs out within
-/// 3 advert intervals). `--detach` removes the program and the pins for good.
+/// 3 advert intervals). `--detach` removes the program and the pins for good. With
+/// [agent] metrics_listen it serves Prometheus metrics on GET /metrics there.
 #[derive(Parser)]
 #[command(name = "lb-agent", version)]
 struct Args {

@@ -35,6 +35,7 @@ use tokio::{
 
 use crate::{
     admin::{AdminBackend, AdminState, Clock, Version, now_ms},
+    announce::{self, Decision, Gate, kernel::Announcer},
     config::{
         self, BackendId, BackendSpec, Config, ConfigErrors, HealthCheck, MAX_WEIGHT, Service,
         XdpMode,
@@ -50,7 +51,8 @@ use crate::{
     pins::PinDir,
     programmer::{ApplyReport, BackendView, Plan, Programmer},
     protocol::{
-        BackendState, BackendStatus, FlowTableStatus, Request, Response, ServiceStatus, Status,
+        AnnounceStatus, BackendState, BackendStatus, FlowTableStatus, Request, Response,
+        ServiceStatus, Status, VipAnnouncement,
     },
     sync::{self, Confirmation, SyncEvent, SyncHandle, wire::AdminEntry},
     tracking::{DataPathHealth, effective_priority, interface_up},
@@ -111,6 +113,10 @@ pub struct Agent<D: DataPlane = XdpDataPlane> {
     /// The peers' acknowledgement of the admin change `handle` just made, for the loop
     /// to wait on beside it (`take_confirmation`).
     confirmation: Option<oneshot::Receiver<Confirmation>>,
+    /// Keeps the routes of the VIPs this host can serve (`[announce]`).
+    announcer: Option<Announcer>,
+    /// A graceful stop has begun: every route is withdrawn, forwarding goes on.
+    stopping: bool,
 }
 
 /// How long a starting host waits for its peers' admin state before VRRP starts.
@@ -384,6 +390,8 @@ impl<D: DataPlane> Agent<D> {
             sync: None,
             clock: Clock::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
             confirmation: None,
+            announcer: None,
+            stopping: false,
         })
     }
 
@@ -434,6 +442,99 @@ impl<D: DataPlane> Agent<D> {
         self.serving = change.to.serves();
         if let Some(sync) = &self.sync {
             sync.set_serving(self.serving);
+        }
+        self.announce();
+    }
+
+    /// Creates the route device and announces what this host can serve, if
+    /// `[announce]` is configured. Call once the program is attached.
+    pub async fn start_announce(&mut self) -> Result<()> {
+        let Some(settings) = self.config.announce.clone() else {
+            return Ok(());
+        };
+        let announcer = Announcer::start(settings.table)
+            .await
+            .context("[announce]: setting up the route device")?;
+        tracing::info!(
+            "announce: routes of the VIPs this host can serve go into table {} on {} (gone with this process)",
+            settings.table,
+            announcer.device()
+        );
+        self.announcer = Some(announcer);
+        self.announce();
+        Ok(())
+    }
+
+    /// What each VIP deserves now: a route while it can be served here.
+    fn decisions(&self) -> BTreeMap<IpAddr, Decision> {
+        let services = self
+            .config
+            .services
+            .iter()
+            .map(|s| (s.vip, self.programmer.serves(s.vip, s.port)));
+        announce::decide(
+            services,
+            Gate {
+                serving: self.serving,
+                stopping: self.stopping,
+            },
+        )
+    }
+
+    /// Hands the announcer the VIPs to keep a route for (it applies them on its task).
+    fn announce(&mut self) {
+        if let Some(a) = &self.announcer {
+            a.want(announce::wanted(&self.decisions()));
+        }
+    }
+
+    /// The first half of a graceful stop with `[announce]`: every route is withdrawn
+    /// while the program goes on forwarding. Returns how long to keep forwarding; None
+    /// without `[announce]`, where there is nothing to wait for.
+    pub fn begin_withdrawal(&mut self) -> Option<Duration> {
+        let grace = self.config.announce.as_ref()?.withdraw_grace_ms;
+        self.announcer.as_ref()?;
+        self.stopping = true;
+        self.announce();
+        tracing::info!(
+            "stopping: VIP routes withdrawn; forwarding for {grace} ms (withdraw_grace_ms) while the router moves the flows"
+        );
+        Some(Duration::from_millis(u64::from(grace)))
+    }
+
+    /// Makes sure no route is left (waits at most a second for the kernel).
+    pub async fn finish_withdrawal(&mut self) {
+        self.stopping = true;
+        if let Some(a) = &mut self.announcer
+            && !a.withdraw_all(Duration::from_secs(1)).await
+        {
+            tracing::warn!(
+                "stopping: the VIP routes could not be removed ({}); they go with this process",
+                a.announced().error.unwrap_or_default()
+            );
+        }
+    }
+
+    fn announce_status(&self, a: &Announcer) -> AnnounceStatus {
+        let now = a.announced();
+        let vips = self
+            .decisions()
+            .into_iter()
+            .map(|(vip, decision)| {
+                let since = now.routes.get(&vip);
+                VipAnnouncement {
+                    vip,
+                    announcing: since.is_some(),
+                    since_unix_ms: since.or_else(|| now.withdrawn.get(&vip)).copied(),
+                    decision: decision.to_string(),
+                }
+            })
+            .collect();
+        AnnounceStatus {
+            table: a.table(),
+            device: a.device().to_string(),
+            vips,
+            error: now.error,
         }
     }
 
@@ -624,6 +725,7 @@ impl<D: DataPlane> Agent<D> {
             }
         };
         self.track();
+        self.announce();
         Ok(report)
     }
 
@@ -751,6 +853,9 @@ impl<D: DataPlane> Agent<D> {
         if self.config.sync != new.sync {
             return Err(ReloadError::NeedsRestart("[sync] changed"));
         }
+        if self.config.announce != new.announce {
+            return Err(ReloadError::NeedsRestart("[announce] changed"));
+        }
         // The flow tables are sized when the program is loaded.
         if old.max_flows != newa.max_flows {
             return Err(ReloadError::NeedsRestart("agent.max_flows changed"));
@@ -827,6 +932,7 @@ impl<D: DataPlane> Agent<D> {
         self.health = health;
         self.restart_checkers();
         self.track();
+        self.announce();
         Ok(report)
     }
 
@@ -1085,6 +1191,7 @@ impl<D: DataPlane> Agent<D> {
             serving: self.serving,
             flows,
             sync: self.sync.as_ref().map(|h| h.status()),
+            announce: self.announcer.as_ref().map(|a| self.announce_status(a)),
         })
     }
 }
@@ -1115,6 +1222,32 @@ async fn next_change(
 ) -> Option<StateChange> {
     match changes {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A stop signal: with `[announce]`, the first one withdraws the routes and sets when
+/// the loop ends (true: go on until then); otherwise, and for a second signal, false.
+fn keep_forwarding<D: DataPlane>(
+    agent: &mut Agent<D>,
+    stop_at: &mut Option<tokio::time::Instant>,
+) -> bool {
+    if stop_at.is_some() {
+        return false;
+    }
+    match agent.begin_withdrawal() {
+        Some(grace) => {
+            *stop_at = Some(tokio::time::Instant::now() + grace);
+            true
+        }
+        None => false,
+    }
+}
+
+/// When `at` comes, or never without it.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -1373,6 +1506,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
         let mut agent = Agent::start(config_path, config, health_tx).await?;
         let sync_events = agent.start_sync().await?;
         let changes = agent.start_vrrp()?;
+        agent.start_announce().await?;
         anyhow::Ok((agent, changes, sync_events))
     };
     let (mut agent, mut vrrp_changes, mut sync_events) = match started.await {
@@ -1396,10 +1530,14 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     let mut track_tick = tokio::time::interval(TRACK_EVERY);
     track_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reloads = Reloads::default();
+    // With [announce], a stop withdraws the routes first and ends the loop when the
+    // grace period is over; a second signal ends it at once.
+    let mut stop_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = sigterm.recv() => if !keep_forwarding(&mut agent, &mut stop_at) { break },
+            _ = sigint.recv() => if !keep_forwarding(&mut agent, &mut stop_at) { break },
+            _ = until(stop_at) => break,
             _ = sighup.recv() => reloads.ask(&agent, None),
             (result, waiters) = reloads.next() => {
                 reloads.finish(&mut agent, result, waiters);
@@ -1440,6 +1578,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             }
         }
     }
+    agent.finish_withdrawal().await;
     agent.stop_vrrp().await;
     server.abort();
     let _ = std::fs::remove_file(&socket);

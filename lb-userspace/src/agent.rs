@@ -1860,6 +1860,27 @@ mod tests {
         assert!(!b.in_ring);
     }
 
+    #[tokio::test]
+    async fn a_vip_is_announced_while_its_service_has_a_usable_backend() {
+        let mut t = test_agent("announce", &[("a", "127.0.0.2"), ("b", "127.0.0.3")]);
+        t.agent.serving = true;
+        let vip: IpAddr = "192.0.2.10".parse().unwrap();
+        assert_eq!(t.agent.decisions()[&vip], Decision::Announce);
+        // Without [announce] a stop has nothing to wait for.
+        assert_eq!(t.agent.begin_withdrawal(), None);
+        assert!(!t.agent.stopping);
+        for b in ["a", "b"] {
+            let r = t.agent.handle(Request::DisableBackend {
+                service: "web".into(),
+                backend: b.into(),
+            });
+            assert!(matches!(r, Response::Done { .. }), "{r:?}");
+        }
+        assert_eq!(t.agent.decisions()[&vip], Decision::NoUsableBackend);
+        t.agent.serving = false;
+        assert_eq!(t.agent.decisions()[&vip], Decision::NotServing);
+    }
+
     #[test]
     fn macs_parse() {
         assert_eq!(parse_mac("02:00:0a:ff:00:01"), Some([2, 0, 10, 255, 0, 1]));

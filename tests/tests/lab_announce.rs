@@ -256,6 +256,12 @@ fn both_hosts_carry_connections_and_a_graceful_stop_breaks_none() -> Result<()> 
     let lab = routed_lab(2)?;
     let mut hosts = Hosts::new(&lab)?;
     hosts.start_all(&[Node::Lb, Node::Lb2])?;
+    let text = lab.lbctl_ok_on(Node::Lb, &["status"])?;
+    ensure!(
+        text.contains(&format!("announce: VIP routes in table {TABLE}"))
+            && text.contains(&format!("{}: announcing since ", vip_ip())),
+        "lbctl status:\n{text}"
+    );
 
     let spread = lab.spread(vip(), 200, Duration::from_secs(60));
     ensure!(
@@ -320,6 +326,31 @@ fn both_hosts_carry_connections_and_a_graceful_stop_breaks_none() -> Result<()> 
     let spread = lab.spread(vip(), 20, Duration::from_secs(30));
     ensure!(spread.succeeded() == 20, "{:?}", spread.failures);
     ensure!(new_flows(&lab, Node::Lb)? >= before + 20);
+
+    // The last backend going down withdraws the VIP: nothing here could serve it.
+    drop(conversations);
+    for i in 1..=3 {
+        lab.stop_server(i, SERVICE_PORT);
+    }
+    let took = lab.wait_next_hops(vip_ip(), &[], Duration::from_secs(5))?;
+    eprintln!("announce: with every backend down, the router dropped the VIP after {took:?}");
+    let s = lab.lbctl_status_on(Node::Lb)?;
+    let state = s
+        .announce
+        .as_ref()
+        .and_then(|a| a.vips.iter().find(|v| v.vip == vip_ip()))
+        .ok_or_else(|| anyhow!("lb's status has no announce entry: {:#?}", s.announce))?;
+    ensure!(
+        !state.announcing && state.decision == "no usable backend" && state.since_unix_ms.is_some(),
+        "lb with every backend down: {state:?}"
+    );
+    let text = lab.lbctl_ok_on(Node::Lb, &["status"])?;
+    eprintln!("announce: lbctl status on lb now:\n{text}");
+    ensure!(
+        text.contains(&format!("{}: not announcing since ", vip_ip()))
+            && text.contains(": no usable backend"),
+        "lbctl status:\n{text}"
+    );
     hosts.finished = true;
     Ok(())
 }

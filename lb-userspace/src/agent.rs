@@ -490,10 +490,14 @@ impl<D: DataPlane> Agent<D> {
 
     /// The first half of a graceful stop with `[announce]`: every route is withdrawn
     /// while the program goes on forwarding. Returns how long to keep forwarding; None
-    /// without `[announce]`, where there is nothing to wait for.
+    /// without `[announce]`, where there is nothing to wait for, and with `[vrrp]`,
+    /// where the route moves with the handover (`stop_vrrp`).
     pub fn begin_withdrawal(&mut self) -> Option<Duration> {
         let grace = self.config.announce.as_ref()?.withdraw_grace_ms;
         self.announcer.as_ref()?;
+        if self.vrrp.is_some() {
+            return None;
+        }
         self.stopping = true;
         self.announce();
         tracing::info!(
@@ -705,11 +709,45 @@ impl<D: DataPlane> Agent<D> {
     /// Stops the speaker gracefully: priority 0 tells the peer to take over at once;
     /// the speaker keeps this host forwarding until the peer has had time to, then
     /// turns serving off.
+    ///
+    /// With `[announce]`, a master's route moves with the handover: the peer takes over
+    /// (and announces) within its skew time, this host withdraws after two advert
+    /// intervals (at most 1 s), and the speaker keeps it forwarding that long plus
+    /// `withdraw_grace_ms` while the router moves the flows.
     pub async fn stop_vrrp(&mut self) {
         let Some(handle) = self.vrrp.take() else {
             return;
         };
-        handle.shutdown().await;
+        let (Some(settings), Some(vrrp), true) =
+            (&self.config.announce, &self.config.vrrp, self.serving)
+        else {
+            handle.shutdown().await;
+            self.serving = false;
+            return;
+        };
+        let interval = Duration::from_millis(u64::from(vrrp.advert_interval_ms));
+        let handover = (interval * 2).min(Duration::from_secs(1));
+        let grace = Duration::from_millis(u64::from(settings.withdraw_grace_ms));
+        tracing::info!(
+            "stopping: handing over to the VRRP peer; VIP routes withdrawn after {} ms, forwarding {} ms more (withdraw_grace_ms)",
+            handover.as_millis(),
+            grace.as_millis()
+        );
+        self.stopping = true;
+        let announcer = self.announcer.as_mut();
+        let withdraw = async move {
+            let Some(a) = announcer else {
+                return;
+            };
+            tokio::time::sleep(handover).await;
+            if !a.withdraw_all(Duration::from_secs(1)).await {
+                tracing::warn!(
+                    "stopping: the VIP routes could not be removed ({}); they go with this process",
+                    a.announced().error.unwrap_or_default()
+                );
+            }
+        };
+        tokio::join!(handle.shutdown_after(handover + grace), withdraw);
         self.serving = false;
     }
 
@@ -1578,8 +1616,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             }
         }
     }
-    agent.finish_withdrawal().await;
     agent.stop_vrrp().await;
+    agent.finish_withdrawal().await;
     server.abort();
     let _ = std::fs::remove_file(&socket);
     let interface = agent.config.agent.interface.clone();

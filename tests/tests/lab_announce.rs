@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, ensure};
 use lb_tests::lab::{
     AgentGuard, AnnounceSection, Attempt, BirdGuard, Conversation, Lab, Node, ROUTED_VIP4,
-    SERVICE_PORT, Service, SyncSection, addr4, probe_gap,
+    SERVICE_PORT, Service, SyncSection, VrrpSection, addr4, probe_gap,
 };
 use lb_userspace::protocol::Status;
 
@@ -82,9 +82,9 @@ fn key_file(lab: &Lab) -> Result<PathBuf> {
 }
 
 /// `node`'s config: the routed service, `[announce]` in `TABLE`, and `[sync]` with
-/// every other LB host of the lab (pins reach a host that joins later too). No
-/// `[vrrp]`: every host is active.
-fn agent_config(lab: &Lab, node: Node) -> Result<String> {
+/// every other LB host of the lab (pins reach a host that joins later too); `[vrrp]`
+/// with this priority if given, else none: every host is active.
+fn agent_config(lab: &Lab, node: Node, vrrp: Option<u8>) -> Result<String> {
     let mut file = lab.config_file(node, "native", &services());
     let peers = lab
         .lbs()
@@ -93,6 +93,7 @@ fn agent_config(lab: &Lab, node: Node) -> Result<String> {
         .map(|n| IpAddr::V4(addr4(n)));
     file.sync = Some(SyncSection::new(peers, key_file(lab)?));
     file.announce = Some(AnnounceSection::new(TABLE));
+    file.vrrp = vrrp.map(|priority| VrrpSection::new(51, priority));
     Ok(file.to_toml())
 }
 
@@ -127,15 +128,16 @@ impl<'lab> Hosts<'lab> {
         Ok(hosts)
     }
 
-    /// BIRD, then the agent, on LB host `node`.
-    fn start_lb(&mut self, node: Node) -> Result<()> {
+    /// BIRD, then the agent (with `[vrrp]` at this priority if given), on LB host
+    /// `node`.
+    fn start_lb(&mut self, node: Node, vrrp: Option<u8>) -> Result<()> {
         let bird = self
             .lab
             .spawn_bird(node, &self.lab.bird_lb_config(node, TABLE)?)?;
         self.birds.push(bird);
         let agent = self
             .lab
-            .spawn_agent_on(node, &agent_config(self.lab, node)?)?;
+            .spawn_agent_on(node, &agent_config(self.lab, node, vrrp)?)?;
         self.agents.push((node, agent));
         Ok(())
     }
@@ -152,7 +154,7 @@ impl<'lab> Hosts<'lab> {
     /// Starts `lbs` and waits until the router routes the VIP to each of them.
     fn start_all(&mut self, lbs: &[Node]) -> Result<()> {
         for &node in lbs {
-            self.start_lb(node)?;
+            self.start_lb(node, None)?;
         }
         self.lab
             .wait_backends_up("web", &["b1", "b2", "b3"], Duration::from_secs(5))?;
@@ -414,7 +416,7 @@ fn a_third_host_moves_no_established_connection() -> Result<()> {
     let mut conversations = open_conversations(&lab, CONVERSATIONS)?;
     check_conversations(&mut conversations, "before lb3")?;
 
-    hosts.start_lb(Node::Lb3)?;
+    hosts.start_lb(Node::Lb3, None)?;
     let took = lab.wait_next_hops(vip_ip(), &[Node::Lb, Node::Lb2, Node::Lb3], CONVERGE)?;
     eprintln!("announce: the router added lb3 {took:?} after its agent was ready");
     // Established flows only, no new connection yet: the ones ECMP moved reach lb3,
@@ -433,6 +435,63 @@ fn a_third_host_moves_no_established_connection() -> Result<()> {
     eprintln!("announce: 150 new connections, {on_lb3} through lb3");
     ensure!(on_lb3 > 0, "no new connection went through lb3");
     check_conversations(&mut conversations, "after new connections")?;
+    hosts.finished = true;
+    Ok(())
+}
+
+#[test]
+fn with_vrrp_the_route_follows_the_master_through_a_graceful_stop() -> Result<()> {
+    if !lb_tests::require_root("with_vrrp_the_route_follows_the_master_through_a_graceful_stop") {
+        return Ok(());
+    }
+    let lab = routed_lab(2)?;
+    let mut hosts = Hosts::new(&lab)?;
+    hosts.start_lb(Node::Lb, Some(150))?;
+    lab.wait_status_on(Node::Lb, "master", Duration::from_secs(5), |s| s.serving)?;
+    hosts.start_lb(Node::Lb2, Some(100))?;
+    lab.wait_backends_up("web", &["b1", "b2", "b3"], Duration::from_secs(5))?;
+    let took = lab.wait_next_hops(vip_ip(), &[Node::Lb], CONVERGE)?;
+    eprintln!("announce+vrrp: the router routes the VIP to the master only ({took:?})");
+    let s = lab.lbctl_status_on(Node::Lb2)?;
+    let backup = s
+        .announce
+        .as_ref()
+        .and_then(|a| a.vips.iter().find(|v| v.vip == vip_ip()))
+        .ok_or_else(|| anyhow!("lb2's status has no announce entry: {:#?}", s.announce))?;
+    ensure!(
+        !backup.announcing && backup.decision == "not serving (VRRP backup)",
+        "the backup: {backup:?}"
+    );
+    // Still only the master a while later: the backup never announces.
+    thread::sleep(Duration::from_millis(500));
+    lab.wait_next_hops(vip_ip(), &[Node::Lb], Duration::ZERO)?;
+
+    let mut conversations = open_conversations(&lab, CONVERSATIONS)?;
+    let probe = lab.start_probe(vip(), PROBE_EVERY, PROBE_TIMEOUT, PROBE_MAX)?;
+    thread::sleep(Duration::from_millis(500));
+    hosts.agent(Node::Lb)?.signal(libc::SIGTERM)?;
+    let took = lab.wait_next_hops(vip_ip(), &[Node::Lb2], Duration::from_secs(5))?;
+    eprintln!("announce+vrrp: the router routes the VIP to lb2 alone {took:?} after lb's SIGTERM");
+    let agent = hosts.agent(Node::Lb)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.exited().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let exit = agent
+        .exited()
+        .ok_or_else(|| anyhow!("lb's agent still runs 10 s after SIGTERM"))?;
+    ensure!(exit.success(), "lb's agent: {exit}");
+    thread::sleep(Duration::from_millis(500));
+    let attempts = probe.stop();
+    let failed = failures(&attempts);
+    eprintln!(
+        "announce+vrrp: {} probes across the handover, {} failed",
+        attempts.len(),
+        failed.len()
+    );
+    ensure!(attempts.len() > 100, "too few probes: {}", attempts.len());
+    ensure!(failed.is_empty(), "probes failed: {failed:?}");
+    check_conversations(&mut conversations, "after the handover")?;
     hosts.finished = true;
     Ok(())
 }

@@ -36,6 +36,7 @@ use tokio::{
 
 use crate::{
     admin::{AdminBackend, AdminState, Clock, Version, now_ms},
+    announce::{self, Decision, Gate, kernel::Announcer},
     config::{
         self, BackendId, BackendSpec, Config, ConfigErrors, HealthCheck, MAX_WEIGHT, Service,
         XdpMode,
@@ -55,7 +56,8 @@ use crate::{
     pins::PinDir,
     programmer::{ApplyReport, BackendView, Plan, Programmer},
     protocol::{
-        BackendState, BackendStatus, FlowTableStatus, Request, Response, ServiceStatus, Status,
+        AnnounceStatus, BackendState, BackendStatus, FlowTableStatus, Request, Response,
+        ServiceStatus, Status, VipAnnouncement,
     },
     sync::{self, Confirmation, SyncEvent, SyncHandle, wire::AdminEntry},
     tracking::{DataPathHealth, effective_priority, interface_up},
@@ -119,6 +121,10 @@ pub struct Agent<D: DataPlane = XdpDataPlane> {
     /// What the metrics endpoint shows of the services and backends, published after
     /// every change (`publish_metrics`): a scrape never asks this loop.
     metrics: Arc<ArcSwap<metrics::View>>,
+    /// Keeps the routes of the VIPs this host can serve (`[announce]`).
+    announcer: Option<Announcer>,
+    /// A graceful stop has begun: every route is withdrawn, forwarding goes on.
+    stopping: bool,
 }
 
 /// How long a starting host waits for its peers' admin state before VRRP starts.
@@ -394,6 +400,8 @@ impl<D: DataPlane> Agent<D> {
             clock: Clock::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
             confirmation: None,
             metrics: Arc::default(),
+            announcer: None,
+            stopping: false,
         })
     }
 
@@ -493,6 +501,103 @@ impl<D: DataPlane> Agent<D> {
         self.publish_metrics();
         if let Some(sync) = &self.sync {
             sync.set_serving(self.serving);
+        }
+        self.announce();
+    }
+
+    /// Creates the route device and announces what this host can serve, if
+    /// `[announce]` is configured. Call once the program is attached.
+    pub async fn start_announce(&mut self) -> Result<()> {
+        let Some(settings) = self.config.announce.clone() else {
+            return Ok(());
+        };
+        let announcer = Announcer::start(settings.table)
+            .await
+            .context("[announce]: setting up the route device")?;
+        tracing::info!(
+            "announce: routes of the VIPs this host can serve go into table {} on {} (gone with this process)",
+            settings.table,
+            announcer.device()
+        );
+        self.announcer = Some(announcer);
+        self.announce();
+        Ok(())
+    }
+
+    /// What each VIP deserves now: a route while it can be served here.
+    fn decisions(&self) -> BTreeMap<IpAddr, Decision> {
+        let services = self
+            .config
+            .services
+            .iter()
+            .map(|s| (s.vip, self.programmer.serves(s.vip, s.port)));
+        announce::decide(
+            services,
+            Gate {
+                serving: self.serving,
+                stopping: self.stopping,
+            },
+        )
+    }
+
+    /// Hands the announcer the VIPs to keep a route for (it applies them on its task).
+    fn announce(&mut self) {
+        if let Some(a) = &self.announcer {
+            a.want(announce::wanted(&self.decisions()));
+        }
+    }
+
+    /// The first half of a graceful stop with `[announce]`: every route is withdrawn
+    /// while the program goes on forwarding. Returns how long to keep forwarding; None
+    /// without `[announce]`, where there is nothing to wait for, and with `[vrrp]`,
+    /// where the route moves with the handover (`stop_vrrp`).
+    pub fn begin_withdrawal(&mut self) -> Option<Duration> {
+        let grace = self.config.announce.as_ref()?.withdraw_grace_ms;
+        self.announcer.as_ref()?;
+        if self.vrrp.is_some() {
+            return None;
+        }
+        self.stopping = true;
+        self.announce();
+        tracing::info!(
+            "stopping: VIP routes withdrawn; forwarding for {grace} ms (withdraw_grace_ms) while the router moves the flows"
+        );
+        Some(Duration::from_millis(u64::from(grace)))
+    }
+
+    /// Makes sure no route is left (waits at most a second for the kernel).
+    pub async fn finish_withdrawal(&mut self) {
+        self.stopping = true;
+        if let Some(a) = &mut self.announcer
+            && !a.withdraw_all(Duration::from_secs(1)).await
+        {
+            tracing::warn!(
+                "stopping: the VIP routes could not be removed ({}); they go with this process",
+                a.announced().error.unwrap_or_default()
+            );
+        }
+    }
+
+    fn announce_status(&self, a: &Announcer) -> AnnounceStatus {
+        let now = a.announced();
+        let vips = self
+            .decisions()
+            .into_iter()
+            .map(|(vip, decision)| {
+                let since = now.routes.get(&vip);
+                VipAnnouncement {
+                    vip,
+                    announcing: since.is_some(),
+                    since_unix_ms: since.or_else(|| now.withdrawn.get(&vip)).copied(),
+                    decision: decision.to_string(),
+                }
+            })
+            .collect();
+        AnnounceStatus {
+            table: a.table(),
+            device: a.device().to_string(),
+            vips,
+            error: now.error,
         }
     }
 
@@ -663,11 +768,45 @@ impl<D: DataPlane> Agent<D> {
     /// Stops the speaker gracefully: priority 0 tells the peer to take over at once;
     /// the speaker keeps this host forwarding until the peer has had time to, then
     /// turns serving off.
+    ///
+    /// With `[announce]`, a master's route moves with the handover: the peer takes over
+    /// (and announces) within its skew time, this host withdraws after two advert
+    /// intervals (at most 1 s), and the speaker keeps it forwarding that long plus
+    /// `withdraw_grace_ms` while the router moves the flows.
     pub async fn stop_vrrp(&mut self) {
         let Some(handle) = self.vrrp.take() else {
             return;
         };
-        handle.shutdown().await;
+        let (Some(settings), Some(vrrp), true) =
+            (&self.config.announce, &self.config.vrrp, self.serving)
+        else {
+            handle.shutdown().await;
+            self.serving = false;
+            return;
+        };
+        let interval = Duration::from_millis(u64::from(vrrp.advert_interval_ms));
+        let handover = (interval * 2).min(Duration::from_secs(1));
+        let grace = Duration::from_millis(u64::from(settings.withdraw_grace_ms));
+        tracing::info!(
+            "stopping: handing over to the VRRP peer; VIP routes withdrawn after {} ms, forwarding {} ms more (withdraw_grace_ms)",
+            handover.as_millis(),
+            grace.as_millis()
+        );
+        self.stopping = true;
+        let announcer = self.announcer.as_mut();
+        let withdraw = async move {
+            let Some(a) = announcer else {
+                return;
+            };
+            tokio::time::sleep(handover).await;
+            if !a.withdraw_all(Duration::from_secs(1)).await {
+                tracing::warn!(
+                    "stopping: the VIP routes could not be removed ({}); they go with this process",
+                    a.announced().error.unwrap_or_default()
+                );
+            }
+        };
+        tokio::join!(handle.shutdown_after(handover + grace), withdraw);
         self.serving = false;
     }
 
@@ -684,6 +823,7 @@ impl<D: DataPlane> Agent<D> {
         };
         self.track();
         self.publish_metrics();
+        self.announce();
         Ok(report)
     }
 
@@ -814,6 +954,9 @@ impl<D: DataPlane> Agent<D> {
         if self.config.sync != new.sync {
             return Err(ReloadError::NeedsRestart("[sync] changed"));
         }
+        if self.config.announce != new.announce {
+            return Err(ReloadError::NeedsRestart("[announce] changed"));
+        }
         // The flow tables are sized when the program is loaded.
         if old.max_flows != newa.max_flows {
             return Err(ReloadError::NeedsRestart("agent.max_flows changed"));
@@ -891,6 +1034,7 @@ impl<D: DataPlane> Agent<D> {
         self.restart_checkers();
         self.track();
         self.publish_metrics();
+        self.announce();
         Ok(report)
     }
 
@@ -1149,6 +1293,7 @@ impl<D: DataPlane> Agent<D> {
             serving: self.serving,
             flows,
             sync: self.sync.as_ref().map(|h| h.status()),
+            announce: self.announcer.as_ref().map(|a| self.announce_status(a)),
         })
     }
 }
@@ -1179,6 +1324,32 @@ async fn next_change(
 ) -> Option<StateChange> {
     match changes {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A stop signal: with `[announce]`, the first one withdraws the routes and sets when
+/// the loop ends (true: go on until then); otherwise, and for a second signal, false.
+fn keep_forwarding<D: DataPlane>(
+    agent: &mut Agent<D>,
+    stop_at: &mut Option<tokio::time::Instant>,
+) -> bool {
+    if stop_at.is_some() {
+        return false;
+    }
+    match agent.begin_withdrawal() {
+        Some(grace) => {
+            *stop_at = Some(tokio::time::Instant::now() + grace);
+            true
+        }
+        None => false,
+    }
+}
+
+/// When `at` comes, or never without it.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -1464,6 +1635,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             }
             None => None,
         };
+        agent.start_announce().await?;
         anyhow::Ok((agent, changes, sync_events, metrics))
     };
     let (mut agent, mut vrrp_changes, mut sync_events, metrics) = match started.await {
@@ -1487,10 +1659,14 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     let mut track_tick = tokio::time::interval(TRACK_EVERY);
     track_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reloads = Reloads::default();
+    // With [announce], a stop withdraws the routes first and ends the loop when the
+    // grace period is over; a second signal ends it at once.
+    let mut stop_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = sigterm.recv() => if !keep_forwarding(&mut agent, &mut stop_at) { break },
+            _ = sigint.recv() => if !keep_forwarding(&mut agent, &mut stop_at) { break },
+            _ = until(stop_at) => break,
             _ = sighup.recv() => reloads.ask(&agent, None),
             (result, waiters) = reloads.next() => {
                 reloads.finish(&mut agent, result, waiters);
@@ -1532,6 +1708,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
         }
     }
     agent.stop_vrrp().await;
+    agent.finish_withdrawal().await;
     server.abort();
     drop(metrics);
     let _ = std::fs::remove_file(&socket);
@@ -1930,6 +2107,27 @@ mod tests {
         assert_eq!(health.len(), 1, "{health:?}");
         assert_eq!(health[0]["fields"]["state"], "up");
         assert_eq!(health[0]["fields"]["backend"], "a");
+    }
+
+    #[tokio::test]
+    async fn a_vip_is_announced_while_its_service_has_a_usable_backend() {
+        let mut t = test_agent("announce", &[("a", "127.0.0.2"), ("b", "127.0.0.3")]);
+        t.agent.serving = true;
+        let vip: IpAddr = "192.0.2.10".parse().unwrap();
+        assert_eq!(t.agent.decisions()[&vip], Decision::Announce);
+        // Without [announce] a stop has nothing to wait for.
+        assert_eq!(t.agent.begin_withdrawal(), None);
+        assert!(!t.agent.stopping);
+        for b in ["a", "b"] {
+            let r = t.agent.handle(Request::DisableBackend {
+                service: "web".into(),
+                backend: b.into(),
+            });
+            assert!(matches!(r, Response::Done { .. }), "{r:?}");
+        }
+        assert_eq!(t.agent.decisions()[&vip], Decision::NoUsableBackend);
+        t.agent.serving = false;
+        assert_eq!(t.agent.decisions()[&vip], Decision::NotServing);
     }
 
     #[test]

@@ -28,7 +28,26 @@ pub struct Config {
     pub vrrp: Option<VrrpSettings>,
     /// Absent: no state shared with other LB hosts.
     pub sync: Option<SyncSettings>,
+    /// Absent: no route kept for the VIPs (no ECMP / BGP announcement).
+    pub announce: Option<AnnounceSettings>,
 }
+
+/// Host routes for the VIPs this host can serve, in a kernel table that a routing
+/// daemon (BIRD) learns and announces (`crate::announce`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnnounceSettings {
+    /// The kernel routing table the agent owns (not 0, 253, 254 or 255).
+    pub table: u32,
+    /// How long the program keeps forwarding after a graceful withdrawal, so that the
+    /// router has moved the flows elsewhere before this host stops.
+    pub withdraw_grace_ms: u32,
+}
+
+pub const DEFAULT_WITHDRAW_GRACE_MS: u32 = 2000;
+/// The kernel's reserved tables: unspec (0), default (253), main (254), local (255). A
+/// VIP route there would steer this host's own traffic for the VIP into the agent's
+/// device.
+pub const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
 
 /// State sharing with the other LB host(s): admin changes and flow pins (`crate::sync`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,6 +274,13 @@ struct RawConfig {
     services: Vec<Spanned<RawService>>,
     vrrp: Option<Spanned<RawVrrp>>,
     sync: Option<Spanned<RawSync>>,
+    announce: Option<Spanned<RawAnnounce>>,
+}
+
+#[derive(Deserialize)]
+struct RawAnnounce {
+    table: Option<Spanned<i64>>,
+    withdraw_grace_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -512,11 +538,54 @@ impl Validator<'_> {
             .filter_map(|p| p.get_ref().parse().ok())
             .collect();
         self.backends_elsewhere(&raw, &services, &peers, &sync_peers);
+        let announce = match &raw.announce {
+            None => Some(None),
+            Some(v) => self.announce(v).map(Some),
+        };
         Some(Config {
             agent: agent?,
             services,
             vrrp: vrrp?,
             sync: sync?,
+            announce: announce?,
+        })
+    }
+
+    fn announce(&mut self, v: &Spanned<RawAnnounce>) -> Option<AnnounceSettings> {
+        let raw = v.get_ref();
+        let table = self
+            .required(&raw.table, v.span(), "announce.table")
+            .and_then(|t| match u32::try_from(*t.get_ref()) {
+                Ok(n) if RESERVED_TABLES.contains(&n) => {
+                    self.err(
+                        t,
+                        "announce.table",
+                        format!(
+                            "{n} is a table of the kernel's own (0 unspec, 253 default, 254 main, 255 local); give the agent a table of its own"
+                        ),
+                    );
+                    None
+                }
+                Ok(n) => Some(n),
+                Err(_) => {
+                    self.err(
+                        t,
+                        "announce.table",
+                        format!("{} is not a routing table (1 to 4294967295)", t.get_ref()),
+                    );
+                    None
+                }
+            });
+        let withdraw_grace_ms = self.number(
+            &raw.withdraw_grace_ms,
+            "announce.withdraw_grace_ms",
+            DEFAULT_WITHDRAW_GRACE_MS,
+            0,
+            600_000,
+        );
+        Some(AnnounceSettings {
+            table: table?,
+            withdraw_grace_ms: withdraw_grace_ms?,
         })
     }
 
@@ -1545,5 +1614,58 @@ peers = ["192.0.2.7"]
             "{joined}"
         );
         assert!(joined.starts_with("line 10"), "{joined}");
+    }
+
+    #[test]
+    fn announce_section() {
+        let base = "[agent]\ninterface = \"eth0\"\n[[services]]\nname = \"w\"\nvip = \"192.0.2.1\"\nport = 80\n";
+        assert_eq!(parse(base, "t").unwrap().announce, None);
+        let good = format!("{base}[announce]\ntable = 100\n");
+        assert_eq!(
+            parse(&good, "t").unwrap().announce,
+            Some(AnnounceSettings {
+                table: 100,
+                withdraw_grace_ms: DEFAULT_WITHDRAW_GRACE_MS
+            })
+        );
+        let high = format!("{base}[announce]\ntable = 4294967295\nwithdraw_grace_ms = 0\n");
+        assert_eq!(
+            parse(&high, "t").unwrap().announce,
+            Some(AnnounceSettings {
+                table: u32::MAX,
+                withdraw_grace_ms: 0
+            })
+        );
+        // Line 7 is [announce].
+        for (table, want) in [
+            (
+                "254",
+                "line 8, column 9: announce.table: 254 is a table of the kernel's own",
+            ),
+            ("255", "announce.table: 255 is a table of the kernel's own"),
+            ("253", "announce.table: 253 is a table of the kernel's own"),
+            ("0", "announce.table: 0 is a table of the kernel's own"),
+            ("-1", "announce.table: -1 is not a routing table"),
+            (
+                "4294967296",
+                "announce.table: 4294967296 is not a routing table",
+            ),
+        ] {
+            let bad = format!("{base}[announce]\ntable = {table}\n");
+            let errs = parse(&bad, "t").expect_err("invalid").errors;
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(errs[0].to_string().contains(want), "{}", errs[0]);
+        }
+        let missing = format!("{base}[announce]\nwithdraw_grace_ms = 700000\nport = 1\n");
+        let errs = parse(&missing, "t").expect_err("invalid").errors;
+        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+        for want in [
+            "line 7, column 1: announce.table: missing (required)",
+            "line 8, column 21: announce.withdraw_grace_ms: 700000 is out of range (0 to 600000)",
+            "port: unknown key",
+        ] {
+            assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+        }
+        assert_eq!(errs.len(), 3, "{joined}");
     }
 }

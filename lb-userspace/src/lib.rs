@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod announce;
 pub mod config;
 pub mod control;
 pub mod dataplane;

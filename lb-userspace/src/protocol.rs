@@ -93,6 +93,37 @@ pub struct Status {
     /// State shared with the other LB hosts; absent without `[sync]`.
     #[serde(default)]
     pub sync: Option<SyncStatus>,
+    /// The VIP routes a routing daemon announces; absent without `[announce]`.
+    #[serde(default)]
+    pub announce: Option<AnnounceStatus>,
+}
+
+/// `[announce]` as `lbctl status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// The kernel table the routes are in, and the device they are on.
+    pub table: u32,
+    pub device: String,
+    #[serde(default)]
+    pub vips: Vec<VipAnnouncement>,
+    /// The last failure to change a route, while it lasts.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// One VIP: whether this host has its route in the table (so the routing daemon
+/// announces it), since when, and why not when it has none.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipAnnouncement {
+    pub vip: IpAddr,
+    pub announcing: bool,
+    /// When (Unix ms) the route went in, or was last removed; absent if this VIP has
+    /// never been announced by this agent.
+    #[serde(default)]
+    pub since_unix_ms: Option<u64>,
+    /// `announce`, or why not: `no usable backend`, `not serving (VRRP backup)`,
+    /// `stopping`.
+    pub decision: String,
 }
 
 /// `[sync]` as `lbctl status` shows it.

@@ -27,6 +27,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     // `systemd-analyze verify` of config/lb-agent.service.
     "systemd",
+    // The routing daemon of the active-active lab: BGP from the LB hosts to a router.
+    "bird2",
 ];
 
 /// Debian's `invoke-rc.d` asks this script whether a package's postinst may start its
@@ -37,7 +39,57 @@ pub fn setup(ws: &Workspace) -> Result<()> {
     rust_src(ws).context("setup: rust-src for the nightly toolchain")?;
     bpf_linker(ws).context("setup: bpf-linker")?;
     debian_packages(ws).context("setup: Debian packages")?;
+    no_bird_service(ws).context("setup: the bird service")?;
     Ok(())
+}
+
+/// The lab runs BIRD only inside its namespaces; the bird2 package enables a daemon for
+/// the host (where an init system starts services): stop and disable it, so nothing
+/// routes or peers from the root namespace.
+fn no_bird_service(ws: &Workspace) -> Result<()> {
+    if Path::new("/run/systemd/system").exists() {
+        let enabled = ws
+            .command("systemctl")
+            .args(["is-enabled", "--quiet", "bird.service"])
+            .status()
+            .is_ok_and(|s| s.success());
+        let active = ws
+            .command("systemctl")
+            .args(["is-active", "--quiet", "bird.service"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if enabled || active {
+            run(ws
+                .command("systemctl")
+                .args(["disable", "--now", "bird.service"]))?;
+            println!("bird service: stopped and disabled (the lab starts its own)");
+            return Ok(());
+        }
+    } else if Path::new("/etc/init.d/bird").exists() && bird_in_root_namespace()? {
+        run(ws.command("invoke-rc.d").args(["bird", "stop"]))?;
+        run(ws.command("update-rc.d").args(["bird", "disable"]))?;
+        println!("bird service: stopped and disabled (the lab starts its own)");
+    }
+    if bird_in_root_namespace()? {
+        bail!(
+            "a bird daemon runs in the root network namespace; stop it (the lab runs BIRD only in its namespaces)"
+        );
+    }
+    println!("bird service: not running");
+    Ok(())
+}
+
+/// Whether a process named `bird` runs in this process's network namespace.
+fn bird_in_root_namespace() -> Result<bool> {
+    let ours = fs::read_link("/proc/self/ns/net").context("reading /proc/self/ns/net")?;
+    for entry in fs::read_dir("/proc").context("reading /proc")? {
+        let dir = entry?.path();
+        let is_bird = fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == "bird");
+        if is_bird && fs::read_link(dir.join("ns/net")).is_ok_and(|ns| ns == ours) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The eBPF crate builds `core` itself (`-Z build-std`), which needs the nightly's sources.

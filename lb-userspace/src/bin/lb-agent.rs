@@ -21,8 +21,12 @@ use lb_userspace::{
 /// program and its flow tables over (a restart or an upgrade loses no flow). With
 /// [vrrp], SIGTERM as master sends priority 0 first, so the peer takes over at once, then
 /// stops serving; a killed master stops serving by itself (its lease runs out within
-/// 3 advert intervals). `--detach` removes the program and the pins for good. With
-/// [agent] metrics_listen it serves Prometheus metrics on GET /metrics there.
+/// 3 advert intervals). With [announce], the agent keeps a host route for each VIP it
+/// can serve in [announce] table, for BIRD to announce over BGP; the routes sit on a
+/// device that goes with the agent's process (even on SIGKILL), and SIGINT or SIGTERM
+/// withdraw them first and keep forwarding for withdraw_grace_ms before the rest of the
+/// stop (a second signal ends the wait). With [agent] metrics_listen it serves Prometheus
+/// metrics on GET /metrics there. `--detach` removes the program and the pins for good.
 #[derive(Parser)]
 #[command(name = "lb-agent", version)]
 struct Args {
@@ -36,8 +40,9 @@ struct Args {
     /// then exit. Stop the agent first: a running one keeps its link until it exits.
     #[arg(long, conflicts_with = "check")]
     detach: bool,
-    /// Log lines on stderr as text, or as one JSON object a line. Health, admin, VRRP and
-    /// reload transitions are one event each, with an `event` field and their details.
+    /// Log lines on stderr as text, or as one JSON object a line. Health, admin, VRRP,
+    /// reload and VIP route (announce) transitions are one event each, with an `event`
+    /// field and their details.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Least severe level logged: error, warn, info, debug or trace; or a filter such as

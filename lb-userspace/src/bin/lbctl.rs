@@ -35,7 +35,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Agent version, interface, XDP mode, uptime; every service and its backends; counters.
+    /// Agent version, interface, XDP mode, uptime; VRRP, sync and, with [announce], each
+    /// VIP: announcing or not and since when; every service and its backends; counters.
     Status,
     /// Backends and what they are doing.
     #[command(subcommand)]
@@ -286,6 +287,9 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
     if let Some(sync) = &status.sync {
         print_sync(sync);
     }
+    if let Some(a) = &status.announce {
+        print_announce(a);
+    }
     for s in &status.services {
         println!();
         let vip = if s.vip.contains(':') {
@@ -343,6 +347,39 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         println!("events: {}", events.join(", "));
     }
     Ok(())
+}
+
+fn print_announce(a: &lb_userspace::protocol::AnnounceStatus) {
+    println!("announce: VIP routes in table {} on {}", a.table, a.device);
+    if let Some(e) = &a.error {
+        println!("  route change failing (retried every second): {e}");
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    for v in &a.vips {
+        let since = v
+            .since_unix_ms
+            .map(|t| {
+                format!(
+                    " since {} ({} ago)",
+                    unix_ms_to_utc(t),
+                    human_duration(now_ms.saturating_sub(t) / 1000)
+                )
+            })
+            .unwrap_or_default();
+        if v.announcing {
+            println!("  {}: announcing{since}", v.vip);
+        } else {
+            let why = if v.decision == "announce" {
+                "the route is not in yet"
+            } else {
+                v.decision.as_str()
+            };
+            println!("  {}: not announcing{since}: {why}", v.vip);
+        }
+    }
 }
 
 fn print_sync(s: &lb_userspace::protocol::SyncStatus) {

@@ -101,7 +101,8 @@ pub struct StateChange {
 /// The agent's side of a running speaker.
 pub struct VrrpHandle {
     priority: watch::Sender<u8>,
-    stop: Option<oneshot::Sender<()>>,
+    /// Carries how much longer than usual a master keeps forwarding after priority 0.
+    stop: Option<oneshot::Sender<Duration>>,
     /// Replaced by the speaker after each loop turn; the lab tests read it from afar.
     pub(super) status: Arc<ArcSwap<VrrpStatus>>,
     /// Fires when the speaker has finished (its last advert sent, serving off).
@@ -131,9 +132,16 @@ impl VrrpHandle {
     /// once, and keeps forwarding for one more interval (at most 1 s) while it does.
     /// Returns when the speaker has ended. (Dropping the handle stops it the same way,
     /// without waiting.)
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.shutdown_after(Duration::ZERO).await;
+    }
+
+    /// `shutdown`, a master forwarding `extra` longer after its priority 0 (with
+    /// `[announce]`: while the router moves the flows from its route to the new
+    /// master's).
+    pub async fn shutdown_after(mut self, extra: Duration) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(extra);
         }
         if let Some(done) = self.done.take()
             && done.await.is_err()
@@ -420,7 +428,7 @@ impl<W: Wire> Speaker<W> {
 
 async fn run(
     mut sp: Speaker<Net>,
-    mut stop: oneshot::Receiver<()>,
+    mut stop: oneshot::Receiver<Duration>,
     mut priority: watch::Receiver<u8>,
 ) {
     let now = Instant::now();
@@ -434,7 +442,7 @@ async fn run(
     sp.publish();
     let mut buf = vec![0u8; RECV_BUF];
     let mut priority_open = true;
-    loop {
+    let extra = loop {
         let deadline = sp.next_deadline();
         let sleep = async move {
             match deadline {
@@ -443,7 +451,7 @@ async fn run(
             }
         };
         tokio::select! {
-            _ = &mut stop => break,
+            extra = &mut stop => break extra.unwrap_or(Duration::ZERO),
             changed = priority.changed(), if priority_open => match changed {
                 Ok(()) => {
                     let p = *priority.borrow_and_update();
@@ -468,7 +476,7 @@ async fn run(
             () = sleep => sp.on_timer(Instant::now()),
         }
         sp.publish();
-    }
+    };
     // Graceful stop: priority 0 first, so the peer takes over within its skew time;
     // a master keeps forwarding meanwhile, then stops serving and says so.
     let now = Instant::now();
@@ -480,7 +488,7 @@ async fn run(
         .partition(|a| matches!(a, Action::SendAdvert { .. }));
     sp.apply(now, sends);
     if was_master {
-        let grace = sp.machine.params().interval.min(Duration::from_secs(1));
+        let grace = sp.machine.params().interval.min(Duration::from_secs(1)) + extra;
         tokio::time::sleep(grace).await;
     }
     sp.apply(Instant::now(), rest);

@@ -10,6 +10,12 @@
 //! longest gap the same prober sees over a quiet stretch of the same length (its own
 //! resolution), measured in the same run.
 //!
+//! Then active-active (`[announce]`): a router namespace running BIRD in front of two LB
+//! hosts, each running BIRD and lb-agent, the VIP announced over BGP and spread by
+//! ECMP; the time from a graceful stop (SIGTERM) or a SIGKILL of one host's agent to
+//! the router's withdrawal of that host, and the client's gap, beside the quiet gap.
+//! `--announce-only` runs only this part.
+//!
 //! Then VRRP advert jitter on the wire: the same pair, adverts every 100 ms, the master's
 //! adverts captured with tcpdump (kernel timestamps) in the client namespace; the gaps
 //! between consecutive adverts with the agent idle, then with its flow table kept
@@ -31,7 +37,10 @@ use std::{
 
 use lb_common::names;
 use lb_tests::{
-    lab::{Lab, Node, SERVICE_PORT, Service, VIP4, VrrpSection, addr4, probe_gap, run_bounded},
+    lab::{
+        AnnounceSection, Lab, Node, ROUTED_VIP4, SERVICE_PORT, Service, SyncSection, VIP4,
+        VrrpSection, addr4, probe_gap, run_bounded,
+    },
     packet::{ACK, SYN, tcp_frame},
     rig::{CLIENT_MAC, LB_MAC, Rig, XDP_PASS, XDP_TX, service},
 };
@@ -59,13 +68,17 @@ fn main() -> ExitCode {
     }
     let jitter_only = std::env::args().skip(1).any(|a| a == "--jitter-only");
     let sync_only = std::env::args().skip(1).any(|a| a == "--sync-only");
+    let announce_only = std::env::args().skip(1).any(|a| a == "--announce-only");
     let result = if jitter_only {
         jitter()
     } else if sync_only {
         sync_pins()
+    } else if announce_only {
+        announce()
     } else {
         run()
             .and_then(|()| failover())
+            .and_then(|()| announce())
             .and_then(|()| jitter())
             .and_then(|()| sync_pins())
     };
@@ -263,6 +276,92 @@ fn failover() -> anyhow::Result<()> {
         }
         let (g, q) = (median_ms(gaps), median_ms(quiet));
         println!("{name:<28} {g:>10.1} {q:>12.1} {:>7.1}x", g / q.max(0.001));
+    }
+    Ok(())
+}
+
+/// The agents' routing table in the active-active bench.
+const ANNOUNCE_TABLE: u32 = 100;
+/// How long BGP may take to (re)converge on both hosts.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// Active-active: the time from a stop to the router's withdrawal, and the clients' gap.
+fn announce() -> anyhow::Result<()> {
+    let lab = Lab::builder()
+        .backends(3)
+        .ipv6(false)
+        .second_lb(true)
+        .routed(true)
+        .build()?;
+    lab.start_servers(SERVICE_PORT)?;
+    let key = lab.dir().join("sync.key");
+    std::fs::write(&key, b"bench announce key, 16 bytes or more\n")?;
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let services = [Service::new("web", ROUTED_VIP4, SERVICE_PORT).backends(1..=3)];
+    let config = |node: Node, peer: Node| {
+        let mut file = lab.config_file(node, "native", &services);
+        file.sync = Some(SyncSection::new([addr4(peer).into()], key.clone()));
+        file.announce = Some(AnnounceSection::new(ANNOUNCE_TABLE));
+        file.to_toml()
+    };
+    let vip: SocketAddr = (ROUTED_VIP4, SERVICE_PORT).into();
+    let vip_ip = vip.ip();
+    let _router = lab.spawn_bird(Node::Router, &lab.bird_router_config()?)?;
+    let _bird1 = lab.spawn_bird(Node::Lb, &lab.bird_lb_config(Node::Lb, ANNOUNCE_TABLE)?)?;
+    let _bird2 = lab.spawn_bird(Node::Lb2, &lab.bird_lb_config(Node::Lb2, ANNOUNCE_TABLE)?)?;
+    let _lb = lab.spawn_agent_on(Node::Lb, &config(Node::Lb, Node::Lb2))?;
+    let gap_of = |attempts: &[lb_tests::lab::Attempt], at: Instant| -> anyhow::Result<f64> {
+        let g = probe_gap(attempts, at)
+            .ok_or_else(|| anyhow::anyhow!("no connection succeeded after the event"))?;
+        Ok(g.gap.as_secs_f64() * 1000.0)
+    };
+    println!();
+    println!(
+        "Active-active, 2 LB hosts announcing the VIP over BGP (BIRD), ECMP at the router: time to the router's withdrawal, and the gap without a successful connection, client probing every {} ms",
+        PROBE_EVERY.as_millis()
+    );
+    println!(
+        "{:<28} {:>14} {:>10} {:>12} {:>8}",
+        "event", "withdrawal ms", "gap ms", "quiet gap ms", "ratio"
+    );
+    for (name, graceful) in [
+        ("graceful stop (SIGTERM)", true),
+        ("agent killed (SIGKILL)", false),
+    ] {
+        let (mut withdrawals, mut gaps, mut quiet) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..FAILOVER_ROUNDS {
+            let mut lb2 = lab.spawn_agent_on(Node::Lb2, &config(Node::Lb2, Node::Lb))?;
+            lab.wait_next_hops(vip_ip, &[Node::Lb, Node::Lb2], CONVERGE)?;
+            let probe = lab.start_probe(vip, PROBE_EVERY, PROBE_TIMEOUT, RECORD)?;
+            let start = Instant::now();
+            std::thread::sleep(RECORD);
+            quiet.push(gap_of(&probe.stop(), start + RECORD / 3)?);
+            let probe = lab.start_probe(vip, PROBE_EVERY, PROBE_TIMEOUT, RECORD)?;
+            std::thread::sleep(RECORD / 3);
+            let event = Instant::now();
+            if graceful {
+                lb2.signal(libc::SIGTERM)?;
+            } else {
+                lb2.kill()?;
+            }
+            let took = lab.wait_next_hops(vip_ip, &[Node::Lb], Duration::from_secs(5))?;
+            withdrawals.push(took.as_secs_f64() * 1000.0);
+            std::thread::sleep((RECORD * 2 / 3).saturating_sub(event.elapsed()));
+            gaps.push(gap_of(&probe.stop(), event)?);
+            if graceful {
+                // It exits by itself after its grace period (2 s).
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while lb2.exited().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                lb2.stop()?;
+            }
+        }
+        let (w, g, q) = (median_ms(withdrawals), median_ms(gaps), median_ms(quiet));
+        println!(
+            "{name:<28} {w:>14.1} {g:>10.1} {q:>12.1} {:>7.1}x",
+            g / q.max(0.001)
+        );
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! The types mirror the agent's layout: `ConfigFile` holds `[agent]` (`AgentSection`),
 //! `[[services]]` (`ServiceSection`, with `[services.health_check]` and
-//! `[[services.backends]]`), `[vrrp]` (`VrrpSection`) and `[sync]` (`SyncSection`). One field is one key, in
+//! `[[services.backends]]`), `[vrrp]` (`VrrpSection`), `[sync]` (`SyncSection`) and
+//! `[announce]` (`AnnounceSection`). One field is one key, in
 //! the order an operator would write them; a key the agent may go without is an
 //! `Option` (or an empty list) left out of the file while unset, so the agent's own
 //! default applies. A new `[agent]` key is one field:
@@ -40,6 +41,27 @@ pub struct ConfigFile {
     /// Absent: nothing shared with other LB hosts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncSection>,
+    /// Absent: no VIP routes for a routing daemon.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announce: Option<AnnounceSection>,
+}
+
+/// `[announce]`: the agent's routing table, the grace period (the agent's default if
+/// unset).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AnnounceSection {
+    pub table: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub withdraw_grace_ms: Option<u32>,
+}
+
+impl AnnounceSection {
+    pub fn new(table: u32) -> Self {
+        AnnounceSection {
+            table,
+            withdraw_grace_ms: None,
+        }
+    }
 }
 
 /// `[sync]`: the other LB hosts, the shared key, the port (the agent's default if unset).
@@ -69,6 +91,7 @@ impl ConfigFile {
             services: Vec::new(),
             vrrp: None,
             sync: None,
+            announce: None,
         }
     }
 

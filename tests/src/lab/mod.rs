@@ -15,7 +15,19 @@
 //! return); the LB namespaces hold no VIP, their XDP program answers ARP / NDP for them.
 //! The root namespace holds no lab address and sends no lab traffic; no namespace has a
 //! default route. `Node::Lb2` exists only with `LabBuilder::second_lb`, for VRRP
-//! failover.
+//! failover, and `Node::Lb3` (10.77.0.5) only with `LabBuilder::third_lb`.
+//!
+//! A routed lab (`LabBuilder::routed`, for `[announce]`) puts the client behind a
+//! router instead of on the bridge:
+//!
+//! ```text
+//!   <p>-cl eth0 10.78.0.2 ---- eth1 10.78.0.1  <p>-rt  eth0 10.77.0.1 ---- br0 ...
+//! ```
+//!
+//! The client routes `ROUTED_VIPS4` (10.99.0.0/24) via the router; the router learns
+//! its route to `ROUTED_VIP4` from the LB hosts over BGP (`bird`: the shipped BIRD
+//! configs, `Lab::spawn_bird`) and spreads flows over them (ECMP, hashed on ports);
+//! the backends hold `ROUTED_VIP4` on `lo` and route `CLIENT_NET4` via the router.
 //!
 //! One module a concern, one API for one or two LB hosts, all of it re-exported here:
 //! - `topology`: `Node`, the addresses (`addr4`, `addr6`), the namespaces and their
@@ -33,6 +45,9 @@
 //!   prober (`start_probe`) and `probe_gap`.
 //! - `load`: `start_load`, `spread` and `syn_flood`, with `Load`, `Attempt`, `Spread`
 //!   and `Flood`.
+//! - `bird`: `Lab::spawn_bird` and its `BirdGuard` (`birdc`, `log`), the shipped
+//!   configs with the lab's values (`bird_lb_config`, `bird_router_config`,
+//!   `set_defines`), and the router's next hops (`next_hops`, `wait_next_hops`).
 //!
 //! An agent is ready when its control socket answers `lbctl --json status`; a reload is
 //! confirmed by `lbctl reload`'s answer; what an agent did is asked of `lbctl status` /
@@ -59,6 +74,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bird;
 mod config;
 mod load;
 mod probes;
@@ -80,9 +96,10 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 
+pub use bird::{BIRD_LB_CONF, BIRD_ROUTER_CONF, BirdGuard, set_defines};
 pub use config::{
-    AgentSection, BackendSection, ConfigFile, HealthCheckSection, Service, ServiceSection,
-    SyncSection, VrrpSection,
+    AgentSection, AnnounceSection, BackendSection, ConfigFile, HealthCheckSection, Service,
+    ServiceSection, SyncSection, VrrpSection,
 };
 pub use load::{Attempt, Flood, Load, Spread};
 pub use probes::{Conversation, ProbeGap, probe_gap};
@@ -90,13 +107,20 @@ pub use processes::{
     AgentGuard, ProcessGuard, Streaming, bin_path, parse_backends_json, parse_status_json,
     run_bounded,
 };
-pub use topology::{Node, addr_like, addr4, addr6, in_ns, try_in_ns};
+pub use topology::{Node, addr_like, addr4, addr6, client_net_addresses, in_ns, try_in_ns};
 
 use servers::Server;
 use topology::Netns;
 
 /// The IPv4 VIP every lab service uses unless a test says otherwise.
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+/// A routed lab's VIP (`LabBuilder::routed`): outside every subnet of the lab, so the
+/// client reaches it through the router and the router through a BGP route.
+pub const ROUTED_VIP4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+/// Where the routed VIPs are; the client routes it via the router.
+pub const ROUTED_VIPS4: &str = "10.99.0.0/24";
+/// The client's subnet in a routed lab; backends route it via the router.
+pub const CLIENT_NET4: &str = "10.78.0.0/24";
 /// The IPv6 VIP (`fd00:77::100`).
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
 /// The port the lab's services and backend servers use by default.
@@ -164,9 +188,29 @@ pub struct LabBuilder {
     backends: usize,
     ipv6: bool,
     second_lb: bool,
+    third_lb: bool,
+    routed: bool,
 }
 
 impl LabBuilder {
+    /// Whether to add a third load balancer, `Node::Lb3` (10.77.0.5, fd00:77::5), set
+    /// up like the second. Off by default.
+    pub fn third_lb(mut self, on: bool) -> Self {
+        self.third_lb = on;
+        self
+    }
+
+    /// Whether the client sits behind a router (`Node::Router`, 10.77.0.1 on the
+    /// bridge, 10.78.0.1 on the client's own veth) instead of on the bridge: the
+    /// client is 10.78.0.2 and routes `ROUTED_VIPS4` via the router; the backends hold
+    /// `ROUTED_VIP4` on `lo` too and route `CLIENT_NET4` via the router. The router
+    /// forwards and hashes ECMP on ports; its routes to the VIPs come from BGP
+    /// (`Lab::spawn_bird`). IPv4 only on the client's side. Off by default.
+    pub fn routed(mut self, on: bool) -> Self {
+        self.routed = on;
+        self
+    }
+
     /// Whether to add a second load balancer, `Node::Lb2` (10.77.0.4, fd00:77::4), on
     /// the same bridge, set up like the first (checksum offload off, `xdp_pass` on its
     /// veth peer `vlb2`). Off by default.
@@ -210,6 +254,8 @@ impl LabBuilder {
             ipv6: self.ipv6,
             servers: Mutex::new(HashMap::new()),
             second_lb: self.second_lb,
+            third_lb: self.third_lb,
+            routed: self.routed,
             xdp_pass: Vec::new(),
             namespaces: Vec::new(),
             dir,
@@ -230,6 +276,10 @@ pub struct Lab {
     servers: Mutex<HashMap<(Node, u16), Server>>,
     /// Whether `Node::Lb2` exists.
     second_lb: bool,
+    /// Whether `Node::Lb3` exists.
+    third_lb: bool,
+    /// Whether the client sits behind `Node::Router`.
+    routed: bool,
     /// `xdp_pass` on each LB's veth peer; a link lives as long as its value.
     xdp_pass: Vec<aya::Ebpf>,
     namespaces: Vec<Netns>,
@@ -244,6 +294,8 @@ impl Lab {
             backends: 3,
             ipv6: true,
             second_lb: false,
+            third_lb: false,
+            routed: false,
         }
     }
 

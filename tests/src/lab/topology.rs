@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use super::{Lab, VIP4, VIP6};
+use super::{CLIENT_NET4, Lab, ROUTED_VIP4, ROUTED_VIPS4, VIP4, VIP6};
 
 /// One namespace of the lab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,6 +27,12 @@ pub enum Node {
     /// The second load balancer (`LabBuilder::second_lb`), 10.77.0.4 / fd00:77::4,
     /// for VRRP failover: the same bridge, `xdp_pass` on its veth peer too.
     Lb2,
+    /// The third load balancer (`LabBuilder::third_lb`), 10.77.0.5 / fd00:77::5, set up
+    /// like the second.
+    Lb3,
+    /// The router of a routed lab (`LabBuilder::routed`), 10.77.0.1 on the bridge and
+    /// `ROUTER_CLIENT_SIDE4` towards the client, which sits behind it.
+    Router,
     /// Backend `i`, counted from 1.
     Backend(usize),
 }
@@ -40,6 +46,8 @@ impl Node {
             Node::Client => "cl".into(),
             Node::Lb => "lb".into(),
             Node::Lb2 => "lb2".into(),
+            Node::Lb3 => "lb3".into(),
+            Node::Router => "rt".into(),
             Node::Backend(i) => format!("b{i}"),
         }
     }
@@ -51,6 +59,8 @@ impl Node {
             Node::Client => Some(2),
             Node::Lb => Some(3),
             Node::Lb2 => Some(4),
+            Node::Lb3 => Some(5),
+            Node::Router => Some(1),
             Node::Backend(i) => Some(10 + i),
         }
     }
@@ -61,7 +71,8 @@ impl Node {
     }
 }
 
-/// The node's IPv4 address, `10.77.0.<n>`. Panics for the bridge, which has none.
+/// The node's IPv4 address on the bridge, `10.77.0.<n>`. Panics for the bridge, which
+/// has none. In a routed lab the client is not on the bridge: see `CLIENT_ROUTED4`.
 pub fn addr4(node: Node) -> Ipv4Addr {
     let n = node
         .host_number()
@@ -86,6 +97,11 @@ pub fn addr_like(node: Node, like: IpAddr) -> IpAddr {
         IpAddr::V4(_) => addr4(node).into(),
         IpAddr::V6(_) => addr6(node).into(),
     }
+}
+
+/// The client's and the router's addresses on the client's subnet of a routed lab.
+pub fn client_net_addresses() -> (Ipv4Addr, Ipv4Addr) {
+    (Ipv4Addr::new(10, 78, 0, 2), Ipv4Addr::new(10, 78, 0, 1))
 }
 
 /// Where `/var/run/netns/NAME` lives.
@@ -193,19 +209,28 @@ fn xdp_pass_on(br: &str, peer: &str) -> Result<aya::Ebpf> {
 }
 
 impl Lab {
-    /// Every node of the lab, the bridge first.
+    /// Every node of the lab, the bridge first (and the router before the client that
+    /// sits behind it).
     pub fn nodes(&self) -> Vec<Node> {
-        let mut nodes = vec![Node::Bridge, Node::Client];
+        let mut nodes = vec![Node::Bridge];
+        if self.routed {
+            nodes.push(Node::Router);
+        }
+        nodes.push(Node::Client);
         nodes.extend(self.lbs());
         nodes.extend((1..=self.backends).map(Node::Backend));
         nodes
     }
 
-    /// The load balancers: `Node::Lb`, and `Node::Lb2` with `LabBuilder::second_lb`.
+    /// The load balancers: `Node::Lb`, `Node::Lb2` with `LabBuilder::second_lb`, and
+    /// `Node::Lb3` with `LabBuilder::third_lb`.
     pub fn lbs(&self) -> Vec<Node> {
         let mut lbs = vec![Node::Lb];
         if self.second_lb {
             lbs.push(Node::Lb2);
+        }
+        if self.third_lb {
+            lbs.push(Node::Lb3);
         }
         lbs
     }
@@ -239,7 +264,14 @@ impl Lab {
         ip(&["-n", &br, "link", "set", "br0", "up"])?;
 
         for node in self.nodes().into_iter().skip(1) {
-            self.plug(node)?;
+            if self.routed && node == Node::Client {
+                self.plug_behind_router()?;
+            } else {
+                self.plug(node)?;
+            }
+        }
+        if self.routed {
+            self.route_backends_to_client()?;
         }
 
         // Native XDP_TX on an LB's veth only delivers when the peer has an XDP program
@@ -305,6 +337,88 @@ impl Lab {
             ip(&args)?;
         }
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// A routed lab's client: a veth of its own to the router (`eth0` here, `eth1`
+    /// there), its subnet `CLIENT_NET4`, and a route to the routed VIPs via the router;
+    /// the router forwards, hashes on ports for ECMP and checks no source path.
+    fn plug_behind_router(&self) -> Result<()> {
+        let cl = self.ns(Node::Client);
+        let rt = self.ns(Node::Router);
+        self.sysctl(
+            Node::Router,
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.fib_multipath_hash_policy=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        )?;
+        ip(&[
+            "link", "add", "eth0", "netns", &cl, "type", "veth", "peer", "name", "eth1", "netns",
+            &rt,
+        ])?;
+        // Checksums complete on the wire: the router forwards in software, but the LB's
+        // native XDP drops the skb metadata that would finish them.
+        run(Command::new("ip").args(["netns", "exec", &cl, "ethtool", "-K", "eth0", "tx", "off"]))?;
+        let (client, router) = client_net_addresses();
+        ip(&[
+            "-n",
+            &cl,
+            "addr",
+            "add",
+            &format!("{client}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &rt,
+            "addr",
+            "add",
+            &format!("{router}/24"),
+            "dev",
+            "eth1",
+        ])?;
+        ip(&["-n", &cl, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &rt, "link", "set", "eth1", "up"])?;
+        ip(&[
+            "-n",
+            &cl,
+            "route",
+            "add",
+            ROUTED_VIPS4,
+            "via",
+            &router.to_string(),
+        ])?;
+        Ok(())
+    }
+
+    /// Backends of a routed lab: the routed VIP on `lo` too, and the way back to the
+    /// client through the router (their replies go straight there: DSR).
+    fn route_backends_to_client(&self) -> Result<()> {
+        for i in 1..=self.backends {
+            let ns = self.ns(Node::Backend(i));
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ROUTED_VIP4}/32"),
+                "dev",
+                "lo",
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                CLIENT_NET4,
+                "via",
+                &addr4(Node::Router).to_string(),
+            ])?;
+        }
         Ok(())
     }
 
@@ -377,6 +491,10 @@ impl Lab {
             show(Node::Lb2, &["ip", "-d", "link", "show", "eth0"]);
             show(Node::Lb2, &["ethtool", "-S", "eth0"]);
             show(Node::Bridge, &["ethtool", "-S", "vlb2"]);
+        }
+        if self.routed {
+            show(Node::Router, &["ip", "route"]);
+            show(Node::Router, &["ip", "-s", "link"]);
         }
         show(Node::Client, &["ip", "neigh"]);
         show(Node::Client, &["ip", "-s", "link", "show", "eth0"]);

@@ -449,6 +449,7 @@ impl<D: DataPlane> Agent<D> {
             flows: self.scanner.snapshot_source(),
             vrrp: self.vrrp.as_ref().map(|h| h.status_source()),
             sync: self.sync.as_ref().map(|h| h.status_source()),
+            announce: self.announcer.as_ref().map(|a| a.announced_source()),
         }
     }
 
@@ -1618,6 +1619,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
         let mut agent = Agent::start(config_path, config, health_tx).await?;
         let sync_events = agent.start_sync().await?;
         let changes = agent.start_vrrp()?;
+        agent.start_announce().await?;
         // On a thread of its own: a scrape never waits for this loop.
         let metrics = match metrics_listener {
             Some(listener) => {
@@ -1635,7 +1637,6 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             }
             None => None,
         };
-        agent.start_announce().await?;
         anyhow::Ok((agent, changes, sync_events, metrics))
     };
     let (mut agent, mut vrrp_changes, mut sync_events, metrics) = match started.await {

@@ -171,6 +171,12 @@ impl Announcer {
         });
     }
 
+    /// A receiver of the routes as the kernel has them, for readers beside the loop
+    /// (the metrics endpoint).
+    pub fn announced_source(&self) -> watch::Receiver<Announced> {
+        self.announced.clone()
+    }
+
     /// The routes as the kernel has them now.
     pub fn announced(&self) -> Announced {
         self.announced.borrow().clone()

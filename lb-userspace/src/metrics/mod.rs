@@ -82,6 +82,9 @@ pub struct Sample {
     pub flows: FlowTableStatus,
     pub vrrp: Option<VrrpStatus>,
     pub sync: Option<SyncStatus>,
+    /// With `[announce]`: each VIP with a route in the announce table (true) or whose
+    /// route this agent withdrew (false), as the kernel has them.
+    pub announced: Option<BTreeMap<IpAddr, bool>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,6 +171,7 @@ pub fn gather(
         },
         vrrp,
         sync,
+        announced: None,
     })
 }
 
@@ -349,6 +353,16 @@ pub fn render(sample: &Sample) -> String {
     }
     if let Some(s) = &sample.sync {
         render_sync(&mut r, s);
+    }
+    if let Some(announced) = &sample.announced {
+        let g = Gauges::new(
+            &mut r,
+            "lb_vip_announced",
+            "1 while this host keeps the VIP's route in the [announce] table, 0 once withdrawn",
+        );
+        for (vip, on) in announced {
+            g.set(vec![("vip", vip.to_string())], u64::from(*on));
+        }
     }
 
     let mut text = String::new();
@@ -764,6 +778,21 @@ mod tests {
         );
         assert_eq!(get(r#"lb_sync_peer_connected{peer="10.0.0.4"}"#), 1.0);
         assert_eq!(get(r#"lb_sync_peer_admin_in_step{peer="10.0.0.4"}"#), 0.0);
+    }
+
+    #[test]
+    fn announced_vips_appear_with_announce() {
+        assert!(!render(&sample(false)).contains("lb_vip_announced"));
+        let mut s = sample(false);
+        s.announced = Some(BTreeMap::from([
+            ("192.0.2.10".parse().unwrap(), true),
+            ("2001:db8::10".parse().unwrap(), false),
+        ]));
+        let text = render(&s);
+        let m = parse(&text);
+        assert_eq!(m[r#"lb_vip_announced{vip="192.0.2.10"}"#], 1.0, "{text}");
+        assert_eq!(m[r#"lb_vip_announced{vip="2001:db8::10"}"#], 0.0, "{text}");
+        assert!(text.contains("# TYPE lb_vip_announced gauge\n"), "{text}");
     }
 
     #[test]

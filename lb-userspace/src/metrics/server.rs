@@ -23,11 +23,12 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::prometheus_text;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot, watch};
 
 use super::{CounterSource, View, gather, render};
 use crate::{
-    dataplane::DataPlaneError, flows::FlowSnapshot, protocol::VrrpStatus, sync::SyncStatusSource,
+    announce::kernel::Announced, dataplane::DataPlaneError, flows::FlowSnapshot,
+    protocol::VrrpStatus, sync::SyncStatusSource,
 };
 
 /// Where a scrape reads from; every part is published by its owner, none is asked.
@@ -38,18 +39,27 @@ pub struct Sources {
     pub flows: Arc<ArcSwap<FlowSnapshot>>,
     pub vrrp: Option<Arc<ArcSwap<VrrpStatus>>>,
     pub sync: Option<SyncStatusSource>,
+    /// The routes the `[announce]` task keeps, as it last saw them in the kernel.
+    pub announce: Option<watch::Receiver<Announced>>,
 }
 
 impl Sources {
     /// One exposition: the published state and the counters as they are now.
     pub fn scrape(&self) -> Result<String, DataPlaneError> {
-        let sample = gather(
+        let mut sample = gather(
             &self.view.load(),
             &*self.counters,
             &self.flows.load(),
             self.vrrp.as_ref().map(|v| VrrpStatus::clone(&v.load())),
             self.sync.as_ref().map(|s| s.read()),
         )?;
+        sample.announced = self.announce.as_ref().map(|a| {
+            let a = a.borrow();
+            let withdrawn = a.withdrawn.keys().map(|vip| (*vip, false));
+            withdrawn
+                .chain(a.routes.keys().map(|vip| (*vip, true)))
+                .collect()
+        });
         Ok(render(&sample))
     }
 }
@@ -285,6 +295,7 @@ mod tests {
             flows: Arc::new(ArcSwap::from_pointee(FlowSnapshot::default())),
             vrrp: None,
             sync: None,
+            announce: None,
         }
     }
 

@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use lb_common::{
-    LbConfig,
+    CONFIG_F_TRACE, LbConfig,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
 };
 use tokio::{
@@ -53,6 +53,7 @@ use crate::{
         BackendState, BackendStatus, FlowTableStatus, Request, Response, ServiceStatus, Status,
     },
     sync::{self, Confirmation, SyncEvent, SyncHandle, wire::AdminEntry},
+    trace::{TraceHub, TraceNames},
     tracking::{DataPathHealth, effective_priority, interface_up},
     vrrp::{self, StateChange, VrrpHandle},
 };
@@ -111,6 +112,12 @@ pub struct Agent<D: DataPlane = XdpDataPlane> {
     /// The peers' acknowledgement of the admin change `handle` just made, for the loop
     /// to wait on beside it (`take_confirmation`).
     confirmation: Option<oneshot::Receiver<Confirmation>>,
+    /// `lbctl trace` clients and the events they get.
+    trace: TraceHub,
+    /// Whether the program's trace flag is set (while a trace client listens).
+    tracing: bool,
+    /// Reads the program's trace ring buffer (absent over a fake data path).
+    trace_reader: Option<JoinHandle<()>>,
 }
 
 /// How long a starting host waits for its peers' admin state before VRRP starts.
@@ -267,6 +274,7 @@ impl Agent<XdpDataPlane> {
         let macs = neigh
             .resolve(&backend_addresses(&config), RESOLVE_WAIT)
             .await?;
+        let trace_ring = dp.take_trace_ring();
         let mut agent = Agent::assemble(Parts {
             config_path: config_path.to_path_buf(),
             config,
@@ -289,6 +297,14 @@ impl Agent<XdpDataPlane> {
                 ),
                 Err(e) => tracing::warn!("{e}: backend ids given out afresh, in config order"),
             }
+        }
+        if let Some(ring) = trace_ring {
+            agent.trace_reader = Some(
+                agent
+                    .trace
+                    .spawn_reader(ring)
+                    .context("reading the trace ring buffer")?,
+            );
         }
         agent.first_checks().await;
         agent.apply()?;
@@ -359,7 +375,7 @@ impl<D: DataPlane> Agent<D> {
             mac,
             health_tx,
         } = parts;
-        dp.set_config(&host_config(mac, &config))?;
+        dp.set_config(&host_config(mac, &config, false))?;
         let idle = Duration::from_secs(u64::from(config.agent.flow_idle_timeout_s));
         let scanner = Scanner::spawn(flow_store, idle).context("starting the flow scanner")?;
         Ok(Self {
@@ -384,7 +400,48 @@ impl<D: DataPlane> Agent<D> {
             sync: None,
             clock: Clock::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
             confirmation: None,
+            trace: TraceHub::new(),
+            tracing: false,
+            trace_reader: None,
         })
+    }
+
+    /// Where `lbctl trace` clients subscribe (the control socket's connections).
+    pub fn trace_hub(&self) -> TraceHub {
+        self.trace.clone()
+    }
+
+    /// Sets the program's trace flag while at least one client listens, and clears it
+    /// when the last one has gone (also when it died: its connection ends).
+    pub fn update_tracing(&mut self) -> Result<()> {
+        let want = self.trace.clients() > 0;
+        if want != self.tracing {
+            self.dp
+                .set_config(&host_config(self.mac, &self.config, want))?;
+            self.tracing = want;
+            tracing::info!(
+                "packet trace {}",
+                if want {
+                    "on: a trace client listens"
+                } else {
+                    "off: no trace client left"
+                }
+            );
+        }
+        Ok(())
+    }
+
+    /// Backend ids by name, for the trace's events.
+    fn refresh_trace_names(&self) {
+        let mut names = TraceNames::default();
+        for s in &self.config.services {
+            for b in &s.backends {
+                if let Some(id) = self.programmer.backend_id(&s.name, b.address) {
+                    names.backends.insert(id, (s.name.clone(), b.name.clone()));
+                }
+            }
+        }
+        self.trace.set_names(names);
     }
 
     /// The view of one backend that decides its place in the ring.
@@ -623,6 +680,7 @@ impl<D: DataPlane> Agent<D> {
                 self.program()?
             }
         };
+        self.refresh_trace_names();
         self.track();
         Ok(report)
     }
@@ -799,7 +857,7 @@ impl<D: DataPlane> Agent<D> {
         let guard_changed = self.config.agent.new_flows_per_cpu_s != new.agent.new_flows_per_cpu_s;
         if guard_changed {
             self.dp
-                .set_config(&host_config(self.mac, &new))
+                .set_config(&host_config(self.mac, &new, self.tracing))
                 .map_err(anyhow::Error::from)?;
         }
         let report = match self.commit(plan) {
@@ -808,7 +866,8 @@ impl<D: DataPlane> Agent<D> {
                 // Put back what was there: the programmer rewrites every entry now.
                 let restored = self.program().and_then(|r| {
                     if guard_changed {
-                        self.dp.set_config(&host_config(self.mac, &self.config))?;
+                        self.dp
+                            .set_config(&host_config(self.mac, &self.config, self.tracing))?;
                     }
                     Ok(r)
                 });
@@ -825,6 +884,7 @@ impl<D: DataPlane> Agent<D> {
         self.macs = macs;
         self.config = new;
         self.health = health;
+        self.refresh_trace_names();
         self.restart_checkers();
         self.track();
         Ok(report)
@@ -914,6 +974,14 @@ impl<D: DataPlane> Agent<D> {
             Request::Reload => Err(anyhow::anyhow!(
                 "internal: a reload reached the request handler"
             )),
+            // The connection subscribed to the trace before asking: the flag follows.
+            Request::Trace { .. } => self.update_tracing().map(|()| Response::Tracing {
+                message: if self.tracing {
+                    "tracing the program's decisions about VIP traffic".to_string()
+                } else {
+                    "the trace client left before tracing began".to_string()
+                },
+            }),
         };
         result.unwrap_or_else(|e| Response::error(format!("{e:#}")))
     }
@@ -1141,11 +1209,12 @@ async fn confirmed(response: Response, wait: oneshot::Receiver<Confirmation>) ->
     }
 }
 
-/// What the program is told about this host: its MAC and the flood guard's limit.
-fn host_config(mac: [u8; 6], config: &Config) -> LbConfig {
+/// What the program is told about this host: its MAC, the flood guard's limit, and
+/// whether an `lbctl trace` is listening.
+fn host_config(mac: [u8; 6], config: &Config, tracing: bool) -> LbConfig {
     LbConfig {
         mac,
-        _pad: [0; 2],
+        flags: if tracing { CONFIG_F_TRACE } else { 0 },
         new_flows_per_cpu_s: config.agent.new_flows_per_cpu_s,
     }
 }
@@ -1382,7 +1451,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             return Err(e);
         }
     };
-    let server = tokio::spawn(control::serve(listener, call_tx));
+    let server = tokio::spawn(control::serve(listener, call_tx, agent.trace_hub()));
+    let mut trace_clients = agent.trace_hub().watch_clients();
     tracing::info!("control socket {}", socket.display());
     let backends: usize = agent.config.services.iter().map(|s| s.backends.len()).sum();
     tracing::info!(
@@ -1429,6 +1499,11 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             }
             Some(change) = next_change(&mut vrrp_changes) => agent.on_vrrp(change),
             Some(event) = next_sync(&mut sync_events) => agent.on_sync(event),
+            Ok(()) = trace_clients.changed() => {
+                if let Err(e) = agent.update_tracing() {
+                    tracing::warn!("switching the packet trace: {e:#}");
+                }
+            }
             _ = track_tick.tick(), if agent.vrrp.is_some() => agent.track(),
             _ = tick.tick() => {
                 if let Err(e) = agent.refresh_neighbours().await {
@@ -1442,6 +1517,17 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     }
     agent.stop_vrrp().await;
     server.abort();
+    // The program outlives us: it must not trace for nobody.
+    if agent.tracing
+        && let Err(e) = agent
+            .dp
+            .set_config(&host_config(agent.mac, &agent.config, false))
+    {
+        tracing::warn!("turning the packet trace off: {e:#}");
+    }
+    if let Some(reader) = agent.trace_reader.take() {
+        reader.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     let interface = agent.config.agent.interface.clone();
     for task in agent.checkers.drain(..) {

@@ -17,5 +17,7 @@ pub mod programmer;
 pub mod protocol;
 pub mod statefile;
 pub mod sync;
+pub mod table;
+pub mod trace;
 pub mod tracking;
 pub mod vrrp;

@@ -2,6 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
+    net::IpAddr,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -13,9 +14,10 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     config::DEFAULT_CONTROL_SOCKET,
     protocol::{
-        BackendStatus, Envelope, MAX_FRAME, PROTOCOL_VERSION, Request, Response, Status,
-        VrrpStatus, decode_response, encode,
+        BackendStatus, Envelope, MAX_FRAME, Request, Response, Status, TraceRecord, VrrpStatus,
+        decode_response, encode,
     },
+    table::{Align, Table},
 };
 
 /// Control a running lb-agent: show its state, drain and restore backends before and
@@ -43,6 +45,17 @@ enum Command {
     /// Re-read the agent's config file and apply only the difference. An invalid file is
     /// reported with every error and changes nothing.
     Reload,
+    /// The XDP program's decisions about VIP traffic, live, one line each: protocol,
+    /// source > destination, verdict, reason, and the backend of a forwarded packet.
+    /// The program traces only while a trace runs. Ctrl-C ends it.
+    Trace {
+        /// Only packets to this VIP address.
+        #[arg(long, value_name = "ADDR")]
+        vip: Option<IpAddr>,
+        /// Stop after N events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -84,6 +97,27 @@ fn main() -> ExitCode {
 
 /// Sends one request and reads its response.
 fn call(socket: &Path, request: Request) -> Result<Response> {
+    let stream = send(socket, request)?;
+    let mut reader = BufReader::new(stream);
+    read_response(&mut reader)?
+        .ok_or_else(|| anyhow!("the agent closed the connection without answering"))
+}
+
+/// The next response on a connection; `None` at its end.
+fn read_response(reader: &mut BufReader<UnixStream>) -> Result<Option<Response>> {
+    let mut line = Vec::new();
+    reader
+        .take(MAX_FRAME as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .context("reading the response")?;
+    if line.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(decode_response(&line)?))
+}
+
+/// Connects and sends one request, with the lowest protocol version that has it.
+fn send(socket: &Path, request: Request) -> Result<UnixStream> {
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
             "no agent listening on {} (is lb-agent running? is --socket right?)",
@@ -97,19 +131,11 @@ fn call(socket: &Path, request: Request) -> Result<Response> {
     })?;
     stream
         .write_all(&encode(&Envelope {
-            version: PROTOCOL_VERSION,
+            version: request.version(),
             request,
         }))
         .context("sending the request")?;
-    let mut line = Vec::new();
-    BufReader::new(stream)
-        .take(MAX_FRAME as u64 + 1)
-        .read_until(b'\n', &mut line)
-        .context("reading the response")?;
-    if line.is_empty() {
-        bail!("the agent closed the connection without answering");
-    }
-    Ok(decode_response(&line)?)
+    Ok(stream)
 }
 
 /// A response that is not an error, or the error as this command's failure.
@@ -185,7 +211,73 @@ fn run(args: &Args) -> Result<()> {
             done(expect_ok(call(socket, request)?)?, args.json)
         }
         Command::Reload => done(expect_ok(call(socket, Request::Reload)?)?, args.json),
+        Command::Trace { vip, count } => trace(socket, *vip, *count, args.json),
     }
+}
+
+/// Streams the agent's trace until `count` events, the agent's end, or Ctrl-C.
+fn trace(socket: &Path, vip: Option<IpAddr>, count: Option<u64>, json: bool) -> Result<()> {
+    let stream = send(socket, Request::Trace { vip, count })?;
+    let mut reader = BufReader::new(stream);
+    let mut out = std::io::stdout().lock();
+    loop {
+        let Some(response) = read_response(&mut reader)? else {
+            bail!("the agent closed the trace");
+        };
+        match expect_ok(response)? {
+            Response::Tracing { message } => eprintln!("{message} (Ctrl-C ends)"),
+            Response::Trace(record) => {
+                let line = if json {
+                    serde_json::to_string(&record)?
+                } else {
+                    trace_line(&record)
+                };
+                // A closed pipe (`| head`) ends the trace quietly.
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return Ok(());
+                }
+            }
+            Response::TraceLost { events } => {
+                eprintln!("({events} events lost: too many to keep up)")
+            }
+            Response::Done { .. } => return Ok(()),
+            other => return unexpected(other),
+        }
+    }
+}
+
+/// `HH:MM:SS.mmm proto src > dst verdict reason [service/backend] [new flow]`.
+fn trace_line(r: &TraceRecord) -> String {
+    let end = |a: Option<IpAddr>, p: Option<u16>| match (a, p) {
+        (Some(IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
+        (Some(a), Some(p)) => format!("{a}:{p}"),
+        (Some(a), None) => a.to_string(),
+        (None, _) => "-".to_string(),
+    };
+    let time = unix_ms_to_utc(r.at_unix_ms);
+    // "YYYY-MM-DD HH:MM:SS UTC": the time of day, and the milliseconds.
+    let clock = time.get(11..19).unwrap_or(&time);
+    let mut line = format!(
+        "{clock}.{:03} {} {} > {} {} {}",
+        r.at_unix_ms % 1000,
+        r.protocol,
+        end(r.src, r.sport),
+        end(r.dst, r.dport),
+        r.verdict,
+        r.reason
+    );
+    match (&r.service, &r.backend) {
+        (Some(s), Some(b)) => line.push_str(&format!(" -> {s}/{b}")),
+        (None, Some(b)) => line.push_str(&format!(" -> {b}")),
+        _ => {}
+    }
+    if r.new_flow {
+        line.push_str(" (new flow)");
+    }
+    if r.icmp_error {
+        line.push_str(" (ICMP error about this flow)");
+    }
+    line
 }
 
 fn unexpected(response: Response) -> Result<()> {
@@ -479,29 +571,38 @@ fn print_vrrp(v: &VrrpStatus, serving: bool) {
 }
 
 fn print_backends(backends: &[BackendStatus]) {
-    println!(
-        "  {:<12} {:<16} {:<24} {:<9} {:>6} {:>7} {:>6} {:>10} {:>10}",
-        "backend", "address", "health", "state", "weight", "ring", "active", "packets", "new flows"
-    );
+    use Align::{Left, Right};
+    let mut t = Table::new(&[
+        ("backend", Left),
+        ("address", Left),
+        ("health", Left),
+        ("state", Left),
+        ("weight", Right),
+        ("ring", Right),
+        ("active", Right),
+        ("packets", Right),
+        ("new flows", Right),
+    ])
+    .indent(2);
     for b in backends {
         let name = if b.backup {
             format!("{} (backup)", b.name)
         } else {
             b.name.clone()
         };
-        println!(
-            "  {:<12} {:<16} {:<24} {:<9} {:>6} {:>7} {:>6} {:>10} {:>10}",
+        t.row([
             name,
-            b.address,
-            b.health,
+            b.address.clone(),
+            b.health.clone(),
             b.state.to_string(),
-            b.weight,
-            if b.in_ring { "yes" } else { "no" },
-            b.active_flows,
-            b.packets,
-            b.new_flows
-        );
+            b.weight.to_string(),
+            (if b.in_ring { "yes" } else { "no" }).to_string(),
+            b.active_flows.to_string(),
+            b.packets.to_string(),
+            b.new_flows.to_string(),
+        ]);
     }
+    print!("{}", t.render());
 }
 
 fn human_duration(s: u64) -> String {

@@ -18,6 +18,7 @@ use lb_userspace::{
         decode_response, encode,
     },
     table::{Align, Table},
+    top,
 };
 
 /// Control a running lb-agent: show its state, drain and restore backends before and
@@ -45,6 +46,17 @@ enum Command {
     /// Re-read the agent's config file and apply only the difference. An invalid file is
     /// reported with every error and changes nothing.
     Reload,
+    /// A live view, refreshed every second: per service and backend, packets/s, bits/s,
+    /// new flows/s, active flows, state and health; the VRRP state; the reasons packets
+    /// were not forwarded that moved. `q`, Esc or Ctrl-C quits.
+    Top {
+        /// Print one sample of the rates and exit (with --json: as JSON).
+        #[arg(long)]
+        once: bool,
+        /// Seconds between readings.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+    },
     /// The XDP program's decisions about VIP traffic, live, one line each: protocol,
     /// source > destination, verdict, reason, and the backend of a forwarded packet.
     /// The program traces only while a trace runs. Ctrl-C ends it.
@@ -212,7 +224,105 @@ fn run(args: &Args) -> Result<()> {
         }
         Command::Reload => done(expect_ok(call(socket, Request::Reload)?)?, args.json),
         Command::Trace { vip, count } => trace(socket, *vip, *count, args.json),
+        Command::Top { once, interval } => top(socket, *once, *interval, args.json),
     }
+}
+
+fn status(socket: &Path) -> Result<Status> {
+    match expect_ok(call(socket, Request::Status)?)? {
+        Response::Status(status) => Ok(*status),
+        other => Err(anyhow!("unexpected answer from the agent: {other:?}")),
+    }
+}
+
+fn top(socket: &Path, once: bool, interval: f64, json: bool) -> Result<()> {
+    if !(0.1..=3600.0).contains(&interval) {
+        bail!("--interval {interval}: give 0.1 to 3600 seconds");
+    }
+    let every = Duration::from_secs_f64(interval);
+    if !once {
+        if json {
+            bail!("the live view has no JSON form: use `lbctl top --once --json`");
+        }
+        return top::screen::run(|| status(socket), every);
+    }
+    let before = status(socket)?;
+    let start = Instant::now();
+    std::thread::sleep(every);
+    let now = status(socket)?;
+    let sample = top::sample(&before, &now, start.elapsed().as_secs_f64());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&sample)?);
+        return Ok(());
+    }
+    println!(
+        "{}  vrrp {}  {}  over {:.2} s",
+        sample.interface,
+        sample.vrrp_state,
+        if sample.serving {
+            "serving"
+        } else {
+            "not serving"
+        },
+        sample.interval_s
+    );
+    use Align::{Left, Right};
+    let mut t = Table::new(&[
+        ("name", Left),
+        ("address", Left),
+        ("state", Left),
+        ("pkt/s", Right),
+        ("bit/s", Right),
+        ("new/s", Right),
+        ("active", Right),
+        ("health", Left),
+    ]);
+    for s in &sample.services {
+        t.row([
+            s.name.clone(),
+            format!(
+                "{}:{}",
+                if s.vip.contains(':') {
+                    format!("[{}]", s.vip)
+                } else {
+                    s.vip.clone()
+                },
+                s.port
+            ),
+            String::new(),
+            top::si(s.rates.packets_per_s),
+            top::si(s.rates.bits_per_s),
+            top::si(s.rates.new_flows_per_s),
+            s.active_flows.to_string(),
+            String::new(),
+        ]);
+        for b in &s.backends {
+            t.row([
+                format!("  {}", b.name),
+                b.address.clone(),
+                b.state.to_string(),
+                top::si(b.rates.packets_per_s),
+                top::si(b.rates.bits_per_s),
+                top::si(b.rates.new_flows_per_s),
+                b.active_flows.to_string(),
+                b.health.clone(),
+            ]);
+        }
+    }
+    print!("{}", t.render());
+    let list = |m: &std::collections::BTreeMap<String, f64>| {
+        if m.is_empty() {
+            "none".to_string()
+        } else {
+            m.iter()
+                .map(|(k, v)| format!("{k} {}", top::si(Some(*v))))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    println!("not forwarded/s: {}", list(&sample.not_forwarded_per_s));
+    println!("events/s: {}", list(&sample.events_per_s));
+    Ok(())
 }
 
 /// Streams the agent's trace until `count` events, the agent's end, or Ctrl-C.

@@ -1785,6 +1785,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_trace_flag_follows_the_clients_and_survives_a_reload() {
+        let mut t = test_agent("trace", &[("a", "127.0.0.2"), ("b", "127.0.0.3")]);
+        let flag = |t: &TestAgent| t.agent.dp.config.flags & CONFIG_F_TRACE != 0;
+        assert!(!flag(&t), "no client yet");
+        let hub = t.agent.trace_hub();
+        let first = hub.subscribe();
+        let r = t.agent.handle(Request::Trace {
+            vip: None,
+            count: None,
+        });
+        assert!(matches!(r, Response::Tracing { .. }), "{r:?}");
+        assert!(flag(&t));
+        let second = hub.subscribe();
+        drop(first);
+        t.agent.update_tracing().unwrap();
+        assert!(flag(&t), "one client still listens");
+        // A reload rewrites the config entry: the flag stays while a client listens.
+        t.agent.reload().await.unwrap();
+        assert!(flag(&t));
+        assert_eq!(t.agent.dp.config.mac, MAC);
+        drop(second);
+        t.agent.update_tracing().unwrap();
+        assert!(!flag(&t), "the last client left");
+        // Events name the backend the ids stand for.
+        let id = t
+            .agent
+            .programmer
+            .backend_id("web", "127.0.0.3".parse().unwrap())
+            .unwrap();
+        let mut sub = hub.subscribe();
+        hub.publish(
+            &lb_common::TraceEvent {
+                reason: lb_common::TRACE_FORWARDED,
+                verdict: 3,
+                backend: id,
+                ..Default::default()
+            },
+            0,
+        );
+        let record = sub.events.try_recv().unwrap();
+        assert_eq!(
+            (record.service.as_deref(), record.backend.as_deref()),
+            (Some("web"), Some("b"))
+        );
+    }
+
+    #[tokio::test]
     async fn status_answers_from_the_scan_without_walking_the_table() {
         let mut t = test_agent("status", &[("a", "127.0.0.2"), ("b", "127.0.0.3")]);
         let status = t.agent.status().unwrap();

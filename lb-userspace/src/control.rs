@@ -196,13 +196,17 @@ mod tests {
 
     /// The server in-process on a socket in a temporary folder, with a fake agent loop.
     async fn start(name: &str) -> PathBuf {
+        start_with(name, TraceHub::new()).await
+    }
+
+    async fn start_with(name: &str, hub: TraceHub) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("lb-control-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("lb.sock");
         let listener = bind(&path).expect("bind");
         let (tx, mut rx) = mpsc::channel::<Call>(8);
-        tokio::spawn(serve(listener, tx, TraceHub::new()));
+        tokio::spawn(serve(listener, tx, hub));
         tokio::spawn(async move {
             while let Some((request, answer)) = rx.recv().await {
                 let _ = answer.send(Response::Done {
@@ -284,5 +288,90 @@ mod tests {
     async fn refuses_to_take_over_a_live_socket() {
         let path = start("live").await;
         assert!(matches!(bind(&path), Err(ControlError::InUse(_))));
+    }
+
+    async fn read_line(read: &mut BufReader<UnixStream>) -> Response {
+        let mut line = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            read.read_until(b'\n', &mut line),
+        )
+        .await
+        .expect("a line within 5 s")
+        .expect("read");
+        decode_response(&line).expect("a response")
+    }
+
+    async fn clients_become(hub: &TraceHub, n: usize) {
+        for _ in 0..500 {
+            if hub.clients() == n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{} trace clients, expected {n}", hub.clients());
+    }
+
+    #[tokio::test]
+    async fn a_trace_streams_matching_events_until_its_count_or_its_client_goes() {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let hub = TraceHub::new();
+        let path = start_with("trace", hub.clone()).await;
+        let vip: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+        let request = Request::Trace {
+            vip: Some(vip),
+            count: Some(2),
+        };
+        let frame = encode(&Envelope {
+            version: request.version(),
+            request,
+        });
+        let mut s = BufReader::new(UnixStream::connect(&path).await.expect("connect"));
+        s.get_mut().write_all(&frame).await.expect("write");
+        let first = read_line(&mut s).await;
+        if !root {
+            assert!(matches!(first, Response::Error { .. }), "{first:?}");
+            return;
+        }
+        // The fake loop's answer to the trace request comes first.
+        assert!(matches!(first, Response::Done { .. }), "{first:?}");
+        assert_eq!(hub.clients(), 1);
+        let to = |dst: [u8; 4]| {
+            let mut e = lb_common::TraceEvent::default();
+            e.flow.family = lb_common::FAMILY_V4;
+            e.flow.dst[..4].copy_from_slice(&dst);
+            e
+        };
+        hub.publish(&to([192, 0, 2, 99]), 1);
+        hub.publish(&to([192, 0, 2, 10]), 2);
+        hub.publish(&to([192, 0, 2, 10]), 3);
+        hub.publish(&to([192, 0, 2, 10]), 4);
+        for at in [2, 3] {
+            match read_line(&mut s).await {
+                Response::Trace(r) => {
+                    assert_eq!((r.dst, r.at_unix_ms), (Some(vip), at));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(read_line(&mut s).await, Response::Done { .. }));
+        clients_become(&hub, 0).await;
+
+        // A client that goes away ends its subscription, even with no event flowing.
+        let request = Request::Trace {
+            vip: None,
+            count: None,
+        };
+        let frame = encode(&Envelope {
+            version: request.version(),
+            request,
+        });
+        let mut s = BufReader::new(UnixStream::connect(&path).await.expect("connect"));
+        s.get_mut().write_all(&frame).await.expect("write");
+        read_line(&mut s).await;
+        assert_eq!(hub.clients(), 1);
+        drop(s);
+        clients_become(&hub, 0).await;
     }
 }

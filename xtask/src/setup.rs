@@ -21,8 +21,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "iptables",
     "keepalived",
-    // Bounded SYN floods in the flood lab test.
+    // Bounded SYN floods in the flood lab test; IP fragments in the trace lab test.
     "hping3",
+    // A pseudo-terminal for `lbctl top` in the observe lab test.
+    "tmux",
 ];
 
 pub fn setup(ws: &Workspace) -> Result<()> {

@@ -14,7 +14,8 @@ use crate::protocol::{BackendState, Status};
 /// the counter went back (the maps were made anew: a reset, not a wrap) or no time
 /// passed. A u64 that wrapped past its maximum still gives its true difference.
 pub fn rate(before: u64, now: u64, secs: f64) -> Option<f64> {
-    if !(secs > 0.0) {
+    // NaN too.
+    if secs.is_nan() || secs <= 0.0 {
         return None;
     }
     let delta = now.wrapping_sub(before);

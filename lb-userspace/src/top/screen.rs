@@ -25,10 +25,14 @@ struct View {
     every: Duration,
 }
 
-/// Runs until `q`, Esc or Ctrl-C, reading a `Status` from `fetch` every `every`.
+/// Runs until `q`, Esc or Ctrl-C, reading a `Status` from `fetch` every `every`. The
+/// first reading is taken before the screen changes, so that an agent that does not
+/// answer is an error on a normal terminal; later failures are shown and retried.
 pub fn run(mut fetch: impl FnMut() -> Result<Status>, every: Duration) -> Result<()> {
-    let mut terminal = ratatui::init();
-    let result = run_loop(&mut terminal, &mut fetch, every);
+    let first = fetch()?;
+    let mut terminal = ratatui::try_init()
+        .map_err(|e| anyhow::anyhow!("cannot take over the terminal ({e}): is this a terminal?"))?;
+    let result = run_loop(&mut terminal, &mut fetch, first, every);
     ratatui::restore();
     result
 }
@@ -36,28 +40,27 @@ pub fn run(mut fetch: impl FnMut() -> Result<Status>, every: Duration) -> Result
 fn run_loop(
     terminal: &mut DefaultTerminal,
     fetch: &mut dyn FnMut() -> Result<Status>,
+    first: Status,
     every: Duration,
 ) -> Result<()> {
-    let mut last: Option<(Instant, Status)> = None;
     let mut view = View {
         every,
-        ..Default::default()
+        // No rates before a second reading.
+        sample: Some(sample(&first, &first, 0.0)),
+        error: None,
     };
-    let mut next = Instant::now();
+    let mut last = (Instant::now(), first);
+    let mut next = Instant::now() + every;
+    terminal.draw(|f| draw(f, &view))?;
     loop {
         if Instant::now() >= next {
             let at = Instant::now();
             match fetch() {
                 Ok(status) => {
-                    view.sample = Some(match &last {
-                        Some((t0, before)) => {
-                            sample(before, &status, at.duration_since(*t0).as_secs_f64())
-                        }
-                        // No rates before a second reading.
-                        None => sample(&status, &status, 0.0),
-                    });
+                    let secs = at.duration_since(last.0).as_secs_f64();
+                    view.sample = Some(sample(&last.1, &status, secs));
                     view.error = None;
-                    last = Some((at, status));
+                    last = (at, status);
                 }
                 Err(e) => view.error = Some(format!("{e:#}")),
             }

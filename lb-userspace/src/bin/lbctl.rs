@@ -266,48 +266,21 @@ fn top(socket: &Path, once: bool, interval: f64, json: bool) -> Result<()> {
         },
         sample.interval_s
     );
-    use Align::{Left, Right};
-    let mut t = Table::new(&[
-        ("name", Left),
-        ("address", Left),
-        ("state", Left),
-        ("pkt/s", Right),
-        ("bit/s", Right),
-        ("new/s", Right),
-        ("active", Right),
-        ("health", Left),
-    ]);
-    for s in &sample.services {
-        t.row([
-            s.name.clone(),
-            format!(
-                "{}:{}",
-                if s.vip.contains(':') {
-                    format!("[{}]", s.vip)
-                } else {
-                    s.vip.clone()
-                },
-                s.port
-            ),
-            String::new(),
-            top::si(s.rates.packets_per_s),
-            top::si(s.rates.bits_per_s),
-            top::si(s.rates.new_flows_per_s),
-            s.active_flows.to_string(),
-            String::new(),
-        ]);
-        for b in &s.backends {
-            t.row([
-                format!("  {}", b.name),
-                b.address.clone(),
-                b.state.to_string(),
-                top::si(b.rates.packets_per_s),
-                top::si(b.rates.bits_per_s),
-                top::si(b.rates.new_flows_per_s),
-                b.active_flows.to_string(),
-                b.health.clone(),
-            ]);
-        }
+    let columns: Vec<(&str, Align)> = top::COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, (header, ..))| {
+            let align = if top::right_aligned(i) {
+                Align::Right
+            } else {
+                Align::Left
+            };
+            (*header, align)
+        })
+        .collect();
+    let mut t = Table::new(&columns);
+    for (_, cells) in top::rows(&sample) {
+        t.row(cells);
     }
     print!("{}", t.render());
     let list = |m: &std::collections::BTreeMap<String, f64>| {

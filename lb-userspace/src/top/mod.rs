@@ -183,6 +183,68 @@ pub fn si(value: Option<f64>) -> String {
     }
 }
 
+/// The table's columns, in order: (header, least width, drop rank; see `Column`).
+pub const COLUMNS: [(&str, u16, u8); 9] = [
+    ("name", 8, 0),
+    ("address", 15, 2),
+    ("state", 5, 0),
+    ("pkt/s", 6, 0),
+    ("bit/s", 6, 0),
+    ("new/s", 6, 0),
+    ("active", 6, 0),
+    ("weight", 6, 1),
+    ("health", 10, 3),
+];
+
+/// Right-aligned columns: the numbers.
+pub fn right_aligned(i: usize) -> bool {
+    (3..=7).contains(&i)
+}
+
+/// The table's cells: one row per service (its VIP as the address; `true`), then its
+/// backends indented (`false`), in `COLUMNS` order.
+pub fn rows(sample: &Sample) -> Vec<(bool, Vec<String>)> {
+    let mut rows = Vec::new();
+    for s in &sample.services {
+        let vip = if s.vip.contains(':') {
+            format!("[{}]:{}", s.vip, s.port)
+        } else {
+            format!("{}:{}", s.vip, s.port)
+        };
+        rows.push((
+            true,
+            vec![
+                s.name.clone(),
+                vip,
+                String::new(),
+                si(s.rates.packets_per_s),
+                si(s.rates.bits_per_s),
+                si(s.rates.new_flows_per_s),
+                s.active_flows.to_string(),
+                String::new(),
+                String::new(),
+            ],
+        ));
+        for b in &s.backends {
+            rows.push((
+                false,
+                vec![
+                    format!("  {}", b.name),
+                    b.address.clone(),
+                    b.state.to_string(),
+                    si(b.rates.packets_per_s),
+                    si(b.rates.bits_per_s),
+                    si(b.rates.new_flows_per_s),
+                    b.active_flows.to_string(),
+                    b.weight.to_string(),
+                    b.health.clone(),
+                ],
+            ));
+        }
+    }
+    rows
+}
+
 /// One column of the live view: its header, the width its widest cell wants, the
 /// least it can be cut to, and how readily it goes when the terminal is narrow (the
 /// highest `drop_rank` goes first; 0 never goes).

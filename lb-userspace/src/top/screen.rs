@@ -14,7 +14,7 @@ use ratatui::{
     widgets::{Cell, Paragraph, Row, Table, Wrap},
 };
 
-use super::{Column, Sample, cut, fit, sample, si};
+use super::{COLUMNS, Column, Sample, cut, fit, right_aligned, rows, sample, si};
 use crate::{protocol::Status, table::text_width};
 
 /// What the screen shows: the last sample, or why there is none.
@@ -83,67 +83,6 @@ fn run_loop(
             }
         }
     }
-}
-
-/// The table's columns, in order: (header, least width, drop rank; see `Column`).
-const COLUMNS: [(&str, u16, u8); 9] = [
-    ("name", 8, 0),
-    ("address", 15, 2),
-    ("state", 5, 0),
-    ("pkt/s", 6, 0),
-    ("bit/s", 6, 0),
-    ("new/s", 6, 0),
-    ("active", 6, 0),
-    ("weight", 6, 1),
-    ("health", 10, 3),
-];
-
-/// Right-aligned columns: the numbers.
-fn right_aligned(i: usize) -> bool {
-    (3..=7).contains(&i)
-}
-
-/// One row per service (its VIP as the address), then its backends indented.
-fn rows(sample: &Sample) -> Vec<(bool, Vec<String>)> {
-    let mut rows = Vec::new();
-    for s in &sample.services {
-        let vip = if s.vip.contains(':') {
-            format!("[{}]:{}", s.vip, s.port)
-        } else {
-            format!("{}:{}", s.vip, s.port)
-        };
-        rows.push((
-            true,
-            vec![
-                s.name.clone(),
-                vip,
-                String::new(),
-                si(s.rates.packets_per_s),
-                si(s.rates.bits_per_s),
-                si(s.rates.new_flows_per_s),
-                s.active_flows.to_string(),
-                String::new(),
-                String::new(),
-            ],
-        ));
-        for b in &s.backends {
-            rows.push((
-                false,
-                vec![
-                    format!("  {}", b.name),
-                    b.address.clone(),
-                    b.state.to_string(),
-                    si(b.rates.packets_per_s),
-                    si(b.rates.bits_per_s),
-                    si(b.rates.new_flows_per_s),
-                    b.active_flows.to_string(),
-                    b.weight.to_string(),
-                    b.health.clone(),
-                ],
-            ));
-        }
-    }
-    rows
 }
 
 fn per_second(what: &str, rates: &std::collections::BTreeMap<String, f64>) -> String {

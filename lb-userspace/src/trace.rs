@@ -120,6 +120,44 @@ pub fn record(event: &TraceEvent, names: &TraceNames, at_unix_ms: u64) -> TraceR
     }
 }
 
+/// `HH:MM:SS.mmm proto src > dst verdict reason [-> service/backend] [(new flow)]`,
+/// the time of day in UTC: how `lbctl trace` prints one event.
+pub fn line(r: &TraceRecord) -> String {
+    let end = |a: Option<IpAddr>, p: Option<u16>| match (a, p) {
+        (Some(IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
+        (Some(a), Some(p)) => format!("{a}:{p}"),
+        (Some(a), None) => a.to_string(),
+        (None, _) => "-".to_string(),
+    };
+    let day_ms = r.at_unix_ms % 86_400_000;
+    let (h, m, s, ms) = (
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000,
+    );
+    let mut line = format!(
+        "{h:02}:{m:02}:{s:02}.{ms:03} {} {} > {} {} {}",
+        r.protocol,
+        end(r.src, r.sport),
+        end(r.dst, r.dport),
+        r.verdict,
+        r.reason
+    );
+    match (&r.service, &r.backend) {
+        (Some(s), Some(b)) => line.push_str(&format!(" -> {s}/{b}")),
+        (None, Some(b)) => line.push_str(&format!(" -> {b}")),
+        _ => {}
+    }
+    if r.new_flow {
+        line.push_str(" (new flow)");
+    }
+    if r.icmp_error {
+        line.push_str(" (ICMP error about this flow)");
+    }
+    line
+}
+
 /// An event from the ring buffer's bytes; `None` if too short (never, from our program).
 pub fn decode(bytes: &[u8]) -> Option<TraceEvent> {
     if bytes.len() < std::mem::size_of::<TraceEvent>() {
@@ -275,6 +313,53 @@ mod tests {
         assert_eq!(r.backend.as_deref(), Some("b1"));
         assert!(r.new_flow && !r.icmp_error);
         assert_eq!(r.at_unix_ms, 5);
+    }
+
+    #[test]
+    fn lines_say_time_tuple_verdict_reason_and_backend() {
+        let mut flow = FlowKey {
+            src: v4([198, 51, 100, 7]),
+            dst: v4([192, 0, 2, 10]),
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let forwarded = TraceEvent {
+            flow,
+            reason: TRACE_FORWARDED,
+            verdict: 3,
+            backend: 7,
+            flags: TRACE_F_NEW_FLOW,
+        };
+        // 1970-01-02 01:02:03.045 UTC.
+        let at = 86_400_000 + 3_723_045;
+        assert_eq!(
+            line(&record(&forwarded, &names(), at)),
+            "01:02:03.045 tcp 198.51.100.7:40000 > 192.0.2.10:80 tx forwarded -> web/b1 (new flow)"
+        );
+        flow.sport_be = 0;
+        flow.dport_be = 0;
+        let fragment = TraceEvent {
+            flow,
+            reason: reason::DROP_FRAGMENT,
+            verdict: 1,
+            backend: NO_BACKEND,
+            flags: 0,
+        };
+        assert_eq!(
+            line(&record(&fragment, &names(), 0)),
+            "00:00:00.000 tcp 198.51.100.7 > 192.0.2.10 drop drop_fragment"
+        );
+        let mut v6 = record(&forwarded, &TraceNames::default(), 0);
+        v6.src = Some("2001:db8::7".parse().unwrap());
+        v6.new_flow = false;
+        v6.icmp_error = true;
+        assert_eq!(
+            line(&v6),
+            "00:00:00.000 tcp [2001:db8::7]:40000 > 192.0.2.10:80 tx forwarded -> #7 (ICMP error about this flow)"
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     config::DEFAULT_CONTROL_SOCKET,
     protocol::{
-        BackendStatus, Envelope, MAX_FRAME, Request, Response, Status, TraceRecord, VrrpStatus,
-        decode_response, encode,
+        BackendStatus, Envelope, MAX_FRAME, Request, Response, Status, VrrpStatus, decode_response,
+        encode,
     },
     table::{Align, Table},
     top,
@@ -313,7 +313,7 @@ fn trace(socket: &Path, vip: Option<IpAddr>, count: Option<u64>, json: bool) -> 
                 let line = if json {
                     serde_json::to_string(&record)?
                 } else {
-                    trace_line(&record)
+                    lb_userspace::trace::line(&record)
                 };
                 // A closed pipe (`| head`) ends the trace quietly.
                 if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
@@ -327,40 +327,6 @@ fn trace(socket: &Path, vip: Option<IpAddr>, count: Option<u64>, json: bool) -> 
             other => return unexpected(other),
         }
     }
-}
-
-/// `HH:MM:SS.mmm proto src > dst verdict reason [service/backend] [new flow]`.
-fn trace_line(r: &TraceRecord) -> String {
-    let end = |a: Option<IpAddr>, p: Option<u16>| match (a, p) {
-        (Some(IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
-        (Some(a), Some(p)) => format!("{a}:{p}"),
-        (Some(a), None) => a.to_string(),
-        (None, _) => "-".to_string(),
-    };
-    let time = unix_ms_to_utc(r.at_unix_ms);
-    // "YYYY-MM-DD HH:MM:SS UTC": the time of day, and the milliseconds.
-    let clock = time.get(11..19).unwrap_or(&time);
-    let mut line = format!(
-        "{clock}.{:03} {} {} > {} {} {}",
-        r.at_unix_ms % 1000,
-        r.protocol,
-        end(r.src, r.sport),
-        end(r.dst, r.dport),
-        r.verdict,
-        r.reason
-    );
-    match (&r.service, &r.backend) {
-        (Some(s), Some(b)) => line.push_str(&format!(" -> {s}/{b}")),
-        (None, Some(b)) => line.push_str(&format!(" -> {b}")),
-        _ => {}
-    }
-    if r.new_flow {
-        line.push_str(" (new flow)");
-    }
-    if r.icmp_error {
-        line.push_str(" (ICMP error about this flow)");
-    }
-    line
 }
 
 fn unexpected(response: Response) -> Result<()> {

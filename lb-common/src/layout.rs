@@ -5,7 +5,8 @@
 
 use crate::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_VIPS, Serving, VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS, names,
+    MAX_RING_SIZE, MAX_VIPS, Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey,
+    counters::STATS_SLOTS, names,
 };
 
 /// Bumped by hand when the meaning of a map changes while its sizes stay (a flag or a
@@ -17,6 +18,7 @@ pub const BPF_MAP_TYPE_HASH: u32 = 1;
 pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+pub const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 
 /// Slots of the META array.
 pub mod meta {
@@ -62,7 +64,7 @@ const fn map(
 }
 
 /// Every map of the program (`lb-ebpf/src/maps.rs`).
-pub const MAPS: [MapLayout; 11] = [
+pub const MAPS: [MapLayout; 12] = [
     map(
         names::MAP_VIPS,
         BPF_MAP_TYPE_HASH,
@@ -144,6 +146,14 @@ pub const MAPS: [MapLayout; 11] = [
         0,
     ),
     map(names::MAP_META, BPF_MAP_TYPE_ARRAY, 4, 8, meta::SLOTS, 0),
+    map(
+        names::MAP_TRACE,
+        BPF_MAP_TYPE_RINGBUF,
+        0,
+        0,
+        TRACE_RING_BYTES,
+        0,
+    ),
 ];
 
 const fn fnv(mut h: u32, bytes: &[u8]) -> u32 {

@@ -115,10 +115,46 @@ pub const FLOW_F_CLOSING: u32 = 1;
 pub struct LbConfig {
     /// MAC of the interface the program is attached to (source MAC of forwarded frames).
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `CONFIG_F_*` flags.
+    pub flags: u16,
     /// Flood guard: new flows one CPU records in the connection table per second; above
     /// it, new flows still take the ring but are not recorded. 0: no limit.
     pub new_flows_per_cpu_s: u32,
+}
+
+/// Config flag: send every decision about VIP traffic to the TRACE ring buffer. Set by
+/// the agent while at least one `lbctl trace` is connected; the program reads it from
+/// the config entry it looks up anyway, so tracing costs one test while off.
+pub const CONFIG_F_TRACE: u16 = 1;
+
+/// Byte size of the TRACE ring buffer (a power-of-2 multiple of the page size):
+/// about 4,600 events.
+pub const TRACE_RING_BYTES: u32 = 256 * 1024;
+
+/// `TraceEvent::reason` of a forwarded packet (the others are `counters::reason`).
+pub const TRACE_FORWARDED: u32 = u32::MAX;
+/// Trace flag: the packet took the ring (a SYN, or a flow no table knew).
+pub const TRACE_F_NEW_FLOW: u32 = 1;
+/// Trace flag: an ICMP error about a flow; `flow` is the flow it quotes.
+pub const TRACE_F_ICMP_ERROR: u32 = 2;
+/// Trace flag: an ARP request (the addresses are its sender's and target's IPv4).
+pub const TRACE_F_ARP: u32 = 4;
+
+/// One decision of the program, as it writes it to the TRACE ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceEvent {
+    /// The packet's 5-tuple as far as it was read: ports are 0 when unknown (a
+    /// fragment, not TCP), addresses and family 0 when not IP.
+    pub flow: FlowKey,
+    /// Why it ended (`counters::reason`), or `TRACE_FORWARDED`.
+    pub reason: u32,
+    /// The XDP action returned.
+    pub verdict: u32,
+    /// The backend id it went to, or `NO_BACKEND`.
+    pub backend: u32,
+    /// `TRACE_F_*`.
+    pub flags: u32,
 }
 
 /// The flood guard's window, one per CPU (a per-CPU array of one entry).
@@ -198,6 +234,7 @@ pub mod names {
     pub const MAP_CONFIG: &str = "CONFIG";
     pub const MAP_SERVING: &str = "SERVING";
     pub const MAP_META: &str = "META";
+    pub const MAP_TRACE: &str = "TRACE";
 }
 
 const _: () = {
@@ -211,6 +248,7 @@ const _: () = {
     assert!(core::mem::size_of::<Serving>() == 16);
     assert!(core::mem::size_of::<FloodWindow>() == 16);
     assert!(core::mem::size_of::<Counter>() == 24);
+    assert!(core::mem::size_of::<TraceEvent>() == 56);
     // The ring array is MAX_VIPS windows of MAX_RING_SIZE slots.
     assert!((MAX_VIPS as u64) * (MAX_RING_SIZE as u64) < u32::MAX as u64);
 };
@@ -229,4 +267,5 @@ mod pod {
     unsafe impl aya::Pod for Serving {}
     unsafe impl aya::Pod for FloodWindow {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for TraceEvent {}
 }

@@ -13,6 +13,8 @@ mod headers;
 mod icmp;
 mod maps;
 mod neigh;
+#[cfg(feature = "trace")]
+mod trace;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
@@ -40,13 +42,34 @@ pub type Step<T> = Result<T, u32>;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    match try_lb(&ctx) {
+    let Some(cfg) = CONFIG.get(0) else {
+        count(
+            global_slot(reason::ABORT_INTERNAL),
+            frame_len(&ctx) as u64,
+            false,
+        );
+        return XDP_ABORTED;
+    };
+    match try_lb(&ctx, cfg) {
         Ok(verdict) => verdict,
         Err(why) => {
             count(global_slot(why), frame_len(&ctx) as u64, false);
-            verdict_of(why)
+            let verdict = verdict_of(why);
+            // Traffic for no VIP is the host's own business: not traced.
+            #[cfg(feature = "trace")]
+            if tracing(cfg) && why != reason::PASS_NOT_VIP {
+                trace::ended(&ctx, why, verdict);
+            }
+            verdict
         }
     }
+}
+
+/// Whether an `lbctl trace` is listening: a flag of the config entry read anyway.
+#[cfg(feature = "trace")]
+#[inline(always)]
+fn tracing(cfg: &LbConfig) -> bool {
+    cfg.flags & lb_common::CONFIG_F_TRACE != 0
 }
 
 /// A program that passes everything: the baseline for benchmarks, and what the lab puts
@@ -83,9 +106,8 @@ enum Parsed {
 }
 
 #[inline(always)]
-fn try_lb(ctx: &XdpContext) -> Step<u32> {
+fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
     let (ether_type, l3) = parse_ethernet(ctx)?;
-    let cfg = CONFIG.get(0).ok_or(reason::ABORT_INTERNAL)?;
     let serving = SERVING.get(0).ok_or(reason::ABORT_INTERNAL)?;
     let parsed = match ether_type {
         ETH_P_IP => parse_ipv4(ctx, l3, cfg, serving)?,
@@ -100,7 +122,7 @@ fn try_lb(ctx: &XdpContext) -> Step<u32> {
 }
 
 #[inline(always)]
-fn parse_ethernet(ctx: &XdpContext) -> Step<(u16, usize)> {
+pub fn parse_ethernet(ctx: &XdpContext) -> Step<(u16, usize)> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_TRUNCATED)?;
     let ether_type = be16(unsafe { (*eth).proto });
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
@@ -315,6 +337,15 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     if not_recorded {
         count(event_slot(event::FLOW_NOT_RECORDED), len, false);
     }
+    #[cfg(feature = "trace")]
+    if tracing(cfg) {
+        let flags = if new_flow {
+            lb_common::TRACE_F_NEW_FLOW
+        } else {
+            0
+        };
+        trace::forwarded(&p.flow, XDP_TX, chosen, flags);
+    }
     Ok(XDP_TX)
 }
 
@@ -375,6 +406,10 @@ fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<
     count(vip_slot(vip_num), len, false);
     count(backend_slot(chosen), len, false);
     count(event_slot(what), len, false);
+    #[cfg(feature = "trace")]
+    if tracing(cfg) {
+        trace::forwarded(flow, XDP_TX, chosen, lb_common::TRACE_F_ICMP_ERROR);
+    }
     Ok(XDP_TX)
 }
 

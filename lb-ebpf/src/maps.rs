@@ -5,12 +5,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_FLOWS, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, Serving, VipAddrKey, VipInfo, VipKey,
-    counters::STATS_SLOTS, layout,
+    MAX_FLOWS, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, Serving, TRACE_RING_BYTES, VipAddrKey,
+    VipInfo, VipKey, counters::STATS_SLOTS, layout,
 };
 
 /// (VIP address, port, protocol) -> the VIP's number and ring size.
@@ -61,3 +61,8 @@ pub static SERVING: Array<Serving> = Array::with_max_entries(1, 0);
 /// pinned link attached the program (`lb_common::layout::meta`).
 #[map]
 pub static META: Array<u64> = Array::with_max_entries(layout::meta::SLOTS, 0);
+
+/// The packet trace: one `lb_common::TraceEvent` per decision while `CONFIG_F_TRACE`
+/// is set (`trace.rs`); the agent reads it for `lbctl trace`.
+#[map]
+pub static TRACE: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);

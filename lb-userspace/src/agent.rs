@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use lb_common::{
-    LbConfig,
+    CONFIG_F_TRACE, LbConfig,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
 };
 use tokio::{
@@ -60,6 +60,7 @@ use crate::{
         ServiceStatus, Status, VipAnnouncement,
     },
     sync::{self, Confirmation, SyncEvent, SyncHandle, wire::AdminEntry},
+    trace::{TraceHub, TraceNames},
     tracking::{DataPathHealth, effective_priority, interface_up},
     vrrp::{self, StateChange, VrrpHandle},
 };
@@ -125,6 +126,12 @@ pub struct Agent<D: DataPlane = XdpDataPlane> {
     announcer: Option<Announcer>,
     /// A graceful stop has begun: every route is withdrawn, forwarding goes on.
     stopping: bool,
+    /// `lbctl trace` clients and the events they get.
+    trace: TraceHub,
+    /// Whether the program's trace flag is set (while a trace client listens).
+    tracing: bool,
+    /// Reads the program's trace ring buffer (absent over a fake data path).
+    trace_reader: Option<JoinHandle<()>>,
 }
 
 /// How long a starting host waits for its peers' admin state before VRRP starts.
@@ -281,6 +288,7 @@ impl Agent<XdpDataPlane> {
         let macs = neigh
             .resolve(&backend_addresses(&config), RESOLVE_WAIT)
             .await?;
+        let trace_ring = dp.take_trace_ring();
         let mut agent = Agent::assemble(Parts {
             config_path: config_path.to_path_buf(),
             config,
@@ -303,6 +311,14 @@ impl Agent<XdpDataPlane> {
                 ),
                 Err(e) => tracing::warn!("{e}: backend ids given out afresh, in config order"),
             }
+        }
+        if let Some(ring) = trace_ring {
+            agent.trace_reader = Some(
+                agent
+                    .trace
+                    .spawn_reader(ring)
+                    .context("reading the trace ring buffer")?,
+            );
         }
         agent.first_checks().await;
         agent.apply()?;
@@ -374,7 +390,7 @@ impl<D: DataPlane> Agent<D> {
             mac,
             health_tx,
         } = parts;
-        dp.set_config(&host_config(mac, &config))?;
+        dp.set_config(&host_config(mac, &config, false))?;
         let idle = Duration::from_secs(u64::from(config.agent.flow_idle_timeout_s));
         let scanner = Scanner::spawn(flow_store, idle).context("starting the flow scanner")?;
         Ok(Self {
@@ -402,6 +418,9 @@ impl<D: DataPlane> Agent<D> {
             metrics: Arc::default(),
             announcer: None,
             stopping: false,
+            trace: TraceHub::new(),
+            tracing: false,
+            trace_reader: None,
         })
     }
 
@@ -451,6 +470,44 @@ impl<D: DataPlane> Agent<D> {
             sync: self.sync.as_ref().map(|h| h.status_source()),
             announce: self.announcer.as_ref().map(|a| a.announced_source()),
         }
+    }
+
+    /// Where `lbctl trace` clients subscribe (the control socket's connections).
+    pub fn trace_hub(&self) -> TraceHub {
+        self.trace.clone()
+    }
+
+    /// Sets the program's trace flag while at least one client listens, and clears it
+    /// when the last one has gone (also when it died: its connection ends).
+    pub fn update_tracing(&mut self) -> Result<()> {
+        let want = self.trace.clients() > 0;
+        if want != self.tracing {
+            self.dp
+                .set_config(&host_config(self.mac, &self.config, want))?;
+            self.tracing = want;
+            tracing::info!(
+                "packet trace {}",
+                if want {
+                    "on: a trace client listens"
+                } else {
+                    "off: no trace client left"
+                }
+            );
+        }
+        Ok(())
+    }
+
+    /// Backend ids by name, for the trace's events.
+    fn refresh_trace_names(&self) {
+        let mut names = TraceNames::default();
+        for s in &self.config.services {
+            for b in &s.backends {
+                if let Some(id) = self.programmer.backend_id(&s.name, b.address) {
+                    names.backends.insert(id, (s.name.clone(), b.name.clone()));
+                }
+            }
+        }
+        self.trace.set_names(names);
     }
 
     /// The view of one backend that decides its place in the ring.
@@ -822,6 +879,7 @@ impl<D: DataPlane> Agent<D> {
                 self.program()?
             }
         };
+        self.refresh_trace_names();
         self.track();
         self.publish_metrics();
         self.announce();
@@ -1006,7 +1064,7 @@ impl<D: DataPlane> Agent<D> {
         let guard_changed = self.config.agent.new_flows_per_cpu_s != new.agent.new_flows_per_cpu_s;
         if guard_changed {
             self.dp
-                .set_config(&host_config(self.mac, &new))
+                .set_config(&host_config(self.mac, &new, self.tracing))
                 .map_err(anyhow::Error::from)?;
         }
         let report = match self.commit(plan) {
@@ -1015,7 +1073,8 @@ impl<D: DataPlane> Agent<D> {
                 // Put back what was there: the programmer rewrites every entry now.
                 let restored = self.program().and_then(|r| {
                     if guard_changed {
-                        self.dp.set_config(&host_config(self.mac, &self.config))?;
+                        self.dp
+                            .set_config(&host_config(self.mac, &self.config, self.tracing))?;
                     }
                     Ok(r)
                 });
@@ -1032,6 +1091,7 @@ impl<D: DataPlane> Agent<D> {
         self.macs = macs;
         self.config = new;
         self.health = health;
+        self.refresh_trace_names();
         self.restart_checkers();
         self.track();
         self.publish_metrics();
@@ -1123,6 +1183,14 @@ impl<D: DataPlane> Agent<D> {
             Request::Reload => Err(anyhow::anyhow!(
                 "internal: a reload reached the request handler"
             )),
+            // The connection subscribed to the trace before asking: the flag follows.
+            Request::Trace { .. } => self.update_tracing().map(|()| Response::Tracing {
+                message: if self.tracing {
+                    "tracing the program's decisions about VIP traffic".to_string()
+                } else {
+                    "the trace client left before tracing began".to_string()
+                },
+            }),
         };
         result.unwrap_or_else(|e| Response::error(format!("{e:#}")))
     }
@@ -1377,11 +1445,12 @@ async fn confirmed(response: Response, wait: oneshot::Receiver<Confirmation>) ->
     }
 }
 
-/// What the program is told about this host: its MAC and the flood guard's limit.
-fn host_config(mac: [u8; 6], config: &Config) -> LbConfig {
+/// What the program is told about this host: its MAC, the flood guard's limit, and
+/// whether an `lbctl trace` is listening.
+fn host_config(mac: [u8; 6], config: &Config, tracing: bool) -> LbConfig {
     LbConfig {
         mac,
-        _pad: [0; 2],
+        flags: if tracing { CONFIG_F_TRACE } else { 0 },
         new_flows_per_cpu_s: config.agent.new_flows_per_cpu_s,
     }
 }
@@ -1646,7 +1715,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             return Err(e);
         }
     };
-    let server = tokio::spawn(control::serve(listener, call_tx));
+    let server = tokio::spawn(control::serve(listener, call_tx, agent.trace_hub()));
+    let mut trace_clients = agent.trace_hub().watch_clients();
     tracing::info!("control socket {}", socket.display());
     let backends: usize = agent.config.services.iter().map(|s| s.backends.len()).sum();
     tracing::info!(
@@ -1697,6 +1767,11 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             }
             Some(change) = next_change(&mut vrrp_changes) => agent.on_vrrp(change),
             Some(event) = next_sync(&mut sync_events) => agent.on_sync(event),
+            Ok(()) = trace_clients.changed() => {
+                if let Err(e) = agent.update_tracing() {
+                    tracing::warn!("switching the packet trace: {e:#}");
+                }
+            }
             _ = track_tick.tick(), if agent.vrrp.is_some() => agent.track(),
             _ = tick.tick() => {
                 if let Err(e) = agent.refresh_neighbours().await {
@@ -1712,6 +1787,17 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     agent.finish_withdrawal().await;
     server.abort();
     drop(metrics);
+    // The program outlives us: it must not trace for nobody.
+    if agent.tracing
+        && let Err(e) = agent
+            .dp
+            .set_config(&host_config(agent.mac, &agent.config, false))
+    {
+        tracing::warn!("turning the packet trace off: {e:#}");
+    }
+    if let Some(reader) = agent.trace_reader.take() {
+        reader.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     let interface = agent.config.agent.interface.clone();
     for task in agent.checkers.drain(..) {
@@ -1966,6 +2052,53 @@ mod tests {
             Err(ReloadError::Invalid(_))
         ));
         assert_eq!(dp_state(&t.agent.dp), before);
+    }
+
+    #[tokio::test]
+    async fn the_trace_flag_follows_the_clients_and_survives_a_reload() {
+        let mut t = test_agent("trace", &[("a", "127.0.0.2"), ("b", "127.0.0.3")]);
+        let flag = |t: &TestAgent| t.agent.dp.config.flags & CONFIG_F_TRACE != 0;
+        assert!(!flag(&t), "no client yet");
+        let hub = t.agent.trace_hub();
+        let first = hub.subscribe();
+        let r = t.agent.handle(Request::Trace {
+            vip: None,
+            count: None,
+        });
+        assert!(matches!(r, Response::Tracing { .. }), "{r:?}");
+        assert!(flag(&t));
+        let second = hub.subscribe();
+        drop(first);
+        t.agent.update_tracing().unwrap();
+        assert!(flag(&t), "one client still listens");
+        // A reload rewrites the config entry: the flag stays while a client listens.
+        t.agent.reload().await.unwrap();
+        assert!(flag(&t));
+        assert_eq!(t.agent.dp.config.mac, MAC);
+        drop(second);
+        t.agent.update_tracing().unwrap();
+        assert!(!flag(&t), "the last client left");
+        // Events name the backend the ids stand for.
+        let id = t
+            .agent
+            .programmer
+            .backend_id("web", "127.0.0.3".parse().unwrap())
+            .unwrap();
+        let mut sub = hub.subscribe();
+        hub.publish(
+            &lb_common::TraceEvent {
+                reason: lb_common::TRACE_FORWARDED,
+                verdict: 3,
+                backend: id,
+                ..Default::default()
+            },
+            0,
+        );
+        let record = sub.events.try_recv().unwrap();
+        assert_eq!(
+            (record.service.as_deref(), record.backend.as_deref()),
+            (Some("web"), Some("b"))
+        );
     }
 
     #[tokio::test]

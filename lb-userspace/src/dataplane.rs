@@ -11,7 +11,7 @@ use std::{
 use crate::pins::{Found, PinDir};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -26,6 +26,11 @@ use lb_common::{
 
 /// The XDP object built from `lb-ebpf`, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+/// The same program built without the trace code (lb-ebpf without its `trace`
+/// feature): only for the benchmark, which shows that tracing off costs nothing.
+#[doc(hidden)]
+pub static OBJECT_UNTRACED: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/untraced/lb"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
@@ -462,6 +467,8 @@ pub struct XdpDataPlane {
     meta: Array<MapData, u64>,
     serving: Option<ServingMap>,
     flow_store: Option<FlowMaps>,
+    /// The packet trace's ring buffer (absent in an object built without it).
+    trace_ring: Option<RingBuf<MapData>>,
     /// Where the maps are pinned, if they are (`load_pinned`).
     pins: Option<PinDir>,
     /// The pinned XDP link, once attached by `attach_pinned`.
@@ -503,7 +510,13 @@ impl XdpDataPlane {
     /// Loads the embedded object into the kernel (verifier included) with its flow
     /// tables of `sizes`; attaches nothing. Its maps live as long as this value.
     pub fn load_sized(sizes: MapSizes) -> Result<Self> {
-        Self::load_with(sizes, None)
+        Self::load_with(OBJECT, sizes, None)
+    }
+
+    /// As `load_sized`, another build of the program (the benchmark's untraced one).
+    #[doc(hidden)]
+    pub fn load_object(object: &[u8], sizes: MapSizes) -> Result<Self> {
+        Self::load_with(object, sizes, None)
     }
 
     /// Loads the embedded object with its maps pinned at `pins`: maps an earlier agent
@@ -512,7 +525,7 @@ impl XdpDataPlane {
     /// `attach_pinned`.
     pub fn load_pinned(sizes: MapSizes, pins: &PinDir) -> Result<(Self, Found)> {
         let found = pins.prepare(sizes)?;
-        let mut dp = Self::load_with(sizes, Some(pins))?;
+        let mut dp = Self::load_with(OBJECT, sizes, Some(pins))?;
         dp.pins = Some(pins.clone());
         dp.meta
             .set(layout::meta::LAYOUT, u64::from(layout::VERSION), 0)
@@ -520,7 +533,7 @@ impl XdpDataPlane {
         Ok((dp, found))
     }
 
-    fn load_with(sizes: MapSizes, pins: Option<&PinDir>) -> Result<Self> {
+    fn load_with(object: &[u8], sizes: MapSizes, pins: Option<&PinDir>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::MAP_FLOWS, sizes.max_flows)
@@ -530,7 +543,7 @@ impl XdpDataPlane {
                 loader.map_pin_path(m.name, pins.map_path(m.name));
             }
         }
-        let mut ebpf = loader.load(OBJECT)?;
+        let mut ebpf = loader.load(object)?;
         fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
             ebpf.take_map(name)
                 .ok_or(DataPlaneError::Missing { kind: "map", name })
@@ -582,6 +595,10 @@ impl XdpDataPlane {
                 });
             }
         };
+        let trace_ring = match ebpf.take_map(names::MAP_TRACE) {
+            Some(map) => Some(RingBuf::try_from(map).map_err(map_err(names::MAP_TRACE))?),
+            None => None,
+        };
         let mut dp = Self {
             ebpf,
             vips,
@@ -594,6 +611,7 @@ impl XdpDataPlane {
             meta,
             serving: Some(ServingMap(serving)),
             flow_store: Some(FlowMaps { flows, pinned }),
+            trace_ring,
             pins: None,
             link: None,
         };
@@ -622,6 +640,11 @@ impl XdpDataPlane {
     /// serves (the VRRP speaker, or a standalone agent). The program starts not serving.
     pub fn take_serve_switch(&mut self) -> Option<ServingMap> {
         self.serving.take()
+    }
+
+    /// The packet trace's ring buffer, handed out once: to the agent's reader task.
+    pub fn take_trace_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.trace_ring.take()
     }
 
     /// The flow tables, handed out once: whoever holds them reads FLOWS and PINNED and

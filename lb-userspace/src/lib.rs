@@ -19,5 +19,8 @@ pub mod programmer;
 pub mod protocol;
 pub mod statefile;
 pub mod sync;
+pub mod table;
+pub mod top;
+pub mod trace;
 pub mod tracking;
 pub mod vrrp;

@@ -312,6 +312,7 @@ mod tests {
             names::MAP_CONFIG,
             names::MAP_SERVING,
             names::MAP_META,
+            names::MAP_TRACE,
         ];
         for name in all {
             assert_eq!(

@@ -3,12 +3,23 @@
 //! One JSON object per line over the agent's Unix socket. Each request carries the
 //! protocol version; a request the agent cannot read gets an `Error` reply, never a
 //! dropped connection without a word. Frames are capped at `MAX_FRAME` bytes.
+//!
+//! Versions: 1 is one request, one reply, any number of times on one connection.
+//! 2 adds one streaming request, `trace`: the agent answers `tracing` once the program
+//! traces, then one `trace` line per decision (and `trace_lost` when events were lost),
+//! until `count` events were sent (then `done`) or the client closes the connection.
+//! Nothing else is read on a connection that traces. A request is sent with the lowest
+//! version that has it (`Request::version`), so a newer lbctl still speaks to an older
+//! agent; the agent accepts every version from `MIN_PROTOCOL_VERSION` to its own.
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest version this side speaks.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest version the agent still accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Largest request or response line, newline included.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest request line the agent reads.
@@ -35,6 +46,25 @@ pub enum Request {
         weight: u32,
     },
     Reload,
+    /// Version 2, streaming: the program's decisions about VIP traffic, live.
+    Trace {
+        /// Only packets to this address (a VIP).
+        #[serde(default)]
+        vip: Option<IpAddr>,
+        /// Stop after this many events.
+        #[serde(default)]
+        count: Option<u64>,
+    },
+}
+
+impl Request {
+    /// The lowest protocol version that has this request.
+    pub fn version(&self) -> u32 {
+        match self {
+            Request::Trace { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// What goes over the wire: the request and the version it speaks.
@@ -59,6 +89,45 @@ pub enum Response {
         message: String,
         details: Vec<String>,
     },
+    /// Version 2: the answer to `trace` once the program traces; events follow.
+    Tracing {
+        message: String,
+    },
+    /// Version 2: one decision of the program.
+    Trace(TraceRecord),
+    /// Version 2: this many events never reached this client (the ring buffer or the
+    /// client was too slow).
+    TraceLost {
+        events: u64,
+    },
+}
+
+/// One decision of the XDP program, as `lbctl trace` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceRecord {
+    /// When the agent read it, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// `tcp`, `icmp`, `icmpv6`, `udp`, `arp`, `ip proto N`, or `non-ip`.
+    pub protocol: String,
+    /// Absent when the packet was not IP (or ARP).
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    /// Absent when unknown (a fragment, not TCP).
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    /// The XDP action: `tx`, `pass`, `drop`, `aborted`.
+    pub verdict: String,
+    /// `forwarded`, or the reason it was not (the names of `lbctl status`'s counters).
+    pub reason: String,
+    /// Where a forwarded packet went.
+    pub service: Option<String>,
+    pub backend: Option<String>,
+    /// It took the ring: a SYN, or a flow no table knew.
+    #[serde(default)]
+    pub new_flow: bool,
+    /// An ICMP error about a flow; the addresses and ports are the flow's.
+    #[serde(default)]
+    pub icmp_error: bool,
 }
 
 impl Response {
@@ -390,8 +459,12 @@ pub enum ProtocolError {
     TooLarge(usize),
     #[error("malformed message: {0}")]
     Malformed(#[from] serde_json::Error),
-    #[error("protocol version {got}, this side speaks {PROTOCOL_VERSION}")]
+    #[error(
+        "protocol version {got}, this side speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+    )]
     Version { got: u32 },
+    #[error("this request needs protocol version {needs}, it came with {got}")]
+    TooOld { got: u32, needs: u32 },
 }
 
 /// One message as a frame: its JSON and a newline.
@@ -413,10 +486,16 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, ProtocolError> {
         version: u32,
     }
     let v: Version = serde_json::from_slice(frame)?;
-    if v.version != PROTOCOL_VERSION {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v.version) {
         return Err(ProtocolError::Version { got: v.version });
     }
     let envelope: Envelope = serde_json::from_slice(frame)?;
+    if envelope.request.version() > v.version {
+        return Err(ProtocolError::TooOld {
+            got: v.version,
+            needs: envelope.request.version(),
+        });
+    }
     Ok(envelope.request)
 }
 
@@ -453,9 +532,17 @@ mod tests {
                 weight: 7,
             },
             Request::Reload,
+            Request::Trace {
+                vip: Some("192.0.2.10".parse().unwrap()),
+                count: Some(3),
+            },
+            Request::Trace {
+                vip: None,
+                count: None,
+            },
         ] {
             let frame = encode(&Envelope {
-                version: PROTOCOL_VERSION,
+                version: r.version(),
                 request: r.clone(),
             });
             assert_eq!(frame.last(), Some(&b'\n'));
@@ -489,6 +576,11 @@ mod tests {
             decode_request(b"{\"version\":9,\"command\":\"status\"}"),
             Err(ProtocolError::Version { got: 9 })
         ));
+        // A trace is version 2; the same request as version 1 is named as such.
+        assert!(matches!(
+            decode_request(b"{\"version\":1,\"command\":\"trace\"}"),
+            Err(ProtocolError::TooOld { got: 1, needs: 2 })
+        ));
         let big = vec![b' '; MAX_REQUEST + 1];
         assert!(matches!(
             decode_request(&big),
@@ -503,6 +595,33 @@ mod tests {
             details: vec!["a".into()],
         };
         assert_eq!(decode_response(&encode(&r)).unwrap(), r);
+        let trace = Response::Trace(TraceRecord {
+            at_unix_ms: 1,
+            protocol: "tcp".into(),
+            src: Some("198.51.100.7".parse().unwrap()),
+            dst: Some("192.0.2.10".parse().unwrap()),
+            sport: Some(40000),
+            dport: Some(80),
+            verdict: "tx".into(),
+            reason: "forwarded".into(),
+            service: Some("web".into()),
+            backend: Some("b1".into()),
+            new_flow: true,
+            icmp_error: false,
+        });
+        let frame = encode(&trace);
+        assert!(frame.starts_with(b"{\"result\":\"trace\","), "{frame:?}");
+        assert_eq!(decode_response(&frame).unwrap(), trace);
+    }
+
+    #[test]
+    fn version_1_requests_are_still_served() {
+        // What an lbctl of protocol version 1 sends.
+        assert_eq!(
+            decode_request(b"{\"version\":1,\"command\":\"status\"}").unwrap(),
+            Request::Status
+        );
+        assert_eq!(Request::Status.version(), 1);
     }
 
     #[test]

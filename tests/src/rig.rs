@@ -4,11 +4,14 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{Counter, FAMILY_V4, LbConfig};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{TestRun, TestRunOptions},
+};
+use lb_common::{CONFIG_F_TRACE, Counter, FAMILY_V4, LbConfig, TraceEvent};
 use lb_userspace::{
     config::{BackendSpec, Service},
-    dataplane::{DataPlane, MapSizes, ServeSwitch, ServingMap, XdpDataPlane},
+    dataplane::{DataPlane, MapSizes, OBJECT, ServeSwitch, ServingMap, XdpDataPlane},
     programmer::{BackendView, Programmer, addr_bytes},
 };
 
@@ -63,6 +66,10 @@ pub struct Rig {
     pub serving: ServingMap,
     pub programmer: Programmer,
     pub services: Vec<Service>,
+    /// The packet trace's ring buffer (absent in the untraced build).
+    pub trace: Option<RingBuf<MapData>>,
+    /// The config entry as last written (flood guard, trace flag).
+    config: LbConfig,
 }
 
 /// One BPF_PROG_TEST_RUN: verdict, output frame, average time per run.
@@ -80,14 +87,25 @@ impl Rig {
 
     /// As `new`, with flow tables of `sizes`.
     pub fn new_sized(services: Vec<Service>, sizes: MapSizes) -> anyhow::Result<Self> {
-        let mut dp = XdpDataPlane::load_sized(sizes)?;
+        Self::new_object(OBJECT, services, sizes)
+    }
+
+    /// As `new_sized`, with another build of the program (the bench's untraced one).
+    pub fn new_object(
+        object: &[u8],
+        services: Vec<Service>,
+        sizes: MapSizes,
+    ) -> anyhow::Result<Self> {
+        let mut dp = XdpDataPlane::load_object(object, sizes)?;
         let mut programmer = Programmer::new();
         programmer.apply(&mut dp, &services, &all_up)?;
-        dp.set_config(&LbConfig {
+        let config = LbConfig {
             mac: LB_MAC,
-            _pad: [0; 2],
+            flags: 0,
             new_flows_per_cpu_s: 0,
-        })?;
+        };
+        dp.set_config(&config)?;
+        let trace = dp.take_trace_ring();
         let mut serving = dp
             .take_serve_switch()
             .ok_or_else(|| anyhow::anyhow!("the data plane has no serving switch"))?;
@@ -97,6 +115,8 @@ impl Rig {
             serving,
             programmer,
             services,
+            trace,
+            config,
         })
     }
 
@@ -148,13 +168,31 @@ impl Rig {
 
     /// Sets the flood guard (new flows recorded per CPU per second; 0: off).
     pub fn set_flood_guard(&mut self, per_cpu_s: u32) {
-        self.dp
-            .set_config(&LbConfig {
-                mac: LB_MAC,
-                _pad: [0; 2],
-                new_flows_per_cpu_s: per_cpu_s,
-            })
-            .expect("config map");
+        self.config.new_flows_per_cpu_s = per_cpu_s;
+        self.dp.set_config(&self.config).expect("config map");
+    }
+
+    /// Sets or clears the program's trace flag, as the agent does for `lbctl trace`.
+    pub fn set_tracing(&mut self, on: bool) {
+        if on {
+            self.config.flags |= CONFIG_F_TRACE;
+        } else {
+            self.config.flags &= !CONFIG_F_TRACE;
+        }
+        self.dp.set_config(&self.config).expect("config map");
+    }
+
+    /// Every event the program wrote to its trace ring buffer since the last call.
+    pub fn trace_events(&mut self) -> Vec<TraceEvent> {
+        let ring = self
+            .trace
+            .as_mut()
+            .expect("this build has a trace ring buffer");
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            events.push(lb_userspace::trace::decode(&item).expect("a whole trace event"));
+        }
+        events
     }
 
     pub fn counter(&self, slot: u32) -> Counter {

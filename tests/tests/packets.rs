@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    FLOW_F_CLOSING, FlowKey, FlowState, PROTO_TCP,
+    FLOW_F_CLOSING, FlowKey, FlowState, NO_BACKEND, PROTO_TCP, TRACE_F_NEW_FLOW, TRACE_FORWARDED,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -1900,5 +1900,78 @@ fn pinned_maps_are_reused_and_other_layouts_refused() {
     assert!(
         matches!(err, DataPlaneError::OtherLayout { .. }) && text.contains("v00000001"),
         "{text}"
+    );
+}
+
+#[test]
+fn the_trace_reports_each_decision_while_on_and_nothing_while_off() {
+    if !require_root("the_trace_reports_each_decision_while_on_and_nothing_while_off") {
+        return;
+    }
+    let mut rig = rig();
+    let client = (ip("198.51.100.7"), 40000);
+    let vip = (ip("192.0.2.10"), 80);
+    let syn = tcp4("192.0.2.10", 80, SYN);
+    let ack = tcp4("192.0.2.10", 80, ACK);
+    let fragment = bad_ipv4(|h| h.frag = 0x2000);
+    let not_vip = tcp4("192.0.2.99", 80, ACK);
+    let frames = [&syn, &ack, &fragment, &not_vip];
+    let mut off = Vec::new();
+    for f in frames {
+        off.push(rig.run(f));
+    }
+    assert!(rig.trace_events().is_empty(), "tracing off wrote events");
+
+    rig.set_tracing(true);
+    let mut on = Vec::new();
+    for f in frames {
+        on.push(rig.run(f));
+    }
+    // Tracing changes no verdict and no byte.
+    assert_eq!(on, off);
+    let events = rig.trace_events();
+    // SYN, ACK, fragment; traffic for no VIP is not traced.
+    assert_eq!(events.len(), 3, "{events:?}");
+    let (chosen, _) = ring_choice(&rig, "web", &flow(client, vip));
+    let syn_event = &events[0];
+    assert_eq!(syn_event.flow, flow(client, vip));
+    assert_eq!(
+        (syn_event.reason, syn_event.verdict, syn_event.backend),
+        (TRACE_FORWARDED, XDP_TX, chosen)
+    );
+    assert_eq!(syn_event.flags, TRACE_F_NEW_FLOW);
+    let ack_event = &events[1];
+    assert_eq!(
+        (
+            ack_event.reason,
+            ack_event.verdict,
+            ack_event.backend,
+            ack_event.flags
+        ),
+        (TRACE_FORWARDED, XDP_TX, chosen, 0)
+    );
+    let frag = &events[2];
+    assert_eq!(
+        (frag.reason, frag.verdict, frag.backend),
+        (reason::DROP_FRAGMENT, XDP_DROP, NO_BACKEND)
+    );
+    // Addresses as far as they were read; a fragment's ports are unknown.
+    let mut frag_flow = flow(client, vip);
+    frag_flow.sport_be = 0;
+    frag_flow.dport_be = 0;
+    assert_eq!(frag.flow, frag_flow);
+    let record = lb_userspace::trace::record(frag, &Default::default(), 0);
+    assert_eq!(
+        (record.verdict.as_str(), record.reason.as_str()),
+        ("drop", "drop_fragment")
+    );
+
+    rig.set_tracing(false);
+    for f in frames {
+        rig.run(f);
+    }
+    assert!(
+        rig.trace_events().is_empty(),
+        "tracing off again wrote events"
     );
 }

@@ -21,7 +21,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "iptables",
     "keepalived",
-    // Bounded SYN floods in the flood lab test.
+    // Bounded SYN floods in the flood lab test; IP fragments in the trace lab test.
     "hping3",
     // `promtool check metrics` / `check rules` in the metrics lab test.
     "prometheus",
@@ -29,6 +29,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     // The routing daemon of the active-active lab: BGP from the LB hosts to a router.
     "bird2",
+    // A pseudo-terminal for `lbctl top` in the observe lab test.
+    "tmux",
 ];
 
 /// Debian's `invoke-rc.d` asks this script whether a package's postinst may start its

@@ -2,6 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
+    net::IpAddr,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -13,9 +14,11 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     config::DEFAULT_CONTROL_SOCKET,
     protocol::{
-        BackendStatus, Envelope, MAX_FRAME, PROTOCOL_VERSION, Request, Response, Status,
-        VrrpStatus, decode_response, encode,
+        BackendStatus, Envelope, MAX_FRAME, Request, Response, Status, VrrpStatus, decode_response,
+        encode,
     },
+    table::{Align, Table},
+    top,
 };
 
 /// Control a running lb-agent: show its state, drain and restore backends before and
@@ -44,6 +47,28 @@ enum Command {
     /// Re-read the agent's config file and apply only the difference. An invalid file is
     /// reported with every error and changes nothing.
     Reload,
+    /// A live view, refreshed every second: per service and backend, packets/s, bits/s,
+    /// new flows/s, active flows, state and health; the VRRP state; the reasons packets
+    /// were not forwarded that moved. `q`, Esc or Ctrl-C quits.
+    Top {
+        /// Print one sample of the rates and exit (with --json: as JSON).
+        #[arg(long)]
+        once: bool,
+        /// Seconds between readings.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+    },
+    /// The XDP program's decisions about VIP traffic, live, one line each: protocol,
+    /// source > destination, verdict, reason, and the backend of a forwarded packet.
+    /// The program traces only while a trace runs. Ctrl-C ends it.
+    Trace {
+        /// Only packets to this VIP address.
+        #[arg(long, value_name = "ADDR")]
+        vip: Option<IpAddr>,
+        /// Stop after N events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -85,6 +110,27 @@ fn main() -> ExitCode {
 
 /// Sends one request and reads its response.
 fn call(socket: &Path, request: Request) -> Result<Response> {
+    let stream = send(socket, request)?;
+    let mut reader = BufReader::new(stream);
+    read_response(&mut reader)?
+        .ok_or_else(|| anyhow!("the agent closed the connection without answering"))
+}
+
+/// The next response on a connection; `None` at its end.
+fn read_response(reader: &mut BufReader<UnixStream>) -> Result<Option<Response>> {
+    let mut line = Vec::new();
+    reader
+        .take(MAX_FRAME as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .context("reading the response")?;
+    if line.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(decode_response(&line)?))
+}
+
+/// Connects and sends one request, with the lowest protocol version that has it.
+fn send(socket: &Path, request: Request) -> Result<UnixStream> {
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
             "no agent listening on {} (is lb-agent running? is --socket right?)",
@@ -98,19 +144,11 @@ fn call(socket: &Path, request: Request) -> Result<Response> {
     })?;
     stream
         .write_all(&encode(&Envelope {
-            version: PROTOCOL_VERSION,
+            version: request.version(),
             request,
         }))
         .context("sending the request")?;
-    let mut line = Vec::new();
-    BufReader::new(stream)
-        .take(MAX_FRAME as u64 + 1)
-        .read_until(b'\n', &mut line)
-        .context("reading the response")?;
-    if line.is_empty() {
-        bail!("the agent closed the connection without answering");
-    }
-    Ok(decode_response(&line)?)
+    Ok(stream)
 }
 
 /// A response that is not an error, or the error as this command's failure.
@@ -186,6 +224,109 @@ fn run(args: &Args) -> Result<()> {
             done(expect_ok(call(socket, request)?)?, args.json)
         }
         Command::Reload => done(expect_ok(call(socket, Request::Reload)?)?, args.json),
+        Command::Trace { vip, count } => trace(socket, *vip, *count, args.json),
+        Command::Top { once, interval } => top(socket, *once, *interval, args.json),
+    }
+}
+
+fn status(socket: &Path) -> Result<Status> {
+    match expect_ok(call(socket, Request::Status)?)? {
+        Response::Status(status) => Ok(*status),
+        other => Err(anyhow!("unexpected answer from the agent: {other:?}")),
+    }
+}
+
+fn top(socket: &Path, once: bool, interval: f64, json: bool) -> Result<()> {
+    if !(0.1..=3600.0).contains(&interval) {
+        bail!("--interval {interval}: give 0.1 to 3600 seconds");
+    }
+    let every = Duration::from_secs_f64(interval);
+    if !once {
+        if json {
+            bail!("the live view has no JSON form: use `lbctl top --once --json`");
+        }
+        return top::screen::run(|| status(socket), every);
+    }
+    let before = status(socket)?;
+    let start = Instant::now();
+    std::thread::sleep(every);
+    let now = status(socket)?;
+    let sample = top::sample(&before, &now, start.elapsed().as_secs_f64());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&sample)?);
+        return Ok(());
+    }
+    println!(
+        "{}  vrrp {}  {}  over {:.2} s",
+        sample.interface,
+        sample.vrrp_state,
+        if sample.serving {
+            "serving"
+        } else {
+            "not serving"
+        },
+        sample.interval_s
+    );
+    let columns: Vec<(&str, Align)> = top::COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, (header, ..))| {
+            let align = if top::right_aligned(i) {
+                Align::Right
+            } else {
+                Align::Left
+            };
+            (*header, align)
+        })
+        .collect();
+    let mut t = Table::new(&columns);
+    for (_, cells) in top::rows(&sample) {
+        t.row(cells);
+    }
+    print!("{}", t.render());
+    let list = |m: &std::collections::BTreeMap<String, f64>| {
+        if m.is_empty() {
+            "none".to_string()
+        } else {
+            m.iter()
+                .map(|(k, v)| format!("{k} {}", top::si(Some(*v))))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    println!("not forwarded/s: {}", list(&sample.not_forwarded_per_s));
+    println!("events/s: {}", list(&sample.events_per_s));
+    Ok(())
+}
+
+/// Streams the agent's trace until `count` events, the agent's end, or Ctrl-C.
+fn trace(socket: &Path, vip: Option<IpAddr>, count: Option<u64>, json: bool) -> Result<()> {
+    let stream = send(socket, Request::Trace { vip, count })?;
+    let mut reader = BufReader::new(stream);
+    let mut out = std::io::stdout().lock();
+    loop {
+        let Some(response) = read_response(&mut reader)? else {
+            bail!("the agent closed the trace");
+        };
+        match expect_ok(response)? {
+            Response::Tracing { message } => eprintln!("{message} (Ctrl-C ends)"),
+            Response::Trace(record) => {
+                let line = if json {
+                    serde_json::to_string(&record)?
+                } else {
+                    lb_userspace::trace::line(&record)
+                };
+                // A closed pipe (`| head`) ends the trace quietly.
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return Ok(());
+                }
+            }
+            Response::TraceLost { events } => {
+                eprintln!("({events} events lost: too many to keep up)")
+            }
+            Response::Done { .. } => return Ok(()),
+            other => return unexpected(other),
+        }
     }
 }
 
@@ -516,29 +657,38 @@ fn print_vrrp(v: &VrrpStatus, serving: bool) {
 }
 
 fn print_backends(backends: &[BackendStatus]) {
-    println!(
-        "  {:<12} {:<16} {:<24} {:<9} {:>6} {:>7} {:>6} {:>10} {:>10}",
-        "backend", "address", "health", "state", "weight", "ring", "active", "packets", "new flows"
-    );
+    use Align::{Left, Right};
+    let mut t = Table::new(&[
+        ("backend", Left),
+        ("address", Left),
+        ("health", Left),
+        ("state", Left),
+        ("weight", Right),
+        ("ring", Right),
+        ("active", Right),
+        ("packets", Right),
+        ("new flows", Right),
+    ])
+    .indent(2);
     for b in backends {
         let name = if b.backup {
             format!("{} (backup)", b.name)
         } else {
             b.name.clone()
         };
-        println!(
-            "  {:<12} {:<16} {:<24} {:<9} {:>6} {:>7} {:>6} {:>10} {:>10}",
+        t.row([
             name,
-            b.address,
-            b.health,
+            b.address.clone(),
+            b.health.clone(),
             b.state.to_string(),
-            b.weight,
-            if b.in_ring { "yes" } else { "no" },
-            b.active_flows,
-            b.packets,
-            b.new_flows
-        );
+            b.weight.to_string(),
+            (if b.in_ring { "yes" } else { "no" }).to_string(),
+            b.active_flows.to_string(),
+            b.packets.to_string(),
+            b.new_flows.to_string(),
+        ]);
     }
+    print!("{}", t.render());
 }
 
 fn human_duration(s: u64) -> String {

@@ -26,6 +26,11 @@
 //! receiver's flow scanner over a real (loaded, unattached) pinned table; the flows per
 //! second one host sends and the other installs, and the bytes per flow on the wire.
 //! `--sync-only` runs only this part.
+//!
+//! Then the packet trace's cost while off: the program as shipped (trace code in, flag
+//! off) beside the same program built without the trace code (lb-ebpf without its
+//! `trace` feature) and XDP_PASS, interleaved in the same rounds. `--trace-only` runs
+//! only this part.
 
 use std::{
     net::SocketAddr,
@@ -44,6 +49,7 @@ use lb_tests::{
     packet::{ACK, SYN, tcp_frame},
     rig::{CLIENT_MAC, LB_MAC, Rig, XDP_PASS, XDP_TX, service},
 };
+use lb_userspace::dataplane::{MapSizes, OBJECT_UNTRACED};
 
 const ROUNDS: usize = 9;
 const REPEAT: u32 = 200_000;
@@ -69,18 +75,22 @@ fn main() -> ExitCode {
     let jitter_only = std::env::args().skip(1).any(|a| a == "--jitter-only");
     let sync_only = std::env::args().skip(1).any(|a| a == "--sync-only");
     let announce_only = std::env::args().skip(1).any(|a| a == "--announce-only");
+    let trace_only = std::env::args().skip(1).any(|a| a == "--trace-only");
     let result = if jitter_only {
         jitter()
     } else if sync_only {
         sync_pins()
     } else if announce_only {
         announce()
+    } else if trace_only {
+        trace_cost()
     } else {
         run()
             .and_then(|()| failover())
             .and_then(|()| announce())
             .and_then(|()| jitter())
             .and_then(|()| sync_pins())
+            .and_then(|()| trace_cost())
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -680,5 +690,114 @@ fn sync_pins() -> anyhow::Result<()> {
         "only {installed} of {FLOWS} pins installed in {took:?} (received {})",
         got.flows_received
     );
+    Ok(())
+}
+
+/// The program with its trace code but tracing off, beside the same program built
+/// without the trace code, each over XDP_PASS, in the same rounds.
+fn trace_cost() -> anyhow::Result<()> {
+    let services = || {
+        vec![service(
+            "web",
+            "192.0.2.10",
+            80,
+            65537,
+            &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
+        )]
+    };
+    let mut traced = Rig::new(services())?;
+    anyhow::ensure!(
+        traced.trace.is_some(),
+        "the shipped program has no trace ring buffer"
+    );
+    let mut untraced = Rig::new_object(OBJECT_UNTRACED, services(), MapSizes::default())?;
+    let c4 = ("198.51.100.7".parse()?, 40000);
+    let vip4 = ("192.0.2.10".parse()?, 80);
+    let frame = |src, dst, flags| tcp_frame(LB_MAC, CLIENT_MAC, None, src, dst, flags);
+    let cases = [
+        Case {
+            name: "non-VIP IPv4 packet",
+            frame: frame(c4, ("192.0.2.99".parse()?, 80), ACK),
+            verdict: XDP_PASS,
+            prime: None,
+        },
+        Case {
+            name: "SYN to an IPv4 VIP",
+            frame: frame(c4, vip4, SYN),
+            verdict: XDP_TX,
+            prime: None,
+        },
+        Case {
+            name: "established IPv4 flow",
+            frame: frame(c4, vip4, ACK),
+            verdict: XDP_TX,
+            prime: Some(frame(c4, vip4, SYN)),
+        },
+    ];
+    for rig in [&mut traced, &mut untraced] {
+        for case in &cases {
+            if let Some(p) = &case.prime {
+                rig.run_program(names::PROG_LB, p, 1)?;
+            }
+            let r = rig.run_program(names::PROG_LB, &case.frame, 1)?;
+            anyhow::ensure!(
+                r.verdict == case.verdict,
+                "{}: verdict {} (want {})",
+                case.name,
+                r.verdict,
+                case.verdict
+            );
+        }
+    }
+    let n = cases.len();
+    let (mut pass, mut on, mut off) = (
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+    );
+    for _ in 0..ROUNDS {
+        for (i, case) in cases.iter().enumerate() {
+            pass[i].push(
+                traced
+                    .run_program(names::PROG_PASS, &case.frame, REPEAT)?
+                    .per_run,
+            );
+            on[i].push(
+                traced
+                    .run_program(names::PROG_LB, &case.frame, REPEAT)?
+                    .per_run,
+            );
+            off[i].push(
+                untraced
+                    .run_program(names::PROG_LB, &case.frame, REPEAT)?
+                    .per_run,
+            );
+        }
+    }
+    anyhow::ensure!(
+        traced.trace_events().is_empty(),
+        "the program traced with its flag off"
+    );
+    println!();
+    println!(
+        "Packet trace, tracing off: ns per packet over XDP_PASS, median of {ROUNDS} rounds x {REPEAT} runs"
+    );
+    println!(
+        "{:<24} {:>12} {:>16} {:>14} {:>12}",
+        "case", "XDP_PASS ns", "no trace code", "trace code", "difference"
+    );
+    for (i, case) in cases.iter().enumerate() {
+        let p = median(pass[i].clone());
+        let without = median(off[i].clone()) - p;
+        let with = median(on[i].clone()) - p;
+        println!(
+            "{:<24} {:>12.1} {:>16.1} {:>14.1} {:>+12.1}",
+            case.name,
+            p,
+            without,
+            with,
+            with - without
+        );
+    }
     Ok(())
 }

@@ -252,6 +252,7 @@ impl Agent<XdpDataPlane> {
         let sizes = MapSizes {
             max_flows: config.agent.max_flows,
             max_pinned_flows: config.agent.max_pinned_flows,
+            max_persistent_clients: config.agent.max_persistent_clients,
         };
         // The maps (flow tables included) and the link outlive us: an earlier agent's
         // are taken over as they are, checked first.
@@ -820,6 +821,11 @@ impl<D: DataPlane> Agent<D> {
         }
         if old.max_pinned_flows != newa.max_pinned_flows {
             return Err(ReloadError::NeedsRestart("agent.max_pinned_flows changed"));
+        }
+        if old.max_persistent_clients != newa.max_persistent_clients {
+            return Err(ReloadError::NeedsRestart(
+                "agent.max_persistent_clients changed",
+            ));
         }
         let neigh = self.neigh.clone();
         let fresh = fresh_targets(&new, &self.health);

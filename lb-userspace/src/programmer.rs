@@ -10,8 +10,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, PROTO_TCP,
-    VipAddrKey, VipInfo, VipKey,
+    BACKEND_F_NEW_FLOWS, BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS,
+    NO_BACKEND, PROTO_TCP, VipAddrKey, VipInfo, VipKey,
 };
 
 use crate::{
@@ -163,6 +163,7 @@ struct PlannedVip {
     vip_num: u32,
     ring: Arc<Vec<u32>>,
     ring_size: u32,
+    persistence_s: u32,
     added: bool,
     /// Its ring differs from the one in the map.
     changed: bool,
@@ -395,7 +396,8 @@ impl Programmer {
         let mut next_id = self.next_id;
         for service in services {
             let mut service_ids = Vec::with_capacity(service.backends.len());
-            for b in &service.backends {
+            let in_ring = ring_members(service, view);
+            for (i, b) in service.backends.iter().enumerate() {
                 let identity = service.backend_id(b);
                 let id = match ids.get(&identity).or(self.backend_ids.get(&identity)) {
                     Some(id) => *id,
@@ -421,7 +423,11 @@ impl Programmer {
                     plan.unresolved.push((service.name.clone(), b.name.clone()));
                     continue;
                 };
-                let flags = if v.forwards() { BACKEND_F_VALID } else { 0 };
+                let mut flags = if v.forwards() { BACKEND_F_VALID } else { 0 };
+                // Persistence may send a client's new connection only to a ring member.
+                if in_ring.contains(&i) {
+                    flags |= BACKEND_F_NEW_FLOWS;
+                }
                 let entry = Backend {
                     mac,
                     _pad: [0; 2],
@@ -431,7 +437,7 @@ impl Programmer {
                     plan.backends.push((id, entry));
                 }
             }
-            let members: Vec<maglev::Member> = ring_members(service, view)
+            let members: Vec<maglev::Member> = in_ring
                 .into_iter()
                 .map(|i| {
                     let b = &service.backends[i];
@@ -457,6 +463,7 @@ impl Programmer {
                 vip_num,
                 ring,
                 ring_size: service.ring_size,
+                persistence_s: service.persistence_timeout_s,
                 added,
                 changed,
             });
@@ -464,6 +471,18 @@ impl Programmer {
         for (identity, id) in &self.backend_ids {
             if !ids.contains_key(identity) && !self.retired.contains_key(id) {
                 plan.retiring.push(*id);
+            }
+            // A backend that left the config forwards its flows but takes no new ones,
+            // not even a persistent client's.
+            if !ids.contains_key(identity)
+                && let Some(b) = self.backends.get(id)
+                && b.flags & BACKEND_F_NEW_FLOWS != 0
+            {
+                let entry = Backend {
+                    flags: b.flags & !BACKEND_F_NEW_FLOWS,
+                    ..*b
+                };
+                plan.backends.push((*id, entry));
             }
         }
         plan.vip_addrs = services.iter().map(|s| vip_addr_key(s.vip)).collect();
@@ -533,7 +552,7 @@ impl Programmer {
                 vip_num: v.vip_num,
                 ring_size: v.ring_size,
                 flags: 0,
-                _pad: 0,
+                persistence_s: v.persistence_s,
             };
             dp.set_vip(&v.key, &info)?;
         }
@@ -625,6 +644,7 @@ mod tests {
             vip: vip.parse().unwrap(),
             port: 80,
             ring_size: 1009,
+            persistence_timeout_s: 0,
             health_check: Default::default(),
             backends: backends
                 .iter()
@@ -711,8 +731,11 @@ mod tests {
         assert_eq!(dp.ring_writes, r.ring_slots_written);
         assert!(r.ring_slots_written >= owned_by_c);
         assert!(!after.contains(&c));
-        // Established flows to c keep forwarding: its entry stays valid.
+        // Established flows to c keep forwarding: its entry stays valid, but it takes no
+        // new connection, not even a persistent client's.
         assert_eq!(dp.backends[&c].flags, BACKEND_F_VALID);
+        let a = p.backend_id("web", "192.0.2.21".parse().unwrap()).unwrap();
+        assert_eq!(dp.backends[&a].flags, BACKEND_F_VALID | BACKEND_F_NEW_FLOWS);
     }
 
     #[test]
@@ -775,7 +798,7 @@ mod tests {
         p.apply(&mut dp, &again, &all_up).unwrap();
         assert_eq!(p.backend_id("web", "192.0.2.23".parse().unwrap()), Some(b));
         assert_eq!(p.backend_id("web", "192.0.2.22".parse().unwrap()), None);
-        assert_eq!(dp.backends[&b].flags, BACKEND_F_VALID);
+        assert_eq!(dp.backends[&b].flags, BACKEND_F_VALID | BACKEND_F_NEW_FLOWS);
     }
 
     #[test]
@@ -983,7 +1006,12 @@ mod tests {
         assert_eq!(
             dp.backends[&id(&p, &s, "b")].flags,
             BACKEND_F_VALID,
-            "disabled: drains"
+            "disabled: drains, takes no new connection (persistent or not)"
+        );
+        assert_eq!(
+            dp.backends[&id(&p, &s, "spare")].flags,
+            BACKEND_F_VALID | BACKEND_F_NEW_FLOWS,
+            "the backup serving: takes new connections"
         );
     }
 

@@ -1122,6 +1122,12 @@ impl<D: DataPlane> Agent<D> {
                 packets: c.packets,
                 bytes: c.bytes,
                 new_flows: c.new_flows,
+                persistence_timeout_s: s.persistence_timeout_s,
+                persistent_clients: self
+                    .programmer
+                    .vip_num(s.vip, s.port)
+                    .and_then(|n| self.scanner.snapshot().persistent.get(&n).copied())
+                    .unwrap_or(0),
                 backends: backends
                     .iter()
                     .filter(|b| b.service == s.name)

@@ -1207,6 +1207,44 @@ weight = 300
     }
 
     #[test]
+    fn persistence_is_off_by_default_and_bounded() {
+        let c = parse(GOOD, "t").expect("valid");
+        assert_eq!(c.services[0].persistence_timeout_s, 0);
+        assert_eq!(
+            c.agent.max_persistent_clients,
+            DEFAULT_MAX_PERSISTENT_CLIENTS
+        );
+        let with = |timeout: &str, size: &str| {
+            let text = GOOD
+                .replace(
+                    "port = 80\n",
+                    &format!("port = 80\npersistence_timeout_s = {timeout}\n"),
+                )
+                .replace(
+                    "[agent]\n",
+                    &format!("[agent]\nmax_persistent_clients = {size}\n"),
+                );
+            parse(&text, "t")
+        };
+        let c = with("300", "100000").expect("valid");
+        assert_eq!(c.services[0].persistence_timeout_s, 300);
+        assert_eq!(c.agent.max_persistent_clients, 100_000);
+        for (timeout, size, what) in [
+            ("-1", "4096", "services[0].persistence_timeout_s"),
+            ("86401", "4096", "services[0].persistence_timeout_s"),
+            ("10", "10", "agent.max_persistent_clients"),
+        ] {
+            let errs = with(timeout, size).expect_err("invalid").errors;
+            let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            assert!(
+                text.iter()
+                    .any(|t| t.contains(what) && t.contains("out of range")),
+                "{timeout} {size}: {text:?}"
+            );
+        }
+    }
+
+    #[test]
     fn reports_every_error_with_its_line() {
         let bad = r#"
 [agent]

@@ -139,6 +139,7 @@ struct VipState {
     vip_num: u32,
     /// Shared with the flow scanner's `RingSet`: handing it over copies no slot.
     ring: Arc<Vec<u32>>,
+    persistence_s: u32,
 }
 
 /// Everything one apply will write, computed before anything is written: the plan of a
@@ -189,6 +190,7 @@ impl Plan {
         }
         for v in &self.vips {
             set.rings.insert(v.vip_num, v.ring.clone());
+            set.persistence.insert(v.vip_num, v.persistence_s);
         }
         for (id, b) in &self.backends {
             if b.flags & BACKEND_F_VALID != 0 {
@@ -329,6 +331,7 @@ impl Programmer {
                 VipState {
                     vip_num: v.vip_num,
                     ring: Arc::new(Vec::new()),
+                    persistence_s: 0,
                 },
             );
             self.vip_addrs.insert(vip_addr_key(v.vip));
@@ -371,6 +374,11 @@ impl Programmer {
                 ids: self.backend_ids.clone(),
                 vips: self.vips.iter().map(|(k, v)| (*k, v.vip_num)).collect(),
             }),
+            persistence: self
+                .vips
+                .values()
+                .map(|v| (v.vip_num, v.persistence_s))
+                .collect(),
         }
     }
 
@@ -457,7 +465,10 @@ impl Programmer {
                     true,
                 ),
             };
-            let changed = self.dirty || self.vips.get(&key).is_none_or(|state| state.ring != ring);
+            let changed = self.dirty
+                || self.vips.get(&key).is_none_or(|state| {
+                    state.ring != ring || state.persistence_s != service.persistence_timeout_s
+                });
             plan.vips.push(PlannedVip {
                 key,
                 vip_num,
@@ -545,6 +556,7 @@ impl Programmer {
                 VipState {
                     vip_num: v.vip_num,
                     ring: v.ring,
+                    persistence_s: v.persistence_s,
                 },
             );
             // The VIP becomes visible only once its ring is complete.

@@ -504,6 +504,7 @@ fn sync_pins() -> anyhow::Result<()> {
             ids: backends.iter().cloned().zip(1..).collect(),
             vips: HashMap::from([(vip, 0)]),
         }),
+        persistence: HashMap::new(),
     }));
     let (a, _a_events) = SyncHandle::spawn(
         &settings(b_addr),

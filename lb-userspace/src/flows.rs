@@ -341,6 +341,7 @@ impl Scanner {
                     resend_all: false,
                     remote_installed: 0,
                     persist_seen: HashMap::new(),
+                    persist_sent: HashMap::new(),
                     persistent: HashMap::new(),
                     persistence_installed: 0,
                 }
@@ -421,6 +422,8 @@ struct Worker {
     /// The persistence table's live entries as the last scan saw them, plus those peers
     /// installed since: what is not in it (or differs) is new, for the sync peers.
     persist_seen: HashMap<PersistKey, PersistState>,
+    /// What the sync peers were last told of each live entry (or told us).
+    persist_sent: HashMap<PersistKey, PersistState>,
     /// Live persistence entries per VIP number, as of the last scan.
     persistent: HashMap<u32, u64>,
     persistence_installed: u64,
@@ -507,6 +510,7 @@ impl Worker {
                 self.persistence_installed += mine.len() as u64;
                 // Not new for the next scan: never sent back to the peer it came from.
                 self.persist_seen.extend(mine.iter().copied());
+                self.persist_sent.extend(mine.iter().copied());
                 let old = self.snapshot.load_full();
                 self.snapshot.store(Arc::new(FlowSnapshot {
                     persistence_installed: self.persistence_installed,
@@ -534,11 +538,14 @@ impl Worker {
             let send = if all {
                 scan.live.clone()
             } else {
-                persist::changed(&scan.live, &self.persist_seen)
+                persist::changed(&scan.live, &self.persist_sent, rings)
             };
+            self.persist_sent.extend(send.iter().copied());
             sink.persisted(persist::to_wire(&send, &rings.names, now));
         }
         self.persist_seen = scan.live.into_iter().collect();
+        self.persist_sent
+            .retain(|k, _| self.persist_seen.contains_key(k));
         self.persistent = scan.per_vip;
         Ok(())
     }
@@ -603,8 +610,9 @@ impl Worker {
                 self.logged_failures += 1;
             }
         }
-        let all = (self.scans + 1).is_multiple_of(PIN_REFRESH_SCANS) || self.resend_all;
-        self.scan_persistence(&rings, now, all)?;
+        // All entries only to a peer that (re)connects: busy clients' entries go out
+        // again anyway (`persist::changed`), idle ones need no refresh to stay live.
+        self.scan_persistence(&rings, now, self.resend_all)?;
         self.scans += 1;
         if let Some(sink) = &self.sync {
             let names = &rings.names;

@@ -60,14 +60,34 @@ pub fn scan(entries: &[(PersistKey, PersistState)], rings: &RingSet, now_ns: u64
     out
 }
 
-/// Live entries that are new, or whose backend or time changed, since `seen` (the
-/// previous scan, plus what peers installed since).
+/// The most a peer's copy of an entry may lag behind: a tenth of the service's
+/// timeout, at most `MAX_LAG_NS`. A busy client's entry is refreshed here every second;
+/// sending each refresh would cost a datagram per ~80 busy clients per second for
+/// nothing, while a copy that lags by a tenth of the timeout only expires that much
+/// early on the peer.
+pub const MAX_LAG_NS: u64 = 10_000_000_000;
+
+pub fn max_lag_ns(timeout_s: u32) -> u64 {
+    (u64::from(timeout_s) * 100_000_000).min(MAX_LAG_NS)
+}
+
+/// Live entries the sync peers should hear of, given what they were last sent (or
+/// sent us): new ones, those whose backend changed, and those whose time moved on by
+/// more than `max_lag_ns` of their service.
 pub fn changed(
     live: &[(PersistKey, PersistState)],
-    seen: &HashMap<PersistKey, PersistState>,
+    sent: &HashMap<PersistKey, PersistState>,
+    rings: &RingSet,
 ) -> Vec<(PersistKey, PersistState)> {
     live.iter()
-        .filter(|(k, s)| seen.get(k) != Some(s))
+        .filter(|(k, s)| match sent.get(k) {
+            None => true,
+            Some(old) if old.backend != s.backend => true,
+            Some(old) => {
+                let lag = service_of(k, rings).map_or(0, |(_, t)| max_lag_ns(t));
+                s.last_seen_ns.saturating_sub(old.last_seen_ns) > lag
+            }
+        })
         .copied()
         .collect()
 }
@@ -210,17 +230,31 @@ mod tests {
     }
 
     #[test]
-    fn only_new_or_refreshed_entries_count_as_changed() {
-        let seen = HashMap::from([(key(1), state(1, 10)), (key(2), state(2, 10))]);
+    fn new_moved_or_much_refreshed_entries_count_as_changed() {
+        // Timeout 300 s: a peer's copy may lag by 10 s (capped); timeout 20 s: by 2 s.
+        assert_eq!(max_lag_ns(300), MAX_LAG_NS);
+        assert_eq!(max_lag_ns(20), 2 * S);
+        let sent = HashMap::from([
+            (key(1), state(1, 30)),
+            (key(2), state(2, 30)),
+            (key(4), state(1, 30)),
+        ]);
         let live = vec![
-            (key(1), state(1, 10)),
-            (key(2), state(2, 5)),
-            (key(3), state(1, 1)),
+            (key(1), state(1, 25)), // refreshed 5 s later: the peer's copy is good enough
+            (key(2), state(2, 15)), // 15 s later: sent
+            (key(3), state(1, 1)),  // new: sent
+            (key(4), state(2, 30)), // another backend: sent
         ];
-        let c = changed(&live, &seen);
+        let keys =
+            |c: Vec<(PersistKey, PersistState)>| c.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
         assert_eq!(
-            c.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
-            vec![key(2), key(3)]
+            keys(changed(&live, &sent, &rings(300))),
+            vec![key(2), key(3), key(4)]
+        );
+        assert_eq!(
+            keys(changed(&live, &sent, &rings(20))),
+            vec![key(1), key(2), key(3), key(4)],
+            "a short timeout allows a short lag"
         );
     }
 

@@ -24,9 +24,9 @@
 //!   [`crate::flows::PIN_REFRESH_SCANS`] scans so a peer's copies do not idle out while
 //!   the flows are busy here.
 //! - Persistence entries (`persistence_timeout_s`) go the same way: the scanner hands
-//!   over those that are new or were refreshed since its last scan, all of them on the
-//!   same occasions as pins; sent only while this host serves. There is no removal
-//!   message: an entry expires on the peer as it does here.
+//!   over those that are new, moved or much refreshed (`crate::persist::changed`), all
+//!   of them to a peer that (re)connects; sent only while this host serves. There is no
+//!   removal message: an entry expires on the peer as it does here.
 
 pub mod wire;
 

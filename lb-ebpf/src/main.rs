@@ -2,8 +2,7 @@
 //! Ethernet (+ one VLAN tag) -> ARP / IPv4 / IPv6 -> VIP address? -> serving, our MAC? ->
 //! header sanity -> TCP (or an ICMP error about a flow, see `icmp.rs`) -> VIP (address,
 //! port, proto) -> connection table, pinned table, else persistence or Maglev ring
-//! (`persist::choose_backend`) -> backend -> MAC
-//! rewrite -> count -> XDP_TX.
+//! (`persist::choose_backend`) -> backend -> MAC rewrite -> count -> XDP_TX.
 //!
 //! Each stage returns `Step<T>`: `Ok` goes on, `Err(reason)` ends the packet. The reason
 //! is counted once in `lb_xdp` and mapped to a verdict by `verdict_of`.

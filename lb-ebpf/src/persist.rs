@@ -3,10 +3,15 @@
 //! choice is then remembered). One function for every forwarding mode.
 
 use lb_common::{
-    Backend, FlowKey, PERSIST_TOUCH_NS, PersistKey, PersistState, VipInfo, persist_applies,
+    Backend, FlowKey, PERSIST_TOUCH_NS, PersistKey, PersistState, VipInfo, counters::reason,
+    persist_applies,
 };
 
-use crate::{Step, maps::PERSIST, ring_lookup, usable_backend};
+use crate::{
+    Step,
+    maps::{BACKENDS, PERSIST},
+    ring_lookup, usable_backend,
+};
 
 /// The backend for a flow the tables do not know (a SYN, or a flow they lost): see the
 /// module. An expired entry, or one whose backend no longer takes new connections
@@ -15,14 +20,14 @@ use crate::{Step, maps::PERSIST, ring_lookup, usable_backend};
 pub fn choose_backend(vip: &VipInfo, flow: &FlowKey, now: u64) -> Step<(u32, &'static Backend)> {
     if vip.persistence_s == 0 {
         let id = ring_lookup(vip, flow)?;
-        let backend = usable_backend(id).ok_or(lb_common::counters::reason::DROP_NO_BACKEND)?;
+        let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
         return Ok((id, backend));
     }
     let key = PersistKey::of_flow(flow);
     if let Some(state) = PERSIST.get_ptr_mut(&key) {
         // SAFETY: a value of the map; a concurrent writer can only tear the timestamp.
         let id = unsafe { (*state).backend };
-        if let Some(backend) = crate::maps::BACKENDS.get(id)
+        if let Some(backend) = BACKENDS.get(id)
             && persist_applies(unsafe { &*state }, vip.persistence_s, backend.flags, now)
         {
             unsafe { (*state).last_seen_ns = now };
@@ -30,7 +35,7 @@ pub fn choose_backend(vip: &VipInfo, flow: &FlowKey, now: u64) -> Step<(u32, &'s
         }
     }
     let id = ring_lookup(vip, flow)?;
-    let backend = usable_backend(id).ok_or(lb_common::counters::reason::DROP_NO_BACKEND)?;
+    let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
     let state = PersistState {
         backend: id,
         vip_num: vip.vip_num,

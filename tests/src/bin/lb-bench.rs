@@ -102,7 +102,16 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
+    let mut sticky = service(
+        "sticky",
+        "192.0.2.11",
+        80,
+        65537,
+        &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
+    );
+    sticky.persistence_timeout_s = 300;
     let mut rig = Rig::new(vec![
+        sticky,
         service(
             "web",
             "192.0.2.10",
@@ -122,6 +131,7 @@ fn run() -> anyhow::Result<()> {
     let c6 = ("2001:db8:1::7".parse()?, 40000);
     let vip4 = ("192.0.2.10".parse()?, 80);
     let vip6 = ("2001:db8::10".parse()?, 443);
+    let sticky4 = ("192.0.2.11".parse()?, 80);
     let frame = |src, dst, flags| tcp_frame(LB_MAC, CLIENT_MAC, None, src, dst, flags);
     let cases = [
         Case {
@@ -141,6 +151,20 @@ fn run() -> anyhow::Result<()> {
             frame: frame(c4, vip4, ACK),
             verdict: XDP_TX,
             prime: Some(frame(c4, vip4, SYN)),
+        },
+        // The client's entry exists after the first run: every later SYN is a
+        // persistent client's new connection (entry lookup and refresh, then FLOWS).
+        Case {
+            name: "SYN, persistent service",
+            frame: frame(c4, sticky4, SYN),
+            verdict: XDP_TX,
+            prime: None,
+        },
+        Case {
+            name: "established, persistent",
+            frame: frame(c4, sticky4, ACK),
+            verdict: XDP_TX,
+            prime: Some(frame(c4, sticky4, SYN)),
         },
         Case {
             name: "non-VIP IPv6 packet",
@@ -593,6 +617,7 @@ fn sync_pins() -> anyhow::Result<()> {
     let mut dp = XdpDataPlane::load_sized(MapSizes {
         max_flows: 16_384,
         max_pinned_flows: 262_144,
+        ..MapSizes::default()
     })?;
     let store = dp
         .take_flow_store()
@@ -612,6 +637,7 @@ fn sync_pins() -> anyhow::Result<()> {
             ids: backends.iter().cloned().zip(1..).collect(),
             vips: HashMap::from([(vip, 0)]),
         }),
+        persistence: HashMap::new(),
     }));
     let (a, _a_events) = SyncHandle::spawn(
         &settings(b_addr),

@@ -27,6 +27,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     // `systemd-analyze verify` of config/lb-agent.service.
     "systemd",
+    // The comparative lab bench: HAProxy (`mode tcp`) and nginx `stream` as the proxies
+    // to beat, nginx also as the backends' HTTP server, wrk for the connection rate and
+    // iperf3 for one bulk stream. Each runs in a lab namespace, never as a service.
+    "haproxy",
+    "nginx-light",
+    "libnginx-mod-stream",
+    "wrk",
+    "iperf3",
 ];
 
 /// Debian's `invoke-rc.d` asks this script whether a package's postinst may start its

@@ -13,6 +13,7 @@ mod headers;
 mod icmp;
 mod maps;
 mod neigh;
+mod null_fwd;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},

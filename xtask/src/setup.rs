@@ -35,6 +35,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libnginx-mod-stream",
     "wrk",
     "iperf3",
+    // The font the bench's PNG charts are labelled with.
+    "fonts-dejavu-core",
 ];
 
 /// Debian's `invoke-rc.d` asks this script whether a package's postinst may start its

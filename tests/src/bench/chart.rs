@@ -134,6 +134,8 @@ fn bar_chart(
         .disable_x_mesh()
         .disable_x_axis()
         .y_desc(unit)
+        .y_label_formatter(&|v| format!("{v:.*}", decimals.saturating_sub(1)))
+        .light_line_style(WHITE)
         .label_style((FAMILY, 13))
         .draw()?;
     chart.draw_series(bars.iter().enumerate().map(|(i, b)| {
@@ -158,12 +160,41 @@ fn bar_chart(
             None => format!("{:.*}", decimals, b.value),
         };
         chart.draw_series(std::iter::once(Text::new(label, at, above.clone())))?;
-        chart.draw_series(std::iter::once(Text::new(
-            b.path.name().to_string(),
-            (i as f64 + 0.5, 0.0),
-            below.clone(),
-        )))?;
+        chart.draw_series(std::iter::once(
+            EmptyElement::at((i as f64 + 0.5, 0.0))
+                + Text::new(b.path.name().to_string(), (0, 6), below.clone()),
+        ))?;
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::report::tests::fixed;
+
+    /// Both charts of a fixed report are written as PNG files.
+    #[test]
+    fn draws_both_charts() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("lb-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let drawn = draw(&fixed(), &dir);
+        let files: Vec<Vec<u8>> = match &drawn {
+            Ok(files) => files.iter().map(std::fs::read).collect::<Result<_, _>>()?,
+            Err(_) => Vec::new(),
+        };
+        std::fs::remove_dir_all(&dir)?;
+        let drawn = drawn.with_context(|| format!("is {FONT} installed? (cargo xtask setup)"))?;
+        assert_eq!(drawn.len(), 2);
+        for (file, bytes) in drawn.iter().zip(&files) {
+            assert!(
+                bytes.starts_with(b"\x89PNG"),
+                "{} is no PNG",
+                file.display()
+            );
+            assert!(bytes.len() > 5_000, "{} is nearly empty", file.display());
+        }
+        Ok(())
+    }
 }

@@ -204,6 +204,7 @@ struct Bench<'lab> {
 /// What sits on the LB's veth while a path is measured; dropping it takes it away.
 enum LbState<'lab> {
     Nothing,
+    /// The program stays attached as long as its `Ebpf` lives; it is never read.
     Xdp(#[allow(dead_code)] aya::Ebpf),
     Agent(crate::lab::AgentGuard<'lab>),
 }
@@ -275,7 +276,7 @@ impl<'lab> Bench<'lab> {
     }
 
     /// `taskset -c CPU` before `args` when pinning.
-    fn pinned<'a>(&self, cpu: Option<usize>, args: &[&'a str]) -> Vec<String> {
+    fn pinned(&self, cpu: Option<usize>, args: &[&str]) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(cpu) = cpu {
             out.extend(["taskset".to_string(), "-c".into(), cpu.to_string()]);
@@ -297,7 +298,7 @@ impl<'lab> Bench<'lab> {
             "nginx-backend.conf",
             &format!(
                 "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx-backend.pid;\n\
-                 error_log {dir}/nginx-backend.err warn;\nevents {{ worker_connections 16384; }}\n\
+                 error_log {dir}/nginx-backend.err warn;\nevents {{ worker_connections 8192; }}\nworker_rlimit_nofile 16384;\n\
                  http {{\n  access_log off;\n  client_body_temp_path {dir}/nginx-b-body;\n\
                  proxy_temp_path {dir}/nginx-b-proxy;\n  server {{\n    listen {HTTP_PORT} backlog=4096;\n\
                  location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n"
@@ -311,10 +312,11 @@ impl<'lab> Bench<'lab> {
         let iperf = self
             .lab
             .spawn(node, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()])?;
+        let guards = vec![nginx, iperf];
         for port in [HTTP_PORT, IPERF_PORT] {
-            self.wait_listening(node, port)?;
+            self.wait_listening(node, port, &guards)?;
         }
-        Ok(vec![nginx, iperf])
+        Ok(guards)
     }
 
     /// HAProxy `mode tcp` and nginx `stream`, each one thread, on the LB's own address.
@@ -324,7 +326,7 @@ impl<'lab> Bench<'lab> {
         let haproxy = self.file(
             "haproxy.cfg",
             &format!(
-                "global\n  nbthread 1\n  maxconn 20000\n\ndefaults\n  mode tcp\n  timeout connect 2s\n\
+                "global\n  nbthread 1\n  maxconn 4096\n\ndefaults\n  mode tcp\n  timeout connect 2s\n\
                  timeout client 30s\n  timeout server 30s\n\n\
                  listen http\n  bind {lb}:{HAPROXY_HTTP}\n  server b1 {be}:{HTTP_PORT}\n\n\
                  listen bulk\n  bind {lb}:{HAPROXY_BULK}\n  server b1 {be}:{IPERF_PORT}\n"
@@ -335,7 +337,7 @@ impl<'lab> Bench<'lab> {
             &format!(
                 "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\n\
                  master_process off;\nworker_processes 1;\npid {dir}/nginx-stream.pid;\n\
-                 error_log {dir}/nginx-stream.err warn;\nevents {{ worker_connections 20000; }}\n\
+                 error_log {dir}/nginx-stream.err warn;\nevents {{ worker_connections 8192; }}\nworker_rlimit_nofile 16384;\n\
                  stream {{\n  server {{ listen {lb}:{NGINX_HTTP} backlog=4096; proxy_pass {be}:{HTTP_PORT}; }}\n\
                  server {{ listen {lb}:{NGINX_BULK}; proxy_pass {be}:{IPERF_PORT}; }}\n}}\n"
             ),
@@ -353,12 +355,14 @@ impl<'lab> Bench<'lab> {
             )?,
         ];
         for port in [HAPROXY_HTTP, HAPROXY_BULK, NGINX_HTTP, NGINX_BULK] {
-            self.wait_listening(Node::Lb, port)?;
+            self.wait_listening(Node::Lb, port, &guards)?;
         }
         Ok(guards)
     }
 
-    fn wait_listening(&self, node: Node, port: u16) -> Result<()> {
+    /// Waits until something listens on `port` in `node`; the error holds the logs of
+    /// `processes`.
+    fn wait_listening(&self, node: Node, port: u16, processes: &[ProcessGuard]) -> Result<()> {
         let deadline = Instant::now() + PATH_READY;
         let filter = format!("sport = :{port}");
         loop {
@@ -366,11 +370,13 @@ impl<'lab> Bench<'lab> {
             if !out.trim().is_empty() {
                 return Ok(());
             }
-            ensure!(
-                Instant::now() < deadline,
-                "nothing listens on port {port} in {node:?} after {PATH_READY:?} (see the logs in {})",
-                self.lab.dir().display()
-            );
+            if Instant::now() > deadline {
+                let logs: Vec<String> = processes.iter().map(ProcessGuard::log).collect();
+                bail!(
+                    "nothing listens on port {port} in {node:?} after {PATH_READY:?}; logs:\n{}",
+                    logs.join("\n")
+                );
+            }
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -397,13 +403,13 @@ impl<'lab> Bench<'lab> {
         let mut state = match path {
             Path::Direct => LbState::Nothing,
             Path::NullFwd => {
-                let mut globals: Vec<(&str, [u8; 6])> = vec![
+                let globals = [
                     (names::GLOBAL_NULL_FWD_DST, self.backend_mac),
                     (names::GLOBAL_NULL_FWD_SRC, self.lb_mac),
                 ];
-                LbState::Xdp(self.attach(names::PROG_NULL_FWD, &mut globals)?)
+                LbState::Xdp(self.attach(names::PROG_NULL_FWD, &globals)?)
             }
-            Path::Haproxy | Path::Nginx => LbState::Xdp(self.attach(names::PROG_PASS, &mut [])?),
+            Path::Haproxy | Path::Nginx => LbState::Xdp(self.attach(names::PROG_PASS, &[])?),
             Path::LbDsr => LbState::Agent(self.start_agent()?),
         };
         if path != Path::Direct {
@@ -429,7 +435,6 @@ impl<'lab> Bench<'lab> {
             agent.detach()?;
         }
         drop(state);
-        let _ = repetition;
         Ok(Sample {
             repetition,
             conn,
@@ -440,11 +445,11 @@ impl<'lab> Bench<'lab> {
     }
 
     /// Loads the object with `globals` set and attaches `program` (native) to the LB's veth.
-    fn attach(&self, program: &str, globals: &mut [(&str, [u8; 6])]) -> Result<aya::Ebpf> {
+    fn attach(&self, program: &str, globals: &[(&str, [u8; 6])]) -> Result<aya::Ebpf> {
         in_ns(&self.lab.ns(Node::Lb), || -> Result<aya::Ebpf> {
             let mut loader = EbpfLoader::new();
-            for (name, value) in globals.iter() {
-                loader.override_global(*name, value, true);
+            for (name, value) in globals {
+                loader.override_global(name, value, true);
             }
             let mut ebpf = loader
                 .load(lb_userspace::dataplane::OBJECT)

@@ -460,7 +460,7 @@ impl LabReport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const WRK: &str = "Running 4s test @ http://10.77.0.11:80/
@@ -553,7 +553,7 @@ Transfer/sec:      3.03MB
     }
 
     /// A fixed sample: direct, the null forwarder and HAProxy, three repetitions each.
-    fn fixed() -> LabReport {
+    pub(crate) fn fixed() -> LabReport {
         let result = |path, figures: [(f64, f64); 3]| PathResult {
             path,
             samples: figures

@@ -25,7 +25,7 @@
 //! the agent in DSR mode, HAProxy and nginx, rotated in each repetition; connection
 //! rate, one bulk stream and the CPU split, written to `target/bench/` as JSON, a
 //! Markdown table and PNG charts. `--lab-only` runs only this part; `--lab-report`
-//! prints the table of the latest `lab.json` again (no root needed).
+//! prints the table of the latest `lab.json` again and redraws its charts (no root).
 
 use std::{
     net::SocketAddr,
@@ -68,7 +68,8 @@ flow-pin sync, then the comparative lab bench.
   --sync-only           only the flow-pin sync rate
   --lab-only            only the comparative lab bench (direct, null XDP forwarder,
                         lb in DSR mode, HAProxy, nginx stream)
-  --lab-report          print the Markdown table of DIR/lab.json again (no root)
+  --lab-report          print the Markdown table of DIR/lab.json again and redraw
+                        its charts (no root)
   --lab-reps N          repetitions of the lab bench, each path once in each (default 3)
   --lab-napi MODE       threaded (default): the LB veth's NAPI thread and the proxies
                         pinned to the last CPU, wrk and iperf3 to CPU 0;
@@ -697,6 +698,10 @@ fn lab_report(dir: &std::path::Path) -> anyhow::Result<()> {
             file.display()
         )
     })?;
-    print!("{}", LabReport::from_json(&text)?.markdown());
+    let report = LabReport::from_json(&text)?;
+    print!("{}", report.markdown());
+    for chart in lb_tests::bench::chart::draw(&report, dir)? {
+        println!("wrote {}", chart.display());
+    }
     Ok(())
 }

@@ -417,18 +417,45 @@ impl<'lab> Bench<'lab> {
         }
         let (http, bulk) = self.targets(path);
         self.wait_path(http)?;
-        let before_flows = match &state {
-            LbState::Agent(agent) => Some(agent.status()?.flows.connections),
-            _ => None,
+        let http_packets = |state: &LbState| -> Result<Option<u64>> {
+            let LbState::Agent(agent) = state else {
+                return Ok(None);
+            };
+            let status = agent.status()?;
+            Ok(status
+                .services
+                .iter()
+                .find(|s| s.name == "http")
+                .map(|s| s.packets))
         };
+        let packets_before = http_packets(&state)?;
+        let rx_before = self.lb_rx_packets()?;
         let (conn, conn_cpu) = with_cpu(|| self.wrk(http))?;
+        let rx = self.lb_rx_packets()? - rx_before;
+        let packets = http_packets(&state)?
+            .zip(packets_before)
+            .map(|(a, b)| a - b);
         let (bulk, bulk_cpu) = with_cpu(|| self.iperf3(bulk))?;
-        if let (LbState::Agent(agent), Some(before)) = (&state, before_flows) {
-            // The connections went through the agent's program, not around it.
-            let after = agent.status()?.flows.connections;
+        // Every path went where it should: each connection is at least 3 packets from
+        // the client.
+        if path == Path::Direct {
             ensure!(
-                after > before,
-                "the agent's flow table did not grow ({before} -> {after}): traffic missed it"
+                rx < conn.requests,
+                "{rx} packets reached the LB's veth during the direct run of {} requests",
+                conn.requests
+            );
+        } else {
+            ensure!(
+                rx >= conn.requests,
+                "only {rx} packets reached the LB's veth for {} requests",
+                conn.requests
+            );
+        }
+        if let Some(packets) = packets {
+            ensure!(
+                packets >= conn.requests,
+                "the agent counted {packets} packets for {} requests: traffic went around it",
+                conn.requests
             );
         }
         if let LbState::Agent(agent) = &mut state {
@@ -442,6 +469,17 @@ impl<'lab> Bench<'lab> {
             bulk,
             bulk_cpu,
         })
+    }
+
+    /// Packets the LB's veth has received (XDP_TX'd ones included).
+    fn lb_rx_packets(&self) -> Result<u64> {
+        let text = self.lab.run(
+            Node::Lb,
+            &["cat", "/sys/class/net/eth0/statistics/rx_packets"],
+        )?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("rx_packets of the LB's eth0: {text:?}"))
     }
 
     /// Loads the object with `globals` set and attaches `program` (native) to the LB's veth.

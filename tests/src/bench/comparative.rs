@@ -48,9 +48,7 @@ const HAPROXY_BULK: u16 = 8082;
 const NGINX_HTTP: u16 = 8083;
 const NGINX_BULK: u16 = 8084;
 
-const CONN_SECONDS: u32 = 4;
 const WRK_CONNECTIONS: u32 = 32;
-const BULK_SECONDS: u32 = 4;
 /// What a wrk or iperf3 run may take beyond its own duration before it is killed.
 const TOOL_SLACK: Duration = Duration::from_secs(15);
 /// How long a path may take to carry its first connection after its setup.
@@ -79,6 +77,10 @@ pub struct Options {
     pub repetitions: usize,
     pub napi: Napi,
     pub paths: Vec<Path>,
+    /// How long each wrk run lasts.
+    pub conn_seconds: u32,
+    /// How long each iperf3 run lasts.
+    pub bulk_seconds: u32,
 }
 
 impl Default for Options {
@@ -87,6 +89,8 @@ impl Default for Options {
             repetitions: 3,
             napi: Napi::Threaded,
             paths: Path::ALL.to_vec(),
+            conn_seconds: 4,
+            bulk_seconds: 4,
         }
     }
 }
@@ -94,9 +98,13 @@ impl Default for Options {
 /// Runs the bench and returns its report, medians and ratios filled in.
 pub fn run(options: &Options) -> Result<LabReport> {
     ensure!(options.repetitions >= 1, "at least one repetition");
+    ensure!(
+        (1..=60).contains(&options.conn_seconds) && (1..=60).contains(&options.bulk_seconds),
+        "each load lasts 1 to 60 s"
+    );
     let cores = thread::available_parallelism().map_or(1, usize::from);
     let lab = Lab::builder().backends(1).ipv6(false).build()?;
-    let bench = Bench::new(&lab, options.napi, cores)?;
+    let bench = Bench::new(&lab, options, cores)?;
     let _servers = bench.start_backend_servers()?;
     let _proxies = bench.start_proxies()?;
 
@@ -137,9 +145,9 @@ pub fn run(options: &Options) -> Result<LabReport> {
         machine: machine(cores)?,
         settings: Settings {
             repetitions: options.repetitions,
-            conn_seconds: CONN_SECONDS,
+            conn_seconds: options.conn_seconds,
             wrk_connections: WRK_CONNECTIONS,
-            bulk_seconds: BULK_SECONDS,
+            bulk_seconds: options.bulk_seconds,
             napi: bench.napi_text(),
             offloads: OFFLOADS.join(" "),
         },
@@ -193,6 +201,8 @@ fn machine(cores: usize) -> Result<Machine> {
 struct Bench<'lab> {
     lab: &'lab Lab,
     napi: Napi,
+    conn_seconds: u32,
+    bulk_seconds: u32,
     /// The CPU for the client's tools and the one for the LB's work, when pinned.
     cpus: Option<(usize, usize)>,
     backend: IpAddr,
@@ -210,7 +220,8 @@ enum LbState<'lab> {
 }
 
 impl<'lab> Bench<'lab> {
-    fn new(lab: &'lab Lab, napi: Napi, cores: usize) -> Result<Self> {
+    fn new(lab: &'lab Lab, options: &Options, cores: usize) -> Result<Self> {
+        let napi = options.napi;
         let cpus = (napi == Napi::Threaded && cores >= 2).then_some((0, cores - 1));
         for node in [Node::Client, Node::Lb, Node::Backend(1)] {
             let mut args = vec!["ethtool", "-K", "eth0"];
@@ -257,6 +268,8 @@ impl<'lab> Bench<'lab> {
         Ok(Bench {
             lab,
             napi,
+            conn_seconds: options.conn_seconds,
+            bulk_seconds: options.bulk_seconds,
             cpus,
             backend: addr4(Node::Backend(1)).into(),
             lb: addr4(Node::Lb).into(),
@@ -580,14 +593,17 @@ impl<'lab> Bench<'lab> {
             "wrk",
             "-t1",
             &format!("-c{WRK_CONNECTIONS}"),
-            &format!("-d{CONN_SECONDS}s"),
+            &format!("-d{}s", self.conn_seconds),
             "--timeout",
             "2s",
             "-H",
             "Connection: close",
             &url,
         ]);
-        let out = run_bounded(cmd, Duration::from_secs(CONN_SECONDS.into()) + TOOL_SLACK)?;
+        let out = run_bounded(
+            cmd,
+            Duration::from_secs(self.conn_seconds.into()) + TOOL_SLACK,
+        )?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(
             out.status.success(),
@@ -609,12 +625,15 @@ impl<'lab> Bench<'lab> {
             "-p",
             &addr.port().to_string(),
             "-t",
-            &BULK_SECONDS.to_string(),
+            &self.bulk_seconds.to_string(),
             "--connect-timeout",
             "2000",
             "-J",
         ]);
-        let out = run_bounded(cmd, Duration::from_secs(BULK_SECONDS.into()) + TOOL_SLACK)?;
+        let out = run_bounded(
+            cmd,
+            Duration::from_secs(self.bulk_seconds.into()) + TOOL_SLACK,
+        )?;
         parse_iperf3(&String::from_utf8_lossy(&out.stdout))
             .with_context(|| format!("iperf3 to {addr} ({})", out.status))
     }

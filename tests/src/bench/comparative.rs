@@ -495,21 +495,14 @@ impl<'lab> Bench<'lab> {
             .with_context(|| format!("rx_packets of the LB's eth0: {text:?}"))
     }
 
-    /// Loads the object with `globals` set and attaches `program` (native) to the LB's veth.
+    /// Loads `program` (with `globals` set) and attaches it (native) to the LB's veth.
     fn attach(&self, program: &str, globals: &[(&str, [u8; 6])]) -> Result<aya::Ebpf> {
         in_ns(&self.lab.ns(Node::Lb), || -> Result<aya::Ebpf> {
-            let mut loader = EbpfLoader::new();
-            for (name, value) in globals {
-                loader.override_global(name, value, true);
-            }
-            let mut ebpf = loader
-                .load(lb_userspace::dataplane::OBJECT)
-                .context("loading the XDP object")?;
+            let mut ebpf = load_xdp(program, globals)?;
             let prog: &mut Xdp = ebpf
                 .program_mut(program)
                 .with_context(|| format!("the XDP object has no program {program}"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("loading {program}"))?;
             prog.attach("eth0", XdpMode::Driver)
                 .with_context(|| format!("attaching {program} to the LB's eth0 (native)"))?;
             Ok(ebpf)
@@ -637,6 +630,25 @@ impl<'lab> Bench<'lab> {
         parse_iperf3(&String::from_utf8_lossy(&out.stdout))
             .with_context(|| format!("iperf3 to {addr} ({})", out.status))
     }
+}
+
+/// Loads the project's XDP object with `globals` (name, MAC) set, and `program` in the
+/// kernel, not attached: the null forwarder is
+/// `load_xdp(PROG_NULL_FWD, &[(GLOBAL_NULL_FWD_DST, backend), (GLOBAL_NULL_FWD_SRC, own)])`.
+pub fn load_xdp(program: &str, globals: &[(&str, [u8; 6])]) -> Result<aya::Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for (name, value) in globals {
+        loader.override_global(name, value, true);
+    }
+    let mut ebpf = loader
+        .load(lb_userspace::dataplane::OBJECT)
+        .context("loading the XDP object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(program)
+        .with_context(|| format!("the XDP object has no program {program}"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("loading {program}"))?;
+    Ok(ebpf)
 }
 
 /// Runs `f` and returns its result with the CPU split of the time it took.

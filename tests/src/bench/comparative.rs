@@ -1,5 +1,6 @@
 //! The comparative lab bench: in one lab, the same client and the same backend, each
-//! repetition runs every `Path` once (rotated, so drift hits all alike): a short-
+//! repetition runs every `Path` once (rotated, each repetition starting one path later, so
+//! drift hits all alike): a short-
 //! connection rate (`wrk`, `Connection: close`), one bulk stream (`iperf3`) and the CPU
 //! split of each. Every load is bounded in time; every process is the lab's, killed by
 //! its guard; all traffic stays in the lab's namespaces.
@@ -118,8 +119,11 @@ pub fn run(options: &Options) -> Result<LabReport> {
         })
         .collect();
     let started = Instant::now();
+    let n = results.len();
     for repetition in 0..options.repetitions {
-        for result in &mut results {
+        // Each repetition starts one path later, so no path always runs first or last.
+        for k in 0..n {
+            let result = &mut results[(k + repetition) % n];
             let sample = bench.measure(result.path, repetition).with_context(|| {
                 format!("{}, repetition {}", result.path.name(), repetition + 1)
             })?;

@@ -25,7 +25,7 @@ pub enum Path {
 }
 
 impl Path {
-    /// Every path, in the order each repetition runs them.
+    /// Every path: the order of the table; repetition `r` starts at the `r`-th.
     pub const ALL: [Path; 5] = [
         Path::Direct,
         Path::NullFwd,

@@ -291,6 +291,10 @@ impl Counter {
 pub mod names {
     pub const PROG_LB: &str = "lb_xdp";
     pub const PROG_PASS: &str = "xdp_pass";
+    /// The lab bench's null forwarder (`lb-ebpf/src/null_fwd.rs`); the agent never loads it.
+    pub const PROG_NULL_FWD: &str = "null_fwd";
+    pub const GLOBAL_NULL_FWD_DST: &str = "NULL_FWD_DST";
+    pub const GLOBAL_NULL_FWD_SRC: &str = "NULL_FWD_SRC";
     pub const MAP_VIPS: &str = "VIPS";
     pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
     pub const MAP_RINGS: &str = "RINGS";

@@ -13,6 +13,7 @@ mod headers;
 mod icmp;
 mod maps;
 mod neigh;
+mod null_fwd;
 mod persist;
 #[cfg(feature = "trace")]
 mod trace;

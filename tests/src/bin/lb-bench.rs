@@ -31,6 +31,11 @@
 //! off) beside the same program built without the trace code (lb-ebpf without its
 //! `trace` feature) and XDP_PASS, interleaved in the same rounds. `--trace-only` runs
 //! only this part.
+//! Then the comparative lab bench (`lb_tests::bench`): direct, a null XDP forwarder,
+//! the agent in DSR mode, HAProxy and nginx, rotated in each repetition; connection
+//! rate, one bulk stream and the CPU split, written to `target/bench/` as JSON, a
+//! Markdown table and PNG charts. `--lab-only` runs only this part; `--lab-report`
+//! prints the table of the latest `lab.json` again and redraws its charts (no root).
 
 use std::{
     net::SocketAddr,
@@ -42,6 +47,7 @@ use std::{
 
 use lb_common::names;
 use lb_tests::{
+    bench::{comparative, report::LabReport},
     lab::{
         AnnounceSection, Lab, Node, ROUTED_VIP4, SERVICE_PORT, Service, SyncSection, VIP4,
         VrrpSection, addr4, probe_gap, run_bounded,
@@ -67,30 +73,111 @@ fn median(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_nanos() as f64
 }
 
+const USAGE: &str = "usage: lb-bench [--jitter-only | --sync-only | --announce-only | --trace-only
+                 | --lab-only | --lab-report]
+                [--lab-reps N] [--lab-napi threaded|inline] [--lab-out DIR]
+
+With no part named, runs them all: XDP cost per packet, VRRP failover, BGP withdrawal
+([announce]), advert jitter, flow-pin sync, the trace's cost while off, then the
+comparative lab bench.
+  --jitter-only         only the VRRP advert jitter
+  --sync-only           only the flow-pin sync rate
+  --announce-only       only the [announce] withdrawal time and probe gap
+  --trace-only          only the packet trace's cost while off
+  --lab-only            only the comparative lab bench (direct, null XDP forwarder,
+                        lb in DSR mode, HAProxy, nginx stream)
+  --lab-report          print the Markdown table of DIR/lab.json again and redraw
+                        its charts (no root)
+  --lab-reps N          repetitions of the lab bench, each path once in each (default 3)
+  --lab-napi MODE       threaded (default): the LB veth's NAPI thread and the proxies
+                        pinned to the last CPU, wrk and iperf3 to CPU 0;
+                        inline: nothing threaded or pinned
+  --lab-out DIR         where the lab bench writes lab.json, lab.md and the PNG charts
+                        (default target/bench)";
+
+/// Which parts to run, and the lab bench's settings.
+struct Args {
+    part: Option<String>,
+    lab: comparative::Options,
+    lab_out: std::path::PathBuf,
+}
+
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut args = Args {
+        part: None,
+        lab: comparative::Options::default(),
+        lab_out: "target/bench".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .ok_or_else(|| anyhow::anyhow!("{name} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--jitter-only" | "--sync-only" | "--announce-only" | "--trace-only" | "--lab-only"
+            | "--lab-report" => {
+                if let Some(other) = &args.part {
+                    anyhow::bail!("{other} and {arg} exclude each other");
+                }
+                args.part = Some(arg);
+            }
+            "--lab-reps" => {
+                let v = value("--lab-reps")?;
+                args.lab.repetitions = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=20).contains(n))
+                    .ok_or_else(|| anyhow::anyhow!("--lab-reps takes 1 to 20, not {v:?}"))?;
+            }
+            "--lab-napi" => args.lab.napi = comparative::Napi::parse(&value("--lab-napi")?)?,
+            "--lab-out" => args.lab_out = value("--lab-out")?.into(),
+            _ => anyhow::bail!("unknown argument {arg:?}\n{USAGE}"),
+        }
+    }
+    Ok(Some(args))
+}
+
 fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("lb-bench: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.part.as_deref() == Some("--lab-report") {
+        return match lab_report(&args.lab_out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("lb-bench: needs root (it loads the XDP program). Run: sudo cargo xtask bench");
         return ExitCode::FAILURE;
     }
-    let jitter_only = std::env::args().skip(1).any(|a| a == "--jitter-only");
-    let sync_only = std::env::args().skip(1).any(|a| a == "--sync-only");
-    let announce_only = std::env::args().skip(1).any(|a| a == "--announce-only");
-    let trace_only = std::env::args().skip(1).any(|a| a == "--trace-only");
-    let result = if jitter_only {
-        jitter()
-    } else if sync_only {
-        sync_pins()
-    } else if announce_only {
-        announce()
-    } else if trace_only {
-        trace_cost()
-    } else {
-        run()
+    let lab = || lab_bench(&args.lab, &args.lab_out);
+    let result = match args.part.as_deref() {
+        Some("--jitter-only") => jitter(),
+        Some("--sync-only") => sync_pins(),
+        Some("--announce-only") => announce(),
+        Some("--trace-only") => trace_cost(),
+        Some(_) => lab(),
+        None => run()
             .and_then(|()| failover())
             .and_then(|()| announce())
             .and_then(|()| jitter())
             .and_then(|()| sync_pins())
             .and_then(|()| trace_cost())
+            .and_then(|()| lab()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -824,6 +911,41 @@ fn trace_cost() -> anyhow::Result<()> {
             with,
             with - without
         );
+    }
+    Ok(())
+}
+
+/// The comparative lab bench: runs it, writes its files, prints its table.
+fn lab_bench(options: &comparative::Options, out: &std::path::Path) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "Comparative lab bench: {} repetitions of {} paths",
+        options.repetitions,
+        options.paths.len()
+    );
+    let report = comparative::run(options)?;
+    let files = comparative::write_files(&report, out)?;
+    println!();
+    println!("{}", report.markdown());
+    for file in files {
+        println!("wrote {}", file.display());
+    }
+    Ok(())
+}
+
+/// Prints the Markdown table of `DIR/lab.json`.
+fn lab_report(dir: &std::path::Path) -> anyhow::Result<()> {
+    let file = dir.join("lab.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        anyhow::anyhow!(
+            "reading {}: {e} (run `cargo xtask bench -- --lab-only` first)",
+            file.display()
+        )
+    })?;
+    let report = LabReport::from_json(&text)?;
+    print!("{}", report.markdown());
+    for chart in lb_tests::bench::chart::draw(&report, dir)? {
+        println!("wrote {}", chart.display());
     }
     Ok(())
 }

@@ -5,7 +5,8 @@
 
 use crate::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_VIPS, Serving, VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS, names,
+    MAX_RING_SIZE, MAX_VIPS, NatConfig, NatFlow, NatScratch, NatTarget, Serving, VipAddrKey,
+    VipInfo, VipKey, counters::STATS_SLOTS, names,
 };
 
 /// Bumped by hand when the meaning of a map changes while its sizes stay (a flag or a
@@ -62,7 +63,7 @@ const fn map(
 }
 
 /// Every map of the program (`lb-ebpf/src/maps.rs`).
-pub const MAPS: [MapLayout; 11] = [
+pub const MAPS: [MapLayout; 16] = [
     map(
         names::MAP_VIPS,
         BPF_MAP_TYPE_HASH,
@@ -144,6 +145,46 @@ pub const MAPS: [MapLayout; 11] = [
         0,
     ),
     map(names::MAP_META, BPF_MAP_TYPE_ARRAY, 4, 8, meta::SLOTS, 0),
+    map(
+        names::MAP_NAT_BACKENDS,
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        size::<NatTarget>(),
+        MAX_BACKENDS,
+        0,
+    ),
+    map(
+        names::MAP_NAT_FLOWS,
+        BPF_MAP_TYPE_HASH,
+        size::<FlowKey>(),
+        size::<NatFlow>(),
+        0,
+        0,
+    ),
+    map(
+        names::MAP_NAT_REVERSE,
+        BPF_MAP_TYPE_HASH,
+        size::<FlowKey>(),
+        size::<FlowKey>(),
+        0,
+        0,
+    ),
+    map(
+        names::MAP_NAT_SCRATCH,
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        size::<NatScratch>(),
+        1,
+        0,
+    ),
+    map(
+        names::MAP_NAT_CONFIG,
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        size::<NatConfig>(),
+        1,
+        0,
+    ),
 ];
 
 const fn fnv(mut h: u32, bytes: &[u8]) -> u32 {

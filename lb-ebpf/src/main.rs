@@ -12,6 +12,7 @@
 mod headers;
 mod icmp;
 mod maps;
+mod nat;
 mod neigh;
 
 use aya_ebpf::{
@@ -80,6 +81,9 @@ enum Parsed {
     Tcp(Packet),
     /// An ICMP error about a flow: the client's 5-tuple, rebuilt from the quoted packet.
     IcmpError(FlowKey),
+    /// TCP to a VIP address but no service's port: a backend's reply to a NAT flow if
+    /// the NAT tables know it (its key as sent, and the TCP flags), else nothing of ours.
+    NatReply(FlowKey, u8),
 }
 
 #[inline(always)]
@@ -96,11 +100,12 @@ fn try_lb(ctx: &XdpContext) -> Step<u32> {
     match parsed {
         Parsed::Tcp(packet) => forward(ctx, cfg, &packet),
         Parsed::IcmpError(flow) => forward_icmp_error(ctx, cfg, &flow),
+        Parsed::NatReply(flow, flags) => nat::reply(ctx, &flow, flags),
     }
 }
 
 #[inline(always)]
-fn parse_ethernet(ctx: &XdpContext) -> Step<(u16, usize)> {
+pub fn parse_ethernet(ctx: &XdpContext) -> Step<(u16, usize)> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::PASS_TRUNCATED)?;
     let ether_type = be16(unsafe { (*eth).proto });
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
@@ -167,7 +172,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
         PROTO_TCP => {
             let mut src = [0u8; 16];
             src[..4].copy_from_slice(&ip.src);
-            parse_tcp(ctx, l4, end, src, dst, FAMILY_V4).map(Parsed::Tcp)
+            parse_tcp(ctx, l4, end, src, dst, FAMILY_V4)
         }
         IPPROTO_ICMP => icmp::quoted_flow_v4(ctx, l4, end).map(Parsed::IcmpError),
         _ => Err(reason::DROP_VIP_UNSERVED),
@@ -189,7 +194,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     }
     let l4 = l3 + IPV6_HLEN;
     match ip.next_hdr {
-        PROTO_TCP => parse_tcp(ctx, l4, end, ip.src, ip.dst, FAMILY_V6).map(Parsed::Tcp),
+        PROTO_TCP => parse_tcp(ctx, l4, end, ip.src, ip.dst, FAMILY_V6),
         IPPROTO_ICMPV6 => icmp::quoted_flow_v6(ctx, l4, end).map(Parsed::IcmpError),
         next if is_ipv6_ext(next) => Err(reason::DROP_IPV6_EXT),
         _ => Err(reason::DROP_VIP_UNSERVED),
@@ -211,7 +216,7 @@ fn parse_tcp(
     src: [u8; 16],
     dst: [u8; 16],
     family: u8,
-) -> Step<Packet> {
+) -> Step<Parsed> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_TCP)?;
     let tcp = unsafe { &*tcp };
     let doff = (tcp.data_off >> 4) as usize * 4;
@@ -225,7 +230,6 @@ fn parse_tcp(
         proto: PROTO_TCP,
         family,
     };
-    let vip = *unsafe { VIPS.get(&key) }.ok_or(reason::DROP_VIP_UNSERVED)?;
     let flow = FlowKey {
         src,
         dst,
@@ -235,17 +239,23 @@ fn parse_tcp(
         family,
         _pad: [0; 2],
     };
-    Ok(Packet {
+    let Some(vip) = unsafe { VIPS.get(&key) }.copied() else {
+        return Ok(Parsed::NatReply(flow, tcp.flags));
+    };
+    Ok(Parsed::Tcp(Packet {
         flow,
         vip,
         tcp_flags: tcp.flags,
-    })
+    }))
 }
 
 /// Connection table first; on a miss (non-SYN), the pinned table; a SYN or an unknown
 /// flow takes the ring and is recorded (not an RST, and within the flood guard).
 #[inline(always)]
 fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
+    if nat::is_nat(&p.vip) {
+        return nat::forward(ctx, p);
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = p.tcp_flags & TCP_RST != 0;
@@ -347,6 +357,9 @@ fn record(cfg: &LbConfig, flow: &FlowKey, state: &FlowState, now: u64) -> Step<b
 /// flow's backend from FLOWS or PINNED, else the ring's choice; nothing is recorded.
 #[inline(always)]
 fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<u32> {
+    if let Some(verdict) = nat::icmp_error(ctx, flow)? {
+        return Ok(verdict);
+    }
     let mut found = None;
     if let Some(state) = unsafe { FLOWS.get(flow) } {
         found = usable_backend(state.backend).map(|b| (state.backend, state.vip_num, b));
@@ -393,6 +406,13 @@ fn rewrite_macs(ctx: &XdpContext, cfg: &LbConfig, backend: &Backend) -> Step<u64
 #[inline(always)]
 fn usable_backend(id: u32) -> Option<&'static Backend> {
     BACKENDS.get(id).filter(|b| b.flags & BACKEND_F_VALID != 0)
+}
+
+/// The backend a new flow goes to. The one place a new flow's backend is chosen (NAT
+/// today; where client-address persistence hooks in).
+#[inline(always)]
+fn choose_backend(vip: &VipInfo, flow: &FlowKey) -> Step<u32> {
+    ring_lookup(vip, flow)
 }
 
 #[inline(always)]

@@ -173,6 +173,9 @@ pub struct FlowSnapshot {
     pub pin_failures: u64,
     /// Pins from sync peers written into the pinned table (since start).
     pub remote_installed: u64,
+    /// NAT flows (pairs) in the NAT tables, and pairs collected (since start).
+    pub nat_flows: usize,
+    pub nat_collected: u64,
     /// The last scan's error, if it failed.
     pub error: Option<String>,
 }
@@ -300,6 +303,20 @@ pub struct Scanner {
 impl Scanner {
     /// Starts the thread over `store`. `idle`: when a quiet flow stops counting.
     pub fn spawn(store: Box<dyn FlowStore>, idle: Duration) -> std::io::Result<Self> {
+        Self::spawn_nat(
+            store,
+            idle,
+            Duration::from_secs(u64::from(crate::config::DEFAULT_NAT_TIME_WAIT_S)),
+        )
+    }
+
+    /// As `spawn`; a NAT flow's pair is collected `nat_time_wait` after its close (or
+    /// once idle for `idle`).
+    pub fn spawn_nat(
+        store: Box<dyn FlowStore>,
+        idle: Duration,
+        nat_time_wait: Duration,
+    ) -> std::io::Result<Self> {
         let (commands, rx) = mpsc::channel();
         let snapshot = Arc::new(ArcSwap::from_pointee(FlowSnapshot::default()));
         let published = snapshot.clone();
@@ -309,6 +326,8 @@ impl Scanner {
                 Worker {
                     store,
                     idle,
+                    nat_time_wait,
+                    nat_collected: 0,
                     rings: None,
                     snapshot: published,
                     pin_failures: 0,
@@ -379,6 +398,8 @@ impl Drop for Scanner {
 struct Worker {
     store: Box<dyn FlowStore>,
     idle: Duration,
+    nat_time_wait: Duration,
+    nat_collected: u64,
     /// None until the agent hands over its first rings: until then the tables are only
     /// read, never pinned or collected. The tables may be an earlier agent's (pinned
     /// maps), full of flows an empty ring set would take for flows of gone backends.
@@ -462,14 +483,25 @@ impl Worker {
     fn scan(&mut self) {
         let taken_at = Instant::now();
         let snapshot = match self.try_scan() {
-            Ok((active, connections, pinned)) => FlowSnapshot {
-                taken_at: Some(taken_at),
-                active,
-                connections,
-                pinned,
-                pin_failures: self.pin_failures,
-                remote_installed: self.remote_installed,
-                error: None,
+            Ok((mut active, connections, pinned)) => match self.scan_nat(&mut active) {
+                Ok(nat_flows) => FlowSnapshot {
+                    taken_at: Some(taken_at),
+                    active,
+                    connections,
+                    pinned,
+                    pin_failures: self.pin_failures,
+                    remote_installed: self.remote_installed,
+                    nat_flows,
+                    nat_collected: self.nat_collected,
+                    error: None,
+                },
+                Err(e) => {
+                    tracing::warn!("NAT flow scan failed: {e}");
+                    FlowSnapshot {
+                        error: Some(e.to_string()),
+                        ..(*self.snapshot.load_full()).clone()
+                    }
+                }
             },
             Err(e) => {
                 tracing::warn!("flow scan failed: {e}");
@@ -480,6 +512,29 @@ impl Worker {
             }
         };
         self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Reads the NAT table: its active flows are added to `active`, closed and idle
+    /// pairs are removed (both halves). Returns how many pairs remain.
+    fn scan_nat(
+        &mut self,
+        active: &mut HashMap<u32, u64>,
+    ) -> Result<usize, crate::dataplane::DataPlaneError> {
+        let flows = self.store.read_nat()?;
+        let now = monotonic_ns();
+        let (gone, live): (Vec<_>, Vec<_>) = flows
+            .into_iter()
+            .partition(|(_, f)| crate::nat::collect(f, now, self.idle, self.nat_time_wait));
+        for (_, f) in &live {
+            if crate::nat::is_active(f, now, self.idle) {
+                *active.entry(f.backend).or_insert(0) += 1;
+            }
+        }
+        if !gone.is_empty() {
+            self.store.remove_nat(&gone)?;
+            self.nat_collected += gone.len() as u64;
+        }
+        Ok(live.len())
     }
 
     fn try_scan(

@@ -32,6 +32,7 @@ pub fn service(name: &str, vip: &str, port: u16, ring_size: u32, backends: &[&st
         name: name.into(),
         vip: vip.parse().expect("VIP address"),
         port,
+        forwarding: Default::default(),
         ring_size,
         health_check: Default::default(),
         backends: backends
@@ -42,6 +43,7 @@ pub fn service(name: &str, vip: &str, port: u16, ring_size: u32, backends: &[&st
                 address: a.parse().expect("backend address"),
                 weight: 100,
                 backup: false,
+                port: None,
             })
             .collect(),
     }

@@ -1304,6 +1304,7 @@ fn a_pinned_flow_keeps_its_backend_when_the_connection_table_loses_it() {
     let sizes = MapSizes {
         max_flows: 1024,
         max_pinned_flows: 1024,
+        ..Default::default()
     };
     let mut rig = Rig::new_sized(services(), sizes).expect("load (needs root)");
     let mut store = rig.dp.take_flow_store().expect("flow store");
@@ -1631,6 +1632,7 @@ fn pinned_table_reads_back_exactly_what_was_pinned_and_says_what_did_not_fit() {
     let sizes = MapSizes {
         max_flows: 1024,
         max_pinned_flows: 65536,
+        ..Default::default()
     };
     let mut rig = Rig::new_sized(services(), sizes).expect("load (needs root)");
     let mut store = rig.dp.take_flow_store().expect("flow store");
@@ -1816,6 +1818,7 @@ fn pinned_maps_are_reused_and_other_layouts_refused() {
     let sizes = MapSizes {
         max_flows: 1024,
         max_pinned_flows: 1024,
+        ..Default::default()
     };
     let (first, found) = XdpDataPlane::load_pinned(sizes, &dir).expect("first load");
     assert_eq!(

@@ -484,6 +484,7 @@ fn sync_pins() -> anyhow::Result<()> {
     let mut dp = XdpDataPlane::load_sized(MapSizes {
         max_flows: 16_384,
         max_pinned_flows: 262_144,
+        ..Default::default()
     })?;
     let store = dp
         .take_flow_store()

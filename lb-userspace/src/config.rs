@@ -1692,4 +1692,101 @@ peers = ["192.0.2.7"]
         );
         assert!(joined.starts_with("line 10"), "{joined}");
     }
+
+    #[test]
+    fn nat_services_and_backend_ports() {
+        let nat = r#"
+[agent]
+interface = "eth0"
+nat_port_min = 20000
+nat_port_max = 29999
+max_nat_flows = 4096
+
+[[services]]
+name = "api"
+vip = "192.0.2.20"
+port = 443
+forwarding = "nat"
+
+[[services.backends]]
+name = "api-1"
+address = "10.0.1.5"
+port = 8443
+
+[[services.backends]]
+name = "api-2"
+address = "10.0.1.6"
+
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+
+[[services.backends]]
+name = "web-1"
+address = "192.0.2.21"
+"#;
+        let c = parse(nat, "t").expect("valid");
+        let (api, web) = (&c.services[0], &c.services[1]);
+        assert_eq!(api.forwarding, Forwarding::Nat);
+        assert_eq!(
+            web.forwarding,
+            Forwarding::Dsr,
+            "DSR by default, beside NAT"
+        );
+        assert_eq!(api.backends[0].port_in(api), 8443);
+        assert_eq!(
+            api.backends[1].port_in(api),
+            443,
+            "the service's port by default"
+        );
+        assert_eq!(
+            (
+                c.agent.nat_port_min,
+                c.agent.nat_port_max,
+                c.agent.max_nat_flows
+            ),
+            (20000, 29999, 4096)
+        );
+        assert_eq!(c.agent.nat_time_wait_s, DEFAULT_NAT_TIME_WAIT_S);
+        let defaults = parse(GOOD, "t").expect("valid").agent;
+        assert_eq!(
+            (defaults.nat_port_min, defaults.nat_port_max),
+            (NAT_DEFAULT_PORT_MIN, NAT_DEFAULT_PORT_MAX)
+        );
+
+        // A backend port without NAT, an unknown mode, a port range upside down.
+        let bad = r#"
+[agent]
+interface = "eth0"
+nat_port_min = 3000
+nat_port_max = 2000
+
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+
+[[services.backends]]
+name = "web-1"
+address = "192.0.2.21"
+port = 8080
+
+[[services]]
+name = "other"
+vip = "192.0.2.11"
+port = 80
+forwarding = "tunnel"
+"#;
+        let errs = parse(bad, "t").expect_err("invalid").errors;
+        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+        for want in [
+            "line 5, column 16: agent.nat_port_max: 2000 is below agent.nat_port_min (3000)",
+            "line 15, column 8: services[0].backends[0].port: a backend port needs forwarding = \"nat\"",
+            "line 21, column 14: services[1].forwarding: \"tunnel\": expected \"dsr\" or \"nat\"",
+        ] {
+            assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+        }
+        assert_eq!(errs.len(), 3, "{joined}");
+    }
 }

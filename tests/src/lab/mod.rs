@@ -164,6 +164,7 @@ pub struct LabBuilder {
     backends: usize,
     ipv6: bool,
     second_lb: bool,
+    stock_backends: bool,
 }
 
 impl LabBuilder {
@@ -172,6 +173,13 @@ impl LabBuilder {
     /// veth peer `vlb2`). Off by default.
     pub fn second_lb(mut self, on: bool) -> Self {
         self.second_lb = on;
+        self
+    }
+
+    /// Backends as they come (for NAT): no VIP on `lo`, no ARP sysctls. Off by default
+    /// (the DSR set-up).
+    pub fn stock_backends(mut self, on: bool) -> Self {
+        self.stock_backends = on;
         self
     }
 
@@ -210,6 +218,7 @@ impl LabBuilder {
             ipv6: self.ipv6,
             servers: Mutex::new(HashMap::new()),
             second_lb: self.second_lb,
+            stock_backends: self.stock_backends,
             xdp_pass: Vec::new(),
             namespaces: Vec::new(),
             dir,
@@ -230,6 +239,8 @@ pub struct Lab {
     servers: Mutex<HashMap<(Node, u16), Server>>,
     /// Whether `Node::Lb2` exists.
     second_lb: bool,
+    /// Backends without the DSR set-up (`LabBuilder::stock_backends`).
+    stock_backends: bool,
     /// `xdp_pass` on each LB's veth peer; a link lives as long as its value.
     xdp_pass: Vec<aya::Ebpf>,
     namespaces: Vec<Netns>,
@@ -244,6 +255,7 @@ impl Lab {
             backends: 3,
             ipv6: true,
             second_lb: false,
+            stock_backends: false,
         }
     }
 

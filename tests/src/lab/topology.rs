@@ -269,7 +269,8 @@ impl Lab {
             &br,
         ])?;
         self.sysctl(node, &["net.ipv6.conf.eth0.accept_dad=0"])?;
-        if let Node::Backend(_) = node {
+        let dsr_backend = matches!(node, Node::Backend(_)) && !self.stock_backends;
+        if dsr_backend {
             // The VIP sits on lo: only the LB may answer ARP for it.
             self.sysctl(
                 node,
@@ -291,7 +292,7 @@ impl Lab {
         if self.ipv6 {
             addresses.push((format!("{}/64", addr6(node)), "eth0"));
         }
-        if let Node::Backend(_) = node {
+        if dsr_backend {
             addresses.push((format!("{VIP4}/32"), "lo"));
             if self.ipv6 {
                 addresses.push((format!("{VIP6}/128"), "lo"));

@@ -1350,6 +1350,8 @@ fn flow_table_status(snapshot: &FlowSnapshot) -> FlowTableStatus {
         pinned: snapshot.pinned as u64,
         pin_failures: snapshot.pin_failures,
         synced_pins_installed: snapshot.remote_installed,
+        nat_flows: snapshot.nat_flows as u64,
+        nat_collected: snapshot.nat_collected,
         error: snapshot.error.clone(),
     }
 }

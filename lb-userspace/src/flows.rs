@@ -35,12 +35,18 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use lb_common::{FLOW_F_CLOSING, FlowKey, FlowState, VipKey, hash::flow_hash};
+use lb_common::{
+    FLOW_F_CLOSING, FlowKey, FlowState, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST,
+    NAT_F_SYNCED, NatFlow, VipKey, hash::flow_hash,
+};
 
 use crate::{
     config::BackendId,
     dataplane::{FlowStore, FlowTable, monotonic_ns},
-    sync::{PinSink, wire::Pin},
+    sync::{
+        PinSink,
+        wire::{NatPin, Pin},
+    },
 };
 
 /// How often the tables are read when nothing asks.
@@ -75,6 +81,8 @@ pub struct Names {
 pub struct RemotePins {
     pub pins: Vec<Pin>,
     pub unpins: Vec<FlowKey>,
+    /// NAT flows to install (both halves) or refresh.
+    pub nat: Vec<NatPin>,
 }
 
 /// The sync thread's way to the scanner.
@@ -145,6 +153,64 @@ pub fn remote_pins(pins: &[Pin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKey, 
                     last_seen_ns: now_ns.saturating_sub(u64::from(p.idle_ms) * 1_000_000),
                     flags: if p.closing { FLOW_F_CLOSING } else { 0 },
                     _pad: 0,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// This host's NAT flows as peers should know them: by backend address, with their
+/// idle time and TCP state. Copies a peer sent (not seen here since) are not sent back.
+pub fn wire_nat(flows: &[(FlowKey, NatFlow)], names: &Names, now_ns: u64) -> Vec<NatPin> {
+    flows
+        .iter()
+        .filter(|(_, f)| f.flags & NAT_F_SYNCED == 0)
+        .filter_map(|(k, f)| {
+            let idle_ms = now_ns.saturating_sub(f.last_seen_ns) / 1_000_000;
+            Some(NatPin {
+                key: *k,
+                backend: names.backends.get(&f.backend)?.clone(),
+                bport: u16::from_be(f.bport_be),
+                nport: u16::from_be(f.nport_be),
+                idle_ms: u32::try_from(idle_ms).unwrap_or(u32::MAX),
+                flags: (f.flags & (NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST)) as u8,
+                client_mac: f.client_mac,
+            })
+        })
+        .collect()
+}
+
+/// A peer's NAT flows as entries of this host's NAT table: its backend id and VIP
+/// number; skipped when this host has no such backend or VIP. Marked as synced.
+pub fn remote_nat(flows: &[NatPin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKey, NatFlow)> {
+    flows
+        .iter()
+        .filter_map(|f| {
+            let id = *rings.names.ids.get(&f.backend)?;
+            let vip = VipKey {
+                addr: f.key.dst,
+                port_be: f.key.dport_be,
+                proto: f.key.proto,
+                family: f.key.family,
+            };
+            let vip_num = *rings.names.vips.get(&vip)?;
+            let (baddr, family) = crate::programmer::addr_bytes(f.backend.address);
+            if family != f.key.family {
+                return None;
+            }
+            Some((
+                f.key,
+                NatFlow {
+                    backend: id,
+                    vip_num,
+                    last_seen_ns: now_ns.saturating_sub(u64::from(f.idle_ms) * 1_000_000),
+                    flags: u32::from(f.flags) & (NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST)
+                        | NAT_F_SYNCED,
+                    nport_be: f.nport.to_be(),
+                    bport_be: f.bport.to_be(),
+                    baddr,
+                    client_mac: f.client_mac,
+                    _pad: [0; 2],
                 },
             ))
         })
@@ -328,6 +394,8 @@ impl Scanner {
                     idle,
                     nat_time_wait,
                     nat_collected: 0,
+                    nat_left_out: 0,
+                    nat_known: HashSet::new(),
                     rings: None,
                     snapshot: published,
                     pin_failures: 0,
@@ -400,6 +468,10 @@ struct Worker {
     idle: Duration,
     nat_time_wait: Duration,
     nat_collected: u64,
+    /// A peer's NAT flows not installed (their port held here by another flow).
+    nat_left_out: u64,
+    /// The NAT flows of the last scan, to send only new ones between refreshes.
+    nat_known: HashSet<FlowKey>,
     /// None until the agent hands over its first rings: until then the tables are only
     /// read, never pinned or collected. The tables may be an earlier agent's (pinned
     /// maps), full of flows an empty ring set would take for flows of gone backends.
@@ -455,6 +527,16 @@ impl Worker {
             );
             return;
         };
+        if !remote.nat.is_empty() {
+            let flows = remote_nat(&remote.nat, &rings, monotonic_ns());
+            match self.store.install_nat(&flows) {
+                Ok(left_out) => {
+                    self.remote_installed += (flows.len() - left_out) as u64;
+                    self.nat_left_out += left_out as u64;
+                }
+                Err(e) => tracing::warn!("installing a peer's NAT flows failed: {e}"),
+            }
+        }
         let pins = remote_pins(&remote.pins, &rings, monotonic_ns());
         let result = self.store.unpin(&remote.unpins).and_then(|()| {
             if pins.is_empty() {
@@ -482,8 +564,10 @@ impl Worker {
 
     fn scan(&mut self) {
         let taken_at = Instant::now();
+        // `try_scan` takes the flag for the pins; the NAT flows go again too.
+        let resend_all = self.resend_all;
         let snapshot = match self.try_scan() {
-            Ok((mut active, connections, pinned)) => match self.scan_nat(&mut active) {
+            Ok((mut active, connections, pinned)) => match self.scan_nat(&mut active, resend_all) {
                 Ok(nat_flows) => FlowSnapshot {
                     taken_at: Some(taken_at),
                     active,
@@ -519,6 +603,7 @@ impl Worker {
     fn scan_nat(
         &mut self,
         active: &mut HashMap<u32, u64>,
+        resend_all: bool,
     ) -> Result<usize, crate::dataplane::DataPlaneError> {
         let flows = self.store.read_nat()?;
         let now = monotonic_ns();
@@ -534,6 +619,17 @@ impl Worker {
             self.store.remove_nat(&gone)?;
             self.nat_collected += gone.len() as u64;
         }
+        if let (Some(sink), Some(rings)) = (&self.sync, &self.rings) {
+            // New flows at every scan, all of them with the pins' refresh.
+            let refresh = resend_all || self.scans.is_multiple_of(PIN_REFRESH_SCANS);
+            let send: Vec<(FlowKey, NatFlow)> = live
+                .iter()
+                .filter(|(k, _)| refresh || !self.nat_known.contains(k))
+                .copied()
+                .collect();
+            sink.nat(wire_nat(&send, &rings.names, now));
+        }
+        self.nat_known = live.iter().map(|(k, _)| *k).collect();
         Ok(live.len())
     }
 
@@ -810,6 +906,75 @@ mod tests {
         assert_eq!(snap.connections, 3);
         assert_eq!(snap.pinned, 1);
         drop(scanner);
+    }
+
+    #[test]
+    fn nat_flows_cross_hosts_by_backend_address_and_come_back_as_pairs() {
+        let b = BackendId {
+            service: "api".into(),
+            address: "10.0.1.5".parse().unwrap(),
+        };
+        let mut vip = VipKey {
+            port_be: 80u16.to_be(),
+            proto: 6,
+            family: lb_common::FAMILY_V4,
+            ..Default::default()
+        };
+        vip.addr[..4].copy_from_slice(&[10, 0, 0, 100]);
+        let flow = |backend: u32, flags: u32| NatFlow {
+            backend,
+            vip_num: 1,
+            last_seen_ns: NOW - 7_000_000,
+            flags,
+            nport_be: 2001u16.to_be(),
+            bport_be: 8443u16.to_be(),
+            baddr: [10, 0, 1, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            client_mac: [2, 0, 0, 0, 0, 9],
+            _pad: [0; 2],
+        };
+        let sender = Names {
+            backends: HashMap::from([(2, b.clone())]),
+            ..Default::default()
+        };
+        let flows = vec![
+            (key(1), flow(2, NAT_F_FIN_CLIENT)),
+            (key(2), flow(2, NAT_F_SYNCED)),
+            (key(3), flow(3, 0)),
+        ];
+        let wire = wire_nat(&flows, &sender, NOW);
+        assert_eq!(
+            wire.len(),
+            1,
+            "a peer's copy is not sent back; backend 3 has no name"
+        );
+        assert_eq!(
+            (wire[0].bport, wire[0].nport, wire[0].idle_ms, wire[0].flags),
+            (8443, 2001, 7, NAT_F_FIN_CLIENT as u8)
+        );
+        let receiver = RingSet {
+            names: Arc::new(Names {
+                ids: HashMap::from([(b, 9)]),
+                vips: HashMap::from([(vip, 4)]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let local = remote_nat(&wire, &receiver, NOW);
+        assert_eq!(local.len(), 1);
+        let (k, f) = local[0];
+        assert_eq!(k, key(1));
+        assert_eq!((f.backend, f.vip_num), (9, 4), "the receiver's own numbers");
+        assert_eq!(f.flags, NAT_F_FIN_CLIENT | NAT_F_SYNCED);
+        assert_eq!(
+            (f.nport_be, f.bport_be, f.baddr),
+            (2001u16.to_be(), 8443u16.to_be(), flow(2, 0).baddr)
+        );
+        assert_eq!(f.last_seen_ns, NOW - 7_000_000);
+        // The reverse half follows from it, as on the sender.
+        assert_eq!(
+            crate::nat::reverse_key(&k, &f),
+            crate::nat::reverse_key(&flows[0].0, &flows[0].1)
+        );
     }
 
     #[test]

@@ -4,14 +4,24 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    fs,
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::OpenOptionsExt,
+    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_tests::lab::{Conversation, Lab, SERVICE_PORT, Service, Streaming, VIP4, VIP6};
-use lb_userspace::protocol::BackendState;
+use lb_tests::lab::{
+    Conversation, Lab, Node, SERVICE_PORT, Service, Streaming, SyncSection, VIP4, VIP6,
+    VrrpSection, addr4,
+};
+use lb_userspace::{
+    protocol::{BackendState, Status},
+    vrrp::VrrpState,
+};
 
 /// The port the backends' servers listen on; the service is on `SERVICE_PORT`.
 const BACKEND_PORT: u16 = 9090;
@@ -179,5 +189,135 @@ fn nat_drain_with_wait_counts_nat_flows() -> Result<()> {
         done - closed
     );
     ensure!(status.success(), "disable --wait: {}", disable.stderr());
+    Ok(())
+}
+
+const KEY: &[u8] = b"lab nat sync key, at least 16 bytes\n";
+const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+
+fn key_file(lab: &Lab) -> Result<PathBuf> {
+    let path = lab.dir().join("sync.key");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(KEY)?;
+    Ok(path)
+}
+
+/// `node`'s config: both NAT services, `[sync]` with the other LB, `[vrrp]` (lb 150,
+/// lb2 100).
+fn pair_config(lab: &Lab, node: Node) -> Result<String> {
+    let other = if node == Node::Lb {
+        Node::Lb2
+    } else {
+        Node::Lb
+    };
+    let mut file = lab.config_file(node, "native", &[nat4(3), nat6(3)]);
+    file.sync = Some(SyncSection::new([IpAddr::V4(addr4(other))], key_file(lab)?));
+    let priority = if node == Node::Lb { 150 } else { 100 };
+    file.vrrp = Some(VrrpSection::new(51, priority));
+    Ok(file.to_toml())
+}
+
+fn is_master(s: &Status) -> bool {
+    s.vrrp
+        .as_ref()
+        .is_some_and(|v| v.state == VrrpState::Master)
+        && s.serving
+}
+
+fn in_step(s: &Status) -> bool {
+    s.sync
+        .as_ref()
+        .is_some_and(|y| y.peers.iter().all(|p| p.connected && p.admin_in_step))
+}
+
+/// Established NAT connections (IPv4 and IPv6, one on each backend) survive a SIGKILL
+/// of the master: their pairs reached the backup through `[sync]`, and the backup,
+/// once master, translates both directions as the old master did.
+#[test]
+fn nat_connections_survive_a_sigkill_of_the_master() -> Result<()> {
+    if !lb_tests::require_root("nat_connections_survive_a_sigkill_of_the_master") {
+        return Ok(());
+    }
+    let lab = lab(3, true)?;
+    let mut lb = lab.spawn_agent_on(Node::Lb, &pair_config(&lab, Node::Lb)?)?;
+    lab.wait_status_on(Node::Lb, "master", TAKEOVER_WAIT, is_master)?;
+    let _lb2 = lab.spawn_agent_on(Node::Lb2, &pair_config(&lab, Node::Lb2)?)?;
+    for node in [Node::Lb, Node::Lb2] {
+        lab.wait_status_on(node, "sync in step", TAKEOVER_WAIT, in_step)?;
+    }
+    lab.wait_backends_up("api", &["b1", "b2", "b3"], UP_TIMEOUT)?;
+    lab.wait_backends_up("api6", &["b1", "b2", "b3"], UP_TIMEOUT)?;
+    let mut held = Vec::new();
+    for vip in [
+        SocketAddr::from((VIP4, SERVICE_PORT)),
+        (VIP6, SERVICE_PORT).into(),
+    ] {
+        let conns = with_diagnostics(&lab, one_per_backend(&lab, vip, &["b1", "b2", "b3"], 200))?;
+        held.extend(
+            conns
+                .into_iter()
+                .map(|(name, c)| (format!("{vip} {name}"), c)),
+        );
+    }
+    for (name, c) in held.iter_mut() {
+        with_diagnostics(&lab, echo(c, &format!("before {name}")))?;
+    }
+    // Every held flow is in lb2's NAT table (the connections opened to find one per
+    // backend are there too, closing).
+    let (took, _) = lab.wait_status_on(
+        Node::Lb2,
+        "the NAT flows synced",
+        Duration::from_secs(5),
+        |s| s.flows.nat_flows >= held.len() as u64,
+    )?;
+    println!("lb2 holds the NAT flows {took:?} after the echoes");
+
+    let replies = |s: &Status| s.events.get("nat_reply").copied().unwrap_or(0);
+    let before = replies(&lab.lbctl_status_on(Node::Lb2)?);
+    lb.kill()?;
+    let killed = Instant::now();
+    lab.wait_status_on(Node::Lb2, "master", TAKEOVER_WAIT, is_master)?;
+    println!("lb2 master {:?} after the SIGKILL", killed.elapsed());
+    let mut failures = Vec::new();
+    for (name, c) in held.iter_mut() {
+        if let Err(e) = echo(c, &format!("after {name}")) {
+            failures.push(format!("{name}: {e:#}"));
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "established NAT connections lost in the failover:\n{}\n{}",
+        failures.join("\n"),
+        lab.diagnostics()
+    );
+    println!(
+        "{} established NAT connections kept ({:?} after the kill)",
+        held.len(),
+        killed.elapsed()
+    );
+    // It was lb2 that translated the backends' answers, from the synced pairs.
+    let after = replies(&lab.lbctl_status_on(Node::Lb2)?);
+    ensure!(
+        after >= before + held.len() as u64,
+        "lb2 translated {} replies after the failover, fewer than the {} echoes",
+        after - before,
+        held.len()
+    );
+    // New connections go through lb2 as well.
+    for vip in [
+        SocketAddr::from((VIP4, SERVICE_PORT)),
+        (VIP6, SERVICE_PORT).into(),
+    ] {
+        let c = lab
+            .converse(vip)
+            .with_context(|| format!("a new connection to {vip} via lb2"))?;
+        ensure!(c.greeting.starts_with('b'), "{vip}: {}", c.greeting);
+    }
     Ok(())
 }

@@ -38,7 +38,7 @@ use std::{
 use lb_common::FlowKey;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
-use self::wire::{AdminEntry, Body, Dropped, Message, Pin, Sequencer, Verifier};
+use self::wire::{AdminEntry, Body, Dropped, Message, NatPin, Pin, Sequencer, Verifier};
 use crate::{
     admin::{AdminState, now_ms},
     config::SyncSettings,
@@ -76,6 +76,8 @@ pub enum Command {
     Serving(bool),
     Pinned(Vec<Pin>),
     Unpinned(Vec<FlowKey>),
+    /// NAT flows to send (new ones, or all of them for a refresh).
+    Nat(Vec<NatPin>),
     Stop,
 }
 
@@ -131,6 +133,12 @@ impl PinSink {
     pub fn unpinned(&self, keys: Vec<FlowKey>) {
         if !keys.is_empty() {
             let _ = self.0.send(Command::Unpinned(keys));
+        }
+    }
+
+    pub fn nat(&self, flows: Vec<NatPin>) {
+        if !flows.is_empty() {
+            let _ = self.0.send(Command::Nat(flows));
         }
     }
 }
@@ -510,6 +518,12 @@ impl Worker {
                     self.counters.unpins_sent += sent * keys.len() as u64;
                 }
             }
+            Command::Nat(flows) => {
+                if self.serving {
+                    let sent = self.send_to_every_peer(&wire::nat_bodies(&flows));
+                    self.counters.flows_sent += sent * flows.len() as u64;
+                }
+            }
             Command::Stop => {}
         }
     }
@@ -692,7 +706,7 @@ impl Worker {
                 if let Some(inbox) = &self.inbox {
                     inbox.deliver(RemotePins {
                         pins,
-                        unpins: Vec::new(),
+                        ..Default::default()
                     });
                 }
             }
@@ -700,8 +714,17 @@ impl Worker {
                 self.counters.unpins_received += keys.len() as u64;
                 if let Some(inbox) = &self.inbox {
                     inbox.deliver(RemotePins {
-                        pins: Vec::new(),
                         unpins: keys,
+                        ..Default::default()
+                    });
+                }
+            }
+            Body::Nat(flows) => {
+                self.counters.flows_received += flows.len() as u64;
+                if let Some(inbox) = &self.inbox {
+                    inbox.deliver(RemotePins {
+                        nat: flows,
+                        ..Default::default()
                     });
                 }
             }

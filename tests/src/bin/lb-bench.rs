@@ -5,6 +5,11 @@
 //! With `repeat`, each run sees the previous run's output. Every case here rewrites at
 //! most MAC addresses, so run 2..N take the same path as run 1.
 //!
+//! Then NAT: the same comparison for the NAT path, both directions. NAT rewrites
+//! addresses, so a repeated run would measure the program on its own output (no longer
+//! to a VIP): every NAT case is measured as separate single runs, the trivial program
+//! too, and medians compared. `--nat-only` runs only this part.
+//!
 //! Then failover: two LB hosts with VRRP in the namespace lab, a client probing the VIP
 //! every 5 ms; the gap without a successful connection when the master goes, beside the
 //! longest gap the same prober sees over a quiet stretch of the same length (its own
@@ -59,12 +64,16 @@ fn main() -> ExitCode {
     }
     let jitter_only = std::env::args().skip(1).any(|a| a == "--jitter-only");
     let sync_only = std::env::args().skip(1).any(|a| a == "--sync-only");
+    let nat_only = std::env::args().skip(1).any(|a| a == "--nat-only");
     let result = if jitter_only {
         jitter()
     } else if sync_only {
         sync_pins()
+    } else if nat_only {
+        nat()
     } else {
         run()
+            .and_then(|()| nat())
             .and_then(|()| failover())
             .and_then(|()| jitter())
             .and_then(|()| sync_pins())
@@ -175,6 +184,147 @@ fn run() -> anyhow::Result<()> {
         let p = median(pass[i].clone());
         println!(
             "{:<24} {:>10.1} {:>14.1} {:>7.2}x {:>10.1}",
+            case.name,
+            l,
+            p,
+            l / p.max(1.0),
+            l - p
+        );
+    }
+    Ok(())
+}
+
+/// Single runs per case and program in the NAT comparison.
+const NAT_RUNS: usize = 20_000;
+
+/// One NAT case: the frames of its single runs (one each), what the program must say.
+struct NatCase {
+    name: &'static str,
+    frames: Vec<Vec<u8>>,
+    verdict: u32,
+}
+
+fn nat() -> anyhow::Result<()> {
+    use lb_tests::packet::PSH;
+    use lb_userspace::config::Forwarding;
+    let nat_service = |name, vip, backend| {
+        let mut s = service(name, vip, 443, 65537, &[backend]);
+        s.forwarding = Forwarding::Nat;
+        s.backends[0].port = Some(8443);
+        s
+    };
+    let mut rig = Rig::new(vec![
+        nat_service("api", "192.0.2.20", "10.0.1.5"),
+        nat_service("api6", "2001:db8::20", "2001:db8:1::5"),
+        service("web", "192.0.2.10", 80, 65537, &["192.0.2.21"]),
+    ])?;
+    let mut cases = Vec::new();
+    for (family, vip, client, backend) in [
+        ("IPv4", "192.0.2.20", "198.51.100.7", "10.0.1.5"),
+        ("IPv6", "2001:db8::20", "2001:db8:1::7", "2001:db8:1::5"),
+    ] {
+        let vip = (vip.parse()?, 443);
+        let client = (client.parse()?, 40000);
+        let backend_ip: std::net::IpAddr = backend.parse()?;
+        let bmac = lb_tests::rig::backend_mac(backend_ip);
+        let to_vip =
+            |port: u16, flags| tcp_frame(LB_MAC, CLIENT_MAC, None, (client.0, port), vip, flags);
+        // The established flow, and its source port towards the backend.
+        let syn = rig.run_program(names::PROG_LB, &to_vip(client.1, SYN), 1)?;
+        anyhow::ensure!(syn.verdict == XDP_TX, "NAT SYN: verdict {}", syn.verdict);
+        let at = if family == "IPv4" { 34 } else { 54 };
+        let nport = u16::from_be_bytes([syn.output[at], syn.output[at + 1]]);
+        let reply = tcp_frame(
+            LB_MAC,
+            bmac,
+            None,
+            (backend_ip, 8443),
+            (vip.0, nport),
+            ACK | PSH,
+        );
+        cases.push(NatCase {
+            name: if family == "IPv4" {
+                "NAT SYN, new IPv4 flow"
+            } else {
+                "NAT SYN, new IPv6 flow"
+            },
+            frames: (0..NAT_RUNS)
+                .map(|i| to_vip(10_000 + i as u16, SYN))
+                .collect(),
+            verdict: XDP_TX,
+        });
+        cases.push(NatCase {
+            name: if family == "IPv4" {
+                "NAT IPv4 client->backend"
+            } else {
+                "NAT IPv6 client->backend"
+            },
+            frames: vec![to_vip(client.1, ACK | PSH)],
+            verdict: XDP_TX,
+        });
+        cases.push(NatCase {
+            name: if family == "IPv4" {
+                "NAT IPv4 backend->client"
+            } else {
+                "NAT IPv6 backend->client"
+            },
+            frames: vec![reply],
+            verdict: XDP_TX,
+        });
+    }
+    // DSR, measured the same way, for scale.
+    let dsr = tcp_frame(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        ("198.51.100.7".parse()?, 40000),
+        ("192.0.2.10".parse()?, 80),
+        ACK,
+    );
+    rig.run_program(
+        names::PROG_LB,
+        &tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            ("198.51.100.7".parse()?, 40000),
+            ("192.0.2.10".parse()?, 80),
+            SYN,
+        ),
+        1,
+    )?;
+    cases.push(NatCase {
+        name: "DSR IPv4 established",
+        frames: vec![dsr],
+        verdict: XDP_TX,
+    });
+    println!();
+    println!(
+        "NAT cost per packet: separate single runs (NAT rewrites addresses), median of {NAT_RUNS}"
+    );
+    println!(
+        "{:<28} {:>10} {:>14} {:>8} {:>10}",
+        "case", "lb ns/pkt", "XDP_PASS ns", "ratio", "lb - pass"
+    );
+    for case in &cases {
+        let mut lb = Vec::with_capacity(NAT_RUNS);
+        let mut pass = Vec::with_capacity(NAT_RUNS);
+        for i in 0..NAT_RUNS {
+            let frame = &case.frames[i % case.frames.len()];
+            pass.push(rig.run_program(names::PROG_PASS, frame, 1)?.per_run);
+            let r = rig.run_program(names::PROG_LB, frame, 1)?;
+            anyhow::ensure!(
+                r.verdict == case.verdict,
+                "{}: run {i}: verdict {} (want {})",
+                case.name,
+                r.verdict,
+                case.verdict
+            );
+            lb.push(r.per_run);
+        }
+        let (l, p) = (median(lb), median(pass));
+        println!(
+            "{:<28} {:>10.1} {:>14.1} {:>7.2}x {:>10.1}",
             case.name,
             l,
             p,

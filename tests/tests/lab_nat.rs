@@ -15,8 +15,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::lab::{
-    Conversation, Lab, Node, SERVICE_PORT, Service, Streaming, SyncSection, VIP4, VIP6,
-    VrrpSection, addr4,
+    BackendSection, Conversation, Lab, Node, SERVICE_PORT, Service, Streaming, SyncSection, VIP4,
+    VIP6, VrrpSection, addr_like, addr4,
 };
 use lb_userspace::{
     protocol::{BackendState, Status},
@@ -122,6 +122,64 @@ fn nat_serves_stock_backends_ipv4_and_ipv6() -> Result<()> {
     }
     let status = lab.lbctl_status()?;
     println!("lbctl status: {status:?}");
+    Ok(())
+}
+
+/// A backend in another subnet, behind a router namespace, beside two on the LB's
+/// segment: the LB sends its flows to the router (the FIB's next hop), the router
+/// forwards them, and the answers come back through it. The far backend has no route
+/// to the client, only to the VIPs and the LB hosts.
+#[test]
+fn nat_reaches_a_backend_behind_a_router() -> Result<()> {
+    if !lb_tests::require_root("nat_reaches_a_backend_behind_a_router") {
+        return Ok(());
+    }
+    let lab = Lab::builder()
+        .backends(2)
+        .stock_backends(true)
+        .routed_backend(true)
+        .build()?;
+    lab.start_servers(BACKEND_PORT)?;
+    lab.start_server_on(Node::Routed, BACKEND_PORT)?;
+    let mut file = lab.config_file(Node::Lb, "native", &[nat4(2), nat6(2)]);
+    for s in &mut file.services {
+        s.backends.push(BackendSection {
+            name: "far".into(),
+            address: addr_like(Node::Routed, s.vip),
+            weight: 100,
+            backup: None,
+            port: Some(BACKEND_PORT),
+        });
+    }
+    let _agent = lab.spawn_agent(&file.to_toml())?;
+    for service in ["api", "api6"] {
+        lab.wait_backends_up(service, &["b1", "b2", "far"], UP_TIMEOUT)?;
+    }
+    for vip in [
+        SocketAddr::from((VIP4, SERVICE_PORT)),
+        (VIP6, SERVICE_PORT).into(),
+    ] {
+        let spread = lab.spread(vip, 300, BUDGET);
+        println!("{vip}:\n{}", spread.table());
+        with_diagnostics(
+            &lab,
+            spread.check_shares(&[("b1", 1.0), ("b2", 1.0), ("far", 1.0)], 0.4, 1.6),
+        )?;
+        let mut held = with_diagnostics(&lab, one_per_backend(&lab, vip, &["far"], 200))?;
+        let far = held.get_mut("far").context("no connection to far")?;
+        for k in 0..3 {
+            with_diagnostics(&lab, echo(far, &format!("{vip} far {k}")))?;
+        }
+    }
+    // The far backend really has no way to the client but through the LB.
+    let routes = lab.run(
+        Node::Routed,
+        &["ip", "route", "get", &addr4(Node::Client).to_string()],
+    );
+    ensure!(
+        routes.is_err(),
+        "the far backend has a route to the client: {routes:?}"
+    );
     Ok(())
 }
 

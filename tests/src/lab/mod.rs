@@ -165,9 +165,17 @@ pub struct LabBuilder {
     ipv6: bool,
     second_lb: bool,
     stock_backends: bool,
+    routed_backend: bool,
 }
 
 impl LabBuilder {
+    /// Adds `Node::Router` on the bridge and `Node::Routed`, a stock backend in another
+    /// subnet behind it (for NAT). Off by default.
+    pub fn routed_backend(mut self, on: bool) -> Self {
+        self.routed_backend = on;
+        self
+    }
+
     /// Whether to add a second load balancer, `Node::Lb2` (10.77.0.4, fd00:77::4), on
     /// the same bridge, set up like the first (checksum offload off, `xdp_pass` on its
     /// veth peer `vlb2`). Off by default.
@@ -219,6 +227,7 @@ impl LabBuilder {
             servers: Mutex::new(HashMap::new()),
             second_lb: self.second_lb,
             stock_backends: self.stock_backends,
+            routed_backend: self.routed_backend,
             xdp_pass: Vec::new(),
             namespaces: Vec::new(),
             dir,
@@ -241,6 +250,8 @@ pub struct Lab {
     second_lb: bool,
     /// Backends without the DSR set-up (`LabBuilder::stock_backends`).
     stock_backends: bool,
+    /// Whether `Node::Router` and `Node::Routed` exist.
+    routed_backend: bool,
     /// `xdp_pass` on each LB's veth peer; a link lives as long as its value.
     xdp_pass: Vec<aya::Ebpf>,
     namespaces: Vec<Netns>,
@@ -256,6 +267,7 @@ impl Lab {
             ipv6: true,
             second_lb: false,
             stock_backends: false,
+            routed_backend: false,
         }
     }
 

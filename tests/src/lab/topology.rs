@@ -29,6 +29,12 @@ pub enum Node {
     Lb2,
     /// Backend `i`, counted from 1.
     Backend(usize),
+    /// A router on the bridge (10.77.0.5, fd00:77::5) to another subnet, 10.78.0.0/24
+    /// and fd00:78::/64 (`LabBuilder::routed_backend`).
+    Router,
+    /// A stock backend behind `Router`, 10.78.0.2 / fd00:78::2, with routes to the VIPs
+    /// and the LB hosts only (none to the client).
+    Routed,
 }
 
 impl Node {
@@ -41,6 +47,8 @@ impl Node {
             Node::Lb => "lb".into(),
             Node::Lb2 => "lb2".into(),
             Node::Backend(i) => format!("b{i}"),
+            Node::Router => "rt".into(),
+            Node::Routed => "far".into(),
         }
     }
 
@@ -52,6 +60,8 @@ impl Node {
             Node::Lb => Some(3),
             Node::Lb2 => Some(4),
             Node::Backend(i) => Some(10 + i),
+            Node::Router => Some(5),
+            Node::Routed => Some(2),
         }
     }
 
@@ -66,7 +76,8 @@ pub fn addr4(node: Node) -> Ipv4Addr {
     let n = node
         .host_number()
         .expect("the bridge namespace has no address");
-    Ipv4Addr::new(10, 77, 0, n as u8)
+    let subnet = if node == Node::Routed { 78 } else { 77 };
+    Ipv4Addr::new(10, subnet, 0, n as u8)
 }
 
 /// The node's IPv6 address, `fd00:77::<n>` with the same digits as the IPv4 one
@@ -75,7 +86,8 @@ pub fn addr6(node: Node) -> Ipv6Addr {
     let n = node
         .host_number()
         .expect("the bridge namespace has no address");
-    format!("fd00:77::{n}")
+    let subnet = if node == Node::Routed { 78 } else { 77 };
+    format!("fd00:{subnet}::{n}")
         .parse()
         .expect("a valid IPv6 address")
 }
@@ -198,6 +210,9 @@ impl Lab {
         let mut nodes = vec![Node::Bridge, Node::Client];
         nodes.extend(self.lbs());
         nodes.extend((1..=self.backends).map(Node::Backend));
+        if self.routed_backend {
+            nodes.extend([Node::Router, Node::Routed]);
+        }
         nodes
     }
 
@@ -239,7 +254,12 @@ impl Lab {
         ip(&["-n", &br, "link", "set", "br0", "up"])?;
 
         for node in self.nodes().into_iter().skip(1) {
-            self.plug(node)?;
+            if node != Node::Routed {
+                self.plug(node)?;
+            }
+        }
+        if self.routed_backend {
+            self.route_far()?;
         }
 
         // Native XDP_TX on an LB's veth only delivers when the peer has an XDP program
@@ -306,6 +326,75 @@ impl Lab {
             ip(&args)?;
         }
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// `Node::Routed` behind `Node::Router`: a veth pair between them, forwarding on the
+    /// router, routes from the LB hosts to the far subnet, and from the far backend to
+    /// the VIPs and the LB hosts only.
+    fn route_far(&self) -> Result<()> {
+        let rt = self.ns(Node::Router);
+        let far = self.ns(Node::Routed);
+        self.sysctl(
+            Node::Routed,
+            &[
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
+        self.sysctl(
+            Node::Router,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+        ip(&[
+            "link", "add", "eth1", "netns", &rt, "type", "veth", "peer", "name", "eth0", "netns",
+            &far,
+        ])?;
+        for (ns, dev, v4, v6) in [
+            (&rt, "eth1", "10.78.0.1/24", "fd00:78::1/64"),
+            (&far, "eth0", "10.78.0.2/24", "fd00:78::2/64"),
+        ] {
+            run(Command::new("ip").args(["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"]))?;
+            ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
+            if self.ipv6 {
+                ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])?;
+            }
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        let mut far_routes = vec![format!("{VIP4}/32")];
+        let mut far_routes6 = vec![format!("{VIP6}/128")];
+        for lb in self.lbs() {
+            far_routes.push(format!("{}/32", addr4(lb)));
+            far_routes6.push(format!("{}/128", addr6(lb)));
+            ip(&[
+                "-n",
+                &self.ns(lb),
+                "route",
+                "add",
+                "10.78.0.0/24",
+                "via",
+                "10.77.0.5",
+            ])?;
+            if self.ipv6 {
+                ip(&[
+                    "-n",
+                    &self.ns(lb),
+                    "route",
+                    "add",
+                    "fd00:78::/64",
+                    "via",
+                    "fd00:77::5",
+                ])?;
+            }
+        }
+        for r in &far_routes {
+            ip(&["-n", &far, "route", "add", r, "via", "10.78.0.1"])?;
+        }
+        if self.ipv6 {
+            for r in &far_routes6 {
+                ip(&["-n", &far, "route", "add", r, "via", "fd00:78::1"])?;
+            }
+        }
         Ok(())
     }
 

@@ -430,3 +430,43 @@ fn a_syn_on_a_closed_flows_tuple_opens_a_new_pair() {
     assert_eq!(flows.len(), 1);
     assert!(!lb_userspace::nat::is_closed(&flows[0].1), "a fresh flow");
 }
+
+#[test]
+fn a_host_that_does_not_serve_translates_nothing() {
+    if !require_root("a_host_that_does_not_serve_translates_nothing") {
+        return;
+    }
+    use lb_userspace::dataplane::ServeSwitch;
+    let mut rig = rig();
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("192.0.2.20"), 443);
+    let client = (ip("198.51.100.7"), 43000);
+    let backend = ip("10.0.1.5");
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, false);
+    // A backup (or a master whose lease ran out): neither direction is translated.
+    rig.serving.set_serving(false, 0).expect("serving switch");
+    let before = reasons(&rig);
+    let reply = tcp_frame(
+        LB_MAC,
+        backend_mac(backend),
+        None,
+        (backend, 8443),
+        (vip.0, n),
+        SYN | ACK,
+    );
+    for frame in [
+        tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK),
+        tcp_frame(LB_MAC, CLIENT_MAC, None, (client.0, 43001), vip, SYN),
+        reply.clone(),
+    ] {
+        let (v, out) = rig.run(&frame);
+        assert_eq!((v, &out), (XDP_DROP, &frame), "dropped untouched");
+    }
+    assert_eq!(reasons(&rig), plus(&before, reason::DROP_NOT_MASTER, 3));
+    assert_eq!(store.read_nat().expect("NAT table").len(), 1, "no new pair");
+    // Serving again, the pair is still there.
+    rig.serving.set_serving(true, 0).expect("serving switch");
+    assert_eq!(rig.run(&reply).0, XDP_TX);
+}

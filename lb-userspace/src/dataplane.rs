@@ -68,7 +68,7 @@ pub enum DataPlaneError {
     },
     #[error(
         "pinned map {map} at {path} has {what} {found}, this agent wants {wanted}: it was made \
-         by another layout or with another [agent] max_flows / max_pinned_flows. \
+         by another layout or with another [agent] max_flows / max_pinned_flows / max_nat_flows. \
          `lb-agent --config PATH --detach` removes the pins (every flow is lost); then start again"
     )]
     PinnedMismatch {

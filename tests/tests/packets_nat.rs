@@ -470,3 +470,61 @@ fn a_host_that_does_not_serve_translates_nothing() {
     rig.serving.set_serving(true, 0).expect("serving switch");
     assert_eq!(rig.run(&reply).0, XDP_TX);
 }
+
+#[test]
+fn an_established_nat_flow_keeps_its_backend_through_ring_changes() {
+    if !require_root("an_established_nat_flow_keeps_its_backend_through_ring_changes") {
+        return;
+    }
+    let two = || {
+        vec![nat_service(
+            "api",
+            "192.0.2.20",
+            443,
+            &["10.0.1.5", "10.0.1.6"],
+            8443,
+        )]
+    };
+    let mut rig = Rig::new(two()).expect("load (needs root)");
+    let vip = (ip("192.0.2.20"), 443);
+    let client = (ip("198.51.100.7"), 44000);
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, false);
+    let chosen = IpAddr::from([out[30], out[31], out[32], out[33]]);
+    // Its backend leaves the ring (weight 0, as a drain does).
+    let mut drained = two();
+    for b in &mut drained[0].backends {
+        if b.address == chosen {
+            b.weight = 0;
+        }
+    }
+    rig.apply(drained).expect("reprogram");
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        out,
+        tcp_frame(
+            backend_mac(chosen),
+            LB_MAC,
+            None,
+            (vip.0, n),
+            (chosen, 8443),
+            ACK
+        ),
+        "the same backend, the same port"
+    );
+    // New flows go to the other one.
+    for port in 44001..44021 {
+        let (v, out) = rig.run(&tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (client.0, port),
+            vip,
+            SYN,
+        ));
+        assert_eq!(v, XDP_TX);
+        assert_ne!(IpAddr::from([out[30], out[31], out[32], out[33]]), chosen);
+    }
+}

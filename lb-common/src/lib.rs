@@ -125,8 +125,11 @@ pub struct NatFlow {
 pub const NAT_F_FIN_CLIENT: u32 = 1;
 pub const NAT_F_FIN_BACKEND: u32 = 2;
 pub const NAT_F_RST: u32 = 4;
-/// Installed from a peer's sync, not seen here yet (for status only).
+/// Installed from a peer's sync, not seen here yet: not sent back to peers.
 pub const NAT_F_SYNCED: u32 = 8;
+/// The client sent more than a SYN: the handshake went through. A flow without it is
+/// collected after a short timeout (a SYN flood's entries do not sit out the idle one).
+pub const NAT_F_ESTABLISHED: u32 = 16;
 
 /// Addresses (as `NatTarget::addr`) and ports a translated packet leaves with.
 #[repr(C)]

@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     FAMILY_V4, FlowKey, NAT_CFG_F_FIB, NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN,
-    NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED, NAT_PORT_PROBES, NatFlow,
-    NatScratch, NatTuple as Tuple, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
+    NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED,
+    NAT_PORT_PROBES, NatFlow, NatScratch, NatTuple as Tuple, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
     counters::{backend_slot, event, event_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -61,7 +61,9 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
     // live flow keeps its translation.
     if syn && let Some(e) = entry {
         let (flags, backend) = unsafe { ((*e).flags, (*e).backend) };
-        if flags & !NAT_F_SYNCED != 0 || usable_backend(backend).is_none() {
+        if flags & (NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST) != 0
+            || usable_backend(backend).is_none()
+        {
             remove_pair(&p.flow, unsafe { &*e });
             entry = None;
         }
@@ -81,7 +83,9 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
     // SAFETY: an entry of NAT_FLOWS; concurrent writers only ever set flags and times.
     let e = unsafe { &mut *e };
     e.last_seen_ns = now;
-    e.flags = (e.flags & !NAT_F_SYNCED) | closing_flags(p.tcp_flags, NAT_F_FIN_CLIENT);
+    let established = if syn { 0 } else { NAT_F_ESTABLISHED };
+    e.flags =
+        (e.flags & !NAT_F_SYNCED) | established | closing_flags(p.tcp_flags, NAT_F_FIN_CLIENT);
     let backend = e.backend;
     let vip = p.flow.dst;
     let s = scratch()?;

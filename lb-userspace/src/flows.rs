@@ -36,8 +36,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 use lb_common::{
-    FLOW_F_CLOSING, FlowKey, FlowState, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST,
-    NAT_F_SYNCED, NatFlow, VipKey, hash::flow_hash,
+    FLOW_F_CLOSING, FlowKey, FlowState, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT,
+    NAT_F_RST, NAT_F_SYNCED, NatFlow, VipKey, hash::flow_hash,
 };
 
 use crate::{
@@ -159,6 +159,9 @@ pub fn remote_pins(pins: &[Pin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKey, 
         .collect()
 }
 
+/// The NAT flow flags that travel to peers: the TCP state, not where the entry came from.
+const NAT_WIRE_FLAGS: u32 = NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST | NAT_F_ESTABLISHED;
+
 /// This host's NAT flows as peers should know them: by backend address, with their
 /// idle time and TCP state. Copies a peer sent (not seen here since) are not sent back.
 pub fn wire_nat(flows: &[(FlowKey, NatFlow)], names: &Names, now_ns: u64) -> Vec<NatPin> {
@@ -173,7 +176,7 @@ pub fn wire_nat(flows: &[(FlowKey, NatFlow)], names: &Names, now_ns: u64) -> Vec
                 bport: u16::from_be(f.bport_be),
                 nport: u16::from_be(f.nport_be),
                 idle_ms: u32::try_from(idle_ms).unwrap_or(u32::MAX),
-                flags: (f.flags & (NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST)) as u8,
+                flags: (f.flags & NAT_WIRE_FLAGS) as u8,
                 client_mac: f.client_mac,
             })
         })
@@ -204,8 +207,7 @@ pub fn remote_nat(flows: &[NatPin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKe
                     backend: id,
                     vip_num,
                     last_seen_ns: now_ns.saturating_sub(u64::from(f.idle_ms) * 1_000_000),
-                    flags: u32::from(f.flags) & (NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST)
-                        | NAT_F_SYNCED,
+                    flags: u32::from(f.flags) & NAT_WIRE_FLAGS | NAT_F_SYNCED,
                     nport_be: f.nport.to_be(),
                     bport_be: f.bport.to_be(),
                     baddr,

@@ -4,11 +4,17 @@
 
 use std::time::Duration;
 
-use lb_common::{FlowKey, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NatFlow, PROTO_TCP};
+use lb_common::{
+    FlowKey, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NatFlow, PROTO_TCP,
+};
 
 /// After an RST neither side keeps state (no TIME_WAIT): the pair goes after this
 /// grace for packets still in flight, or the time-wait if that is shorter.
 pub const RST_GRACE: Duration = Duration::from_secs(10);
+/// A flow whose client never sent more than a SYN goes after this long (a SYN flood's
+/// entries and ports come back soon; LVS keeps SYN_RECV 60 s, Linux retries a SYN for
+/// about 63 s, by then on another port of the client anyway).
+pub const EMBRYONIC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The reverse table's key of a NAT flow: what the backend sends, backend:bport ->
 /// VIP:nport.
@@ -41,7 +47,8 @@ fn idle_for(flow: &NatFlow, now_ns: u64) -> Duration {
 }
 
 /// Whether a NAT flow's pair may go, its port with it: closed and quiet for the
-/// time-wait (an RST: for `RST_GRACE` at most), or idle for `idle`.
+/// time-wait (an RST: for `RST_GRACE` at most), never past its SYN and quiet for
+/// `EMBRYONIC_TIMEOUT`, or idle for `idle`.
 pub fn collect(flow: &NatFlow, now_ns: u64, idle: Duration, time_wait: Duration) -> bool {
     let quiet = idle_for(flow, now_ns);
     if flow.flags & NAT_F_RST != 0 {
@@ -49,6 +56,9 @@ pub fn collect(flow: &NatFlow, now_ns: u64, idle: Duration, time_wait: Duration)
     }
     if is_closed(flow) {
         return quiet >= time_wait;
+    }
+    if flow.flags & NAT_F_ESTABLISHED == 0 {
+        return quiet >= idle.min(EMBRYONIC_TIMEOUT);
     }
     quiet >= idle
 }
@@ -99,12 +109,21 @@ mod tests {
         let tw = Duration::from_secs(60);
         let now = 1000 * S;
         // Open: only idleness ends it.
-        assert!(!collect(&flow(0, 999), now, idle, tw));
-        assert!(!collect(&flow(0, 101), now, idle, tw));
-        assert!(collect(&flow(0, 100), now, idle, tw));
+        let open = NAT_F_ESTABLISHED;
+        assert!(!collect(&flow(open, 999), now, idle, tw));
+        assert!(!collect(&flow(open, 101), now, idle, tw));
+        assert!(collect(&flow(open, 100), now, idle, tw));
+        // Never past the SYN: the short timeout.
+        assert!(!collect(&flow(0, 971), now, idle, tw));
+        assert!(collect(&flow(0, 970), now, idle, tw));
         // Half closed (one FIN): still a connection.
-        assert!(!collect(&flow(NAT_F_FIN_CLIENT, 900), now, idle, tw));
-        assert!(!collect(&flow(NAT_F_FIN_BACKEND, 900), now, idle, tw));
+        assert!(!collect(&flow(open | NAT_F_FIN_CLIENT, 900), now, idle, tw));
+        assert!(!collect(
+            &flow(open | NAT_F_FIN_BACKEND, 900),
+            now,
+            idle,
+            tw
+        ));
         // Both FINs: the time-wait after the last packet.
         let both = NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND;
         assert!(!collect(&flow(both, 941), now, idle, tw));
@@ -114,6 +133,7 @@ mod tests {
         assert!(collect(&flow(NAT_F_RST, 990), now, idle, tw));
         assert!(collect(&flow(NAT_F_RST, 999), now, idle, Duration::ZERO));
         // A clock behind the entry's (a packet after the scan began): not idle.
+        assert!(!collect(&flow(open, 2000), now, idle, tw));
         assert!(!collect(&flow(0, 2000), now, idle, tw));
     }
 

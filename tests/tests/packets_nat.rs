@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 
 use lb_common::{
-    NatConfig,
+    NAT_F_ESTABLISHED, NatConfig,
     counters::{event, event_slot, global_slot, reason, vip_slot},
 };
 use lb_tests::{
@@ -423,12 +423,18 @@ fn a_syn_on_a_closed_flows_tuple_opens_a_new_pair() {
     let flows = store.read_nat().expect("NAT table");
     assert_eq!(flows.len(), 1);
     assert!(lb_userspace::nat::is_closed(&flows[0].1), "both FINs seen");
+    assert_ne!(flows[0].1.flags & NAT_F_ESTABLISHED, 0, "past the SYN");
     // The client reuses its port: a new connection, a fresh pair.
     let (v, _) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
     assert_eq!(v, XDP_TX);
     let flows = store.read_nat().expect("NAT table");
     assert_eq!(flows.len(), 1);
     assert!(!lb_userspace::nat::is_closed(&flows[0].1), "a fresh flow");
+    assert_eq!(
+        flows[0].1.flags & NAT_F_ESTABLISHED,
+        0,
+        "a SYN only: collected after the embryonic timeout unless more follows"
+    );
 }
 
 #[test]

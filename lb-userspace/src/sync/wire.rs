@@ -83,7 +83,8 @@ pub struct NatPin {
     pub nport: u16,
     /// Milliseconds since the flow's last packet, on the sender.
     pub idle_ms: u32,
-    /// `NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST` as seen by the sender.
+    /// `NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST | NAT_F_ESTABLISHED` as seen
+    /// by the sender.
     pub flags: u8,
     /// The MAC the client's frames come from (the same segment for every LB host).
     pub client_mac: [u8; 6],

@@ -57,8 +57,17 @@ pub mod reason {
     pub const DROP_VIP_UNSERVED: u32 = 15;
     /// ICMP error to a VIP whose quoted packet cannot be read as IP + TCP ports: dropped.
     pub const DROP_BAD_ICMP: u32 = 16;
+    /// NAT: a SYN found no free source port towards its backend (every candidate in
+    /// use): dropped, never sent on a port another flow holds.
+    pub const DROP_NAT_NO_PORT: u32 = 17;
+    /// NAT: a SYN found the NAT flow table full: dropped.
+    pub const DROP_NAT_TABLE_FULL: u32 = 18;
+    /// NAT: a non-SYN packet of no known NAT flow (lost, collected, or never opened): dropped.
+    pub const DROP_NAT_NO_FLOW: u32 = 19;
+    /// NAT: no next hop for the translated packet (no route, no neighbour, no MAC).
+    pub const DROP_NAT_NO_ROUTE: u32 = 20;
 
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 21;
 
     /// Human names, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -79,6 +88,10 @@ pub mod reason {
         "drop_bad_neigh",
         "drop_vip_unserved",
         "drop_bad_icmp",
+        "drop_nat_no_port",
+        "drop_nat_table_full",
+        "drop_nat_no_flow",
+        "drop_nat_no_route",
     ];
 }
 
@@ -95,14 +108,20 @@ pub mod event {
     pub const ICMP_TO_FLOW: u32 = 2;
     /// Such an ICMP error about a flow in no table, sent where the ring puts the flow.
     pub const ICMP_TO_RING: u32 = 3;
+    /// NAT: a backend's reply translated back to the client.
+    pub const NAT_REPLY: u32 = 4;
+    /// NAT: an ICMP error about a NAT flow translated and sent on (either direction).
+    pub const NAT_ICMP: u32 = 5;
 
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 6;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "flow_not_recorded",
         "flow_miss",
         "icmp_to_flow",
         "icmp_to_ring",
+        "nat_reply",
+        "nat_icmp",
     ];
 }
 

@@ -5,8 +5,8 @@
 
 use crate::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_VIPS, PersistKey, PersistState, Serving, TRACE_RING_BYTES, VipAddrKey,
-    VipInfo, VipKey, counters::STATS_SLOTS, names,
+    MAX_RING_SIZE, MAX_VIPS, NatConfig, NatFlow, NatScratch, NatTarget, PersistKey, PersistState,
+    Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS, names,
 };
 
 /// Bumped by hand when the meaning of a map changes while its sizes stay (a flag or a
@@ -65,7 +65,7 @@ const fn map(
 }
 
 /// Every map of the program (`lb-ebpf/src/maps.rs`).
-pub const MAPS: [MapLayout; 13] = [
+pub const MAPS: [MapLayout; 18] = [
     map(
         names::MAP_VIPS,
         BPF_MAP_TYPE_HASH,
@@ -161,6 +161,46 @@ pub const MAPS: [MapLayout; 13] = [
         0,
         0,
         TRACE_RING_BYTES,
+        0,
+    ),
+    map(
+        names::MAP_NAT_BACKENDS,
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        size::<NatTarget>(),
+        MAX_BACKENDS,
+        0,
+    ),
+    map(
+        names::MAP_NAT_FLOWS,
+        BPF_MAP_TYPE_HASH,
+        size::<FlowKey>(),
+        size::<NatFlow>(),
+        0,
+        0,
+    ),
+    map(
+        names::MAP_NAT_REVERSE,
+        BPF_MAP_TYPE_HASH,
+        size::<FlowKey>(),
+        size::<FlowKey>(),
+        0,
+        0,
+    ),
+    map(
+        names::MAP_NAT_SCRATCH,
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        size::<NatScratch>(),
+        1,
+        0,
+    ),
+    map(
+        names::MAP_NAT_CONFIG,
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        size::<NatConfig>(),
+        1,
         0,
     ),
 ];

@@ -35,6 +35,9 @@ pub const MAX_PERSISTENT: u32 = 1 << 16;
 pub const BPF_F_NO_COMMON_LRU: u32 = 2;
 /// Ring slot value meaning "no backend": traffic for such a slot is dropped and counted.
 pub const NO_BACKEND: u32 = u32::MAX;
+/// Default capacity of the NAT flow table (`[agent] max_nat_flows`); the reverse table
+/// has the same size, one entry per flow.
+pub const MAX_NAT_FLOWS: u32 = 1 << 17;
 
 /// Key of the VIP map: one virtual service.
 #[repr(C)]
@@ -62,6 +65,9 @@ pub struct VipInfo {
     pub persistence_s: u32,
 }
 
+/// VIP flag: the service forwards in full NAT (see `NatFlow`), not DSR.
+pub const VIP_F_NAT: u32 = 1;
+
 /// Key of the map of VIP addresses the LB answers ARP / neighbour solicitations for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -87,6 +93,108 @@ pub const BACKEND_F_VALID: u32 = 1;
 /// ring). A persistence entry sends a client's new connection only to such a backend:
 /// a drained, disabled or down one gets none.
 pub const BACKEND_F_NEW_FLOWS: u32 = 2;
+
+/// Value of the NAT_BACKENDS array (by backend id): where a NAT service's backend listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatTarget {
+    /// IPv4 in the first 4 bytes (rest zero) or the 16 IPv6 bytes, network order.
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    /// 0: no target (not a NAT backend).
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Value of the NAT flow table, keyed by the client's `FlowKey` (client -> VIP:port).
+/// Its twin in the reverse table is keyed by the backend's tuple (backend:bport ->
+/// VIP:nport) and holds the client's key; both are created and removed together.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatFlow {
+    pub backend: u32,
+    pub vip_num: u32,
+    /// `bpf_ktime_get_ns()` of the flow's last packet, either direction.
+    pub last_seen_ns: u64,
+    /// `NAT_F_*`: what the TCP state machine has seen.
+    pub flags: u32,
+    /// The LB's source port towards the backend, network order.
+    pub nport_be: u16,
+    /// The backend's port, network order.
+    pub bport_be: u16,
+    /// The backend's address (as `NatTarget::addr`), fixed for the flow's life.
+    pub baddr: [u8; 16],
+    /// Where the client's frames came from (the client or its router): the reply's
+    /// next hop when the FIB has no neighbour for the client.
+    pub client_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// NAT flow flags: a FIN from the client, a FIN from the backend, an RST either way.
+pub const NAT_F_FIN_CLIENT: u32 = 1;
+pub const NAT_F_FIN_BACKEND: u32 = 2;
+pub const NAT_F_RST: u32 = 4;
+/// Installed from a peer's sync, not seen here yet: not sent back to peers.
+pub const NAT_F_SYNCED: u32 = 8;
+/// The client sent more than a SYN: the handshake went through. A flow without it is
+/// collected after a short timeout (a SYN flood's entries do not sit out the idle one).
+pub const NAT_F_ESTABLISHED: u32 = 16;
+
+/// Addresses (as `NatTarget::addr`) and ports a translated packet leaves with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatTuple {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The NAT code's per-CPU scratch space (NAT_SCRATCH): what would not fit on the BPF
+/// stack three calls deep.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatScratch {
+    /// `struct bpf_fib_lookup`, as bytes.
+    pub fib: [u64; 8],
+    /// The packet's new tuple.
+    pub new: NatTuple,
+    /// ICMP: the quoted packet's new tuple.
+    pub inner: NatTuple,
+    /// A new flow's reverse key and forward entry, while they are made.
+    pub rev: FlowKey,
+    pub entry: NatFlow,
+    /// A new flow's persistence key and entry (`persistence_timeout_s`), while the
+    /// backend is chosen: off the stack, which the NAT path's calls share.
+    pub persist_key: PersistKey,
+    pub persist_state: PersistState,
+    /// An ICMP error's quoted service, while it is looked up.
+    pub vip_key: VipKey,
+    /// A new DSR flow's connection-table entry, while it is recorded.
+    pub flow_state: FlowState,
+}
+
+/// The single entry of the NAT_CONFIG array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatConfig {
+    /// Source ports towards backends: `port_min..=port_max` (0, 0: 1024..=65535).
+    pub port_min: u16,
+    pub port_max: u16,
+    /// `NAT_CFG_F_*`.
+    pub flags: u32,
+}
+
+/// NAT config flag: ask the kernel's FIB (`bpf_fib_lookup`) for the next hop. Without
+/// it (the packet tests), only the backend's resolved MAC and the client's recorded MAC
+/// are used.
+pub const NAT_CFG_F_FIB: u32 = 1;
+pub const NAT_DEFAULT_PORT_MIN: u16 = 1024;
+pub const NAT_DEFAULT_PORT_MAX: u16 = 65535;
+/// Candidate ports tried for one new flow before the SYN is dropped as exhausted.
+pub const NAT_PORT_PROBES: u32 = 16;
 
 /// Key of the connection table: the 5-tuple as the client sends it.
 #[repr(C)]
@@ -308,6 +416,11 @@ pub mod names {
     pub const MAP_SERVING: &str = "SERVING";
     pub const MAP_META: &str = "META";
     pub const MAP_TRACE: &str = "TRACE";
+    pub const MAP_NAT_BACKENDS: &str = "NAT_BACKENDS";
+    pub const MAP_NAT_FLOWS: &str = "NAT_FLOWS";
+    pub const MAP_NAT_REVERSE: &str = "NAT_REVERSE";
+    pub const MAP_NAT_CONFIG: &str = "NAT_CONFIG";
+    pub const MAP_NAT_SCRATCH: &str = "NAT_SCRATCH";
 }
 
 const _: () = {
@@ -324,6 +437,11 @@ const _: () = {
     assert!(core::mem::size_of::<FloodWindow>() == 16);
     assert!(core::mem::size_of::<Counter>() == 24);
     assert!(core::mem::size_of::<TraceEvent>() == 56);
+    assert!(core::mem::size_of::<NatTarget>() == 20);
+    assert!(core::mem::size_of::<NatFlow>() == 48);
+    assert!(core::mem::size_of::<NatConfig>() == 8);
+    assert!(core::mem::size_of::<NatTuple>() == 40);
+    assert!(core::mem::size_of::<NatScratch>() == 336);
     // The ring array is MAX_VIPS windows of MAX_RING_SIZE slots.
     assert!((MAX_VIPS as u64) * (MAX_RING_SIZE as u64) < u32::MAX as u64);
 };
@@ -345,4 +463,7 @@ mod pod {
     unsafe impl aya::Pod for FloodWindow {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TraceEvent {}
+    unsafe impl aya::Pod for NatTarget {}
+    unsafe impl aya::Pod for NatFlow {}
+    unsafe impl aya::Pod for NatConfig {}
 }

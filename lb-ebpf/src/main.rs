@@ -12,6 +12,7 @@
 mod headers;
 mod icmp;
 mod maps;
+mod nat;
 mod neigh;
 mod null_fwd;
 mod persist;
@@ -31,7 +32,9 @@ use lb_common::{
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
-use maps::{BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, PINNED, RINGS, SERVING, STATS, VIPS};
+use maps::{
+    BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, NAT_SCRATCH, PINNED, RINGS, SERVING, STATS, VIPS,
+};
 
 /// A pinned flow's last_seen_ns is rewritten at most this often: one map write per flow
 /// per second instead of one per packet; the agent's idle timeouts are in seconds.
@@ -60,7 +63,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             // Traffic for no VIP is the host's own business: not traced.
             #[cfg(feature = "trace")]
             if tracing(cfg) && why != reason::PASS_NOT_VIP {
-                trace::ended(&ctx, why, verdict);
+                trace::ended(ctx.ctx, why, verdict);
             }
             verdict
         }
@@ -105,6 +108,9 @@ enum Parsed {
     Tcp(Packet),
     /// An ICMP error about a flow: the client's 5-tuple, rebuilt from the quoted packet.
     IcmpError(FlowKey),
+    /// TCP to a VIP address but no service's port: a backend's reply to a NAT flow if
+    /// the NAT tables know it (its key as sent, and the TCP flags), else nothing of ours.
+    NatReply(FlowKey, u8),
 }
 
 #[inline(always)]
@@ -120,6 +126,7 @@ fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
     match parsed {
         Parsed::Tcp(packet) => forward(ctx, cfg, &packet),
         Parsed::IcmpError(flow) => forward_icmp_error(ctx, cfg, &flow),
+        Parsed::NatReply(flow, flags) => nat::reply(ctx, &flow, flags),
     }
 }
 
@@ -191,7 +198,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
         PROTO_TCP => {
             let mut src = [0u8; 16];
             src[..4].copy_from_slice(&ip.src);
-            parse_tcp(ctx, l4, end, src, dst, FAMILY_V4).map(Parsed::Tcp)
+            parse_tcp(ctx, l4, end, src, dst, FAMILY_V4)
         }
         IPPROTO_ICMP => icmp::quoted_flow_v4(ctx, l4, end).map(Parsed::IcmpError),
         _ => Err(reason::DROP_VIP_UNSERVED),
@@ -213,7 +220,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     }
     let l4 = l3 + IPV6_HLEN;
     match ip.next_hdr {
-        PROTO_TCP => parse_tcp(ctx, l4, end, ip.src, ip.dst, FAMILY_V6).map(Parsed::Tcp),
+        PROTO_TCP => parse_tcp(ctx, l4, end, ip.src, ip.dst, FAMILY_V6),
         IPPROTO_ICMPV6 => icmp::quoted_flow_v6(ctx, l4, end).map(Parsed::IcmpError),
         next if is_ipv6_ext(next) => Err(reason::DROP_IPV6_EXT),
         _ => Err(reason::DROP_VIP_UNSERVED),
@@ -235,7 +242,7 @@ fn parse_tcp(
     src: [u8; 16],
     dst: [u8; 16],
     family: u8,
-) -> Step<Packet> {
+) -> Step<Parsed> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_TCP)?;
     let tcp = unsafe { &*tcp };
     let doff = (tcp.data_off >> 4) as usize * 4;
@@ -249,7 +256,6 @@ fn parse_tcp(
         proto: PROTO_TCP,
         family,
     };
-    let vip = *unsafe { VIPS.get(&key) }.ok_or(reason::DROP_VIP_UNSERVED)?;
     let flow = FlowKey {
         src,
         dst,
@@ -259,17 +265,30 @@ fn parse_tcp(
         family,
         _pad: [0; 2],
     };
-    Ok(Packet {
+    let Some(vip) = unsafe { VIPS.get(&key) }.copied() else {
+        return Ok(Parsed::NatReply(flow, tcp.flags));
+    };
+    Ok(Parsed::Tcp(Packet {
         flow,
         vip,
         tcp_flags: tcp.flags,
-    })
+    }))
 }
 
 /// Connection table first; on a miss (non-SYN), the pinned table; a SYN or an unknown
 /// flow takes the ring and is recorded (not an RST, and within the flood guard).
 #[inline(always)]
 fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
+    if nat::is_nat(&p.vip) {
+        return nat::forward(ctx, p);
+    }
+    forward_dsr(ctx, cfg, p)
+}
+
+/// DSR: see `forward`. Not inlined: its frame is not the pipeline's, whose stack the
+/// NAT path's calls share (512 bytes for the deepest chain).
+#[inline(never)]
+fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = p.tcp_flags & TCP_RST != 0;
@@ -318,14 +337,19 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
             let (id, backend) = persist::choose_backend(&p.vip, &p.flow, now)?;
             // An RST ends a flow: recording it would only push a live flow out.
             if !rst {
-                let state = FlowState {
+                // The new entry in the per-CPU scratch, not on this frame: the deepest
+                // call chain below it (NAT) must fit the 512-byte stack with it.
+                let scratch = NAT_SCRATCH.get_ptr_mut(0).ok_or(reason::ABORT_INTERNAL)?;
+                // SAFETY: this CPU's own entry; XDP runs with preemption off on a CPU.
+                let state = unsafe { &mut (*scratch).flow_state };
+                *state = FlowState {
                     backend: id,
                     vip_num: p.vip.vip_num,
                     last_seen_ns: now,
                     flags: closing,
                     _pad: 0,
                 };
-                not_recorded = !record(cfg, &p.flow, &state, now)?;
+                not_recorded = !record(cfg, &p.flow, state, now)?;
             }
             (id, backend)
         }
@@ -380,6 +404,9 @@ fn record(cfg: &LbConfig, flow: &FlowKey, state: &FlowState, now: u64) -> Step<b
 /// flow's backend from FLOWS or PINNED, else the ring's choice; nothing is recorded.
 #[inline(always)]
 fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<u32> {
+    if let Some(verdict) = nat::icmp_error(ctx, flow)? {
+        return Ok(verdict);
+    }
     let mut found = None;
     if let Some(state) = unsafe { FLOWS.get(flow) } {
         found = usable_backend(state.backend).map(|b| (state.backend, state.vip_num, b));

@@ -9,8 +9,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, PersistKey, PersistState,
-    Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS, layout,
+    MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, NatConfig,
+    NatFlow, NatScratch, NatTarget, PersistKey, PersistState, Serving, TRACE_RING_BYTES,
+    VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS, layout,
 };
 
 /// (VIP address, port, protocol) -> the VIP's number and ring size.
@@ -74,3 +75,25 @@ pub static META: Array<u64> = Array::with_max_entries(layout::meta::SLOTS, 0);
 /// is set (`trace.rs`); the agent reads it for `lbctl trace`.
 #[map]
 pub static TRACE: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
+
+/// NAT services' backends by backend id: address and port to translate to.
+#[map]
+pub static NAT_BACKENDS: Array<NatTarget> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// NAT flows by the client's key (see `nat.rs`). Not LRU: the agent removes a flow's
+/// two entries together, nothing else does.
+#[map]
+pub static NAT_FLOWS: HashMap<FlowKey, NatFlow> = HashMap::with_max_entries(MAX_NAT_FLOWS, 0);
+
+/// NAT flows by the backend's key (backend:bport -> VIP:nport) -> the client's key.
+#[map]
+pub static NAT_REVERSE: HashMap<FlowKey, FlowKey> = HashMap::with_max_entries(MAX_NAT_FLOWS, 0);
+
+/// The NAT code's scratch space, per CPU: off the stack, which three calls deep
+/// (pipeline, NAT, next hop) would not hold it.
+#[map]
+pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// NAT settings from the agent: source port range, FIB lookups.
+#[map]
+pub static NAT_CONFIG: Array<NatConfig> = Array::with_max_entries(1, 0);

@@ -3,7 +3,7 @@
 //! with the `trace` feature (the default); the benchmark builds the program without it
 //! too, to show that tracing off costs nothing measurable.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, NO_BACKEND, PROTO_TCP, TRACE_F_ARP, TRACE_FORWARDED, TraceEvent,
 };
@@ -17,33 +17,50 @@ use crate::{
     parse_ethernet,
 };
 
-/// A forwarded packet: its flow, the backend it went to, `TRACE_F_*` flags.
-#[inline(always)]
+/// A forwarded packet: its flow, the backend it went to, `TRACE_F_*` flags. Not
+/// inlined: the event is built on a frame of its own, not on the pipeline's, whose
+/// stack the NAT path's calls share (512 bytes for the deepest chain).
+#[inline(never)]
 pub fn forwarded(flow: &FlowKey, verdict: u32, backend: u32, flags: u32) {
-    let event = TraceEvent {
-        flow: *flow,
-        reason: TRACE_FORWARDED,
-        verdict,
-        backend,
-        flags,
+    // Written in place in the ring, as in `ended`. A full ring loses this event; the
+    // agent tells the client how many it lost.
+    let Some(mut entry) = TRACE.reserve::<TraceEvent>(0) else {
+        return;
     };
-    // A full ring loses this event; the agent tells the client how many it lost.
-    let _ = TRACE.output::<TraceEvent>(&event, 0);
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved entry, ours until submitted.
+    unsafe {
+        (*e).flow = *flow;
+        (*e).reason = TRACE_FORWARDED;
+        (*e).verdict = verdict;
+        (*e).backend = backend;
+        (*e).flags = flags;
+    }
+    entry.submit(0);
 }
 
 /// A packet that ended for `why`: its 5-tuple read again, as far as the headers allow
-/// (the pipeline does not keep it on this path, so nothing is paid while off).
-#[inline(always)]
-pub fn ended(ctx: &XdpContext, why: u32, verdict: u32) {
-    let mut event = TraceEvent {
-        flow: FlowKey::default(),
-        reason: why,
-        verdict,
-        backend: NO_BACKEND,
-        flags: 0,
+/// (the pipeline does not keep it on this path, so nothing is paid while off). Not
+/// inlined, to keep the pipeline's frame small; it takes the raw context so that the
+/// compiler cannot hand it packet pointers the verifier would refuse to compare.
+#[inline(never)]
+pub fn ended(raw: *mut xdp_md, why: u32, verdict: u32) {
+    let ctx = &XdpContext::new(raw);
+    // Written in place in the ring, not built on the pipeline's stack (whose 512 bytes
+    // the NAT path's calls share). A full ring loses this event.
+    let Some(mut entry) = TRACE.reserve::<TraceEvent>(0) else {
+        return;
     };
-    read_flow(ctx, &mut event);
-    let _ = TRACE.output::<TraceEvent>(&event, 0);
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved entry, ours until submitted; all-zero is a valid event.
+    unsafe {
+        core::ptr::write_bytes(e, 0, 1);
+        (*e).reason = why;
+        (*e).verdict = verdict;
+        (*e).backend = NO_BACKEND;
+        read_flow(ctx, &mut *e);
+    }
+    entry.submit(0);
 }
 
 #[inline(always)]

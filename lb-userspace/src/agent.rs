@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use lb_common::{
-    CONFIG_F_TRACE, LbConfig,
+    CONFIG_F_TRACE, LbConfig, NAT_CFG_F_FIB, NatConfig,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
 };
 use tokio::{
@@ -38,8 +38,8 @@ use crate::{
     admin::{AdminBackend, AdminState, Clock, Version, now_ms},
     announce::{self, Decision, Gate, kernel::Announcer},
     config::{
-        self, BackendId, BackendSpec, Config, ConfigErrors, HealthCheck, MAX_WEIGHT, Service,
-        XdpMode,
+        self, BackendId, BackendSpec, Config, ConfigErrors, Forwarding, HealthCheck, MAX_WEIGHT,
+        Service, XdpMode,
     },
     control::{self, Call},
     dataplane::{
@@ -189,7 +189,37 @@ fn backend_addresses(config: &Config) -> Vec<IpAddr> {
 }
 
 fn target(service: &Service, backend: &BackendSpec) -> SocketAddr {
-    SocketAddr::new(backend.address, service.port)
+    SocketAddr::new(backend.address, backend.port_in(service))
+}
+
+/// The NAT settings the program reads. `fib`: ask the kernel's FIB for next hops (the
+/// agent on a host; the packet tests, outside any interface, go without).
+pub fn nat_config(config: &Config, fib: bool) -> NatConfig {
+    NatConfig {
+        port_min: config.agent.nat_port_min,
+        port_max: config.agent.nat_port_max,
+        flags: if fib { NAT_CFG_F_FIB } else { 0 },
+    }
+}
+
+/// `bpf_fib_lookup` answers only for an interface that forwards: NAT needs it to find
+/// the next hop towards a backend behind a router. Failing that, NAT still reaches
+/// backends on the interface's own segment (by their resolved MAC).
+fn enable_forwarding(interface: &str) {
+    for family in ["ipv4", "ipv6"] {
+        let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
+        match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim() == "1" => {}
+            _ => match std::fs::write(&path, "1") {
+                Ok(()) => tracing::info!(
+                    "NAT: enabled {family} forwarding on {interface} (the FIB's next hops need it)"
+                ),
+                Err(e) => tracing::warn!(
+                    "NAT: cannot enable {family} forwarding on {interface} ({path}: {e}); backends behind a router are unreachable"
+                ),
+            },
+        }
+    }
 }
 
 /// One structured event per health transition (`event = "health"`).
@@ -266,6 +296,7 @@ impl Agent<XdpDataPlane> {
             max_flows: config.agent.max_flows,
             max_pinned_flows: config.agent.max_pinned_flows,
             max_persistent_clients: config.agent.max_persistent_clients,
+            max_nat_flows: config.agent.max_nat_flows,
         };
         // The maps (flow tables included) and the link outlive us: an earlier agent's
         // are taken over as they are, checked first.
@@ -284,6 +315,13 @@ impl Agent<XdpDataPlane> {
         let flow_store = dp
             .take_flow_store()
             .context("the XDP object has no flow tables")?;
+        if config
+            .services
+            .iter()
+            .any(|s| s.forwarding == Forwarding::Nat)
+        {
+            enable_forwarding(&interface);
+        }
         let neigh = Neighbours::new(&interface)
             .with_context(|| format!("watching neighbours on {interface}"))?;
         let macs = neigh
@@ -392,8 +430,11 @@ impl<D: DataPlane> Agent<D> {
             health_tx,
         } = parts;
         dp.set_config(&host_config(mac, &config, false))?;
+        dp.set_nat_config(&nat_config(&config, true))?;
         let idle = Duration::from_secs(u64::from(config.agent.flow_idle_timeout_s));
-        let scanner = Scanner::spawn(flow_store, idle).context("starting the flow scanner")?;
+        let time_wait = Duration::from_secs(u64::from(config.agent.nat_time_wait_s));
+        let scanner =
+            Scanner::spawn_nat(flow_store, idle, time_wait).context("starting the flow scanner")?;
         Ok(Self {
             config_path,
             config,
@@ -1029,6 +1070,16 @@ impl<D: DataPlane> Agent<D> {
                 "agent.max_persistent_clients changed",
             ));
         }
+        if old.max_nat_flows != newa.max_nat_flows {
+            return Err(ReloadError::NeedsRestart("agent.max_nat_flows changed"));
+        }
+        if (old.nat_port_min, old.nat_port_max, old.nat_time_wait_s)
+            != (newa.nat_port_min, newa.nat_port_max, newa.nat_time_wait_s)
+        {
+            return Err(ReloadError::NeedsRestart(
+                "agent.nat_port_min, nat_port_max or nat_time_wait_s changed",
+            ));
+        }
         let neigh = self.neigh.clone();
         let fresh = fresh_targets(&new, &self.health);
         Ok(Box::pin(async move {
@@ -1389,8 +1440,14 @@ fn view_of(
     backend: &BackendSpec,
 ) -> BackendView {
     let a = admin.get(&service.backend_id(backend));
+    let mac = macs.get(&backend.address).copied();
     BackendView {
-        mac: macs.get(&backend.address).copied(),
+        // NAT finds its next hop in the FIB (the backend may be behind a router): a MAC
+        // of its own is only the fallback.
+        mac: match service.forwarding {
+            Forwarding::Dsr => mac,
+            Forwarding::Nat => Some(mac.unwrap_or_default()),
+        },
         healthy: health
             .get(&service.backend_id(backend))
             .is_some_and(|h| h.health.is_up()),
@@ -1546,6 +1603,8 @@ fn flow_table_status(snapshot: &FlowSnapshot) -> FlowTableStatus {
         pinned: snapshot.pinned as u64,
         pin_failures: snapshot.pin_failures,
         synced_pins_installed: snapshot.remote_installed,
+        nat_flows: snapshot.nat_flows as u64,
+        nat_collected: snapshot.nat_collected,
         error: snapshot.error.clone(),
     }
 }

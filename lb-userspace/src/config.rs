@@ -9,8 +9,8 @@ use std::{
 };
 
 use lb_common::{
-    DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE,
-    MAX_VIPS,
+    DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS,
+    MAX_RING_SIZE, MAX_VIPS, NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -102,7 +102,20 @@ pub struct AgentConfig {
     pub bpffs_dir: PathBuf,
     /// Where `/metrics` is served (Prometheus text format); absent: not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// Size of the NAT flow table (and of its reverse twin); changing it needs a restart.
+    pub max_nat_flows: u32,
+    /// Source ports the LB uses towards NAT backends, per (VIP, backend, port).
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    /// A NAT flow that saw FIN from both sides, or an RST, keeps its port this long
+    /// (the backend's TIME_WAIT) before the port may serve another flow.
+    pub nat_time_wait_s: u32,
 }
+
+pub const DEFAULT_MAX_NAT_FLOWS: u32 = MAX_NAT_FLOWS;
+/// Linux's TIME_WAIT (`TCP_TIMEWAIT_LEN`): a backend that closed first holds VIP:nport
+/// this long.
+pub const DEFAULT_NAT_TIME_WAIT_S: u32 = 60;
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
@@ -183,11 +196,39 @@ impl Service {
     }
 }
 
+/// How a service's packets reach its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Forwarding {
+    /// Direct server return: the client's packet as is, to the backend's MAC; the
+    /// backend holds the VIP and answers the client itself.
+    #[default]
+    Dsr,
+    /// Full NAT: `VIP:nport -> backend:bport`, replies translated back by the LB.
+    Nat,
+}
+
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Forwarding::Dsr => "dsr",
+            Forwarding::Nat => "nat",
+        })
+    }
+}
+
+impl BackendSpec {
+    /// The port the backend listens on: its own (NAT), else the service's.
+    pub fn port_in(&self, service: &Service) -> u16 {
+        self.port.unwrap_or(service.port)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
     pub vip: IpAddr,
     pub port: u16,
+    pub forwarding: Forwarding,
     pub ring_size: u32,
     /// A client address keeps its backend for new connections until this long after
     /// its last one (LVS `persistence_timeout`). 0: off, every connection takes the ring.
@@ -226,6 +267,8 @@ pub struct BackendSpec {
     pub weight: u32,
     /// Takes new flows only while no primary backend of the service is usable.
     pub backup: bool,
+    /// NAT only: the backend's port; `None`: the service's.
+    pub port: Option<u16>,
 }
 
 /// One problem in a config file, with where it is.
@@ -327,6 +370,10 @@ struct RawAgent {
     max_persistent_clients: Option<Spanned<i64>>,
     bpffs_dir: Option<Spanned<String>>,
     metrics_listen: Option<Spanned<String>>,
+    max_nat_flows: Option<Spanned<i64>>,
+    nat_port_min: Option<Spanned<i64>>,
+    nat_port_max: Option<Spanned<i64>>,
+    nat_time_wait_s: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +381,7 @@ struct RawService {
     name: Option<Spanned<String>>,
     vip: Option<Spanned<String>>,
     port: Option<Spanned<i64>>,
+    forwarding: Option<Spanned<String>>,
     ring_size: Option<Spanned<i64>>,
     persistence_timeout_s: Option<Spanned<i64>>,
     health_check: Option<Spanned<RawHealthCheck>>,
@@ -355,6 +403,7 @@ struct RawBackend {
     address: Option<Spanned<String>>,
     weight: Option<Spanned<i64>>,
     backup: Option<Spanned<bool>>,
+    port: Option<Spanned<i64>>,
 }
 
 /// Reads and validates a config file.
@@ -860,7 +909,51 @@ impl Validator<'_> {
                 }
             },
         };
+        let max_nat_flows = self.number(
+            &raw.max_nat_flows,
+            "agent.max_nat_flows",
+            DEFAULT_MAX_NAT_FLOWS,
+            MIN_FLOW_TABLE,
+            MAX_FLOW_TABLE,
+        );
+        let nat_port_min = self.number(
+            &raw.nat_port_min,
+            "agent.nat_port_min",
+            NAT_DEFAULT_PORT_MIN as u32,
+            1,
+            65535,
+        );
+        let nat_port_max = self.number(
+            &raw.nat_port_max,
+            "agent.nat_port_max",
+            NAT_DEFAULT_PORT_MAX as u32,
+            1,
+            65535,
+        );
+        if let (Some(min), Some(max)) = (nat_port_min, nat_port_max)
+            && min > max
+        {
+            self.err_at(
+                raw.nat_port_max
+                    .as_ref()
+                    .map(|m| m.span())
+                    .or(Some(span.clone())),
+                "agent.nat_port_max",
+                format!("{max} is below agent.nat_port_min ({min})"),
+            );
+        }
+        let nat_time_wait_s = self.number(
+            &raw.nat_time_wait_s,
+            "agent.nat_time_wait_s",
+            DEFAULT_NAT_TIME_WAIT_S,
+            0,
+            3600,
+        );
         Some(AgentConfig {
+            max_nat_flows: max_nat_flows?,
+            nat_port_min: nat_port_min? as u16,
+            nat_port_max: nat_port_max? as u16,
+            nat_time_wait_s: nat_time_wait_s?,
             interface: interface?,
             xdp_mode: xdp_mode?,
             control_socket: control_socket?,
@@ -1034,6 +1127,21 @@ impl Validator<'_> {
                     None
                 }
             });
+        let forwarding = match &raw.forwarding {
+            None => Some(Forwarding::Dsr),
+            Some(f) => match f.get_ref().as_str() {
+                "dsr" => Some(Forwarding::Dsr),
+                "nat" => Some(Forwarding::Nat),
+                other => {
+                    self.err(
+                        f,
+                        &format!("{path}.forwarding"),
+                        format!("{other:?}: expected \"dsr\" or \"nat\""),
+                    );
+                    None
+                }
+            },
+        };
         let ring_size = match &raw.ring_size {
             None => Some(DEFAULT_RING_SIZE),
             Some(r) => match u32::try_from(*r.get_ref()) {
@@ -1085,7 +1193,28 @@ impl Validator<'_> {
                     if let Some(vip) = vip
                         && vip.is_ipv4() != be.address.is_ipv4()
                     {
-                        self.err_at(Some(b.span()), &format!("{bpath}.address"), format!("{} and the VIP {vip} are of different families (DSR forwards the client's packet as is)", be.address));
+                        let why = if forwarding == Some(Forwarding::Nat) {
+                            "NAT translates addresses within one family"
+                        } else {
+                            "DSR forwards the client's packet as is"
+                        };
+                        self.err_at(
+                            Some(b.span()),
+                            &format!("{bpath}.address"),
+                            format!(
+                                "{} and the VIP {vip} are of different families ({why})",
+                                be.address
+                            ),
+                        );
+                    }
+                    if let Some(p) = &b.get_ref().port
+                        && forwarding == Some(Forwarding::Dsr)
+                    {
+                        self.err(
+                            p,
+                            &format!("{bpath}.port"),
+                            "a backend port needs forwarding = \"nat\" (in DSR the backend gets the client's packet as is, to the service's port)",
+                        );
                     }
                     backends.push(be);
                 }
@@ -1111,6 +1240,7 @@ impl Validator<'_> {
             name: name?,
             vip: vip?,
             port: port?,
+            forwarding: forwarding?,
             ring_size: ring_size?,
             persistence_timeout_s: persistence_timeout_s?,
             health_check: health_check?,
@@ -1160,11 +1290,26 @@ impl Validator<'_> {
             },
         };
         let backup = raw.backup.as_ref().is_some_and(|b| *b.get_ref());
+        let port = match &raw.port {
+            None => Some(None),
+            Some(p) => match u16::try_from(*p.get_ref()) {
+                Ok(port) if port > 0 => Some(Some(port)),
+                _ => {
+                    self.err(
+                        p,
+                        &format!("{path}.port"),
+                        format!("{} is not a port (1 to 65535)", p.get_ref()),
+                    );
+                    None
+                }
+            },
+        };
         Some(BackendSpec {
             name: name?,
             address: address?,
             weight: weight?,
             backup,
+            port: port?,
         })
     }
 }
@@ -1728,6 +1873,103 @@ peers = ["192.0.2.7"]
             "line 7, column 1: announce.table: missing (required)",
             "line 8, column 21: announce.withdraw_grace_ms: 700000 is out of range (0 to 600000)",
             "port: unknown key",
+        ] {
+            assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+        }
+        assert_eq!(errs.len(), 3, "{joined}");
+    }
+
+    #[test]
+    fn nat_services_and_backend_ports() {
+        let nat = r#"
+[agent]
+interface = "eth0"
+nat_port_min = 20000
+nat_port_max = 29999
+max_nat_flows = 4096
+
+[[services]]
+name = "api"
+vip = "192.0.2.20"
+port = 443
+forwarding = "nat"
+
+[[services.backends]]
+name = "api-1"
+address = "10.0.1.5"
+port = 8443
+
+[[services.backends]]
+name = "api-2"
+address = "10.0.1.6"
+
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+
+[[services.backends]]
+name = "web-1"
+address = "192.0.2.21"
+"#;
+        let c = parse(nat, "t").expect("valid");
+        let (api, web) = (&c.services[0], &c.services[1]);
+        assert_eq!(api.forwarding, Forwarding::Nat);
+        assert_eq!(
+            web.forwarding,
+            Forwarding::Dsr,
+            "DSR by default, beside NAT"
+        );
+        assert_eq!(api.backends[0].port_in(api), 8443);
+        assert_eq!(
+            api.backends[1].port_in(api),
+            443,
+            "the service's port by default"
+        );
+        assert_eq!(
+            (
+                c.agent.nat_port_min,
+                c.agent.nat_port_max,
+                c.agent.max_nat_flows
+            ),
+            (20000, 29999, 4096)
+        );
+        assert_eq!(c.agent.nat_time_wait_s, DEFAULT_NAT_TIME_WAIT_S);
+        let defaults = parse(GOOD, "t").expect("valid").agent;
+        assert_eq!(
+            (defaults.nat_port_min, defaults.nat_port_max),
+            (NAT_DEFAULT_PORT_MIN, NAT_DEFAULT_PORT_MAX)
+        );
+
+        // A backend port without NAT, an unknown mode, a port range upside down.
+        let bad = r#"
+[agent]
+interface = "eth0"
+nat_port_min = 3000
+nat_port_max = 2000
+
+[[services]]
+name = "web"
+vip = "192.0.2.10"
+port = 80
+
+[[services.backends]]
+name = "web-1"
+address = "192.0.2.21"
+port = 8080
+
+[[services]]
+name = "other"
+vip = "192.0.2.11"
+port = 80
+forwarding = "tunnel"
+"#;
+        let errs = parse(bad, "t").expect_err("invalid").errors;
+        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
+        for want in [
+            "line 5, column 16: agent.nat_port_max: 2000 is below agent.nat_port_min (3000)",
+            "line 15, column 8: services[0].backends[0].port: a backend port needs forwarding = \"nat\"",
+            "line 21, column 14: services[1].forwarding: \"tunnel\": expected \"dsr\" or \"nat\"",
         ] {
             assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
         }

@@ -20,9 +20,9 @@ use aya::{
 };
 
 use lb_common::{
-    Backend, Counter, FlowKey, FlowState, LbConfig, MAX_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS,
-    MAX_RING_SIZE, PersistKey, PersistState, SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey,
-    layout, names,
+    Backend, Counter, FlowKey, FlowState, LbConfig, MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT,
+    MAX_PINNED_FLOWS, MAX_RING_SIZE, NatConfig, NatFlow, NatTarget, PersistKey, PersistState,
+    SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, layout, names,
 };
 
 /// The XDP object built from `lb-ebpf`, embedded at build time.
@@ -74,7 +74,7 @@ pub enum DataPlaneError {
     #[error(
         "pinned map {map} at {path} has {what} {found}, this agent wants {wanted}: it was made \
          by another layout or with another [agent] max_flows / max_pinned_flows / \
-         max_persistent_clients. \
+         max_persistent_clients / max_nat_flows. \
          `lb-agent --config PATH --detach` removes the pins (every flow is lost); then start again"
     )]
     PinnedMismatch {
@@ -106,6 +106,9 @@ pub trait DataPlane {
     fn set_ring_slots(&mut self, vip_num: u32, slots: &[(u32, u32)]) -> Result<()>;
     /// One counter slot, summed over CPUs.
     fn counter(&self, slot: u32) -> Result<Counter>;
+    /// Where a NAT service's backend listens (all zero: not a NAT backend).
+    fn set_nat_target(&mut self, id: u32, target: &NatTarget) -> Result<()>;
+    fn set_nat_config(&mut self, cfg: &NatConfig) -> Result<()>;
 }
 
 /// The one switch that says whether this host serves the VIPs (answers ARP/ND for them
@@ -178,6 +181,15 @@ pub trait FlowStore: Send {
     fn write_persist(&mut self, entries: &[(PersistKey, PersistState)]) -> Result<()>;
     /// Removes persistence entries (expired ones); absent ones are ignored.
     fn remove_persist(&mut self, keys: &[PersistKey]) -> Result<()>;
+    /// A copy of every NAT flow (NAT_FLOWS), read in batches.
+    fn read_nat(&mut self) -> Result<Vec<(FlowKey, NatFlow)>>;
+    /// Removes NAT flows, both halves: the forward entry first, so that no packet of
+    /// the flow goes out on a port a new flow may already hold. Absent ones are ignored.
+    fn remove_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<()>;
+    /// Installs NAT flows (a peer's), both halves: the reverse entry first, as the
+    /// program does; one whose port another flow holds here is left out. Returns how
+    /// many were left out (port taken or table full).
+    fn install_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<usize>;
 }
 
 /// Flow tables in memory, for tests: clones share the tables.
@@ -190,6 +202,8 @@ pub struct FakeFlowStore {
     /// Capacity of the pinned table.
     pub max_pinned: usize,
     pub persist: std::sync::Arc<std::sync::Mutex<StdHashMap<PersistKey, PersistState>>>,
+    /// NAT flows by the client's key; the reverse half is derived (`nat::reverse_key`).
+    pub nat: std::sync::Arc<std::sync::Mutex<StdHashMap<FlowKey, NatFlow>>>,
 }
 
 impl FlowStore for FakeFlowStore {
@@ -239,6 +253,33 @@ impl FlowStore for FakeFlowStore {
         }
         Ok(())
     }
+    fn read_nat(&mut self) -> Result<Vec<(FlowKey, NatFlow)>> {
+        let map = self.nat.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(map.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn remove_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<()> {
+        let mut map = self.nat.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, _) in flows {
+            map.remove(k);
+        }
+        Ok(())
+    }
+    fn install_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<usize> {
+        let mut map = self.nat.lock().unwrap_or_else(|e| e.into_inner());
+        let taken: std::collections::HashSet<FlowKey> = map
+            .iter()
+            .map(|(k, v)| crate::nat::reverse_key(k, v))
+            .collect();
+        let mut left_out = 0;
+        for (k, v) in flows {
+            if !map.contains_key(k) && taken.contains(&crate::nat::reverse_key(k, v)) {
+                left_out += 1;
+            } else {
+                map.insert(*k, *v);
+            }
+        }
+        Ok(left_out)
+    }
 }
 
 /// The real flow tables: the program's FLOWS and PINNED maps, through handles of its own
@@ -247,6 +288,8 @@ pub struct FlowMaps {
     flows: OwnedFd,
     pinned: MapData,
     persist: OwnedFd,
+    nat_flows: MapData,
+    nat_reverse: MapData,
 }
 
 /// Entries asked for in one BPF_MAP_LOOKUP_BATCH call. A hash map's batch is made of
@@ -325,6 +368,83 @@ impl FlowStore for FlowMaps {
         }
         Ok(())
     }
+    fn read_nat(&mut self) -> Result<Vec<(FlowKey, NatFlow)>> {
+        sys::lookup_batch(&self.nat_flows.fd().as_fd(), BATCH).map_err(|source| {
+            DataPlaneError::Syscall {
+                map: names::MAP_NAT_FLOWS,
+                op: "BPF_MAP_LOOKUP_BATCH",
+                source,
+            }
+        })
+    }
+    fn remove_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<()> {
+        let gone = |map: &'static str, r: std::io::Result<()>| match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(source) => Err(DataPlaneError::Syscall {
+                map,
+                op: "BPF_MAP_DELETE_ELEM",
+                source,
+            }),
+        };
+        for (key, value) in flows {
+            gone(
+                names::MAP_NAT_FLOWS,
+                sys::delete(&self.nat_flows.fd().as_fd(), key),
+            )?;
+            let rev = crate::nat::reverse_key(key, value);
+            gone(
+                names::MAP_NAT_REVERSE,
+                sys::delete(&self.nat_reverse.fd().as_fd(), &rev),
+            )?;
+        }
+        Ok(())
+    }
+    fn install_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<usize> {
+        let mut left_out = 0;
+        for (key, value) in flows {
+            let rev = crate::nat::reverse_key(key, value);
+            // Our own copy of this flow (an earlier sync) is simply refreshed.
+            match sys::update_flags(&self.nat_reverse.fd().as_fd(), &rev, key, sys::BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    match sys::lookup::<FlowKey, FlowKey>(&self.nat_reverse.fd().as_fd(), &rev) {
+                        Ok(owner) if owner == *key => {}
+                        _ => {
+                            left_out += 1;
+                            continue;
+                        }
+                    }
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) => {
+                    left_out += 1;
+                    continue;
+                }
+                Err(source) => {
+                    return Err(DataPlaneError::Syscall {
+                        map: names::MAP_NAT_REVERSE,
+                        op: "BPF_MAP_UPDATE_ELEM",
+                        source,
+                    });
+                }
+            }
+            match sys::update_flags(&self.nat_flows.fd().as_fd(), key, value, sys::BPF_ANY) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) => {
+                    let _ = sys::delete(&self.nat_reverse.fd().as_fd(), &rev);
+                    left_out += 1;
+                }
+                Err(source) => {
+                    return Err(DataPlaneError::Syscall {
+                        map: names::MAP_NAT_FLOWS,
+                        op: "BPF_MAP_UPDATE_ELEM",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(left_out)
+    }
     fn unpin(&mut self, keys: &[FlowKey]) -> Result<()> {
         for key in keys {
             match sys::delete(&self.pinned.fd().as_fd(), key) {
@@ -348,10 +468,12 @@ impl FlowStore for FlowMaps {
 mod sys {
     use std::{io, os::fd::AsRawFd};
 
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    const BPF_ANY: u64 = 0;
+    pub const BPF_ANY: u64 = 0;
+    pub const BPF_NOEXIST: u64 = 1;
 
     /// `union bpf_attr` as BPF_MAP_*_ELEM reads it.
     #[repr(C)]
@@ -398,14 +520,31 @@ mod sys {
 
     /// `K` and `V` must be the map's key and value types (repr(C), as the map stores them).
     pub fn update<K, V>(fd: &impl AsRawFd, key: &K, value: &V) -> io::Result<()> {
+        update_flags(fd, key, value, BPF_ANY)
+    }
+
+    /// `K` and `V` must be the map's key and value types (plain `repr(C)` data).
+    pub fn update_flags<K, V>(fd: &impl AsRawFd, key: &K, value: &V, flags: u64) -> io::Result<()> {
         let mut attr = ElemAttr {
             map_fd: fd.as_raw_fd() as u32,
             key: key as *const K as u64,
             value: value as *const V as u64,
-            flags: BPF_ANY,
+            flags,
             ..Default::default()
         };
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+    }
+
+    pub fn lookup<K, V: Default>(fd: &impl AsRawFd, key: &K) -> io::Result<V> {
+        let mut value = V::default();
+        let mut attr = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: key as *const K as u64,
+            value: &mut value as *mut V as u64,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+        Ok(value)
     }
 
     pub fn delete<K>(fd: &impl AsRawFd, key: &K) -> io::Result<()> {
@@ -479,6 +618,8 @@ pub struct MapSizes {
     pub max_pinned_flows: u32,
     /// PERSIST, the LRU table of client-address persistence.
     pub max_persistent_clients: u32,
+    /// NAT_FLOWS and NAT_REVERSE, one entry each per NAT flow.
+    pub max_nat_flows: u32,
 }
 
 impl Default for MapSizes {
@@ -487,6 +628,7 @@ impl Default for MapSizes {
             max_flows: MAX_FLOWS,
             max_pinned_flows: MAX_PINNED_FLOWS,
             max_persistent_clients: MAX_PERSISTENT,
+            max_nat_flows: MAX_NAT_FLOWS,
         }
     }
 }
@@ -532,6 +674,8 @@ pub struct XdpDataPlane {
     stats_fd: OwnedFd,
     config: Array<MapData, LbConfig>,
     meta: Array<MapData, u64>,
+    nat_targets: Array<MapData, NatTarget>,
+    nat_config: Array<MapData, NatConfig>,
     serving: Option<ServingMap>,
     flow_store: Option<FlowMaps>,
     /// The packet trace's ring buffer (absent in an object built without it).
@@ -605,7 +749,9 @@ impl XdpDataPlane {
         loader
             .map_max_entries(names::MAP_FLOWS, sizes.max_flows)
             .map_max_entries(names::MAP_PINNED, sizes.max_pinned_flows)
-            .map_max_entries(names::MAP_PERSIST, sizes.max_persistent_clients);
+            .map_max_entries(names::MAP_PERSIST, sizes.max_persistent_clients)
+            .map_max_entries(names::MAP_NAT_FLOWS, sizes.max_nat_flows)
+            .map_max_entries(names::MAP_NAT_REVERSE, sizes.max_nat_flows);
         if let Some(pins) = pins {
             for m in &layout::MAPS {
                 loader.map_pin_path(m.name, pins.map_path(m.name));
@@ -641,6 +787,10 @@ impl XdpDataPlane {
             .map_err(map_err(names::MAP_SERVING))?;
         let meta =
             Array::try_from(take(&mut ebpf, names::MAP_META)?).map_err(map_err(names::MAP_META))?;
+        let nat_targets = Array::try_from(take(&mut ebpf, names::MAP_NAT_BACKENDS)?)
+            .map_err(map_err(names::MAP_NAT_BACKENDS))?;
+        let nat_config = Array::try_from(take(&mut ebpf, names::MAP_NAT_CONFIG)?)
+            .map_err(map_err(names::MAP_NAT_CONFIG))?;
         // FLOWS stays in `ebpf` too (for `flow` and `active_flows`): the store gets its
         // own descriptor on it. PINNED belongs to the store alone.
         let flows = match ebpf.map(names::MAP_FLOWS) {
@@ -661,6 +811,15 @@ impl XdpDataPlane {
                 });
             }
         };
+        let nat_map = |ebpf: &mut Ebpf, name: &'static str| match take(ebpf, name)? {
+            Map::HashMap(m) => Ok(m),
+            _ => Err(DataPlaneError::Missing {
+                kind: "hash map",
+                name,
+            }),
+        };
+        let nat_flows = nat_map(&mut ebpf, names::MAP_NAT_FLOWS)?;
+        let nat_reverse = nat_map(&mut ebpf, names::MAP_NAT_REVERSE)?;
         let pinned = match take(&mut ebpf, names::MAP_PINNED)? {
             // Kept, not duplicated: the program is loaded below and refers to this map
             // by the descriptor the loader created.
@@ -686,11 +845,15 @@ impl XdpDataPlane {
             stats_fd,
             config,
             meta,
+            nat_targets,
+            nat_config,
             serving: Some(ServingMap(serving)),
             flow_store: Some(FlowMaps {
                 flows,
                 pinned,
                 persist,
+                nat_flows,
+                nat_reverse,
             }),
             trace_ring,
             pins: None,
@@ -948,6 +1111,16 @@ impl DataPlane for XdpDataPlane {
     fn counter(&self, slot: u32) -> Result<Counter> {
         read_summed(&self.stats, slot)
     }
+    fn set_nat_target(&mut self, id: u32, target: &NatTarget) -> Result<()> {
+        self.nat_targets
+            .set(id, target, 0)
+            .map_err(map_err(names::MAP_NAT_BACKENDS))
+    }
+    fn set_nat_config(&mut self, cfg: &NatConfig) -> Result<()> {
+        self.nat_config
+            .set(0, cfg, 0)
+            .map_err(map_err(names::MAP_NAT_CONFIG))
+    }
 }
 
 /// One slot of the counter array, summed over CPUs.
@@ -984,6 +1157,8 @@ pub struct FakeDataPlane {
     pub rings: StdHashMap<u32, u32>,
     pub ring_writes: usize,
     pub counters: StdHashMap<u32, Counter>,
+    pub nat_targets: StdHashMap<u32, NatTarget>,
+    pub nat_config: NatConfig,
     /// Refuse one map write once this many more have succeeded (a kernel that says no
     /// half-way through an apply); the writes after it succeed again.
     pub fail_one_write_after: Option<usize>,
@@ -1063,5 +1238,15 @@ impl DataPlane for FakeDataPlane {
     }
     fn counter(&self, slot: u32) -> Result<Counter> {
         Ok(self.counters.get(&slot).copied().unwrap_or_default())
+    }
+    fn set_nat_target(&mut self, id: u32, target: &NatTarget) -> Result<()> {
+        self.write(names::MAP_NAT_BACKENDS)?;
+        self.nat_targets.insert(id, *target);
+        Ok(())
+    }
+    fn set_nat_config(&mut self, cfg: &NatConfig) -> Result<()> {
+        self.write(names::MAP_NAT_CONFIG)?;
+        self.nat_config = *cfg;
+        Ok(())
     }
 }

@@ -40,7 +40,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 use lb_common::{
-    FLOW_F_CLOSING, FlowKey, FlowState, PersistKey, PersistState, VipKey, hash::flow_hash,
+    FLOW_F_CLOSING, FlowKey, FlowState, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT,
+    NAT_F_RST, NAT_F_SYNCED, NatFlow, PersistKey, PersistState, VipKey, hash::flow_hash,
 };
 
 use crate::{
@@ -49,7 +50,7 @@ use crate::{
     persist,
     sync::{
         PinSink,
-        wire::{Pin, Sticky},
+        wire::{NatPin, Pin, Sticky},
     },
 };
 
@@ -87,6 +88,8 @@ pub struct Names {
 pub struct RemotePins {
     pub pins: Vec<Pin>,
     pub unpins: Vec<FlowKey>,
+    /// NAT flows to install (both halves) or refresh.
+    pub nat: Vec<NatPin>,
 }
 
 /// The sync thread's way to the scanner.
@@ -168,6 +171,66 @@ pub fn remote_pins(pins: &[Pin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKey, 
         .collect()
 }
 
+/// The NAT flow flags that travel to peers: the TCP state, not where the entry came from.
+const NAT_WIRE_FLAGS: u32 = NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST | NAT_F_ESTABLISHED;
+
+/// This host's NAT flows as peers should know them: by backend address, with their
+/// idle time and TCP state. Copies a peer sent (not seen here since) are not sent back.
+pub fn wire_nat(flows: &[(FlowKey, NatFlow)], names: &Names, now_ns: u64) -> Vec<NatPin> {
+    flows
+        .iter()
+        .filter(|(_, f)| f.flags & NAT_F_SYNCED == 0)
+        .filter_map(|(k, f)| {
+            let idle_ms = now_ns.saturating_sub(f.last_seen_ns) / 1_000_000;
+            Some(NatPin {
+                key: *k,
+                backend: names.backends.get(&f.backend)?.clone(),
+                bport: u16::from_be(f.bport_be),
+                nport: u16::from_be(f.nport_be),
+                idle_ms: u32::try_from(idle_ms).unwrap_or(u32::MAX),
+                flags: (f.flags & NAT_WIRE_FLAGS) as u8,
+                client_mac: f.client_mac,
+            })
+        })
+        .collect()
+}
+
+/// A peer's NAT flows as entries of this host's NAT table: its backend id and VIP
+/// number; skipped when this host has no such backend or VIP. Marked as synced.
+pub fn remote_nat(flows: &[NatPin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKey, NatFlow)> {
+    flows
+        .iter()
+        .filter_map(|f| {
+            let id = *rings.names.ids.get(&f.backend)?;
+            let vip = VipKey {
+                addr: f.key.dst,
+                port_be: f.key.dport_be,
+                proto: f.key.proto,
+                family: f.key.family,
+            };
+            let vip_num = *rings.names.vips.get(&vip)?;
+            let (baddr, family) = crate::programmer::addr_bytes(f.backend.address);
+            if family != f.key.family {
+                return None;
+            }
+            Some((
+                f.key,
+                NatFlow {
+                    backend: id,
+                    vip_num,
+                    last_seen_ns: now_ns.saturating_sub(u64::from(f.idle_ms) * 1_000_000),
+                    flags: u32::from(f.flags) & NAT_WIRE_FLAGS | NAT_F_SYNCED,
+                    nport_be: f.nport.to_be(),
+                    bport_be: f.bport.to_be(),
+                    baddr,
+                    client_mac: f.client_mac,
+                    _pad: [0; 2],
+                },
+            ))
+        })
+        .collect()
+}
+
 impl RingSet {
     /// The backend the ring gives this flow, if its VIP has a ring.
     pub fn choice(&self, vip_num: u32, key: &FlowKey) -> Option<u32> {
@@ -194,6 +257,9 @@ pub struct FlowSnapshot {
     pub persistent: HashMap<u32, u64>,
     /// Persistence entries from sync peers written into the table (since start).
     pub persistence_installed: u64,
+    /// NAT flows (pairs) in the NAT tables, and pairs collected (since start).
+    pub nat_flows: usize,
+    pub nat_collected: u64,
     /// The last scan's error, if it failed.
     pub error: Option<String>,
 }
@@ -323,6 +389,20 @@ pub struct Scanner {
 impl Scanner {
     /// Starts the thread over `store`. `idle`: when a quiet flow stops counting.
     pub fn spawn(store: Box<dyn FlowStore>, idle: Duration) -> std::io::Result<Self> {
+        Self::spawn_nat(
+            store,
+            idle,
+            Duration::from_secs(u64::from(crate::config::DEFAULT_NAT_TIME_WAIT_S)),
+        )
+    }
+
+    /// As `spawn`; a NAT flow's pair is collected `nat_time_wait` after its close (or
+    /// once idle for `idle`).
+    pub fn spawn_nat(
+        store: Box<dyn FlowStore>,
+        idle: Duration,
+        nat_time_wait: Duration,
+    ) -> std::io::Result<Self> {
         let (commands, rx) = mpsc::channel();
         let snapshot = Arc::new(ArcSwap::from_pointee(FlowSnapshot::default()));
         let published = snapshot.clone();
@@ -332,6 +412,10 @@ impl Scanner {
                 Worker {
                     store,
                     idle,
+                    nat_time_wait,
+                    nat_collected: 0,
+                    nat_left_out: 0,
+                    nat_known: HashSet::new(),
                     rings: None,
                     snapshot: published,
                     pin_failures: 0,
@@ -406,6 +490,12 @@ impl Drop for Scanner {
 struct Worker {
     store: Box<dyn FlowStore>,
     idle: Duration,
+    nat_time_wait: Duration,
+    nat_collected: u64,
+    /// A peer's NAT flows not installed (their port held here by another flow).
+    nat_left_out: u64,
+    /// The NAT flows of the last scan, to send only new ones between refreshes.
+    nat_known: HashSet<FlowKey>,
     /// None until the agent hands over its first rings: until then the tables are only
     /// read, never pinned or collected. The tables may be an earlier agent's (pinned
     /// maps), full of flows an empty ring set would take for flows of gone backends.
@@ -470,6 +560,16 @@ impl Worker {
             );
             return;
         };
+        if !remote.nat.is_empty() {
+            let flows = remote_nat(&remote.nat, &rings, monotonic_ns());
+            match self.store.install_nat(&flows) {
+                Ok(left_out) => {
+                    self.remote_installed += (flows.len() - left_out) as u64;
+                    self.nat_left_out += left_out as u64;
+                }
+                Err(e) => tracing::warn!("installing a peer's NAT flows failed: {e}"),
+            }
+        }
         let pins = remote_pins(&remote.pins, &rings, monotonic_ns());
         let result = self.store.unpin(&remote.unpins).and_then(|()| {
             if pins.is_empty() {
@@ -552,17 +652,30 @@ impl Worker {
 
     fn scan(&mut self) {
         let taken_at = Instant::now();
+        // `try_scan` takes the flag for the pins; the NAT flows go again too.
+        let resend_all = self.resend_all;
         let snapshot = match self.try_scan() {
-            Ok((active, connections, pinned)) => FlowSnapshot {
-                taken_at: Some(taken_at),
-                active,
-                connections,
-                pinned,
-                pin_failures: self.pin_failures,
-                remote_installed: self.remote_installed,
-                persistent: self.persistent.clone(),
-                persistence_installed: self.persistence_installed,
-                error: None,
+            Ok((mut active, connections, pinned)) => match self.scan_nat(&mut active, resend_all) {
+                Ok(nat_flows) => FlowSnapshot {
+                    taken_at: Some(taken_at),
+                    active,
+                    connections,
+                    pinned,
+                    pin_failures: self.pin_failures,
+                    remote_installed: self.remote_installed,
+                    persistent: self.persistent.clone(),
+                    persistence_installed: self.persistence_installed,
+                    nat_flows,
+                    nat_collected: self.nat_collected,
+                    error: None,
+                },
+                Err(e) => {
+                    tracing::warn!("NAT flow scan failed: {e}");
+                    FlowSnapshot {
+                        error: Some(e.to_string()),
+                        ..(*self.snapshot.load_full()).clone()
+                    }
+                }
             },
             Err(e) => {
                 tracing::warn!("flow scan failed: {e}");
@@ -573,6 +686,41 @@ impl Worker {
             }
         };
         self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Reads the NAT table: its active flows are added to `active`, closed and idle
+    /// pairs are removed (both halves). Returns how many pairs remain.
+    fn scan_nat(
+        &mut self,
+        active: &mut HashMap<u32, u64>,
+        resend_all: bool,
+    ) -> Result<usize, crate::dataplane::DataPlaneError> {
+        let flows = self.store.read_nat()?;
+        let now = monotonic_ns();
+        let (gone, live): (Vec<_>, Vec<_>) = flows
+            .into_iter()
+            .partition(|(_, f)| crate::nat::collect(f, now, self.idle, self.nat_time_wait));
+        for (_, f) in &live {
+            if crate::nat::is_active(f, now, self.idle) {
+                *active.entry(f.backend).or_insert(0) += 1;
+            }
+        }
+        if !gone.is_empty() {
+            self.store.remove_nat(&gone)?;
+            self.nat_collected += gone.len() as u64;
+        }
+        if let (Some(sink), Some(rings)) = (&self.sync, &self.rings) {
+            // New flows at every scan, all of them with the pins' refresh.
+            let refresh = resend_all || self.scans.is_multiple_of(PIN_REFRESH_SCANS);
+            let send: Vec<(FlowKey, NatFlow)> = live
+                .iter()
+                .filter(|(k, _)| refresh || !self.nat_known.contains(k))
+                .copied()
+                .collect();
+            sink.nat(wire_nat(&send, &rings.names, now));
+        }
+        self.nat_known = live.iter().map(|(k, _)| *k).collect();
+        Ok(live.len())
     }
 
     fn try_scan(
@@ -851,6 +999,75 @@ mod tests {
         assert_eq!(snap.connections, 3);
         assert_eq!(snap.pinned, 1);
         drop(scanner);
+    }
+
+    #[test]
+    fn nat_flows_cross_hosts_by_backend_address_and_come_back_as_pairs() {
+        let b = BackendId {
+            service: "api".into(),
+            address: "10.0.1.5".parse().unwrap(),
+        };
+        let mut vip = VipKey {
+            port_be: 80u16.to_be(),
+            proto: 6,
+            family: lb_common::FAMILY_V4,
+            ..Default::default()
+        };
+        vip.addr[..4].copy_from_slice(&[10, 0, 0, 100]);
+        let flow = |backend: u32, flags: u32| NatFlow {
+            backend,
+            vip_num: 1,
+            last_seen_ns: NOW - 7_000_000,
+            flags,
+            nport_be: 2001u16.to_be(),
+            bport_be: 8443u16.to_be(),
+            baddr: [10, 0, 1, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            client_mac: [2, 0, 0, 0, 0, 9],
+            _pad: [0; 2],
+        };
+        let sender = Names {
+            backends: HashMap::from([(2, b.clone())]),
+            ..Default::default()
+        };
+        let flows = vec![
+            (key(1), flow(2, NAT_F_FIN_CLIENT)),
+            (key(2), flow(2, NAT_F_SYNCED)),
+            (key(3), flow(3, 0)),
+        ];
+        let wire = wire_nat(&flows, &sender, NOW);
+        assert_eq!(
+            wire.len(),
+            1,
+            "a peer's copy is not sent back; backend 3 has no name"
+        );
+        assert_eq!(
+            (wire[0].bport, wire[0].nport, wire[0].idle_ms, wire[0].flags),
+            (8443, 2001, 7, NAT_F_FIN_CLIENT as u8)
+        );
+        let receiver = RingSet {
+            names: Arc::new(Names {
+                ids: HashMap::from([(b, 9)]),
+                vips: HashMap::from([(vip, 4)]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let local = remote_nat(&wire, &receiver, NOW);
+        assert_eq!(local.len(), 1);
+        let (k, f) = local[0];
+        assert_eq!(k, key(1));
+        assert_eq!((f.backend, f.vip_num), (9, 4), "the receiver's own numbers");
+        assert_eq!(f.flags, NAT_F_FIN_CLIENT | NAT_F_SYNCED);
+        assert_eq!(
+            (f.nport_be, f.bport_be, f.baddr),
+            (2001u16.to_be(), 8443u16.to_be(), flow(2, 0).baddr)
+        );
+        assert_eq!(f.last_seen_ns, NOW - 7_000_000);
+        // The reverse half follows from it, as on the sender.
+        assert_eq!(
+            crate::nat::reverse_key(&k, &f),
+            crate::nat::reverse_key(&flows[0].0, &flows[0].1)
+        );
     }
 
     #[test]

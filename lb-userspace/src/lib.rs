@@ -12,6 +12,7 @@ pub mod health;
 pub mod logging;
 pub mod maglev;
 pub mod metrics;
+pub mod nat;
 pub mod neigh;
 pub mod numbering;
 pub mod persist;

@@ -130,6 +130,7 @@ fn wanted_entries(m: &MapLayout, sizes: MapSizes) -> u32 {
         names::MAP_FLOWS => sizes.max_flows,
         names::MAP_PINNED => sizes.max_pinned_flows,
         names::MAP_PERSIST => sizes.max_persistent_clients,
+        names::MAP_NAT_FLOWS | names::MAP_NAT_REVERSE => sizes.max_nat_flows,
         _ => m.max_entries,
     }
 }
@@ -315,6 +316,11 @@ mod tests {
             names::MAP_SERVING,
             names::MAP_META,
             names::MAP_TRACE,
+            names::MAP_NAT_BACKENDS,
+            names::MAP_NAT_FLOWS,
+            names::MAP_NAT_REVERSE,
+            names::MAP_NAT_SCRATCH,
+            names::MAP_NAT_CONFIG,
         ];
         for name in all {
             assert_eq!(

@@ -11,11 +11,11 @@ use std::{
 
 use lb_common::{
     BACKEND_F_NEW_FLOWS, BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS,
-    NO_BACKEND, PROTO_TCP, VipAddrKey, VipInfo, VipKey,
+    NO_BACKEND, NatTarget, PROTO_TCP, VIP_F_NAT, VipAddrKey, VipInfo, VipKey,
 };
 
 use crate::{
-    config::{BackendId, BackendSpec, Service},
+    config::{BackendId, BackendSpec, Forwarding, Service},
     dataplane::{DataPlane, DataPlaneError},
     flows::RingSet,
     maglev,
@@ -52,6 +52,21 @@ pub fn vip_of(key: &VipKey) -> (IpAddr, u16) {
         IpAddr::from(key.addr)
     };
     (ip, u16::from_be(key.port_be))
+}
+
+/// What the data path translates a backend's flows to: its address and port for a NAT
+/// service, nothing (zero) for DSR.
+pub fn nat_target(service: &Service, backend: &BackendSpec) -> NatTarget {
+    if service.forwarding != Forwarding::Nat {
+        return NatTarget::default();
+    }
+    let (addr, family) = addr_bytes(backend.address);
+    NatTarget {
+        addr,
+        port_be: backend.port_in(service).to_be(),
+        family,
+        _pad: 0,
+    }
 }
 
 pub fn vip_addr_key(vip: IpAddr) -> VipAddrKey {
@@ -137,6 +152,7 @@ pub struct ApplyReport {
 #[derive(Debug)]
 struct VipState {
     vip_num: u32,
+    flags: u32,
     /// Shared with the flow scanner's `RingSet`: handing it over copies no slot.
     ring: Arc<Vec<u32>>,
     persistence_s: u32,
@@ -149,6 +165,8 @@ pub struct Plan {
     gone_vips: Vec<VipKey>,
     vips: Vec<PlannedVip>,
     backends: Vec<(u32, Backend)>,
+    /// NAT translations of backends (zero for DSR backends), where they changed.
+    nat_targets: Vec<(u32, NatTarget)>,
     /// Ids handed out by this plan, and ids it takes back from the retired.
     new_ids: Vec<(BackendId, u32)>,
     names: Vec<(u32, (String, String))>,
@@ -165,8 +183,10 @@ struct PlannedVip {
     ring: Arc<Vec<u32>>,
     ring_size: u32,
     persistence_s: u32,
+    /// `VIP_F_*`: NAT or DSR.
+    flags: u32,
     added: bool,
-    /// Its ring differs from the one in the map.
+    /// Its ring (or its forwarding) differs from the one in the map.
     changed: bool,
 }
 
@@ -175,6 +195,7 @@ impl Plan {
     pub fn writes_anything(&self) -> bool {
         !self.gone_vips.is_empty()
             || !self.backends.is_empty()
+            || !self.nat_targets.is_empty()
             || !self.retiring.is_empty()
             || self.vips.iter().any(|v| v.added || v.changed)
     }
@@ -213,6 +234,7 @@ pub struct Programmer {
     backend_ids: HashMap<BackendId, u32>,
     backend_names: HashMap<u32, (String, String)>,
     backends: HashMap<u32, Backend>,
+    nat_targets: HashMap<u32, NatTarget>,
     /// Ids of backends no longer in the config, still forwarding their flows, with
     /// when they left.
     retired: BTreeMap<u32, Instant>,
@@ -330,6 +352,7 @@ impl Programmer {
                 vip_key(v.vip, v.port),
                 VipState {
                     vip_num: v.vip_num,
+                    flags: 0,
                     ring: Arc::new(Vec::new()),
                     persistence_s: 0,
                 },
@@ -426,6 +449,10 @@ impl Programmer {
                 service_ids.push(id);
                 plan.names
                     .push((id, (service.name.clone(), b.name.clone())));
+                let target = nat_target(service, b);
+                if self.dirty || self.nat_targets.get(&id).copied().unwrap_or_default() != target {
+                    plan.nat_targets.push((id, target));
+                }
                 let v = view(service, b);
                 let Some(mac) = v.mac else {
                     plan.unresolved.push((service.name.clone(), b.name.clone()));
@@ -465,9 +492,15 @@ impl Programmer {
                     true,
                 ),
             };
+            let flags = match service.forwarding {
+                Forwarding::Dsr => 0,
+                Forwarding::Nat => VIP_F_NAT,
+            };
             let changed = self.dirty
                 || self.vips.get(&key).is_none_or(|state| {
-                    state.ring != ring || state.persistence_s != service.persistence_timeout_s
+                    state.ring != ring
+                        || state.persistence_s != service.persistence_timeout_s
+                        || state.flags != flags
                 });
             plan.vips.push(PlannedVip {
                 key,
@@ -475,6 +508,7 @@ impl Programmer {
                 ring,
                 ring_size: service.ring_size,
                 persistence_s: service.persistence_timeout_s,
+                flags,
                 added,
                 changed,
             });
@@ -534,6 +568,11 @@ impl Programmer {
         let now = Instant::now();
         self.retired
             .extend(plan.retiring.into_iter().map(|id| (id, now)));
+        // Translations before the entries that make backends usable.
+        for (id, target) in plan.nat_targets {
+            dp.set_nat_target(id, &target)?;
+            self.nat_targets.insert(id, target);
+        }
         for (id, entry) in plan.backends {
             dp.set_backend(id, &entry)?;
             self.backends.insert(id, entry);
@@ -555,6 +594,7 @@ impl Programmer {
                 v.key,
                 VipState {
                     vip_num: v.vip_num,
+                    flags: v.flags,
                     ring: v.ring,
                     persistence_s: v.persistence_s,
                 },
@@ -563,7 +603,7 @@ impl Programmer {
             let info = VipInfo {
                 vip_num: v.vip_num,
                 ring_size: v.ring_size,
-                flags: 0,
+                flags: v.flags,
                 persistence_s: v.persistence_s,
             };
             dp.set_vip(&v.key, &info)?;
@@ -613,8 +653,10 @@ impl Programmer {
             .collect();
         for id in &done {
             dp.set_backend(*id, &Backend::default())?;
+            dp.set_nat_target(*id, &NatTarget::default())?;
             self.retired.remove(id);
             self.backends.remove(id);
+            self.nat_targets.remove(id);
             self.backend_names.remove(id);
             self.backend_ids.retain(|_, v| v != id);
             self.free_ids.insert(*id);
@@ -657,6 +699,7 @@ mod tests {
             port: 80,
             ring_size: 1009,
             persistence_timeout_s: 0,
+            forwarding: Default::default(),
             health_check: Default::default(),
             backends: backends
                 .iter()
@@ -665,6 +708,7 @@ mod tests {
                     address: a.parse().unwrap(),
                     weight: *w,
                     backup: false,
+                    port: None,
                 })
                 .collect(),
         }

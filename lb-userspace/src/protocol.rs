@@ -280,6 +280,12 @@ pub struct FlowTableStatus {
     /// Pins from sync peers written into the pinned table (since start).
     #[serde(default)]
     pub synced_pins_installed: u64,
+    /// NAT flows (each a pair of entries) in the NAT tables.
+    #[serde(default)]
+    pub nat_flows: u64,
+    /// NAT flows collected after their close or idle timeout (since start).
+    #[serde(default)]
+    pub nat_collected: u64,
     /// Why the last scan failed, if it did.
     pub error: Option<String>,
 }

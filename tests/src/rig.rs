@@ -35,6 +35,7 @@ pub fn service(name: &str, vip: &str, port: u16, ring_size: u32, backends: &[&st
         name: name.into(),
         vip: vip.parse().expect("VIP address"),
         port,
+        forwarding: Default::default(),
         ring_size,
         persistence_timeout_s: 0,
         health_check: Default::default(),
@@ -46,6 +47,7 @@ pub fn service(name: &str, vip: &str, port: u16, ring_size: u32, backends: &[&st
                 address: a.parse().expect("backend address"),
                 weight: 100,
                 backup: false,
+                port: None,
             })
             .collect(),
     }

@@ -453,6 +453,7 @@ fn reload_waiting_on_a_mac_does_not_delay_a_takeover() -> Result<()> {
                 address: IpAddr::V4(Ipv4Addr::new(10, 77, 0, 250)),
                 weight: 100,
                 backup: None,
+                port: None,
             });
             let lb2 = agents.agent(Node::Lb2)?;
             lb2.write_config(&file.to_toml())?;

@@ -2080,6 +2080,7 @@ fn persistence_keeps_a_client_on_its_backend_after_the_ring_changes() {
             address: ip(extra),
             weight: 100,
             backup: false,
+            port: None,
         });
         rig.apply(s.clone()).expect("reprogram");
         let port = port_off(&rig, &s[svc], client, first);

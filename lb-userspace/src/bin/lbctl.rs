@@ -476,6 +476,41 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         .filter(|(_, v)| **v > 0)
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
+    if f.nat_flows > 0
+        || f.nat_collected > 0
+        || status
+            .counters
+            .get("drop_nat_no_port")
+            .is_some_and(|n| *n > 0)
+    {
+        let exhausted = status
+            .counters
+            .get("drop_nat_no_port")
+            .copied()
+            .unwrap_or(0);
+        let full = status
+            .counters
+            .get("drop_nat_table_full")
+            .copied()
+            .unwrap_or(0);
+        println!(
+            "NAT: {} flows, {} collected{}{}",
+            f.nat_flows,
+            f.nat_collected,
+            if exhausted > 0 {
+                format!(
+                    ", {exhausted} SYNs dropped: source ports exhausted (raise agent.nat_port_max - nat_port_min, or add backends)"
+                )
+            } else {
+                String::new()
+            },
+            if full > 0 {
+                format!(", {full} SYNs dropped: NAT table full (raise agent.max_nat_flows)")
+            } else {
+                String::new()
+            }
+        );
+    }
     println!(
         "not forwarded: {}",
         if counters.is_empty() {

@@ -174,6 +174,8 @@ pub fn gather(
             pinned: flows.pinned as u64,
             pin_failures: flows.pin_failures,
             synced_pins_installed: flows.remote_installed,
+            nat_flows: flows.nat_flows as u64,
+            nat_collected: flows.nat_collected,
             error: flows.error.clone(),
         },
         vrrp,

@@ -42,7 +42,7 @@ use std::{
 use lb_common::FlowKey;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
-use self::wire::{AdminEntry, Body, Dropped, Message, Pin, Sequencer, Sticky, Verifier};
+use self::wire::{AdminEntry, Body, Dropped, Message, NatPin, Pin, Sequencer, Sticky, Verifier};
 use crate::{
     admin::{AdminState, now_ms},
     config::SyncSettings,
@@ -81,6 +81,8 @@ pub enum Command {
     Pinned(Vec<Pin>),
     Unpinned(Vec<FlowKey>),
     Persisted(Vec<Sticky>),
+    /// NAT flows to send (new ones, or all of them for a refresh).
+    Nat(Vec<NatPin>),
     Stop,
 }
 
@@ -143,6 +145,12 @@ impl PinSink {
     pub fn persisted(&self, entries: Vec<Sticky>) {
         if !entries.is_empty() {
             let _ = self.0.send(Command::Persisted(entries));
+        }
+    }
+
+    pub fn nat(&self, flows: Vec<NatPin>) {
+        if !flows.is_empty() {
+            let _ = self.0.send(Command::Nat(flows));
         }
     }
 }
@@ -528,6 +536,12 @@ impl Worker {
                     self.counters.persistence_sent += sent * entries.len() as u64;
                 }
             }
+            Command::Nat(flows) => {
+                if self.serving {
+                    let sent = self.send_to_every_peer(&wire::nat_bodies(&flows));
+                    self.counters.flows_sent += sent * flows.len() as u64;
+                }
+            }
             Command::Stop => {}
         }
     }
@@ -710,7 +724,7 @@ impl Worker {
                 if let Some(inbox) = &self.inbox {
                     inbox.deliver(RemotePins {
                         pins,
-                        unpins: Vec::new(),
+                        ..Default::default()
                     });
                 }
             }
@@ -718,8 +732,17 @@ impl Worker {
                 self.counters.unpins_received += keys.len() as u64;
                 if let Some(inbox) = &self.inbox {
                     inbox.deliver(RemotePins {
-                        pins: Vec::new(),
                         unpins: keys,
+                        ..Default::default()
+                    });
+                }
+            }
+            Body::Nat(flows) => {
+                self.counters.flows_received += flows.len() as u64;
+                if let Some(inbox) = &self.inbox {
+                    inbox.deliver(RemotePins {
+                        nat: flows,
+                        ..Default::default()
                     });
                 }
             }

@@ -54,6 +54,7 @@ const KIND_ACK: u8 = 4;
 const KIND_PINS: u8 = 5;
 const KIND_UNPINS: u8 = 6;
 const KIND_PERSIST: u8 = 7;
+const KIND_NAT: u8 = 8;
 
 /// One admin entry: a backend and what operators set for it, with its version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +84,24 @@ pub struct Sticky {
     pub idle_ms: u32,
 }
 
+/// A NAT flow, as one host tells another: both halves of the pair follow from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatPin {
+    /// The client's key (client -> VIP:port).
+    pub key: FlowKey,
+    pub backend: BackendId,
+    /// The backend's port and the LB's source port towards it.
+    pub bport: u16,
+    pub nport: u16,
+    /// Milliseconds since the flow's last packet, on the sender.
+    pub idle_ms: u32,
+    /// `NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST | NAT_F_ESTABLISHED` as seen
+    /// by the sender.
+    pub flags: u8,
+    /// The MAC the client's frames come from (the same segment for every LB host).
+    pub client_mac: [u8; 6],
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Body {
     /// Sent every heartbeat interval: "I am here, and this is my admin state".
@@ -108,6 +127,9 @@ pub enum Body {
     Unpins(Vec<FlowKey>),
     /// Persistence entries (new or refreshed); they expire on the receiver by themselves.
     Persist(Vec<Sticky>),
+    /// NAT flows to install (or refresh); a peer collects its copies by the same rules
+    /// as its own flows, so there is no removal message.
+    Nat(Vec<NatPin>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -328,6 +350,23 @@ fn put_body(out: &mut Vec<u8>, body: &Body) {
                 out.extend_from_slice(&e.idle_ms.to_be_bytes());
             }
         }
+        Body::Nat(flows) => {
+            let (table, refs) = backend_table(flows, |f| &f.backend);
+            out.push(u8::try_from(table.len()).unwrap_or(u8::MAX));
+            for b in table {
+                put_backend(out, b);
+            }
+            out.extend_from_slice(&u16::try_from(flows.len()).unwrap_or(u16::MAX).to_be_bytes());
+            for (f, i) in flows.iter().zip(refs) {
+                put_key(out, &f.key);
+                out.push(i);
+                out.extend_from_slice(&f.bport.to_be_bytes());
+                out.extend_from_slice(&f.nport.to_be_bytes());
+                out.extend_from_slice(&f.idle_ms.to_be_bytes());
+                out.push(f.flags);
+                out.extend_from_slice(&f.client_mac);
+            }
+        }
     }
 }
 
@@ -351,6 +390,7 @@ fn kind(body: &Body) -> u8 {
         Body::Pins(_) => KIND_PINS,
         Body::Unpins(_) => KIND_UNPINS,
         Body::Persist(_) => KIND_PERSIST,
+        Body::Nat(_) => KIND_NAT,
     }
 }
 
@@ -475,6 +515,31 @@ pub fn persist_bodies(entries: &[Sticky]) -> Vec<Body> {
     }
     if !cur.is_empty() {
         out.push(Body::Persist(cur));
+    }
+    out
+}
+
+/// NAT flows as `Nat` bodies, one datagram each; at most 255 backends per datagram.
+pub fn nat_bodies(flows: &[NatPin]) -> Vec<Body> {
+    let mut out = Vec::new();
+    let mut cur: Vec<NatPin> = Vec::new();
+    let mut table: HashSet<&BackendId> = HashSet::new();
+    let mut used = 3;
+    for f in flows {
+        let known = table.contains(&f.backend);
+        let mut n = key_len(&f.key) + 16 + if known { 0 } else { backend_len(&f.backend) };
+        if !cur.is_empty() && (used + n > BODY_MAX || (!known && table.len() == 255)) {
+            out.push(Body::Nat(std::mem::take(&mut cur)));
+            table.clear();
+            used = 3;
+            n = key_len(&f.key) + 16 + backend_len(&f.backend);
+        }
+        table.insert(&f.backend);
+        used += n;
+        cur.push(f.clone());
+    }
+    if !cur.is_empty() {
+        out.push(Body::Nat(cur));
     }
     out
 }
@@ -667,6 +732,29 @@ impl<'a> Reader<'a> {
                     });
                 }
                 Body::Persist(entries)
+            }
+            KIND_NAT => {
+                let n = self.u8()?;
+                let table: Vec<BackendId> =
+                    (0..n).map(|_| self.backend()).collect::<Option<_>>()?;
+                let count = self.u16()?;
+                // Each flow is at least 30 bytes: a count the datagram cannot hold is not
+                // honoured with an allocation.
+                let mut flows = Vec::with_capacity(usize::from(count).min(self.0.len() / 30));
+                for _ in 0..count {
+                    let key = self.key()?;
+                    let backend = table.get(usize::from(self.u8()?))?.clone();
+                    flows.push(NatPin {
+                        key,
+                        backend,
+                        bport: self.u16()?,
+                        nport: self.u16()?,
+                        idle_ms: self.u32()?,
+                        flags: self.u8()?,
+                        client_mac: self.take(6)?.try_into().ok()?,
+                    });
+                }
+                Body::Nat(flows)
             }
             _ => return None,
         };
@@ -861,6 +949,26 @@ mod tests {
             entries: vec![entry("10.0.0.22", false, Some(0))],
         });
         roundtrip(Body::Ack { change: 99 });
+        roundtrip(Body::Nat(vec![
+            NatPin {
+                key: flow(40000, false),
+                backend: id("api", "10.0.1.5"),
+                bport: 8443,
+                nport: 2001,
+                idle_ms: 12,
+                flags: 3,
+                client_mac: [2, 0, 0, 0, 0, 7],
+            },
+            NatPin {
+                key: flow(40001, true),
+                backend: id("api6", "2001:db8:1::5"),
+                bport: 443,
+                nport: 65535,
+                idle_ms: u32::MAX,
+                flags: 0,
+                client_mac: [2, 0, 0, 0, 0, 8],
+            },
+        ]));
         roundtrip(Body::Pins(vec![
             Pin {
                 key: flow(1000, false),
@@ -1094,6 +1202,30 @@ mod tests {
         // An IPv4 peer seen through a dual-stack socket.
         let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 3).to_ipv6_mapped());
         assert_eq!(canonical(mapped), peer());
+    }
+
+    #[test]
+    fn nat_batches_fit_one_datagram_each() {
+        let flows: Vec<NatPin> = (0..1000u16)
+            .map(|i| NatPin {
+                key: flow(i, i % 3 == 0),
+                backend: id("api", &format!("10.0.{}.{}", i % 300 / 250, i % 250)),
+                bport: 443,
+                nport: 1024 + i,
+                idle_ms: 1,
+                flags: 0,
+                client_mac: [2, 0, 0, 0, 0, 1],
+            })
+            .collect();
+        let bodies = nat_bodies(&flows);
+        let mut back = Vec::new();
+        for body in bodies {
+            let bytes = encode(&msg(NOW, body.clone()), &key()).expect("fits");
+            assert!(bytes.len() <= MAX_MESSAGE);
+            let Body::Nat(f) = body else { panic!() };
+            back.extend(f);
+        }
+        assert_eq!(back, flows);
     }
 
     #[test]

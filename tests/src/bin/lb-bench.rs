@@ -5,6 +5,11 @@
 //! With `repeat`, each run sees the previous run's output. Every case here rewrites at
 //! most MAC addresses, so run 2..N take the same path as run 1.
 //!
+//! Then NAT: the same comparison for the NAT path, both directions. NAT rewrites
+//! addresses, so a repeated run would measure the program on its own output (no longer
+//! to a VIP): every NAT case is measured as separate single runs, the trivial program
+//! too, and medians compared. `--nat-only` runs only this part.
+//!
 //! Then failover: two LB hosts with VRRP in the namespace lab, a client probing the VIP
 //! every 5 ms; the gap without a successful connection when the master goes, beside the
 //! longest gap the same prober sees over a quiet stretch of the same length (its own
@@ -74,16 +79,18 @@ fn median(mut v: Vec<Duration>) -> f64 {
 }
 
 const USAGE: &str = "usage: lb-bench [--jitter-only | --sync-only | --announce-only | --trace-only
-                 | --lab-only | --lab-report]
+                 | --nat-only | --lab-only | --lab-report]
                 [--lab-reps N] [--lab-napi threaded|inline] [--lab-out DIR]
 
-With no part named, runs them all: XDP cost per packet, VRRP failover, BGP withdrawal
+With no part named, runs them all: XDP cost per packet, NAT cost per packet, VRRP
+failover, BGP withdrawal
 ([announce]), advert jitter, flow-pin sync, the trace's cost while off, then the
 comparative lab bench.
   --jitter-only         only the VRRP advert jitter
   --sync-only           only the flow-pin sync rate
   --announce-only       only the [announce] withdrawal time and probe gap
   --trace-only          only the packet trace's cost while off
+  --nat-only            only the NAT path's cost per packet, both directions
   --lab-only            only the comparative lab bench (direct, null XDP forwarder,
                         lb in DSR mode, HAProxy, nginx stream)
   --lab-report          print the Markdown table of DIR/lab.json again and redraw
@@ -116,8 +123,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         };
         match arg.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--jitter-only" | "--sync-only" | "--announce-only" | "--trace-only" | "--lab-only"
-            | "--lab-report" => {
+            "--jitter-only" | "--sync-only" | "--announce-only" | "--trace-only" | "--nat-only"
+            | "--lab-only" | "--lab-report" => {
                 if let Some(other) = &args.part {
                     anyhow::bail!("{other} and {arg} exclude each other");
                 }
@@ -170,8 +177,10 @@ fn main() -> ExitCode {
         Some("--sync-only") => sync_pins(),
         Some("--announce-only") => announce(),
         Some("--trace-only") => trace_cost(),
+        Some("--nat-only") => nat(),
         Some(_) => lab(),
         None => run()
+            .and_then(|()| nat())
             .and_then(|()| failover())
             .and_then(|()| announce())
             .and_then(|()| jitter())
@@ -309,6 +318,147 @@ fn run() -> anyhow::Result<()> {
         let p = median(pass[i].clone());
         println!(
             "{:<24} {:>10.1} {:>14.1} {:>7.2}x {:>10.1}",
+            case.name,
+            l,
+            p,
+            l / p.max(1.0),
+            l - p
+        );
+    }
+    Ok(())
+}
+
+/// Single runs per case and program in the NAT comparison.
+const NAT_RUNS: usize = 20_000;
+
+/// One NAT case: the frames of its single runs (one each), what the program must say.
+struct NatCase {
+    name: &'static str,
+    frames: Vec<Vec<u8>>,
+    verdict: u32,
+}
+
+fn nat() -> anyhow::Result<()> {
+    use lb_tests::packet::PSH;
+    use lb_userspace::config::Forwarding;
+    let nat_service = |name, vip, backend| {
+        let mut s = service(name, vip, 443, 65537, &[backend]);
+        s.forwarding = Forwarding::Nat;
+        s.backends[0].port = Some(8443);
+        s
+    };
+    let mut rig = Rig::new(vec![
+        nat_service("api", "192.0.2.20", "10.0.1.5"),
+        nat_service("api6", "2001:db8::20", "2001:db8:1::5"),
+        service("web", "192.0.2.10", 80, 65537, &["192.0.2.21"]),
+    ])?;
+    let mut cases = Vec::new();
+    for (family, vip, client, backend) in [
+        ("IPv4", "192.0.2.20", "198.51.100.7", "10.0.1.5"),
+        ("IPv6", "2001:db8::20", "2001:db8:1::7", "2001:db8:1::5"),
+    ] {
+        let vip = (vip.parse()?, 443);
+        let client = (client.parse()?, 40000);
+        let backend_ip: std::net::IpAddr = backend.parse()?;
+        let bmac = lb_tests::rig::backend_mac(backend_ip);
+        let to_vip =
+            |port: u16, flags| tcp_frame(LB_MAC, CLIENT_MAC, None, (client.0, port), vip, flags);
+        // The established flow, and its source port towards the backend.
+        let syn = rig.run_program(names::PROG_LB, &to_vip(client.1, SYN), 1)?;
+        anyhow::ensure!(syn.verdict == XDP_TX, "NAT SYN: verdict {}", syn.verdict);
+        let at = if family == "IPv4" { 34 } else { 54 };
+        let nport = u16::from_be_bytes([syn.output[at], syn.output[at + 1]]);
+        let reply = tcp_frame(
+            LB_MAC,
+            bmac,
+            None,
+            (backend_ip, 8443),
+            (vip.0, nport),
+            ACK | PSH,
+        );
+        cases.push(NatCase {
+            name: if family == "IPv4" {
+                "NAT SYN, new IPv4 flow"
+            } else {
+                "NAT SYN, new IPv6 flow"
+            },
+            frames: (0..NAT_RUNS)
+                .map(|i| to_vip(10_000 + i as u16, SYN))
+                .collect(),
+            verdict: XDP_TX,
+        });
+        cases.push(NatCase {
+            name: if family == "IPv4" {
+                "NAT IPv4 client->backend"
+            } else {
+                "NAT IPv6 client->backend"
+            },
+            frames: vec![to_vip(client.1, ACK | PSH)],
+            verdict: XDP_TX,
+        });
+        cases.push(NatCase {
+            name: if family == "IPv4" {
+                "NAT IPv4 backend->client"
+            } else {
+                "NAT IPv6 backend->client"
+            },
+            frames: vec![reply],
+            verdict: XDP_TX,
+        });
+    }
+    // DSR, measured the same way, for scale.
+    let dsr = tcp_frame(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        ("198.51.100.7".parse()?, 40000),
+        ("192.0.2.10".parse()?, 80),
+        ACK,
+    );
+    rig.run_program(
+        names::PROG_LB,
+        &tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            ("198.51.100.7".parse()?, 40000),
+            ("192.0.2.10".parse()?, 80),
+            SYN,
+        ),
+        1,
+    )?;
+    cases.push(NatCase {
+        name: "DSR IPv4 established",
+        frames: vec![dsr],
+        verdict: XDP_TX,
+    });
+    println!();
+    println!(
+        "NAT cost per packet: separate single runs (NAT rewrites addresses), median of {NAT_RUNS}"
+    );
+    println!(
+        "{:<28} {:>10} {:>14} {:>8} {:>10}",
+        "case", "lb ns/pkt", "XDP_PASS ns", "ratio", "lb - pass"
+    );
+    for case in &cases {
+        let mut lb = Vec::with_capacity(NAT_RUNS);
+        let mut pass = Vec::with_capacity(NAT_RUNS);
+        for i in 0..NAT_RUNS {
+            let frame = &case.frames[i % case.frames.len()];
+            pass.push(rig.run_program(names::PROG_PASS, frame, 1)?.per_run);
+            let r = rig.run_program(names::PROG_LB, frame, 1)?;
+            anyhow::ensure!(
+                r.verdict == case.verdict,
+                "{}: run {i}: verdict {} (want {})",
+                case.name,
+                r.verdict,
+                case.verdict
+            );
+            lb.push(r.per_run);
+        }
+        let (l, p) = (median(lb), median(pass));
+        println!(
+            "{:<28} {:>10.1} {:>14.1} {:>7.2}x {:>10.1}",
             case.name,
             l,
             p,

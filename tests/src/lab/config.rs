@@ -161,6 +161,9 @@ pub struct ServiceSection {
     pub name: String,
     pub vip: IpAddr,
     pub port: u16,
+    /// `dsr` or `nat`; None: the agent's default (DSR).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarding: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ring_size: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,6 +192,9 @@ pub struct BackendSection {
     pub weight: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup: Option<bool>,
+    /// NAT only: the backend's port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// `[vrrp]`, with builder methods. `new` sets the keys the lab always writes.
@@ -274,6 +280,8 @@ pub struct Service {
     pub backups: Vec<usize>,
     /// The `[services.health_check]` table; none means the agent's defaults.
     pub health_check: Option<HealthCheckSection>,
+    /// `forwarding = "nat"` with every backend's `port` this one (`Service::nat`).
+    pub nat_backend_port: Option<u16>,
 }
 
 impl Service {
@@ -287,7 +295,14 @@ impl Service {
             backends: Vec::new(),
             backups: Vec::new(),
             health_check: None,
+            nat_backend_port: None,
         }
+    }
+
+    /// Full NAT, every backend listening on `backend_port`.
+    pub fn nat(mut self, backend_port: u16) -> Self {
+        self.nat_backend_port = Some(backend_port);
+        self
     }
 
     /// Adds backend `i` with `weight` as a backup (`backup = true`).
@@ -343,6 +358,7 @@ impl Service {
                     address: addr_like(node, self.vip),
                     weight,
                     backup: self.backups.contains(&i).then_some(true),
+                    port: self.nat_backend_port,
                 }
             })
             .collect();
@@ -350,6 +366,7 @@ impl Service {
             name: self.name.clone(),
             vip: self.vip,
             port: self.port,
+            forwarding: self.nat_backend_port.map(|_| "nat".to_string()),
             ring_size: self.ring_size,
             persistence_timeout_s: self.persistence_timeout_s,
             health_check: self.health_check,

@@ -190,6 +190,8 @@ pub struct LabBuilder {
     second_lb: bool,
     third_lb: bool,
     routed: bool,
+    stock_backends: bool,
+    routed_backend: bool,
 }
 
 impl LabBuilder {
@@ -211,11 +213,25 @@ impl LabBuilder {
         self
     }
 
+    /// Adds `Node::Routed`, a stock backend in another subnet (10.79.0.0/24) behind
+    /// `Node::Router` (added to the bridge if the lab is not routed already), for NAT. Off by default.
+    pub fn routed_backend(mut self, on: bool) -> Self {
+        self.routed_backend = on;
+        self
+    }
+
     /// Whether to add a second load balancer, `Node::Lb2` (10.77.0.4, fd00:77::4), on
     /// the same bridge, set up like the first (checksum offload off, `xdp_pass` on its
     /// veth peer `vlb2`). Off by default.
     pub fn second_lb(mut self, on: bool) -> Self {
         self.second_lb = on;
+        self
+    }
+
+    /// Backends as they come (for NAT): no VIP on `lo`, no ARP sysctls. Off by default
+    /// (the DSR set-up).
+    pub fn stock_backends(mut self, on: bool) -> Self {
+        self.stock_backends = on;
         self
     }
 
@@ -256,6 +272,8 @@ impl LabBuilder {
             second_lb: self.second_lb,
             third_lb: self.third_lb,
             routed: self.routed,
+            stock_backends: self.stock_backends,
+            routed_backend: self.routed_backend,
             xdp_pass: Vec::new(),
             namespaces: Vec::new(),
             dir,
@@ -280,6 +298,10 @@ pub struct Lab {
     third_lb: bool,
     /// Whether the client sits behind `Node::Router`.
     routed: bool,
+    /// Backends without the DSR set-up (`LabBuilder::stock_backends`).
+    stock_backends: bool,
+    /// Whether `Node::Router` and `Node::Routed` exist.
+    routed_backend: bool,
     /// `xdp_pass` on each LB's veth peer; a link lives as long as its value.
     xdp_pass: Vec<aya::Ebpf>,
     namespaces: Vec<Netns>,
@@ -296,6 +318,8 @@ impl Lab {
             second_lb: false,
             third_lb: false,
             routed: false,
+            stock_backends: false,
+            routed_backend: false,
         }
     }
 

@@ -30,11 +30,15 @@ pub enum Node {
     /// The third load balancer (`LabBuilder::third_lb`), 10.77.0.5 / fd00:77::5, set up
     /// like the second.
     Lb3,
-    /// The router of a routed lab (`LabBuilder::routed`), 10.77.0.1 on the bridge and
-    /// `ROUTER_CLIENT_SIDE4` towards the client, which sits behind it.
+    /// A router on the bridge, 10.77.0.1 / fd00:77::1: in a routed lab
+    /// (`LabBuilder::routed`) the client sits behind it (10.78.0.0/24); with
+    /// `LabBuilder::routed_backend`, `Routed` does (10.79.0.0/24, fd00:79::/64).
     Router,
     /// Backend `i`, counted from 1.
     Backend(usize),
+    /// A stock backend behind `Router`, 10.79.0.2 / fd00:79::2, with routes to the VIPs
+    /// and the LB hosts only (none to the client).
+    Routed,
 }
 
 impl Node {
@@ -49,6 +53,7 @@ impl Node {
             Node::Lb3 => "lb3".into(),
             Node::Router => "rt".into(),
             Node::Backend(i) => format!("b{i}"),
+            Node::Routed => "far".into(),
         }
     }
 
@@ -62,6 +67,7 @@ impl Node {
             Node::Lb3 => Some(5),
             Node::Router => Some(1),
             Node::Backend(i) => Some(10 + i),
+            Node::Routed => Some(2),
         }
     }
 
@@ -77,7 +83,8 @@ pub fn addr4(node: Node) -> Ipv4Addr {
     let n = node
         .host_number()
         .expect("the bridge namespace has no address");
-    Ipv4Addr::new(10, 77, 0, n as u8)
+    let subnet = if node == Node::Routed { 79 } else { 77 };
+    Ipv4Addr::new(10, subnet, 0, n as u8)
 }
 
 /// The node's IPv6 address, `fd00:77::<n>` with the same digits as the IPv4 one
@@ -86,7 +93,8 @@ pub fn addr6(node: Node) -> Ipv6Addr {
     let n = node
         .host_number()
         .expect("the bridge namespace has no address");
-    format!("fd00:77::{n}")
+    let subnet = if node == Node::Routed { 79 } else { 77 };
+    format!("fd00:{subnet}::{n}")
         .parse()
         .expect("a valid IPv6 address")
 }
@@ -219,6 +227,12 @@ impl Lab {
         nodes.push(Node::Client);
         nodes.extend(self.lbs());
         nodes.extend((1..=self.backends).map(Node::Backend));
+        if self.routed_backend {
+            if !self.routed {
+                nodes.push(Node::Router);
+            }
+            nodes.push(Node::Routed);
+        }
         nodes
     }
 
@@ -266,12 +280,15 @@ impl Lab {
         for node in self.nodes().into_iter().skip(1) {
             if self.routed && node == Node::Client {
                 self.plug_behind_router()?;
-            } else {
+            } else if node != Node::Routed {
                 self.plug(node)?;
             }
         }
         if self.routed {
             self.route_backends_to_client()?;
+        }
+        if self.routed_backend {
+            self.route_far()?;
         }
 
         // Native XDP_TX on an LB's veth only delivers when the peer has an XDP program
@@ -301,7 +318,8 @@ impl Lab {
             &br,
         ])?;
         self.sysctl(node, &["net.ipv6.conf.eth0.accept_dad=0"])?;
-        if let Node::Backend(_) = node {
+        let dsr_backend = matches!(node, Node::Backend(_)) && !self.stock_backends;
+        if dsr_backend {
             // The VIP sits on lo: only the LB may answer ARP for it.
             self.sysctl(
                 node,
@@ -323,7 +341,7 @@ impl Lab {
         if self.ipv6 {
             addresses.push((format!("{}/64", addr6(node)), "eth0"));
         }
-        if let Node::Backend(_) = node {
+        if dsr_backend {
             addresses.push((format!("{VIP4}/32"), "lo"));
             if self.ipv6 {
                 addresses.push((format!("{VIP6}/128"), "lo"));
@@ -418,6 +436,75 @@ impl Lab {
                 "via",
                 &addr4(Node::Router).to_string(),
             ])?;
+        }
+        Ok(())
+    }
+
+    /// `Node::Routed` behind `Node::Router`: a veth pair between them, forwarding on the
+    /// router, routes from the LB hosts to the far subnet, and from the far backend to
+    /// the VIPs and the LB hosts only.
+    fn route_far(&self) -> Result<()> {
+        let rt = self.ns(Node::Router);
+        let far = self.ns(Node::Routed);
+        self.sysctl(
+            Node::Routed,
+            &[
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
+        self.sysctl(
+            Node::Router,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+        ip(&[
+            "link", "add", "eth2", "netns", &rt, "type", "veth", "peer", "name", "eth0", "netns",
+            &far,
+        ])?;
+        for (ns, dev, v4, v6) in [
+            (&rt, "eth2", "10.79.0.1/24", "fd00:79::1/64"),
+            (&far, "eth0", "10.79.0.2/24", "fd00:79::2/64"),
+        ] {
+            run(Command::new("ip").args(["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"]))?;
+            ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
+            if self.ipv6 {
+                ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])?;
+            }
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        let mut far_routes = vec![format!("{VIP4}/32")];
+        let mut far_routes6 = vec![format!("{VIP6}/128")];
+        for lb in self.lbs() {
+            far_routes.push(format!("{}/32", addr4(lb)));
+            far_routes6.push(format!("{}/128", addr6(lb)));
+            ip(&[
+                "-n",
+                &self.ns(lb),
+                "route",
+                "add",
+                "10.79.0.0/24",
+                "via",
+                &addr4(Node::Router).to_string(),
+            ])?;
+            if self.ipv6 {
+                ip(&[
+                    "-n",
+                    &self.ns(lb),
+                    "route",
+                    "add",
+                    "fd00:79::/64",
+                    "via",
+                    &addr6(Node::Router).to_string(),
+                ])?;
+            }
+        }
+        for r in &far_routes {
+            ip(&["-n", &far, "route", "add", r, "via", "10.79.0.1"])?;
+        }
+        if self.ipv6 {
+            for r in &far_routes6 {
+                ip(&["-n", &far, "route", "add", r, "via", "fd00:79::1"])?;
+            }
         }
         Ok(())
     }

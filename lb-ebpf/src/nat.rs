@@ -1,0 +1,576 @@
+//! Full NAT for services with `forwarding = "nat"`: the client's
+//! `client:cport -> VIP:port` leaves as `VIP:nport -> backend:bport`, and the backend's
+//! `backend:bport -> VIP:nport` goes back as `VIP:port -> client:cport`. Backends need
+//! nothing: they see the VIP as their peer and answer it, wherever the LB is.
+//!
+//! A flow is two entries made and removed together: NAT_FLOWS (the client's key -> the
+//! translation and TCP state) and NAT_REVERSE (the backend's key -> the client's key).
+//! Neither map is an LRU, so nothing evicts one half of a pair; the agent's flow scanner
+//! removes both once a flow closed (FIN/RST plus a time-wait) or went idle. The
+//! reverse entry is made first with BPF_NOEXIST: that insert is what hands a source
+//! port to one flow only.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
+        xdp_action::{XDP_REDIRECT, XDP_TX},
+        xdp_md,
+    },
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_fib_lookup, bpf_redirect},
+    },
+    programs::XdpContext,
+};
+use lb_common::{
+    FAMILY_V4, FlowKey, NAT_CFG_F_FIB, NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN,
+    NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED,
+    NAT_PORT_PROBES, NatFlow, NatScratch, NatTuple as Tuple, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
+    counters::{backend_slot, event, event_slot, reason, vip_slot},
+    hash::flow_hash,
+};
+
+use crate::{
+    Packet, Step, count,
+    headers::{
+        EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr,
+        frame_len, ptr_at,
+    },
+    maps::{CONFIG, NAT_BACKENDS, NAT_CONFIG, NAT_FLOWS, NAT_REVERSE, NAT_SCRATCH, VIPS},
+    parse_ethernet, usable_backend,
+};
+
+/// Type, code, checksum and 4 more bytes before the quoted packet (ICMP and ICMPv6).
+const ICMP_HLEN: usize = 8;
+/// Where the TCP checksum sits in the TCP header.
+const TCP_CHECK_AT: usize = 16;
+
+#[inline(always)]
+pub fn is_nat(vip: &VipInfo) -> bool {
+    vip.flags & VIP_F_NAT != 0
+}
+
+/// Client -> VIP:port of a NAT service: the flow's entry, or a new one for a SYN.
+#[inline(never)]
+pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let mut entry = NAT_FLOWS.get_ptr_mut(&p.flow);
+    // A SYN on the tuple of a flow that closed, or whose backend went away, is a new
+    // connection: the old pair goes, the SYN takes the ring. A retransmitted SYN of a
+    // live flow keeps its translation.
+    if syn && let Some(e) = entry {
+        let (flags, backend) = unsafe { ((*e).flags, (*e).backend) };
+        if flags & (NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST) != 0
+            || usable_backend(backend).is_none()
+        {
+            remove_pair(&p.flow, unsafe { &*e });
+            entry = None;
+        }
+    }
+    let new_flow = entry.is_none();
+    let e = match entry {
+        Some(e) => e,
+        None if syn => {
+            // Not a pointer through `open`'s result: the verifier would lose its type.
+            open(ctx, p, now)?;
+            NAT_FLOWS
+                .get_ptr_mut(&p.flow)
+                .ok_or(reason::ABORT_INTERNAL)?
+        }
+        None => return Err(reason::DROP_NAT_NO_FLOW),
+    };
+    // SAFETY: an entry of NAT_FLOWS; concurrent writers only ever set flags and times.
+    let e = unsafe { &mut *e };
+    e.last_seen_ns = now;
+    let established = if syn { 0 } else { NAT_F_ESTABLISHED };
+    e.flags =
+        (e.flags & !NAT_F_SYNCED) | established | closing_flags(p.tcp_flags, NAT_F_FIN_CLIENT);
+    let backend = e.backend;
+    if !new_flow {
+        // The client's persistence entry stays alive while its connections do.
+        crate::persist::touch(&p.vip, &p.flow, backend, now);
+    }
+    let vip = p.flow.dst;
+    let s = scratch()?;
+    s.new = Tuple {
+        family: p.flow.family,
+        src: vip,
+        dst: e.baddr,
+        sport_be: e.nport_be,
+        dport_be: e.bport_be,
+        _pad: [0; 3],
+    };
+    let fallback = usable_backend(backend).map(|b| b.mac).unwrap_or([0; 6]);
+    let l3 = rewrite(ctx, &s.new)?;
+    let verdict = next_hop(ctx.ctx, l3, &fallback)?;
+    let len = frame_len(ctx) as u64;
+    count(vip_slot(p.vip.vip_num), len, new_flow);
+    count(backend_slot(backend), len, new_flow);
+    Ok(verdict)
+}
+
+/// backend:bport -> VIP:nport, back to the client as VIP:port -> client:cport, if the
+/// reverse table knows the backend's tuple; else it is to no service of ours.
+#[inline(never)]
+pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u32> {
+    let client = unsafe { NAT_REVERSE.get(backend_flow) }.ok_or(reason::DROP_VIP_UNSERVED)?;
+    let e = NAT_FLOWS
+        .get_ptr_mut(client)
+        .ok_or(reason::DROP_NAT_NO_FLOW)?;
+    // SAFETY: as in `forward`.
+    let e = unsafe { &mut *e };
+    e.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    e.flags = (e.flags & !NAT_F_SYNCED) | closing_flags(tcp_flags, NAT_F_FIN_BACKEND);
+    let (backend, vip_num, client_mac) = (e.backend, e.vip_num, e.client_mac);
+    let s = scratch()?;
+    s.new = Tuple {
+        family: client.family,
+        src: client.dst,
+        dst: client.src,
+        sport_be: client.dport_be,
+        dport_be: client.sport_be,
+        _pad: [0; 3],
+    };
+    let l3 = rewrite(ctx, &s.new)?;
+    let verdict = next_hop(ctx.ctx, l3, &client_mac)?;
+    let len = frame_len(ctx) as u64;
+    count(vip_slot(vip_num), len, false);
+    count(backend_slot(backend), len, false);
+    count(event_slot(event::NAT_REPLY), len, false);
+    Ok(verdict)
+}
+
+#[inline(always)]
+fn closing_flags(tcp_flags: u8, fin: u32) -> u32 {
+    let mut f = 0;
+    if tcp_flags & TCP_FIN != 0 {
+        f |= fin;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        f |= NAT_F_RST;
+    }
+    f
+}
+
+/// A new flow: the backend (`persist::choose_backend`), a free source port towards it, and the
+/// pair of entries (or the pair another CPU made for the same SYN a moment ago).
+#[inline(always)]
+fn open(ctx: &XdpContext, p: &Packet, now: u64) -> Step<()> {
+    // Persistence first (if the service has it), else the ring: as for DSR.
+    let s = scratch()?;
+    let (id, _) = crate::persist::choose_backend_in(
+        &p.vip,
+        &p.flow,
+        now,
+        &mut s.persist_key,
+        &mut s.persist_state,
+    )?;
+    let target = NAT_BACKENDS.get(id).ok_or(reason::ABORT_INTERNAL)?;
+    if target.family != p.flow.family {
+        return Err(reason::DROP_NO_BACKEND);
+    }
+    let (min, max) = match NAT_CONFIG.get(0) {
+        Some(c) if c.port_min != 0 && c.port_max >= c.port_min => (c.port_min, c.port_max),
+        _ => (NAT_DEFAULT_PORT_MIN, NAT_DEFAULT_PORT_MAX),
+    };
+    s.rev = FlowKey {
+        src: target.addr,
+        dst: p.flow.dst,
+        sport_be: target.port_be,
+        dport_be: 0,
+        proto: PROTO_TCP,
+        family: p.flow.family,
+        _pad: [0; 2],
+    };
+    let nport = claim_port(&mut s.rev, &p.flow, min, max)?;
+    let mut client_mac = [0u8; 6];
+    if let Some(eth) = ptr_at::<EthHdr>(ctx, 0) {
+        client_mac = unsafe { (*eth).src };
+    }
+    s.entry = NatFlow {
+        backend: id,
+        vip_num: p.vip.vip_num,
+        last_seen_ns: now,
+        flags: 0,
+        nport_be: nport,
+        bport_be: target.port_be,
+        baddr: target.addr,
+        client_mac,
+        _pad: [0; 2],
+    };
+    if NAT_FLOWS
+        .insert(&p.flow, &s.entry, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        // The table is full, or another CPU opened this flow a moment ago: either way
+        // our port goes back at once.
+        let _ = NAT_REVERSE.remove(&s.rev);
+        if unsafe { NAT_FLOWS.get(&p.flow) }.is_none() {
+            return Err(reason::DROP_NAT_TABLE_FULL);
+        }
+    }
+    Ok(())
+}
+
+/// Claims a source port for `client` towards the backend of `rev` (whose `dport_be` is
+/// set to it): candidates from a hash of the client's tuple, the first whose reverse
+/// entry does not exist yet wins. Ports of the VIP's own services are skipped (a reply
+/// to one would look like a new client). Returns the port, network order.
+#[inline(always)]
+fn claim_port(rev: &mut FlowKey, client: &FlowKey, min: u16, max: u16) -> Step<u16> {
+    let range = (max - min) as u32 + 1;
+    let h = flow_hash(client);
+    let mut full = false;
+    let mut i = 0;
+    while i < NAT_PORT_PROBES {
+        let port = min + (h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % range) as u16;
+        i += 1;
+        let vip_key = VipKey {
+            addr: rev.dst,
+            port_be: port.to_be(),
+            proto: PROTO_TCP,
+            family: rev.family,
+        };
+        if unsafe { VIPS.get(&vip_key) }.is_some() {
+            continue;
+        }
+        rev.dport_be = port.to_be();
+        match NAT_REVERSE.insert(&*rev, client, BPF_NOEXIST as u64) {
+            Ok(()) => return Ok(port.to_be()),
+            // EEXIST: the port is taken; anything else (E2BIG, ENOMEM): the table is full.
+            Err(e) if e == -17 => {}
+            Err(_) => full = true,
+        }
+    }
+    Err(if full {
+        reason::DROP_NAT_TABLE_FULL
+    } else {
+        reason::DROP_NAT_NO_PORT
+    })
+}
+
+#[inline(always)]
+fn remove_pair(client: &FlowKey, e: &NatFlow) {
+    let rev = FlowKey {
+        src: e.baddr,
+        dst: client.dst,
+        sport_be: e.bport_be,
+        dport_be: e.nport_be,
+        proto: PROTO_TCP,
+        family: client.family,
+        _pad: [0; 2],
+    };
+    let _ = NAT_REVERSE.remove(&rev);
+    let _ = NAT_FLOWS.remove(client);
+}
+
+/// This CPU's scratch space.
+#[inline(always)]
+fn scratch() -> Step<&'static mut NatScratch> {
+    let s = NAT_SCRATCH.get_ptr_mut(0).ok_or(reason::ABORT_INTERNAL)?;
+    // SAFETY: this CPU's own entry; XDP runs with preemption off on a CPU.
+    Ok(unsafe { &mut *s })
+}
+
+/// Writes `new` into the packet's IP and TCP headers with incremental checksum updates
+/// (RFC 1624): the IPv4 header checksum, and the TCP checksum over the pseudo-header's
+/// addresses and the ports. Returns where IP starts.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, new: &Tuple) -> Step<usize> {
+    let (_, l3) = parse_ethernet(ctx)?;
+    if new.family == FAMILY_V4 {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::ABORT_INTERNAL)?;
+        let tcp: *mut TcpHdr = ptr_at(ctx, l3 + IPV4_HLEN).ok_or(reason::ABORT_INTERNAL)?;
+        let (ip, tcp) = unsafe { (&mut *ip, &mut *tcp) };
+        let mut src = [0u8; 4];
+        let mut dst = [0u8; 4];
+        src.copy_from_slice(&new.src[..4]);
+        dst.copy_from_slice(&new.dst[..4]);
+        let addrs = diff(diff(0, &ip.src, &src), &ip.dst, &dst);
+        let ports = diff(
+            diff(0, &tcp.sport, &new.sport_be.to_ne_bytes()),
+            &tcp.dport,
+            &new.dport_be.to_ne_bytes(),
+        );
+        ip.check = apply(ip.check, addrs);
+        tcp.check = apply(tcp.check, addrs + ports);
+        ip.src = src;
+        ip.dst = dst;
+        tcp.sport = new.sport_be.to_ne_bytes();
+        tcp.dport = new.dport_be.to_ne_bytes();
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::ABORT_INTERNAL)?;
+        let tcp: *mut TcpHdr = ptr_at(ctx, l3 + IPV6_HLEN).ok_or(reason::ABORT_INTERNAL)?;
+        let (ip, tcp) = unsafe { (&mut *ip, &mut *tcp) };
+        let addrs = diff(diff(0, &ip.src, &new.src), &ip.dst, &new.dst);
+        let ports = diff(
+            diff(0, &tcp.sport, &new.sport_be.to_ne_bytes()),
+            &tcp.dport,
+            &new.dport_be.to_ne_bytes(),
+        );
+        tcp.check = apply(tcp.check, addrs + ports);
+        ip.src = new.src;
+        ip.dst = new.dst;
+        tcp.sport = new.sport_be.to_ne_bytes();
+        tcp.dport = new.dport_be.to_ne_bytes();
+    }
+    Ok(l3)
+}
+
+/// The one's-complement difference of replacing `old` by `new`, added to `acc`
+/// (unfolded: callers add a few of these, `apply` folds). Not inlined: LLVM turns the
+/// loop into vector code whose spills, inlined a few times, overflow the BPF stack.
+#[inline(never)]
+fn diff<const N: usize>(mut acc: u32, old: &[u8; N], new: &[u8; N]) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        acc += (!u16::from_be_bytes([old[i], old[i + 1]])) as u32;
+        acc += u16::from_be_bytes([new[i], new[i + 1]]) as u32;
+        i += 2;
+    }
+    acc
+}
+
+/// RFC 1624 eqn. 3: HC' = ~(~HC + sum of (~m + m')).
+#[inline(always)]
+fn apply(check: [u8; 2], acc: u32) -> [u8; 2] {
+    let mut sum = (!u16::from_be_bytes(check)) as u32 + (acc & 0xffff) + (acc >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
+}
+
+/// Sends the rewritten frame towards `new.dst`: the next hop the kernel's FIB gives
+/// (the backend, or a router before it), else `fallback_mac` (the backend's resolved
+/// MAC, or the MAC the client's frames came from).
+#[inline(always)]
+fn next_hop(raw: *mut xdp_md, l3: usize, fallback_mac: &[u8; 6]) -> Step<u32> {
+    let ctx = &XdpContext::new(raw);
+    let cfg = CONFIG.get(0).ok_or(reason::ABORT_INTERNAL)?;
+    let s = scratch()?;
+    let new = &s.new;
+    let family = new.family;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
+    let use_fib = NAT_CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & NAT_CFG_F_FIB != 0);
+    if use_fib {
+        let ingress = ctx.ingress_ifindex() as u32;
+        const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
+        // SAFETY: 64 bytes of this CPU's scratch, aligned for u64, as the helper's struct.
+        let params = unsafe { &mut *(s.fib.as_mut_ptr() as *mut FibParams) };
+        *params = unsafe { core::mem::zeroed() };
+        params.family = family;
+        params.l4_protocol = PROTO_TCP;
+        params.ifindex = ingress;
+        params.__bindgen_anon_1.tot_len = (frame_len(ctx) - l3) as u16;
+        if family == FAMILY_V4 {
+            params.__bindgen_anon_3.ipv4_src =
+                u32::from_ne_bytes([new.src[0], new.src[1], new.src[2], new.src[3]]);
+            params.__bindgen_anon_4.ipv4_dst =
+                u32::from_ne_bytes([new.dst[0], new.dst[1], new.dst[2], new.dst[3]]);
+        } else {
+            params.__bindgen_anon_3.ipv6_src = words(&new.src);
+            params.__bindgen_anon_4.ipv6_dst = words(&new.dst);
+        }
+        let rc = unsafe {
+            bpf_fib_lookup(
+                ctx.ctx as *mut _,
+                params as *mut FibParams,
+                core::mem::size_of::<FibParams>() as i32,
+                0,
+            )
+        };
+        if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+            unsafe {
+                (*eth).dst = params.dmac;
+                (*eth).src = params.smac;
+            }
+            if params.ifindex == ingress {
+                return Ok(XDP_TX);
+            }
+            let r = unsafe { bpf_redirect(params.ifindex, 0) } as u32;
+            return if r == XDP_REDIRECT {
+                Ok(r)
+            } else {
+                Err(reason::DROP_NAT_NO_ROUTE)
+            };
+        }
+    }
+    if *fallback_mac == [0; 6] {
+        return Err(reason::DROP_NAT_NO_ROUTE);
+    }
+    unsafe {
+        (*eth).dst = *fallback_mac;
+        (*eth).src = cfg.mac;
+    }
+    Ok(XDP_TX)
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// An ICMP error (fragmentation needed / packet too big) about a NAT flow, `quoted`
+/// being the quoted packet's tuple turned around (see `icmp.rs`). About our reply to a
+/// client (`quoted` is the client's key): it goes to the backend as if about the
+/// backend's own packet. About our packet to a backend (`quoted` is the backend's key):
+/// it goes to the client as if about the client's packet. Either way the outer source
+/// becomes the VIP (the receiver may have no route to the router that sent it), and
+/// every checksum is updated. `Ok(None)`: not about a NAT flow.
+#[inline(never)]
+pub fn icmp_error(ctx: &XdpContext, quoted: &FlowKey) -> Step<Option<u32>> {
+    let (client, to_backend): (&FlowKey, bool) = if unsafe { NAT_FLOWS.get(quoted) }.is_some() {
+        (quoted, true)
+    } else if let Some(client) = unsafe { NAT_REVERSE.get(quoted) } {
+        (client, false)
+    } else {
+        // A NAT service's flow we do not know: never DSR-forwarded raw. The key in the
+        // scratch: this frame and the rewrite's below it share the 512-byte stack with
+        // the pipeline's.
+        let s = scratch()?;
+        s.vip_key = VipKey {
+            addr: quoted.dst,
+            port_be: quoted.dport_be,
+            proto: PROTO_TCP,
+            family: quoted.family,
+        };
+        return match unsafe { VIPS.get(&s.vip_key) } {
+            Some(vip) if is_nat(vip) => Err(reason::DROP_NAT_NO_FLOW),
+            _ => Ok(None),
+        };
+    };
+    let e = unsafe { NAT_FLOWS.get(client) }.ok_or(reason::DROP_NAT_NO_FLOW)?;
+    let vip = client.dst;
+    // The quoted packet as it must read, and where the outer packet goes.
+    let s = scratch()?;
+    let fallback = if to_backend {
+        s.inner = Tuple {
+            family: client.family,
+            src: e.baddr,
+            dst: vip,
+            sport_be: e.bport_be,
+            dport_be: e.nport_be,
+            _pad: [0; 3],
+        };
+        s.new.dst = e.baddr;
+        usable_backend(e.backend).map(|b| b.mac).unwrap_or([0; 6])
+    } else {
+        s.inner = Tuple {
+            family: client.family,
+            src: client.src,
+            dst: vip,
+            sport_be: client.sport_be,
+            dport_be: client.dport_be,
+            _pad: [0; 3],
+        };
+        s.new.dst = client.src;
+        e.client_mac
+    };
+    s.new.family = client.family;
+    s.new.src = vip;
+    let l3 = if client.family == FAMILY_V4 {
+        rewrite_icmp4(ctx.ctx)?
+    } else {
+        rewrite_icmp6(ctx.ctx)?
+    };
+    let verdict = next_hop(ctx.ctx, l3, &fallback)?;
+    let len = frame_len(ctx) as u64;
+    count(vip_slot(e.vip_num), len, false);
+    count(backend_slot(e.backend), len, false);
+    count(event_slot(event::NAT_ICMP), len, false);
+    Ok(Some(verdict))
+}
+
+/// The quoted TCP header's ports and, when the quote holds it, its checksum.
+#[inline(always)]
+fn rewrite_quoted_tcp(ctx: &XdpContext, at: usize, inner: &Tuple, addrs: u32) -> Step<u32> {
+    let ports: *mut [u8; 4] = ptr_at(ctx, at).ok_or(reason::DROP_BAD_ICMP)?;
+    let ports = unsafe { &mut *ports };
+    let mut new = [0u8; 4];
+    new[..2].copy_from_slice(&inner.sport_be.to_ne_bytes());
+    new[2..].copy_from_slice(&inner.dport_be.to_ne_bytes());
+    let d = diff(0, ports, &new);
+    *ports = new;
+    let mut icmp_delta = d;
+    if let Some(check) = ptr_at::<[u8; 2]>(ctx, at + TCP_CHECK_AT) {
+        let check = unsafe { &mut *check };
+        let updated = apply(*check, addrs + d);
+        icmp_delta = diff(icmp_delta, check, &updated);
+        *check = updated;
+    }
+    Ok(icmp_delta)
+}
+
+/// Not inlined, to keep `icmp_error`'s frame small; takes the raw context so that the
+/// compiler cannot hand it packet pointers the verifier would refuse to compare.
+#[inline(never)]
+fn rewrite_icmp4(raw: *mut xdp_md) -> Step<usize> {
+    let ctx = &XdpContext::new(raw);
+    let s = scratch()?;
+    let (outer, inner) = (&s.new, &s.inner);
+    let (_, l3) = parse_ethernet(ctx)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::ABORT_INTERNAL)?;
+    let l4 = l3 + IPV4_HLEN;
+    let icmp: *mut [u8; ICMP_HLEN] = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_ICMP)?;
+    let qip: *mut Ipv4Hdr = ptr_at(ctx, l4 + ICMP_HLEN).ok_or(reason::DROP_BAD_ICMP)?;
+    let (ip, icmp, qip) = unsafe { (&mut *ip, &mut *icmp, &mut *qip) };
+    let mut src = [0u8; 4];
+    let mut dst = [0u8; 4];
+    src.copy_from_slice(&outer.src[..4]);
+    dst.copy_from_slice(&outer.dst[..4]);
+    ip.check = apply(ip.check, diff(diff(0, &ip.src, &src), &ip.dst, &dst));
+    ip.src = src;
+    ip.dst = dst;
+    let mut qsrc = [0u8; 4];
+    let mut qdst = [0u8; 4];
+    qsrc.copy_from_slice(&inner.src[..4]);
+    qdst.copy_from_slice(&inner.dst[..4]);
+    let qaddrs = diff(diff(0, &qip.src, &qsrc), &qip.dst, &qdst);
+    let qcheck = apply(qip.check, qaddrs);
+    let mut icmp_delta = diff(qaddrs, &qip.check, &qcheck);
+    qip.check = qcheck;
+    qip.src = qsrc;
+    qip.dst = qdst;
+    icmp_delta += rewrite_quoted_tcp(ctx, l4 + ICMP_HLEN + IPV4_HLEN, inner, qaddrs)?;
+    // The ICMP checksum covers the message only, the quoted packet included.
+    let check = apply([icmp[2], icmp[3]], icmp_delta);
+    icmp[2] = check[0];
+    icmp[3] = check[1];
+    Ok(l3)
+}
+
+/// Not inlined, to keep `icmp_error`'s frame small; takes the raw context so that the
+/// compiler cannot hand it packet pointers the verifier would refuse to compare.
+#[inline(never)]
+fn rewrite_icmp6(raw: *mut xdp_md) -> Step<usize> {
+    let ctx = &XdpContext::new(raw);
+    let s = scratch()?;
+    let (outer, inner) = (&s.new, &s.inner);
+    let (_, l3) = parse_ethernet(ctx)?;
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::ABORT_INTERNAL)?;
+    let l4 = l3 + IPV6_HLEN;
+    let icmp: *mut [u8; ICMP_HLEN] = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_ICMP)?;
+    let qip: *mut Ipv6Hdr = ptr_at(ctx, l4 + ICMP_HLEN).ok_or(reason::DROP_BAD_ICMP)?;
+    let (ip, icmp, qip) = unsafe { (&mut *ip, &mut *icmp, &mut *qip) };
+    // ICMPv6's checksum covers a pseudo-header with the outer addresses as well.
+    let mut icmp_delta = diff(diff(0, &ip.src, &outer.src), &ip.dst, &outer.dst);
+    ip.src = outer.src;
+    ip.dst = outer.dst;
+    let qaddrs = diff(diff(0, &qip.src, &inner.src), &qip.dst, &inner.dst);
+    icmp_delta += qaddrs;
+    qip.src = inner.src;
+    qip.dst = inner.dst;
+    icmp_delta += rewrite_quoted_tcp(ctx, l4 + ICMP_HLEN + IPV6_HLEN, inner, qaddrs)?;
+    let check = apply([icmp[2], icmp[3]], icmp_delta);
+    icmp[2] = check[0];
+    icmp[3] = check[1];
+    Ok(l3)
+}

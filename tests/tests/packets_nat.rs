@@ -1,0 +1,536 @@
+//! NAT forwarding, packet by packet, through BPF_PROG_TEST_RUN. Every expected frame is
+//! built from scratch by `lb_tests::packet` (its own checksums), so the program's
+//! incremental checksum updates are checked against an independent computation. The
+//! rig runs without FIB lookups: next hops are the backend's resolved MAC and the MAC
+//! the client's frames came from.
+
+use std::net::IpAddr;
+
+use lb_common::{
+    NAT_F_ESTABLISHED, NatConfig,
+    counters::{event, event_slot, global_slot, reason, vip_slot},
+};
+use lb_tests::{
+    packet::*,
+    require_root,
+    rig::{CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_TX, backend_mac, service},
+};
+use lb_userspace::{
+    config::{Forwarding, Service},
+    dataplane::{DataPlane, FlowStore},
+};
+
+const ROUTER_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x01];
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+/// A NAT service whose backends listen on `bport`.
+fn nat_service(name: &str, vip: &str, port: u16, backends: &[&str], bport: u16) -> Service {
+    let mut s = service(name, vip, port, 1009, backends);
+    s.forwarding = Forwarding::Nat;
+    for b in &mut s.backends {
+        b.port = Some(bport);
+    }
+    s
+}
+
+fn services() -> Vec<Service> {
+    vec![
+        nat_service("api", "192.0.2.20", 443, &["10.0.1.5"], 8443),
+        nat_service("api6", "2001:db8::20", 443, &["2001:db8:1::5"], 8443),
+        service("web", "192.0.2.10", 80, 1009, &["192.0.2.21", "192.0.2.22"]),
+    ]
+}
+
+fn rig() -> Rig {
+    Rig::new(services()).expect("load the XDP object and fill its maps (needs root)")
+}
+
+fn reasons(rig: &Rig) -> Vec<u64> {
+    (0..reason::COUNT)
+        .map(|r| rig.counter(global_slot(r)).packets)
+        .collect()
+}
+
+fn plus(before: &[u64], which: u32, n: u64) -> Vec<u64> {
+    let mut v = before.to_vec();
+    v[which as usize] += n;
+    v
+}
+
+fn event_count(rig: &Rig, e: u32) -> u64 {
+    rig.counter(event_slot(e)).packets
+}
+
+/// The LB's source port towards the backend, read from a translated frame.
+fn nport(frame: &[u8], v6: bool) -> u16 {
+    let at = if v6 { 14 + 40 } else { 14 + 20 };
+    u16::from_be_bytes([frame[at], frame[at + 1]])
+}
+
+/// Client -> VIP and back, byte for byte, for one family.
+fn both_directions(rig: &mut Rig, vip: &str, backend: &str, client: &str, v6: bool) {
+    let vip = (ip(vip), 443);
+    let client = (ip(client), 40000);
+    let backend_ip = ip(backend);
+    let bmac = backend_mac(backend_ip);
+    let vip_slot_before = rig.counter(vip_slot(rig.programmer.vip_num(vip.0, 443).expect("vip")));
+
+    // The SYN leaves as VIP:nport -> backend:8443, to the backend's MAC from ours.
+    let syn = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN);
+    let (v, out) = rig.run(&syn);
+    assert_eq!(v, XDP_TX, "the SYN is forwarded");
+    let n = nport(&out, v6);
+    assert!(n >= 1024, "source port {n} in the default range");
+    let expected = tcp_frame(bmac, LB_MAC, None, (vip.0, n), (backend_ip, 8443), SYN);
+    assert_eq!(
+        out, expected,
+        "translated SYN, checksums as computed from scratch"
+    );
+
+    // A retransmitted SYN and the handshake's ACK keep the translation.
+    let (v, again) = rig.run(&syn);
+    assert_eq!((v, &again), (XDP_TX, &expected));
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        out,
+        tcp_frame(bmac, LB_MAC, None, (vip.0, n), (backend_ip, 8443), ACK)
+    );
+
+    // The backend's SYN-ACK comes back as VIP:443 -> client, to the client's MAC.
+    let replies = event_count(rig, event::NAT_REPLY);
+    let reply = tcp_frame(
+        LB_MAC,
+        bmac,
+        None,
+        (backend_ip, 8443),
+        (vip.0, n),
+        SYN | ACK,
+    );
+    let (v, out) = rig.run(&reply);
+    assert_eq!(v, XDP_TX, "the reply is forwarded");
+    assert_eq!(
+        out,
+        tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, SYN | ACK),
+        "translated reply, checksums as computed from scratch"
+    );
+    assert_eq!(event_count(rig, event::NAT_REPLY), replies + 1);
+    let after = rig.counter(vip_slot(rig.programmer.vip_num(vip.0, 443).expect("vip")));
+    assert_eq!(
+        after.new_flows,
+        vip_slot_before.new_flows + 1,
+        "one new flow"
+    );
+    assert_eq!(after.packets, vip_slot_before.packets + 4);
+
+    // A reply on a port no flow holds, and mid-flow packets of no flow: dropped.
+    let before = reasons(rig);
+    let stray = tcp_frame(LB_MAC, bmac, None, (backend_ip, 8443), (vip.0, n ^ 1), ACK);
+    assert_eq!(rig.run(&stray).0, XDP_DROP);
+    assert_eq!(reasons(rig), plus(&before, reason::DROP_VIP_UNSERVED, 1));
+    let before = reasons(rig);
+    let lost = tcp_frame(LB_MAC, CLIENT_MAC, None, (client.0, 40001), vip, ACK);
+    assert_eq!(rig.run(&lost).0, XDP_DROP);
+    assert_eq!(reasons(rig), plus(&before, reason::DROP_NAT_NO_FLOW, 1));
+}
+
+#[test]
+fn nat_translates_both_directions_ipv4() {
+    if !require_root("nat_translates_both_directions_ipv4") {
+        return;
+    }
+    let mut rig = rig();
+    both_directions(&mut rig, "192.0.2.20", "10.0.1.5", "198.51.100.7", false);
+}
+
+#[test]
+fn nat_translates_both_directions_ipv6() {
+    if !require_root("nat_translates_both_directions_ipv6") {
+        return;
+    }
+    let mut rig = rig();
+    both_directions(
+        &mut rig,
+        "2001:db8::20",
+        "2001:db8:1::5",
+        "2001:db8:2::7",
+        true,
+    );
+}
+
+#[test]
+fn dsr_services_beside_nat_ones_are_untouched() {
+    if !require_root("dsr_services_beside_nat_ones_are_untouched") {
+        return;
+    }
+    let mut rig = rig();
+    let frame = tcp_frame(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        (ip("198.51.100.7"), 40000),
+        (ip("192.0.2.10"), 80),
+        SYN,
+    );
+    let (v, out) = rig.run(&frame);
+    assert_eq!(v, XDP_TX);
+    let mac: [u8; 6] = out[0..6].try_into().expect("MAC");
+    assert!(
+        [ip("192.0.2.21"), ip("192.0.2.22")]
+            .iter()
+            .any(|b| backend_mac(*b) == mac),
+        "to a DSR backend's MAC"
+    );
+    assert_eq!(&out[6..12], &LB_MAC);
+    assert_eq!(
+        &out[12..],
+        &frame[12..],
+        "IP and TCP as the client sent them"
+    );
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    assert!(
+        store.read_nat().expect("NAT table").is_empty(),
+        "no NAT flow"
+    );
+}
+
+#[test]
+fn nat_ports_are_never_shared_and_exhaustion_drops_the_syn() {
+    if !require_root("nat_ports_are_never_shared_and_exhaustion_drops_the_syn") {
+        return;
+    }
+    let mut rig = rig();
+    rig.dp
+        .set_nat_config(&NatConfig {
+            port_min: 2000,
+            port_max: 2001,
+            flags: 0,
+        })
+        .expect("NAT config");
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("192.0.2.20"), 443);
+    let backend = ip("10.0.1.5");
+    let syn = |port: u16| {
+        tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (ip("198.51.100.7"), port),
+            vip,
+            SYN,
+        )
+    };
+    let mut ports = Vec::new();
+    for cport in [41000, 41001] {
+        let (v, out) = rig.run(&syn(cport));
+        assert_eq!(v, XDP_TX);
+        ports.push((cport, nport(&out, false)));
+    }
+    let mut got: Vec<u16> = ports.iter().map(|p| p.1).collect();
+    got.sort();
+    assert_eq!(got, vec![2000, 2001], "two flows, two ports");
+
+    // Each port's reply reaches its own client.
+    for (cport, n) in &ports {
+        let reply = tcp_frame(
+            LB_MAC,
+            backend_mac(backend),
+            None,
+            (backend, 8443),
+            (vip.0, *n),
+            SYN | ACK,
+        );
+        let (v, out) = rig.run(&reply);
+        assert_eq!(v, XDP_TX);
+        assert_eq!(
+            out,
+            tcp_frame(
+                CLIENT_MAC,
+                LB_MAC,
+                None,
+                vip,
+                (ip("198.51.100.7"), *cport),
+                SYN | ACK
+            )
+        );
+    }
+
+    // No port left: the third SYN is dropped and counted, never sent on a taken port.
+    let before = reasons(&rig);
+    let (v, _) = rig.run(&syn(41002));
+    assert_eq!(v, XDP_DROP);
+    assert_eq!(reasons(&rig), plus(&before, reason::DROP_NAT_NO_PORT, 1));
+    let flows = store.read_nat().expect("NAT table");
+    assert_eq!(flows.len(), 2, "the dropped SYN made no entry");
+
+    // Collecting one pair frees its port for the next flow.
+    let first = flows
+        .iter()
+        .find(|(k, _)| u16::from_be(k.sport_be) == ports[0].0)
+        .copied()
+        .expect("the first flow");
+    store.remove_nat(&[first]).expect("remove the pair");
+    let (v, out) = rig.run(&syn(41002));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(nport(&out, false), ports[0].1, "the freed port");
+    assert_eq!(store.read_nat().expect("NAT table").len(), 2);
+}
+
+/// An ICMP error about a NAT flow, both ways: about our reply to the client (to the
+/// backend, as if about the backend's packet) and about our packet to the backend (to
+/// the client, as if about the client's packet).
+fn icmp_both_ways(rig: &mut Rig, vip: &str, backend: &str, client: &str, router: &str) {
+    let v6 = ip(vip).is_ipv6();
+    let vip = (ip(vip), 443);
+    let client = (ip(client), 40000);
+    let backend_ip = ip(backend);
+    let bmac = backend_mac(backend_ip);
+    let router = ip(router);
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, v6);
+    let icmp = |src: IpAddr, dst: IpAddr, quoted: &[u8]| match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            Ipv4::new(s, d, 1).build(&icmp4_frag_needed_body(1400, quoted))
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => icmp6_packet_too_big(s, d, 1280, quoted),
+        _ => panic!("mixed families"),
+    };
+    let ether = if v6 { ETH_P_IPV6 } else { ETH_P_IP };
+    let events = event_count(rig, event::NAT_ICMP);
+
+    // A router towards the client: our VIP:443 -> client was too big.
+    let input = ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        None,
+        ether,
+        &icmp(router, vip.0, &quote(vip, client, ACK)),
+    );
+    let (v, out) = rig.run(&input);
+    assert_eq!(v, XDP_TX, "to the backend");
+    let expected = ethernet(
+        bmac,
+        LB_MAC,
+        None,
+        ether,
+        &icmp(
+            vip.0,
+            backend_ip,
+            &quote((backend_ip, 8443), (vip.0, n), ACK),
+        ),
+    );
+    assert_eq!(out, expected, "as if about the backend's own packet");
+
+    // A router towards the backend: our VIP:nport -> backend was too big.
+    let input = ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        None,
+        ether,
+        &icmp(router, vip.0, &quote((vip.0, n), (backend_ip, 8443), ACK)),
+    );
+    let (v, out) = rig.run(&input);
+    assert_eq!(v, XDP_TX, "to the client");
+    let expected = ethernet(
+        CLIENT_MAC,
+        LB_MAC,
+        None,
+        ether,
+        &icmp(vip.0, client.0, &quote(client, vip, ACK)),
+    );
+    assert_eq!(out, expected, "as if about the client's own packet");
+    assert_eq!(event_count(rig, event::NAT_ICMP), events + 2);
+
+    // About a flow of the NAT service that does not exist: dropped, not DSR-forwarded.
+    let before = reasons(rig);
+    let stranger = (client.0, 40009);
+    let input = ethernet(
+        LB_MAC,
+        ROUTER_MAC,
+        None,
+        ether,
+        &icmp(router, vip.0, &quote(vip, stranger, ACK)),
+    );
+    assert_eq!(rig.run(&input).0, XDP_DROP);
+    assert_eq!(reasons(rig), plus(&before, reason::DROP_NAT_NO_FLOW, 1));
+}
+
+/// ICMP fragmentation needed (type 3 code 4) with its checksum, quoting `quoted`.
+fn icmp4_frag_needed_body(mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![3, 4, 0, 0, 0, 0];
+    m.extend_from_slice(&mtu.to_be_bytes());
+    m.extend_from_slice(quoted);
+    let c = checksum(&[&m]);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+#[test]
+fn icmp_errors_about_nat_flows_are_translated_both_ways_ipv4() {
+    if !require_root("icmp_errors_about_nat_flows_are_translated_both_ways_ipv4") {
+        return;
+    }
+    let mut rig = rig();
+    icmp_both_ways(
+        &mut rig,
+        "192.0.2.20",
+        "10.0.1.5",
+        "198.51.100.7",
+        "203.0.113.1",
+    );
+}
+
+#[test]
+fn icmp_errors_about_nat_flows_are_translated_both_ways_ipv6() {
+    if !require_root("icmp_errors_about_nat_flows_are_translated_both_ways_ipv6") {
+        return;
+    }
+    let mut rig = rig();
+    icmp_both_ways(
+        &mut rig,
+        "2001:db8::20",
+        "2001:db8:1::5",
+        "2001:db8:2::7",
+        "2001:db8:3::1",
+    );
+}
+
+#[test]
+fn a_syn_on_a_closed_flows_tuple_opens_a_new_pair() {
+    if !require_root("a_syn_on_a_closed_flows_tuple_opens_a_new_pair") {
+        return;
+    }
+    let mut rig = rig();
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("192.0.2.20"), 443);
+    let client = (ip("198.51.100.7"), 42000);
+    let backend = ip("10.0.1.5");
+    let (_, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    let n = nport(&out, false);
+    rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, FIN | ACK));
+    rig.run(&tcp_frame(
+        LB_MAC,
+        backend_mac(backend),
+        None,
+        (backend, 8443),
+        (vip.0, n),
+        FIN | ACK,
+    ));
+    let flows = store.read_nat().expect("NAT table");
+    assert_eq!(flows.len(), 1);
+    assert!(lb_userspace::nat::is_closed(&flows[0].1), "both FINs seen");
+    assert_ne!(flows[0].1.flags & NAT_F_ESTABLISHED, 0, "past the SYN");
+    // The client reuses its port: a new connection, a fresh pair.
+    let (v, _) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let flows = store.read_nat().expect("NAT table");
+    assert_eq!(flows.len(), 1);
+    assert!(!lb_userspace::nat::is_closed(&flows[0].1), "a fresh flow");
+    assert_eq!(
+        flows[0].1.flags & NAT_F_ESTABLISHED,
+        0,
+        "a SYN only: collected after the embryonic timeout unless more follows"
+    );
+}
+
+#[test]
+fn a_host_that_does_not_serve_translates_nothing() {
+    if !require_root("a_host_that_does_not_serve_translates_nothing") {
+        return;
+    }
+    use lb_userspace::dataplane::ServeSwitch;
+    let mut rig = rig();
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("192.0.2.20"), 443);
+    let client = (ip("198.51.100.7"), 43000);
+    let backend = ip("10.0.1.5");
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, false);
+    // A backup (or a master whose lease ran out): neither direction is translated.
+    rig.serving.set_serving(false, 0).expect("serving switch");
+    let before = reasons(&rig);
+    let reply = tcp_frame(
+        LB_MAC,
+        backend_mac(backend),
+        None,
+        (backend, 8443),
+        (vip.0, n),
+        SYN | ACK,
+    );
+    for frame in [
+        tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK),
+        tcp_frame(LB_MAC, CLIENT_MAC, None, (client.0, 43001), vip, SYN),
+        reply.clone(),
+    ] {
+        let (v, out) = rig.run(&frame);
+        assert_eq!((v, &out), (XDP_DROP, &frame), "dropped untouched");
+    }
+    assert_eq!(reasons(&rig), plus(&before, reason::DROP_NOT_MASTER, 3));
+    assert_eq!(store.read_nat().expect("NAT table").len(), 1, "no new pair");
+    // Serving again, the pair is still there.
+    rig.serving.set_serving(true, 0).expect("serving switch");
+    assert_eq!(rig.run(&reply).0, XDP_TX);
+}
+
+#[test]
+fn an_established_nat_flow_keeps_its_backend_through_ring_changes() {
+    if !require_root("an_established_nat_flow_keeps_its_backend_through_ring_changes") {
+        return;
+    }
+    let two = || {
+        vec![nat_service(
+            "api",
+            "192.0.2.20",
+            443,
+            &["10.0.1.5", "10.0.1.6"],
+            8443,
+        )]
+    };
+    let mut rig = Rig::new(two()).expect("load (needs root)");
+    let vip = (ip("192.0.2.20"), 443);
+    let client = (ip("198.51.100.7"), 44000);
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, false);
+    let chosen = IpAddr::from([out[30], out[31], out[32], out[33]]);
+    // Its backend leaves the ring (weight 0, as a drain does).
+    let mut drained = two();
+    for b in &mut drained[0].backends {
+        if b.address == chosen {
+            b.weight = 0;
+        }
+    }
+    rig.apply(drained).expect("reprogram");
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        out,
+        tcp_frame(
+            backend_mac(chosen),
+            LB_MAC,
+            None,
+            (vip.0, n),
+            (chosen, 8443),
+            ACK
+        ),
+        "the same backend, the same port"
+    );
+    // New flows go to the other one.
+    for port in 44001..44021 {
+        let (v, out) = rig.run(&tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (client.0, port),
+            vip,
+            SYN,
+        ));
+        assert_eq!(v, XDP_TX);
+        assert_ne!(IpAddr::from([out[30], out[31], out[32], out[33]]), chosen);
+    }
+}

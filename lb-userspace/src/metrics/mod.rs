@@ -341,6 +341,13 @@ pub fn render(sample: &Sample) -> String {
     );
     entries.set(vec![("table", "connections".into())], f.connections);
     entries.set(vec![("table", "pinned".into())], f.pinned);
+    entries.set(vec![("table", "nat".into())], f.nat_flows);
+    Counters::new(
+        &mut r,
+        "lb_nat_flows_collected",
+        "NAT flows (both entries) removed after their close, time-wait or idle timeout",
+    )
+    .set(Vec::new(), f.nat_collected);
     Counters::new(
         &mut r,
         "lb_flow_pin_failures",
@@ -768,6 +775,8 @@ mod tests {
         }
         assert_eq!(get(r#"lb_flow_table_entries{table="connections"}"#), 12.0);
         assert_eq!(get(r#"lb_flow_table_entries{table="pinned"}"#), 1.0);
+        assert_eq!(get(r#"lb_flow_table_entries{table="nat"}"#), 0.0);
+        assert_eq!(get("lb_nat_flows_collected_total"), 0.0);
         assert_eq!(get("lb_flow_pin_failures_total"), 0.0);
         // Standalone: no VRRP or sync series at all.
         assert!(!text.contains("lb_vrrp_"), "{text}");

@@ -3,8 +3,8 @@
 //! backend joins, its backend's weight drops), while the same client on a service
 //! without persistence follows the ring; a disabled backend gets no persistent client's
 //! new connection; and after the master's SIGKILL the backup, which got the entries
-//! through `[sync]`, still sends the client to its backend. Needs root; see
-//! `lb_tests::lab`.
+//! through `[sync]`, still sends the client to its backend. Each in DSR mode and in
+//! NAT mode (stock backends, the NAT flows synced too). Needs root; see `lb_tests::lab`.
 //!
 //! Every loop is bounded in count and time; the test prints what it saw.
 
@@ -38,6 +38,38 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 /// Connections per phase.
 const CONNECTIONS: usize = 20;
 const SYNC_KEY: &[u8] = b"lab persistence sync key, 16+ bytes\n";
+/// In NAT mode the backends' servers listen here (stock backends, no VIP of their own).
+const NAT_BACKEND_PORT: u16 = 9090;
+
+/// How the services forward.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Dsr,
+    Nat,
+}
+
+impl Mode {
+    fn apply(self, s: Service) -> Service {
+        match self {
+            Mode::Dsr => s,
+            Mode::Nat => s.nat(NAT_BACKEND_PORT),
+        }
+    }
+
+    /// A lab whose backends serve this mode's ports (`ports` in DSR mode).
+    fn lab(self, second_lb: bool, ports: &[u16]) -> Result<Lab> {
+        let lab = Lab::builder()
+            .backends(3)
+            .stock_backends(self == Mode::Nat)
+            .second_lb(second_lb)
+            .build()?;
+        match self {
+            Mode::Dsr => ports.iter().try_for_each(|p| lab.start_servers(*p))?,
+            Mode::Nat => lab.start_servers(NAT_BACKEND_PORT)?,
+        }
+        Ok(lab)
+    }
+}
 
 fn addr(vip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     (vip.into(), port).into()
@@ -71,8 +103,9 @@ fn persistent_clients(status: &Status, name: &str) -> u64 {
 
 /// The sticky services (IPv4 and IPv6) and the plain one, with these weights for b1..b3
 /// (0: not in the service).
-fn services(weights: [u32; 3]) -> Vec<Service> {
-    let with = |mut s: Service| {
+fn services(mode: Mode, weights: [u32; 3]) -> Vec<Service> {
+    let with = |s: Service| {
+        let mut s = mode.apply(s);
         for (i, w) in weights.iter().enumerate() {
             if *w > 0 {
                 s = s.backend(i + 1, *w);
@@ -99,11 +132,22 @@ fn persistence_across_ring_changes() -> Result<()> {
     if !lb_tests::require_root("persistence_across_ring_changes") {
         return Ok(());
     }
-    let lab = Lab::builder().backends(3).build()?;
-    lab.start_servers(SERVICE_PORT)?;
-    lab.start_servers(PLAIN_PORT)?;
-    let mut agent = lab.spawn_agent(&lab.config("native", &services([100, 100, 0])))?;
-    let result = ring_changes(&lab, &mut agent);
+    across_ring_changes(Mode::Dsr)
+}
+
+/// The same in NAT mode, with stock backends.
+#[test]
+fn nat_persistence_across_ring_changes() -> Result<()> {
+    if !lb_tests::require_root("nat_persistence_across_ring_changes") {
+        return Ok(());
+    }
+    across_ring_changes(Mode::Nat)
+}
+
+fn across_ring_changes(mode: Mode) -> Result<()> {
+    let lab = mode.lab(false, &[SERVICE_PORT, PLAIN_PORT])?;
+    let mut agent = lab.spawn_agent(&lab.config("native", &services(mode, [100, 100, 0])))?;
+    let result = ring_changes(&lab, &mut agent, mode);
     if result.is_err() {
         eprintln!(
             "--- lb-agent log ---\n{}\n{}",
@@ -114,7 +158,7 @@ fn persistence_across_ring_changes() -> Result<()> {
     result
 }
 
-fn ring_changes(lab: &Lab, agent: &mut AgentGuard<'_>) -> Result<()> {
+fn ring_changes(lab: &Lab, agent: &mut AgentGuard<'_>, mode: Mode) -> Result<()> {
     for s in ["sticky", "sticky6", "plain"] {
         lab.wait_backends_up(s, &["b1", "b2"], UP_WAIT)?;
     }
@@ -176,7 +220,7 @@ fn ring_changes(lab: &Lab, agent: &mut AgentGuard<'_>) -> Result<()> {
     for b in first.values() {
         weights[number_of(b)? - 1] = 1;
     }
-    let said = agent.reload(&lab.config("native", &services(weights)))?;
+    let said = agent.reload(&lab.config("native", &services(mode, weights)))?;
     println!("reload: {said}");
     lab.wait_backends_up("plain", &["b1", "b2", "b3"], UP_WAIT)?;
     let seen = connections(lab, plain, 2 * CONNECTIONS)?;
@@ -242,10 +286,12 @@ fn key_file(lab: &Lab) -> Result<PathBuf> {
 
 /// `node`'s config: the sticky IPv4 service on b1..b3, `[sync]` with the other LB host,
 /// `[vrrp]` with priority 150 on lb, 100 on lb2.
-fn pair_config(lab: &Lab, node: Node) -> Result<String> {
-    let services = [Service::new("sticky", VIP4, SERVICE_PORT)
-        .backends(1..=3)
-        .persistence(PERSIST_S)];
+fn pair_config(lab: &Lab, node: Node, mode: Mode) -> Result<String> {
+    let services = [mode.apply(
+        Service::new("sticky", VIP4, SERVICE_PORT)
+            .backends(1..=3)
+            .persistence(PERSIST_S),
+    )];
     let mut file = lab.config_file(node, "native", &services);
     let peer = if node == Node::Lb {
         Node::Lb2
@@ -276,10 +322,23 @@ fn persistence_survives_a_failover_through_sync() -> Result<()> {
     if !lb_tests::require_root("persistence_survives_a_failover_through_sync") {
         return Ok(());
     }
-    let lab = Lab::builder().backends(3).second_lb(true).build()?;
-    lab.start_servers(SERVICE_PORT)?;
+    failover_keeps_the_backend(Mode::Dsr)
+}
+
+/// The same in NAT mode, with stock backends: the Persist sync message carries the
+/// entry as in DSR mode.
+#[test]
+fn nat_persistence_survives_a_failover_through_sync() -> Result<()> {
+    if !lb_tests::require_root("nat_persistence_survives_a_failover_through_sync") {
+        return Ok(());
+    }
+    failover_keeps_the_backend(Mode::Nat)
+}
+
+fn failover_keeps_the_backend(mode: Mode) -> Result<()> {
+    let lab = mode.lab(true, &[SERVICE_PORT])?;
     let mut agents: Vec<(Node, AgentGuard<'_>)> = Vec::new();
-    let result = failover(&lab, &mut agents);
+    let result = failover(&lab, &mut agents, mode);
     if result.is_err() {
         for (node, a) in &agents {
             eprintln!("--- lb-agent in {node:?} ---\n{}", a.log());
@@ -289,15 +348,19 @@ fn persistence_survives_a_failover_through_sync() -> Result<()> {
     result
 }
 
-fn failover<'lab>(lab: &'lab Lab, agents: &mut Vec<(Node, AgentGuard<'lab>)>) -> Result<()> {
+fn failover<'lab>(
+    lab: &'lab Lab,
+    agents: &mut Vec<(Node, AgentGuard<'lab>)>,
+    mode: Mode,
+) -> Result<()> {
     agents.push((
         Node::Lb,
-        lab.spawn_agent_on(Node::Lb, &pair_config(lab, Node::Lb)?)?,
+        lab.spawn_agent_on(Node::Lb, &pair_config(lab, Node::Lb, mode)?)?,
     ));
     lab.wait_status_on(Node::Lb, "master", TAKEOVER_WAIT, is_master)?;
     agents.push((
         Node::Lb2,
-        lab.spawn_agent_on(Node::Lb2, &pair_config(lab, Node::Lb2)?)?,
+        lab.spawn_agent_on(Node::Lb2, &pair_config(lab, Node::Lb2, mode)?)?,
     ));
     for node in [Node::Lb, Node::Lb2] {
         lab.wait_status_on(node, "sync connected", TAKEOVER_WAIT, in_step)?;

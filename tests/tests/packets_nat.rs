@@ -7,17 +7,20 @@
 use std::net::IpAddr;
 
 use lb_common::{
-    NAT_F_ESTABLISHED, NatConfig,
+    FlowKey, NAT_F_ESTABLISHED, NatConfig, PERSIST_TOUCH_NS, PROTO_TCP, PersistKey, PersistState,
     counters::{event, event_slot, global_slot, reason, vip_slot},
+    hash::flow_hash,
 };
 use lb_tests::{
     packet::*,
     require_root,
-    rig::{CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_TX, backend_mac, service},
+    rig::{CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_TX, all_up, backend_mac, service},
 };
 use lb_userspace::{
-    config::{Forwarding, Service},
-    dataplane::{DataPlane, FlowStore},
+    config::{BackendSpec, Forwarding, Service},
+    dataplane::{DataPlane, FlowStore, monotonic_ns},
+    maglev,
+    programmer::{BackendView, addr_bytes},
 };
 
 const ROUTER_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x01];
@@ -532,5 +535,370 @@ fn an_established_nat_flow_keeps_its_backend_through_ring_changes() {
         ));
         assert_eq!(v, XDP_TX);
         assert_ne!(IpAddr::from([out[30], out[31], out[32], out[33]]), chosen);
+    }
+}
+
+// ---- client-address persistence in NAT mode ------------------------------------------
+
+const PERSIST_S: u32 = 300;
+
+/// Two NAT services (IPv4 "api", IPv6 "api6") of two backends each, with persistence.
+fn persistent_nat_services() -> Vec<Service> {
+    let mut s = vec![
+        nat_service("api", "192.0.2.20", 443, &["10.0.1.5", "10.0.1.6"], 8443),
+        nat_service(
+            "api6",
+            "2001:db8::20",
+            443,
+            &["2001:db8:1::5", "2001:db8:1::6"],
+            8443,
+        ),
+    ];
+    for svc in &mut s {
+        svc.persistence_timeout_s = PERSIST_S;
+    }
+    s
+}
+
+/// The client's flow key, as the program hashes and keys persistence on it.
+fn flow(src: (IpAddr, u16), dst: (IpAddr, u16)) -> FlowKey {
+    let (s, family) = addr_bytes(src.0);
+    let (d, _) = addr_bytes(dst.0);
+    FlowKey {
+        src: s,
+        dst: d,
+        sport_be: src.1.to_be(),
+        dport_be: dst.1.to_be(),
+        proto: PROTO_TCP,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// The backend id and address the Maglev ring of `s` gives this flow (usable backends
+/// of weight > 0 only).
+fn ring_choice_of(rig: &Rig, s: &Service, flow: &FlowKey) -> (u32, IpAddr) {
+    let id_of = |b: &BackendSpec| rig.programmer.backend_id(&s.name, b.address).expect("id");
+    let members: Vec<maglev::Member> = s
+        .backends
+        .iter()
+        .filter(|b| b.weight > 0)
+        .map(|b| maglev::Member {
+            identity: b.address.to_string(),
+            id: id_of(b),
+            weight: b.weight,
+        })
+        .collect();
+    let ring = maglev::build(&members, s.ring_size);
+    let id = ring[(flow_hash(flow) % s.ring_size) as usize];
+    let b = s.backends.iter().find(|b| id_of(b) == id).expect("member");
+    (id, b.address)
+}
+
+/// A client port whose flow the ring of `s` does NOT give to `not`.
+fn port_off(rig: &Rig, s: &Service, client: IpAddr, not: u32) -> u16 {
+    port_off_from(rig, s, client, not, 50000)
+}
+
+/// `port_off` searching the thousand ports from `from` (ports no earlier flow used).
+fn port_off_from(rig: &Rig, s: &Service, client: IpAddr, not: u32, from: u16) -> u16 {
+    let vip = (s.vip, s.port);
+    (from..from + 1000)
+        .find(|p| ring_choice_of(rig, s, &flow((client, *p), vip)).0 != not)
+        .expect("some port the ring sends elsewhere")
+}
+
+/// The translated destination (backend address and port) and the destination MAC of a
+/// frame the NAT path sent towards a backend.
+fn translated_to(frame: &[u8]) -> (IpAddr, u16, [u8; 6]) {
+    let mac: [u8; 6] = frame[0..6].try_into().expect("MAC");
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        ETH_P_IP => {
+            let a: [u8; 4] = frame[30..34].try_into().expect("IPv4 address");
+            (
+                IpAddr::from(a),
+                u16::from_be_bytes([frame[36], frame[37]]),
+                mac,
+            )
+        }
+        _ => {
+            let a: [u8; 16] = frame[38..54].try_into().expect("IPv6 address");
+            (
+                IpAddr::from(a),
+                u16::from_be_bytes([frame[56], frame[57]]),
+                mac,
+            )
+        }
+    }
+}
+
+fn persist_entry(store: &mut dyn FlowStore, key: &PersistKey) -> Option<PersistState> {
+    store
+        .read_persist()
+        .expect("read PERSIST")
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// A NAT client's new connections (other source ports) keep the backend of its first
+/// after the ring moved (weights changed, a backend added), IPv4 and IPv6; without
+/// persistence the ring decides.
+#[test]
+fn nat_persistence_keeps_a_client_on_its_backend_after_the_ring_changes() {
+    if !require_root("nat_persistence_keeps_a_client_on_its_backend_after_the_ring_changes") {
+        return;
+    }
+    for (svc, client, extra) in [
+        (0usize, "198.51.100.80", "10.0.1.7"),
+        (1, "2001:db8:2::80", "2001:db8:1::7"),
+    ] {
+        let mut rig = Rig::new(persistent_nat_services()).expect("load (needs root)");
+        let mut store = rig.dp.take_flow_store().expect("flow store");
+        let s0 = rig.services[svc].clone();
+        let vip = (s0.vip, s0.port);
+        let client = ip(client);
+        let first_key = flow((client, 40000), vip);
+        let (v, out) = rig.run(&tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (client, 40000),
+            vip,
+            SYN,
+        ));
+        assert_eq!(v, XDP_TX);
+        let (first, first_addr) = ring_choice_of(&rig, &s0, &first_key);
+        assert_eq!(
+            translated_to(&out),
+            (first_addr, 8443, backend_mac(first_addr)),
+            "{}: the first connection takes the ring",
+            s0.name
+        );
+        let pkey = PersistKey::of_flow(&first_key);
+        let entry = persist_entry(&mut store, &pkey).expect("the choice is remembered");
+        assert_eq!(entry.backend, first);
+        assert_eq!(
+            entry.vip_num,
+            rig.programmer.vip_num(vip.0, vip.1).expect("vip")
+        );
+
+        // The ring changes: the first backend's weight drops, a third joins (on its
+        // own port, so the translated port tells it apart too).
+        let mut s = persistent_nat_services();
+        for b in &mut s[svc].backends {
+            if b.address == first_addr {
+                b.weight = 10;
+            }
+        }
+        s[svc].backends.push(BackendSpec {
+            name: "extra".into(),
+            address: ip(extra),
+            weight: 100,
+            backup: false,
+            port: Some(9443),
+        });
+        rig.apply(s.clone()).expect("reprogram");
+        let port = port_off(&rig, &s[svc], client, first);
+        for p in [port, port + 1000, port + 2000] {
+            let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, (client, p), vip, SYN));
+            assert_eq!(v, XDP_TX);
+            assert_eq!(
+                translated_to(&out),
+                (first_addr, 8443, backend_mac(first_addr)),
+                "{}: a new connection of a persistent client keeps its backend",
+                s0.name
+            );
+        }
+        assert_eq!(
+            persist_entry(&mut store, &pkey)
+                .expect("still remembered")
+                .backend,
+            first
+        );
+
+        // Persistence off: the same client follows the ring, to another backend.
+        s[svc].persistence_timeout_s = 0;
+        rig.apply(s.clone()).expect("reprogram");
+        let p = port_off_from(&rig, &s[svc], client, first, 53000);
+        let (_, ring_addr) = ring_choice_of(&rig, &s[svc], &flow((client, p), vip));
+        let ring_port = if ring_addr == ip(extra) { 9443 } else { 8443 };
+        let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, (client, p), vip, SYN));
+        assert_eq!(v, XDP_TX);
+        assert_eq!(
+            translated_to(&out),
+            (ring_addr, ring_port, backend_mac(ring_addr)),
+            "{}: no persistence, the ring decides",
+            s0.name
+        );
+    }
+}
+
+/// The remembered backend disabled or down: the client's next connection goes where the
+/// ring says, that choice is remembered, and the connection after it follows it.
+#[test]
+fn nat_persistent_client_of_a_disabled_or_down_backend_is_rechosen() {
+    if !require_root("nat_persistent_client_of_a_disabled_or_down_backend_is_rechosen") {
+        return;
+    }
+    for svc in [0usize, 1] {
+        for down in [false, true] {
+            let mut rig = Rig::new(persistent_nat_services()).expect("load (needs root)");
+            let mut store = rig.dp.take_flow_store().expect("flow store");
+            let s0 = rig.services[svc].clone();
+            let vip = (s0.vip, s0.port);
+            let client = if svc == 0 {
+                ip("198.51.100.82")
+            } else {
+                ip("2001:db8:2::82")
+            };
+            let first_key = flow((client, 40000), vip);
+            let (v, out) = rig.run(&tcp_frame(
+                LB_MAC,
+                CLIENT_MAC,
+                None,
+                (client, 40000),
+                vip,
+                SYN,
+            ));
+            assert_eq!(v, XDP_TX);
+            let (first, gone) = ring_choice_of(&rig, &s0, &first_key);
+            assert_eq!(translated_to(&out).0, gone);
+            let view = move |s: &Service, b: &BackendSpec| BackendView {
+                enabled: down || b.address != gone,
+                healthy: !down || b.address != gone,
+                ..all_up(s, b)
+            };
+            rig.apply_with(persistent_nat_services(), &view)
+                .expect("reprogram");
+            let other = s0
+                .backends
+                .iter()
+                .find(|b| b.address != gone)
+                .expect("the other backend")
+                .address;
+            let (v, out) = rig.run(&tcp_frame(
+                LB_MAC,
+                CLIENT_MAC,
+                None,
+                (client, 40001),
+                vip,
+                SYN,
+            ));
+            assert_eq!(v, XDP_TX);
+            assert_eq!(
+                translated_to(&out),
+                (other, 8443, backend_mac(other)),
+                "{} down={down}: re-chosen",
+                s0.name
+            );
+            let pkey = PersistKey::of_flow(&first_key);
+            let entry = persist_entry(&mut store, &pkey).expect("remembered");
+            assert_ne!(entry.backend, first, "{} down={down}", s0.name);
+            assert_eq!(
+                Some(entry.backend),
+                rig.programmer.backend_id(&s0.name, other),
+                "{} down={down}: the new choice is remembered",
+                s0.name
+            );
+            // With the old backend back, the client stays on the new one.
+            rig.apply(persistent_nat_services()).expect("reprogram");
+            let back = port_off(&rig, &rig.services[svc].clone(), client, entry.backend);
+            let (_, out) = rig.run(&tcp_frame(
+                LB_MAC,
+                CLIENT_MAC,
+                None,
+                (client, back),
+                vip,
+                SYN,
+            ));
+            assert_eq!(
+                translated_to(&out).0,
+                other,
+                "{} down={down}: the new choice persists",
+                s0.name
+            );
+        }
+    }
+}
+
+/// Established NAT packets of a client keep its entry alive: an entry older than
+/// PERSIST_TOUCH_NS is brought forward, a fresher one left as it is (a write per second
+/// at most); a packet the NAT table does not know touches nothing.
+#[test]
+fn established_nat_packets_refresh_the_persistence_entry() {
+    if !require_root("established_nat_packets_refresh_the_persistence_entry") {
+        return;
+    }
+    for svc in [0usize, 1] {
+        let mut rig = Rig::new(persistent_nat_services()).expect("load (needs root)");
+        let mut store = rig.dp.take_flow_store().expect("flow store");
+        let s0 = rig.services[svc].clone();
+        let vip = (s0.vip, s0.port);
+        let client = if svc == 0 {
+            ip("198.51.100.83")
+        } else {
+            ip("2001:db8:2::83")
+        };
+        let key = flow((client, 40000), vip);
+        let pkey = PersistKey::of_flow(&key);
+        let (v, _) = rig.run(&tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (client, 40000),
+            vip,
+            SYN,
+        ));
+        assert_eq!(v, XDP_TX);
+        let ack = tcp_frame(LB_MAC, CLIENT_MAC, None, (client, 40000), vip, ACK);
+
+        // Older than the touch interval (here: 60 s ago): an ACK moves it to now.
+        let mut entry = persist_entry(&mut store, &pkey).expect("remembered");
+        let aged = monotonic_ns() - 60 * 1_000_000_000;
+        entry.last_seen_ns = aged;
+        store.write_persist(&[(pkey, entry)]).expect("age it");
+        let before = monotonic_ns();
+        assert_eq!(rig.run(&ack).0, XDP_TX);
+        let touched = persist_entry(&mut store, &pkey).expect("remembered");
+        assert!(
+            touched.last_seen_ns >= before,
+            "{}: an established packet refreshes an old entry ({} < {before})",
+            s0.name,
+            touched.last_seen_ns
+        );
+        assert_eq!(touched.backend, entry.backend);
+
+        // Fresher than the interval: left as it is.
+        let recent = monotonic_ns() - PERSIST_TOUCH_NS / 10;
+        entry.last_seen_ns = recent;
+        store.write_persist(&[(pkey, entry)]).expect("set it");
+        assert_eq!(rig.run(&ack).0, XDP_TX);
+        let after = persist_entry(&mut store, &pkey).expect("remembered");
+        let waited = monotonic_ns() - recent;
+        // Only meaningful if the run came back within the interval (it takes micro-
+        // seconds; the figure is printed).
+        println!("{}: {waited} ns between the write and the check", s0.name);
+        if waited < PERSIST_TOUCH_NS {
+            assert_eq!(
+                after.last_seen_ns, recent,
+                "{}: within PERSIST_TOUCH_NS, no write",
+                s0.name
+            );
+        }
+
+        // A mid-flow packet of no NAT flow: dropped, and the entry untouched.
+        entry.last_seen_ns = aged;
+        store.write_persist(&[(pkey, entry)]).expect("age it");
+        let stray = tcp_frame(LB_MAC, CLIENT_MAC, None, (client, 40001), vip, ACK);
+        assert_eq!(rig.run(&stray).0, XDP_DROP);
+        assert_eq!(
+            persist_entry(&mut store, &pkey)
+                .expect("remembered")
+                .last_seen_ns,
+            aged,
+            "{}: no flow, no refresh",
+            s0.name
+        );
     }
 }

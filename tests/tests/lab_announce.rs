@@ -11,11 +11,7 @@
 //! Needs root; see `lb_tests::lab`.
 
 use std::{
-    fs,
-    io::Write,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::OpenOptionsExt,
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -68,19 +64,6 @@ fn routed_lab(lbs: usize) -> Result<Lab> {
     Ok(lab)
 }
 
-fn key_file(lab: &Lab) -> Result<PathBuf> {
-    let path = lab.dir().join("sync.key");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(KEY)?;
-    Ok(path)
-}
-
 /// `node`'s config: the routed service, `[announce]` in `TABLE`, and `[sync]` with
 /// every other LB host of the lab (pins reach a host that joins later too); `[vrrp]`
 /// with this priority if given, else none: every host is active.
@@ -91,7 +74,7 @@ fn agent_config(lab: &Lab, node: Node, vrrp: Option<u8>) -> Result<String> {
         .into_iter()
         .filter(|n| *n != node)
         .map(|n| IpAddr::V4(addr4(n)));
-    file.sync = Some(SyncSection::new(peers, key_file(lab)?));
+    file.sync = Some(SyncSection::new(peers, lab.key_file("sync.key", KEY)?));
     file.announce = Some(AnnounceSection::new(TABLE));
     file.vrrp = vrrp.map(|priority| VrrpSection::new(51, priority));
     Ok(file.to_toml())

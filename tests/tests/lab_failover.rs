@@ -16,10 +16,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::fs::{OpenOptionsExt, PermissionsExt},
-    },
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -945,20 +942,6 @@ fn snapshot(lab: &Lab) -> Result<Vec<(Node, Status)>> {
         .collect()
 }
 
-/// Writes a 32-byte key file, mode 0600, in the lab's directory.
-fn key_file(lab: &Lab, name: &str, key: &[u8; 32]) -> Result<PathBuf> {
-    let path = lab.dir().join(name);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    io::Write::write_all(&mut f, key)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(path)
-}
-
 /// Both agents authenticate adverts. A third host's forged adverts claiming priority
 /// 254 (no trailer; a trailer signed with another key) change nothing and are counted.
 #[test]
@@ -967,7 +950,7 @@ fn forged_advert_ignored() -> Result<()> {
         return Ok(());
     }
     let lab = failover_lab()?;
-    let key = key_file(&lab, "vrrp.key", b"0123456789abcdef0123456789ABCDEF")?;
+    let key = lab.key_file("vrrp.key", b"0123456789abcdef0123456789ABCDEF")?;
     let mut agents = Agents::new(&lab);
     agents.start_pair(
         &vrrp(PRIO_LB).auth_key_file(&key),

@@ -4,11 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
-    io::Write,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::OpenOptionsExt,
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -253,19 +249,6 @@ fn nat_drain_with_wait_counts_nat_flows() -> Result<()> {
 const KEY: &[u8] = b"lab nat sync key, at least 16 bytes\n";
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 
-fn key_file(lab: &Lab) -> Result<PathBuf> {
-    let path = lab.dir().join("sync.key");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(KEY)?;
-    Ok(path)
-}
-
 /// `node`'s config: both NAT services, `[sync]` with the other LB, `[vrrp]` (lb 150,
 /// lb2 100).
 fn pair_config(lab: &Lab, node: Node) -> Result<String> {
@@ -275,7 +258,10 @@ fn pair_config(lab: &Lab, node: Node) -> Result<String> {
         Node::Lb
     };
     let mut file = lab.config_file(node, "native", &[nat4(3), nat6(3)]);
-    file.sync = Some(SyncSection::new([IpAddr::V4(addr4(other))], key_file(lab)?));
+    file.sync = Some(SyncSection::new(
+        [IpAddr::V4(addr4(other))],
+        lab.key_file("sync.key", KEY)?,
+    ));
     let priority = if node == Node::Lb { 150 } else { 100 };
     file.vrrp = Some(VrrpSection::new(51, priority));
     Ok(file.to_toml())

@@ -10,11 +10,7 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
-    io::Write,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::OpenOptionsExt,
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -271,19 +267,6 @@ fn lb_addr(node: Node) -> IpAddr {
     IpAddr::V4(addr4(node))
 }
 
-fn key_file(lab: &Lab) -> Result<PathBuf> {
-    let path = lab.dir().join("sync.key");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(SYNC_KEY)?;
-    Ok(path)
-}
-
 /// `node`'s config: the sticky IPv4 service on b1..b3, `[sync]` with the other LB host,
 /// `[vrrp]` with priority 150 on lb, 100 on lb2.
 fn pair_config(lab: &Lab, node: Node, mode: Mode) -> Result<String> {
@@ -298,7 +281,10 @@ fn pair_config(lab: &Lab, node: Node, mode: Mode) -> Result<String> {
     } else {
         Node::Lb
     };
-    file.sync = Some(SyncSection::new([lb_addr(peer)], key_file(lab)?));
+    file.sync = Some(SyncSection::new(
+        [lb_addr(peer)],
+        lab.key_file("sync.key", SYNC_KEY)?,
+    ));
     let priority = if node == Node::Lb { 150 } else { 100 };
     file.vrrp = Some(VrrpSection::new(51, priority));
     Ok(file.to_toml())

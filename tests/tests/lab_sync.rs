@@ -9,10 +9,7 @@
 
 use std::{
     fs,
-    io::Write,
     net::{IpAddr, SocketAddr, UdpSocket},
-    os::unix::fs::OpenOptionsExt,
-    path::PathBuf,
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -55,25 +52,14 @@ fn other(node: Node) -> Node {
     }
 }
 
-/// The key file, mode 0600, in the lab's directory.
-fn key_file(lab: &Lab) -> Result<PathBuf> {
-    let path = lab.dir().join("sync.key");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(KEY)?;
-    Ok(path)
-}
-
 /// `node`'s config: the lab services, `[sync]` with the other LB host, and `[vrrp]`
 /// (priority 150 on lb, 100 on lb2) unless `vrrp` is false.
 fn config(lab: &Lab, node: Node, vrrp: bool) -> Result<String> {
     let mut file = lab.config_file(node, "native", &services());
-    file.sync = Some(SyncSection::new([lb_addr(other(node))], key_file(lab)?));
+    file.sync = Some(SyncSection::new(
+        [lb_addr(other(node))],
+        lab.key_file("sync.key", KEY)?,
+    ));
     if vrrp {
         let priority = if node == Node::Lb { 150 } else { 100 };
         file.vrrp = Some(VrrpSection::new(51, priority));

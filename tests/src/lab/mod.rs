@@ -346,6 +346,23 @@ impl Lab {
         &self.dir.0
     }
 
+    /// Writes `key` to the file `name` in the lab's directory, mode 0600 from its
+    /// creation on (the agent refuses key files others can read): a `[sync] key_file`
+    /// or `[vrrp] auth_key_file`.
+    pub fn key_file(&self, name: &str, key: &[u8]) -> Result<PathBuf> {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        let path = self.dir().join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(key)?;
+        Ok(path)
+    }
+
     /// The bpffs the lab mounted for its agents' pins (`bpffs_dir_of`).
     pub fn bpffs(&self) -> PathBuf {
         self.dir.0.join(BPFFS)

@@ -1,7 +1,9 @@
 //! The comparative lab bench end to end, shortened (one repetition, one second per
 //! load): every path carries connections and a bulk stream (the bench itself checks that
 //! each went through the LB's veth, or around it for the direct path, and through the
-//! agent's program for its path), and the files it writes read back. Asserts no timing.
+//! agent's program for its paths, with the backend's replies translated back through it
+//! on the NAT path and none on the DSR path), and the files it writes read back. Asserts
+//! no timing.
 //! Needs root and the bench's tools (wrk, iperf3, haproxy, nginx; `cargo xtask setup`).
 
 use anyhow::{Context, Result, ensure};
@@ -25,6 +27,10 @@ fn every_path_carries_connections_and_a_stream() -> Result<()> {
     println!("{}", report.markdown());
     let paths: Vec<Path> = report.paths.iter().map(|r| r.path).collect();
     assert_eq!(paths, Path::ALL.to_vec());
+    ensure!(
+        paths.contains(&Path::LbDsr) && paths.contains(&Path::LbNat),
+        "both agent paths run: {paths:?}"
+    );
     for result in &report.paths {
         let name = result.path.name();
         ensure!(result.samples.len() == 1, "{name}: {:?}", result.samples);

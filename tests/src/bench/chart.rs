@@ -37,6 +37,7 @@ fn colour(path: Path) -> RGBColor {
         Path::Direct => RGBColor(120, 120, 120),
         Path::NullFwd => RGBColor(170, 170, 170),
         Path::LbDsr => RGBColor(31, 119, 180),
+        Path::LbNat => RGBColor(255, 127, 14),
         Path::Haproxy => RGBColor(214, 39, 40),
         Path::Nginx => RGBColor(44, 160, 44),
     }

@@ -20,7 +20,7 @@
 use std::{
     collections::BTreeSet,
     fs,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Command,
     thread,
@@ -48,6 +48,12 @@ const HAPROXY_HTTP: u16 = 8081;
 const HAPROXY_BULK: u16 = 8082;
 const NGINX_HTTP: u16 = 8083;
 const NGINX_BULK: u16 = 8084;
+/// The NAT path's VIP, on the lab's segment like `VIP4` but held by no backend: the
+/// backend holds `VIP4` on `lo` for the DSR path, and a NAT flow reaches it from its
+/// VIP, so with `VIP4` the backend would answer itself.
+const NAT_VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 101);
+/// The agent's event counter of NAT replies translated back to the client.
+const NAT_REPLY_EVENT: &str = "nat_reply";
 
 const WRK_CONNECTIONS: u32 = 32;
 /// What a wrk or iperf3 run may take beyond its own duration before it is killed.
@@ -251,24 +257,37 @@ impl<'lab> Bench<'lab> {
             Node::Backend(1),
             &["sysctl", "-q", "-w", "net.core.somaxconn=4096"],
         )?;
-        // The null forwarder answers no ARP: the client finds the VIP at the LB's MAC
-        // by a static entry, for the agent's path as well.
-        let lb_mac = lab.mac_of(Node::Lb)?;
+        // The agent turns forwarding on for its NAT service (for the FIB lookup) and
+        // leaves it on; on from the start, every path runs with the same setting.
         lab.run(
-            Node::Client,
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                &VIP4.to_string(),
-                "lladdr",
-                &lb_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
+            Node::Lb,
+            &["sysctl", "-q", "-w", "net.ipv4.conf.eth0.forwarding=1"],
         )?;
+        // The null forwarder answers no ARP: the client finds the VIP at the LB's MAC
+        // by a static entry, for the agent's paths as well; the backend finds the NAT
+        // VIP (its NAT flows' source) the same way.
+        let lb_mac = lab.mac_of(Node::Lb)?;
+        for (node, vip) in [
+            (Node::Client, VIP4),
+            (Node::Client, NAT_VIP4),
+            (Node::Backend(1), NAT_VIP4),
+        ] {
+            lab.run(
+                node,
+                &[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    &vip.to_string(),
+                    "lladdr",
+                    &lb_mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+        }
         Ok(Bench {
             lab,
             napi,
@@ -407,6 +426,10 @@ impl<'lab> Bench<'lab> {
                 (self.backend, IPERF_PORT).into(),
             ),
             Path::NullFwd | Path::LbDsr => ((vip, HTTP_PORT).into(), (vip, IPERF_PORT).into()),
+            Path::LbNat => {
+                let vip = IpAddr::from(NAT_VIP4);
+                ((vip, HTTP_PORT).into(), (vip, IPERF_PORT).into())
+            }
             Path::Haproxy => (
                 (self.lb, HAPROXY_HTTP).into(),
                 (self.lb, HAPROXY_BULK).into(),
@@ -427,31 +450,39 @@ impl<'lab> Bench<'lab> {
                 LbState::Xdp(self.attach(names::PROG_NULL_FWD, &globals)?)
             }
             Path::Haproxy | Path::Nginx => LbState::Xdp(self.attach(names::PROG_PASS, &[])?),
-            Path::LbDsr => LbState::Agent(self.start_agent()?),
+            Path::LbDsr | Path::LbNat => LbState::Agent(self.start_agent(path)?),
         };
         if path != Path::Direct {
             self.thread_napi()?;
         }
         let (http, bulk) = self.targets(path);
         self.wait_path(http)?;
-        let http_packets = |state: &LbState| -> Result<Option<u64>> {
+        // The agent's packets of the `http` service and its NAT replies.
+        let agent_counts = |state: &LbState| -> Result<Option<(u64, u64)>> {
             let LbState::Agent(agent) = state else {
                 return Ok(None);
             };
             let status = agent.status()?;
-            Ok(status
+            let packets = status
                 .services
                 .iter()
                 .find(|s| s.name == "http")
-                .map(|s| s.packets))
+                .map(|s| s.packets)
+                .context("the agent's status has no service `http`")?;
+            let replies = status
+                .events
+                .get(NAT_REPLY_EVENT)
+                .copied()
+                .with_context(|| format!("the agent's status has no event {NAT_REPLY_EVENT}"))?;
+            Ok(Some((packets, replies)))
         };
-        let packets_before = http_packets(&state)?;
+        let counts_before = agent_counts(&state)?;
         let rx_before = self.lb_rx_packets()?;
         let (conn, conn_cpu) = with_cpu(|| self.wrk(http))?;
         let rx = self.lb_rx_packets()? - rx_before;
-        let packets = http_packets(&state)?
-            .zip(packets_before)
-            .map(|(a, b)| a - b);
+        let counts = agent_counts(&state)?
+            .zip(counts_before)
+            .map(|(a, b)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)));
         let (bulk, bulk_cpu) = with_cpu(|| self.iperf3(bulk))?;
         // Every path went where it should: each connection is at least 3 packets from
         // the client.
@@ -468,12 +499,28 @@ impl<'lab> Bench<'lab> {
                 conn.requests
             );
         }
-        if let Some(packets) = packets {
+        if let Some((packets, replies)) = counts {
             ensure!(
                 packets >= conn.requests,
                 "the agent counted {packets} packets for {} requests: traffic went around it",
                 conn.requests
             );
+            // NAT: each connection's answers (SYN-ACK, response, FIN) come back through
+            // the LB; DSR: none does.
+            if path == Path::LbNat {
+                ensure!(
+                    replies >= conn.requests,
+                    "the agent translated {replies} replies for {} requests: the backend \
+                     answered around it",
+                    conn.requests
+                );
+            } else {
+                ensure!(
+                    replies == 0,
+                    "the agent translated {replies} NAT replies on the {} path",
+                    path.name()
+                );
+            }
         }
         if let LbState::Agent(agent) = &mut state {
             agent.detach()?;
@@ -513,11 +560,23 @@ impl<'lab> Bench<'lab> {
         })
     }
 
-    fn start_agent(&self) -> Result<crate::lab::AgentGuard<'lab>> {
-        let services = [
-            Service::new("http", VIP4, HTTP_PORT).backends([1]),
-            Service::new("bulk", VIP4, IPERF_PORT).backends([1]),
-        ];
+    /// The agent with the `http` and `bulk` services: DSR on `VIP4` for `Path::LbDsr`,
+    /// NAT on `NAT_VIP4` (to the same ports on the backend) for `Path::LbNat`.
+    fn start_agent(&self, path: Path) -> Result<crate::lab::AgentGuard<'lab>> {
+        let services = match path {
+            Path::LbNat => [
+                Service::new("http", NAT_VIP4, HTTP_PORT)
+                    .nat(HTTP_PORT)
+                    .backends([1]),
+                Service::new("bulk", NAT_VIP4, IPERF_PORT)
+                    .nat(IPERF_PORT)
+                    .backends([1]),
+            ],
+            _ => [
+                Service::new("http", VIP4, HTTP_PORT).backends([1]),
+                Service::new("bulk", VIP4, IPERF_PORT).backends([1]),
+            ],
+        };
         let agent = self
             .lab
             .spawn_agent(&self.lab.config("native", &services))?;

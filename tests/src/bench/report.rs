@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-/// One way from the client to the backend. A NAT-mode row is one more variant here,
-/// its name and text below, and its setup in `comparative::Bench::measure`.
+/// One way from the client to the backend: a variant, its name below, and its setup in
+/// `comparative::Bench::measure`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Path {
@@ -18,6 +18,9 @@ pub enum Path {
     NullFwd,
     /// lb-agent in DSR mode: the XDP program the agent loads, one service, one backend.
     LbDsr,
+    /// lb-agent in NAT mode: full NAT to the one backend on a VIP of its own that the
+    /// backend does not hold; the backend's replies come back through the LB.
+    LbNat,
     /// HAProxy `mode tcp` in the LB namespace, one thread.
     Haproxy,
     /// nginx `stream` in the LB namespace, one worker.
@@ -26,10 +29,11 @@ pub enum Path {
 
 impl Path {
     /// Every path: the order of the table; repetition `r` starts at the `r`-th.
-    pub const ALL: [Path; 5] = [
+    pub const ALL: [Path; 6] = [
         Path::Direct,
         Path::NullFwd,
         Path::LbDsr,
+        Path::LbNat,
         Path::Haproxy,
         Path::Nginx,
     ];
@@ -40,6 +44,7 @@ impl Path {
             Path::Direct => "direct",
             Path::NullFwd => "null XDP forwarder",
             Path::LbDsr => "lb (DSR)",
+            Path::LbNat => "lb (NAT)",
             Path::Haproxy => "HAProxy mode tcp",
             Path::Nginx => "nginx stream",
         }
@@ -47,7 +52,7 @@ impl Path {
 
     /// Whether the LB host's work is an XDP program (the proxies' is a process).
     pub fn is_xdp(self) -> bool {
-        matches!(self, Path::NullFwd | Path::LbDsr)
+        matches!(self, Path::NullFwd | Path::LbDsr | Path::LbNat)
     }
 }
 

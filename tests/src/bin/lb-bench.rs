@@ -37,9 +37,9 @@
 //! `trace` feature) and XDP_PASS, interleaved in the same rounds. `--trace-only` runs
 //! only this part.
 //! Then the comparative lab bench (`lb_tests::bench`): direct, a null XDP forwarder,
-//! the agent in DSR mode, HAProxy and nginx, rotated in each repetition; connection
-//! rate, one bulk stream and the CPU split, written to `target/bench/` as JSON, a
-//! Markdown table and PNG charts. `--lab-only` runs only this part; `--lab-report`
+//! the agent in DSR mode, the agent in NAT mode, HAProxy and nginx, rotated in each
+//! repetition; connection rate, one bulk stream and the CPU split, written to
+//! `target/bench/` as JSON, a Markdown table and PNG charts. `--lab-only` runs only this part; `--lab-report`
 //! prints the table of the latest `lab.json` again and redraws its charts (no root).
 
 use std::{
@@ -92,7 +92,7 @@ comparative lab bench.
   --trace-only          only the packet trace's cost while off
   --nat-only            only the NAT path's cost per packet, both directions
   --lab-only            only the comparative lab bench (direct, null XDP forwarder,
-                        lb in DSR mode, HAProxy, nginx stream)
+                        lb in DSR mode, lb in NAT mode, HAProxy, nginx stream)
   --lab-report          print the Markdown table of DIR/lab.json again and redraw
                         its charts (no root)
   --lab-reps N          repetitions of the lab bench, each path once in each (default 3)

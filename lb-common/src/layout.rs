@@ -64,7 +64,7 @@ const fn map(
 }
 
 /// Every map of the program (`lb-ebpf/src/maps.rs`).
-pub const MAPS: [MapLayout; 12] = [
+pub const MAPS: [MapLayout; 13] = [
     map(
         names::MAP_VIPS,
         BPF_MAP_TYPE_HASH,
@@ -79,6 +79,14 @@ pub const MAPS: [MapLayout; 12] = [
         size::<VipAddrKey>(),
         4,
         MAX_VIPS,
+        0,
+    ),
+    map(
+        names::MAP_VIP_FILTER,
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        8,
+        crate::filter::WORDS,
         0,
     ),
     map(

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod counters;
+pub mod filter;
 pub mod hash;
 pub mod layout;
 
@@ -225,6 +226,7 @@ pub mod names {
     pub const PROG_PASS: &str = "xdp_pass";
     pub const MAP_VIPS: &str = "VIPS";
     pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
     pub const MAP_RINGS: &str = "RINGS";
     pub const MAP_BACKENDS: &str = "BACKENDS";
     pub const MAP_FLOWS: &str = "FLOWS";

@@ -9,6 +9,7 @@
 #![no_std]
 #![no_main]
 
+mod filter;
 mod headers;
 mod icmp;
 mod maps;

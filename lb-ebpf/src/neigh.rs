@@ -26,6 +26,9 @@ const NA_LEN: usize = core::mem::size_of::<NdMsg>() + 8;
 
 #[inline(always)]
 pub fn is_vip_addr(addr: &[u8; 16], family: u8) -> bool {
+    if !crate::filter::may_be_vip(addr, family) {
+        return false;
+    }
     let key = VipAddrKey {
         addr: *addr,
         family,

@@ -31,6 +31,8 @@
 //! off) beside the same program built without the trace code (lb-ebpf without its
 //! `trace` feature) and XDP_PASS, interleaved in the same rounds. `--trace-only` runs
 //! only this part.
+//!
+//! `--xdp-only` runs only the first part (the XDP cost per packet).
 
 use std::{
     net::SocketAddr,
@@ -76,7 +78,10 @@ fn main() -> ExitCode {
     let sync_only = std::env::args().skip(1).any(|a| a == "--sync-only");
     let announce_only = std::env::args().skip(1).any(|a| a == "--announce-only");
     let trace_only = std::env::args().skip(1).any(|a| a == "--trace-only");
-    let result = if jitter_only {
+    let xdp_only = std::env::args().skip(1).any(|a| a == "--xdp-only");
+    let result = if xdp_only {
+        run()
+    } else if jitter_only {
         jitter()
     } else if sync_only {
         sync_pins()

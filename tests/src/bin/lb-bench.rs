@@ -32,7 +32,8 @@
 //! `trace` feature) and XDP_PASS, interleaved in the same rounds. `--trace-only` runs
 //! only this part.
 //!
-//! `--xdp-only` runs only the first part (the XDP cost per packet).
+//! `--xdp-only` runs only the first part (the XDP cost per packet); with
+//! `LB_BENCH_BASELINE=FILE` it also measures another build of the program beside it.
 
 use std::{
     net::SocketAddr,
@@ -106,23 +107,39 @@ fn main() -> ExitCode {
     }
 }
 
+/// `LB_BENCH_BASELINE=FILE`: an object of another build of lb-ebpf (same maps),
+/// measured in the same rounds as the shipped one: an A/B comparison that machine
+/// noise between runs cannot blur.
+const BASELINE_VAR: &str = "LB_BENCH_BASELINE";
+
 fn run() -> anyhow::Result<()> {
-    let mut rig = Rig::new(vec![
-        service(
-            "web",
-            "192.0.2.10",
-            80,
-            65537,
-            &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
-        ),
-        service(
-            "web6",
-            "2001:db8::10",
-            443,
-            65537,
-            &["2001:db8::21", "2001:db8::22", "2001:db8::23"],
-        ),
-    ])?;
+    let services = || {
+        vec![
+            service(
+                "web",
+                "192.0.2.10",
+                80,
+                65537,
+                &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
+            ),
+            service(
+                "web6",
+                "2001:db8::10",
+                443,
+                65537,
+                &["2001:db8::21", "2001:db8::22", "2001:db8::23"],
+            ),
+        ]
+    };
+    let mut rig = Rig::new(services())?;
+    let mut baseline = match std::env::var_os(BASELINE_VAR) {
+        Some(path) => {
+            let object = std::fs::read(&path)
+                .map_err(|e| anyhow::anyhow!("{BASELINE_VAR}={}: {e}", path.display()))?;
+            Some(Rig::new_object(&object, services(), MapSizes::default())?)
+        }
+        None => None,
+    };
     let c4 = ("198.51.100.7".parse()?, 40000);
     let c6 = ("2001:db8:1::7".parse()?, 40000);
     let vip4 = ("192.0.2.10".parse()?, 80);
@@ -166,20 +183,23 @@ fn run() -> anyhow::Result<()> {
             prime: Some(frame(c6, vip6, SYN)),
         },
     ];
-    for case in &cases {
-        if let Some(p) = &case.prime {
-            rig.run_program(names::PROG_LB, p, 1)?;
+    for r in std::iter::once(&mut rig).chain(baseline.as_mut()) {
+        for case in &cases {
+            if let Some(p) = &case.prime {
+                r.run_program(names::PROG_LB, p, 1)?;
+            }
+            let out = r.run_program(names::PROG_LB, &case.frame, 1)?;
+            anyhow::ensure!(
+                out.verdict == case.verdict,
+                "{}: verdict {} (want {})",
+                case.name,
+                out.verdict,
+                case.verdict
+            );
         }
-        let r = rig.run_program(names::PROG_LB, &case.frame, 1)?;
-        anyhow::ensure!(
-            r.verdict == case.verdict,
-            "{}: verdict {} (want {})",
-            case.name,
-            r.verdict,
-            case.verdict
-        );
     }
     let mut lb: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+    let mut base: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
     let mut pass: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
     for _ in 0..ROUNDS {
         for (i, case) in cases.iter().enumerate() {
@@ -191,6 +211,9 @@ fn run() -> anyhow::Result<()> {
                 rig.run_program(names::PROG_LB, &case.frame, REPEAT)?
                     .per_run,
             );
+            if let Some(b) = baseline.as_mut() {
+                base[i].push(b.run_program(names::PROG_LB, &case.frame, REPEAT)?.per_run);
+            }
         }
     }
     println!("XDP cost per packet, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds x {REPEAT} runs");
@@ -209,6 +232,25 @@ fn run() -> anyhow::Result<()> {
             l / p.max(1.0),
             l - p
         );
+    }
+    if baseline.is_some() {
+        println!("the same cases, the object in {BASELINE_VAR} measured in the same rounds:");
+        println!(
+            "{:<24} {:>10} {:>10} {:>12}",
+            "case", "shipped", "baseline", "difference"
+        );
+        for (i, case) in cases.iter().enumerate() {
+            let p = median(pass[i].clone());
+            let l = median(lb[i].clone()) - p;
+            let b = median(base[i].clone()) - p;
+            println!(
+                "{:<24} {:>+10.1} {:>+10.1} {:>+12.1}",
+                case.name,
+                l,
+                b,
+                l - b
+            );
+        }
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ pub const BPF_F_NO_COMMON_LRU: u32 = 2;
 pub const NO_BACKEND: u32 = u32::MAX;
 
 /// Key of the VIP map: one virtual service.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipKey {
     /// IPv4 in the first 4 bytes (rest zero) or the 16 IPv6 bytes, network order.
@@ -59,7 +59,7 @@ pub struct VipInfo {
 }
 
 /// Key of the map of VIP addresses the LB answers ARP / neighbour solicitations for.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipAddrKey {
     pub addr: [u8; 16],
@@ -81,7 +81,7 @@ pub struct Backend {
 pub const BACKEND_F_VALID: u32 = 1;
 
 /// Key of the connection table: the 5-tuple as the client sends it.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],

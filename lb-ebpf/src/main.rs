@@ -9,9 +9,11 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod filter;
 mod headers;
 mod icmp;
+mod keys;
 mod maps;
 mod neigh;
 #[cfg(feature = "trace")]
@@ -26,7 +28,7 @@ use aya_ebpf::{
 use headers::*;
 use lb_common::{
     BACKEND_F_VALID, Backend, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING, FlowKey, FlowState,
-    LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, SERVE_F_FORWARD, Serving, VipInfo, VipKey,
+    LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, SERVE_F_FORWARD, Serving, VipInfo,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -242,22 +244,9 @@ fn parse_tcp(
         return Err(reason::DROP_BAD_TCP);
     }
     let dport_be = u16::from_ne_bytes(tcp.dport);
-    let key = VipKey {
-        addr: dst,
-        port_be: dport_be,
-        proto: PROTO_TCP,
-        family,
-    };
+    let key = keys::vip_key(&dst, dport_be, family);
     let vip = *unsafe { VIPS.get(&key) }.ok_or(reason::DROP_VIP_UNSERVED)?;
-    let flow = FlowKey {
-        src,
-        dst,
-        sport_be: u16::from_ne_bytes(tcp.sport),
-        dport_be,
-        proto: PROTO_TCP,
-        family,
-        _pad: [0; 2],
-    };
+    let flow = keys::flow_key(&src, &dst, u16::from_ne_bytes(tcp.sport), dport_be, family);
     Ok(Packet {
         flow,
         vip,
@@ -269,7 +258,7 @@ fn parse_tcp(
 /// flow takes the ring and is recorded (not an RST, and within the flood guard).
 #[inline(always)]
 fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::coarse_now();
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = p.tcp_flags & TCP_RST != 0;
     let closing = if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -285,10 +274,7 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
             // A backend that went down loses its flows to the ring, not into a void.
             if let Some(backend) = usable_backend(id) {
                 found = Some((id, backend));
-                unsafe {
-                    (*state).last_seen_ns = now;
-                    (*state).flags |= closing;
-                }
+                touch(state, now, closing);
             }
         } else if let Some(state) = PINNED.get_ptr_mut(&p.flow) {
             let id = unsafe { (*state).backend };
@@ -350,6 +336,21 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     Ok(XDP_TX)
 }
 
+/// A connection-table hit: the flow's last_seen_ns is rewritten only when older than
+/// `PINNED_TOUCH_NS`, its flags only when it starts closing, so a busy flow's entry is
+/// not written (and its cache line not taken from other CPUs) on every packet.
+#[inline(always)]
+fn touch(state: *mut FlowState, now: u64, closing: u32) {
+    // SAFETY: a pointer the map lookup just returned.
+    let state = unsafe { &mut *state };
+    if now.wrapping_sub(state.last_seen_ns) > PINNED_TOUCH_NS {
+        state.last_seen_ns = now;
+    }
+    if state.flags & closing != closing {
+        state.flags |= closing;
+    }
+}
+
 /// Records a new flow in the connection table unless this CPU has already recorded
 /// `new_flows_per_cpu_s` in the current one-second window. Returns whether it did.
 #[inline(always)]
@@ -391,12 +392,7 @@ fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<
     let (chosen, vip_num, backend, what) = match found {
         Some((id, vip_num, backend)) => (id, vip_num, backend, event::ICMP_TO_FLOW),
         None => {
-            let key = VipKey {
-                addr: flow.dst,
-                port_be: flow.dport_be,
-                proto: PROTO_TCP,
-                family: flow.family,
-            };
+            let key = keys::vip_key(&flow.dst, flow.dport_be, flow.family);
             let vip = *unsafe { VIPS.get(&key) }.ok_or(reason::DROP_VIP_UNSERVED)?;
             let id = ring_lookup(&vip, flow)?;
             let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;

@@ -43,7 +43,9 @@ const GUARD_WINDOW_NS: u64 = 1_000_000_000;
 /// `Ok` to go on to the next stage, `Err(reason)` to end the packet (see `verdict_of`).
 pub type Step<T> = Result<T, u32>;
 
-#[xdp]
+/// Frags-aware (`xdp.frags`): jumbo and GRO'd frames come as a first buffer holding
+/// the headers plus fragments; only the first buffer is read or written here.
+#[xdp(frags)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         count(
@@ -77,7 +79,8 @@ fn tracing(cfg: &LbConfig) -> bool {
 
 /// A program that passes everything: the baseline for benchmarks, and what the lab puts
 /// on the peer of a veth so native XDP_TX works there.
-#[xdp]
+/// Frags-aware too: a veth refuses a peer MTU above a page with a program that is not.
+#[xdp(frags)]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
@@ -176,7 +179,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
         return Err(reason::DROP_BAD_IPV4);
     }
     let tot_len = be16(ip.tot_len) as usize;
-    if tot_len < IPV4_HLEN || l3 + tot_len > frame_len(ctx) {
+    if tot_len < IPV4_HLEN || !holds(ctx, l3 + tot_len) {
         return Err(reason::DROP_BAD_IPV4);
     }
     if ihl != IPV4_HLEN {
@@ -209,7 +212,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     }
     vip_gate(ctx, cfg, serving)?;
     let end = l3 + IPV6_HLEN + be16(ip.payload_len) as usize;
-    if ip.version_class_flow[0] >> 4 != 6 || end > frame_len(ctx) {
+    if ip.version_class_flow[0] >> 4 != 6 || !holds(ctx, end) {
         return Err(reason::DROP_BAD_IPV6);
     }
     let l4 = l3 + IPV6_HLEN;
@@ -418,7 +421,7 @@ fn rewrite_macs(ctx: &XdpContext, cfg: &LbConfig, backend: &Backend) -> Step<u64
         (*eth).dst = backend.mac;
         (*eth).src = cfg.mac;
     }
-    Ok(frame_len(ctx) as u64)
+    Ok(whole_len(ctx) as u64)
 }
 
 /// The backend's entry, if it may take packets.

@@ -5,13 +5,13 @@
 
 use crate::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_VIPS, Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey,
-    counters::STATS_SLOTS, names,
+    MAX_RING_SIZE, MAX_VIPS, PersistKey, PersistState, Serving, TRACE_RING_BYTES, VipAddrKey,
+    VipInfo, VipKey, counters::STATS_SLOTS, names,
 };
 
 /// Bumped by hand when the meaning of a map changes while its sizes stay (a flag or a
 /// field read differently): sizes alone are hashed into `VERSION` anyway.
-pub const EPOCH: u32 = 1;
+pub const EPOCH: u32 = 2;
 
 /// `BPF_MAP_TYPE_*` values of the maps used here.
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
@@ -36,7 +36,8 @@ pub struct MapLayout {
     pub map_type: u32,
     pub key_size: u32,
     pub value_size: u32,
-    /// 0: set by the agent at load time (`[agent] max_flows`, `max_pinned_flows`).
+    /// 0: set by the agent at load time (`[agent] max_flows`, `max_pinned_flows`,
+    /// `max_persistent_clients`).
     pub max_entries: u32,
     pub flags: u32,
 }
@@ -64,7 +65,7 @@ const fn map(
 }
 
 /// Every map of the program (`lb-ebpf/src/maps.rs`).
-pub const MAPS: [MapLayout; 13] = [
+pub const MAPS: [MapLayout; 14] = [
     map(
         names::MAP_VIPS,
         BPF_MAP_TYPE_HASH,
@@ -118,6 +119,14 @@ pub const MAPS: [MapLayout; 13] = [
         BPF_MAP_TYPE_HASH,
         size::<FlowKey>(),
         size::<FlowState>(),
+        0,
+        0,
+    ),
+    map(
+        names::MAP_PERSIST,
+        BPF_MAP_TYPE_LRU_HASH,
+        size::<PersistKey>(),
+        size::<PersistState>(),
         0,
         0,
     ),

@@ -29,6 +29,9 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 pub const MAX_FLOWS: u32 = 1 << 18;
 /// Default capacity of the pinned-flow table (`[agent] max_pinned_flows`).
 pub const MAX_PINNED_FLOWS: u32 = 1 << 16;
+/// Default capacity of the persistence table (`[agent] max_persistent_clients`); LRU:
+/// an evicted entry only costs its client the stickiness, never a connection.
+pub const MAX_PERSISTENT: u32 = 1 << 16;
 /// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU, so CPUs do not contend for one lock.
 pub const BPF_F_NO_COMMON_LRU: u32 = 2;
 /// Ring slot value meaning "no backend": traffic for such a slot is dropped and counted.
@@ -55,7 +58,9 @@ pub struct VipInfo {
     /// Number of ring slots in use (a prime no larger than `MAX_RING_SIZE`).
     pub ring_size: u32,
     pub flags: u32,
-    pub _pad: u32,
+    /// `persistence_timeout_s` of the service: a client address keeps its backend for
+    /// new connections until this long after its last one. 0: off.
+    pub persistence_s: u32,
 }
 
 /// Key of the map of VIP addresses the LB answers ARP / neighbour solicitations for.
@@ -79,6 +84,10 @@ pub struct Backend {
 
 /// Backend flag: the backend is usable for forwarding.
 pub const BACKEND_F_VALID: u32 = 1;
+/// Backend flag: the backend takes new connections (it is a member of its service's
+/// ring). A persistence entry sends a client's new connection only to such a backend:
+/// a drained, disabled or down one gets none.
+pub const BACKEND_F_NEW_FLOWS: u32 = 2;
 
 /// Key of the connection table: the 5-tuple as the client sends it.
 #[repr(C, align(4))]
@@ -108,6 +117,65 @@ pub struct FlowState {
 /// Flow flag: the client sent FIN or RST. In DSR only the client's half of a flow passes
 /// the LB, so this is what "closed" can mean here; such a flow no longer counts as active.
 pub const FLOW_F_CLOSING: u32 = 1;
+
+/// Key of the persistence table: one client address of one service (VIP, port, proto).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PersistKey {
+    /// The client's address, as in `FlowKey::src`.
+    pub client: [u8; 16],
+    /// The VIP, as in `VipKey::addr`.
+    pub vip: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+impl PersistKey {
+    /// The persistence key of a flow's client and service.
+    #[inline(always)]
+    pub fn of_flow(flow: &FlowKey) -> Self {
+        Self {
+            client: flow.src,
+            vip: flow.dst,
+            port_be: flow.dport_be,
+            proto: flow.proto,
+            family: flow.family,
+        }
+    }
+}
+
+/// Value of the persistence table: the backend a client address keeps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PersistState {
+    pub backend: u32,
+    pub vip_num: u32,
+    /// `bpf_ktime_get_ns()` of the client's last new connection (or, at most
+    /// `PERSIST_TOUCH_NS` late, of its last packet).
+    pub last_seen_ns: u64,
+}
+
+/// A persistence entry's last_seen_ns is rewritten by established packets at most this
+/// often (a new connection always rewrites it).
+pub const PERSIST_TOUCH_NS: u64 = 1_000_000_000;
+
+/// Whether a persistence entry decides a new connection of its client at `now_ns`: it is
+/// within the service's timeout and its backend still takes new connections
+/// (`backend_flags`: that backend's `Backend::flags`, 0 if it has none). Else the ring
+/// decides and its choice replaces the entry.
+#[inline(always)]
+pub fn persist_applies(
+    state: &PersistState,
+    timeout_s: u32,
+    backend_flags: u32,
+    now_ns: u64,
+) -> bool {
+    timeout_s != 0
+        && now_ns.saturating_sub(state.last_seen_ns) <= timeout_s as u64 * 1_000_000_000
+        && backend_flags & (BACKEND_F_VALID | BACKEND_F_NEW_FLOWS)
+            == BACKEND_F_VALID | BACKEND_F_NEW_FLOWS
+}
 
 /// The single entry of the config array: what the agent tells the program about the host.
 /// Written by the agent's main loop only (at start and on reload).
@@ -224,6 +292,10 @@ impl Counter {
 pub mod names {
     pub const PROG_LB: &str = "lb_xdp";
     pub const PROG_PASS: &str = "xdp_pass";
+    /// The lab bench's null forwarder (`lb-ebpf/src/null_fwd.rs`); the agent never loads it.
+    pub const PROG_NULL_FWD: &str = "null_fwd";
+    pub const GLOBAL_NULL_FWD_DST: &str = "NULL_FWD_DST";
+    pub const GLOBAL_NULL_FWD_SRC: &str = "NULL_FWD_SRC";
     pub const MAP_VIPS: &str = "VIPS";
     pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
     pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
@@ -231,6 +303,7 @@ pub mod names {
     pub const MAP_BACKENDS: &str = "BACKENDS";
     pub const MAP_FLOWS: &str = "FLOWS";
     pub const MAP_PINNED: &str = "PINNED";
+    pub const MAP_PERSIST: &str = "PERSIST";
     pub const MAP_FLOOD_GUARD: &str = "FLOOD_GUARD";
     pub const MAP_STATS: &str = "STATS";
     pub const MAP_CONFIG: &str = "CONFIG";
@@ -246,6 +319,8 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowState>() == 24);
+    assert!(core::mem::size_of::<PersistKey>() == 36);
+    assert!(core::mem::size_of::<PersistState>() == 16);
     assert!(core::mem::size_of::<LbConfig>() == 12);
     assert!(core::mem::size_of::<Serving>() == 16);
     assert!(core::mem::size_of::<FloodWindow>() == 16);
@@ -265,6 +340,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for PersistKey {}
+    unsafe impl aya::Pod for PersistState {}
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for Serving {}
     unsafe impl aya::Pod for FloodWindow {}

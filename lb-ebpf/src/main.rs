@@ -1,21 +1,22 @@
 //! The XDP data path. One pipeline, read top to bottom:
 //! Ethernet (+ one VLAN tag) -> ARP / IPv4 / IPv6 -> VIP address? -> serving, our MAC? ->
 //! header sanity -> TCP (or an ICMP error about a flow, see `icmp.rs`) -> VIP (address,
-//! port, proto) -> connection table, pinned table, else Maglev ring -> backend -> MAC
-//! rewrite -> count -> XDP_TX.
+//! port, proto) -> connection table, pinned table, else persistence or Maglev ring
+//! (`persist::choose_backend`) -> backend -> MAC rewrite -> count -> XDP_TX.
 //!
 //! Each stage returns `Step<T>`: `Ok` goes on, `Err(reason)` ends the packet. The reason
 //! is counted once in `lb_xdp` and mapped to a verdict by `verdict_of`.
 #![no_std]
 #![no_main]
 
-mod clock;
 mod filter;
 mod headers;
 mod icmp;
 mod keys;
 mod maps;
 mod neigh;
+mod null_fwd;
+mod persist;
 #[cfg(feature = "trace")]
 mod trace;
 
@@ -261,7 +262,7 @@ fn parse_tcp(
 /// flow takes the ring and is recorded (not an RST, and within the flood guard).
 #[inline(always)]
 fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
-    let now = clock::coarse_now();
+    let now = unsafe { bpf_ktime_get_ns() };
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = p.tcp_flags & TCP_RST != 0;
     let closing = if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -277,6 +278,7 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
             // A backend that went down loses its flows to the ring, not into a void.
             if let Some(backend) = usable_backend(id) {
                 found = Some((id, backend));
+                persist::touch(&p.vip, &p.flow, id, now);
                 touch(state, now, closing);
             }
         } else if let Some(state) = PINNED.get_ptr_mut(&p.flow) {
@@ -302,8 +304,7 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     let (chosen, backend) = match found {
         Some(found) => found,
         None => {
-            let id = ring_lookup(&p.vip, &p.flow)?;
-            let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
+            let (id, backend) = persist::choose_backend(&p.vip, &p.flow, now)?;
             // An RST ends a flow: recording it would only push a live flow out.
             if !rst {
                 let state = FlowState {
@@ -426,12 +427,12 @@ fn rewrite_macs(ctx: &XdpContext, cfg: &LbConfig, backend: &Backend) -> Step<u64
 
 /// The backend's entry, if it may take packets.
 #[inline(always)]
-fn usable_backend(id: u32) -> Option<&'static Backend> {
+pub fn usable_backend(id: u32) -> Option<&'static Backend> {
     BACKENDS.get(id).filter(|b| b.flags & BACKEND_F_VALID != 0)
 }
 
 #[inline(always)]
-fn ring_lookup(vip: &VipInfo, flow: &FlowKey) -> Step<u32> {
+pub fn ring_lookup(vip: &VipInfo, flow: &FlowKey) -> Step<u32> {
     if vip.ring_size == 0 || vip.ring_size > MAX_RING_SIZE {
         return Err(reason::ABORT_INTERNAL);
     }

@@ -1,6 +1,6 @@
 //! Every map of the program, in one place (`lb_common::layout::MAPS` says the same, for
 //! the agent's check of pinned maps). The agent fills all but FLOWS, FLOOD_GUARD
-//! and STATS. FLOWS and PINNED are sized by the agent at load time; the sizes here are
+//! and STATS. FLOWS, PINNED and PERSIST are sized by the agent at load time; the sizes here are
 //! the defaults.
 
 use aya_ebpf::{
@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_FLOWS, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, Serving, TRACE_RING_BYTES, VipAddrKey,
-    VipInfo, VipKey, counters::STATS_SLOTS, filter, layout,
+    MAX_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, PersistKey, PersistState,
+    Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS, filter, layout,
 };
 
 /// (VIP address, port, protocol) -> the VIP's number and ring size.
@@ -44,6 +44,14 @@ pub static FLOWS: LruHashMap<FlowKey, FlowState> =
 /// agent). Consulted only when FLOWS misses for a non-SYN packet.
 #[map]
 pub static PINNED: HashMap<FlowKey, FlowState> = HashMap::with_max_entries(MAX_PINNED_FLOWS, 0);
+
+/// Client-address persistence (`persistence_timeout_s`): (service, client address) ->
+/// the backend its last connection took. LRU with one list shared by all CPUs (a
+/// client's connections arrive on any CPU): an evicted entry costs its client only the
+/// stickiness, never a connection. Sized by the agent (`[agent] max_persistent_clients`).
+#[map]
+pub static PERSIST: LruHashMap<PersistKey, PersistState> =
+    LruHashMap::with_max_entries(MAX_PERSISTENT, 0);
 
 /// The flood guard's one-second window, per CPU.
 #[map]

@@ -265,6 +265,7 @@ impl Agent<XdpDataPlane> {
         let sizes = MapSizes {
             max_flows: config.agent.max_flows,
             max_pinned_flows: config.agent.max_pinned_flows,
+            max_persistent_clients: config.agent.max_persistent_clients,
         };
         // The maps (flow tables included) and the link outlive us: an earlier agent's
         // are taken over as they are, checked first.
@@ -1023,6 +1024,11 @@ impl<D: DataPlane> Agent<D> {
         if old.max_pinned_flows != newa.max_pinned_flows {
             return Err(ReloadError::NeedsRestart("agent.max_pinned_flows changed"));
         }
+        if old.max_persistent_clients != newa.max_persistent_clients {
+            return Err(ReloadError::NeedsRestart(
+                "agent.max_persistent_clients changed",
+            ));
+        }
         let neigh = self.neigh.clone();
         let fresh = fresh_targets(&new, &self.health);
         Ok(Box::pin(async move {
@@ -1329,6 +1335,12 @@ impl<D: DataPlane> Agent<D> {
                 packets: c.packets,
                 bytes: c.bytes,
                 new_flows: c.new_flows,
+                persistence_timeout_s: s.persistence_timeout_s,
+                persistent_clients: self
+                    .programmer
+                    .vip_num(s.vip, s.port)
+                    .and_then(|n| self.scanner.snapshot().persistent.get(&n).copied())
+                    .unwrap_or(0),
                 backends: backends
                     .iter()
                     .filter(|b| b.service == s.name)

@@ -9,7 +9,8 @@ use std::{
 };
 
 use lb_common::{
-    DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS,
+    DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE,
+    MAX_VIPS,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -94,6 +95,8 @@ pub struct AgentConfig {
     pub max_flows: u32,
     /// Size of the pinned-flow table (PINNED); changing it needs a restart.
     pub max_pinned_flows: u32,
+    /// Size of the persistence table (PERSIST, LRU); changing it needs a restart.
+    pub max_persistent_clients: u32,
     /// Where the maps and the XDP link are pinned (`<bpffs_dir>/<interface>/v<layout>/`),
     /// so that they outlive the agent and the next one takes them over.
     pub bpffs_dir: PathBuf,
@@ -115,6 +118,9 @@ pub const DEFAULT_FLOW_IDLE_TIMEOUT_S: u32 = 900;
 pub const DEFAULT_NEW_FLOWS_PER_CPU_S: u32 = 100_000;
 pub const DEFAULT_MAX_FLOWS: u32 = MAX_FLOWS;
 pub const DEFAULT_MAX_PINNED_FLOWS: u32 = MAX_PINNED_FLOWS;
+pub const DEFAULT_MAX_PERSISTENT_CLIENTS: u32 = MAX_PERSISTENT;
+/// The longest `persistence_timeout_s`: one day, as for the flow idle timeout.
+pub const MAX_PERSISTENCE_TIMEOUT_S: u32 = 86_400;
 /// Flow-table sizes accepted: below this a table is useless, above it the memory (about
 /// 200 bytes a flow with the kernel's own overhead) is more than an LB host should lock.
 pub const MIN_FLOW_TABLE: u32 = 1024;
@@ -183,6 +189,9 @@ pub struct Service {
     pub vip: IpAddr,
     pub port: u16,
     pub ring_size: u32,
+    /// A client address keeps its backend for new connections until this long after
+    /// its last one (LVS `persistence_timeout`). 0: off, every connection takes the ring.
+    pub persistence_timeout_s: u32,
     pub health_check: HealthCheck,
     pub backends: Vec<BackendSpec>,
 }
@@ -315,6 +324,7 @@ struct RawAgent {
     new_flows_per_cpu_s: Option<Spanned<i64>>,
     max_flows: Option<Spanned<i64>>,
     max_pinned_flows: Option<Spanned<i64>>,
+    max_persistent_clients: Option<Spanned<i64>>,
     bpffs_dir: Option<Spanned<String>>,
     metrics_listen: Option<Spanned<String>>,
 }
@@ -325,6 +335,7 @@ struct RawService {
     vip: Option<Spanned<String>>,
     port: Option<Spanned<i64>>,
     ring_size: Option<Spanned<i64>>,
+    persistence_timeout_s: Option<Spanned<i64>>,
     health_check: Option<Spanned<RawHealthCheck>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
@@ -809,6 +820,13 @@ impl Validator<'_> {
             MIN_FLOW_TABLE,
             MAX_FLOW_TABLE,
         );
+        let max_persistent_clients = self.number(
+            &raw.max_persistent_clients,
+            "agent.max_persistent_clients",
+            DEFAULT_MAX_PERSISTENT_CLIENTS,
+            MIN_FLOW_TABLE,
+            MAX_FLOW_TABLE,
+        );
         let metrics_listen = match &raw.metrics_listen {
             None => Some(None),
             Some(m) => match m.get_ref().parse::<SocketAddr>() {
@@ -851,6 +869,7 @@ impl Validator<'_> {
             new_flows_per_cpu_s: new_flows_per_cpu_s?,
             max_flows: max_flows?,
             max_pinned_flows: max_pinned_flows?,
+            max_persistent_clients: max_persistent_clients?,
             bpffs_dir: bpffs_dir?,
             metrics_listen: metrics_listen?,
         })
@@ -1032,6 +1051,13 @@ impl Validator<'_> {
                 }
             },
         };
+        let persistence_timeout_s = self.number(
+            &raw.persistence_timeout_s,
+            &format!("{path}.persistence_timeout_s"),
+            0,
+            0,
+            MAX_PERSISTENCE_TIMEOUT_S,
+        );
         let health_check = self.health_check(&raw.health_check, &format!("{path}.health_check"));
         let mut backends = Vec::new();
         let mut names = HashSet::new();
@@ -1086,6 +1112,7 @@ impl Validator<'_> {
             vip: vip?,
             port: port?,
             ring_size: ring_size?,
+            persistence_timeout_s: persistence_timeout_s?,
             health_check: health_check?,
             backends,
         })
@@ -1246,6 +1273,44 @@ weight = 300
         assert_eq!(s.backends[0].weight, DEFAULT_WEIGHT);
         assert_eq!(s.backends[1].weight, 300);
         assert_eq!(s.vip, "192.0.2.10".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn persistence_is_off_by_default_and_bounded() {
+        let c = parse(GOOD, "t").expect("valid");
+        assert_eq!(c.services[0].persistence_timeout_s, 0);
+        assert_eq!(
+            c.agent.max_persistent_clients,
+            DEFAULT_MAX_PERSISTENT_CLIENTS
+        );
+        let with = |timeout: &str, size: &str| {
+            let text = GOOD
+                .replace(
+                    "port = 80\n",
+                    &format!("port = 80\npersistence_timeout_s = {timeout}\n"),
+                )
+                .replace(
+                    "[agent]\n",
+                    &format!("[agent]\nmax_persistent_clients = {size}\n"),
+                );
+            parse(&text, "t")
+        };
+        let c = with("300", "100000").expect("valid");
+        assert_eq!(c.services[0].persistence_timeout_s, 300);
+        assert_eq!(c.agent.max_persistent_clients, 100_000);
+        for (timeout, size, what) in [
+            ("-1", "4096", "services[0].persistence_timeout_s"),
+            ("86401", "4096", "services[0].persistence_timeout_s"),
+            ("10", "10", "agent.max_persistent_clients"),
+        ] {
+            let errs = with(timeout, size).expect_err("invalid").errors;
+            let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            assert!(
+                text.iter()
+                    .any(|t| t.contains(what) && t.contains("out of range")),
+                "{timeout} {size}: {text:?}"
+            );
+        }
     }
 
     #[test]

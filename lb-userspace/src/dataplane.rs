@@ -20,8 +20,9 @@ use aya::{
 };
 
 use lb_common::{
-    Backend, Counter, FlowKey, FlowState, LbConfig, MAX_FLOWS, MAX_PINNED_FLOWS, MAX_RING_SIZE,
-    SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, layout, names,
+    Backend, Counter, FlowKey, FlowState, LbConfig, MAX_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS,
+    MAX_RING_SIZE, PersistKey, PersistState, SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey,
+    layout, names,
 };
 
 /// The XDP object built from `lb-ebpf`, embedded at build time.
@@ -72,7 +73,8 @@ pub enum DataPlaneError {
     },
     #[error(
         "pinned map {map} at {path} has {what} {found}, this agent wants {wanted}: it was made \
-         by another layout or with another [agent] max_flows / max_pinned_flows. \
+         by another layout or with another [agent] max_flows / max_pinned_flows / \
+         max_persistent_clients. \
          `lb-agent --config PATH --detach` removes the pins (every flow is lost); then start again"
     )]
     PinnedMismatch {
@@ -172,6 +174,12 @@ pub trait FlowStore: Send {
     fn pin(&mut self, flows: &[(lb_common::FlowKey, lb_common::FlowState)]) -> Result<usize>;
     /// Removes flows from the pinned table; absent ones are ignored.
     fn unpin(&mut self, keys: &[lb_common::FlowKey]) -> Result<()>;
+    /// A copy of every entry of the persistence table, read in batches.
+    fn read_persist(&mut self) -> Result<Vec<(PersistKey, PersistState)>>;
+    /// Writes persistence entries (a peer's); an existing entry is overwritten.
+    fn write_persist(&mut self, entries: &[(PersistKey, PersistState)]) -> Result<()>;
+    /// Removes persistence entries (expired ones); absent ones are ignored.
+    fn remove_persist(&mut self, keys: &[PersistKey]) -> Result<()>;
 }
 
 /// Flow tables in memory, for tests: clones share the tables.
@@ -183,6 +191,7 @@ pub struct FakeFlowStore {
         std::sync::Arc<std::sync::Mutex<StdHashMap<lb_common::FlowKey, lb_common::FlowState>>>,
     /// Capacity of the pinned table.
     pub max_pinned: usize,
+    pub persist: std::sync::Arc<std::sync::Mutex<StdHashMap<PersistKey, PersistState>>>,
 }
 
 impl FlowStore for FakeFlowStore {
@@ -216,6 +225,22 @@ impl FlowStore for FakeFlowStore {
         }
         Ok(())
     }
+    fn read_persist(&mut self) -> Result<Vec<(PersistKey, PersistState)>> {
+        let map = self.persist.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(map.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn write_persist(&mut self, entries: &[(PersistKey, PersistState)]) -> Result<()> {
+        let mut map = self.persist.lock().unwrap_or_else(|e| e.into_inner());
+        map.extend(entries.iter().copied());
+        Ok(())
+    }
+    fn remove_persist(&mut self, keys: &[PersistKey]) -> Result<()> {
+        let mut map = self.persist.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            map.remove(k);
+        }
+        Ok(())
+    }
 }
 
 /// The real flow tables: the program's FLOWS and PINNED maps, through handles of its own
@@ -223,6 +248,7 @@ impl FlowStore for FakeFlowStore {
 pub struct FlowMaps {
     flows: OwnedFd,
     pinned: MapData,
+    persist: OwnedFd,
 }
 
 /// Entries asked for in one BPF_MAP_LOOKUP_BATCH call. A hash map's batch is made of
@@ -265,6 +291,42 @@ impl FlowStore for FlowMaps {
         }
         Ok(full)
     }
+    fn read_persist(&mut self) -> Result<Vec<(PersistKey, PersistState)>> {
+        sys::lookup_batch(&self.persist.as_fd(), BATCH).map_err(|source| DataPlaneError::Syscall {
+            map: names::MAP_PERSIST,
+            op: "BPF_MAP_LOOKUP_BATCH",
+            source,
+        })
+    }
+    fn write_persist(&mut self, entries: &[(PersistKey, PersistState)]) -> Result<()> {
+        for (key, value) in entries {
+            // An LRU map makes room by itself; any error is worth reporting.
+            sys::update(&self.persist.as_fd(), key, value).map_err(|source| {
+                DataPlaneError::Syscall {
+                    map: names::MAP_PERSIST,
+                    op: "BPF_MAP_UPDATE_ELEM",
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+    fn remove_persist(&mut self, keys: &[PersistKey]) -> Result<()> {
+        for key in keys {
+            match sys::delete(&self.persist.as_fd(), key) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(DataPlaneError::Syscall {
+                        map: names::MAP_PERSIST,
+                        op: "BPF_MAP_DELETE_ELEM",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
     fn unpin(&mut self, keys: &[FlowKey]) -> Result<()> {
         for key in keys {
             match sys::delete(&self.pinned.fd().as_fd(), key) {
@@ -287,8 +349,6 @@ impl FlowStore for FlowMaps {
 /// writes, on a raw map descriptor.
 mod sys {
     use std::{io, os::fd::AsRawFd};
-
-    use lb_common::{FlowKey, FlowState};
 
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
@@ -338,21 +398,22 @@ mod sys {
         }
     }
 
-    pub fn update(fd: &impl AsRawFd, key: &FlowKey, value: &FlowState) -> io::Result<()> {
+    /// `K` and `V` must be the map's key and value types (repr(C), as the map stores them).
+    pub fn update<K, V>(fd: &impl AsRawFd, key: &K, value: &V) -> io::Result<()> {
         let mut attr = ElemAttr {
             map_fd: fd.as_raw_fd() as u32,
-            key: key as *const FlowKey as u64,
-            value: value as *const FlowState as u64,
+            key: key as *const K as u64,
+            value: value as *const V as u64,
             flags: BPF_ANY,
             ..Default::default()
         };
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
     }
 
-    pub fn delete(fd: &impl AsRawFd, key: &FlowKey) -> io::Result<()> {
+    pub fn delete<K>(fd: &impl AsRawFd, key: &K) -> io::Result<()> {
         let mut attr = ElemAttr {
             map_fd: fd.as_raw_fd() as u32,
-            key: key as *const FlowKey as u64,
+            key: key as *const K as u64,
             ..Default::default()
         };
         bpf(BPF_MAP_DELETE_ELEM, &mut attr)
@@ -362,11 +423,14 @@ mod sys {
     /// kept by the kernel (not a key), so entries the LRU evicts meanwhile cost nothing:
     /// they are simply not returned. ENOENT ends the walk (with that call's last
     /// entries); ENOSPC means one bucket holds more than `batch`: retried with more room.
-    pub fn lookup_batch(fd: &impl AsRawFd, batch: usize) -> io::Result<Vec<(FlowKey, FlowState)>> {
+    pub fn lookup_batch<K: Copy + Default, V: Copy + Default>(
+        fd: &impl AsRawFd,
+        batch: usize,
+    ) -> io::Result<Vec<(K, V)>> {
         let mut out = Vec::new();
         let mut size = batch.max(1);
-        let mut keys = vec![FlowKey::default(); size];
-        let mut values = vec![FlowState::default(); size];
+        let mut keys = vec![K::default(); size];
+        let mut values = vec![V::default(); size];
         // Tokens: the kernel reads and writes a u32 bucket index for hash maps.
         let mut token = 0u64;
         let mut first = true;
@@ -395,8 +459,8 @@ mod sys {
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
                     size *= 2;
-                    keys.resize(size, FlowKey::default());
-                    values.resize(size, FlowState::default());
+                    keys.resize(size, K::default());
+                    values.resize(size, V::default());
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -415,6 +479,8 @@ pub struct MapSizes {
     pub max_flows: u32,
     /// PINNED, the agent's table of flows kept on their backend.
     pub max_pinned_flows: u32,
+    /// PERSIST, the LRU table of client-address persistence.
+    pub max_persistent_clients: u32,
 }
 
 impl Default for MapSizes {
@@ -422,6 +488,7 @@ impl Default for MapSizes {
         Self {
             max_flows: MAX_FLOWS,
             max_pinned_flows: MAX_PINNED_FLOWS,
+            max_persistent_clients: MAX_PERSISTENT,
         }
     }
 }
@@ -540,7 +607,8 @@ impl XdpDataPlane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::MAP_FLOWS, sizes.max_flows)
-            .map_max_entries(names::MAP_PINNED, sizes.max_pinned_flows);
+            .map_max_entries(names::MAP_PINNED, sizes.max_pinned_flows)
+            .map_max_entries(names::MAP_PERSIST, sizes.max_persistent_clients);
         if let Some(pins) = pins {
             for m in &layout::MAPS {
                 loader.map_pin_path(m.name, pins.map_path(m.name));
@@ -589,6 +657,15 @@ impl XdpDataPlane {
                 });
             }
         };
+        let persist = match ebpf.map(names::MAP_PERSIST) {
+            Some(Map::LruHashMap(m)) => dup_fd(m, names::MAP_PERSIST)?,
+            _ => {
+                return Err(DataPlaneError::Missing {
+                    kind: "LRU hash map",
+                    name: names::MAP_PERSIST,
+                });
+            }
+        };
         let pinned = match take(&mut ebpf, names::MAP_PINNED)? {
             // Kept, not duplicated: the program is loaded below and refers to this map
             // by the descriptor the loader created.
@@ -616,7 +693,11 @@ impl XdpDataPlane {
             config,
             meta,
             serving: Some(ServingMap(serving)),
-            flow_store: Some(FlowMaps { flows, pinned }),
+            flow_store: Some(FlowMaps {
+                flows,
+                pinned,
+                persist,
+            }),
             trace_ring,
             pins: None,
             link: None,

@@ -23,6 +23,10 @@
 //!   installs the pins peers send ([`remote_pins`]), translated to its own ids, into
 //!   its pinned table, where the same collection rules apply to them.
 //!
+//! - It collects the persistence table (`persistence_timeout_s`): expired entries are
+//!   removed, live ones counted per VIP for `lbctl status`, and new or refreshed ones
+//!   handed to the sync thread; peers' entries are installed (`crate::persist`).
+//!
 //! The decisions ([`to_pin`], [`to_unpin`], [`count_active`], [`wire_pins`],
 //! [`remote_pins`]) are plain functions with plain tests; the thread only moves data
 //! between them, the store and the sync thread.
@@ -35,12 +39,18 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use lb_common::{FLOW_F_CLOSING, FlowKey, FlowState, VipKey, hash::flow_hash};
+use lb_common::{
+    FLOW_F_CLOSING, FlowKey, FlowState, PersistKey, PersistState, VipKey, hash::flow_hash,
+};
 
 use crate::{
     config::BackendId,
     dataplane::{FlowStore, FlowTable, monotonic_ns},
-    sync::{PinSink, wire::Pin},
+    persist,
+    sync::{
+        PinSink,
+        wire::{Pin, Sticky},
+    },
 };
 
 /// How often the tables are read when nothing asks.
@@ -60,6 +70,8 @@ pub struct RingSet {
     pub forwarding: HashSet<u32>,
     /// This host's numbers for backends and VIPs, to name pins between hosts.
     pub names: Arc<Names>,
+    /// `persistence_timeout_s` by VIP number (services without persistence: absent or 0).
+    pub persistence: HashMap<u32, u32>,
 }
 
 /// Backend ids and VIP numbers of this host, both ways.
@@ -91,6 +103,11 @@ impl PinInbox {
     /// before it can become master again.
     pub fn resend_all(&self) {
         let _ = self.0.send(Command::ResendAll);
+    }
+
+    /// A peer's persistence entries, to install.
+    pub fn deliver_persistence(&self, entries: Vec<Sticky>) {
+        let _ = self.0.send(Command::RemotePersist(entries));
     }
 }
 
@@ -173,6 +190,10 @@ pub struct FlowSnapshot {
     pub pin_failures: u64,
     /// Pins from sync peers written into the pinned table (since start).
     pub remote_installed: u64,
+    /// Live persistence entries (client addresses) per VIP number.
+    pub persistent: HashMap<u32, u64>,
+    /// Persistence entries from sync peers written into the table (since start).
+    pub persistence_installed: u64,
     /// The last scan's error, if it failed.
     pub error: Option<String>,
 }
@@ -285,6 +306,8 @@ enum Command {
     Sync(PinSink),
     /// Pins from a peer.
     Remote(RemotePins),
+    /// Persistence entries from a peer.
+    RemotePersist(Vec<Sticky>),
     /// Send every pin to the sync thread at the next scan, which runs now.
     ResendAll,
     Stop,
@@ -317,6 +340,10 @@ impl Scanner {
                     scans: 0,
                     resend_all: false,
                     remote_installed: 0,
+                    persist_seen: HashMap::new(),
+                    persist_sent: HashMap::new(),
+                    persistent: HashMap::new(),
+                    persistence_installed: 0,
                 }
                 .run(rx)
             })?;
@@ -392,6 +419,14 @@ struct Worker {
     resend_all: bool,
     /// Pins from peers written into the pinned table (since start).
     remote_installed: u64,
+    /// The persistence table's live entries as the last scan saw them, plus those peers
+    /// installed since: what is not in it (or differs) is new, for the sync peers.
+    persist_seen: HashMap<PersistKey, PersistState>,
+    /// What the sync peers were last told of each live entry (or told us).
+    persist_sent: HashMap<PersistKey, PersistState>,
+    /// Live persistence entries per VIP number, as of the last scan.
+    persistent: HashMap<u32, u64>,
+    persistence_installed: u64,
 }
 
 impl Worker {
@@ -410,6 +445,7 @@ impl Worker {
                 }
                 Ok(Command::Sync(sink)) => self.sync = Some(sink),
                 Ok(Command::Remote(pins)) => self.install(pins),
+                Ok(Command::RemotePersist(entries)) => self.install_persistence(entries),
                 Ok(Command::ResendAll) => {
                     self.resend_all = true;
                     self.scan();
@@ -459,6 +495,61 @@ impl Worker {
         }
     }
 
+    /// Writes a peer's persistence entries into the table, where they are newer.
+    fn install_persistence(&mut self, entries: Vec<Sticky>) {
+        let Some(rings) = self.rings.clone() else {
+            tracing::debug!("a peer's persistence entries arrived before the first rings");
+            return;
+        };
+        let mine = persist::from_peer(&entries, &rings, &self.persist_seen, monotonic_ns());
+        if mine.is_empty() {
+            return;
+        }
+        match self.store.write_persist(&mine) {
+            Ok(()) => {
+                self.persistence_installed += mine.len() as u64;
+                // Not new for the next scan: never sent back to the peer it came from.
+                self.persist_seen.extend(mine.iter().copied());
+                self.persist_sent.extend(mine.iter().copied());
+                let old = self.snapshot.load_full();
+                self.snapshot.store(Arc::new(FlowSnapshot {
+                    persistence_installed: self.persistence_installed,
+                    ..(*old).clone()
+                }));
+            }
+            Err(e) => tracing::warn!("installing a peer's persistence entries failed: {e}"),
+        }
+    }
+
+    /// Collects the persistence table and tells the sync thread what is new in it
+    /// (everything when `all`).
+    fn scan_persistence(
+        &mut self,
+        rings: &RingSet,
+        now: u64,
+        all: bool,
+    ) -> Result<(), crate::dataplane::DataPlaneError> {
+        let entries = self.store.read_persist()?;
+        let scan = persist::scan(&entries, rings, now);
+        if !scan.expired.is_empty() {
+            self.store.remove_persist(&scan.expired)?;
+        }
+        if let Some(sink) = &self.sync {
+            let send = if all {
+                scan.live.clone()
+            } else {
+                persist::changed(&scan.live, &self.persist_sent, rings)
+            };
+            self.persist_sent.extend(send.iter().copied());
+            sink.persisted(persist::to_wire(&send, &rings.names, now));
+        }
+        self.persist_seen = scan.live.into_iter().collect();
+        self.persist_sent
+            .retain(|k, _| self.persist_seen.contains_key(k));
+        self.persistent = scan.per_vip;
+        Ok(())
+    }
+
     fn scan(&mut self) {
         let taken_at = Instant::now();
         let snapshot = match self.try_scan() {
@@ -469,6 +560,8 @@ impl Worker {
                 pinned,
                 pin_failures: self.pin_failures,
                 remote_installed: self.remote_installed,
+                persistent: self.persistent.clone(),
+                persistence_installed: self.persistence_installed,
                 error: None,
             },
             Err(e) => {
@@ -517,6 +610,9 @@ impl Worker {
                 self.logged_failures += 1;
             }
         }
+        // All entries only to a peer that (re)connects: busy clients' entries go out
+        // again anyway (`persist::changed`), idle ones need no refresh to stay live.
+        self.scan_persistence(&rings, now, self.resend_all)?;
         self.scans += 1;
         if let Some(sink) = &self.sync {
             let names = &rings.names;
@@ -802,6 +898,7 @@ mod tests {
                 vips: HashMap::from([(vip, 4)]),
                 ..Default::default()
             }),
+            ..Default::default()
         };
         let local = remote_pins(&wire, &receiver, NOW);
         assert_eq!(local.len(), 2, "installed even where the ring still agrees");
@@ -852,5 +949,55 @@ mod tests {
         // The agent's first rings: backend 2 drained, still forwarding: it stays.
         assert!(scanner.prepare(Arc::new(rings(1, &[1, 2]))));
         assert_eq!(store.pinned.lock().unwrap().len(), 1);
+    }
+
+    /// The scanner removes expired persistence entries and those of a service without
+    /// persistence, and counts the live ones per VIP.
+    #[test]
+    fn the_scanner_collects_and_counts_persistence_entries() {
+        let store = FakeFlowStore {
+            max_pinned: 10,
+            ..Default::default()
+        };
+        let vip = VipKey {
+            addr: key(1).dst,
+            port_be: key(1).dport_be,
+            proto: 6,
+            family: 2,
+        };
+        let now = monotonic_ns();
+        let entry = |client: u8, age_s: u64| {
+            let mut k = PersistKey::of_flow(&key(1));
+            k.client[3] = client;
+            let s = PersistState {
+                backend: 1,
+                vip_num: 0,
+                last_seen_ns: now.saturating_sub(age_s * 1_000_000_000),
+            };
+            (k, s)
+        };
+        let fresh = [entry(1, 5), entry(2, 50)];
+        let old = entry(3, 200);
+        store
+            .persist
+            .lock()
+            .unwrap()
+            .extend(fresh.iter().copied().chain([old]));
+        let scanner = Scanner::spawn(Box::new(store.clone()), IDLE).unwrap();
+        let mut set = rings(1, &[1]);
+        set.names = Arc::new(Names {
+            vips: HashMap::from([(vip, 0)]),
+            ..Default::default()
+        });
+        set.persistence = HashMap::from([(0, 100)]);
+        assert!(scanner.prepare(Arc::new(set.clone())));
+        let left: HashSet<PersistKey> = store.persist.lock().unwrap().keys().copied().collect();
+        assert_eq!(left, fresh.iter().map(|(k, _)| *k).collect());
+        assert_eq!(scanner.snapshot().persistent, HashMap::from([(0, 2)]));
+        // Persistence turned off: every entry goes.
+        set.persistence.clear();
+        assert!(scanner.prepare(Arc::new(set)));
+        assert!(store.persist.lock().unwrap().is_empty());
+        assert!(scanner.snapshot().persistent.is_empty());
     }
 }

@@ -14,6 +14,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod neigh;
 pub mod numbering;
+pub mod persist;
 pub mod pins;
 pub mod programmer;
 pub mod protocol;

@@ -79,22 +79,55 @@ pub(crate) mod capture {
         }
     }
 
-    /// The captured log; the logger stays installed on this thread while it lives.
-    pub struct Captured {
-        buffer: Buffer,
-        _guard: tracing::subscriber::DefaultGuard,
+    thread_local! {
+        /// Where this thread's log lines go while a `Captured` of it lives.
+        static SINK: std::cell::RefCell<Option<Buffer>> = const { std::cell::RefCell::new(None) };
     }
 
-    /// Installs a JSON logger at `info` on the current thread.
-    pub fn json() -> Captured {
-        let buffer = Buffer::default();
-        let keep = buffer.clone();
-        let s = subscriber(LogFormat::Json, "info", move || keep.clone(), false)
-            .unwrap_or_else(|e| panic!("{e}"));
-        Captured {
-            buffer,
-            _guard: tracing::subscriber::set_default(s),
+    /// Writes into the current thread's sink, if any; drops the line otherwise.
+    struct ThreadSink;
+
+    impl std::io::Write for ThreadSink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            SINK.with(|s| {
+                if let Some(b) = s.borrow_mut().as_mut() {
+                    b.write(buf)
+                } else {
+                    Ok(buf.len())
+                }
+            })
         }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The captured log of this thread, while it lives.
+    pub struct Captured {
+        buffer: Buffer,
+    }
+
+    impl Drop for Captured {
+        fn drop(&mut self) {
+            SINK.with(|s| *s.borrow_mut() = None);
+        }
+    }
+
+    /// Captures this thread's log, as JSON at `info`. One global logger serves every
+    /// test and routes each line to its thread's sink: a logger per thread
+    /// (`set_default`) races with other threads over tracing's cached callsite interest,
+    /// and then loses events now and then.
+    pub fn json() -> Captured {
+        static INSTALL: std::sync::Once = std::sync::Once::new();
+        INSTALL.call_once(|| {
+            let s = subscriber(LogFormat::Json, "info", || ThreadSink, false)
+                .unwrap_or_else(|e| panic!("{e}"));
+            // Nothing else in the unit tests installs a global logger.
+            let _ = tracing::subscriber::set_global_default(s);
+        });
+        let buffer = Buffer::default();
+        SINK.with(|s| *s.borrow_mut() = Some(buffer.clone()));
+        Captured { buffer }
     }
 
     impl Captured {

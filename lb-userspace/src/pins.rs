@@ -129,6 +129,7 @@ fn wanted_entries(m: &MapLayout, sizes: MapSizes) -> u32 {
     match m.name {
         names::MAP_FLOWS => sizes.max_flows,
         names::MAP_PINNED => sizes.max_pinned_flows,
+        names::MAP_PERSIST => sizes.max_persistent_clients,
         _ => m.max_entries,
     }
 }
@@ -308,6 +309,7 @@ mod tests {
             names::MAP_BACKENDS,
             names::MAP_FLOWS,
             names::MAP_PINNED,
+            names::MAP_PERSIST,
             names::MAP_FLOOD_GUARD,
             names::MAP_STATS,
             names::MAP_CONFIG,

@@ -10,8 +10,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, PROTO_TCP,
-    VipAddrKey, VipInfo, VipKey, filter,
+    BACKEND_F_NEW_FLOWS, BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS,
+    NO_BACKEND, PROTO_TCP, VipAddrKey, VipInfo, VipKey, filter,
 };
 
 use crate::{
@@ -162,6 +162,7 @@ struct VipState {
     vip_num: u32,
     /// Shared with the flow scanner's `RingSet`: handing it over copies no slot.
     ring: Arc<Vec<u32>>,
+    persistence_s: u32,
 }
 
 /// Everything one apply will write, computed before anything is written: the plan of a
@@ -186,6 +187,7 @@ struct PlannedVip {
     vip_num: u32,
     ring: Arc<Vec<u32>>,
     ring_size: u32,
+    persistence_s: u32,
     added: bool,
     /// Its ring differs from the one in the map.
     changed: bool,
@@ -211,6 +213,7 @@ impl Plan {
         }
         for v in &self.vips {
             set.rings.insert(v.vip_num, v.ring.clone());
+            set.persistence.insert(v.vip_num, v.persistence_s);
         }
         for (id, b) in &self.backends {
             if b.flags & BACKEND_F_VALID != 0 {
@@ -351,6 +354,7 @@ impl Programmer {
                 VipState {
                     vip_num: v.vip_num,
                     ring: Arc::new(Vec::new()),
+                    persistence_s: 0,
                 },
             );
             self.vip_addrs.insert(vip_addr_key(v.vip));
@@ -393,6 +397,11 @@ impl Programmer {
                 ids: self.backend_ids.clone(),
                 vips: self.vips.iter().map(|(k, v)| (*k, v.vip_num)).collect(),
             }),
+            persistence: self
+                .vips
+                .values()
+                .map(|v| (v.vip_num, v.persistence_s))
+                .collect(),
         }
     }
 
@@ -418,7 +427,8 @@ impl Programmer {
         let mut next_id = self.next_id;
         for service in services {
             let mut service_ids = Vec::with_capacity(service.backends.len());
-            for b in &service.backends {
+            let in_ring = ring_members(service, view);
+            for (i, b) in service.backends.iter().enumerate() {
                 let identity = service.backend_id(b);
                 let id = match ids.get(&identity).or(self.backend_ids.get(&identity)) {
                     Some(id) => *id,
@@ -444,7 +454,11 @@ impl Programmer {
                     plan.unresolved.push((service.name.clone(), b.name.clone()));
                     continue;
                 };
-                let flags = if v.forwards() { BACKEND_F_VALID } else { 0 };
+                let mut flags = if v.forwards() { BACKEND_F_VALID } else { 0 };
+                // Persistence may send a client's new connection only to a ring member.
+                if in_ring.contains(&i) {
+                    flags |= BACKEND_F_NEW_FLOWS;
+                }
                 let entry = Backend {
                     mac,
                     _pad: [0; 2],
@@ -454,7 +468,7 @@ impl Programmer {
                     plan.backends.push((id, entry));
                 }
             }
-            let members: Vec<maglev::Member> = ring_members(service, view)
+            let members: Vec<maglev::Member> = in_ring
                 .into_iter()
                 .map(|i| {
                     let b = &service.backends[i];
@@ -474,12 +488,16 @@ impl Programmer {
                     true,
                 ),
             };
-            let changed = self.dirty || self.vips.get(&key).is_none_or(|state| state.ring != ring);
+            let changed = self.dirty
+                || self.vips.get(&key).is_none_or(|state| {
+                    state.ring != ring || state.persistence_s != service.persistence_timeout_s
+                });
             plan.vips.push(PlannedVip {
                 key,
                 vip_num,
                 ring,
                 ring_size: service.ring_size,
+                persistence_s: service.persistence_timeout_s,
                 added,
                 changed,
             });
@@ -487,6 +505,18 @@ impl Programmer {
         for (identity, id) in &self.backend_ids {
             if !ids.contains_key(identity) && !self.retired.contains_key(id) {
                 plan.retiring.push(*id);
+            }
+            // A backend that left the config forwards its flows but takes no new ones,
+            // not even a persistent client's.
+            if !ids.contains_key(identity)
+                && let Some(b) = self.backends.get(id)
+                && b.flags & BACKEND_F_NEW_FLOWS != 0
+            {
+                let entry = Backend {
+                    flags: b.flags & !BACKEND_F_NEW_FLOWS,
+                    ..*b
+                };
+                plan.backends.push((*id, entry));
             }
         }
         plan.vip_addrs = services.iter().map(|s| vip_addr_key(s.vip)).collect();
@@ -549,6 +579,7 @@ impl Programmer {
                 VipState {
                     vip_num: v.vip_num,
                     ring: v.ring,
+                    persistence_s: v.persistence_s,
                 },
             );
             // The VIP becomes visible only once its ring is complete.
@@ -556,7 +587,7 @@ impl Programmer {
                 vip_num: v.vip_num,
                 ring_size: v.ring_size,
                 flags: 0,
-                _pad: 0,
+                persistence_s: v.persistence_s,
             };
             dp.set_vip(&v.key, &info)?;
         }
@@ -658,6 +689,7 @@ mod tests {
             vip: vip.parse().unwrap(),
             port: 80,
             ring_size: 1009,
+            persistence_timeout_s: 0,
             health_check: Default::default(),
             backends: backends
                 .iter()
@@ -744,8 +776,11 @@ mod tests {
         assert_eq!(dp.ring_writes, r.ring_slots_written);
         assert!(r.ring_slots_written >= owned_by_c);
         assert!(!after.contains(&c));
-        // Established flows to c keep forwarding: its entry stays valid.
+        // Established flows to c keep forwarding: its entry stays valid, but it takes no
+        // new connection, not even a persistent client's.
         assert_eq!(dp.backends[&c].flags, BACKEND_F_VALID);
+        let a = p.backend_id("web", "192.0.2.21".parse().unwrap()).unwrap();
+        assert_eq!(dp.backends[&a].flags, BACKEND_F_VALID | BACKEND_F_NEW_FLOWS);
     }
 
     #[test]
@@ -808,7 +843,7 @@ mod tests {
         p.apply(&mut dp, &again, &all_up).unwrap();
         assert_eq!(p.backend_id("web", "192.0.2.23".parse().unwrap()), Some(b));
         assert_eq!(p.backend_id("web", "192.0.2.22".parse().unwrap()), None);
-        assert_eq!(dp.backends[&b].flags, BACKEND_F_VALID);
+        assert_eq!(dp.backends[&b].flags, BACKEND_F_VALID | BACKEND_F_NEW_FLOWS);
     }
 
     #[test]
@@ -1071,7 +1106,12 @@ mod tests {
         assert_eq!(
             dp.backends[&id(&p, &s, "b")].flags,
             BACKEND_F_VALID,
-            "disabled: drains"
+            "disabled: drains, takes no new connection (persistent or not)"
+        );
+        assert_eq!(
+            dp.backends[&id(&p, &s, "spare")].flags,
+            BACKEND_F_VALID | BACKEND_F_NEW_FLOWS,
+            "the backup serving: takes new connections"
         );
     }
 

@@ -255,6 +255,9 @@ pub struct SyncCounters {
     pub flows_received: u64,
     pub unpins_sent: u64,
     pub unpins_received: u64,
+    /// Persistence entries sent (once per peer) and received.
+    pub persistence_sent: u64,
+    pub persistence_received: u64,
     /// Dropped messages by reason: `unknown_source`, `bad_tag`, `replayed`, `stale`,
     /// `oversized`, `malformed`.
     pub dropped: BTreeMap<String, u64>,
@@ -289,6 +292,12 @@ pub struct ServiceStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// `persistence_timeout_s`; 0: off.
+    #[serde(default)]
+    pub persistence_timeout_s: u32,
+    /// Client addresses whose persistence entry is live (as of the last flow scan).
+    #[serde(default)]
+    pub persistent_clients: u64,
     pub backends: Vec<BackendStatus>,
 }
 

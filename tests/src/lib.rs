@@ -2,6 +2,7 @@
 //! BPF_PROG_TEST_RUN fixtures (`packet`), and the privilege guard every test that
 //! needs root goes through.
 
+pub mod bench;
 pub mod lab;
 pub mod packet;
 pub mod rig;

@@ -36,6 +36,7 @@ pub fn service(name: &str, vip: &str, port: u16, ring_size: u32, backends: &[&st
         vip: vip.parse().expect("VIP address"),
         port,
         ring_size,
+        persistence_timeout_s: 0,
         health_check: Default::default(),
         backends: backends
             .iter()

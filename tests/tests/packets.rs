@@ -1316,6 +1316,7 @@ fn a_pinned_flow_keeps_its_backend_when_the_connection_table_loses_it() {
     let sizes = MapSizes {
         max_flows: 1024,
         max_pinned_flows: 1024,
+        ..MapSizes::default()
     };
     let mut rig = Rig::new_sized(services(), sizes).expect("load (needs root)");
     let mut store = rig.dp.take_flow_store().expect("flow store");
@@ -1643,6 +1644,7 @@ fn pinned_table_reads_back_exactly_what_was_pinned_and_says_what_did_not_fit() {
     let sizes = MapSizes {
         max_flows: 1024,
         max_pinned_flows: 65536,
+        ..MapSizes::default()
     };
     let mut rig = Rig::new_sized(services(), sizes).expect("load (needs root)");
     let mut store = rig.dp.take_flow_store().expect("flow store");
@@ -1828,6 +1830,7 @@ fn pinned_maps_are_reused_and_other_layouts_refused() {
     let sizes = MapSizes {
         max_flows: 1024,
         max_pinned_flows: 1024,
+        ..MapSizes::default()
     };
     let (first, found) = XdpDataPlane::load_pinned(sizes, &dir).expect("first load");
     assert_eq!(
@@ -1986,4 +1989,290 @@ fn the_trace_reports_each_decision_while_on_and_nothing_while_off() {
         rig.trace_events().is_empty(),
         "tracing off again wrote events"
     );
+}
+// ---- client-address persistence --------------------------------------------------------
+
+const PERSIST_S: u32 = 300;
+
+/// `services()` with persistence on "web" and "web6".
+fn persistent_services() -> Vec<Service> {
+    let mut s = services();
+    s[0].persistence_timeout_s = PERSIST_S;
+    s[1].persistence_timeout_s = PERSIST_S;
+    s
+}
+
+/// The backend id and MAC the Maglev ring of `s` gives this flow.
+fn ring_choice_of(rig: &Rig, s: &Service, flow: &FlowKey) -> (u32, [u8; 6]) {
+    let id_of = |b: &BackendSpec| rig.programmer.backend_id(&s.name, b.address).expect("id");
+    let members: Vec<maglev::Member> = s
+        .backends
+        .iter()
+        .filter(|b| b.weight > 0)
+        .map(|b| maglev::Member {
+            identity: b.address.to_string(),
+            id: id_of(b),
+            weight: b.weight,
+        })
+        .collect();
+    let ring = maglev::build(&members, s.ring_size);
+    let id = ring[(flow_hash(flow) % s.ring_size) as usize];
+    let b = s.backends.iter().find(|b| id_of(b) == id).expect("member");
+    (id, backend_mac(b.address))
+}
+
+/// A client port whose flow the ring of `s` does NOT give to `not`: a new connection
+/// from it shows whether persistence, not the ring, decided.
+fn port_off(rig: &Rig, s: &Service, client: IpAddr, not: u32) -> u16 {
+    let vip = (s.vip, s.port);
+    (50000..51000)
+        .find(|p| ring_choice_of(rig, s, &flow((client, *p), vip)).0 != not)
+        .expect("some port the ring sends elsewhere")
+}
+
+fn persist_entry(
+    store: &mut dyn FlowStore,
+    key: &lb_common::PersistKey,
+) -> Option<lb_common::PersistState> {
+    store
+        .read_persist()
+        .expect("read PERSIST")
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// One client's connections keep the backend of its first after the ring moved it
+/// (weights changed), IPv4 and IPv6; a service without persistence follows the ring.
+#[test]
+fn persistence_keeps_a_client_on_its_backend_after_the_ring_changes() {
+    if !require_root("persistence_keeps_a_client_on_its_backend_after_the_ring_changes") {
+        return;
+    }
+    for (i, (client_ip, svc)) in [("198.51.100.80", 0usize), ("2001:db8:1::80", 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut rig = Rig::new(persistent_services()).expect("load (needs root)");
+        let mut store = rig.dp.take_flow_store().expect("flow store");
+        let s0 = rig.services[svc].clone();
+        let vip = (s0.vip, s0.port);
+        let client = ip(client_ip);
+        let first_key = flow((client, 40000), vip);
+        let (v, out) = rig.run(&tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (client, 40000),
+            vip,
+            SYN,
+        ));
+        assert_eq!(v, XDP_TX);
+        let (first, first_mac) = ring_choice_of(&rig, &s0, &first_key);
+        assert_eq!(out[0..6], first_mac, "the first connection takes the ring");
+        let pkey = lb_common::PersistKey::of_flow(&first_key);
+        let entry = persist_entry(&mut store, &pkey).expect("the choice is remembered");
+        assert_eq!(entry.backend, first);
+        assert_eq!(entry.vip_num, vip_num(&rig, &s0.name));
+
+        // The ring changes: the first backend's weight drops, another backend joins.
+        let mut s = persistent_services();
+        for b in &mut s[svc].backends {
+            if rig.programmer.backend_id(&s0.name, b.address) == Some(first) {
+                b.weight = 10;
+            }
+        }
+        let extra = if svc == 0 {
+            "192.0.2.24"
+        } else {
+            "2001:db8::24"
+        };
+        s[svc].backends.push(BackendSpec {
+            name: "extra".into(),
+            address: ip(extra),
+            weight: 100,
+            backup: false,
+        });
+        rig.apply(s.clone()).expect("reprogram");
+        let port = port_off(&rig, &s[svc], client, first);
+        for p in [port, port + 1000, port + 2000] {
+            let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, (client, p), vip, SYN));
+            assert_eq!(v, XDP_TX);
+            assert_eq!(
+                out[0..6],
+                first_mac,
+                "case {i}: a new connection of a persistent client keeps its backend"
+            );
+        }
+        let entry = persist_entry(&mut store, &pkey).expect("still remembered");
+        assert_eq!(entry.backend, first);
+
+        // Persistence off: the same client follows the ring.
+        s[svc].persistence_timeout_s = 0;
+        rig.apply(s.clone()).expect("reprogram");
+        let key = flow((client, port), vip);
+        let (_, ring_mac) = ring_choice_of(&rig, &s[svc], &key);
+        assert_ne!(ring_mac, first_mac);
+        let (v, out) = rig.run(&tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (client, port),
+            vip,
+            SYN,
+        ));
+        assert_eq!(v, XDP_TX);
+        assert_eq!(
+            out[0..6],
+            ring_mac,
+            "case {i}: no persistence, the ring decides"
+        );
+    }
+}
+
+/// An entry older than the timeout no longer decides: the ring does, and its choice
+/// replaces the entry.
+#[test]
+fn an_expired_persistence_entry_gives_way_to_the_ring() {
+    if !require_root("an_expired_persistence_entry_gives_way_to_the_ring") {
+        return;
+    }
+    let mut rig = Rig::new(persistent_services()).expect("load (needs root)");
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let s0 = rig.services[0].clone();
+    let vip = (s0.vip, s0.port);
+    let client = ip("198.51.100.81");
+    let first_key = flow((client, 40000), vip);
+    rig.run(&tcp_frame(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        (client, 40000),
+        vip,
+        SYN,
+    ));
+    let (first, first_mac) = ring_choice_of(&rig, &s0, &first_key);
+    let pkey = lb_common::PersistKey::of_flow(&first_key);
+    let port = port_off(&rig, &s0, client, first);
+    let key = flow((client, port), vip);
+    let (ring_id, ring_mac) = ring_choice_of(&rig, &s0, &key);
+
+    // Just within the timeout: still sticky.
+    let now = monotonic_ns();
+    let mut entry = persist_entry(&mut store, &pkey).expect("remembered");
+    entry.last_seen_ns = now - u64::from(PERSIST_S - 5) * 1_000_000_000;
+    store.write_persist(&[(pkey, entry)]).expect("age it");
+    let (_, out) = rig.run(&tcp_frame(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        (client, port),
+        vip,
+        SYN,
+    ));
+    assert_eq!(out[0..6], first_mac, "within the timeout");
+    let refreshed = persist_entry(&mut store, &pkey).expect("remembered");
+    assert!(
+        refreshed.last_seen_ns >= now,
+        "a new connection refreshes the entry"
+    );
+
+    // Past it: the ring.
+    entry.last_seen_ns = monotonic_ns() - u64::from(PERSIST_S + 1) * 1_000_000_000;
+    store.write_persist(&[(pkey, entry)]).expect("age it");
+    let (v, out) = rig.run(&tcp_frame(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        (client, port),
+        vip,
+        SYN,
+    ));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out[0..6], ring_mac, "expired: the ring decides");
+    assert_eq!(
+        persist_entry(&mut store, &pkey)
+            .expect("remembered")
+            .backend,
+        ring_id,
+        "and its choice is remembered"
+    );
+}
+
+/// The remembered backend disabled (draining) or down: its client's new connections go
+/// where the ring says, and that backend is remembered instead; the old flow of a
+/// disabled backend keeps going to it.
+#[test]
+fn a_persistent_client_of_a_disabled_or_down_backend_is_rechosen() {
+    if !require_root("a_persistent_client_of_a_disabled_or_down_backend_is_rechosen") {
+        return;
+    }
+    for down in [false, true] {
+        let mut rig = Rig::new(persistent_services()).expect("load (needs root)");
+        let mut store = rig.dp.take_flow_store().expect("flow store");
+        let s0 = rig.services[0].clone();
+        let vip = (s0.vip, s0.port);
+        let client = ip("198.51.100.82");
+        let first_key = flow((client, 40000), vip);
+        rig.run(&tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (client, 40000),
+            vip,
+            SYN,
+        ));
+        let (first, first_mac) = ring_choice_of(&rig, &s0, &first_key);
+        let gone = s0
+            .backends
+            .iter()
+            .find(|b| backend_mac(b.address) == first_mac)
+            .expect("backend")
+            .address;
+        let view = move |s: &Service, b: &BackendSpec| BackendView {
+            enabled: down || b.address != gone,
+            healthy: !down || b.address != gone,
+            ..all_up(s, b)
+        };
+        rig.apply_with(persistent_services(), &view)
+            .expect("reprogram");
+        // The ring without that backend.
+        let mut without = s0.clone();
+        without.backends.retain(|b| b.address != gone);
+        let key = flow((client, 40001), vip);
+        let (ring_id, ring_mac) = ring_choice_of(&rig, &without, &key);
+        let (v, out) = rig.run(&tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (client, 40001),
+            vip,
+            SYN,
+        ));
+        assert_eq!(v, XDP_TX);
+        assert_eq!(out[0..6], ring_mac, "down={down}: re-chosen by the ring");
+        assert_ne!(ring_id, first);
+        let pkey = lb_common::PersistKey::of_flow(&first_key);
+        assert_eq!(
+            persist_entry(&mut store, &pkey)
+                .expect("remembered")
+                .backend,
+            ring_id,
+            "down={down}: the new choice is remembered"
+        );
+        // The first connection: a disabled backend drains it, a down one loses it.
+        let (_, out) = rig.run(&tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (client, 40000),
+            vip,
+            ACK,
+        ));
+        if down {
+            assert_ne!(out[0..6], first_mac, "down: its flow goes elsewhere");
+        } else {
+            assert_eq!(out[0..6], first_mac, "disabled: its flow drains there");
+        }
+    }
 }

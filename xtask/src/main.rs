@@ -51,7 +51,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Build in release mode and benchmark the XDP program (root)
+    /// Build in release mode and run lb-bench (root): XDP cost per packet, failover,
+    /// advert jitter, pin sync and the comparative lab bench (`-- --help` for its options)
     Bench {
         /// Passed on to lb-bench
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -31,6 +31,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bird2",
     // A pseudo-terminal for `lbctl top` in the observe lab test.
     "tmux",
+    // The comparative lab bench: HAProxy (`mode tcp`) and nginx `stream` as the proxies
+    // to beat, nginx also as the backends' HTTP server, wrk for the connection rate and
+    // iperf3 for one bulk stream. Each runs in a lab namespace, never as a service.
+    "haproxy",
+    "nginx-light",
+    "libnginx-mod-stream",
+    "wrk",
+    "iperf3",
+    // The font the bench's PNG charts are labelled with.
+    "fonts-dejavu-core",
 ];
 
 /// Debian's `invoke-rc.d` asks this script whether a package's postinst may start its

@@ -442,6 +442,12 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
             "service {}  {vip}:{}  packets {}  bytes {}  new flows {}",
             s.name, s.port, s.packets, s.bytes, s.new_flows
         );
+        if s.persistence_timeout_s > 0 {
+            println!(
+                "  persistence {} s: {} client address(es) keep their backend",
+                s.persistence_timeout_s, s.persistent_clients
+            );
+        }
         print_backends(&s.backends);
     }
     println!();
@@ -555,7 +561,7 @@ fn print_sync(s: &lb_userspace::protocol::SyncStatus) {
     let c = &s.counters;
     let dropped: Vec<String> = c.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!(
-        "  messages sent {} ({} bytes), received {}; flows sent {}, received {}; unpins sent {}, received {}; dropped: {}",
+        "  messages sent {} ({} bytes), received {}; flows sent {}, received {}; unpins sent {}, received {}; persistence sent {}, received {}; dropped: {}",
         c.messages_sent,
         c.bytes_sent,
         c.messages_received,
@@ -563,6 +569,8 @@ fn print_sync(s: &lb_userspace::protocol::SyncStatus) {
         c.flows_received,
         c.unpins_sent,
         c.unpins_received,
+        c.persistence_sent,
+        c.persistence_received,
         if dropped.is_empty() {
             "none".to_string()
         } else {

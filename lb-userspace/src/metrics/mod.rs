@@ -91,6 +91,8 @@ pub struct Sample {
 pub struct ServiceSample {
     pub name: String,
     pub counter: Slot,
+    /// Live persistence entries (client addresses), as of the last flow scan.
+    pub persistent_clients: u64,
     pub backends: Vec<BackendSample>,
 }
 
@@ -140,6 +142,11 @@ pub fn gather(
                 Some(n) => counters.counter(vip_slot(n))?,
                 None => Slot::default(),
             },
+            persistent_clients: s
+                .vip_num
+                .and_then(|n| flows.persistent.get(&n))
+                .copied()
+                .unwrap_or(0),
             backends,
         });
     }
@@ -252,10 +259,16 @@ pub fn render(sample: &Sample) -> String {
         "lb_service_new_flows",
         "New flows (SYNs and lost flows) that took the service's ring",
     );
+    let persistent = Gauges::new(
+        &mut r,
+        "lb_service_persistent_clients",
+        "Client addresses whose persistence entry is live (persistence_timeout_s)",
+    );
     for s in &sample.services {
         packets.set(service_labels(&s.name), s.counter.packets);
         bytes.set(service_labels(&s.name), s.counter.bytes);
         new_flows.set(service_labels(&s.name), s.counter.new_flows);
+        persistent.set(service_labels(&s.name), s.persistent_clients);
     }
 
     let packets = Counters::new(
@@ -516,6 +529,18 @@ fn render_sync(r: &mut Registry, s: &SyncStatus) {
         "Flow unpins received",
         c.unpins_received,
     );
+    one(
+        r,
+        "lb_sync_persistence_sent",
+        "Persistence entries sent (once per peer)",
+        c.persistence_sent,
+    );
+    one(
+        r,
+        "lb_sync_persistence_received",
+        "Persistence entries received",
+        c.persistence_received,
+    );
     let dropped = Counters::new(
         r,
         "lb_sync_messages_dropped",
@@ -680,6 +705,7 @@ mod tests {
             connections: 12,
             pinned: 1,
             pin_failures: 0,
+            persistent: HashMap::from([(2, 4)]),
             ..FlowSnapshot::default()
         };
         gather(
@@ -705,6 +731,7 @@ mod tests {
         assert_eq!(get(r#"lb_service_packets_total{service="web"}"#), 10.0);
         assert_eq!(get(r#"lb_service_bytes_total{service="web"}"#), 1000.0);
         assert_eq!(get(r#"lb_service_new_flows_total{service="web"}"#), 3.0);
+        assert_eq!(get(r#"lb_service_persistent_clients{service="web"}"#), 4.0);
         let b1 = r#"{service="web",backend="b1",address="10.0.0.11"}"#;
         assert_eq!(get(&format!("lb_backend_packets_total{b1}")), 9.0);
         assert_eq!(get(&format!("lb_backend_bytes_total{b1}")), 900.0);

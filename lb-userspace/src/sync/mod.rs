@@ -23,6 +23,10 @@
 //!   starting host does), and all of them again every
 //!   [`crate::flows::PIN_REFRESH_SCANS`] scans so a peer's copies do not idle out while
 //!   the flows are busy here.
+//! - Persistence entries (`persistence_timeout_s`) go the same way: the scanner hands
+//!   over those that are new, moved or much refreshed (`crate::persist::changed`), all
+//!   of them to a peer that (re)connects; sent only while this host serves. There is no
+//!   removal message: an entry expires on the peer as it does here.
 
 pub mod wire;
 
@@ -38,7 +42,7 @@ use std::{
 use lb_common::FlowKey;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
-use self::wire::{AdminEntry, Body, Dropped, Message, Pin, Sequencer, Verifier};
+use self::wire::{AdminEntry, Body, Dropped, Message, Pin, Sequencer, Sticky, Verifier};
 use crate::{
     admin::{AdminState, now_ms},
     config::SyncSettings,
@@ -76,6 +80,7 @@ pub enum Command {
     Serving(bool),
     Pinned(Vec<Pin>),
     Unpinned(Vec<FlowKey>),
+    Persisted(Vec<Sticky>),
     Stop,
 }
 
@@ -131,6 +136,13 @@ impl PinSink {
     pub fn unpinned(&self, keys: Vec<FlowKey>) {
         if !keys.is_empty() {
             let _ = self.0.send(Command::Unpinned(keys));
+        }
+    }
+
+    /// Persistence entries, new or refreshed.
+    pub fn persisted(&self, entries: Vec<Sticky>) {
+        if !entries.is_empty() {
+            let _ = self.0.send(Command::Persisted(entries));
         }
     }
 }
@@ -510,6 +522,12 @@ impl Worker {
                     self.counters.unpins_sent += sent * keys.len() as u64;
                 }
             }
+            Command::Persisted(entries) => {
+                if self.serving {
+                    let sent = self.send_to_every_peer(&wire::persist_bodies(&entries));
+                    self.counters.persistence_sent += sent * entries.len() as u64;
+                }
+            }
             Command::Stop => {}
         }
     }
@@ -705,6 +723,12 @@ impl Worker {
                     });
                 }
             }
+            Body::Persist(entries) => {
+                self.counters.persistence_received += entries.len() as u64;
+                if let Some(inbox) = &self.inbox {
+                    inbox.deliver_persistence(entries);
+                }
+            }
         }
     }
 
@@ -829,6 +853,7 @@ mod tests {
                 ids: HashMap::from([(backend(), 5)]),
                 vips: HashMap::from([(vip, 3)]),
             }),
+            persistence: HashMap::from([(3, 300)]),
         }));
         let (a, mut a_events) = SyncHandle::spawn(
             &settings("127.0.0.2", port),
@@ -911,6 +936,34 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(store.pinned.lock().unwrap().is_empty());
+        // Persistence entries: installed in the peer's table, with its ids; a host that
+        // does not serve sends none.
+        let sticky: Vec<Sticky> = (0..300u16)
+            .map(|i| {
+                let mut key = lb_common::PersistKey {
+                    port_be: 80u16.to_be(),
+                    proto: 6,
+                    family: FAMILY_V4,
+                    ..Default::default()
+                };
+                key.client[..4].copy_from_slice(&[10, 0, (i >> 8) as u8, i as u8]);
+                key.vip[..4].copy_from_slice(&[10, 0, 0, 100]);
+                Sticky {
+                    key,
+                    backend: backend(),
+                    idle_ms: 1000,
+                }
+            })
+            .collect();
+        b.pin_sink().persisted(sticky.clone());
+        a.pin_sink().persisted(sticky.clone());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while store.persist.lock().unwrap().len() < sticky.len() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let persist = store.persist.lock().unwrap().clone();
+        assert_eq!(persist.len(), 300);
+        assert!(persist.values().all(|s| s.backend == 5 && s.vip_num == 3));
         // The status is published at most every 50 ms.
         std::thread::sleep(Duration::from_millis(120));
         let status = a.status();
@@ -918,5 +971,8 @@ mod tests {
         assert_eq!(status.counters.unpins_sent, 500);
         assert!(b.status().counters.dropped.is_empty());
         assert_eq!(b.status().counters.flows_received, 500);
+        assert_eq!(status.counters.persistence_sent, 300);
+        assert_eq!(b.status().counters.persistence_sent, 0);
+        assert_eq!(b.status().counters.persistence_received, 300);
     }
 }

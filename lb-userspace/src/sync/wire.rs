@@ -16,9 +16,10 @@
 //!
 //! Bodies by kind: a heartbeat (admin digest and entry count), admin entries (a part of
 //! the whole state, or one change to acknowledge), an acknowledgement, flow pins and
-//! unpins. Pins name their backend by service and address (`BackendId`), never by a
-//! host's local backend id: one table of backends per message, each pin an index into
-//! it. An IPv4 pin is 20 bytes.
+//! unpins, persistence entries. Pins and persistence entries name their backend by
+//! service and address (`BackendId`), never by a host's local backend id: one table of
+//! backends per message, each entry an index into it. An IPv4 pin is 20 bytes, an IPv4
+//! persistence entry 17.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -26,7 +27,7 @@ use std::{
 };
 
 use hmac::{Hmac, Mac};
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey};
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PersistKey};
 use sha2::Sha256;
 
 use crate::{
@@ -52,6 +53,7 @@ const KIND_UPDATE: u8 = 3;
 const KIND_ACK: u8 = 4;
 const KIND_PINS: u8 = 5;
 const KIND_UNPINS: u8 = 6;
+const KIND_PERSIST: u8 = 7;
 
 /// One admin entry: a backend and what operators set for it, with its version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +71,16 @@ pub struct Pin {
     pub idle_ms: u32,
     /// The client sent FIN or RST.
     pub closing: bool,
+}
+
+/// A client address's backend under persistence (`persistence_timeout_s`), as one host
+/// tells another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sticky {
+    pub key: PersistKey,
+    pub backend: BackendId,
+    /// Milliseconds since the client's last connection (or packet), on the sender.
+    pub idle_ms: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +106,8 @@ pub enum Body {
     },
     Pins(Vec<Pin>),
     Unpins(Vec<FlowKey>),
+    /// Persistence entries (new or refreshed); they expire on the receiver by themselves.
+    Persist(Vec<Sticky>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -203,6 +217,40 @@ fn put_key(out: &mut Vec<u8>, k: &FlowKey) {
     out.push(k.proto);
 }
 
+fn put_persist_key(out: &mut Vec<u8>, k: &PersistKey) {
+    let n = if k.family == FAMILY_V6 { 16 } else { 4 };
+    out.push(if k.family == FAMILY_V6 { 6 } else { 4 });
+    out.extend_from_slice(&k.client[..n]);
+    out.extend_from_slice(&k.vip[..n]);
+    out.extend_from_slice(&u16::from_be(k.port_be).to_be_bytes());
+    out.push(k.proto);
+}
+
+fn persist_key_len(k: &PersistKey) -> usize {
+    if k.family == FAMILY_V6 { 36 } else { 12 }
+}
+
+/// A table of the backends `items` name, and each item's index into it (at most 255
+/// backends: the caller's split sees to that).
+fn backend_table<'a, T>(
+    items: &'a [T],
+    backend: impl Fn(&'a T) -> &'a BackendId,
+) -> (Vec<&'a BackendId>, Vec<u8>) {
+    let mut table: Vec<&BackendId> = Vec::new();
+    let mut index: HashMap<&BackendId, u8> = HashMap::new();
+    let refs = items
+        .iter()
+        .map(|item| {
+            let b = backend(item);
+            *index.entry(b).or_insert_with(|| {
+                table.push(b);
+                u8::try_from(table.len() - 1).unwrap_or(u8::MAX)
+            })
+        })
+        .collect();
+    (table, refs)
+}
+
 fn key_len(k: &FlowKey) -> usize {
     if k.family == FAMILY_V6 { 38 } else { 14 }
 }
@@ -263,6 +311,23 @@ fn put_body(out: &mut Vec<u8>, body: &Body) {
                 put_key(out, k);
             }
         }
+        Body::Persist(entries) => {
+            let (table, refs) = backend_table(entries, |e| &e.backend);
+            out.push(u8::try_from(table.len()).unwrap_or(u8::MAX));
+            for b in table {
+                put_backend(out, b);
+            }
+            out.extend_from_slice(
+                &u16::try_from(entries.len())
+                    .unwrap_or(u16::MAX)
+                    .to_be_bytes(),
+            );
+            for (e, i) in entries.iter().zip(refs) {
+                put_persist_key(out, &e.key);
+                out.push(i);
+                out.extend_from_slice(&e.idle_ms.to_be_bytes());
+            }
+        }
     }
 }
 
@@ -285,6 +350,7 @@ fn kind(body: &Body) -> u8 {
         Body::Ack { .. } => KIND_ACK,
         Body::Pins(_) => KIND_PINS,
         Body::Unpins(_) => KIND_UNPINS,
+        Body::Persist(_) => KIND_PERSIST,
     }
 }
 
@@ -382,6 +448,33 @@ pub fn pin_bodies(pins: &[Pin]) -> Vec<Body> {
     }
     if !cur.is_empty() {
         out.push(Body::Pins(cur));
+    }
+    out
+}
+
+/// Persistence entries as `Persist` bodies, one datagram each; at most 255 backends
+/// per datagram.
+pub fn persist_bodies(entries: &[Sticky]) -> Vec<Body> {
+    let mut out = Vec::new();
+    let mut cur: Vec<Sticky> = Vec::new();
+    let mut table: HashSet<&BackendId> = HashSet::new();
+    let mut used = 3;
+    for e in entries {
+        let fixed = persist_key_len(&e.key) + 5;
+        let known = table.contains(&e.backend);
+        let mut n = fixed + if known { 0 } else { backend_len(&e.backend) };
+        if !cur.is_empty() && (used + n > BODY_MAX || (!known && table.len() == 255)) {
+            out.push(Body::Persist(std::mem::take(&mut cur)));
+            table.clear();
+            used = 3;
+            n = fixed + backend_len(&e.backend);
+        }
+        table.insert(&e.backend);
+        used += n;
+        cur.push(e.clone());
+    }
+    if !cur.is_empty() {
+        out.push(Body::Persist(cur));
     }
     out
 }
@@ -495,6 +588,25 @@ impl<'a> Reader<'a> {
         })
     }
 
+    fn persist_key(&mut self) -> Option<PersistKey> {
+        let (n, family) = match self.u8()? {
+            4 => (4, FAMILY_V4),
+            6 => (16, FAMILY_V6),
+            _ => return None,
+        };
+        let mut client = [0; 16];
+        let mut vip = [0; 16];
+        client[..n].copy_from_slice(self.take(n)?);
+        vip[..n].copy_from_slice(self.take(n)?);
+        Some(PersistKey {
+            client,
+            vip,
+            port_be: self.u16()?.to_be(),
+            proto: self.u8()?,
+            family,
+        })
+    }
+
     fn body(&mut self, kind: u8) -> Option<Body> {
         let body = match kind {
             KIND_HEARTBEAT => Body::Heartbeat {
@@ -536,6 +648,25 @@ impl<'a> Reader<'a> {
             KIND_UNPINS => {
                 let n = self.u16()?;
                 Body::Unpins((0..n).map(|_| self.key()).collect::<Option<_>>()?)
+            }
+            KIND_PERSIST => {
+                let n = self.u8()?;
+                let table: Vec<BackendId> =
+                    (0..n).map(|_| self.backend()).collect::<Option<_>>()?;
+                let count = self.u16()?;
+                // Each entry is at least 17 bytes: a count the datagram cannot hold is
+                // not honoured with an allocation.
+                let mut entries = Vec::with_capacity(usize::from(count).min(self.0.len() / 17));
+                for _ in 0..count {
+                    let key = self.persist_key()?;
+                    let backend = table.get(usize::from(self.u8()?))?.clone();
+                    entries.push(Sticky {
+                        key,
+                        backend,
+                        idle_ms: self.u32()?,
+                    });
+                }
+                Body::Persist(entries)
             }
             _ => return None,
         };
@@ -751,6 +882,111 @@ mod tests {
             },
         ]));
         roundtrip(Body::Unpins(vec![flow(1, false), flow(2, true)]));
+        roundtrip(Body::Persist(vec![
+            sticky(1, false, "10.0.0.21", 1500),
+            sticky(2, true, "fd00::21", 0),
+            sticky(3, false, "10.0.0.21", u32::MAX),
+        ]));
+    }
+
+    fn sticky(client: u8, v6: bool, backend: &str, idle_ms: u32) -> Sticky {
+        let f = flow(1000, v6);
+        let mut key = PersistKey::of_flow(&f);
+        key.client[if v6 { 15 } else { 3 }] = client;
+        Sticky {
+            key,
+            backend: id(if v6 { "web6" } else { "web" }, backend),
+            idle_ms,
+        }
+    }
+
+    /// Hostile persistence bodies, validly signed: a backend index beyond the table, an
+    /// unknown family, a count larger than the entries, trailing bytes. All malformed,
+    /// none panics or allocates for the count claimed.
+    #[test]
+    fn hostile_persistence_bodies_are_malformed() {
+        let signed = |body: &[u8], seq: u64| {
+            let mut out = Vec::new();
+            out.extend_from_slice(MAGIC);
+            out.push(FORMAT);
+            out.push(KIND_PERSIST);
+            out.push(4);
+            out.extend_from_slice(&Ipv4Addr::new(10, 0, 0, 3).to_ipv6_mapped().octets());
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(body);
+            let mut m = mac(&key());
+            m.update(&out);
+            out.extend_from_slice(&m.finalize().into_bytes());
+            out
+        };
+        let good = {
+            let bytes = encode(
+                &msg(NOW, Body::Persist(vec![sticky(1, false, "10.0.0.21", 7)])),
+                &key(),
+            )
+            .unwrap();
+            bytes[HEADER_LEN..bytes.len() - TAG_LEN].to_vec()
+        };
+        // The good body: 1 backend (1 + 3 + 5 bytes), 1 entry.
+        let mut v = verifier();
+        let ok = signed(&good, NOW);
+        assert!(v.open(peer(), &ok, ok.len(), NOW).is_ok());
+        let table_len = 1 + 1 + 3 + 5;
+        let mut bad_index = good.clone();
+        bad_index[table_len + 2 + 12] = 9;
+        let mut bad_family = good.clone();
+        bad_family[table_len + 2] = 5;
+        let mut big_count = good.clone();
+        big_count[table_len..table_len + 2].copy_from_slice(&u16::MAX.to_be_bytes());
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let empty_table_ref = {
+            let mut b = vec![0u8];
+            b.extend_from_slice(&1u16.to_be_bytes());
+            b.extend_from_slice(&good[table_len + 2..]);
+            b
+        };
+        for (i, body) in [bad_index, bad_family, big_count, trailing, empty_table_ref]
+            .iter()
+            .enumerate()
+        {
+            let d = signed(body, NOW + 1 + i as u64);
+            assert_eq!(
+                verifier().open(peer(), &d, d.len(), NOW),
+                Err(Dropped::Malformed),
+                "case {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn persistence_batches_fit_one_datagram_each_and_cost_17_bytes() {
+        let entries: Vec<Sticky> = (0..1000u32)
+            .map(|i| {
+                let mut s = sticky(
+                    (i % 250) as u8,
+                    i % 3 == 0,
+                    if i % 3 == 0 { "fd00::21" } else { "10.0.0.21" },
+                    i,
+                );
+                s.backend = id("web", &format!("10.0.{}.{}", i % 300 / 100, i % 100));
+                s.key.client[4] = (i / 250) as u8;
+                s
+            })
+            .collect();
+        let mut back = Vec::new();
+        for (i, body) in persist_bodies(&entries).iter().enumerate() {
+            let bytes = encode(&msg(NOW + i as u64, body.clone()), &key()).unwrap();
+            assert!(bytes.len() <= MAX_MESSAGE, "{}", bytes.len());
+            let Body::Persist(p) = body else { panic!() };
+            back.extend(p.iter().cloned());
+        }
+        assert_eq!(back, entries);
+        let one = |n: u8| {
+            let e: Vec<Sticky> = (0..n).map(|i| sticky(i, false, "10.0.0.21", 0)).collect();
+            encode(&msg(NOW, Body::Persist(e)), &key()).unwrap().len()
+        };
+        assert_eq!(one(11) - one(10), 17);
     }
 
     #[test]

@@ -369,6 +369,8 @@ mod tests {
                 packets,
                 bytes: packets * 100,
                 new_flows: packets / 10,
+                persistence_timeout_s: 0,
+                persistent_clients: 0,
                 backends,
             }],
             counters,

@@ -31,9 +31,14 @@
 //! off) beside the same program built without the trace code (lb-ebpf without its
 //! `trace` feature) and XDP_PASS, interleaved in the same rounds. `--trace-only` runs
 //! only this part.
-//!
 //! `--xdp-only` runs only the first part (the XDP cost per packet); with
 //! `LB_BENCH_BASELINE=FILE` it also measures another build of the program beside it.
+//!
+//! Then the comparative lab bench (`lb_tests::bench`): direct, a null XDP forwarder,
+//! the agent in DSR mode, HAProxy and nginx, rotated in each repetition; connection
+//! rate, one bulk stream and the CPU split, written to `target/bench/` as JSON, a
+//! Markdown table and PNG charts. `--lab-only` runs only this part; `--lab-report`
+//! prints the table of the latest `lab.json` again and redraws its charts (no root).
 
 use std::{
     net::SocketAddr,
@@ -45,6 +50,7 @@ use std::{
 
 use lb_common::names;
 use lb_tests::{
+    bench::{comparative, report::LabReport},
     lab::{
         AnnounceSection, Lab, Node, ROUTED_VIP4, SERVICE_PORT, Service, SyncSection, VIP4,
         VrrpSection, addr4, probe_gap, run_bounded,
@@ -70,33 +76,115 @@ fn median(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_nanos() as f64
 }
 
+const USAGE: &str = "usage: lb-bench [--xdp-only | --jitter-only | --sync-only | --announce-only
+                 | --trace-only | --lab-only | --lab-report]
+                [--lab-reps N] [--lab-napi threaded|inline] [--lab-out DIR]
+
+With no part named, runs them all: XDP cost per packet, VRRP failover, BGP withdrawal
+([announce]), advert jitter, flow-pin sync, the trace's cost while off, then the
+comparative lab bench.
+  --xdp-only            only the XDP cost per packet; with LB_BENCH_BASELINE=FILE
+                        (another build of lb-ebpf, same maps) that object is measured
+                        in the same rounds too
+  --jitter-only         only the VRRP advert jitter
+  --sync-only           only the flow-pin sync rate
+  --announce-only       only the [announce] withdrawal time and probe gap
+  --trace-only          only the packet trace's cost while off
+  --lab-only            only the comparative lab bench (direct, null XDP forwarder,
+                        lb in DSR mode, HAProxy, nginx stream)
+  --lab-report          print the Markdown table of DIR/lab.json again and redraw
+                        its charts (no root)
+  --lab-reps N          repetitions of the lab bench, each path once in each (default 3)
+  --lab-napi MODE       threaded (default): the LB veth's NAPI thread and the proxies
+                        pinned to the last CPU, wrk and iperf3 to CPU 0;
+                        inline: nothing threaded or pinned
+  --lab-out DIR         where the lab bench writes lab.json, lab.md and the PNG charts
+                        (default target/bench)";
+
+/// Which parts to run, and the lab bench's settings.
+struct Args {
+    part: Option<String>,
+    lab: comparative::Options,
+    lab_out: std::path::PathBuf,
+}
+
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut args = Args {
+        part: None,
+        lab: comparative::Options::default(),
+        lab_out: "target/bench".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .ok_or_else(|| anyhow::anyhow!("{name} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--xdp-only" | "--jitter-only" | "--sync-only" | "--announce-only" | "--trace-only"
+            | "--lab-only" | "--lab-report" => {
+                if let Some(other) = &args.part {
+                    anyhow::bail!("{other} and {arg} exclude each other");
+                }
+                args.part = Some(arg);
+            }
+            "--lab-reps" => {
+                let v = value("--lab-reps")?;
+                args.lab.repetitions = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=20).contains(n))
+                    .ok_or_else(|| anyhow::anyhow!("--lab-reps takes 1 to 20, not {v:?}"))?;
+            }
+            "--lab-napi" => args.lab.napi = comparative::Napi::parse(&value("--lab-napi")?)?,
+            "--lab-out" => args.lab_out = value("--lab-out")?.into(),
+            _ => anyhow::bail!("unknown argument {arg:?}\n{USAGE}"),
+        }
+    }
+    Ok(Some(args))
+}
+
 fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("lb-bench: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.part.as_deref() == Some("--lab-report") {
+        return match lab_report(&args.lab_out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("lb-bench: needs root (it loads the XDP program). Run: sudo cargo xtask bench");
         return ExitCode::FAILURE;
     }
-    let jitter_only = std::env::args().skip(1).any(|a| a == "--jitter-only");
-    let sync_only = std::env::args().skip(1).any(|a| a == "--sync-only");
-    let announce_only = std::env::args().skip(1).any(|a| a == "--announce-only");
-    let trace_only = std::env::args().skip(1).any(|a| a == "--trace-only");
-    let xdp_only = std::env::args().skip(1).any(|a| a == "--xdp-only");
-    let result = if xdp_only {
-        run()
-    } else if jitter_only {
-        jitter()
-    } else if sync_only {
-        sync_pins()
-    } else if announce_only {
-        announce()
-    } else if trace_only {
-        trace_cost()
-    } else {
-        run()
+    let lab = || lab_bench(&args.lab, &args.lab_out);
+    let result = match args.part.as_deref() {
+        Some("--xdp-only") => run(),
+        Some("--jitter-only") => jitter(),
+        Some("--sync-only") => sync_pins(),
+        Some("--announce-only") => announce(),
+        Some("--trace-only") => trace_cost(),
+        Some(_) => lab(),
+        None => run()
             .and_then(|()| failover())
             .and_then(|()| announce())
             .and_then(|()| jitter())
             .and_then(|()| sync_pins())
             .and_then(|()| trace_cost())
+            .and_then(|()| lab()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,7 +202,16 @@ const BASELINE_VAR: &str = "LB_BENCH_BASELINE";
 
 fn run() -> anyhow::Result<()> {
     let services = || {
+        let mut sticky = service(
+            "sticky",
+            "192.0.2.11",
+            80,
+            65537,
+            &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
+        );
+        sticky.persistence_timeout_s = 300;
         vec![
+            sticky,
             service(
                 "web",
                 "192.0.2.10",
@@ -144,6 +241,7 @@ fn run() -> anyhow::Result<()> {
     let c6 = ("2001:db8:1::7".parse()?, 40000);
     let vip4 = ("192.0.2.10".parse()?, 80);
     let vip6 = ("2001:db8::10".parse()?, 443);
+    let sticky4 = ("192.0.2.11".parse()?, 80);
     let frame = |src, dst, flags| tcp_frame(LB_MAC, CLIENT_MAC, None, src, dst, flags);
     let cases = [
         Case {
@@ -163,6 +261,20 @@ fn run() -> anyhow::Result<()> {
             frame: frame(c4, vip4, ACK),
             verdict: XDP_TX,
             prime: Some(frame(c4, vip4, SYN)),
+        },
+        // The client's entry exists after the first run: every later SYN is a
+        // persistent client's new connection (entry lookup and refresh, then FLOWS).
+        Case {
+            name: "SYN, persistent service",
+            frame: frame(c4, sticky4, SYN),
+            verdict: XDP_TX,
+            prime: None,
+        },
+        Case {
+            name: "established, persistent",
+            frame: frame(c4, sticky4, ACK),
+            verdict: XDP_TX,
+            prime: Some(frame(c4, sticky4, SYN)),
         },
         Case {
             name: "non-VIP IPv6 packet",
@@ -640,6 +752,7 @@ fn sync_pins() -> anyhow::Result<()> {
     let mut dp = XdpDataPlane::load_sized(MapSizes {
         max_flows: 16_384,
         max_pinned_flows: 262_144,
+        ..MapSizes::default()
     })?;
     let store = dp
         .take_flow_store()
@@ -659,6 +772,7 @@ fn sync_pins() -> anyhow::Result<()> {
             ids: backends.iter().cloned().zip(1..).collect(),
             vips: HashMap::from([(vip, 0)]),
         }),
+        persistence: HashMap::new(),
     }));
     let (a, _a_events) = SyncHandle::spawn(
         &settings(b_addr),
@@ -845,6 +959,41 @@ fn trace_cost() -> anyhow::Result<()> {
             with,
             with - without
         );
+    }
+    Ok(())
+}
+
+/// The comparative lab bench: runs it, writes its files, prints its table.
+fn lab_bench(options: &comparative::Options, out: &std::path::Path) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "Comparative lab bench: {} repetitions of {} paths",
+        options.repetitions,
+        options.paths.len()
+    );
+    let report = comparative::run(options)?;
+    let files = comparative::write_files(&report, out)?;
+    println!();
+    println!("{}", report.markdown());
+    for file in files {
+        println!("wrote {}", file.display());
+    }
+    Ok(())
+}
+
+/// Prints the Markdown table of `DIR/lab.json`.
+fn lab_report(dir: &std::path::Path) -> anyhow::Result<()> {
+    let file = dir.join("lab.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        anyhow::anyhow!(
+            "reading {}: {e} (run `cargo xtask bench -- --lab-only` first)",
+            file.display()
+        )
+    })?;
+    let report = LabReport::from_json(&text)?;
+    print!("{}", report.markdown());
+    for chart in lb_tests::bench::chart::draw(&report, dir)? {
+        println!("wrote {}", chart.display());
     }
     Ok(())
 }

@@ -163,6 +163,8 @@ pub struct ServiceSection {
     pub port: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ring_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persistence_timeout_s: Option<u32>,
     /// None: the agent's defaults.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckSection>,
@@ -264,6 +266,8 @@ pub struct Service {
     pub vip: IpAddr,
     pub port: u16,
     pub ring_size: Option<u32>,
+    /// `persistence_timeout_s`; None: left out (off).
+    pub persistence_timeout_s: Option<u32>,
     /// (backend number, weight)
     pub backends: Vec<(usize, u32)>,
     /// Backend numbers written with `backup = true`.
@@ -279,6 +283,7 @@ impl Service {
             vip: vip.into(),
             port,
             ring_size: None,
+            persistence_timeout_s: None,
             backends: Vec::new(),
             backups: Vec::new(),
             health_check: None,
@@ -319,6 +324,12 @@ impl Service {
         self
     }
 
+    /// `persistence_timeout_s = seconds`.
+    pub fn persistence(mut self, seconds: u32) -> Self {
+        self.persistence_timeout_s = Some(seconds);
+        self
+    }
+
     /// The `[[services]]` table: backend `i` is named `b<i>` and has backend `i`'s
     /// address in the family of the VIP.
     pub fn section(&self) -> ServiceSection {
@@ -340,6 +351,7 @@ impl Service {
             vip: self.vip,
             port: self.port,
             ring_size: self.ring_size,
+            persistence_timeout_s: self.persistence_timeout_s,
             health_check: self.health_check,
             backends,
         }

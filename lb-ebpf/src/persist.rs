@@ -1,0 +1,67 @@
+//! Backend selection for a new flow: the client's persistence entry if its service has
+//! `persistence_timeout_s` and the entry is live, else the VIP's Maglev ring (whose
+//! choice is then remembered). One function for every forwarding mode.
+
+use lb_common::{
+    Backend, FlowKey, PERSIST_TOUCH_NS, PersistKey, PersistState, VipInfo, counters::reason,
+    persist_applies,
+};
+
+use crate::{
+    Step,
+    maps::{BACKENDS, PERSIST},
+    ring_lookup, usable_backend,
+};
+
+/// The backend for a flow the tables do not know (a SYN, or a flow they lost): see the
+/// module. An expired entry, or one whose backend no longer takes new connections
+/// (drained, disabled, down, gone), is replaced by the ring's choice.
+#[inline(always)]
+pub fn choose_backend(vip: &VipInfo, flow: &FlowKey, now: u64) -> Step<(u32, &'static Backend)> {
+    if vip.persistence_s == 0 {
+        let id = ring_lookup(vip, flow)?;
+        let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
+        return Ok((id, backend));
+    }
+    let key = PersistKey::of_flow(flow);
+    if let Some(state) = PERSIST.get_ptr_mut(&key) {
+        // SAFETY: a value of the map; a concurrent writer can only tear the timestamp.
+        let id = unsafe { (*state).backend };
+        if let Some(backend) = BACKENDS.get(id)
+            && persist_applies(unsafe { &*state }, vip.persistence_s, backend.flags, now)
+        {
+            unsafe { (*state).last_seen_ns = now };
+            return Ok((id, backend));
+        }
+    }
+    let id = ring_lookup(vip, flow)?;
+    let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
+    let state = PersistState {
+        backend: id,
+        vip_num: vip.vip_num,
+        last_seen_ns: now,
+    };
+    // A full table evicts its least recently used client; an error only costs this
+    // client its stickiness.
+    let _ = PERSIST.insert(&key, &state, 0);
+    Ok((id, backend))
+}
+
+/// An established packet of a persistent service keeps its client's entry alive: the
+/// timeout runs from the client's last activity, written at most once per
+/// `PERSIST_TOUCH_NS` (a lookup per packet, a write per second).
+#[inline(always)]
+pub fn touch(vip: &VipInfo, flow: &FlowKey, backend: u32, now: u64) {
+    if vip.persistence_s == 0 {
+        return;
+    }
+    if let Some(state) = PERSIST.get_ptr_mut(&PersistKey::of_flow(flow)) {
+        unsafe {
+            if (*state).backend == backend
+                && now.saturating_sub((*state).last_seen_ns) > PERSIST_TOUCH_NS
+            {
+                (*state).last_seen_ns = now;
+            }
+        }
+    }
+}

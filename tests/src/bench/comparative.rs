@@ -1,0 +1,703 @@
+//! The comparative lab bench: in one lab, the same client and the same backend, each
+//! repetition runs every `Path` once (rotated, each repetition starting one path later, so
+//! drift hits all alike): a short-
+//! connection rate (`wrk`, `Connection: close`), one bulk stream (`iperf3`) and the CPU
+//! split of each. Every load is bounded in time; every process is the lab's, killed by
+//! its guard; all traffic stays in the lab's namespaces.
+//!
+//! Fair for every path alike:
+//! - offloads: `tx off gso off tso off` on every sender's veth (client, LB, backend), so
+//!   no path carries 64 KB GSO frames while another carries MTU-sized ones (a veth with
+//!   an XDP program gets MTU-sized frames: the kernel turns software GSO off on its peer);
+//! - the LB host's veth always has an XDP program when a path goes through it: the null
+//!   forwarder, the agent's, or `xdp_pass` under the proxies, so its receive side is the
+//!   same NAPI poll in every case;
+//! - `Napi::Threaded` (the default): that NAPI poll runs in a kernel thread pinned to the
+//!   last CPU, the proxies run there too, the client's `wrk` / `iperf3` on CPU 0: the LB's
+//!   own work on a core of its own, as on a separate host. `Napi::Inline` leaves all of
+//!   it to the scheduler and the sender's softirq.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::{
+    EbpfLoader,
+    programs::{Xdp, XdpMode},
+};
+use lb_common::names;
+
+use super::report::{
+    IperfRun, LabReport, Machine, Path, PathResult, ProcStat, Sample, Settings, Summary, WrkRun,
+    parse_iperf3, parse_wrk,
+};
+use crate::lab::{Lab, Node, ProcessGuard, Service, VIP4, addr4, in_ns, run_bounded};
+
+/// The backends' HTTP port (nginx, a fixed 200 answer) and iperf3's.
+const HTTP_PORT: u16 = 80;
+const IPERF_PORT: u16 = 5201;
+/// The proxies' listening ports on the LB's own address.
+const HAPROXY_HTTP: u16 = 8081;
+const HAPROXY_BULK: u16 = 8082;
+const NGINX_HTTP: u16 = 8083;
+const NGINX_BULK: u16 = 8084;
+
+const WRK_CONNECTIONS: u32 = 32;
+/// What a wrk or iperf3 run may take beyond its own duration before it is killed.
+const TOOL_SLACK: Duration = Duration::from_secs(15);
+/// How long a path may take to carry its first connection after its setup.
+const PATH_READY: Duration = Duration::from_secs(10);
+const OFFLOADS: [&str; 6] = ["tx", "off", "gso", "off", "tso", "off"];
+
+/// Where the LB host's receive work runs; see the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Napi {
+    Threaded,
+    Inline,
+}
+
+impl Napi {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "threaded" => Ok(Napi::Threaded),
+            "inline" => Ok(Napi::Inline),
+            _ => bail!("--lab-napi takes `threaded` or `inline`, not {s:?}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub repetitions: usize,
+    pub napi: Napi,
+    pub paths: Vec<Path>,
+    /// How long each wrk run lasts.
+    pub conn_seconds: u32,
+    /// How long each iperf3 run lasts.
+    pub bulk_seconds: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            repetitions: 3,
+            napi: Napi::Threaded,
+            paths: Path::ALL.to_vec(),
+            conn_seconds: 4,
+            bulk_seconds: 4,
+        }
+    }
+}
+
+/// Runs the bench and returns its report, medians and ratios filled in.
+pub fn run(options: &Options) -> Result<LabReport> {
+    ensure!(options.repetitions >= 1, "at least one repetition");
+    ensure!(
+        (1..=60).contains(&options.conn_seconds) && (1..=60).contains(&options.bulk_seconds),
+        "each load lasts 1 to 60 s"
+    );
+    let cores = thread::available_parallelism().map_or(1, usize::from);
+    let lab = Lab::builder().backends(1).ipv6(false).build()?;
+    let bench = Bench::new(&lab, options, cores)?;
+    let _servers = bench.start_backend_servers()?;
+    let _proxies = bench.start_proxies()?;
+
+    let mut results: Vec<PathResult> = options
+        .paths
+        .iter()
+        .map(|&path| PathResult {
+            path,
+            samples: Vec::new(),
+            median: Summary::default(),
+        })
+        .collect();
+    let started = Instant::now();
+    let n = results.len();
+    for repetition in 0..options.repetitions {
+        // Each repetition starts one path later, so no path always runs first or last.
+        for k in 0..n {
+            let result = &mut results[(k + repetition) % n];
+            let sample = bench.measure(result.path, repetition).with_context(|| {
+                format!("{}, repetition {}", result.path.name(), repetition + 1)
+            })?;
+            println!(
+                "  rep {} {:<20} {:>8.0} conn/s ({} errors)  {:>6.2} Gbit/s  cpu busy {:?}",
+                repetition + 1,
+                result.path.name(),
+                sample.conn.per_second,
+                sample.conn.errors,
+                sample.bulk.bits_per_second / 1e9,
+                sample
+                    .conn_cpu
+                    .per_cpu_busy
+                    .iter()
+                    .map(|b| format!("{b:.0}%"))
+                    .collect::<Vec<_>>()
+            );
+            result.samples.push(sample);
+        }
+    }
+    println!("  lab bench took {:.0?}", started.elapsed());
+    let mut report = LabReport {
+        machine: machine(cores)?,
+        settings: Settings {
+            repetitions: options.repetitions,
+            conn_seconds: options.conn_seconds,
+            wrk_connections: WRK_CONNECTIONS,
+            bulk_seconds: options.bulk_seconds,
+            napi: bench.napi_text(),
+            offloads: OFFLOADS.join(" "),
+        },
+        paths: results,
+    };
+    report.summarise();
+    Ok(report)
+}
+
+/// Writes `lab.json`, `lab.md` and the charts into `dir`; returns the files written.
+/// A chart that cannot be drawn is a warning: the JSON holds every figure.
+pub fn write_files(report: &LabReport, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = dir.join("lab.json");
+    fs::write(&json, report.to_json()?).with_context(|| format!("writing {}", json.display()))?;
+    let md = dir.join("lab.md");
+    fs::write(&md, report.markdown()).with_context(|| format!("writing {}", md.display()))?;
+    let mut files = vec![json, md];
+    match super::chart::draw(report, dir) {
+        Ok(charts) => files.extend(charts),
+        Err(e) => eprintln!("lb-bench: WARNING: no charts: {e:#}"),
+    }
+    Ok(files)
+}
+
+fn machine(cores: usize) -> Result<Machine> {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == "model name").then(|| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading the kernel release")?
+        .trim()
+        .to_string();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .context("running date")?;
+    Ok(Machine {
+        cpu_model,
+        cores,
+        kernel,
+        date: String::from_utf8_lossy(&date.stdout).trim().to_string(),
+    })
+}
+
+struct Bench<'lab> {
+    lab: &'lab Lab,
+    napi: Napi,
+    conn_seconds: u32,
+    bulk_seconds: u32,
+    /// The CPU for the client's tools and the one for the LB's work, when pinned.
+    cpus: Option<(usize, usize)>,
+    backend: IpAddr,
+    lb: IpAddr,
+    lb_mac: [u8; 6],
+    backend_mac: [u8; 6],
+}
+
+/// What sits on the LB's veth while a path is measured; dropping it takes it away.
+enum LbState<'lab> {
+    Nothing,
+    /// The program stays attached as long as its `Ebpf` lives; it is never read.
+    Xdp(#[allow(dead_code)] aya::Ebpf),
+    Agent(crate::lab::AgentGuard<'lab>),
+}
+
+impl<'lab> Bench<'lab> {
+    fn new(lab: &'lab Lab, options: &Options, cores: usize) -> Result<Self> {
+        let napi = options.napi;
+        let cpus = (napi == Napi::Threaded && cores >= 2).then_some((0, cores - 1));
+        for node in [Node::Client, Node::Lb, Node::Backend(1)] {
+            let mut args = vec!["ethtool", "-K", "eth0"];
+            args.extend(OFFLOADS);
+            lab.run(node, &args)
+                .with_context(|| format!("offloads on {node:?}"))?;
+        }
+        // Tens of thousands of short connections a second through a few ports.
+        for node in [Node::Client, Node::Lb] {
+            lab.run(
+                node,
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.ip_local_port_range=1024 65535",
+                    "net.ipv4.tcp_tw_reuse=1",
+                    "net.core.somaxconn=4096",
+                ],
+            )?;
+        }
+        lab.run(
+            Node::Backend(1),
+            &["sysctl", "-q", "-w", "net.core.somaxconn=4096"],
+        )?;
+        // The null forwarder answers no ARP: the client finds the VIP at the LB's MAC
+        // by a static entry, for the agent's path as well.
+        let lb_mac = lab.mac_of(Node::Lb)?;
+        lab.run(
+            Node::Client,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &VIP4.to_string(),
+                "lladdr",
+                &lb_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        Ok(Bench {
+            lab,
+            napi,
+            conn_seconds: options.conn_seconds,
+            bulk_seconds: options.bulk_seconds,
+            cpus,
+            backend: addr4(Node::Backend(1)).into(),
+            lb: addr4(Node::Lb).into(),
+            lb_mac: parse_mac(&lb_mac)?,
+            backend_mac: parse_mac(&lab.mac_of(Node::Backend(1))?)?,
+        })
+    }
+
+    fn napi_text(&self) -> String {
+        match (self.napi, self.cpus) {
+            (Napi::Threaded, Some((client, lb))) => format!(
+                "threaded, pinned to CPU {lb} with the proxies; wrk and iperf3 on CPU {client}"
+            ),
+            (Napi::Threaded, None) => "threaded, unpinned (one CPU)".into(),
+            (Napi::Inline, _) => "inline (not threaded, nothing pinned)".into(),
+        }
+    }
+
+    /// `taskset -c CPU` before `args` when pinning.
+    fn pinned(&self, cpu: Option<usize>, args: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(cpu) = cpu {
+            out.extend(["taskset".to_string(), "-c".into(), cpu.to_string()]);
+        }
+        out.extend(args.iter().map(|s| s.to_string()));
+        out
+    }
+
+    fn file(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.lab.dir().join(name);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// nginx answering every HTTP request with a short 200, and an iperf3 server.
+    fn start_backend_servers(&self) -> Result<Vec<ProcessGuard<'lab>>> {
+        let dir = self.lab.dir().display().to_string();
+        let conf = self.file(
+            "nginx-backend.conf",
+            &format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx-backend.pid;\n\
+                 error_log {dir}/nginx-backend.err warn;\nevents {{ worker_connections 8192; }}\nworker_rlimit_nofile 16384;\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {dir}/nginx-b-body;\n\
+                 proxy_temp_path {dir}/nginx-b-proxy;\n  server {{\n    listen {HTTP_PORT} backlog=4096;\n\
+                 location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n"
+            ),
+        )?;
+        let node = Node::Backend(1);
+        let conf = conf.display().to_string();
+        let nginx = self
+            .lab
+            .spawn(node, &["nginx", "-e", "stderr", "-c", &conf])?;
+        let iperf = self
+            .lab
+            .spawn(node, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()])?;
+        let guards = vec![nginx, iperf];
+        for port in [HTTP_PORT, IPERF_PORT] {
+            self.wait_listening(node, port, &guards)?;
+        }
+        Ok(guards)
+    }
+
+    /// HAProxy `mode tcp` and nginx `stream`, each one thread, on the LB's own address.
+    fn start_proxies(&self) -> Result<Vec<ProcessGuard<'lab>>> {
+        let dir = self.lab.dir().display().to_string();
+        let (lb, be) = (self.lb, self.backend);
+        let haproxy = self.file(
+            "haproxy.cfg",
+            &format!(
+                "global\n  nbthread 1\n  maxconn 4096\n\ndefaults\n  mode tcp\n  timeout connect 2s\n\
+                 timeout client 30s\n  timeout server 30s\n\n\
+                 listen http\n  bind {lb}:{HAPROXY_HTTP}\n  server b1 {be}:{HTTP_PORT}\n\n\
+                 listen bulk\n  bind {lb}:{HAPROXY_BULK}\n  server b1 {be}:{IPERF_PORT}\n"
+            ),
+        )?;
+        let nginx = self.file(
+            "nginx-stream.conf",
+            &format!(
+                "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\n\
+                 master_process off;\nworker_processes 1;\npid {dir}/nginx-stream.pid;\n\
+                 error_log {dir}/nginx-stream.err warn;\nevents {{ worker_connections 8192; }}\nworker_rlimit_nofile 16384;\n\
+                 stream {{\n  server {{ listen {lb}:{NGINX_HTTP} backlog=4096; proxy_pass {be}:{HTTP_PORT}; }}\n\
+                 server {{ listen {lb}:{NGINX_BULK}; proxy_pass {be}:{IPERF_PORT}; }}\n}}\n"
+            ),
+        )?;
+        let lb_cpu = self.cpus.map(|c| c.1);
+        let (haproxy, nginx) = (haproxy.display().to_string(), nginx.display().to_string());
+        let guards = vec![
+            self.lab.spawn(
+                Node::Lb,
+                &self.pinned(lb_cpu, &["haproxy", "-db", "-f", &haproxy]),
+            )?,
+            self.lab.spawn(
+                Node::Lb,
+                &self.pinned(lb_cpu, &["nginx", "-e", "stderr", "-c", &nginx]),
+            )?,
+        ];
+        for port in [HAPROXY_HTTP, HAPROXY_BULK, NGINX_HTTP, NGINX_BULK] {
+            self.wait_listening(Node::Lb, port, &guards)?;
+        }
+        Ok(guards)
+    }
+
+    /// Waits until something listens on `port` in `node`; the error holds the logs of
+    /// `processes`.
+    fn wait_listening(&self, node: Node, port: u16, processes: &[ProcessGuard]) -> Result<()> {
+        let deadline = Instant::now() + PATH_READY;
+        let filter = format!("sport = :{port}");
+        loop {
+            let out = self.lab.run(node, &["ss", "-Hltn", &filter])?;
+            if !out.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = processes.iter().map(ProcessGuard::log).collect();
+                bail!(
+                    "nothing listens on port {port} in {node:?} after {PATH_READY:?}; logs:\n{}",
+                    logs.join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The HTTP and bulk addresses the client uses for `path`.
+    fn targets(&self, path: Path) -> (SocketAddr, SocketAddr) {
+        let vip = IpAddr::from(VIP4);
+        match path {
+            Path::Direct => (
+                (self.backend, HTTP_PORT).into(),
+                (self.backend, IPERF_PORT).into(),
+            ),
+            Path::NullFwd | Path::LbDsr => ((vip, HTTP_PORT).into(), (vip, IPERF_PORT).into()),
+            Path::Haproxy => (
+                (self.lb, HAPROXY_HTTP).into(),
+                (self.lb, HAPROXY_BULK).into(),
+            ),
+            Path::Nginx => ((self.lb, NGINX_HTTP).into(), (self.lb, NGINX_BULK).into()),
+        }
+    }
+
+    /// Sets the LB up for `path`, measures, takes it down again.
+    fn measure(&self, path: Path, repetition: usize) -> Result<Sample> {
+        let mut state = match path {
+            Path::Direct => LbState::Nothing,
+            Path::NullFwd => {
+                let globals = [
+                    (names::GLOBAL_NULL_FWD_DST, self.backend_mac),
+                    (names::GLOBAL_NULL_FWD_SRC, self.lb_mac),
+                ];
+                LbState::Xdp(self.attach(names::PROG_NULL_FWD, &globals)?)
+            }
+            Path::Haproxy | Path::Nginx => LbState::Xdp(self.attach(names::PROG_PASS, &[])?),
+            Path::LbDsr => LbState::Agent(self.start_agent()?),
+        };
+        if path != Path::Direct {
+            self.thread_napi()?;
+        }
+        let (http, bulk) = self.targets(path);
+        self.wait_path(http)?;
+        let http_packets = |state: &LbState| -> Result<Option<u64>> {
+            let LbState::Agent(agent) = state else {
+                return Ok(None);
+            };
+            let status = agent.status()?;
+            Ok(status
+                .services
+                .iter()
+                .find(|s| s.name == "http")
+                .map(|s| s.packets))
+        };
+        let packets_before = http_packets(&state)?;
+        let rx_before = self.lb_rx_packets()?;
+        let (conn, conn_cpu) = with_cpu(|| self.wrk(http))?;
+        let rx = self.lb_rx_packets()? - rx_before;
+        let packets = http_packets(&state)?
+            .zip(packets_before)
+            .map(|(a, b)| a - b);
+        let (bulk, bulk_cpu) = with_cpu(|| self.iperf3(bulk))?;
+        // Every path went where it should: each connection is at least 3 packets from
+        // the client.
+        if path == Path::Direct {
+            ensure!(
+                rx < conn.requests,
+                "{rx} packets reached the LB's veth during the direct run of {} requests",
+                conn.requests
+            );
+        } else {
+            ensure!(
+                rx >= conn.requests,
+                "only {rx} packets reached the LB's veth for {} requests",
+                conn.requests
+            );
+        }
+        if let Some(packets) = packets {
+            ensure!(
+                packets >= conn.requests,
+                "the agent counted {packets} packets for {} requests: traffic went around it",
+                conn.requests
+            );
+        }
+        if let LbState::Agent(agent) = &mut state {
+            agent.detach()?;
+        }
+        drop(state);
+        Ok(Sample {
+            repetition,
+            conn,
+            conn_cpu,
+            bulk,
+            bulk_cpu,
+        })
+    }
+
+    /// Packets the LB's veth has received (XDP_TX'd ones included).
+    fn lb_rx_packets(&self) -> Result<u64> {
+        let text = self.lab.run(
+            Node::Lb,
+            &["cat", "/sys/class/net/eth0/statistics/rx_packets"],
+        )?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("rx_packets of the LB's eth0: {text:?}"))
+    }
+
+    /// Loads `program` (with `globals` set) and attaches it (native) to the LB's veth.
+    fn attach(&self, program: &str, globals: &[(&str, [u8; 6])]) -> Result<aya::Ebpf> {
+        in_ns(&self.lab.ns(Node::Lb), || -> Result<aya::Ebpf> {
+            let mut ebpf = load_xdp(program, globals)?;
+            let prog: &mut Xdp = ebpf
+                .program_mut(program)
+                .with_context(|| format!("the XDP object has no program {program}"))?
+                .try_into()?;
+            prog.attach("eth0", XdpMode::Driver)
+                .with_context(|| format!("attaching {program} to the LB's eth0 (native)"))?;
+            Ok(ebpf)
+        })
+    }
+
+    fn start_agent(&self) -> Result<crate::lab::AgentGuard<'lab>> {
+        let services = [
+            Service::new("http", VIP4, HTTP_PORT).backends([1]),
+            Service::new("bulk", VIP4, IPERF_PORT).backends([1]),
+        ];
+        let agent = self
+            .lab
+            .spawn_agent(&self.lab.config("native", &services))?;
+        for service in ["http", "bulk"] {
+            self.lab.wait_backends_up(service, &["b1"], PATH_READY)?;
+        }
+        Ok(agent)
+    }
+
+    /// With `Napi::Threaded`: the LB veth's NAPI poll in a kernel thread, pinned. The
+    /// thread is created when an XDP program is attached, so this runs after each attach;
+    /// it is found as the one `napi/eth0-*` thread that was not there before.
+    fn thread_napi(&self) -> Result<()> {
+        if self.napi != Napi::Threaded {
+            return Ok(());
+        }
+        let before = napi_threads();
+        self.lab.run(
+            Node::Lb,
+            &["sh", "-c", "echo 1 > /sys/class/net/eth0/threaded"],
+        )?;
+        let Some((_, lb_cpu)) = self.cpus else {
+            return Ok(());
+        };
+        // The flag stays on the device: a later attach makes its thread at once, so the
+        // newest thread is ours whether or not this write made it.
+        let after = napi_threads();
+        let new: Vec<u32> = after.difference(&before).copied().collect();
+        let pid = match new.as_slice() {
+            [pid] => *pid,
+            [] => newest_napi_thread(&after).context("no napi/eth0-* thread to pin")?,
+            _ => bail!("several new napi/eth0-* threads ({new:?}): another lab is busy?"),
+        };
+        let out = Command::new("taskset")
+            .args(["-p", "-c", &lb_cpu.to_string(), &pid.to_string()])
+            .output()
+            .context("running taskset")?;
+        ensure!(
+            out.status.success(),
+            "taskset -p -c {lb_cpu} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Connects from the client until a connection to `addr` succeeds.
+    fn wait_path(&self, addr: SocketAddr) -> Result<()> {
+        let deadline = Instant::now() + PATH_READY;
+        loop {
+            match self.lab.connect(addr, Duration::from_millis(500)) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    bail!("no connection to {addr} within {PATH_READY:?}: {e}")
+                }
+                Err(_) => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn client_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.lab.ns(Node::Client)])
+            .args(self.pinned(self.cpus.map(|c| c.0), args));
+        cmd
+    }
+
+    fn wrk(&self, addr: SocketAddr) -> Result<WrkRun> {
+        let url = format!("http://{addr}/");
+        let cmd = self.client_command(&[
+            "wrk",
+            "-t1",
+            &format!("-c{WRK_CONNECTIONS}"),
+            &format!("-d{}s", self.conn_seconds),
+            "--timeout",
+            "2s",
+            "-H",
+            "Connection: close",
+            &url,
+        ]);
+        let out = run_bounded(
+            cmd,
+            Duration::from_secs(self.conn_seconds.into()) + TOOL_SLACK,
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "wrk {url} failed ({}): {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let run = parse_wrk(&text)?;
+        ensure!(run.requests > 0, "wrk {url}: no request succeeded");
+        Ok(run)
+    }
+
+    fn iperf3(&self, addr: SocketAddr) -> Result<IperfRun> {
+        let cmd = self.client_command(&[
+            "iperf3",
+            "-c",
+            &addr.ip().to_string(),
+            "-p",
+            &addr.port().to_string(),
+            "-t",
+            &self.bulk_seconds.to_string(),
+            "--connect-timeout",
+            "2000",
+            "-J",
+        ]);
+        let out = run_bounded(
+            cmd,
+            Duration::from_secs(self.bulk_seconds.into()) + TOOL_SLACK,
+        )?;
+        parse_iperf3(&String::from_utf8_lossy(&out.stdout))
+            .with_context(|| format!("iperf3 to {addr} ({})", out.status))
+    }
+}
+
+/// Loads the project's XDP object with `globals` (name, MAC) set, and `program` in the
+/// kernel, not attached: the null forwarder is
+/// `load_xdp(PROG_NULL_FWD, &[(GLOBAL_NULL_FWD_DST, backend), (GLOBAL_NULL_FWD_SRC, own)])`.
+pub fn load_xdp(program: &str, globals: &[(&str, [u8; 6])]) -> Result<aya::Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for (name, value) in globals {
+        loader.override_global(name, value, true);
+    }
+    let mut ebpf = loader
+        .load(lb_userspace::dataplane::OBJECT)
+        .context("loading the XDP object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(program)
+        .with_context(|| format!("the XDP object has no program {program}"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("loading {program}"))?;
+    Ok(ebpf)
+}
+
+/// Runs `f` and returns its result with the CPU split of the time it took.
+fn with_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, super::report::CpuSplit)> {
+    let read = || -> Result<ProcStat> {
+        ProcStat::parse(&fs::read_to_string("/proc/stat").context("reading /proc/stat")?)
+    };
+    let before = read()?;
+    let value = f()?;
+    let after = read()?;
+    Ok((value, after.split_since(&before)))
+}
+
+/// The PIDs of the kernel threads named `napi/eth0-*` (threaded NAPI of any `eth0`).
+fn napi_threads() -> BTreeSet<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return BTreeSet::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = fs::read_to_string(e.path().join("comm")).ok()?;
+        comm.starts_with("napi/eth0-").then_some(pid)
+    })
+    .collect()
+}
+
+/// The `napi/eth0-N` thread with the highest NAPI id N: the one made last.
+fn newest_napi_thread(pids: &BTreeSet<u32>) -> Option<u32> {
+    pids.iter()
+        .filter_map(|&pid| {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            let id: u64 = comm.trim().strip_prefix("napi/eth0-")?.parse().ok()?;
+            Some((id, pid))
+        })
+        .max()
+        .map(|(_, pid)| pid)
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    ensure!(parts.len() == 6, "not a MAC address: {text:?}");
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).with_context(|| format!("not a MAC: {text:?}"))?;
+    }
+    Ok(mac)
+}

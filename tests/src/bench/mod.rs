@@ -1,0 +1,7 @@
+//! The comparative lab bench of `lb-bench --lab-only`: `comparative` runs it (root),
+//! `report` holds its figures and makes the JSON and the Markdown table, `chart` draws
+//! the PNG charts.
+
+pub mod chart;
+pub mod comparative;
+pub mod report;

@@ -1,0 +1,647 @@
+//! The comparative lab bench's results as plain values: the paths, the raw samples,
+//! the medians and ratios, the JSON file and the Markdown table made from it. Pure: no
+//! root, no lab; the parsers of `wrk`, `iperf3 -J` and `/proc/stat` live here too.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+/// One way from the client to the backend. A NAT-mode row is one more variant here,
+/// its name and text below, and its setup in `comparative::Bench::measure`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Path {
+    /// The client connects to the backend's own address: no LB host on the way.
+    Direct,
+    /// The null XDP forwarder on the LB's veth: MAC rewrite to the one backend, `XDP_TX`.
+    NullFwd,
+    /// lb-agent in DSR mode: the XDP program the agent loads, one service, one backend.
+    LbDsr,
+    /// HAProxy `mode tcp` in the LB namespace, one thread.
+    Haproxy,
+    /// nginx `stream` in the LB namespace, one worker.
+    Nginx,
+}
+
+impl Path {
+    /// Every path: the order of the table; repetition `r` starts at the `r`-th.
+    pub const ALL: [Path; 5] = [
+        Path::Direct,
+        Path::NullFwd,
+        Path::LbDsr,
+        Path::Haproxy,
+        Path::Nginx,
+    ];
+
+    /// The short name in tables, charts and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::NullFwd => "null XDP forwarder",
+            Path::LbDsr => "lb (DSR)",
+            Path::Haproxy => "HAProxy mode tcp",
+            Path::Nginx => "nginx stream",
+        }
+    }
+
+    /// Whether the LB host's work is an XDP program (the proxies' is a process).
+    pub fn is_xdp(self) -> bool {
+        matches!(self, Path::NullFwd | Path::LbDsr)
+    }
+}
+
+/// Where the time of all CPUs went during one measurement, in % of all of it
+/// (`/proc/stat` deltas; user includes nice).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CpuSplit {
+    pub user: f64,
+    pub sys: f64,
+    pub softirq: f64,
+    pub irq: f64,
+    pub idle: f64,
+    /// Busy % of each CPU (everything but idle and iowait), cpu0 first.
+    pub per_cpu_busy: Vec<f64>,
+}
+
+/// The counters of one `/proc/stat` line (in USER_HZ ticks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    pub user: u64,
+    pub nice: u64,
+    pub system: u64,
+    pub idle: u64,
+    pub iowait: u64,
+    pub irq: u64,
+    pub softirq: u64,
+    pub steal: u64,
+}
+
+impl CpuTicks {
+    fn total(&self) -> u64 {
+        self.user
+            + self.nice
+            + self.system
+            + self.idle
+            + self.iowait
+            + self.irq
+            + self.softirq
+            + self.steal
+    }
+
+    fn since(&self, before: &CpuTicks) -> CpuTicks {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        CpuTicks {
+            user: d(self.user, before.user),
+            nice: d(self.nice, before.nice),
+            system: d(self.system, before.system),
+            idle: d(self.idle, before.idle),
+            iowait: d(self.iowait, before.iowait),
+            irq: d(self.irq, before.irq),
+            softirq: d(self.softirq, before.softirq),
+            steal: d(self.steal, before.steal),
+        }
+    }
+}
+
+/// `/proc/stat`: the `cpu` line (all CPUs) and each `cpuN` line.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcStat {
+    pub all: CpuTicks,
+    pub cpus: Vec<CpuTicks>,
+}
+
+impl ProcStat {
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut stat = ProcStat::default();
+        let mut seen_all = false;
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let Some(name) = words.next() else { continue };
+            if !name.starts_with("cpu") {
+                continue;
+            }
+            let numbers: Vec<u64> = words
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("/proc/stat: {line:?}"))?;
+            if numbers.len() < 7 {
+                bail!("/proc/stat: too few fields in {line:?}");
+            }
+            let at = |i: usize| numbers.get(i).copied().unwrap_or(0);
+            let ticks = CpuTicks {
+                user: at(0),
+                nice: at(1),
+                system: at(2),
+                idle: at(3),
+                iowait: at(4),
+                irq: at(5),
+                softirq: at(6),
+                steal: at(7),
+            };
+            if name == "cpu" {
+                stat.all = ticks;
+                seen_all = true;
+            } else {
+                stat.cpus.push(ticks);
+            }
+        }
+        if !seen_all {
+            bail!("/proc/stat has no `cpu` line");
+        }
+        Ok(stat)
+    }
+
+    /// The split of the time between `before` and `self`.
+    pub fn split_since(&self, before: &ProcStat) -> CpuSplit {
+        let d = self.all.since(&before.all);
+        let total = d.total().max(1) as f64;
+        let pct = |v: u64| 100.0 * v as f64 / total;
+        let per_cpu_busy = self
+            .cpus
+            .iter()
+            .zip(&before.cpus)
+            .map(|(now, then)| {
+                let d = now.since(then);
+                let busy = d.total() - d.idle - d.iowait;
+                100.0 * busy as f64 / d.total().max(1) as f64
+            })
+            .collect();
+        CpuSplit {
+            user: pct(d.user + d.nice),
+            sys: pct(d.system),
+            softirq: pct(d.softirq),
+            irq: pct(d.irq),
+            idle: pct(d.idle + d.iowait),
+            per_cpu_busy,
+        }
+    }
+}
+
+/// What one `wrk` run reports.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WrkRun {
+    pub requests: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+    /// Socket errors (connect, read, write, timeout) plus non-2xx/3xx answers.
+    pub errors: u64,
+}
+
+/// Parses `wrk`'s text output.
+pub fn parse_wrk(text: &str) -> Result<WrkRun> {
+    let mut run = WrkRun::default();
+    let mut have_rate = false;
+    let mut have_count = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("Requests/sec:") {
+            run.per_second = rest
+                .trim()
+                .parse()
+                .with_context(|| format!("wrk: {line:?}"))?;
+            have_rate = true;
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 12, write 0, timeout 3"
+            for part in rest.split(',') {
+                let n = part
+                    .split_whitespace()
+                    .nth(1)
+                    .ok_or_else(|| anyhow!("wrk: {line:?}"))?;
+                run.errors += n.parse::<u64>().with_context(|| format!("wrk: {line:?}"))?;
+            }
+        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            run.errors += rest
+                .trim()
+                .parse::<u64>()
+                .with_context(|| format!("wrk: {line:?}"))?;
+        } else if line.contains(" requests in ") {
+            // "81234 requests in 4.00s, 9.21MB read"
+            let mut words = line.split_whitespace();
+            run.requests = words
+                .next()
+                .and_then(|w| w.parse().ok())
+                .ok_or_else(|| anyhow!("wrk: {line:?}"))?;
+            run.seconds = words
+                .nth(2)
+                .and_then(|w| w.trim_end_matches(',').strip_suffix('s'))
+                .and_then(|w| w.parse().ok())
+                .ok_or_else(|| anyhow!("wrk: {line:?}"))?;
+            have_count = true;
+        }
+    }
+    if !have_rate || !have_count {
+        bail!("wrk printed no request count or rate: {text:?}");
+    }
+    Ok(run)
+}
+
+/// What one `iperf3 -J` client run reports.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct IperfRun {
+    /// Received by the server, bits per second.
+    pub bits_per_second: f64,
+    pub seconds: f64,
+    /// Sender retransmissions.
+    pub retransmits: u64,
+}
+
+/// Parses `iperf3 -c … -J` output.
+pub fn parse_iperf3(json: &str) -> Result<IperfRun> {
+    let v: serde_json::Value = serde_json::from_str(json).context("iperf3 -J: not JSON")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("iperf3: {e}");
+    }
+    let end = v.get("end").ok_or_else(|| anyhow!("iperf3 -J: no `end`"))?;
+    let received = end
+        .get("sum_received")
+        .ok_or_else(|| anyhow!("iperf3 -J: no end.sum_received"))?;
+    let number = |o: &serde_json::Value, k: &str| o.get(k).and_then(serde_json::Value::as_f64);
+    Ok(IperfRun {
+        bits_per_second: number(received, "bits_per_second")
+            .ok_or_else(|| anyhow!("iperf3 -J: no end.sum_received.bits_per_second"))?,
+        seconds: number(received, "seconds").unwrap_or(0.0),
+        retransmits: end
+            .get("sum_sent")
+            .and_then(|s| s.get("retransmits"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+    })
+}
+
+/// One repetition of one path.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub repetition: usize,
+    pub conn: WrkRun,
+    pub conn_cpu: CpuSplit,
+    pub bulk: IperfRun,
+    pub bulk_cpu: CpuSplit,
+}
+
+/// The medians of one path, and its ratios to direct and to the null forwarder.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub conn_per_second: f64,
+    pub bulk_gbit_per_second: f64,
+    pub conn_vs_direct: Option<f64>,
+    pub conn_vs_null_fwd: Option<f64>,
+    pub bulk_vs_direct: Option<f64>,
+    pub bulk_vs_null_fwd: Option<f64>,
+    pub conn_cpu: CpuSplit,
+    pub bulk_cpu: CpuSplit,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PathResult {
+    pub path: Path,
+    pub samples: Vec<Sample>,
+    pub median: Summary,
+}
+
+/// The machine the figures come from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub cores: usize,
+    pub kernel: String,
+    /// UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub date: String,
+}
+
+/// How the lab was set up for every path alike.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub repetitions: usize,
+    pub conn_seconds: u32,
+    pub wrk_connections: u32,
+    pub bulk_seconds: u32,
+    /// `threaded`: the LB's veth polled by a NAPI thread pinned to the last CPU, the
+    /// proxies there too, the client's tools on CPU 0. `inline`: no pinning.
+    pub napi: String,
+    /// The `ethtool -K` settings of every sender's veth.
+    pub offloads: String,
+}
+
+/// Everything one run of the comparative bench measured: what `lab.json` holds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LabReport {
+    pub machine: Machine,
+    pub settings: Settings,
+    pub paths: Vec<PathResult>,
+}
+
+/// The median (the mean of the two middle values for an even count); 0 for none.
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+fn median_split<'a>(splits: impl Iterator<Item = &'a CpuSplit> + Clone) -> CpuSplit {
+    let field = |f: fn(&CpuSplit) -> f64| median(splits.clone().map(f));
+    let cpus = splits
+        .clone()
+        .map(|s| s.per_cpu_busy.len())
+        .max()
+        .unwrap_or(0);
+    CpuSplit {
+        user: field(|s| s.user),
+        sys: field(|s| s.sys),
+        softirq: field(|s| s.softirq),
+        irq: field(|s| s.irq),
+        idle: field(|s| s.idle),
+        per_cpu_busy: (0..cpus)
+            .map(|i| {
+                median(
+                    splits
+                        .clone()
+                        .filter_map(|s| s.per_cpu_busy.get(i).copied()),
+                )
+            })
+            .collect(),
+    }
+}
+
+impl LabReport {
+    /// Fills every path's `median` from its samples, ratios included.
+    pub fn summarise(&mut self) {
+        for result in &mut self.paths {
+            let s = &result.samples;
+            result.median = Summary {
+                conn_per_second: median(s.iter().map(|x| x.conn.per_second)),
+                bulk_gbit_per_second: median(s.iter().map(|x| x.bulk.bits_per_second / 1e9)),
+                conn_cpu: median_split(s.iter().map(|x| &x.conn_cpu)),
+                bulk_cpu: median_split(s.iter().map(|x| &x.bulk_cpu)),
+                ..Summary::default()
+            };
+        }
+        let of = |report: &LabReport, path: Path| {
+            report
+                .paths
+                .iter()
+                .find(|r| r.path == path)
+                .map(|r| (r.median.conn_per_second, r.median.bulk_gbit_per_second))
+        };
+        let direct = of(self, Path::Direct);
+        let null = of(self, Path::NullFwd);
+        let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
+        for result in &mut self.paths {
+            let m = &mut result.median;
+            m.conn_vs_direct = direct.and_then(|d| ratio(m.conn_per_second, d.0));
+            m.bulk_vs_direct = direct.and_then(|d| ratio(m.bulk_gbit_per_second, d.1));
+            m.conn_vs_null_fwd = null.and_then(|n| ratio(m.conn_per_second, n.0));
+            m.bulk_vs_null_fwd = null.and_then(|n| ratio(m.bulk_gbit_per_second, n.1));
+        }
+    }
+
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).context("writing the bench report as JSON")
+    }
+
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).context("reading the bench report (JSON)")
+    }
+
+    /// The README's table: one row per path, medians, ratios and the CPU split.
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let s = &self.settings;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "Measured {} on {} ({} cores), Linux {}; median of {} repetitions, paths rotated \
+             in each; wrk {} s with {} connections (`Connection: close`), iperf3 one stream {} s; \
+             NAPI {}; sender offloads: {}.",
+            m.date,
+            m.cpu_model,
+            m.cores,
+            m.kernel,
+            s.repetitions,
+            s.conn_seconds,
+            s.wrk_connections,
+            s.bulk_seconds,
+            s.napi,
+            s.offloads
+        );
+        out.push('\n');
+        out.push_str(
+            "| path | connections/s | × direct | × null fwd | bulk Gbit/s | × direct | × null fwd \
+             | CPU during connections (user / sys / softirq %) | CPU during bulk (user / sys / softirq %) |\n",
+        );
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---|---|\n");
+        let ratio = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}×"));
+        let cpu = |c: &CpuSplit| format!("{:.0} / {:.0} / {:.0}", c.user, c.sys, c.softirq);
+        for r in &self.paths {
+            let x = &r.median;
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {} |",
+                r.path.name(),
+                x.conn_per_second,
+                ratio(x.conn_vs_direct),
+                ratio(x.conn_vs_null_fwd),
+                x.bulk_gbit_per_second,
+                ratio(x.bulk_vs_direct),
+                ratio(x.bulk_vs_null_fwd),
+                cpu(&x.conn_cpu),
+                cpu(&x.bulk_cpu),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    const WRK: &str = "Running 4s test @ http://10.77.0.11:80/
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.52ms  402.11us   9.80ms   80.12%
+    Req/Sec    20.10k     1.02k   21.90k    70.00%
+  80400 requests in 4.00s, 12.11MB read
+  Socket errors: connect 0, read 3, write 0, timeout 1
+  Non-2xx or 3xx responses: 2
+Requests/sec:  20099.50
+Transfer/sec:      3.03MB
+";
+
+    #[test]
+    fn reads_wrk() {
+        let run = parse_wrk(WRK).unwrap();
+        assert_eq!(
+            run,
+            WrkRun {
+                requests: 80400,
+                seconds: 4.0,
+                per_second: 20099.5,
+                errors: 6
+            }
+        );
+        assert!(parse_wrk("unable to connect to 10.77.0.11:80 Connection refused").is_err());
+    }
+
+    #[test]
+    fn reads_iperf3() {
+        let json = r#"{"start":{},"intervals":[],"end":{"sum_sent":{"seconds":4.0,"bytes":1,"bits_per_second":5.1e9,"retransmits":7},"sum_received":{"seconds":4.01,"bytes":1,"bits_per_second":5.0e9}}}"#;
+        let run = parse_iperf3(json).unwrap();
+        assert_eq!(run.bits_per_second, 5.0e9);
+        assert_eq!(run.retransmits, 7);
+        let err = parse_iperf3(r#"{"start":{},"error":"unable to connect to server"}"#);
+        assert!(format!("{:#}", err.unwrap_err()).contains("unable to connect"));
+    }
+
+    #[test]
+    fn splits_cpu_time() {
+        let before = ProcStat::parse(
+            "cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 50 0 50 400 0 0 0 0 0 0\ncpu1 50 0 50 400 0 0 0 0 0 0\nintr 1\n",
+        )
+        .unwrap();
+        let after = ProcStat::parse(
+            "cpu  150 10 140 900 0 0 100 0 0 0\ncpu0 100 10 90 400 0 0 0 0 0 0\ncpu1 50 0 50 500 0 0 100 0 0 0\nintr 2\n",
+        )
+        .unwrap();
+        let s = after.split_since(&before);
+        // 300 ticks: 60 user + nice, 40 sys, 100 softirq, 100 idle.
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(near(s.user, 20.0) && near(s.sys, 40.0 / 3.0), "{s:?}");
+        assert!(
+            near(s.softirq, 100.0 / 3.0) && near(s.idle, 100.0 / 3.0),
+            "{s:?}"
+        );
+        assert_eq!(s.per_cpu_busy, vec![100.0, 50.0]);
+        assert!(ProcStat::parse("intr 1\n").is_err());
+    }
+
+    fn split(user: f64) -> CpuSplit {
+        CpuSplit {
+            user,
+            sys: 10.0,
+            softirq: 30.0,
+            irq: 0.0,
+            idle: 60.0 - user,
+            per_cpu_busy: vec![90.0, 50.0],
+        }
+    }
+
+    fn sample(repetition: usize, conn: f64, gbit: f64) -> Sample {
+        Sample {
+            repetition,
+            conn: WrkRun {
+                requests: (conn * 4.0) as u64,
+                seconds: 4.0,
+                per_second: conn,
+                errors: 0,
+            },
+            conn_cpu: split(20.0 + repetition as f64),
+            bulk: IperfRun {
+                bits_per_second: gbit * 1e9,
+                seconds: 4.0,
+                retransmits: 0,
+            },
+            bulk_cpu: split(5.0),
+        }
+    }
+
+    /// A fixed sample: direct, the null forwarder and HAProxy, three repetitions each.
+    pub(crate) fn fixed() -> LabReport {
+        let result = |path, figures: [(f64, f64); 3]| PathResult {
+            path,
+            samples: figures
+                .iter()
+                .enumerate()
+                .map(|(i, &(c, g))| sample(i, c, g))
+                .collect(),
+            median: Summary::default(),
+        };
+        let mut report = LabReport {
+            machine: Machine {
+                cpu_model: "Test CPU".into(),
+                cores: 2,
+                kernel: "6.18.0".into(),
+                date: "2026-11-27T12:00:00Z".into(),
+            },
+            settings: Settings {
+                repetitions: 3,
+                conn_seconds: 4,
+                wrk_connections: 32,
+                bulk_seconds: 4,
+                napi: "threaded".into(),
+                offloads: "tx off, gso off".into(),
+            },
+            paths: vec![
+                result(
+                    Path::Direct,
+                    [(20_000.0, 10.0), (22_000.0, 12.0), (21_000.0, 11.0)],
+                ),
+                result(
+                    Path::NullFwd,
+                    [(16_000.0, 8.0), (15_000.0, 9.0), (17_000.0, 7.0)],
+                ),
+                result(
+                    Path::Haproxy,
+                    [(8_000.0, 4.0), (8_400.0, 4.4), (7_000.0, 4.2)],
+                ),
+            ],
+        };
+        report.summarise();
+        report
+    }
+
+    #[test]
+    fn medians_and_ratios() {
+        let r = fixed();
+        let haproxy = &r.paths[2].median;
+        assert_eq!(haproxy.conn_per_second, 8_000.0);
+        assert!((haproxy.bulk_gbit_per_second - 4.2).abs() < 1e-9);
+        assert_eq!(haproxy.conn_vs_direct, Some(8_000.0 / 21_000.0));
+        assert_eq!(haproxy.conn_vs_null_fwd, Some(0.5));
+        assert!((haproxy.bulk_vs_null_fwd.unwrap() - 4.2 / 8.0).abs() < 1e-9);
+        assert_eq!(r.paths[0].median.conn_vs_direct, Some(1.0));
+        assert_eq!(haproxy.conn_cpu.user, 21.0);
+        assert_eq!(haproxy.conn_cpu.per_cpu_busy, vec![90.0, 50.0]);
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median([]), 0.0);
+    }
+
+    #[test]
+    fn ratios_absent_without_their_base() {
+        let mut r = fixed();
+        r.paths.retain(|p| p.path != Path::NullFwd);
+        r.summarise();
+        assert_eq!(r.paths[1].median.conn_vs_null_fwd, None);
+        assert!(r.markdown().contains("| – |"));
+    }
+
+    #[test]
+    fn json_round_trip_and_markdown() {
+        let r = fixed();
+        let json = r.to_json().unwrap();
+        assert!(json.contains("\"path\": \"null-fwd\""));
+        let back = LabReport::from_json(&json).unwrap();
+        assert_eq!(back, r);
+        let md = back.markdown();
+        assert!(md.starts_with(
+            "Measured 2026-11-27T12:00:00Z on Test CPU (2 cores), Linux 6.18.0; median of 3"
+        ));
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(rows.len(), 4, "{md}");
+        assert_eq!(
+            rows[2],
+            "| null XDP forwarder | 16000 | 0.76× | 1.00× | 8.00 | 0.73× | 1.00× | 21 / 10 / 30 | 5 / 10 / 30 |"
+        );
+        assert_eq!(
+            rows[3],
+            "| HAProxy mode tcp | 8000 | 0.38× | 0.50× | 4.20 | 0.38× | 0.53× | 21 / 10 / 30 | 5 / 10 / 30 |"
+        );
+    }
+}

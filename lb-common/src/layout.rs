@@ -65,7 +65,7 @@ const fn map(
 }
 
 /// Every map of the program (`lb-ebpf/src/maps.rs`).
-pub const MAPS: [MapLayout; 18] = [
+pub const MAPS: [MapLayout; 19] = [
     map(
         names::MAP_VIPS,
         BPF_MAP_TYPE_HASH,
@@ -80,6 +80,14 @@ pub const MAPS: [MapLayout; 18] = [
         size::<VipAddrKey>(),
         4,
         MAX_VIPS,
+        0,
+    ),
+    map(
+        names::MAP_VIP_FILTER,
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        8,
+        crate::filter::WORDS,
         0,
     ),
     map(

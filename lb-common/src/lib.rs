@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod counters;
+pub mod filter;
 pub mod hash;
 pub mod layout;
 
@@ -40,7 +41,7 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const MAX_NAT_FLOWS: u32 = 1 << 17;
 
 /// Key of the VIP map: one virtual service.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipKey {
     /// IPv4 in the first 4 bytes (rest zero) or the 16 IPv6 bytes, network order.
@@ -69,7 +70,7 @@ pub struct VipInfo {
 pub const VIP_F_NAT: u32 = 1;
 
 /// Key of the map of VIP addresses the LB answers ARP / neighbour solicitations for.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipAddrKey {
     pub addr: [u8; 16],
@@ -197,7 +198,7 @@ pub const NAT_DEFAULT_PORT_MAX: u16 = 65535;
 pub const NAT_PORT_PROBES: u32 = 16;
 
 /// Key of the connection table: the 5-tuple as the client sends it.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -405,6 +406,7 @@ pub mod names {
     pub const GLOBAL_NULL_FWD_SRC: &str = "NULL_FWD_SRC";
     pub const MAP_VIPS: &str = "VIPS";
     pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
     pub const MAP_RINGS: &str = "RINGS";
     pub const MAP_BACKENDS: &str = "BACKENDS";
     pub const MAP_FLOWS: &str = "FLOWS";

@@ -1,7 +1,7 @@
 //! Wire headers, byte arrays only (alignment 1), read with explicit byte order, and the
 //! one bounds-checked accessor every stage uses.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_xdp_get_buff_len, programs::XdpContext};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -127,4 +127,18 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 #[inline(always)]
 pub fn frame_len(ctx: &XdpContext) -> usize {
     ctx.data_end() - ctx.data()
+}
+
+/// The whole frame's length: the first buffer and, for a multi-buffer frame
+/// (`xdp.frags`), its fragments. A helper call, unlike `frame_len`.
+#[inline(always)]
+pub fn whole_len(ctx: &XdpContext) -> usize {
+    unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
+}
+
+/// Whether the frame is at least `end` bytes long. The fragments are asked about only
+/// when the first buffer is shorter.
+#[inline(always)]
+pub fn holds(ctx: &XdpContext, end: usize) -> bool {
+    end <= frame_len(ctx) || end <= whole_len(ctx)
 }

@@ -94,13 +94,11 @@ fn client_flow(
     (vport, cport): ([u8; 2], [u8; 2]),
     family: u8,
 ) -> FlowKey {
-    FlowKey {
-        src: client,
-        dst: vip,
-        sport_be: u16::from_ne_bytes(cport),
-        dport_be: u16::from_ne_bytes(vport),
-        proto: PROTO_TCP,
+    crate::keys::flow_key(
+        &client,
+        &vip,
+        u16::from_ne_bytes(cport),
+        u16::from_ne_bytes(vport),
         family,
-        _pad: [0; 2],
-    }
+    )
 }

@@ -9,8 +9,10 @@
 #![no_std]
 #![no_main]
 
+mod filter;
 mod headers;
 mod icmp;
+mod keys;
 mod maps;
 mod nat;
 mod neigh;
@@ -19,8 +21,16 @@ mod persist;
 #[cfg(feature = "trace")]
 mod trace;
 
+use core::{
+    mem::MaybeUninit,
+    ptr::{addr_of, addr_of_mut},
+};
+
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
+    bindings::{
+        xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
+        xdp_md,
+    },
     helpers::bpf_ktime_get_ns,
     macros::xdp,
     programs::XdpContext,
@@ -28,7 +38,7 @@ use aya_ebpf::{
 use headers::*;
 use lb_common::{
     BACKEND_F_VALID, Backend, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING, FlowKey, FlowState,
-    LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, SERVE_F_FORWARD, Serving, VipInfo, VipKey,
+    LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, SERVE_F_FORWARD, Serving, VipInfo,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -45,7 +55,9 @@ const GUARD_WINDOW_NS: u64 = 1_000_000_000;
 /// `Ok` to go on to the next stage, `Err(reason)` to end the packet (see `verdict_of`).
 pub type Step<T> = Result<T, u32>;
 
-#[xdp]
+/// Frags-aware (`xdp.frags`): jumbo and GRO'd frames come as a first buffer holding
+/// the headers plus fragments; only the first buffer is read or written here.
+#[xdp(frags)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         count(
@@ -79,7 +91,8 @@ fn tracing(cfg: &LbConfig) -> bool {
 
 /// A program that passes everything: the baseline for benchmarks, and what the lab puts
 /// on the peer of a veth so native XDP_TX works there.
-#[xdp]
+/// Frags-aware too: a veth refuses a peer MTU above a page with a program that is not.
+#[xdp(frags)]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
@@ -113,20 +126,134 @@ enum Parsed {
     NatReply(FlowKey, u8),
 }
 
+/// What `parse_ip` found (its `Ok`): `Parsed::Tcp`, with the whole `Packet` written.
+const PARSED_TCP: u32 = 0;
+/// `Parsed::IcmpError`: the `Packet`'s flow written.
+const PARSED_ICMP_ERROR: u32 = 1;
+/// `Parsed::NatReply`: the `Packet`'s flow and TCP flags written.
+const PARSED_NAT_REPLY: u32 = 2;
+
 #[inline(always)]
 fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
     let (ether_type, l3) = parse_ethernet(ctx)?;
-    let serving = SERVING.get(0).ok_or(reason::ABORT_INTERNAL)?;
-    let parsed = match ether_type {
-        ETH_P_IP => parse_ipv4(ctx, l3, cfg, serving)?,
-        ETH_P_IPV6 => parse_ipv6(ctx, l3, cfg, serving)?,
-        ETH_P_ARP => return neigh::arp(ctx, l3, cfg, serving),
+    let mut out = MaybeUninit::<Packet>::uninit();
+    let what = match ether_type {
+        ETH_P_IP => unpack(parse_ip::<false>(ctx.ctx, cfg, l3, &mut out))?,
+        ETH_P_IPV6 => {
+            unpack(solicitation(ctx.ctx, cfg, l3))?;
+            unpack(parse_ip::<true>(ctx.ctx, cfg, l3, &mut out))?
+        }
+        ETH_P_ARP => return unpack(arp(ctx.ctx, cfg, l3)),
         _ => return Err(reason::PASS_NOT_VIP),
     };
-    match parsed {
-        Parsed::Tcp(packet) => forward(ctx, cfg, &packet),
-        Parsed::IcmpError(flow) => forward_icmp_error(ctx, cfg, &flow),
-        Parsed::NatReply(flow, flags) => nat::reply(ctx, &flow, flags),
+    let out = out.as_ptr();
+    // SAFETY: the fields `parse_ip` wrote for `what` (see `PARSED_TCP` and the others).
+    unsafe {
+        match what {
+            PARSED_TCP => forward(ctx, cfg, &*out),
+            PARSED_ICMP_ERROR => forward_icmp_error(ctx, cfg, &*addr_of!((*out).flow)),
+            _ => nat::reply(ctx, &*addr_of!((*out).flow), *addr_of!((*out).tcp_flags)),
+        }
+    }
+}
+
+/// ARP from `l3` (`neigh::arp`), packed (see `pack`). Not inlined: its VIP address key
+/// would otherwise sit in the pipeline's frame, which must leave room for the IPv6
+/// parser's (`parse_ip`).
+#[inline(never)]
+fn arp(raw: *mut xdp_md, cfg: &LbConfig, l3: usize) -> u64 {
+    let Some(serving) = SERVING.get(0) else {
+        return pack(Err(reason::ABORT_INTERNAL));
+    };
+    pack(neigh::arp(&XdpContext::new(raw), l3, cfg, serving))
+}
+
+/// IPv6 from `l3`: a neighbour solicitation for a VIP answered (`neigh`), packed (see
+/// `pack`; `Ok` for anything else). Not inlined: its VIP address key would otherwise sit
+/// in the IPv6 parser's frame (`parse_ip`), which the pipeline's must leave room for.
+#[inline(never)]
+fn solicitation(raw: *mut xdp_md, cfg: &LbConfig, l3: usize) -> u64 {
+    let Some(serving) = SERVING.get(0) else {
+        return pack(Err(reason::ABORT_INTERNAL));
+    };
+    pack(neigh::neighbour_solicitation(&XdpContext::new(raw), l3, cfg, serving).map(|()| 0))
+}
+
+/// IPv4 (or IPv6, `V6`) from `l3` up to the VIP lookup; `Ok` says what it found
+/// (`PARSED_TCP` and the others) and which fields of `out` it wrote. Not inlined, one
+/// function per family: the keys it builds (word stores, which stay on the stack) and the
+/// frame-length checks of `xdp.frags` would otherwise sit in the pipeline's frame, under
+/// which the DSR and NAT calls must fit the 512-byte stack. Takes the raw context, so
+/// that the compiler cannot hand it packet pointers the verifier would refuse. Writes
+/// through `out` field by field: a returned struct would hand the caller a stack pointer
+/// back, and an enum written whole stores padding from any register, a pointer too,
+/// which the verifier refuses to spill in part.
+#[inline(never)]
+fn parse_ip<const V6: bool>(
+    raw: *mut xdp_md,
+    cfg: &LbConfig,
+    l3: usize,
+    out: &mut MaybeUninit<Packet>,
+) -> u64 {
+    pack(parse_ip_into::<V6>(raw, cfg, l3, out))
+}
+
+/// A `Step<u32>` as one register: `PACKED_OK | value`, or the reason. Returned as a
+/// struct, it would go through a pointer to the caller's stack, which the verifier
+/// refuses to see in r0 when the function returns.
+const PACKED_OK: u64 = 1 << 32;
+
+#[inline(always)]
+fn pack(step: Step<u32>) -> u64 {
+    match step {
+        Ok(v) => PACKED_OK | v as u64,
+        Err(why) => why as u64,
+    }
+}
+
+#[inline(always)]
+fn unpack(packed: u64) -> Step<u32> {
+    if packed & PACKED_OK != 0 {
+        Ok(packed as u32)
+    } else {
+        Err(packed as u32)
+    }
+}
+
+#[inline(always)]
+fn parse_ip_into<const V6: bool>(
+    raw: *mut xdp_md,
+    cfg: &LbConfig,
+    l3: usize,
+    out: &mut MaybeUninit<Packet>,
+) -> Step<u32> {
+    let ctx = &XdpContext::new(raw);
+    let serving = SERVING.get(0).ok_or(reason::ABORT_INTERNAL)?;
+    let parsed = if V6 {
+        parse_ipv6(ctx, l3, cfg, serving)?
+    } else {
+        parse_ipv4(ctx, l3, cfg, serving)?
+    };
+    let out = out.as_mut_ptr();
+    // SAFETY: fields of the caller's `Packet`, written whole.
+    unsafe {
+        match parsed {
+            Parsed::Tcp(p) => {
+                addr_of_mut!((*out).flow).write(p.flow);
+                addr_of_mut!((*out).vip).write(p.vip);
+                addr_of_mut!((*out).tcp_flags).write(p.tcp_flags);
+                Ok(PARSED_TCP)
+            }
+            Parsed::IcmpError(flow) => {
+                addr_of_mut!((*out).flow).write(flow);
+                Ok(PARSED_ICMP_ERROR)
+            }
+            Parsed::NatReply(flow, flags) => {
+                addr_of_mut!((*out).flow).write(flow);
+                addr_of_mut!((*out).tcp_flags).write(flags);
+                Ok(PARSED_NAT_REPLY)
+            }
+        }
     }
 }
 
@@ -182,7 +309,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
         return Err(reason::DROP_BAD_IPV4);
     }
     let tot_len = be16(ip.tot_len) as usize;
-    if tot_len < IPV4_HLEN || l3 + tot_len > frame_len(ctx) {
+    if tot_len < IPV4_HLEN || !holds(ctx, l3 + tot_len) {
         return Err(reason::DROP_BAD_IPV4);
     }
     if ihl != IPV4_HLEN {
@@ -207,7 +334,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
 
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) -> Step<Parsed> {
-    neigh::neighbour_solicitation(ctx, l3, cfg, serving)?;
+    // A neighbour solicitation was answered before (`solicitation`).
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ip = unsafe { &*ip };
     if !neigh::is_vip_addr(&ip.dst, FAMILY_V6) {
@@ -215,7 +342,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     }
     vip_gate(ctx, cfg, serving)?;
     let end = l3 + IPV6_HLEN + be16(ip.payload_len) as usize;
-    if ip.version_class_flow[0] >> 4 != 6 || end > frame_len(ctx) {
+    if ip.version_class_flow[0] >> 4 != 6 || !holds(ctx, end) {
         return Err(reason::DROP_BAD_IPV6);
     }
     let l4 = l3 + IPV6_HLEN;
@@ -250,21 +377,8 @@ fn parse_tcp(
         return Err(reason::DROP_BAD_TCP);
     }
     let dport_be = u16::from_ne_bytes(tcp.dport);
-    let key = VipKey {
-        addr: dst,
-        port_be: dport_be,
-        proto: PROTO_TCP,
-        family,
-    };
-    let flow = FlowKey {
-        src,
-        dst,
-        sport_be: u16::from_ne_bytes(tcp.sport),
-        dport_be,
-        proto: PROTO_TCP,
-        family,
-        _pad: [0; 2],
-    };
+    let key = keys::vip_key(&dst, dport_be, family);
+    let flow = keys::flow_key(&src, &dst, u16::from_ne_bytes(tcp.sport), dport_be, family);
     let Some(vip) = unsafe { VIPS.get(&key) }.copied() else {
         return Ok(Parsed::NatReply(flow, tcp.flags));
     };
@@ -306,10 +420,7 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
             if let Some(backend) = usable_backend(id) {
                 found = Some((id, backend));
                 persist::touch(&p.vip, &p.flow, id, now);
-                unsafe {
-                    (*state).last_seen_ns = now;
-                    (*state).flags |= closing;
-                }
+                touch(state, now, closing);
             }
         } else if let Some(state) = PINNED.get_ptr_mut(&p.flow) {
             let id = unsafe { (*state).backend };
@@ -375,6 +486,21 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     Ok(XDP_TX)
 }
 
+/// A connection-table hit: the flow's last_seen_ns is rewritten only when older than
+/// `PINNED_TOUCH_NS`, its flags only when it starts closing, so a busy flow's entry is
+/// not written (and its cache line not taken from other CPUs) on every packet.
+#[inline(always)]
+fn touch(state: *mut FlowState, now: u64, closing: u32) {
+    // SAFETY: a pointer the map lookup just returned.
+    let state = unsafe { &mut *state };
+    if now.wrapping_sub(state.last_seen_ns) > PINNED_TOUCH_NS {
+        state.last_seen_ns = now;
+    }
+    if state.flags & closing != closing {
+        state.flags |= closing;
+    }
+}
+
 /// Records a new flow in the connection table unless this CPU has already recorded
 /// `new_flows_per_cpu_s` in the current one-second window. Returns whether it did.
 #[inline(always)]
@@ -419,12 +545,7 @@ fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<
     let (chosen, vip_num, backend, what) = match found {
         Some((id, vip_num, backend)) => (id, vip_num, backend, event::ICMP_TO_FLOW),
         None => {
-            let key = VipKey {
-                addr: flow.dst,
-                port_be: flow.dport_be,
-                proto: PROTO_TCP,
-                family: flow.family,
-            };
+            let key = keys::vip_key(&flow.dst, flow.dport_be, flow.family);
             let vip = *unsafe { VIPS.get(&key) }.ok_or(reason::DROP_VIP_UNSERVED)?;
             let id = ring_lookup(&vip, flow)?;
             let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
@@ -450,7 +571,7 @@ fn rewrite_macs(ctx: &XdpContext, cfg: &LbConfig, backend: &Backend) -> Step<u64
         (*eth).dst = backend.mac;
         (*eth).src = cfg.mac;
     }
-    Ok(frame_len(ctx) as u64)
+    Ok(whole_len(ctx) as u64)
 }
 
 /// The backend's entry, if it may take packets.

@@ -11,7 +11,7 @@ use lb_common::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
     MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, NatConfig,
     NatFlow, NatScratch, NatTarget, PersistKey, PersistState, Serving, TRACE_RING_BYTES,
-    VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS, layout,
+    VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS, filter, layout,
 };
 
 /// (VIP address, port, protocol) -> the VIP's number and ring size.
@@ -21,6 +21,11 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 
 /// VIP addresses (no port): first filter for IP traffic, and what ARP / ND answers for.
 #[map]
 pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// The VIP address filter, tested before VIP_ADDRS: one bit per value of an address's
+/// low 16 bits (`lb_common::filter`). An array: the verifier inlines its lookup.
+#[map]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(filter::WORDS, 0);
 
 /// Maglev lookup tables: VIP number n owns slots [n * MAX_RING_SIZE, n * MAX_RING_SIZE + ring_size).
 #[map]

@@ -3,9 +3,7 @@
 //! program is detached, also when the agent is killed: no stale owner of a VIP.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use lb_common::{
-    FAMILY_V4, FAMILY_V6, LbConfig, SERVE_F_ANSWER_NEIGH, Serving, VipAddrKey, counters::reason,
-};
+use lb_common::{FAMILY_V4, FAMILY_V6, LbConfig, SERVE_F_ANSWER_NEIGH, Serving, counters::reason};
 
 use crate::{
     Step,
@@ -26,11 +24,10 @@ const NA_LEN: usize = core::mem::size_of::<NdMsg>() + 8;
 
 #[inline(always)]
 pub fn is_vip_addr(addr: &[u8; 16], family: u8) -> bool {
-    let key = VipAddrKey {
-        addr: *addr,
-        family,
-        _pad: [0; 3],
-    };
+    if !crate::filter::may_be_vip(addr, family) {
+        return false;
+    }
+    let key = crate::keys::vip_addr_key(addr, family);
     unsafe { VIP_ADDRS.get(&key) }.is_some()
 }
 

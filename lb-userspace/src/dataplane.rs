@@ -101,6 +101,8 @@ pub trait DataPlane {
     fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
     fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
     fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
+    /// One 64-bit word of the VIP address filter (`lb_common::filter`).
+    fn set_vip_filter_word(&mut self, word: u32, bits: u64) -> Result<()>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
     /// Writes `(slot, backend id)` pairs into the ring window of `vip_num`.
     fn set_ring_slots(&mut self, vip_num: u32, slots: &[(u32, u32)]) -> Result<()>;
@@ -667,6 +669,7 @@ pub struct XdpDataPlane {
     ebpf: Ebpf,
     vips: HashMap<MapData, VipKey, VipInfo>,
     vip_addrs: HashMap<MapData, VipAddrKey, u32>,
+    vip_filter: Array<MapData, u64>,
     rings: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     stats: PerCpuArray<MapData, Counter>,
@@ -766,6 +769,8 @@ impl XdpDataPlane {
             .map_err(map_err(names::MAP_VIPS))?;
         let vip_addrs = HashMap::try_from(take(&mut ebpf, names::MAP_VIP_ADDRS)?)
             .map_err(map_err(names::MAP_VIP_ADDRS))?;
+        let vip_filter = Array::try_from(take(&mut ebpf, names::MAP_VIP_FILTER)?)
+            .map_err(map_err(names::MAP_VIP_FILTER))?;
         let rings = Array::try_from(take(&mut ebpf, names::MAP_RINGS)?)
             .map_err(map_err(names::MAP_RINGS))?;
         let backends = Array::try_from(take(&mut ebpf, names::MAP_BACKENDS)?)
@@ -839,6 +844,7 @@ impl XdpDataPlane {
             ebpf,
             vips,
             vip_addrs,
+            vip_filter,
             rings,
             backends,
             stats,
@@ -1094,6 +1100,11 @@ impl DataPlane for XdpDataPlane {
             Err(e) => Err(map_err(names::MAP_VIP_ADDRS)(e)),
         }
     }
+    fn set_vip_filter_word(&mut self, word: u32, bits: u64) -> Result<()> {
+        self.vip_filter
+            .set(word, bits, 0)
+            .map_err(map_err(names::MAP_VIP_FILTER))
+    }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
         self.backends
             .set(id, backend, 0)
@@ -1153,6 +1164,8 @@ pub struct FakeDataPlane {
     pub config: LbConfig,
     pub vips: StdHashMap<VipKey, VipInfo>,
     pub vip_addrs: StdHashMap<VipAddrKey, u32>,
+    /// The VIP filter's words that are not zero.
+    pub vip_filter: StdHashMap<u32, u64>,
     pub backends: StdHashMap<u32, Backend>,
     pub rings: StdHashMap<u32, u32>,
     pub ring_writes: usize,
@@ -1221,6 +1234,15 @@ impl DataPlane for FakeDataPlane {
     fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()> {
         self.write(names::MAP_VIP_ADDRS)?;
         self.vip_addrs.remove(key);
+        Ok(())
+    }
+    fn set_vip_filter_word(&mut self, word: u32, bits: u64) -> Result<()> {
+        self.write(names::MAP_VIP_FILTER)?;
+        if bits == 0 {
+            self.vip_filter.remove(&word);
+        } else {
+            self.vip_filter.insert(word, bits);
+        }
         Ok(())
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {

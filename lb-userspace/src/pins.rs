@@ -305,6 +305,7 @@ mod tests {
         let all = [
             names::MAP_VIPS,
             names::MAP_VIP_ADDRS,
+            names::MAP_VIP_FILTER,
             names::MAP_RINGS,
             names::MAP_BACKENDS,
             names::MAP_FLOWS,

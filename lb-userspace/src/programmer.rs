@@ -11,7 +11,7 @@ use std::{
 
 use lb_common::{
     BACKEND_F_NEW_FLOWS, BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS,
-    NO_BACKEND, NatTarget, PROTO_TCP, VIP_F_NAT, VipAddrKey, VipInfo, VipKey,
+    NO_BACKEND, NatTarget, PROTO_TCP, VIP_F_NAT, VipAddrKey, VipInfo, VipKey, filter,
 };
 
 use crate::{
@@ -76,6 +76,29 @@ pub fn vip_addr_key(vip: IpAddr) -> VipAddrKey {
         family,
         _pad: [0; 3],
     }
+}
+
+/// The VIP address filter (`lb_common::filter`) for a set of VIP addresses: its words
+/// that are not zero.
+pub fn filter_words<'a>(addrs: impl IntoIterator<Item = &'a VipAddrKey>) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for a in addrs {
+        let (word, mask) = filter::word_and_mask(filter::bit(&a.addr, a.family));
+        *words.entry(word).or_insert(0) |= mask;
+    }
+    words
+}
+
+/// The words to write to turn filter `from` into filter `to`.
+fn filter_changes(from: &BTreeMap<u32, u64>, to: &BTreeMap<u32, u64>) -> Vec<(u32, u64)> {
+    let words: BTreeSet<u32> = from.keys().chain(to.keys()).copied().collect();
+    words
+        .into_iter()
+        .filter_map(|w| {
+            let new = to.get(&w).copied().unwrap_or(0);
+            (from.get(&w).copied().unwrap_or(0) != new).then_some((w, new))
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -613,11 +636,21 @@ impl Programmer {
         } else {
             self.vip_addrs.clone()
         };
+        // The filter lets through every address in VIP_ADDRS at all times: it covers
+        // the old and the new addresses while the map changes, then the new ones only.
+        let before = filter_words(&current);
+        let both = filter_words(self.vip_addrs.union(&plan.vip_addrs));
+        for (word, bits) in filter_changes(&before, &both) {
+            dp.set_vip_filter_word(word, bits)?;
+        }
         for a in plan.vip_addrs.difference(&current) {
             dp.set_vip_addr(a)?;
         }
         for a in self.vip_addrs.difference(&plan.vip_addrs) {
             dp.remove_vip_addr(a)?;
+        }
+        for (word, bits) in filter_changes(&both, &filter_words(&plan.vip_addrs)) {
+            dp.set_vip_filter_word(word, bits)?;
         }
         self.vip_addrs = plan.vip_addrs;
         self.dirty = false;
@@ -985,6 +1018,61 @@ mod tests {
         // The freed VIP number is reused, and its whole window is rewritten.
         let r = p.apply(&mut dp, &[a], &all_up).unwrap();
         assert_eq!(r.ring_slots_written, 1009);
+    }
+
+    /// Every address in the fake's VIP_ADDRS has its bit in the fake's filter.
+    fn filter_covers_vip_addrs(dp: &FakeDataPlane) -> bool {
+        dp.vip_addrs.keys().all(|a| {
+            let (word, mask) = filter::word_and_mask(filter::bit(&a.addr, a.family));
+            dp.vip_filter.get(&word).is_some_and(|w| w & mask != 0)
+        })
+    }
+
+    #[test]
+    fn the_filter_lets_every_vip_address_through_after_every_write() {
+        let a = service("a", "192.0.2.10", &[("x", "192.0.2.21", 100)]);
+        // Same low 16 bits as a's address: one bit for two VIPs.
+        let b = service("b", "198.51.2.10", &[("y", "192.0.2.22", 100)]);
+        let c = service("c", "2001:db8::10", &[("z", "2001:db8::21", 100)]);
+        let steps: [Vec<Service>; 4] = [
+            vec![a.clone(), b.clone()],
+            vec![b.clone(), c.clone()],
+            vec![c.clone()],
+            vec![],
+        ];
+        // A refusal after n writes leaves the maps as they were after n writes: every
+        // state an apply passes through, for every n until one apply succeeds whole.
+        for n in 0.. {
+            let mut dp = FakeDataPlane::default();
+            let mut p = Programmer::new();
+            let mut failed = false;
+            for (i, s) in steps.iter().enumerate() {
+                dp.fail_one_write_after = (i == 1).then_some(n);
+                if p.apply(&mut dp, s, &all_up).is_err() {
+                    failed = true;
+                    assert!(filter_covers_vip_addrs(&dp), "after {n} writes of step {i}");
+                    dp.fail_one_write_after = None;
+                    p.apply(&mut dp, s, &all_up).unwrap();
+                }
+                assert!(filter_covers_vip_addrs(&dp), "step {i}");
+                let want = filter_words(&p.vip_addrs);
+                let held: BTreeMap<u32, u64> =
+                    dp.vip_filter.iter().map(|(w, b)| (*w, *b)).collect();
+                assert_eq!(held, want, "step {i}: exactly the VIP addresses' bits");
+            }
+            assert!(dp.vip_filter.is_empty(), "no VIP, no bit");
+            if !failed {
+                break;
+            }
+        }
+        // a and b share a bit; removing a keeps it for b.
+        let both = filter_words(
+            &[vip_addr_key(a.vip), vip_addr_key(b.vip)]
+                .into_iter()
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(both.len(), 1);
+        assert_eq!(both.values().next().map(|w| w.count_ones()), Some(1));
     }
 
     #[test]

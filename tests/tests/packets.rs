@@ -196,6 +196,18 @@ fn fixtures() -> Vec<Fixture> {
             input: tcp6("2001:db8::99", 443, SYN),
             expect: Expect::Unchanged(XDP_PASS, reason::PASS_NOT_VIP),
         },
+        // The filter's "maybe" (the low 16 bits of a VIP's address): the exact lookup
+        // says no.
+        Fixture {
+            name: "non-VIP IPv4 TCP sharing the VIP's filter bit",
+            input: tcp4("198.51.2.10", 80, SYN),
+            expect: Expect::Unchanged(XDP_PASS, reason::PASS_NOT_VIP),
+        },
+        Fixture {
+            name: "non-VIP IPv6 TCP sharing the VIP's filter bit",
+            input: tcp6("2001:db8:5::10", 443, SYN),
+            expect: Expect::Unchanged(XDP_PASS, reason::PASS_NOT_VIP),
+        },
         Fixture {
             name: "VIP address, other port",
             input: tcp4("192.0.2.10", 81, SYN),

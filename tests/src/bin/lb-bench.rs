@@ -36,6 +36,9 @@
 //! off) beside the same program built without the trace code (lb-ebpf without its
 //! `trace` feature) and XDP_PASS, interleaved in the same rounds. `--trace-only` runs
 //! only this part.
+//! `--xdp-only` runs only the first part (the XDP cost per packet); with
+//! `LB_BENCH_BASELINE=FILE` it also measures another build of the program beside it.
+//!
 //! Then the comparative lab bench (`lb_tests::bench`): direct, a null XDP forwarder,
 //! the agent in DSR mode, the agent in NAT mode, HAProxy and nginx, rotated in each
 //! repetition; connection rate, one bulk stream and the CPU split, written to
@@ -78,14 +81,17 @@ fn median(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_nanos() as f64
 }
 
-const USAGE: &str = "usage: lb-bench [--jitter-only | --sync-only | --announce-only | --trace-only
-                 | --nat-only | --lab-only | --lab-report]
+const USAGE: &str = "usage: lb-bench [--xdp-only | --jitter-only | --sync-only | --announce-only
+                 | --trace-only | --nat-only | --lab-only | --lab-report]
                 [--lab-reps N] [--lab-napi threaded|inline] [--lab-out DIR]
 
 With no part named, runs them all: XDP cost per packet, NAT cost per packet, VRRP
 failover, BGP withdrawal
 ([announce]), advert jitter, flow-pin sync, the trace's cost while off, then the
 comparative lab bench.
+  --xdp-only            only the XDP cost per packet; with LB_BENCH_BASELINE=FILE
+                        (another build of lb-ebpf, same maps) that object is measured
+                        in the same rounds too
   --jitter-only         only the VRRP advert jitter
   --sync-only           only the flow-pin sync rate
   --announce-only       only the [announce] withdrawal time and probe gap
@@ -123,8 +129,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         };
         match arg.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--jitter-only" | "--sync-only" | "--announce-only" | "--trace-only" | "--nat-only"
-            | "--lab-only" | "--lab-report" => {
+            "--xdp-only" | "--jitter-only" | "--sync-only" | "--announce-only" | "--trace-only"
+            | "--nat-only" | "--lab-only" | "--lab-report" => {
                 if let Some(other) = &args.part {
                     anyhow::bail!("{other} and {arg} exclude each other");
                 }
@@ -173,6 +179,7 @@ fn main() -> ExitCode {
     }
     let lab = || lab_bench(&args.lab, &args.lab_out);
     let result = match args.part.as_deref() {
+        Some("--xdp-only") => run(),
         Some("--jitter-only") => jitter(),
         Some("--sync-only") => sync_pins(),
         Some("--announce-only") => announce(),
@@ -197,32 +204,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// `LB_BENCH_BASELINE=FILE`: an object of another build of lb-ebpf (same maps),
+/// measured in the same rounds as the shipped one: an A/B comparison that machine
+/// noise between runs cannot blur.
+const BASELINE_VAR: &str = "LB_BENCH_BASELINE";
+
 fn run() -> anyhow::Result<()> {
-    let mut sticky = service(
-        "sticky",
-        "192.0.2.11",
-        80,
-        65537,
-        &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
-    );
-    sticky.persistence_timeout_s = 300;
-    let mut rig = Rig::new(vec![
-        sticky,
-        service(
-            "web",
-            "192.0.2.10",
+    let services = || {
+        let mut sticky = service(
+            "sticky",
+            "192.0.2.11",
             80,
             65537,
             &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
-        ),
-        service(
-            "web6",
-            "2001:db8::10",
-            443,
-            65537,
-            &["2001:db8::21", "2001:db8::22", "2001:db8::23"],
-        ),
-    ])?;
+        );
+        sticky.persistence_timeout_s = 300;
+        vec![
+            sticky,
+            service(
+                "web",
+                "192.0.2.10",
+                80,
+                65537,
+                &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
+            ),
+            service(
+                "web6",
+                "2001:db8::10",
+                443,
+                65537,
+                &["2001:db8::21", "2001:db8::22", "2001:db8::23"],
+            ),
+        ]
+    };
+    let mut rig = Rig::new(services())?;
+    let mut baseline = match std::env::var_os(BASELINE_VAR) {
+        Some(path) => {
+            let object = std::fs::read(&path)
+                .map_err(|e| anyhow::anyhow!("{BASELINE_VAR}={}: {e}", path.display()))?;
+            Some(Rig::new_object(&object, services(), MapSizes::default())?)
+        }
+        None => None,
+    };
     let c4 = ("198.51.100.7".parse()?, 40000);
     let c6 = ("2001:db8:1::7".parse()?, 40000);
     let vip4 = ("192.0.2.10".parse()?, 80);
@@ -281,20 +304,23 @@ fn run() -> anyhow::Result<()> {
             prime: Some(frame(c6, vip6, SYN)),
         },
     ];
-    for case in &cases {
-        if let Some(p) = &case.prime {
-            rig.run_program(names::PROG_LB, p, 1)?;
+    for r in std::iter::once(&mut rig).chain(baseline.as_mut()) {
+        for case in &cases {
+            if let Some(p) = &case.prime {
+                r.run_program(names::PROG_LB, p, 1)?;
+            }
+            let out = r.run_program(names::PROG_LB, &case.frame, 1)?;
+            anyhow::ensure!(
+                out.verdict == case.verdict,
+                "{}: verdict {} (want {})",
+                case.name,
+                out.verdict,
+                case.verdict
+            );
         }
-        let r = rig.run_program(names::PROG_LB, &case.frame, 1)?;
-        anyhow::ensure!(
-            r.verdict == case.verdict,
-            "{}: verdict {} (want {})",
-            case.name,
-            r.verdict,
-            case.verdict
-        );
     }
     let mut lb: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+    let mut base: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
     let mut pass: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
     for _ in 0..ROUNDS {
         for (i, case) in cases.iter().enumerate() {
@@ -306,6 +332,9 @@ fn run() -> anyhow::Result<()> {
                 rig.run_program(names::PROG_LB, &case.frame, REPEAT)?
                     .per_run,
             );
+            if let Some(b) = baseline.as_mut() {
+                base[i].push(b.run_program(names::PROG_LB, &case.frame, REPEAT)?.per_run);
+            }
         }
     }
     println!("XDP cost per packet, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds x {REPEAT} runs");
@@ -324,6 +353,25 @@ fn run() -> anyhow::Result<()> {
             l / p.max(1.0),
             l - p
         );
+    }
+    if baseline.is_some() {
+        println!("the same cases, the object in {BASELINE_VAR} measured in the same rounds:");
+        println!(
+            "{:<24} {:>10} {:>10} {:>12}",
+            "case", "shipped", "baseline", "difference"
+        );
+        for (i, case) in cases.iter().enumerate() {
+            let p = median(pass[i].clone());
+            let l = median(lb[i].clone()) - p;
+            let b = median(base[i].clone()) - p;
+            println!(
+                "{:<24} {:>+10.1} {:>+10.1} {:>+12.1}",
+                case.name,
+                l,
+                b,
+                l - b
+            );
+        }
     }
     Ok(())
 }

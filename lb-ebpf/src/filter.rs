@@ -1,0 +1,14 @@
+//! The VIP address filter (`lb_common::filter`): one array load and a bit test before
+//! the hash lookup of VIP_ADDRS, so traffic for the host pays no hash.
+
+use lb_common::filter;
+
+use crate::maps::VIP_FILTER;
+
+/// False when no VIP has this address; true when one may have it.
+#[inline(always)]
+pub fn may_be_vip(addr: &[u8; 16], family: u8) -> bool {
+    let (word, mask) = filter::word_and_mask(filter::bit(addr, family));
+    // A missing word (never: the index is below WORDS) counts as "maybe".
+    VIP_FILTER.get(word).is_none_or(|w| *w & mask != 0)
+}

@@ -248,29 +248,14 @@ fn run() -> anyhow::Result<()> {
     };
     let c4 = ("198.51.100.7".parse()?, 40000);
     let c6 = ("2001:db8:1::7".parse()?, 40000);
-    let vip4 = ("192.0.2.10".parse()?, 80);
     let vip6 = ("2001:db8::10".parse()?, 443);
     let sticky4 = ("192.0.2.11".parse()?, 80);
     let frame = |src, dst, flags| tcp_frame(LB_MAC, CLIENT_MAC, None, src, dst, flags);
+    let [non_vip4, syn4, established4] = ipv4_cases()?;
     let cases = [
-        Case {
-            name: "non-VIP IPv4 packet",
-            frame: frame(c4, ("192.0.2.99".parse()?, 80), ACK),
-            verdict: XDP_PASS,
-            prime: None,
-        },
-        Case {
-            name: "SYN to an IPv4 VIP",
-            frame: frame(c4, vip4, SYN),
-            verdict: XDP_TX,
-            prime: None,
-        },
-        Case {
-            name: "established IPv4 flow",
-            frame: frame(c4, vip4, ACK),
-            verdict: XDP_TX,
-            prime: Some(frame(c4, vip4, SYN)),
-        },
+        non_vip4,
+        syn4,
+        established4,
         // The client's entry exists after the first run: every later SYN is a
         // persistent client's new connection (entry lookup and refresh, then FLOWS).
         Case {
@@ -1004,28 +989,13 @@ fn sync_pins() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The program with its trace code but tracing off, beside the same program built
-/// without the trace code, each over XDP_PASS, in the same rounds.
-fn trace_cost() -> anyhow::Result<()> {
-    let services = || {
-        vec![service(
-            "web",
-            "192.0.2.10",
-            80,
-            65537,
-            &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
-        )]
-    };
-    let mut traced = Rig::new(services())?;
-    anyhow::ensure!(
-        traced.trace.is_some(),
-        "the shipped program has no trace ring buffer"
-    );
-    let mut untraced = Rig::new_object(OBJECT_UNTRACED, services(), MapSizes::default())?;
+/// The IPv4 cases every per-packet measurement has: a packet for no VIP, a SYN to
+/// 192.0.2.10:80 and a packet of the flow it made.
+fn ipv4_cases() -> anyhow::Result<[Case; 3]> {
     let c4 = ("198.51.100.7".parse()?, 40000);
     let vip4 = ("192.0.2.10".parse()?, 80);
     let frame = |src, dst, flags| tcp_frame(LB_MAC, CLIENT_MAC, None, src, dst, flags);
-    let cases = [
+    Ok([
         Case {
             name: "non-VIP IPv4 packet",
             frame: frame(c4, ("192.0.2.99".parse()?, 80), ACK),
@@ -1044,7 +1014,28 @@ fn trace_cost() -> anyhow::Result<()> {
             verdict: XDP_TX,
             prime: Some(frame(c4, vip4, SYN)),
         },
-    ];
+    ])
+}
+
+/// The program with its trace code but tracing off, beside the same program built
+/// without the trace code, each over XDP_PASS, in the same rounds.
+fn trace_cost() -> anyhow::Result<()> {
+    let services = || {
+        vec![service(
+            "web",
+            "192.0.2.10",
+            80,
+            65537,
+            &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
+        )]
+    };
+    let mut traced = Rig::new(services())?;
+    anyhow::ensure!(
+        traced.trace.is_some(),
+        "the shipped program has no trace ring buffer"
+    );
+    let mut untraced = Rig::new_object(OBJECT_UNTRACED, services(), MapSizes::default())?;
+    let cases = ipv4_cases()?;
     for rig in [&mut traced, &mut untraced] {
         for case in &cases {
             if let Some(p) = &case.prime {

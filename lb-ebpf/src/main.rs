@@ -42,9 +42,7 @@ use lb_common::{
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
-use maps::{
-    BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, NAT_SCRATCH, PINNED, RINGS, SERVING, STATS, VIPS,
-};
+use maps::{BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, PINNED, RINGS, SERVING, STATS, VIPS};
 
 /// A pinned flow's last_seen_ns is rewritten at most this often: one map write per flow
 /// per second instead of one per packet; the agent's idle timeouts are in seconds.
@@ -450,9 +448,7 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
             if !rst {
                 // The new entry in the per-CPU scratch, not on this frame: the deepest
                 // call chain below it (NAT) must fit the 512-byte stack with it.
-                let scratch = NAT_SCRATCH.get_ptr_mut(0).ok_or(reason::ABORT_INTERNAL)?;
-                // SAFETY: this CPU's own entry; XDP runs with preemption off on a CPU.
-                let state = unsafe { &mut (*scratch).flow_state };
+                let state = &mut maps::scratch()?.flow_state;
                 *state = FlowState {
                     backend: id,
                     vip_num: p.vip.vip_num,

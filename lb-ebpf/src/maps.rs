@@ -102,3 +102,14 @@ pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(
 /// NAT settings from the agent: source port range, FIB lookups.
 #[map]
 pub static NAT_CONFIG: Array<NatConfig> = Array::with_max_entries(1, 0);
+
+/// This CPU's scratch space (`NAT_SCRATCH`): values the 512-byte BPF stack cannot hold
+/// beside the deepest call chain (NAT), for NAT, persistence and a new flow's entry.
+#[inline(always)]
+pub fn scratch() -> Result<&'static mut NatScratch, u32> {
+    let s = NAT_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(lb_common::counters::reason::ABORT_INTERNAL)?;
+    // SAFETY: this CPU's own entry; XDP runs with preemption off on a CPU.
+    Ok(unsafe { &mut *s })
+}

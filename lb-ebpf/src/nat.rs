@@ -25,7 +25,7 @@ use aya_ebpf::{
 use lb_common::{
     FAMILY_V4, FlowKey, NAT_CFG_F_FIB, NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN,
     NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED,
-    NAT_PORT_PROBES, NatFlow, NatScratch, NatTuple as Tuple, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
+    NAT_PORT_PROBES, NatFlow, NatTuple as Tuple, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
     counters::{backend_slot, event, event_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -36,7 +36,7 @@ use crate::{
         EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr,
         frame_len, ptr_at,
     },
-    maps::{CONFIG, NAT_BACKENDS, NAT_CONFIG, NAT_FLOWS, NAT_REVERSE, NAT_SCRATCH, VIPS},
+    maps::{CONFIG, NAT_BACKENDS, NAT_CONFIG, NAT_FLOWS, NAT_REVERSE, VIPS, scratch},
     parse_ethernet, usable_backend,
 };
 
@@ -158,14 +158,8 @@ fn closing_flags(tcp_flags: u8, fin: u32) -> u32 {
 #[inline(always)]
 fn open(ctx: &XdpContext, p: &Packet, now: u64) -> Step<()> {
     // Persistence first (if the service has it), else the ring: as for DSR.
+    let (id, _) = crate::persist::choose_backend(&p.vip, &p.flow, now)?;
     let s = scratch()?;
-    let (id, _) = crate::persist::choose_backend_in(
-        &p.vip,
-        &p.flow,
-        now,
-        &mut s.persist_key,
-        &mut s.persist_state,
-    )?;
     let target = NAT_BACKENDS.get(id).ok_or(reason::ABORT_INTERNAL)?;
     if target.family != p.flow.family {
         return Err(reason::DROP_NO_BACKEND);
@@ -263,14 +257,6 @@ fn remove_pair(client: &FlowKey, e: &NatFlow) {
     };
     let _ = NAT_REVERSE.remove(&rev);
     let _ = NAT_FLOWS.remove(client);
-}
-
-/// This CPU's scratch space.
-#[inline(always)]
-fn scratch() -> Step<&'static mut NatScratch> {
-    let s = NAT_SCRATCH.get_ptr_mut(0).ok_or(reason::ABORT_INTERNAL)?;
-    // SAFETY: this CPU's own entry; XDP runs with preemption off on a CPU.
-    Ok(unsafe { &mut *s })
 }
 
 /// Writes `new` into the packet's IP and TCP headers with incremental checksum updates

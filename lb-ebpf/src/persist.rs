@@ -9,7 +9,7 @@ use lb_common::{
 
 use crate::{
     Step,
-    maps::{BACKENDS, NAT_SCRATCH, PERSIST},
+    maps::{BACKENDS, PERSIST, scratch},
     ring_lookup, usable_backend,
 };
 
@@ -23,31 +23,11 @@ pub fn choose_backend(vip: &VipInfo, flow: &FlowKey, now: u64) -> Step<(u32, &'s
         let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
         return Ok((id, backend));
     }
-    // The key and the entry in the per-CPU scratch, not on the pipeline's stack: the
-    // deepest call chain (the pipeline, NAT, a checksum helper) must fit 512 bytes.
-    let s = NAT_SCRATCH.get_ptr_mut(0).ok_or(reason::ABORT_INTERNAL)?;
-    // SAFETY: this CPU's own entry; XDP runs with preemption off on a CPU.
-    let s = unsafe { &mut *s };
-    choose_backend_in(vip, flow, now, &mut s.persist_key, &mut s.persist_state)
-}
-
-/// `choose_backend` with the key and the new entry in the caller's memory (the NAT
-/// path keeps them in its per-CPU scratch, off the stack).
-#[inline(always)]
-pub fn choose_backend_in(
-    vip: &VipInfo,
-    flow: &FlowKey,
-    now: u64,
-    key: &mut PersistKey,
-    state: &mut PersistState,
-) -> Step<(u32, &'static Backend)> {
-    if vip.persistence_s == 0 {
-        let id = ring_lookup(vip, flow)?;
-        let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
-        return Ok((id, backend));
-    }
-    *key = PersistKey::of_flow(flow);
-    if let Some(found) = PERSIST.get_ptr_mut(&*key) {
+    // The key and the entry in the per-CPU scratch, not on the stack: the deepest call
+    // chain (the pipeline, NAT, a checksum helper) must fit 512 bytes.
+    let s = scratch()?;
+    s.persist_key = PersistKey::of_flow(flow);
+    if let Some(found) = PERSIST.get_ptr_mut(&s.persist_key) {
         // SAFETY: a value of the map; a concurrent writer can only tear the timestamp.
         let id = unsafe { (*found).backend };
         if let Some(backend) = BACKENDS.get(id)
@@ -59,12 +39,14 @@ pub fn choose_backend_in(
     }
     let id = ring_lookup(vip, flow)?;
     let backend = usable_backend(id).ok_or(reason::DROP_NO_BACKEND)?;
-    state.backend = id;
-    state.vip_num = vip.vip_num;
-    state.last_seen_ns = now;
+    s.persist_state = PersistState {
+        backend: id,
+        vip_num: vip.vip_num,
+        last_seen_ns: now,
+    };
     // A full table evicts its least recently used client; an error only costs this
     // client its stickiness.
-    let _ = PERSIST.insert(&*key, &*state, 0);
+    let _ = PERSIST.insert(&s.persist_key, &s.persist_state, 0);
     Ok((id, backend))
 }
 
@@ -77,11 +59,9 @@ pub fn touch(vip: &VipInfo, flow: &FlowKey, backend: u32, now: u64) {
         return;
     }
     // The key in the per-CPU scratch, as in `choose_backend`.
-    let Some(s) = NAT_SCRATCH.get_ptr_mut(0) else {
+    let Ok(s) = scratch() else {
         return;
     };
-    // SAFETY: this CPU's own entry; XDP runs with preemption off on a CPU.
-    let s = unsafe { &mut *s };
     s.persist_key = PersistKey::of_flow(flow);
     if let Some(state) = PERSIST.get_ptr_mut(&s.persist_key) {
         unsafe {

@@ -469,77 +469,54 @@ pub fn update_runs(entries: &[AdminEntry]) -> Vec<Vec<AdminEntry>> {
 
 /// Pins as `Pins` bodies, one datagram each; at most 255 backends per datagram.
 pub fn pin_bodies(pins: &[Pin]) -> Vec<Body> {
-    let mut out = Vec::new();
-    let mut cur: Vec<Pin> = Vec::new();
-    let mut table: HashSet<&BackendId> = HashSet::new();
-    let mut used = 3;
-    for p in pins {
-        let known = table.contains(&p.backend);
-        let mut n = key_len(&p.key) + 6 + if known { 0 } else { backend_len(&p.backend) };
-        if !cur.is_empty() && (used + n > BODY_MAX || (!known && table.len() == 255)) {
-            out.push(Body::Pins(std::mem::take(&mut cur)));
-            table.clear();
-            used = 3;
-            n = key_len(&p.key) + 6 + backend_len(&p.backend);
-        }
-        table.insert(&p.backend);
-        used += n;
-        cur.push(p.clone());
-    }
-    if !cur.is_empty() {
-        out.push(Body::Pins(cur));
-    }
-    out
+    batches(pins, |p| &p.backend, |p| key_len(&p.key) + 6, Body::Pins)
 }
 
 /// Persistence entries as `Persist` bodies, one datagram each; at most 255 backends
 /// per datagram.
 pub fn persist_bodies(entries: &[Sticky]) -> Vec<Body> {
-    let mut out = Vec::new();
-    let mut cur: Vec<Sticky> = Vec::new();
-    let mut table: HashSet<&BackendId> = HashSet::new();
-    let mut used = 3;
-    for e in entries {
-        let fixed = persist_key_len(&e.key) + 5;
-        let known = table.contains(&e.backend);
-        let mut n = fixed + if known { 0 } else { backend_len(&e.backend) };
-        if !cur.is_empty() && (used + n > BODY_MAX || (!known && table.len() == 255)) {
-            out.push(Body::Persist(std::mem::take(&mut cur)));
-            table.clear();
-            used = 3;
-            n = fixed + backend_len(&e.backend);
-        }
-        table.insert(&e.backend);
-        used += n;
-        cur.push(e.clone());
-    }
-    if !cur.is_empty() {
-        out.push(Body::Persist(cur));
-    }
-    out
+    batches(
+        entries,
+        |e| &e.backend,
+        |e| persist_key_len(&e.key) + 5,
+        Body::Persist,
+    )
 }
 
 /// NAT flows as `Nat` bodies, one datagram each; at most 255 backends per datagram.
 pub fn nat_bodies(flows: &[NatPin]) -> Vec<Body> {
+    batches(flows, |f| &f.backend, |f| key_len(&f.key) + 16, Body::Nat)
+}
+
+/// Items that name a backend, cut into bodies that each fit one datagram: a body holds
+/// a table of the backends it names (at most 255), then the items, `fixed` bytes each
+/// plus their reference into the table.
+fn batches<T: Clone>(
+    items: &[T],
+    backend: impl Fn(&T) -> &BackendId,
+    fixed: impl Fn(&T) -> usize,
+    body: impl Fn(Vec<T>) -> Body,
+) -> Vec<Body> {
     let mut out = Vec::new();
-    let mut cur: Vec<NatPin> = Vec::new();
+    let mut cur: Vec<T> = Vec::new();
     let mut table: HashSet<&BackendId> = HashSet::new();
     let mut used = 3;
-    for f in flows {
-        let known = table.contains(&f.backend);
-        let mut n = key_len(&f.key) + 16 + if known { 0 } else { backend_len(&f.backend) };
+    for item in items {
+        let b = backend(item);
+        let known = table.contains(b);
+        let mut n = fixed(item) + if known { 0 } else { backend_len(b) };
         if !cur.is_empty() && (used + n > BODY_MAX || (!known && table.len() == 255)) {
-            out.push(Body::Nat(std::mem::take(&mut cur)));
+            out.push(body(std::mem::take(&mut cur)));
             table.clear();
             used = 3;
-            n = key_len(&f.key) + 16 + backend_len(&f.backend);
+            n = fixed(item) + backend_len(b);
         }
-        table.insert(&f.backend);
+        table.insert(b);
         used += n;
-        cur.push(f.clone());
+        cur.push(item.clone());
     }
     if !cur.is_empty() {
-        out.push(Body::Nat(cur));
+        out.push(body(cur));
     }
     out
 }

@@ -356,17 +356,7 @@ impl FlowStore for FlowMaps {
     }
     fn remove_persist(&mut self, keys: &[PersistKey]) -> Result<()> {
         for key in keys {
-            match sys::delete(&self.persist.as_fd(), key) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(source) => {
-                    return Err(DataPlaneError::Syscall {
-                        map: names::MAP_PERSIST,
-                        op: "BPF_MAP_DELETE_ELEM",
-                        source,
-                    });
-                }
-            }
+            deleted(names::MAP_PERSIST, sys::delete(&self.persist.as_fd(), key))?;
         }
         Ok(())
     }
@@ -380,22 +370,13 @@ impl FlowStore for FlowMaps {
         })
     }
     fn remove_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<()> {
-        let gone = |map: &'static str, r: std::io::Result<()>| match r {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(source) => Err(DataPlaneError::Syscall {
-                map,
-                op: "BPF_MAP_DELETE_ELEM",
-                source,
-            }),
-        };
         for (key, value) in flows {
-            gone(
+            deleted(
                 names::MAP_NAT_FLOWS,
                 sys::delete(&self.nat_flows.fd().as_fd(), key),
             )?;
             let rev = crate::nat::reverse_key(key, value);
-            gone(
+            deleted(
                 names::MAP_NAT_REVERSE,
                 sys::delete(&self.nat_reverse.fd().as_fd(), &rev),
             )?;
@@ -449,19 +430,24 @@ impl FlowStore for FlowMaps {
     }
     fn unpin(&mut self, keys: &[FlowKey]) -> Result<()> {
         for key in keys {
-            match sys::delete(&self.pinned.fd().as_fd(), key) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(source) => {
-                    return Err(DataPlaneError::Syscall {
-                        map: names::MAP_PINNED,
-                        op: "BPF_MAP_DELETE_ELEM",
-                        source,
-                    });
-                }
-            }
+            deleted(
+                names::MAP_PINNED,
+                sys::delete(&self.pinned.fd().as_fd(), key),
+            )?;
         }
         Ok(())
+    }
+}
+
+/// A delete's result: an entry already gone (ENOENT) is what the caller wanted too.
+fn deleted(map: &'static str, result: std::io::Result<()>) -> Result<()> {
+    match result {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(DataPlaneError::Syscall {
+            map,
+            op: "BPF_MAP_DELETE_ELEM",
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }
 

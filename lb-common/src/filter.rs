@@ -17,11 +17,16 @@ const _: () = assert!(BITS == 1 << 16);
 /// 16 bits, which tell hosts of one /16 (or one IPv6 interface id's tail) apart.
 #[inline(always)]
 pub fn bit(addr: &[u8; 16], family: u8) -> u32 {
-    let (hi, lo) = if family == crate::FAMILY_V4 {
-        (addr[2], addr[3])
+    if family == crate::FAMILY_V4 {
+        bit_of(addr[2], addr[3])
     } else {
-        (addr[14], addr[15])
-    };
+        bit_of(addr[14], addr[15])
+    }
+}
+
+/// The bit of an address whose last two bytes are `hi`, `lo`.
+#[inline(always)]
+pub fn bit_of(hi: u8, lo: u8) -> u32 {
     (hi as u32) << 8 | lo as u32
 }
 

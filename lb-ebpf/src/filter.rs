@@ -8,7 +8,19 @@ use crate::maps::VIP_FILTER;
 /// False when no VIP has this address; true when one may have it.
 #[inline(always)]
 pub fn may_be_vip(addr: &[u8; 16], family: u8) -> bool {
-    let (word, mask) = filter::word_and_mask(filter::bit(addr, family));
+    may_be_vip_bit(filter::bit(addr, family))
+}
+
+/// `may_be_vip` for an address whose last two bytes are `hi`, `lo`: what the pipeline
+/// asks first, straight from the packet, before any key or call.
+#[inline(always)]
+pub fn may_end_a_vip(hi: u8, lo: u8) -> bool {
+    may_be_vip_bit(filter::bit_of(hi, lo))
+}
+
+#[inline(always)]
+fn may_be_vip_bit(bit: u32) -> bool {
+    let (word, mask) = filter::word_and_mask(bit);
     // A missing word (never: the index is below WORDS) counts as "maybe".
     VIP_FILTER.get(word).is_none_or(|w| *w & mask != 0)
 }

@@ -135,10 +135,29 @@ const PARSED_NAT_REPLY: u32 = 2;
 fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
     let (ether_type, l3) = parse_ethernet(ctx)?;
     let mut out = MaybeUninit::<Packet>::uninit();
+    // The VIP filter comes first, before any call: traffic for the host leaves after one
+    // array load. Only an IPv6 neighbour solicitation, whose destination is a group, is
+    // looked at before it.
     let what = match ether_type {
-        ETH_P_IP => unpack(parse_ip::<false>(ctx.ctx, cfg, l3, &mut out))?,
+        ETH_P_IP => {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
+            // SAFETY: within the frame (`ptr_at`).
+            let dst = unsafe { (*ip).dst };
+            if !filter::may_end_a_vip(dst[2], dst[3]) {
+                return Err(reason::PASS_NOT_VIP);
+            }
+            unpack(parse_ip::<false>(ctx.ctx, cfg, l3, &mut out))?
+        }
         ETH_P_IPV6 => {
-            unpack(solicitation(ctx.ctx, cfg, l3))?;
+            let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
+            // SAFETY: within the frame (`ptr_at`).
+            let (next_hdr, hi, lo) = unsafe { ((*ip).next_hdr, (*ip).dst[14], (*ip).dst[15]) };
+            if next_hdr == IPPROTO_ICMPV6 {
+                unpack(solicitation(ctx.ctx, cfg, l3))?;
+            }
+            if !filter::may_end_a_vip(hi, lo) {
+                return Err(reason::PASS_NOT_VIP);
+            }
             unpack(parse_ip::<true>(ctx.ctx, cfg, l3, &mut out))?
         }
         ETH_P_ARP => return unpack(arp(ctx.ctx, cfg, l3)),
@@ -166,7 +185,7 @@ fn arp(raw: *mut xdp_md, cfg: &LbConfig, l3: usize) -> u64 {
     pack(neigh::arp(&XdpContext::new(raw), l3, cfg, serving))
 }
 
-/// IPv6 from `l3`: a neighbour solicitation for a VIP answered (`neigh`), packed (see
+/// ICMPv6 from `l3`: a neighbour solicitation for a VIP answered (`neigh`), packed (see
 /// `pack`; `Ok` for anything else). Not inlined: its VIP address key would otherwise sit
 /// in the IPv6 parser's frame (`parse_ip`), which the pipeline's must leave room for.
 #[inline(never)]
@@ -298,7 +317,14 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     let mut dst = [0u8; 16];
     dst[..4].copy_from_slice(&ip.dst);
     // Only traffic for a VIP address is ours to judge; the rest goes to the kernel as is.
-    if !neigh::is_vip_addr(&dst, FAMILY_V4) {
+    // (The filter was asked in `try_lb`.) A plain header's TCP is looked up as a service
+    // first: a hit says the address is a VIP's, with no lookup of the address alone.
+    let vip = if ip.version_ihl == 0x45 && ip.proto == PROTO_TCP {
+        service(ctx, l3 + IPV4_HLEN, &dst, FAMILY_V4)
+    } else {
+        None
+    };
+    if vip.is_none() && !neigh::in_vip_addrs(&dst, FAMILY_V4) {
         return Err(reason::PASS_NOT_VIP);
     }
     vip_gate(ctx, cfg, serving)?;
@@ -323,7 +349,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
         PROTO_TCP => {
             let mut src = [0u8; 16];
             src[..4].copy_from_slice(&ip.src);
-            parse_tcp(ctx, l4, end, src, dst, FAMILY_V4)
+            parse_tcp(ctx, l4, end, src, dst, FAMILY_V4, vip)
         }
         IPPROTO_ICMP => icmp::quoted_flow_v4(ctx, l4, end).map(Parsed::IcmpError),
         _ => Err(reason::DROP_VIP_UNSERVED),
@@ -335,7 +361,13 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     // A neighbour solicitation was answered before (`solicitation`).
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ip = unsafe { &*ip };
-    if !neigh::is_vip_addr(&ip.dst, FAMILY_V6) {
+    // As for IPv4 (`parse_ipv4`): TCP as a service first.
+    let vip = if ip.next_hdr == PROTO_TCP {
+        service(ctx, l3 + IPV6_HLEN, &ip.dst, FAMILY_V6)
+    } else {
+        None
+    };
+    if vip.is_none() && !neigh::in_vip_addrs(&ip.dst, FAMILY_V6) {
         return Err(reason::PASS_NOT_VIP);
     }
     vip_gate(ctx, cfg, serving)?;
@@ -345,7 +377,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     }
     let l4 = l3 + IPV6_HLEN;
     match ip.next_hdr {
-        PROTO_TCP => parse_tcp(ctx, l4, end, ip.src, ip.dst, FAMILY_V6),
+        PROTO_TCP => parse_tcp(ctx, l4, end, ip.src, ip.dst, FAMILY_V6, vip),
         IPPROTO_ICMPV6 => icmp::quoted_flow_v6(ctx, l4, end).map(Parsed::IcmpError),
         next if is_ipv6_ext(next) => Err(reason::DROP_IPV6_EXT),
         _ => Err(reason::DROP_VIP_UNSERVED),
@@ -358,7 +390,18 @@ pub fn is_ipv6_ext(next_hdr: u8) -> bool {
     matches!(next_hdr, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
-/// `l4` is where TCP starts, `end` where the IP packet ends.
+/// The TCP service of the segment at `l4` to `dst`, if there is one; `None` as well
+/// when the frame is too short for a TCP header (`parse_tcp` judges it).
+#[inline(always)]
+fn service(ctx: &XdpContext, l4: usize, dst: &[u8; 16], family: u8) -> Option<VipInfo> {
+    let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
+    // SAFETY: within the frame (`ptr_at`).
+    let key = keys::vip_key(dst, u16::from_ne_bytes(unsafe { (*tcp).dport }), family);
+    unsafe { VIPS.get(&key) }.copied()
+}
+
+/// `l4` is where TCP starts, `end` where the IP packet ends; `vip` is the segment's
+/// service (`service`), looked up before: `None` makes it a NAT reply or unserved.
 #[inline(always)]
 fn parse_tcp(
     ctx: &XdpContext,
@@ -367,6 +410,7 @@ fn parse_tcp(
     src: [u8; 16],
     dst: [u8; 16],
     family: u8,
+    vip: Option<VipInfo>,
 ) -> Step<Parsed> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_TCP)?;
     let tcp = unsafe { &*tcp };
@@ -375,9 +419,8 @@ fn parse_tcp(
         return Err(reason::DROP_BAD_TCP);
     }
     let dport_be = u16::from_ne_bytes(tcp.dport);
-    let key = keys::vip_key(&dst, dport_be, family);
     let flow = keys::flow_key(&src, &dst, u16::from_ne_bytes(tcp.sport), dport_be, family);
-    let Some(vip) = unsafe { VIPS.get(&key) }.copied() else {
+    let Some(vip) = vip else {
         return Ok(Parsed::NatReply(flow, tcp.flags));
     };
     Ok(Parsed::Tcp(Packet {

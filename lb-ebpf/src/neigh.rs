@@ -24,9 +24,12 @@ const NA_LEN: usize = core::mem::size_of::<NdMsg>() + 8;
 
 #[inline(always)]
 pub fn is_vip_addr(addr: &[u8; 16], family: u8) -> bool {
-    if !crate::filter::may_be_vip(addr, family) {
-        return false;
-    }
+    crate::filter::may_be_vip(addr, family) && in_vip_addrs(addr, family)
+}
+
+/// The exact test alone, for an address that passed the filter already.
+#[inline(always)]
+pub fn in_vip_addrs(addr: &[u8; 16], family: u8) -> bool {
     let key = crate::keys::vip_addr_key(addr, family);
     unsafe { VIP_ADDRS.get(&key) }.is_some()
 }

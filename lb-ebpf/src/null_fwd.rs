@@ -3,6 +3,8 @@
 //! EtherType and no map lookup; the rest (ARP to the host itself) goes up the stack.
 //! The two MACs are constants of the loaded program, set by the loader
 //! (`EbpfLoader::override_global`), so that the verifier sees them as read-only data.
+//! Frags-aware (`xdp.frags`) like the LB's program, so that a veth treats both alike and
+//! jumbo frames go through it too: only the first buffer's Ethernet header is touched.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_TX},
@@ -20,7 +22,7 @@ static NULL_FWD_DST: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 #[unsafe(no_mangle)]
 static NULL_FWD_SRC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
 
-#[xdp]
+#[xdp(frags)]
 pub fn null_fwd(ctx: XdpContext) -> u32 {
     let start = ctx.data();
     if start + core::mem::size_of::<EthHdr>() > ctx.data_end() {

@@ -140,6 +140,9 @@ pub const NAT_F_SYNCED: u32 = 8;
 /// The client sent more than a SYN: the handshake went through. A flow without it is
 /// collected after a short timeout (a SYN flood's entries do not sit out the idle one).
 pub const NAT_F_ESTABLISHED: u32 = 16;
+/// A NAT flow's last_seen_ns is rewritten at most this often by its packets (new flags
+/// are always written); the scanner's timeouts are in seconds.
+pub const NAT_TOUCH_NS: u64 = 1_000_000_000;
 
 /// Addresses (as `NatTarget::addr`) and ports a translated packet leaves with.
 #[repr(C)]

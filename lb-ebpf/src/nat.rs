@@ -25,7 +25,8 @@ use aya_ebpf::{
 use lb_common::{
     FAMILY_V4, FlowKey, NAT_CFG_F_FIB, NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN,
     NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED,
-    NAT_PORT_PROBES, NatFlow, NatTuple as Tuple, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
+    NAT_PORT_PROBES, NAT_TOUCH_NS, NatFlow, NatTuple as Tuple, PROTO_TCP, VIP_F_NAT, VipInfo,
+    VipKey,
     counters::{backend_slot, event, event_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -82,10 +83,12 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
     };
     // SAFETY: an entry of NAT_FLOWS; concurrent writers only ever set flags and times.
     let e = unsafe { &mut *e };
-    e.last_seen_ns = now;
     let established = if syn { 0 } else { NAT_F_ESTABLISHED };
-    e.flags =
-        (e.flags & !NAT_F_SYNCED) | established | closing_flags(p.tcp_flags, NAT_F_FIN_CLIENT);
+    touch(
+        e,
+        now,
+        established | closing_flags(p.tcp_flags, NAT_F_FIN_CLIENT),
+    );
     let backend = e.backend;
     if !new_flow {
         // The client's persistence entry stays alive while its connections do.
@@ -120,8 +123,11 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u3
         .ok_or(reason::DROP_NAT_NO_FLOW)?;
     // SAFETY: as in `forward`.
     let e = unsafe { &mut *e };
-    e.last_seen_ns = unsafe { bpf_ktime_get_ns() };
-    e.flags = (e.flags & !NAT_F_SYNCED) | closing_flags(tcp_flags, NAT_F_FIN_BACKEND);
+    touch(
+        e,
+        unsafe { bpf_ktime_get_ns() },
+        closing_flags(tcp_flags, NAT_F_FIN_BACKEND),
+    );
     let (backend, vip_num, client_mac) = (e.backend, e.vip_num, e.client_mac);
     let s = scratch()?;
     s.new = Tuple {
@@ -139,6 +145,21 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u3
     count(backend_slot(backend), len, false);
     count(event_slot(event::NAT_REPLY), len, false);
     Ok(verdict)
+}
+
+/// A packet of a flow: `set` joins its flags, `NAT_F_SYNCED` goes (the flow is seen
+/// here now), and its last-seen time moves on. Written only when that changes
+/// something: new flags, or a time older than `NAT_TOUCH_NS`; so a busy flow's entry,
+/// read by both directions from any CPU, is not written on every packet.
+#[inline(always)]
+fn touch(e: &mut NatFlow, now: u64, set: u32) {
+    let stale = now.wrapping_sub(e.last_seen_ns) > NAT_TOUCH_NS;
+    if stale || e.flags & (set | NAT_F_SYNCED) != set {
+        if stale {
+            e.last_seen_ns = now;
+        }
+        e.flags = (e.flags & !NAT_F_SYNCED) | set;
+    }
 }
 
 #[inline(always)]

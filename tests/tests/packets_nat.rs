@@ -7,7 +7,8 @@
 use std::net::IpAddr;
 
 use lb_common::{
-    FlowKey, NAT_F_ESTABLISHED, NatConfig, PERSIST_TOUCH_NS, PROTO_TCP, PersistKey, PersistState,
+    FlowKey, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_SYNCED, NAT_TOUCH_NS,
+    NatConfig, PERSIST_TOUCH_NS, PROTO_TCP, PersistKey, PersistState,
     counters::{event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -901,4 +902,84 @@ fn established_nat_packets_refresh_the_persistence_entry() {
             s0.name
         );
     }
+}
+
+/// A NAT flow's entry is written by its packets only when that changes something: a
+/// last-seen time older than `NAT_TOUCH_NS`, a flag not yet set (a FIN, an RST), or a
+/// peer's copy seen here for the first time (`NAT_F_SYNCED` goes). Otherwise both
+/// directions only read it: its time stays as it was.
+#[test]
+fn nat_packets_write_their_entry_only_when_it_changes() {
+    if !require_root("nat_packets_write_their_entry_only_when_it_changes") {
+        return;
+    }
+    let mut rig = rig();
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("192.0.2.20"), 443);
+    let client = (ip("198.51.100.9"), 42001);
+    let backend = ip("10.0.1.5");
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, false);
+    let from_client = |flags| tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, flags);
+    let from_backend = |flags| {
+        tcp_frame(
+            LB_MAC,
+            backend_mac(backend),
+            None,
+            (backend, 8443),
+            (vip.0, n),
+            flags,
+        )
+    };
+    assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
+    let entry = |store: &mut dyn FlowStore| {
+        let flows = store.read_nat().expect("NAT table");
+        assert_eq!(flows.len(), 1);
+        flows[0]
+    };
+    let (key, mut e) = entry(&mut store);
+    assert_ne!(e.flags & NAT_F_ESTABLISHED, 0);
+
+    // Stale, and a peer's copy: the next packet writes the time and clears SYNCED.
+    let aged = monotonic_ns() - 60 * 1_000_000_000;
+    e.last_seen_ns = aged;
+    e.flags |= NAT_F_SYNCED;
+    store.install_nat(&[(key, e)]).expect("age it");
+    let before = monotonic_ns();
+    assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
+    let (_, after) = entry(&mut store);
+    assert!(after.last_seen_ns >= before, "a stale time is refreshed");
+    assert_eq!(after.flags & NAT_F_SYNCED, 0, "seen here now");
+
+    // Fresh, and a peer's copy: the first packet clears SYNCED and keeps the time.
+    let recent = monotonic_ns() - NAT_TOUCH_NS / 10;
+    e.last_seen_ns = recent;
+    e.flags = after.flags | NAT_F_SYNCED;
+    store.install_nat(&[(key, e)]).expect("set it");
+    assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
+    let (_, seen) = entry(&mut store);
+    assert_eq!(seen.flags, after.flags, "seen here now, nothing else new");
+    // Fresh, nothing new: neither direction moves the time (a write per packet would).
+    // Only meaningful if the runs come back within the interval; they take
+    // microseconds, the figure is printed.
+    for _ in 0..3 {
+        assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
+        assert_eq!(rig.run(&from_backend(ACK)).0, XDP_TX);
+    }
+    let waited = monotonic_ns() - recent;
+    println!("{waited} ns between the write and the last packet");
+    if waited < NAT_TOUCH_NS {
+        let (_, now) = entry(&mut store);
+        assert_eq!(now.last_seen_ns, recent, "within NAT_TOUCH_NS: time kept");
+        assert_eq!(now.flags, after.flags);
+    }
+
+    // A FIN each way is always written, time or not.
+    assert_eq!(rig.run(&from_client(FIN | ACK)).0, XDP_TX);
+    assert_ne!(entry(&mut store).1.flags & NAT_F_FIN_CLIENT, 0);
+    assert_eq!(rig.run(&from_backend(FIN | ACK)).0, XDP_TX);
+    let (_, closed) = entry(&mut store);
+    assert_ne!(closed.flags & NAT_F_FIN_BACKEND, 0);
+    assert!(lb_userspace::nat::is_closed(&closed));
 }

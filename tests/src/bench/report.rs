@@ -50,6 +50,26 @@ impl Path {
         }
     }
 
+    /// The path's name in `lab.json` and on the command line (`--lab-paths`).
+    pub fn id(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::NullFwd => "null-fwd",
+            Path::LbDsr => "lb-dsr",
+            Path::LbNat => "lb-nat",
+            Path::Haproxy => "haproxy",
+            Path::Nginx => "nginx",
+        }
+    }
+
+    /// The path whose `id` is `id`.
+    pub fn from_id(id: &str) -> Result<Path> {
+        Path::ALL.into_iter().find(|p| p.id() == id).ok_or_else(|| {
+            let ids: Vec<&str> = Path::ALL.iter().map(|p| p.id()).collect();
+            anyhow!("no lab path {id:?} (the paths: {})", ids.join(", "))
+        })
+    }
+
     /// Whether the LB host's work is an XDP program (the proxies' is a process).
     pub fn is_xdp(self) -> bool {
         matches!(self, Path::NullFwd | Path::LbDsr | Path::LbNat)
@@ -292,6 +312,14 @@ pub struct Summary {
     pub conn_vs_null_fwd: Option<f64>,
     pub bulk_vs_direct: Option<f64>,
     pub bulk_vs_null_fwd: Option<f64>,
+    /// The bulk stream's retransmitted segments: how much of its rate loss decided.
+    #[serde(default)]
+    pub bulk_retransmits: f64,
+    /// The lowest and the highest sample: how far one run may be from the median.
+    #[serde(default)]
+    pub conn_range: [f64; 2],
+    #[serde(default)]
+    pub bulk_range: [f64; 2],
     pub conn_cpu: CpuSplit,
     pub bulk_cpu: CpuSplit,
 }
@@ -325,6 +353,9 @@ pub struct Settings {
     pub napi: String,
     /// The `ethtool -K` settings of every sender's veth.
     pub offloads: String,
+    /// The queue (qdisc) of every bridge port; empty: the veth default (none).
+    #[serde(default)]
+    pub queue: String,
 }
 
 /// Everything one run of the comparative bench measured: what `lab.json` holds.
@@ -348,6 +379,15 @@ pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     } else {
         (v[mid - 1] + v[mid]) / 2.0
     }
+}
+
+/// The lowest and the highest value; zeros for none.
+fn range(values: impl Iterator<Item = f64>) -> [f64; 2] {
+    values
+        .fold(None, |r: Option<[f64; 2]>, v| {
+            Some(r.map_or([v, v], |[lo, hi]| [lo.min(v), hi.max(v)]))
+        })
+        .unwrap_or_default()
 }
 
 fn median_split<'a>(splits: impl Iterator<Item = &'a CpuSplit> + Clone) -> CpuSplit {
@@ -383,6 +423,9 @@ impl LabReport {
             result.median = Summary {
                 conn_per_second: median(s.iter().map(|x| x.conn.per_second)),
                 bulk_gbit_per_second: median(s.iter().map(|x| x.bulk.bits_per_second / 1e9)),
+                bulk_retransmits: median(s.iter().map(|x| x.bulk.retransmits as f64)),
+                conn_range: range(s.iter().map(|x| x.conn.per_second)),
+                bulk_range: range(s.iter().map(|x| x.bulk.bits_per_second / 1e9)),
                 conn_cpu: median_split(s.iter().map(|x| &x.conn_cpu)),
                 bulk_cpu: median_split(s.iter().map(|x| &x.bulk_cpu)),
                 ..Summary::default()
@@ -423,8 +466,9 @@ impl LabReport {
         let _ = writeln!(
             out,
             "Measured {} on {} ({} cores), Linux {}; median of {} repetitions, paths rotated \
-             in each; wrk {} s with {} connections (`Connection: close`), iperf3 one stream {} s; \
-             NAPI {}; sender offloads: {}.",
+             in each; wrk {} s with {} connections (`Connection: close`), iperf3 one stream {} s after 1 s not counted; \
+             NAPI {}; sender offloads: {}; bridge ports' queue: {}. In brackets: the lowest \
+             and the highest repetition.",
             m.date,
             m.cpu_model,
             m.cores,
@@ -434,28 +478,35 @@ impl LabReport {
             s.wrk_connections,
             s.bulk_seconds,
             s.napi,
-            s.offloads
+            s.offloads,
+            if s.queue.is_empty() { "none" } else { &s.queue }
         );
         out.push('\n');
         out.push_str(
             "| path | connections/s | × direct | × null fwd | bulk Gbit/s | × direct | × null fwd \
-             | CPU during connections (user / sys / softirq %) | CPU during bulk (user / sys / softirq %) |\n",
+             | bulk retransmits | CPU during connections (user / sys / softirq %) \
+             | CPU during bulk (user / sys / softirq %) |\n",
         );
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---|---|\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
         let ratio = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}×"));
         let cpu = |c: &CpuSplit| format!("{:.0} / {:.0} / {:.0}", c.user, c.sys, c.softirq);
         for r in &self.paths {
             let x = &r.median;
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {} |",
+                "| {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.2} ({:.2}–{:.2}) | {} | {} | {:.0} | {} | {} |",
                 r.path.name(),
                 x.conn_per_second,
+                x.conn_range[0],
+                x.conn_range[1],
                 ratio(x.conn_vs_direct),
                 ratio(x.conn_vs_null_fwd),
                 x.bulk_gbit_per_second,
+                x.bulk_range[0],
+                x.bulk_range[1],
                 ratio(x.bulk_vs_direct),
                 ratio(x.bulk_vs_null_fwd),
+                x.bulk_retransmits,
                 cpu(&x.conn_cpu),
                 cpu(&x.bulk_cpu),
             );
@@ -551,7 +602,7 @@ Transfer/sec:      3.03MB
             bulk: IperfRun {
                 bits_per_second: gbit * 1e9,
                 seconds: 4.0,
-                retransmits: 0,
+                retransmits: 10 * repetition as u64,
             },
             bulk_cpu: split(5.0),
         }
@@ -582,6 +633,7 @@ Transfer/sec:      3.03MB
                 bulk_seconds: 4,
                 napi: "threaded".into(),
                 offloads: "tx off, gso off".into(),
+                queue: "pfifo limit 1000".into(),
             },
             paths: vec![
                 result(
@@ -614,6 +666,9 @@ Transfer/sec:      3.03MB
         assert_eq!(r.paths[0].median.conn_vs_direct, Some(1.0));
         assert_eq!(haproxy.conn_cpu.user, 21.0);
         assert_eq!(haproxy.conn_cpu.per_cpu_busy, vec![90.0, 50.0]);
+        assert_eq!(haproxy.bulk_retransmits, 10.0);
+        assert_eq!(haproxy.conn_range, [7_000.0, 8_400.0]);
+        assert_eq!(range(std::iter::empty()), [0.0, 0.0]);
         assert_eq!(median([4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median([]), 0.0);
     }
@@ -634,6 +689,14 @@ Transfer/sec:      3.03MB
         assert!(json.contains("\"path\": \"null-fwd\""));
         let back = LabReport::from_json(&json).unwrap();
         assert_eq!(back, r);
+        for path in Path::ALL {
+            assert_eq!(Path::from_id(path.id()).unwrap(), path);
+            assert!(
+                json.contains(&format!("\"path\": \"{}\"", path.id()))
+                    || !r.paths.iter().any(|p| p.path == path)
+            );
+        }
+        assert!(Path::from_id("katran").is_err());
         let md = back.markdown();
         assert!(md.starts_with(
             "Measured 2026-11-27T12:00:00Z on Test CPU (2 cores), Linux 6.18.0; median of 3"
@@ -642,11 +705,11 @@ Transfer/sec:      3.03MB
         assert_eq!(rows.len(), 4, "{md}");
         assert_eq!(
             rows[2],
-            "| null XDP forwarder | 16000 | 0.76× | 1.00× | 8.00 | 0.73× | 1.00× | 21 / 10 / 30 | 5 / 10 / 30 |"
+            "| null XDP forwarder | 16000 (15000–17000) | 0.76× | 1.00× | 8.00 (7.00–9.00) | 0.73× | 1.00× | 10 | 21 / 10 / 30 | 5 / 10 / 30 |"
         );
         assert_eq!(
             rows[3],
-            "| HAProxy mode tcp | 8000 | 0.38× | 0.50× | 4.20 | 0.38× | 0.53× | 21 / 10 / 30 | 5 / 10 / 30 |"
+            "| HAProxy mode tcp | 8000 (7000–8400) | 0.38× | 0.50× | 4.20 (4.00–4.40) | 0.38× | 0.53× | 10 | 21 / 10 / 30 | 5 / 10 / 30 |"
         );
     }
 }

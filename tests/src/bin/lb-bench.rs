@@ -83,7 +83,8 @@ fn median(mut v: Vec<Duration>) -> f64 {
 
 const USAGE: &str = "usage: lb-bench [--xdp-only | --jitter-only | --sync-only | --announce-only
                  | --trace-only | --nat-only | --lab-only | --lab-report]
-                [--lab-reps N] [--lab-napi threaded|inline] [--lab-out DIR]
+                [--lab-reps N] [--lab-paths P,P,..] [--lab-napi threaded|inline]
+                [--lab-out DIR]
 
 With no part named, runs them all: XDP cost per packet, NAT cost per packet, VRRP
 failover, BGP withdrawal
@@ -101,7 +102,10 @@ comparative lab bench.
                         lb in DSR mode, lb in NAT mode, HAProxy, nginx stream)
   --lab-report          print the Markdown table of DIR/lab.json again and redraw
                         its charts (no root)
-  --lab-reps N          repetitions of the lab bench, each path once in each (default 3)
+  --lab-reps N          repetitions of the lab bench, each path once in each (default 5)
+  --lab-paths P,P,..    only these paths of the lab bench, of: direct, null-fwd,
+                        lb-dsr, lb-nat, haproxy, nginx (default: all; the ratios
+                        need direct and null-fwd among them)
   --lab-napi MODE       threaded (default): the LB veth's NAPI thread and the proxies
                         pinned to the last CPU, wrk and iperf3 to CPU 0;
                         inline: nothing threaded or pinned
@@ -145,6 +149,12 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
                     .ok_or_else(|| anyhow::anyhow!("--lab-reps takes 1 to 20, not {v:?}"))?;
             }
             "--lab-napi" => args.lab.napi = comparative::Napi::parse(&value("--lab-napi")?)?,
+            "--lab-paths" => {
+                args.lab.paths = value("--lab-paths")?
+                    .split(',')
+                    .map(lb_tests::bench::report::Path::from_id)
+                    .collect::<anyhow::Result<_>>()?;
+            }
             "--lab-out" => args.lab_out = value("--lab-out")?.into(),
             _ => anyhow::bail!("unknown argument {arg:?}\n{USAGE}"),
         }

@@ -72,7 +72,7 @@ impl Node {
     }
 
     /// The name of this node's veth peer inside the bridge namespace.
-    fn peer_name(self) -> String {
+    pub fn peer_name(self) -> String {
         format!("v{}", self.short_name())
     }
 }

@@ -407,6 +407,7 @@ pub mod names {
     pub const PROG_NULL_FWD: &str = "null_fwd";
     pub const GLOBAL_NULL_FWD_DST: &str = "NULL_FWD_DST";
     pub const GLOBAL_NULL_FWD_SRC: &str = "NULL_FWD_SRC";
+    pub const GLOBAL_NULL_FWD_CLIENT: &str = "NULL_FWD_CLIENT";
     pub const MAP_VIPS: &str = "VIPS";
     pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
     pub const MAP_VIP_FILTER: &str = "VIP_FILTER";

@@ -1,6 +1,7 @@
 //! The lab bench's null forwarder (`lb-ebpf/src/null_fwd.rs`) under BPF_PROG_TEST_RUN:
-//! every IPv4 and IPv6 frame goes back out (`XDP_TX`) with the two MACs set at load
-//! time and not another byte changed; anything else (ARP) goes up the stack untouched.
+//! every IPv4 and IPv6 frame goes back out (`XDP_TX`) with the MACs set at load time
+//! (to the backend, or from the backend to the client) and not another byte changed;
+//! anything else (ARP) goes up the stack untouched.
 //! Needs root (it loads BPF).
 
 use std::net::Ipv4Addr;
@@ -10,7 +11,7 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::names;
 use lb_tests::{
     bench::comparative::load_xdp,
-    packet::{ETH_P_ARP, SYN, arp, ethernet, tcp_frame},
+    packet::{ACK, ETH_P_ARP, SYN, arp, ethernet, tcp_frame},
     require_root,
     rig::{CLIENT_MAC, LB_MAC, XDP_PASS, XDP_TX},
 };
@@ -39,6 +40,7 @@ fn null_forwarder_rewrites_only_the_macs() -> Result<()> {
         &[
             (names::GLOBAL_NULL_FWD_DST, BACKEND_MAC),
             (names::GLOBAL_NULL_FWD_SRC, LB_MAC),
+            (names::GLOBAL_NULL_FWD_CLIENT, CLIENT_MAC),
         ],
     )?;
     let program: &mut Xdp = ebpf
@@ -58,6 +60,19 @@ fn null_forwarder_rewrites_only_the_macs() -> Result<()> {
         assert_eq!(verdict, XDP_TX);
         let mut expected = input.clone();
         expected[..6].copy_from_slice(&BACKEND_MAC);
+        expected[6..12].copy_from_slice(&LB_MAC);
+        assert_eq!(output, expected);
+    }
+
+    // The backend's replies go to the client, as they are.
+    for input in [
+        tcp_frame(LB_MAC, BACKEND_MAC, None, vip, client, SYN | ACK),
+        tcp_frame(LB_MAC, BACKEND_MAC, None, vip6, client6, SYN | ACK),
+    ] {
+        let (verdict, output) = run(program, &input)?;
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = input.clone();
+        expected[..6].copy_from_slice(&CLIENT_MAC);
         expected[6..12].copy_from_slice(&LB_MAC);
         assert_eq!(output, expected);
     }

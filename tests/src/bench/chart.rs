@@ -36,6 +36,7 @@ fn colour(path: Path) -> RGBColor {
     match path {
         Path::Direct => RGBColor(120, 120, 120),
         Path::NullFwd => RGBColor(170, 170, 170),
+        Path::NullFwdBoth => RGBColor(200, 200, 200),
         Path::LbDsr => RGBColor(31, 119, 180),
         Path::LbNat => RGBColor(255, 127, 14),
         Path::Haproxy => RGBColor(214, 39, 40),

@@ -231,6 +231,48 @@ struct Bench<'lab> {
     lb: IpAddr,
     lb_mac: [u8; 6],
     backend_mac: [u8; 6],
+    client_mac: [u8; 6],
+}
+
+/// While it lives, the backend sends its frames for the client to the LB host's MAC
+/// (`Path::NullFwdBoth`); dropped, the backend resolves the client again.
+struct RepliesViaLb<'lab> {
+    lab: &'lab Lab,
+    client: String,
+}
+
+impl<'lab> RepliesViaLb<'lab> {
+    fn new(lab: &'lab Lab, lb_mac: &str) -> Result<Self> {
+        let client = addr4(Node::Client).to_string();
+        lab.run(
+            Node::Backend(1),
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &client,
+                "lladdr",
+                lb_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        Ok(RepliesViaLb { lab, client })
+    }
+}
+
+impl Drop for RepliesViaLb<'_> {
+    fn drop(&mut self) {
+        let deleted = self.lab.run(
+            Node::Backend(1),
+            &["ip", "neigh", "del", &self.client, "dev", "eth0"],
+        );
+        if let Err(e) = deleted {
+            eprintln!("lb-bench: the backend's neighbour entry for the client stays: {e:#}");
+        }
+    }
 }
 
 /// What sits on the LB's veth while a path is measured; dropping it takes it away.
@@ -317,6 +359,7 @@ impl<'lab> Bench<'lab> {
             lb: addr4(Node::Lb).into(),
             lb_mac: parse_mac(&lb_mac)?,
             backend_mac: parse_mac(&lab.mac_of(Node::Backend(1))?)?,
+            client_mac: parse_mac(&lab.mac_of(Node::Client)?)?,
         })
     }
 
@@ -444,7 +487,9 @@ impl<'lab> Bench<'lab> {
                 (self.backend, HTTP_PORT).into(),
                 (self.backend, IPERF_PORT).into(),
             ),
-            Path::NullFwd | Path::LbDsr => ((vip, HTTP_PORT).into(), (vip, IPERF_PORT).into()),
+            Path::NullFwd | Path::NullFwdBoth | Path::LbDsr => {
+                ((vip, HTTP_PORT).into(), (vip, IPERF_PORT).into())
+            }
             Path::LbNat => {
                 let vip = IpAddr::from(NAT_VIP4);
                 ((vip, HTTP_PORT).into(), (vip, IPERF_PORT).into())
@@ -461,16 +506,20 @@ impl<'lab> Bench<'lab> {
     fn measure(&self, path: Path, repetition: usize) -> Result<Sample> {
         let mut state = match path {
             Path::Direct => LbState::Nothing,
-            Path::NullFwd => {
+            Path::NullFwd | Path::NullFwdBoth => {
                 let globals = [
                     (names::GLOBAL_NULL_FWD_DST, self.backend_mac),
                     (names::GLOBAL_NULL_FWD_SRC, self.lb_mac),
+                    (names::GLOBAL_NULL_FWD_CLIENT, self.client_mac),
                 ];
                 LbState::Xdp(self.attach(names::PROG_NULL_FWD, &globals)?)
             }
             Path::Haproxy | Path::Nginx => LbState::Xdp(self.attach(names::PROG_PASS, &[])?),
             Path::LbDsr | Path::LbNat => LbState::Agent(self.start_agent(path)?),
         };
+        let _replies = (path == Path::NullFwdBoth)
+            .then(|| RepliesViaLb::new(self.lab, &mac_text(&self.lb_mac)))
+            .transpose()?;
         if path != Path::Direct {
             self.thread_napi()?;
         }
@@ -512,10 +561,18 @@ impl<'lab> Bench<'lab> {
                 conn.requests
             );
         } else {
+            // Where the replies cross the LB host too, each connection is at least as
+            // many packets again from the backend.
+            let per_request = if path.both_ways() { 2 } else { 1 };
             ensure!(
-                rx >= conn.requests,
-                "only {rx} packets reached the LB's veth for {} requests",
-                conn.requests
+                rx >= per_request * conn.requests,
+                "only {rx} packets reached the LB's veth for {} requests{}",
+                conn.requests,
+                if path.both_ways() {
+                    " and their replies"
+                } else {
+                    ""
+                }
             );
         }
         if let Some((packets, replies)) = counts {
@@ -771,6 +828,13 @@ fn newest_napi_thread(pids: &BTreeSet<u32>) -> Option<u32> {
         })
         .max()
         .map(|(_, pid)| pid)
+}
+
+fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6]> {

@@ -16,6 +16,10 @@ pub enum Path {
     Direct,
     /// The null XDP forwarder on the LB's veth: MAC rewrite to the one backend, `XDP_TX`.
     NullFwd,
+    /// The null forwarder with the backend's replies through the LB host as well (the
+    /// backend's neighbour entry for the client points at the LB): the yardstick of the
+    /// paths whose replies cross the LB host too (NAT, the proxies).
+    NullFwdBoth,
     /// lb-agent in DSR mode: the XDP program the agent loads, one service, one backend.
     LbDsr,
     /// lb-agent in NAT mode: full NAT to the one backend on a VIP of its own that the
@@ -29,10 +33,11 @@ pub enum Path {
 
 impl Path {
     /// Every path: the order of the table; repetition `r` starts at the `r`-th.
-    pub const ALL: [Path; 6] = [
+    pub const ALL: [Path; 7] = [
         Path::Direct,
         Path::NullFwd,
         Path::LbDsr,
+        Path::NullFwdBoth,
         Path::LbNat,
         Path::Haproxy,
         Path::Nginx,
@@ -43,6 +48,7 @@ impl Path {
         match self {
             Path::Direct => "direct",
             Path::NullFwd => "null XDP forwarder",
+            Path::NullFwdBoth => "null XDP forwarder, both ways",
             Path::LbDsr => "lb (DSR)",
             Path::LbNat => "lb (NAT)",
             Path::Haproxy => "HAProxy mode tcp",
@@ -55,6 +61,7 @@ impl Path {
         match self {
             Path::Direct => "direct",
             Path::NullFwd => "null-fwd",
+            Path::NullFwdBoth => "null-fwd-both",
             Path::LbDsr => "lb-dsr",
             Path::LbNat => "lb-nat",
             Path::Haproxy => "haproxy",
@@ -72,7 +79,18 @@ impl Path {
 
     /// Whether the LB host's work is an XDP program (the proxies' is a process).
     pub fn is_xdp(self) -> bool {
-        matches!(self, Path::NullFwd | Path::LbDsr | Path::LbNat)
+        matches!(
+            self,
+            Path::NullFwd | Path::NullFwdBoth | Path::LbDsr | Path::LbNat
+        )
+    }
+
+    /// Whether the backend's replies cross the LB host as well.
+    pub fn both_ways(self) -> bool {
+        matches!(
+            self,
+            Path::NullFwdBoth | Path::LbNat | Path::Haproxy | Path::Nginx
+        )
     }
 }
 

@@ -46,6 +46,16 @@ fn every_path_carries_connections_and_a_stream() -> Result<()> {
             sample.conn_cpu,
             report.machine.cores
         );
+        // The program on the LB's veth ran for every packet of an XDP path (and the
+        // proxies' `xdp_pass`); the direct path has none.
+        let has_program = result.path != Path::Direct;
+        ensure!(
+            sample.conn_xdp_ns.is_some_and(|ns| ns > 0.0) == has_program
+                && sample.bulk_xdp_ns.is_some_and(|ns| ns > 0.0) == has_program,
+            "{name}: XDP ns per packet {:?} / {:?}",
+            sample.conn_xdp_ns,
+            sample.bulk_xdp_ns
+        );
         ensure!(
             result.median.conn_vs_null_fwd.is_some() && result.median.bulk_vs_direct.is_some(),
             "{name}: ratios missing: {:?}",

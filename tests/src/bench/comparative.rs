@@ -123,6 +123,9 @@ pub fn run(options: &Options) -> Result<LabReport> {
     let cores = thread::available_parallelism().map_or(1, usize::from);
     let lab = Lab::builder().backends(1).ipv6(false).build()?;
     let bench = Bench::new(&lab, options, cores)?;
+    // The kernel keeps XDP programs' run time while this lives (see `xdp_ns_per_run`).
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("BPF_ENABLE_STATS (the programs' run time)")?;
     let _servers = bench.start_backend_servers()?;
     let _proxies = bench.start_proxies()?;
 
@@ -546,12 +549,15 @@ impl<'lab> Bench<'lab> {
         };
         let counts_before = agent_counts(&state)?;
         let rx_before = self.lb_rx_packets()?;
-        let (conn, conn_cpu) = with_cpu(|| self.wrk(http))?;
+        let program = self.lb_program(path)?;
+        let ((conn, conn_cpu), conn_xdp_ns) =
+            xdp_ns_per_run(program, || with_cpu(|| self.wrk(http)))?;
         let rx = self.lb_rx_packets()? - rx_before;
         let counts = agent_counts(&state)?
             .zip(counts_before)
             .map(|(a, b)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)));
-        let (bulk, bulk_cpu) = with_cpu(|| self.iperf3(bulk))?;
+        let ((bulk, bulk_cpu), bulk_xdp_ns) =
+            xdp_ns_per_run(program, || with_cpu(|| self.iperf3(bulk)))?;
         // Every path went where it should: each connection is at least 3 packets from
         // the client.
         if path == Path::Direct {
@@ -608,7 +614,27 @@ impl<'lab> Bench<'lab> {
             conn_cpu,
             bulk,
             bulk_cpu,
+            conn_xdp_ns,
+            bulk_xdp_ns,
         })
+    }
+
+    /// The id of the XDP program on the LB's veth while `path` runs (`ip -d link`), if
+    /// the path has one.
+    fn lb_program(&self, path: Path) -> Result<Option<u32>> {
+        if path == Path::Direct {
+            return Ok(None);
+        }
+        let text = self
+            .lab
+            .run(Node::Lb, &["ip", "-d", "link", "show", "dev", "eth0"])?;
+        let id = text
+            .split("prog/xdp id ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|id| id.parse().ok())
+            .with_context(|| format!("no XDP program on the LB's eth0 for {}", path.name()))?;
+        Ok(Some(id))
     }
 
     /// Packets the LB's veth has received (XDP_TX'd ones included).
@@ -794,6 +820,31 @@ pub fn load_xdp(program: &str, globals: &[(&str, [u8; 6])]) -> Result<aya::Ebpf>
 }
 
 /// Runs `f` and returns its result with the CPU split of the time it took.
+/// Runs `f`; returns its value and, for `program` (an id), the mean ns per run of the
+/// program meanwhile: the kernel's run-time statistics (`BPF_ENABLE_STATS`, on while
+/// the bench runs), in place, under the lab's load.
+fn xdp_ns_per_run<T>(
+    program: Option<u32>,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(T, Option<f64>)> {
+    let Some(id) = program else {
+        return Ok((f()?, None));
+    };
+    let read = || -> Result<(u128, u64)> {
+        let info = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == id)
+            .with_context(|| format!("no loaded program with id {id}"))?;
+        Ok((info.run_time().as_nanos(), info.run_count()))
+    };
+    let before = read()?;
+    let value = f()?;
+    let after = read()?;
+    let runs = after.1.saturating_sub(before.1);
+    let ns = (runs > 0).then(|| after.0.saturating_sub(before.0) as f64 / runs as f64);
+    Ok((value, ns))
+}
+
 fn with_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, super::report::CpuSplit)> {
     let read = || -> Result<ProcStat> {
         ProcStat::parse(&fs::read_to_string("/proc/stat").context("reading /proc/stat")?)

@@ -319,6 +319,12 @@ pub struct Sample {
     pub conn_cpu: CpuSplit,
     pub bulk: IperfRun,
     pub bulk_cpu: CpuSplit,
+    /// The mean ns per run of the XDP program on the LB's veth during each load (the
+    /// kernel's run-time statistics); `None` on the direct path.
+    #[serde(default)]
+    pub conn_xdp_ns: Option<f64>,
+    #[serde(default)]
+    pub bulk_xdp_ns: Option<f64>,
 }
 
 /// The medians of one path, and its ratios to direct and to the null forwarder.
@@ -333,6 +339,11 @@ pub struct Summary {
     /// The bulk stream's retransmitted segments: how much of its rate loss decided.
     #[serde(default)]
     pub bulk_retransmits: f64,
+    /// The medians of the samples' XDP ns per run (see `Sample`).
+    #[serde(default)]
+    pub conn_xdp_ns: Option<f64>,
+    #[serde(default)]
+    pub bulk_xdp_ns: Option<f64>,
     /// The lowest and the highest sample: how far one run may be from the median.
     #[serde(default)]
     pub conn_range: [f64; 2],
@@ -399,6 +410,12 @@ pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     }
 }
 
+/// The median of the values present; `None` if none is.
+fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let present: Vec<f64> = values.flatten().collect();
+    (!present.is_empty()).then(|| median(present))
+}
+
 /// The lowest and the highest value; zeros for none.
 fn range(values: impl Iterator<Item = f64>) -> [f64; 2] {
     values
@@ -442,6 +459,8 @@ impl LabReport {
                 conn_per_second: median(s.iter().map(|x| x.conn.per_second)),
                 bulk_gbit_per_second: median(s.iter().map(|x| x.bulk.bits_per_second / 1e9)),
                 bulk_retransmits: median(s.iter().map(|x| x.bulk.retransmits as f64)),
+                conn_xdp_ns: median_of(s.iter().map(|x| x.conn_xdp_ns)),
+                bulk_xdp_ns: median_of(s.iter().map(|x| x.bulk_xdp_ns)),
                 conn_range: range(s.iter().map(|x| x.conn.per_second)),
                 bulk_range: range(s.iter().map(|x| x.bulk.bits_per_second / 1e9)),
                 conn_cpu: median_split(s.iter().map(|x| &x.conn_cpu)),
@@ -502,17 +521,20 @@ impl LabReport {
         out.push('\n');
         out.push_str(
             "| path | connections/s | × direct | × null fwd | bulk Gbit/s | × direct | × null fwd \
-             | bulk retransmits | CPU during connections (user / sys / softirq %) \
+             | bulk retransmits | XDP ns per packet (connections / bulk) \
+             | CPU during connections (user / sys / softirq %) \
              | CPU during bulk (user / sys / softirq %) |\n",
         );
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
         let ratio = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}×"));
+        let ns = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.0}"));
         let cpu = |c: &CpuSplit| format!("{:.0} / {:.0} / {:.0}", c.user, c.sys, c.softirq);
         for r in &self.paths {
             let x = &r.median;
             let _ = writeln!(
                 out,
-                "| {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.2} ({:.2}–{:.2}) | {} | {} | {:.0} | {} | {} |",
+                "| {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.2} ({:.2}–{:.2}) | {} | {} | {:.0} | {} \
+                 | {} | {} |",
                 r.path.name(),
                 x.conn_per_second,
                 x.conn_range[0],
@@ -525,6 +547,10 @@ impl LabReport {
                 ratio(x.bulk_vs_direct),
                 ratio(x.bulk_vs_null_fwd),
                 x.bulk_retransmits,
+                match (x.conn_xdp_ns, x.bulk_xdp_ns) {
+                    (None, None) => "–".to_string(),
+                    (c, b) => format!("{} / {}", ns(c), ns(b)),
+                },
                 cpu(&x.conn_cpu),
                 cpu(&x.bulk_cpu),
             );
@@ -623,6 +649,8 @@ Transfer/sec:      3.03MB
                 retransmits: 10 * repetition as u64,
             },
             bulk_cpu: split(5.0),
+            conn_xdp_ns: (repetition > 0).then_some(100.0 * repetition as f64),
+            bulk_xdp_ns: None,
         }
     }
 
@@ -686,6 +714,12 @@ Transfer/sec:      3.03MB
         assert_eq!(haproxy.conn_cpu.per_cpu_busy, vec![90.0, 50.0]);
         assert_eq!(haproxy.bulk_retransmits, 10.0);
         assert_eq!(haproxy.conn_range, [7_000.0, 8_400.0]);
+        assert_eq!(
+            haproxy.conn_xdp_ns,
+            Some(150.0),
+            "the samples that have one"
+        );
+        assert_eq!(haproxy.bulk_xdp_ns, None);
         assert_eq!(range(std::iter::empty()), [0.0, 0.0]);
         assert_eq!(median([4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median([]), 0.0);
@@ -723,11 +757,11 @@ Transfer/sec:      3.03MB
         assert_eq!(rows.len(), 4, "{md}");
         assert_eq!(
             rows[2],
-            "| null XDP forwarder | 16000 (15000–17000) | 0.76× | 1.00× | 8.00 (7.00–9.00) | 0.73× | 1.00× | 10 | 21 / 10 / 30 | 5 / 10 / 30 |"
+            "| null XDP forwarder | 16000 (15000–17000) | 0.76× | 1.00× | 8.00 (7.00–9.00) | 0.73× | 1.00× | 10 | 150 / – | 21 / 10 / 30 | 5 / 10 / 30 |"
         );
         assert_eq!(
             rows[3],
-            "| HAProxy mode tcp | 8000 (7000–8400) | 0.38× | 0.50× | 4.20 (4.00–4.40) | 0.38× | 0.53× | 10 | 21 / 10 / 30 | 5 / 10 / 30 |"
+            "| HAProxy mode tcp | 8000 (7000–8400) | 0.38× | 0.50× | 4.20 (4.00–4.40) | 0.38× | 0.53× | 10 | 150 / – | 21 / 10 / 30 | 5 / 10 / 30 |"
         );
     }
 }

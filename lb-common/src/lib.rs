@@ -267,6 +267,12 @@ pub struct PersistState {
     pub last_seen_ns: u64,
 }
 
+/// How far the data path's clock for flow, NAT and persistence times may lag
+/// CLOCK_MONOTONIC (the agent's): it reads CLOCK_MONOTONIC_COARSE
+/// (`bpf_ktime_get_coarse_ns`), updated once per timer tick (4 ms at HZ=250, 10 ms at
+/// HZ=100). Those times are judged in seconds.
+pub const COARSE_CLOCK_LAG_NS: u64 = 20_000_000;
+
 /// A persistence entry's last_seen_ns is rewritten by established packets at most this
 /// often (a new connection always rewrites it).
 pub const PERSIST_TOUCH_NS: u64 = 1_000_000_000;

@@ -31,7 +31,7 @@ use aya_ebpf::{
         xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
         xdp_md,
     },
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::xdp,
     programs::XdpContext,
 };
@@ -444,7 +444,7 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
 /// NAT path's calls share (512 bytes for the deepest chain).
 #[inline(never)]
 fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = flow_clock();
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = p.tcp_flags & TCP_RST != 0;
     let closing = if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -523,6 +523,16 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
         trace::forwarded(&p.flow, XDP_TX, chosen, flags);
     }
     Ok(XDP_TX)
+}
+
+/// The time of flow, NAT and persistence entries and of the flood guard's window:
+/// CLOCK_MONOTONIC_COARSE, no clock-source read (in the lab's VM, `bpf_ktime_get_ns`'s
+/// TSC read was a fifth of an established packet's cost). At most one tick behind the
+/// agent's CLOCK_MONOTONIC (`lb_common::COARSE_CLOCK_LAG_NS`); all of these count in
+/// seconds. The serving lease, a safety bound, keeps the precise clock (`serve_flags`).
+#[inline(always)]
+pub fn flow_clock() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// A connection-table hit: the flow's last_seen_ns is rewritten only when older than

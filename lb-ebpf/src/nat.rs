@@ -16,10 +16,7 @@ use aya_ebpf::{
         xdp_action::{XDP_REDIRECT, XDP_TX},
         xdp_md,
     },
-    helpers::{
-        bpf_ktime_get_ns,
-        generated::{bpf_fib_lookup, bpf_redirect},
-    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
@@ -54,7 +51,7 @@ pub fn is_nat(vip: &VipInfo) -> bool {
 /// Client -> VIP:port of a NAT service: the flow's entry, or a new one for a SYN.
 #[inline(never)]
 pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::flow_clock();
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut entry = NAT_FLOWS.get_ptr_mut(&p.flow);
     // A SYN on the tuple of a flow that closed, or whose backend went away, is a new
@@ -125,7 +122,7 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u3
     let e = unsafe { &mut *e };
     touch(
         e,
-        unsafe { bpf_ktime_get_ns() },
+        crate::flow_clock(),
         closing_flags(tcp_flags, NAT_F_FIN_BACKEND),
     );
     let (backend, vip_num, client_mac) = (e.backend, e.vip_num, e.client_mac);

@@ -70,6 +70,8 @@ const OFFLOADS: [&str; 6] = ["tx", "off", "gso", "off", "tso", "off"];
 /// The qdisc of every bridge port (see the module documentation): a NIC's usual
 /// transmit queue length.
 const QUEUE: [&str; 3] = ["pfifo", "limit", "1000"];
+/// How long the runs that measure the XDP program's cost per packet last.
+const PROBE_SECONDS: u32 = 1;
 /// The seconds at the start of each iperf3 run that are not counted (`-O`).
 const BULK_OMIT_SECONDS: u32 = 1;
 
@@ -123,9 +125,6 @@ pub fn run(options: &Options) -> Result<LabReport> {
     let cores = thread::available_parallelism().map_or(1, usize::from);
     let lab = Lab::builder().backends(1).ipv6(false).build()?;
     let bench = Bench::new(&lab, options, cores)?;
-    // The kernel keeps XDP programs' run time while this lives (see `xdp_ns_per_run`).
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .context("BPF_ENABLE_STATS (the programs' run time)")?;
     let _servers = bench.start_backend_servers()?;
     let _proxies = bench.start_proxies()?;
 
@@ -526,7 +525,7 @@ impl<'lab> Bench<'lab> {
         if path != Path::Direct {
             self.thread_napi()?;
         }
-        let (http, bulk) = self.targets(path);
+        let (http, bulk_addr) = self.targets(path);
         self.wait_path(http)?;
         // The agent's packets of the `http` service and its NAT replies.
         let agent_counts = |state: &LbState| -> Result<Option<(u64, u64)>> {
@@ -549,15 +548,26 @@ impl<'lab> Bench<'lab> {
         };
         let counts_before = agent_counts(&state)?;
         let rx_before = self.lb_rx_packets()?;
-        let program = self.lb_program(path)?;
-        let ((conn, conn_cpu), conn_xdp_ns) =
-            xdp_ns_per_run(program, || with_cpu(|| self.wrk(http)))?;
+        let (conn, conn_cpu) = with_cpu(|| self.wrk(http))?;
         let rx = self.lb_rx_packets()? - rx_before;
         let counts = agent_counts(&state)?
             .zip(counts_before)
             .map(|(a, b)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)));
-        let ((bulk, bulk_cpu), bulk_xdp_ns) =
-            xdp_ns_per_run(program, || with_cpu(|| self.iperf3(bulk)))?;
+        let (bulk, bulk_cpu) = with_cpu(|| self.iperf3(bulk_addr))?;
+        // The program's cost per packet, in short runs of their own: the kernel's
+        // statistics read the clock twice per packet, which the figures above must not
+        // carry.
+        let (conn_xdp_ns, bulk_xdp_ns) = match self.lb_program(path)? {
+            None => (None, None),
+            Some(id) => {
+                let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                    .context("BPF_ENABLE_STATS (the programs' run time)")?;
+                let (_, conn_ns) = xdp_ns_per_run(id, || self.wrk_for(http, PROBE_SECONDS))?;
+                let (_, bulk_ns) =
+                    xdp_ns_per_run(id, || self.iperf3_for(bulk_addr, PROBE_SECONDS))?;
+                (conn_ns, bulk_ns)
+            }
+        };
         // Every path went where it should: each connection is at least 3 packets from
         // the client.
         if path == Path::Direct {
@@ -746,22 +756,23 @@ impl<'lab> Bench<'lab> {
     }
 
     fn wrk(&self, addr: SocketAddr) -> Result<WrkRun> {
+        self.wrk_for(addr, self.conn_seconds)
+    }
+
+    fn wrk_for(&self, addr: SocketAddr, seconds: u32) -> Result<WrkRun> {
         let url = format!("http://{addr}/");
         let cmd = self.client_command(&[
             "wrk",
             "-t1",
             &format!("-c{WRK_CONNECTIONS}"),
-            &format!("-d{}s", self.conn_seconds),
+            &format!("-d{seconds}s"),
             "--timeout",
             "2s",
             "-H",
             "Connection: close",
             &url,
         ]);
-        let out = run_bounded(
-            cmd,
-            Duration::from_secs(self.conn_seconds.into()) + TOOL_SLACK,
-        )?;
+        let out = run_bounded(cmd, Duration::from_secs(seconds.into()) + TOOL_SLACK)?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(
             out.status.success(),
@@ -776,6 +787,10 @@ impl<'lab> Bench<'lab> {
     }
 
     fn iperf3(&self, addr: SocketAddr) -> Result<IperfRun> {
+        self.iperf3_for(addr, self.bulk_seconds)
+    }
+
+    fn iperf3_for(&self, addr: SocketAddr, seconds: u32) -> Result<IperfRun> {
         let cmd = self.client_command(&[
             "iperf3",
             "-c",
@@ -783,7 +798,7 @@ impl<'lab> Bench<'lab> {
             "-p",
             &addr.port().to_string(),
             "-t",
-            &self.bulk_seconds.to_string(),
+            &seconds.to_string(),
             // Slow start's first second is not counted (it runs before the `-t` seconds).
             "-O",
             &BULK_OMIT_SECONDS.to_string(),
@@ -793,7 +808,7 @@ impl<'lab> Bench<'lab> {
         ]);
         let out = run_bounded(
             cmd,
-            Duration::from_secs((self.bulk_seconds + BULK_OMIT_SECONDS).into()) + TOOL_SLACK,
+            Duration::from_secs((seconds + BULK_OMIT_SECONDS).into()) + TOOL_SLACK,
         )?;
         parse_iperf3(&String::from_utf8_lossy(&out.stdout))
             .with_context(|| format!("iperf3 to {addr} ({})", out.status))
@@ -820,16 +835,10 @@ pub fn load_xdp(program: &str, globals: &[(&str, [u8; 6])]) -> Result<aya::Ebpf>
 }
 
 /// Runs `f` and returns its result with the CPU split of the time it took.
-/// Runs `f`; returns its value and, for `program` (an id), the mean ns per run of the
-/// program meanwhile: the kernel's run-time statistics (`BPF_ENABLE_STATS`, on while
-/// the bench runs), in place, under the lab's load.
-fn xdp_ns_per_run<T>(
-    program: Option<u32>,
-    f: impl FnOnce() -> Result<T>,
-) -> Result<(T, Option<f64>)> {
-    let Some(id) = program else {
-        return Ok((f()?, None));
-    };
+/// Runs `f`; returns its value and the mean ns per run of the program `id` meanwhile:
+/// the kernel's run-time statistics (`BPF_ENABLE_STATS` must be on), in place, under
+/// the lab's load.
+fn xdp_ns_per_run<T>(id: u32, f: impl FnOnce() -> Result<T>) -> Result<(T, Option<f64>)> {
     let read = || -> Result<(u128, u64)> {
         let info = aya::programs::loaded_programs()
             .filter_map(Result::ok)

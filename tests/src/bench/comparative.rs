@@ -19,9 +19,11 @@
 //!   then set by bursts of loss (tens of thousands of retransmits in 4 s, runs of one
 //!   path varying by half), not by the forwarding work; the table shows retransmits;
 //! - `Napi::Threaded` (the default): that NAPI poll runs in a kernel thread pinned to the
-//!   last CPU, the proxies run there too, the client's `wrk` / `iperf3` on CPU 0: the LB's
-//!   own work on a core of its own, as on a separate host. `Napi::Inline` leaves all of
-//!   it to the scheduler and the sender's softirq.
+//!   last CPU, the proxies and the backend's servers run there too, the client's `wrk` /
+//!   `iperf3` on CPU 0: the LB's work apart from the client's, as on a host of its own
+//!   (with two CPUs, the backend has to share one; left to the scheduler, where its
+//!   servers ran moved one path's bulk rate by up to a third between repetitions).
+//!   `Napi::Inline` leaves all of it to the scheduler and the sender's softirq.
 
 use std::{
     collections::BTreeSet,
@@ -368,7 +370,8 @@ impl<'lab> Bench<'lab> {
     fn napi_text(&self) -> String {
         match (self.napi, self.cpus) {
             (Napi::Threaded, Some((client, lb))) => format!(
-                "threaded, pinned to CPU {lb} with the proxies; wrk and iperf3 on CPU {client}"
+                "threaded, pinned to CPU {lb} with the proxies and the backend's servers; \
+                 wrk and iperf3 on CPU {client}"
             ),
             (Napi::Threaded, None) => "threaded, unpinned (one CPU)".into(),
             (Napi::Inline, _) => "inline (not threaded, nothing pinned)".into(),
@@ -406,12 +409,18 @@ impl<'lab> Bench<'lab> {
         )?;
         let node = Node::Backend(1);
         let conf = conf.display().to_string();
-        let nginx = self
-            .lab
-            .spawn(node, &["nginx", "-e", "stderr", "-c", &conf])?;
-        let iperf = self
-            .lab
-            .spawn(node, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()])?;
+        // On the LB's CPU (see the module documentation): left to the scheduler, where
+        // they ran moved one path's bulk rate by up to a third between repetitions.
+        let cpu = self.cpus.map(|c| c.1);
+        let nginx = self.lab.spawn(
+            node,
+            &self.pinned(cpu, &["nginx", "-e", "stderr", "-c", &conf]),
+        )?;
+        let iperf_port = IPERF_PORT.to_string();
+        let iperf = self.lab.spawn(
+            node,
+            &self.pinned(cpu, &["iperf3", "-s", "-p", &iperf_port]),
+        )?;
         let guards = vec![nginx, iperf];
         for port in [HTTP_PORT, IPERF_PORT] {
             self.wait_listening(node, port, &guards)?;

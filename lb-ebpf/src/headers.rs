@@ -107,6 +107,40 @@ pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
 }
 
+/// Writes `mac` over `to` as a 32-bit and a 16-bit store: a plain assignment of a
+/// `[u8; 6]` may become a call to a byte-by-byte `memmove` (the BPF backend's), which
+/// NAT's next-hop writes did.
+#[inline(always)]
+pub fn set_mac(to: *mut [u8; 6], mac: &[u8; 6]) {
+    let to = to as *mut u8;
+    // SAFETY: `to` points at 6 writable bytes (a header field); unaligned stores.
+    unsafe {
+        core::ptr::write_unaligned(
+            to as *mut u32,
+            u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]),
+        );
+        core::ptr::write_unaligned(to.add(4) as *mut u16, u16::from_ne_bytes([mac[4], mac[5]]));
+    }
+}
+
+/// Writes a 16-byte address over `to` as four 32-bit stores (see `set_mac`).
+#[inline(always)]
+pub fn set_addr(to: *mut [u8; 16], addr: &[u8; 16]) {
+    let to = to as *mut u32;
+    let mut i = 0;
+    while i < 4 {
+        let w = u32::from_ne_bytes([
+            addr[4 * i],
+            addr[4 * i + 1],
+            addr[4 * i + 2],
+            addr[4 * i + 3],
+        ]);
+        // SAFETY: `to` points at 16 writable bytes; unaligned stores.
+        unsafe { core::ptr::write_unaligned(to.add(i), w) };
+        i += 1;
+    }
+}
+
 #[inline(always)]
 pub fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)

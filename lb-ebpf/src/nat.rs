@@ -10,6 +10,8 @@
 //! reverse entry is made first with BPF_NOEXIST: that insert is what hands a source
 //! port to one flow only.
 
+use core::ptr::addr_of_mut;
+
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
@@ -32,7 +34,7 @@ use crate::{
     Packet, Step, count,
     headers::{
         EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr,
-        frame_len, ptr_at,
+        frame_len, ptr_at, set_addr, set_mac,
     },
     maps::{CONFIG, NAT_BACKENDS, NAT_CONFIG, NAT_FLOWS, NAT_REVERSE, VIPS, scratch},
     parse_ethernet, usable_backend,
@@ -93,17 +95,17 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
     }
     let vip = p.flow.dst;
     let s = scratch()?;
-    s.new = Tuple {
-        family: p.flow.family,
-        src: vip,
-        dst: e.baddr,
-        sport_be: e.nport_be,
-        dport_be: e.bport_be,
-        _pad: [0; 3],
-    };
-    let fallback = usable_backend(backend).map(|b| b.mac).unwrap_or([0; 6]);
+    set_tuple(
+        &mut s.new,
+        p.flow.family,
+        &vip,
+        &e.baddr,
+        e.nport_be,
+        e.bport_be,
+    );
+    let fallback = Fallback::Backend(backend);
     let l3 = rewrite(ctx, &s.new)?;
-    let verdict = next_hop(ctx.ctx, l3, &fallback)?;
+    let verdict = next_hop(ctx.ctx, l3, fallback)?;
     let len = frame_len(ctx) as u64;
     count(vip_slot(p.vip.vip_num), len, new_flow);
     count(backend_slot(backend), len, new_flow);
@@ -127,16 +129,16 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u3
     );
     let (backend, vip_num, client_mac) = (e.backend, e.vip_num, e.client_mac);
     let s = scratch()?;
-    s.new = Tuple {
-        family: client.family,
-        src: client.dst,
-        dst: client.src,
-        sport_be: client.dport_be,
-        dport_be: client.sport_be,
-        _pad: [0; 3],
-    };
+    set_tuple(
+        &mut s.new,
+        client.family,
+        &client.dst,
+        &client.src,
+        client.dport_be,
+        client.sport_be,
+    );
     let l3 = rewrite(ctx, &s.new)?;
-    let verdict = next_hop(ctx.ctx, l3, &client_mac)?;
+    let verdict = next_hop(ctx.ctx, l3, Fallback::Mac(&client_mac))?;
     let len = frame_len(ctx) as u64;
     count(vip_slot(vip_num), len, false);
     count(backend_slot(backend), len, false);
@@ -314,8 +316,8 @@ fn rewrite(ctx: &XdpContext, new: &Tuple) -> Step<usize> {
             &new.dport_be.to_ne_bytes(),
         );
         tcp.check = apply(tcp.check, addrs + ports);
-        ip.src = new.src;
-        ip.dst = new.dst;
+        set_addr(addr_of_mut!(ip.src), &new.src);
+        set_addr(addr_of_mut!(ip.dst), &new.dst);
         tcp.sport = new.sport_be.to_ne_bytes();
         tcp.dport = new.dport_be.to_ne_bytes();
     }
@@ -346,10 +348,10 @@ fn apply(check: [u8; 2], acc: u32) -> [u8; 2] {
 }
 
 /// Sends the rewritten frame towards `new.dst`: the next hop the kernel's FIB gives
-/// (the backend, or a router before it), else `fallback_mac` (the backend's resolved
+/// (the backend, or a router before it), else `fallback` (the backend's resolved
 /// MAC, or the MAC the client's frames came from).
 #[inline(always)]
-fn next_hop(raw: *mut xdp_md, l3: usize, fallback_mac: &[u8; 6]) -> Step<u32> {
+fn next_hop(raw: *mut xdp_md, l3: usize, fallback: Fallback) -> Step<u32> {
     let ctx = &XdpContext::new(raw);
     let cfg = CONFIG.get(0).ok_or(reason::ABORT_INTERNAL)?;
     let s = scratch()?;
@@ -364,7 +366,7 @@ fn next_hop(raw: *mut xdp_md, l3: usize, fallback_mac: &[u8; 6]) -> Step<u32> {
         const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
         // SAFETY: 64 bytes of this CPU's scratch, aligned for u64, as the helper's struct.
         let params = unsafe { &mut *(s.fib.as_mut_ptr() as *mut FibParams) };
-        *params = unsafe { core::mem::zeroed() };
+        zero(params);
         params.family = family;
         params.l4_protocol = PROTO_TCP;
         params.ifindex = ingress;
@@ -388,8 +390,8 @@ fn next_hop(raw: *mut xdp_md, l3: usize, fallback_mac: &[u8; 6]) -> Step<u32> {
         };
         if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
             unsafe {
-                (*eth).dst = params.dmac;
-                (*eth).src = params.smac;
+                set_mac(addr_of_mut!((*eth).dst), &params.dmac);
+                set_mac(addr_of_mut!((*eth).src), &params.smac);
             }
             if params.ifindex == ingress {
                 return Ok(XDP_TX);
@@ -402,14 +404,57 @@ fn next_hop(raw: *mut xdp_md, l3: usize, fallback_mac: &[u8; 6]) -> Step<u32> {
             };
         }
     }
-    if *fallback_mac == [0; 6] {
+    // Looked up only now that the FIB gave nothing: most packets never need it.
+    let fallback_mac = match fallback {
+        Fallback::Backend(id) => match usable_backend(id) {
+            Some(b) => &b.mac,
+            None => return Err(reason::DROP_NAT_NO_ROUTE),
+        },
+        Fallback::Mac(mac) => mac,
+    };
+    // An unresolved MAC is all zeros.
+    if fallback_mac.iter().fold(0, |a, b| a | b) == 0 {
         return Err(reason::DROP_NAT_NO_ROUTE);
     }
     unsafe {
-        (*eth).dst = *fallback_mac;
-        (*eth).src = cfg.mac;
+        set_mac(addr_of_mut!((*eth).dst), fallback_mac);
+        set_mac(addr_of_mut!((*eth).src), &cfg.mac);
     }
     Ok(XDP_TX)
+}
+
+/// Where a translated frame goes when the FIB gives no next hop (or is not asked).
+#[derive(Clone, Copy)]
+enum Fallback<'a> {
+    /// The backend's resolved MAC (`Backend::mac`), if the backend is usable.
+    Backend(u32),
+    /// A MAC at hand: the one the client's frames came from.
+    Mac(&'a [u8; 6]),
+}
+
+/// Writes a translation's fields one by one (addresses as words, see `set_addr`): a
+/// struct literal's padding and address copies became calls to byte-by-byte `memset`
+/// and `memmove`.
+#[inline(always)]
+fn set_tuple(t: &mut Tuple, family: u8, src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) {
+    t.family = family;
+    set_addr(addr_of_mut!(t.src), src);
+    set_addr(addr_of_mut!(t.dst), dst);
+    t.sport_be = sport;
+    t.dport_be = dport;
+}
+
+/// Zeroes the FIB helper's 64 bytes as eight word stores: `mem::zeroed()` became a call
+/// to the BPF backend's byte-by-byte `memset`.
+#[inline(always)]
+fn zero(params: &mut FibParams) {
+    let p = params as *mut FibParams as *mut u64;
+    let mut i = 0;
+    while i < core::mem::size_of::<FibParams>() / 8 {
+        // SAFETY: within the struct (64 bytes, u64-aligned: it lives in the scratch).
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+        i += 1;
+    }
 }
 
 #[inline(always)]
@@ -465,7 +510,7 @@ pub fn icmp_error(ctx: &XdpContext, quoted: &FlowKey) -> Step<Option<u32>> {
             _pad: [0; 3],
         };
         s.new.dst = e.baddr;
-        usable_backend(e.backend).map(|b| b.mac).unwrap_or([0; 6])
+        Fallback::Backend(e.backend)
     } else {
         s.inner = Tuple {
             family: client.family,
@@ -476,7 +521,7 @@ pub fn icmp_error(ctx: &XdpContext, quoted: &FlowKey) -> Step<Option<u32>> {
             _pad: [0; 3],
         };
         s.new.dst = client.src;
-        e.client_mac
+        Fallback::Mac(&e.client_mac)
     };
     s.new.family = client.family;
     s.new.src = vip;
@@ -485,7 +530,7 @@ pub fn icmp_error(ctx: &XdpContext, quoted: &FlowKey) -> Step<Option<u32>> {
     } else {
         rewrite_icmp6(ctx.ctx)?
     };
-    let verdict = next_hop(ctx.ctx, l3, &fallback)?;
+    let verdict = next_hop(ctx.ctx, l3, fallback)?;
     let len = frame_len(ctx) as u64;
     count(vip_slot(e.vip_num), len, false);
     count(backend_slot(e.backend), len, false);

@@ -1,8 +1,10 @@
 //! The XDP data path. One pipeline, read top to bottom:
-//! Ethernet (+ one VLAN tag) -> ARP / IPv4 / IPv6 -> VIP address? -> serving, our MAC? ->
-//! header sanity -> TCP (or an ICMP error about a flow, see `icmp.rs`) -> VIP (address,
-//! port, proto) -> connection table, pinned table, else persistence or Maglev ring
-//! (`persist::choose_backend`) -> backend -> MAC rewrite -> count -> XDP_TX.
+//! Ethernet (+ one VLAN tag) -> ARP / IPv4 / IPv6 -> the VIP filter (one array load) ->
+//! VIP address? (for TCP: its service, VIP address, port and proto, whose hit says so) ->
+//! serving, our MAC? -> header sanity -> TCP (or an ICMP error about a flow, see
+//! `icmp.rs`; or a NAT reply, see `nat.rs`) -> connection table, pinned table, else
+//! persistence or Maglev ring (`persist::choose_backend`) -> backend -> MAC rewrite ->
+//! count -> XDP_TX.
 //!
 //! Each stage returns `Step<T>`: `Ok` goes on, `Err(reason)` ends the packet. The reason
 //! is counted once in `lb_xdp` and mapped to a verdict by `verdict_of`.

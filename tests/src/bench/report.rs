@@ -344,6 +344,12 @@ pub struct Summary {
     pub conn_xdp_ns: Option<f64>,
     #[serde(default)]
     pub bulk_xdp_ns: Option<f64>,
+    /// The lowest and the highest ratio to the null forwarder's sample of the same
+    /// repetition (run next to it in time): how far one comparison may go.
+    #[serde(default)]
+    pub conn_vs_null_fwd_range: Option<[f64; 2]>,
+    #[serde(default)]
+    pub bulk_vs_null_fwd_range: Option<[f64; 2]>,
     /// The lowest and the highest sample: how far one run may be from the median.
     #[serde(default)]
     pub conn_range: [f64; 2],
@@ -478,7 +484,27 @@ impl LabReport {
         let direct = of(self, Path::Direct);
         let null = of(self, Path::NullFwd);
         let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
+        let null_samples: Option<Vec<Sample>> = self
+            .paths
+            .iter()
+            .find(|r| r.path == Path::NullFwd)
+            .map(|r| r.samples.clone());
         for result in &mut self.paths {
+            if let Some(base) = &null_samples {
+                let paired = |f: fn(&Sample) -> f64| -> Option<[f64; 2]> {
+                    let ratios: Vec<f64> = result
+                        .samples
+                        .iter()
+                        .filter_map(|x| {
+                            let n = base.iter().find(|n| n.repetition == x.repetition)?;
+                            ratio(f(x), f(n))
+                        })
+                        .collect();
+                    (!ratios.is_empty()).then(|| range(ratios.into_iter()))
+                };
+                result.median.conn_vs_null_fwd_range = paired(|x| x.conn.per_second);
+                result.median.bulk_vs_null_fwd_range = paired(|x| x.bulk.bits_per_second);
+            }
             let m = &mut result.median;
             m.conn_vs_direct = direct.and_then(|d| ratio(m.conn_per_second, d.0));
             m.bulk_vs_direct = direct.and_then(|d| ratio(m.bulk_gbit_per_second, d.1));
@@ -505,7 +531,8 @@ impl LabReport {
             "Measured {} on {} ({} cores), Linux {}; median of {} repetitions, paths rotated \
              in each; wrk {} s with {} connections (`Connection: close`), iperf3 one stream {} s after 1 s not counted; \
              NAPI {}; sender offloads: {}; bridge ports' queue: {}. In brackets: the lowest \
-             and the highest repetition.",
+             and the highest repetition (for × null fwd: of the ratio to the null \
+             forwarder's run in the same repetition).",
             m.date,
             m.cpu_model,
             m.cores,
@@ -527,6 +554,10 @@ impl LabReport {
         );
         out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
         let ratio = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}×"));
+        let paired = |r: Option<f64>, range: Option<[f64; 2]>| match (r, range) {
+            (Some(r), Some([lo, hi])) => format!("{r:.2}× ({lo:.2}–{hi:.2})"),
+            (r, _) => ratio(r),
+        };
         let ns = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.0}"));
         let cpu = |c: &CpuSplit| format!("{:.0} / {:.0} / {:.0}", c.user, c.sys, c.softirq);
         for r in &self.paths {
@@ -540,12 +571,12 @@ impl LabReport {
                 x.conn_range[0],
                 x.conn_range[1],
                 ratio(x.conn_vs_direct),
-                ratio(x.conn_vs_null_fwd),
+                paired(x.conn_vs_null_fwd, x.conn_vs_null_fwd_range),
                 x.bulk_gbit_per_second,
                 x.bulk_range[0],
                 x.bulk_range[1],
                 ratio(x.bulk_vs_direct),
-                ratio(x.bulk_vs_null_fwd),
+                paired(x.bulk_vs_null_fwd, x.bulk_vs_null_fwd_range),
                 x.bulk_retransmits,
                 match (x.conn_xdp_ns, x.bulk_xdp_ns) {
                     (None, None) => "–".to_string(),
@@ -714,6 +745,11 @@ Transfer/sec:      3.03MB
         assert_eq!(haproxy.conn_cpu.per_cpu_busy, vec![90.0, 50.0]);
         assert_eq!(haproxy.bulk_retransmits, 10.0);
         assert_eq!(haproxy.conn_range, [7_000.0, 8_400.0]);
+        // Paired by repetition: 8000/16000, 8400/15000, 7000/17000.
+        assert_eq!(
+            haproxy.conn_vs_null_fwd_range,
+            Some([7_000.0 / 17_000.0, 8_400.0 / 15_000.0])
+        );
         assert_eq!(
             haproxy.conn_xdp_ns,
             Some(150.0),
@@ -757,11 +793,11 @@ Transfer/sec:      3.03MB
         assert_eq!(rows.len(), 4, "{md}");
         assert_eq!(
             rows[2],
-            "| null XDP forwarder | 16000 (15000–17000) | 0.76× | 1.00× | 8.00 (7.00–9.00) | 0.73× | 1.00× | 10 | 150 / – | 21 / 10 / 30 | 5 / 10 / 30 |"
+            "| null XDP forwarder | 16000 (15000–17000) | 0.76× | 1.00× (1.00–1.00) | 8.00 (7.00–9.00) | 0.73× | 1.00× (1.00–1.00) | 10 | 150 / – | 21 / 10 / 30 | 5 / 10 / 30 |"
         );
         assert_eq!(
             rows[3],
-            "| HAProxy mode tcp | 8000 (7000–8400) | 0.38× | 0.50× | 4.20 (4.00–4.40) | 0.38× | 0.53× | 10 | 150 / – | 21 / 10 / 30 | 5 / 10 / 30 |"
+            "| HAProxy mode tcp | 8000 (7000–8400) | 0.38× | 0.50× (0.41–0.56) | 4.20 (4.00–4.40) | 0.38× | 0.53× (0.49–0.60) | 10 | 150 / – | 21 / 10 / 30 | 5 / 10 / 30 |"
         );
     }
 }

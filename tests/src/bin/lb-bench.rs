@@ -100,8 +100,9 @@ comparative lab bench.
   --nat-only            only the NAT path's cost per packet, both directions
   --lab-only            only the comparative lab bench (direct, null XDP forwarder,
                         lb in DSR mode, lb in NAT mode, HAProxy, nginx stream)
-  --lab-report          print the Markdown table of DIR/lab.json again and redraw
-                        its charts (no root)
+  --lab-report          print the Markdown table of DIR/lab.json again (medians and
+                        ratios computed anew from its samples) and redraw its charts
+                        (no root)
   --lab-reps N          repetitions of the lab bench, each path once in each (default 5)
   --lab-paths P,P,..    only these paths of the lab bench, of: direct, null-fwd,
                         lb-dsr, lb-nat, haproxy, nginx (default: all; the ratios
@@ -1141,7 +1142,10 @@ fn lab_report(dir: &std::path::Path) -> anyhow::Result<()> {
             file.display()
         )
     })?;
-    let report = LabReport::from_json(&text)?;
+    let mut report = LabReport::from_json(&text)?;
+    // The medians and ratios again from the samples: a file written by an older bench
+    // gets the figures this one adds.
+    report.summarise();
     print!("{}", report.markdown());
     for chart in lb_tests::bench::chart::draw(&report, dir)? {
         println!("wrote {}", chart.display());

@@ -289,39 +289,52 @@ fn rewrite(ctx: &XdpContext, new: &Tuple) -> Step<usize> {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::ABORT_INTERNAL)?;
         let tcp: *mut TcpHdr = ptr_at(ctx, l3 + IPV4_HLEN).ok_or(reason::ABORT_INTERNAL)?;
         let (ip, tcp) = unsafe { (&mut *ip, &mut *tcp) };
-        let mut src = [0u8; 4];
-        let mut dst = [0u8; 4];
-        src.copy_from_slice(&new.src[..4]);
-        dst.copy_from_slice(&new.dst[..4]);
-        let addrs = diff(diff(0, &ip.src, &src), &ip.dst, &dst);
-        let ports = diff(
-            diff(0, &tcp.sport, &new.sport_be.to_ne_bytes()),
-            &tcp.dport,
-            &new.dport_be.to_ne_bytes(),
-        );
+        let addrs = readdress4(ip, &new.src, &new.dst);
         ip.check = apply(ip.check, addrs);
+        let ports = set_ports(tcp, new);
         tcp.check = apply(tcp.check, addrs + ports);
-        ip.src = src;
-        ip.dst = dst;
-        tcp.sport = new.sport_be.to_ne_bytes();
-        tcp.dport = new.dport_be.to_ne_bytes();
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::ABORT_INTERNAL)?;
         let tcp: *mut TcpHdr = ptr_at(ctx, l3 + IPV6_HLEN).ok_or(reason::ABORT_INTERNAL)?;
         let (ip, tcp) = unsafe { (&mut *ip, &mut *tcp) };
-        let addrs = diff(diff(0, &ip.src, &new.src), &ip.dst, &new.dst);
-        let ports = diff(
-            diff(0, &tcp.sport, &new.sport_be.to_ne_bytes()),
-            &tcp.dport,
-            &new.dport_be.to_ne_bytes(),
-        );
+        let addrs = readdress6(ip, &new.src, &new.dst);
+        let ports = set_ports(tcp, new);
         tcp.check = apply(tcp.check, addrs + ports);
-        set_addr(addr_of_mut!(ip.src), &new.src);
-        set_addr(addr_of_mut!(ip.dst), &new.dst);
-        tcp.sport = new.sport_be.to_ne_bytes();
-        tcp.dport = new.dport_be.to_ne_bytes();
     }
     Ok(l3)
+}
+
+/// Writes the IPv4 addresses of `src` and `dst` (the maps' 16-byte form) into `ip`;
+/// returns the difference for the checksums that cover them (unfolded, see `diff`).
+#[inline(always)]
+fn readdress4(ip: &mut Ipv4Hdr, src: &[u8; 16], dst: &[u8; 16]) -> u32 {
+    let mut s = [0u8; 4];
+    let mut d = [0u8; 4];
+    s.copy_from_slice(&src[..4]);
+    d.copy_from_slice(&dst[..4]);
+    let delta = diff(diff(0, &ip.src, &s), &ip.dst, &d);
+    ip.src = s;
+    ip.dst = d;
+    delta
+}
+
+/// `readdress4` for IPv6; the addresses are written as words (`set_addr`).
+#[inline(always)]
+fn readdress6(ip: &mut Ipv6Hdr, src: &[u8; 16], dst: &[u8; 16]) -> u32 {
+    let delta = diff(diff(0, &ip.src, src), &ip.dst, dst);
+    set_addr(addr_of_mut!(ip.src), src);
+    set_addr(addr_of_mut!(ip.dst), dst);
+    delta
+}
+
+/// Writes `new`'s ports into `tcp`; returns the difference for its checksum.
+#[inline(always)]
+fn set_ports(tcp: &mut TcpHdr, new: &Tuple) -> u32 {
+    let (sport, dport) = (new.sport_be.to_ne_bytes(), new.dport_be.to_ne_bytes());
+    let delta = diff(diff(0, &tcp.sport, &sport), &tcp.dport, &dport);
+    tcp.sport = sport;
+    tcp.dport = dport;
+    delta
 }
 
 /// The one's-complement difference of replacing `old` by `new`, added to `acc`
@@ -501,30 +514,30 @@ pub fn icmp_error(ctx: &XdpContext, quoted: &FlowKey) -> Step<Option<u32>> {
     // The quoted packet as it must read, and where the outer packet goes.
     let s = scratch()?;
     let fallback = if to_backend {
-        s.inner = Tuple {
-            family: client.family,
-            src: e.baddr,
-            dst: vip,
-            sport_be: e.bport_be,
-            dport_be: e.nport_be,
-            _pad: [0; 3],
-        };
-        s.new.dst = e.baddr;
+        set_tuple(
+            &mut s.inner,
+            client.family,
+            &e.baddr,
+            &vip,
+            e.bport_be,
+            e.nport_be,
+        );
+        set_addr(addr_of_mut!(s.new.dst), &e.baddr);
         Fallback::Backend(e.backend)
     } else {
-        s.inner = Tuple {
-            family: client.family,
-            src: client.src,
-            dst: vip,
-            sport_be: client.sport_be,
-            dport_be: client.dport_be,
-            _pad: [0; 3],
-        };
-        s.new.dst = client.src;
+        set_tuple(
+            &mut s.inner,
+            client.family,
+            &client.src,
+            &vip,
+            client.sport_be,
+            client.dport_be,
+        );
+        set_addr(addr_of_mut!(s.new.dst), &client.src);
         Fallback::Mac(&e.client_mac)
     };
     s.new.family = client.family;
-    s.new.src = vip;
+    set_addr(addr_of_mut!(s.new.src), &vip);
     let l3 = if client.family == FAMILY_V4 {
         rewrite_icmp4(ctx.ctx)?
     } else {
@@ -571,23 +584,11 @@ fn rewrite_icmp4(raw: *mut xdp_md) -> Step<usize> {
     let icmp: *mut [u8; ICMP_HLEN] = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_ICMP)?;
     let qip: *mut Ipv4Hdr = ptr_at(ctx, l4 + ICMP_HLEN).ok_or(reason::DROP_BAD_ICMP)?;
     let (ip, icmp, qip) = unsafe { (&mut *ip, &mut *icmp, &mut *qip) };
-    let mut src = [0u8; 4];
-    let mut dst = [0u8; 4];
-    src.copy_from_slice(&outer.src[..4]);
-    dst.copy_from_slice(&outer.dst[..4]);
-    ip.check = apply(ip.check, diff(diff(0, &ip.src, &src), &ip.dst, &dst));
-    ip.src = src;
-    ip.dst = dst;
-    let mut qsrc = [0u8; 4];
-    let mut qdst = [0u8; 4];
-    qsrc.copy_from_slice(&inner.src[..4]);
-    qdst.copy_from_slice(&inner.dst[..4]);
-    let qaddrs = diff(diff(0, &qip.src, &qsrc), &qip.dst, &qdst);
+    ip.check = apply(ip.check, readdress4(ip, &outer.src, &outer.dst));
+    let qaddrs = readdress4(qip, &inner.src, &inner.dst);
     let qcheck = apply(qip.check, qaddrs);
     let mut icmp_delta = diff(qaddrs, &qip.check, &qcheck);
     qip.check = qcheck;
-    qip.src = qsrc;
-    qip.dst = qdst;
     icmp_delta += rewrite_quoted_tcp(ctx, l4 + ICMP_HLEN + IPV4_HLEN, inner, qaddrs)?;
     // The ICMP checksum covers the message only, the quoted packet included.
     let check = apply([icmp[2], icmp[3]], icmp_delta);
@@ -610,13 +611,9 @@ fn rewrite_icmp6(raw: *mut xdp_md) -> Step<usize> {
     let qip: *mut Ipv6Hdr = ptr_at(ctx, l4 + ICMP_HLEN).ok_or(reason::DROP_BAD_ICMP)?;
     let (ip, icmp, qip) = unsafe { (&mut *ip, &mut *icmp, &mut *qip) };
     // ICMPv6's checksum covers a pseudo-header with the outer addresses as well.
-    let mut icmp_delta = diff(diff(0, &ip.src, &outer.src), &ip.dst, &outer.dst);
-    ip.src = outer.src;
-    ip.dst = outer.dst;
-    let qaddrs = diff(diff(0, &qip.src, &inner.src), &qip.dst, &inner.dst);
+    let mut icmp_delta = readdress6(ip, &outer.src, &outer.dst);
+    let qaddrs = readdress6(qip, &inner.src, &inner.dst);
     icmp_delta += qaddrs;
-    qip.src = inner.src;
-    qip.dst = inner.dst;
     icmp_delta += rewrite_quoted_tcp(ctx, l4 + ICMP_HLEN + IPV6_HLEN, inner, qaddrs)?;
     let check = apply([icmp[2], icmp[3]], icmp_delta);
     icmp[2] = check[0];

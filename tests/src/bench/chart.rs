@@ -11,7 +11,7 @@ use plotters::{
     style::text_anchor::{HPos, Pos, VPos},
 };
 
-use super::report::{LabReport, Path};
+use super::report::{LabReport, Path, Summary};
 
 /// Where Debian's `fonts-dejavu-core` puts its sans-serif font.
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -54,24 +54,22 @@ struct Bar {
 /// Draws `lab-conn.png` and `lab-bulk.png` into `dir`; returns their paths.
 pub fn draw(report: &LabReport, dir: &FsPath) -> Result<Vec<std::path::PathBuf>> {
     font().context("the charts need a font")?;
-    let conn: Vec<Bar> = report
-        .paths
-        .iter()
-        .map(|r| Bar {
-            path: r.path,
-            value: r.median.conn_per_second,
-            vs_null: r.median.conn_vs_null_fwd,
-        })
-        .collect();
-    let bulk: Vec<Bar> = report
-        .paths
-        .iter()
-        .map(|r| Bar {
-            path: r.path,
-            value: r.median.bulk_gbit_per_second,
-            vs_null: r.median.bulk_vs_null_fwd,
-        })
-        .collect();
+    let bars = |of: fn(&Summary) -> (f64, Option<f64>)| -> Vec<Bar> {
+        report
+            .paths
+            .iter()
+            .map(|r| {
+                let (value, vs_null) = of(&r.median);
+                Bar {
+                    path: r.path,
+                    value,
+                    vs_null,
+                }
+            })
+            .collect()
+    };
+    let conn = bars(|m| (m.conn_per_second, m.conn_vs_null_fwd));
+    let bulk = bars(|m| (m.bulk_gbit_per_second, m.bulk_vs_null_fwd));
     let m = &report.machine;
     let machine = format!(
         "{} ({} cores), Linux {}, {}; median of {}",

@@ -3,7 +3,6 @@
 //! Needs root; see `lb_tests::lab`.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     thread,
     time::{Duration, Instant},
@@ -11,8 +10,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::lab::{
-    BackendSection, Conversation, Lab, Node, SERVICE_PORT, Service, Streaming, SyncSection, VIP4,
-    VIP6, VrrpSection, addr_like, addr4,
+    BackendSection, Lab, Node, SERVICE_PORT, Service, Streaming, SyncSection, VIP4, VIP6,
+    VrrpSection, addr_like, addr4,
 };
 use lb_userspace::{
     protocol::{BackendState, Status},
@@ -52,41 +51,6 @@ fn with_diagnostics<T>(lab: &Lab, result: Result<T>) -> Result<T> {
     result.map_err(|e| e.context(format!("lab diagnostics:\n{}", lab.diagnostics())))
 }
 
-/// Opens connections to `vip` until each of `wanted` holds one.
-fn one_per_backend(
-    lab: &Lab,
-    vip: SocketAddr,
-    wanted: &[&str],
-    max_attempts: usize,
-) -> Result<BTreeMap<String, Conversation>> {
-    let mut held = BTreeMap::new();
-    for k in 0..max_attempts {
-        if held.len() == wanted.len() {
-            return Ok(held);
-        }
-        let c = lab
-            .converse(vip)
-            .with_context(|| format!("connection attempt {k} to {vip}"))?;
-        if wanted.contains(&c.greeting.as_str()) && !held.contains_key(&c.greeting) {
-            held.insert(c.greeting.clone(), c);
-        }
-    }
-    ensure!(
-        held.len() == wanted.len(),
-        "not one connection on each of {wanted:?} in {max_attempts}: {:?}",
-        held.keys().collect::<Vec<_>>()
-    );
-    Ok(held)
-}
-
-fn echo(c: &mut Conversation, line: &str) -> Result<()> {
-    let got = c
-        .echo(line)
-        .with_context(|| format!("echo {line:?} via {}", c.greeting))?;
-    ensure!(got == line, "{} echoed {got:?} for {line:?}", c.greeting);
-    Ok(())
-}
-
 /// Stock backends behind an IPv4 and an IPv6 NAT service: every connection succeeds,
 /// every backend gets some, and long connections carry data both ways.
 #[test]
@@ -108,11 +72,10 @@ fn nat_serves_stock_backends_ipv4_and_ipv6() -> Result<()> {
             &lab,
             spread.check_shares(&[("b1", 1.0), ("b2", 1.0), ("b3", 1.0)], 0.4, 1.6),
         )?;
-        let mut held =
-            with_diagnostics(&lab, one_per_backend(&lab, vip, &["b1", "b2", "b3"], 200))?;
+        let mut held = with_diagnostics(&lab, lab.one_per_backend(vip, &["b1", "b2", "b3"], 200))?;
         for (name, c) in held.iter_mut() {
             for k in 0..3 {
-                with_diagnostics(&lab, echo(c, &format!("{vip} {name} {k}")))?;
+                with_diagnostics(&lab, c.check_echo(&format!("{vip} {name} {k}")))?;
             }
         }
     }
@@ -161,10 +124,10 @@ fn nat_reaches_a_backend_behind_a_router() -> Result<()> {
             &lab,
             spread.check_shares(&[("b1", 1.0), ("b2", 1.0), ("far", 1.0)], 0.4, 1.6),
         )?;
-        let mut held = with_diagnostics(&lab, one_per_backend(&lab, vip, &["far"], 200))?;
+        let mut held = with_diagnostics(&lab, lab.one_per_backend(vip, &["far"], 200))?;
         let far = held.get_mut("far").context("no connection to far")?;
         for k in 0..3 {
-            with_diagnostics(&lab, echo(far, &format!("{vip} far {k}")))?;
+            with_diagnostics(&lab, far.check_echo(&format!("{vip} far {k}")))?;
         }
     }
     // The far backend really has no way to the client but through the LB.
@@ -190,7 +153,7 @@ fn nat_drain_with_wait_counts_nat_flows() -> Result<()> {
     let vip = SocketAddr::from((VIP4, SERVICE_PORT));
     let _agent = lab.spawn_agent(&lab.config("native", &[nat4(2)]))?;
     lab.wait_backends_up("api", &["b1", "b2"], UP_TIMEOUT)?;
-    let mut held = with_diagnostics(&lab, one_per_backend(&lab, vip, &["b1", "b2"], 200))?;
+    let mut held = with_diagnostics(&lab, lab.one_per_backend(vip, &["b1", "b2"], 200))?;
     let cmd = lab.lbctl_command(&[
         "backend",
         "disable",
@@ -221,7 +184,7 @@ fn nat_drain_with_wait_counts_nat_flows() -> Result<()> {
         "b1 while its NAT connection is open: {b1:?}"
     );
     let c = held.get_mut("b1").context("no b1 connection")?;
-    with_diagnostics(&lab, echo(c, "still here"))?;
+    with_diagnostics(&lab, c.check_echo("still here"))?;
     for k in 0..20 {
         let c = lab.converse(vip)?;
         ensure!(
@@ -302,7 +265,7 @@ fn nat_connections_survive_a_sigkill_of_the_master() -> Result<()> {
         SocketAddr::from((VIP4, SERVICE_PORT)),
         (VIP6, SERVICE_PORT).into(),
     ] {
-        let conns = with_diagnostics(&lab, one_per_backend(&lab, vip, &["b1", "b2", "b3"], 200))?;
+        let conns = with_diagnostics(&lab, lab.one_per_backend(vip, &["b1", "b2", "b3"], 200))?;
         held.extend(
             conns
                 .into_iter()
@@ -310,7 +273,7 @@ fn nat_connections_survive_a_sigkill_of_the_master() -> Result<()> {
         );
     }
     for (name, c) in held.iter_mut() {
-        with_diagnostics(&lab, echo(c, &format!("before {name}")))?;
+        with_diagnostics(&lab, c.check_echo(&format!("before {name}")))?;
     }
     // Every held flow is in lb2's NAT table (the connections opened to find one per
     // backend are there too, closing).
@@ -330,7 +293,7 @@ fn nat_connections_survive_a_sigkill_of_the_master() -> Result<()> {
     println!("lb2 master {:?} after the SIGKILL", killed.elapsed());
     let mut failures = Vec::new();
     for (name, c) in held.iter_mut() {
-        if let Err(e) = echo(c, &format!("after {name}")) {
+        if let Err(e) = c.check_echo(&format!("after {name}")) {
             failures.push(format!("{name}: {e:#}"));
         }
     }

@@ -6,7 +6,6 @@
 //! Every test bounds its loops in count and time and prints what it measured.
 
 use std::{
-    collections::BTreeMap,
     fs,
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
@@ -21,8 +20,8 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use lb_tests::lab::{
-    Attempt, Conversation, Lab, SERVICE_PORT, Service, Streaming, VIP4, parse_backends_json,
-    parse_status_json, run_bounded,
+    Attempt, Lab, SERVICE_PORT, Service, Streaming, VIP4, parse_backends_json, parse_status_json,
+    run_bounded,
 };
 use lb_userspace::protocol::{self, BackendState, BackendStatus, Response};
 
@@ -71,50 +70,6 @@ fn with_diagnostics<T>(lab: &Lab, result: Result<T>) -> Result<T> {
 fn health_passing(b: &BackendStatus) -> bool {
     let h = b.health.trim().to_ascii_lowercase();
     h == "up"
-}
-
-/// Opens connections to the VIP until each of `wanted` holds one (at most
-/// `max_attempts` connections); the extra ones are closed at once.
-fn one_per_backend(
-    lab: &Lab,
-    wanted: &[&str],
-    max_attempts: usize,
-) -> Result<BTreeMap<String, Conversation>> {
-    let mut held = BTreeMap::new();
-    for k in 0..max_attempts {
-        if held.len() == wanted.len() {
-            println!("long-lived connections: one on each of {wanted:?} after {k} connections");
-            return Ok(held);
-        }
-        let c = lab
-            .converse(vip())
-            .with_context(|| format!("long-lived connection attempt {k}"))?;
-        if wanted.contains(&c.greeting.as_str()) && !held.contains_key(&c.greeting) {
-            held.insert(c.greeting.clone(), c);
-        }
-    }
-    ensure!(
-        held.len() == wanted.len(),
-        "no long-lived connection on every one of {wanted:?} within {max_attempts} connections; got {:?}",
-        held.keys().collect::<Vec<_>>()
-    );
-    Ok(held)
-}
-
-/// Sends a line on a long-lived connection and checks that it comes back.
-fn check_echo(c: &mut Conversation, line: &str) -> Result<()> {
-    let got = c.echo(line).with_context(|| {
-        format!(
-            "echo {line:?} on the long-lived connection to {}",
-            c.greeting
-        )
-    })?;
-    ensure!(
-        got == line,
-        "the long-lived connection to {} echoed {got:?} for {line:?}",
-        c.greeting
-    );
-    Ok(())
 }
 
 fn started_in(a: &Attempt, from: Instant, to: Option<Instant>) -> bool {
@@ -249,7 +204,7 @@ fn rolling_upgrade_under_load() -> Result<()> {
     let lab = lab_with_servers(3)?;
     let agent = lab.spawn_agent(&lab.config("native", &[web().backends(1..=3)]))?;
     lab.wait_backends_up(SERVICE, &["b1", "b2", "b3"], UP_TIMEOUT)?;
-    let mut long = with_diagnostics(&lab, one_per_backend(&lab, &["b1", "b2", "b3"], 200))?;
+    let mut long = with_diagnostics(&lab, lab.one_per_backend(vip(), &["b1", "b2", "b3"], 200))?;
 
     let load = lab.start_load(vip(), LOAD_MAX_CONNECTIONS, LOAD_MAX_TIME, LOAD_PAUSE)?;
     let t_start = Instant::now();
@@ -295,7 +250,7 @@ fn rolling_upgrade_under_load() -> Result<()> {
     );
     let long_b1 = long.get_mut("b1").context("no b1 connection")?;
     for k in 0..3 {
-        with_diagnostics(&lab, check_echo(long_b1, &format!("draining {k}")))?;
+        with_diagnostics(&lab, long_b1.check_echo(&format!("draining {k}")))?;
     }
     let early: Vec<Attempt> = load
         .attempts()
@@ -395,7 +350,7 @@ fn rolling_upgrade_under_load() -> Result<()> {
     let attempts = load.stop();
 
     for (name, c) in long.iter_mut() {
-        check_echo(c, &format!("still on {name} at the end"))?;
+        c.check_echo(&format!("still on {name} at the end"))?;
     }
     let phases = [
         ("before", t_start),
@@ -620,7 +575,7 @@ fn backups() -> Result<()> {
         "with both primaries down a new connection went to {}",
         on_backup.greeting
     );
-    check_echo(&mut on_backup, "on the backup")?;
+    on_backup.check_echo("on the backup")?;
 
     // One primary comes back.
     let t_restart = Instant::now();
@@ -637,10 +592,7 @@ fn backups() -> Result<()> {
     );
     wait_for_connections_since(&load, t_up + SETTLE, 150)?;
     for k in 0..3 {
-        check_echo(
-            &mut on_backup,
-            &format!("on the backup after b1 came back {k}"),
-        )?;
+        on_backup.check_echo(&format!("on the backup after b1 came back {k}"))?;
     }
     ensure!(
         load.is_running(),
@@ -746,7 +698,7 @@ fn reload_bad_and_good() -> Result<()> {
     let three = lab.config("native", &[web().backends(1..=3)]);
     let agent = lab.spawn_agent(&three)?;
     lab.wait_backends_up(SERVICE, &["b1", "b2", "b3"], UP_TIMEOUT)?;
-    let mut long = with_diagnostics(&lab, one_per_backend(&lab, &["b1", "b2", "b3"], 200))?;
+    let mut long = with_diagnostics(&lab, lab.one_per_backend(vip(), &["b1", "b2", "b3"], 200))?;
     let shares3 = [("b1", 1.0), ("b2", 1.0), ("b3", 1.0)];
 
     // Three errors: a bad address, a ring size that is not a prime, an unknown key.
@@ -812,7 +764,7 @@ fn reload_bad_and_good() -> Result<()> {
     println!("after the failed reload:\n{}", spread.table());
     with_diagnostics(&lab, spread.check_shares(&shares3, 0.5, 1.5))?;
     for (name, c) in long.iter_mut() {
-        check_echo(c, &format!("{name} after the failed reload"))?;
+        c.check_echo(&format!("{name} after the failed reload"))?;
     }
 
     // A good file with a fourth backend.
@@ -850,7 +802,7 @@ fn reload_bad_and_good() -> Result<()> {
     // others have no socket for it and would reset it.
     for (name, c) in long.iter_mut() {
         for k in 0..3 {
-            with_diagnostics(&lab, check_echo(c, &format!("{name} after adding b4 {k}")))?;
+            with_diagnostics(&lab, c.check_echo(&format!("{name} after adding b4 {k}")))?;
         }
     }
     println!("the long-lived connections to b1, b2 and b3 still echo after both reloads");
@@ -1175,8 +1127,8 @@ fn control_socket_robustness() -> Result<()> {
         "disable --wait --timeout 1 took {:?}",
         t.elapsed()
     );
-    check_echo(&mut held, "draining")?;
+    held.check_echo("draining")?;
     lab.lbctl_ok(&["backend", "enable", SERVICE, &name])?;
-    check_echo(&mut held, "enabled again")?;
+    held.check_echo("enabled again")?;
     Ok(())
 }

@@ -3,12 +3,13 @@
 //! client could not connect around an event (`start_probe`, `probe_gap`).
 
 use std::{
+    collections::BTreeMap,
     io::{self, BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result, ensure};
 
 use super::{ASK_TIMEOUT, Attempt, Lab, Load, Node, load::Pacing, try_in_ns};
 
@@ -40,6 +41,36 @@ impl Lab {
         };
         conversation.greeting = conversation.read_line()?;
         Ok(conversation)
+    }
+
+    /// Opens connections to `vip` until each backend of `wanted` (by greeting) holds
+    /// one, at most `max_attempts` connections; the extra ones are closed at once.
+    pub fn one_per_backend(
+        &self,
+        vip: SocketAddr,
+        wanted: &[&str],
+        max_attempts: usize,
+    ) -> Result<BTreeMap<String, Conversation>> {
+        let mut held = BTreeMap::new();
+        for k in 0..max_attempts {
+            if held.len() == wanted.len() {
+                println!("long-lived connections: one on each of {wanted:?} after {k} connections");
+                return Ok(held);
+            }
+            let c = self
+                .converse(vip)
+                .with_context(|| format!("long-lived connection attempt {k} to {vip}"))?;
+            if wanted.contains(&c.greeting.as_str()) && !held.contains_key(&c.greeting) {
+                held.insert(c.greeting.clone(), c);
+            }
+        }
+        ensure!(
+            held.len() == wanted.len(),
+            "no long-lived connection on every one of {wanted:?} within {max_attempts} \
+             connections; got {:?}",
+            held.keys().collect::<Vec<_>>()
+        );
+        Ok(held)
     }
 
     /// Starts a prober: a thread in the client namespace that, every `every`, opens a
@@ -82,6 +113,22 @@ impl Conversation {
     pub fn echo(&mut self, line: &str) -> io::Result<String> {
         self.writer.write_all(format!("{line}\n").as_bytes())?;
         self.read_line()
+    }
+
+    /// Sends `line` and checks that the same line comes back.
+    pub fn check_echo(&mut self, line: &str) -> Result<()> {
+        let got = self.echo(line).with_context(|| {
+            format!(
+                "echo {line:?} on the long-lived connection to {}",
+                self.greeting
+            )
+        })?;
+        ensure!(
+            got == line,
+            "the long-lived connection to {} echoed {got:?} for {line:?}",
+            self.greeting
+        );
+        Ok(())
     }
 }
 

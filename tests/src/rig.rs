@@ -8,10 +8,14 @@ use aya::{
     maps::{MapData, RingBuf},
     programs::{TestRun, TestRunOptions},
 };
-use lb_common::{CONFIG_F_TRACE, Counter, FAMILY_V4, LbConfig, TraceEvent};
+use lb_common::{
+    CONFIG_F_TRACE, Counter, FAMILY_V4, FlowKey, LbConfig, PROTO_TCP, PersistKey, PersistState,
+    TraceEvent, hash::flow_hash,
+};
 use lb_userspace::{
     config::{BackendSpec, Service},
-    dataplane::{DataPlane, MapSizes, OBJECT, ServeSwitch, ServingMap, XdpDataPlane},
+    dataplane::{DataPlane, FlowStore, MapSizes, OBJECT, ServeSwitch, ServingMap, XdpDataPlane},
+    maglev,
     programmer::{BackendView, Programmer, addr_bytes},
 };
 
@@ -54,6 +58,31 @@ pub fn service(name: &str, vip: &str, port: u16, ring_size: u32, backends: &[&st
 }
 
 /// Every backend resolved, healthy, enabled, at its configured weight.
+/// A TCP flow's key as the program builds it (and hashes it, and keys persistence on it).
+pub fn flow_key(src: (IpAddr, u16), dst: (IpAddr, u16)) -> FlowKey {
+    let (s, family) = addr_bytes(src.0);
+    let (d, _) = addr_bytes(dst.0);
+    FlowKey {
+        src: s,
+        dst: d,
+        sport_be: src.1.to_be(),
+        dport_be: dst.1.to_be(),
+        proto: PROTO_TCP,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// The persistence table's entry for `key`, if any.
+pub fn persist_entry(store: &mut dyn FlowStore, key: &PersistKey) -> Option<PersistState> {
+    store
+        .read_persist()
+        .expect("read PERSIST")
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
 pub fn all_up(_: &Service, b: &BackendSpec) -> BackendView {
     BackendView {
         mac: Some(backend_mac(b.address)),
@@ -162,6 +191,36 @@ impl Rig {
     }
 
     /// One run of the balancer program.
+    /// The backend id and address the Maglev ring of `s` gives `flow` (backends of
+    /// weight > 0), computed apart from the program.
+    pub fn ring_choice(&self, s: &Service, flow: &FlowKey) -> (u32, IpAddr) {
+        let id_of = |b: &BackendSpec| self.programmer.backend_id(&s.name, b.address).expect("id");
+        let members: Vec<maglev::Member> = s
+            .backends
+            .iter()
+            .filter(|b| b.weight > 0)
+            .map(|b| maglev::Member {
+                identity: b.address.to_string(),
+                id: id_of(b),
+                weight: b.weight,
+            })
+            .collect();
+        let ring = maglev::build(&members, s.ring_size);
+        let id = ring[(flow_hash(flow) % s.ring_size) as usize];
+        let b = s.backends.iter().find(|b| id_of(b) == id).expect("member");
+        (id, b.address)
+    }
+
+    /// A client port, among the thousand from `from`, whose flow the ring of `s` does
+    /// NOT give to `not`: a new connection from it shows whether persistence, not the
+    /// ring, decided.
+    pub fn port_off(&self, s: &Service, client: IpAddr, not: u32, from: u16) -> u16 {
+        let vip = (s.vip, s.port);
+        (from..from + 1000)
+            .find(|p| self.ring_choice(s, &flow_key((client, *p), vip)).0 != not)
+            .expect("some port the ring sends elsewhere")
+    }
+
     pub fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
         let r = self
             .run_program(lb_common::names::PROG_LB, input, 1)

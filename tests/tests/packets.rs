@@ -13,8 +13,8 @@ use lb_tests::{
     packet::*,
     require_root,
     rig::{
-        CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_PASS, XDP_TX, all_up, backend_mac, cpus, run_on_cpu,
-        service,
+        CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_PASS, XDP_TX, all_up, backend_mac, cpus,
+        flow_key as flow, persist_entry, run_on_cpu, service,
     },
 };
 use lb_userspace::{
@@ -24,7 +24,7 @@ use lb_userspace::{
     },
     flows, maglev,
     pins::{self, Found, PinDir},
-    programmer::{BackendView, addr_bytes},
+    programmer::BackendView,
 };
 
 const ROUTER_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x01];
@@ -106,20 +106,6 @@ fn ring_choice(rig: &Rig, service: &str, flow: &FlowKey) -> (u32, [u8; 6]) {
         .find(|b| id_of(b) == id)
         .expect("ring member");
     (id, backend_mac(b.address))
-}
-
-fn flow(src: (IpAddr, u16), dst: (IpAddr, u16)) -> FlowKey {
-    let (s, family) = addr_bytes(src.0);
-    let (d, _) = addr_bytes(dst.0);
-    FlowKey {
-        src: s,
-        dst: d,
-        sport_be: src.1.to_be(),
-        dport_be: dst.1.to_be(),
-        proto: PROTO_TCP,
-        family,
-        _pad: [0; 2],
-    }
 }
 
 /// A frame with its MACs replaced, as DSR forwarding must leave it.
@@ -2004,42 +1990,8 @@ fn persistent_services() -> Vec<Service> {
 
 /// The backend id and MAC the Maglev ring of `s` gives this flow.
 fn ring_choice_of(rig: &Rig, s: &Service, flow: &FlowKey) -> (u32, [u8; 6]) {
-    let id_of = |b: &BackendSpec| rig.programmer.backend_id(&s.name, b.address).expect("id");
-    let members: Vec<maglev::Member> = s
-        .backends
-        .iter()
-        .filter(|b| b.weight > 0)
-        .map(|b| maglev::Member {
-            identity: b.address.to_string(),
-            id: id_of(b),
-            weight: b.weight,
-        })
-        .collect();
-    let ring = maglev::build(&members, s.ring_size);
-    let id = ring[(flow_hash(flow) % s.ring_size) as usize];
-    let b = s.backends.iter().find(|b| id_of(b) == id).expect("member");
-    (id, backend_mac(b.address))
-}
-
-/// A client port whose flow the ring of `s` does NOT give to `not`: a new connection
-/// from it shows whether persistence, not the ring, decided.
-fn port_off(rig: &Rig, s: &Service, client: IpAddr, not: u32) -> u16 {
-    let vip = (s.vip, s.port);
-    (50000..51000)
-        .find(|p| ring_choice_of(rig, s, &flow((client, *p), vip)).0 != not)
-        .expect("some port the ring sends elsewhere")
-}
-
-fn persist_entry(
-    store: &mut dyn FlowStore,
-    key: &lb_common::PersistKey,
-) -> Option<lb_common::PersistState> {
-    store
-        .read_persist()
-        .expect("read PERSIST")
-        .into_iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v)
+    let (id, addr) = rig.ring_choice(s, flow);
+    (id, backend_mac(addr))
 }
 
 /// One client's connections keep the backend of its first after the ring moved it
@@ -2095,7 +2047,7 @@ fn persistence_keeps_a_client_on_its_backend_after_the_ring_changes() {
             port: None,
         });
         rig.apply(s.clone()).expect("reprogram");
-        let port = port_off(&rig, &s[svc], client, first);
+        let port = rig.port_off(&s[svc], client, first, 50000);
         for p in [port, port + 1000, port + 2000] {
             let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, (client, p), vip, SYN));
             assert_eq!(v, XDP_TX);
@@ -2154,7 +2106,7 @@ fn an_expired_persistence_entry_gives_way_to_the_ring() {
     ));
     let (first, first_mac) = ring_choice_of(&rig, &s0, &first_key);
     let pkey = lb_common::PersistKey::of_flow(&first_key);
-    let port = port_off(&rig, &s0, client, first);
+    let port = rig.port_off(&s0, client, first, 50000);
     let key = flow((client, port), vip);
     let (ring_id, ring_mac) = ring_choice_of(&rig, &s0, &key);
 

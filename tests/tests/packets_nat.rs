@@ -7,21 +7,22 @@
 use std::net::IpAddr;
 
 use lb_common::{
-    COARSE_CLOCK_LAG_NS, FlowKey, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT,
-    NAT_F_SYNCED, NAT_TOUCH_NS, NatConfig, PERSIST_TOUCH_NS, PROTO_TCP, PersistKey, PersistState,
+    COARSE_CLOCK_LAG_NS, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_SYNCED,
+    NAT_TOUCH_NS, NatConfig, PERSIST_TOUCH_NS, PersistKey,
     counters::{event, event_slot, global_slot, reason, vip_slot},
-    hash::flow_hash,
 };
 use lb_tests::{
     packet::*,
     require_root,
-    rig::{CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_TX, all_up, backend_mac, service},
+    rig::{
+        CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_TX, all_up, backend_mac, flow_key as flow,
+        persist_entry, service,
+    },
 };
 use lb_userspace::{
     config::{BackendSpec, Forwarding, Service},
     dataplane::{DataPlane, FlowStore, monotonic_ns},
-    maglev,
-    programmer::{BackendView, addr_bytes},
+    programmer::BackendView,
 };
 
 const ROUTER_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x01];
@@ -561,54 +562,6 @@ fn persistent_nat_services() -> Vec<Service> {
     s
 }
 
-/// The client's flow key, as the program hashes and keys persistence on it.
-fn flow(src: (IpAddr, u16), dst: (IpAddr, u16)) -> FlowKey {
-    let (s, family) = addr_bytes(src.0);
-    let (d, _) = addr_bytes(dst.0);
-    FlowKey {
-        src: s,
-        dst: d,
-        sport_be: src.1.to_be(),
-        dport_be: dst.1.to_be(),
-        proto: PROTO_TCP,
-        family,
-        _pad: [0; 2],
-    }
-}
-
-/// The backend id and address the Maglev ring of `s` gives this flow (usable backends
-/// of weight > 0 only).
-fn ring_choice_of(rig: &Rig, s: &Service, flow: &FlowKey) -> (u32, IpAddr) {
-    let id_of = |b: &BackendSpec| rig.programmer.backend_id(&s.name, b.address).expect("id");
-    let members: Vec<maglev::Member> = s
-        .backends
-        .iter()
-        .filter(|b| b.weight > 0)
-        .map(|b| maglev::Member {
-            identity: b.address.to_string(),
-            id: id_of(b),
-            weight: b.weight,
-        })
-        .collect();
-    let ring = maglev::build(&members, s.ring_size);
-    let id = ring[(flow_hash(flow) % s.ring_size) as usize];
-    let b = s.backends.iter().find(|b| id_of(b) == id).expect("member");
-    (id, b.address)
-}
-
-/// A client port whose flow the ring of `s` does NOT give to `not`.
-fn port_off(rig: &Rig, s: &Service, client: IpAddr, not: u32) -> u16 {
-    port_off_from(rig, s, client, not, 50000)
-}
-
-/// `port_off` searching the thousand ports from `from` (ports no earlier flow used).
-fn port_off_from(rig: &Rig, s: &Service, client: IpAddr, not: u32, from: u16) -> u16 {
-    let vip = (s.vip, s.port);
-    (from..from + 1000)
-        .find(|p| ring_choice_of(rig, s, &flow((client, *p), vip)).0 != not)
-        .expect("some port the ring sends elsewhere")
-}
-
 /// The translated destination (backend address and port) and the destination MAC of a
 /// frame the NAT path sent towards a backend.
 fn translated_to(frame: &[u8]) -> (IpAddr, u16, [u8; 6]) {
@@ -631,15 +584,6 @@ fn translated_to(frame: &[u8]) -> (IpAddr, u16, [u8; 6]) {
             )
         }
     }
-}
-
-fn persist_entry(store: &mut dyn FlowStore, key: &PersistKey) -> Option<PersistState> {
-    store
-        .read_persist()
-        .expect("read PERSIST")
-        .into_iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v)
 }
 
 /// A NAT client's new connections (other source ports) keep the backend of its first
@@ -669,7 +613,7 @@ fn nat_persistence_keeps_a_client_on_its_backend_after_the_ring_changes() {
             SYN,
         ));
         assert_eq!(v, XDP_TX);
-        let (first, first_addr) = ring_choice_of(&rig, &s0, &first_key);
+        let (first, first_addr) = rig.ring_choice(&s0, &first_key);
         assert_eq!(
             translated_to(&out),
             (first_addr, 8443, backend_mac(first_addr)),
@@ -700,7 +644,7 @@ fn nat_persistence_keeps_a_client_on_its_backend_after_the_ring_changes() {
             port: Some(9443),
         });
         rig.apply(s.clone()).expect("reprogram");
-        let port = port_off(&rig, &s[svc], client, first);
+        let port = rig.port_off(&s[svc], client, first, 50000);
         for p in [port, port + 1000, port + 2000] {
             let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, (client, p), vip, SYN));
             assert_eq!(v, XDP_TX);
@@ -721,8 +665,8 @@ fn nat_persistence_keeps_a_client_on_its_backend_after_the_ring_changes() {
         // Persistence off: the same client follows the ring, to another backend.
         s[svc].persistence_timeout_s = 0;
         rig.apply(s.clone()).expect("reprogram");
-        let p = port_off_from(&rig, &s[svc], client, first, 53000);
-        let (_, ring_addr) = ring_choice_of(&rig, &s[svc], &flow((client, p), vip));
+        let p = rig.port_off(&s[svc], client, first, 53000);
+        let (_, ring_addr) = rig.ring_choice(&s[svc], &flow((client, p), vip));
         let ring_port = if ring_addr == ip(extra) { 9443 } else { 8443 };
         let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, (client, p), vip, SYN));
         assert_eq!(v, XDP_TX);
@@ -763,7 +707,7 @@ fn nat_persistent_client_of_a_disabled_or_down_backend_is_rechosen() {
                 SYN,
             ));
             assert_eq!(v, XDP_TX);
-            let (first, gone) = ring_choice_of(&rig, &s0, &first_key);
+            let (first, gone) = rig.ring_choice(&s0, &first_key);
             assert_eq!(translated_to(&out).0, gone);
             let view = move |s: &Service, b: &BackendSpec| BackendView {
                 enabled: down || b.address != gone,
@@ -804,7 +748,7 @@ fn nat_persistent_client_of_a_disabled_or_down_backend_is_rechosen() {
             );
             // With the old backend back, the client stays on the new one.
             rig.apply(persistent_nat_services()).expect("reprogram");
-            let back = port_off(&rig, &rig.services[svc].clone(), client, entry.backend);
+            let back = rig.port_off(&rig.services[svc].clone(), client, entry.backend, 50000);
             let (_, out) = rig.run(&tcp_frame(
                 LB_MAC,
                 CLIENT_MAC,

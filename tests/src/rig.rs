@@ -191,14 +191,13 @@ impl Rig {
     }
 
     /// One run of the balancer program.
-    /// The backend id and address the Maglev ring of `s` gives `flow` (backends of
-    /// weight > 0), computed apart from the program.
+    /// The backend id and address the Maglev ring of `s` gives `flow`, computed from the
+    /// pure Maglev table apart from the program (a backend of weight 0 takes no slot).
     pub fn ring_choice(&self, s: &Service, flow: &FlowKey) -> (u32, IpAddr) {
         let id_of = |b: &BackendSpec| self.programmer.backend_id(&s.name, b.address).expect("id");
         let members: Vec<maglev::Member> = s
             .backends
             .iter()
-            .filter(|b| b.weight > 0)
             .map(|b| maglev::Member {
                 identity: b.address.to_string(),
                 id: id_of(b),

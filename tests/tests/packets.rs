@@ -7,7 +7,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_common::{
     FLOW_F_CLOSING, FlowKey, FlowState, NO_BACKEND, PROTO_TCP, TRACE_F_NEW_FLOW, TRACE_FORWARDED,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
-    hash::flow_hash,
 };
 use lb_tests::{
     packet::*,
@@ -22,7 +21,7 @@ use lb_userspace::{
     dataplane::{
         DataPlaneError, FlowStore, FlowTable, MapSizes, ServeSwitch, XdpDataPlane, monotonic_ns,
     },
-    flows, maglev,
+    flows,
     pins::{self, Found, PinDir},
     programmer::BackendView,
 };
@@ -81,31 +80,14 @@ fn vip_num(rig: &Rig, service: &str) -> u32 {
     rig.programmer.vip_num(s.vip, s.port).expect("vip num")
 }
 
-/// The backend the ring gives this flow, computed from the pure Maglev table.
+/// The backend the ring of the service named `service` gives this flow (`ring_choice_of`).
 fn ring_choice(rig: &Rig, service: &str, flow: &FlowKey) -> (u32, [u8; 6]) {
     let s = rig
         .services
         .iter()
         .find(|s| s.name == service)
         .expect("service");
-    let id_of = |b: &BackendSpec| rig.programmer.backend_id(&s.name, b.address).expect("id");
-    let members: Vec<maglev::Member> = s
-        .backends
-        .iter()
-        .map(|b| maglev::Member {
-            identity: b.address.to_string(),
-            id: id_of(b),
-            weight: b.weight,
-        })
-        .collect();
-    let ring = maglev::build(&members, s.ring_size);
-    let id = ring[(flow_hash(flow) % s.ring_size) as usize];
-    let b = s
-        .backends
-        .iter()
-        .find(|b| id_of(b) == id)
-        .expect("ring member");
-    (id, backend_mac(b.address))
+    ring_choice_of(rig, s, flow)
 }
 
 /// A frame with its MACs replaced, as DSR forwarding must leave it.
@@ -1988,7 +1970,8 @@ fn persistent_services() -> Vec<Service> {
     s
 }
 
-/// The backend id and MAC the Maglev ring of `s` gives this flow.
+/// The backend id and MAC the Maglev ring of `s` gives this flow, computed from the pure
+/// Maglev table (`Rig::ring_choice`).
 fn ring_choice_of(rig: &Rig, s: &Service, flow: &FlowKey) -> (u32, [u8; 6]) {
     let (id, addr) = rig.ring_choice(s, flow);
     (id, backend_mac(addr))

@@ -125,11 +125,33 @@ pub struct NatFlow {
     pub bport_be: u16,
     /// The backend's address (as `NatTarget::addr`), fixed for the flow's life.
     pub baddr: [u8; 16],
+    /// The FIB's next hop towards the backend and towards the client, each as this
+    /// host's program last asked for it: a direction's packets skip `bpf_fib_lookup`
+    /// while its copy is younger than `NAT_HOP_TTL_NS`. Never sent to peers (their
+    /// MACs and interfaces are their own); zero in an entry a peer's sync installed.
+    pub to_backend: NextHop,
+    pub to_client: NextHop,
     /// Where the client's frames came from (the client or its router): the reply's
     /// next hop when the FIB has no neighbour for the client.
     pub client_mac: [u8; 6],
     pub _pad: [u8; 2],
 }
+
+/// A next hop as `bpf_fib_lookup` gave it (`NatFlow::to_backend`, `to_client`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// The interface to send on: the one the packet came in on means `XDP_TX`.
+    pub ifindex: u32,
+    /// The flow clock's time of the lookup; 0: nothing cached.
+    pub at_ns: u64,
+}
+
+/// How long a NAT flow's cached next hop is used before the FIB is asked again: a
+/// route or neighbour change reaches established NAT flows within this.
+pub const NAT_HOP_TTL_NS: u64 = 1_000_000_000;
 
 /// NAT flow flags: a FIN from the client, a FIN from the backend, an RST either way.
 pub const NAT_F_FIN_CLIENT: u32 = 1;
@@ -450,10 +472,11 @@ const _: () = {
     assert!(core::mem::size_of::<Counter>() == 24);
     assert!(core::mem::size_of::<TraceEvent>() == 56);
     assert!(core::mem::size_of::<NatTarget>() == 20);
-    assert!(core::mem::size_of::<NatFlow>() == 48);
+    assert!(core::mem::size_of::<NextHop>() == 24);
+    assert!(core::mem::size_of::<NatFlow>() == 96);
     assert!(core::mem::size_of::<NatConfig>() == 8);
     assert!(core::mem::size_of::<NatTuple>() == 40);
-    assert!(core::mem::size_of::<NatScratch>() == 336);
+    assert!(core::mem::size_of::<NatScratch>() == 384);
     // The ring array is MAX_VIPS windows of MAX_RING_SIZE slots.
     assert!((MAX_VIPS as u64) * (MAX_RING_SIZE as u64) < u32::MAX as u64);
 };
@@ -476,6 +499,7 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TraceEvent {}
     unsafe impl aya::Pod for NatTarget {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for NatFlow {}
     unsafe impl aya::Pod for NatConfig {}
 }

@@ -24,8 +24,8 @@ use aya_ebpf::{
 use lb_common::{
     FAMILY_V4, FlowKey, NAT_CFG_F_FIB, NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN,
     NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED,
-    NAT_PORT_PROBES, NAT_TOUCH_NS, NatFlow, NatTuple as Tuple, PROTO_TCP, VIP_F_NAT, VipInfo,
-    VipKey,
+    NAT_HOP_TTL_NS, NAT_PORT_PROBES, NAT_TOUCH_NS, NatFlow, NatTuple as Tuple, NextHop, PROTO_TCP,
+    VIP_F_NAT, VipInfo, VipKey,
     counters::{backend_slot, event, event_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -105,7 +105,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
     );
     let fallback = Fallback::Backend(backend);
     let l3 = rewrite(ctx, &s.new)?;
-    let verdict = next_hop(ctx.ctx, l3, fallback)?;
+    let verdict = next_hop(ctx.ctx, l3, fallback, addr_of_mut!(e.to_backend), now)?;
     let len = frame_len(ctx) as u64;
     count(vip_slot(p.vip.vip_num), len, new_flow);
     count(backend_slot(backend), len, new_flow);
@@ -122,12 +122,9 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u3
         .ok_or(reason::DROP_NAT_NO_FLOW)?;
     // SAFETY: as in `forward`.
     let e = unsafe { &mut *e };
-    touch(
-        e,
-        crate::flow_clock(),
-        closing_flags(tcp_flags, NAT_F_FIN_BACKEND),
-    );
-    let (backend, vip_num, client_mac) = (e.backend, e.vip_num, e.client_mac);
+    let now = crate::flow_clock();
+    touch(e, now, closing_flags(tcp_flags, NAT_F_FIN_BACKEND));
+    let (backend, vip_num) = (e.backend, e.vip_num);
     let s = scratch()?;
     set_tuple(
         &mut s.new,
@@ -138,7 +135,13 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u3
         client.sport_be,
     );
     let l3 = rewrite(ctx, &s.new)?;
-    let verdict = next_hop(ctx.ctx, l3, Fallback::Mac(&client_mac))?;
+    let verdict = next_hop(
+        ctx.ctx,
+        l3,
+        Fallback::Mac(&e.client_mac),
+        addr_of_mut!(e.to_client),
+        now,
+    )?;
     let len = frame_len(ctx) as u64;
     count(vip_slot(vip_num), len, false);
     count(backend_slot(backend), len, false);
@@ -210,6 +213,8 @@ fn open(ctx: &XdpContext, p: &Packet, now: u64) -> Step<()> {
         nport_be: nport,
         bport_be: target.port_be,
         baddr: target.addr,
+        to_backend: NextHop::default(),
+        to_client: NextHop::default(),
         client_mac,
         _pad: [0; 2],
     };
@@ -363,19 +368,42 @@ fn apply(check: [u8; 2], acc: u32) -> [u8; 2] {
 /// Sends the rewritten frame towards `new.dst`: the next hop the kernel's FIB gives
 /// (the backend, or a router before it), else `fallback` (the backend's resolved
 /// MAC, or the MAC the client's frames came from).
+///
+/// `hop` (null: none) is the flow's cached next hop for this direction: used while
+/// younger than `NAT_HOP_TTL_NS` at `now`, else the FIB is asked and what it leads to
+/// (its next hop, or the fallback) is kept there. Two CPUs refreshing one copy at once
+/// write the same answer, but for a route that changed in between: then one packet
+/// may go by either.
 #[inline(always)]
-fn next_hop(raw: *mut xdp_md, l3: usize, fallback: Fallback) -> Step<u32> {
+fn next_hop(
+    raw: *mut xdp_md,
+    l3: usize,
+    fallback: Fallback,
+    hop: *mut NextHop,
+    now: u64,
+) -> Step<u32> {
     let ctx = &XdpContext::new(raw);
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
+    let ingress = ctx.ingress_ifindex() as u32;
+    if !hop.is_null() {
+        // SAFETY: a field of a NAT_FLOWS value (`forward`, `reply`).
+        let h = unsafe { &*hop };
+        if h.at_ns != 0 && now.wrapping_sub(h.at_ns) < NAT_HOP_TTL_NS {
+            unsafe {
+                set_mac(addr_of_mut!((*eth).dst), &h.dmac);
+                set_mac(addr_of_mut!((*eth).src), &h.smac);
+            }
+            return send(h.ifindex, ingress);
+        }
+    }
     let cfg = CONFIG.get(0).ok_or(reason::ABORT_INTERNAL)?;
     let s = scratch()?;
     let new = &s.new;
     let family = new.family;
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
     let use_fib = NAT_CONFIG
         .get(0)
         .is_some_and(|c| c.flags & NAT_CFG_F_FIB != 0);
     if use_fib {
-        let ingress = ctx.ingress_ifindex() as u32;
         const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
         // SAFETY: 64 bytes of this CPU's scratch, aligned for u64, as the helper's struct.
         let params = unsafe { &mut *(s.fib.as_mut_ptr() as *mut FibParams) };
@@ -402,19 +430,15 @@ fn next_hop(raw: *mut xdp_md, l3: usize, fallback: Fallback) -> Step<u32> {
             )
         };
         if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-            unsafe {
-                set_mac(addr_of_mut!((*eth).dst), &params.dmac);
-                set_mac(addr_of_mut!((*eth).src), &params.smac);
-            }
-            if params.ifindex == ingress {
-                return Ok(XDP_TX);
-            }
-            let r = unsafe { bpf_redirect(params.ifindex, 0) } as u32;
-            return if r == XDP_REDIRECT {
-                Ok(r)
-            } else {
-                Err(reason::DROP_NAT_NO_ROUTE)
-            };
+            return go(
+                eth,
+                hop,
+                &params.dmac,
+                &params.smac,
+                params.ifindex,
+                ingress,
+                now,
+            );
         }
     }
     // Looked up only now that the FIB gave nothing: most packets never need it.
@@ -429,11 +453,50 @@ fn next_hop(raw: *mut xdp_md, l3: usize, fallback: Fallback) -> Step<u32> {
     if fallback_mac.iter().fold(0, |a, b| a | b) == 0 {
         return Err(reason::DROP_NAT_NO_ROUTE);
     }
+    // Cached as well: the FIB has no neighbour for a client the LB host never spoke
+    // to itself, and would say so again for each of the flow's replies.
+    go(eth, hop, fallback_mac, &cfg.mac, ingress, ingress, now)
+}
+
+/// The frame to `dmac` from `smac`, out of `ifindex` (`send`); the choice kept in
+/// `hop` (if any) from `now`.
+#[inline(always)]
+fn go(
+    eth: *mut EthHdr,
+    hop: *mut NextHop,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+    ifindex: u32,
+    ingress: u32,
+    now: u64,
+) -> Step<u32> {
     unsafe {
-        set_mac(addr_of_mut!((*eth).dst), fallback_mac);
-        set_mac(addr_of_mut!((*eth).src), &cfg.mac);
+        set_mac(addr_of_mut!((*eth).dst), dmac);
+        set_mac(addr_of_mut!((*eth).src), smac);
     }
-    Ok(XDP_TX)
+    if !hop.is_null() {
+        // SAFETY: a field of a NAT_FLOWS value (`next_hop`).
+        let h = unsafe { &mut *hop };
+        set_mac(addr_of_mut!(h.dmac), dmac);
+        set_mac(addr_of_mut!(h.smac), smac);
+        h.ifindex = ifindex;
+        h.at_ns = now;
+    }
+    send(ifindex, ingress)
+}
+
+/// Out of the interface `ifindex`: back where it came in (`XDP_TX`), else redirected.
+#[inline(always)]
+fn send(ifindex: u32, ingress: u32) -> Step<u32> {
+    if ifindex == ingress {
+        return Ok(XDP_TX);
+    }
+    let r = unsafe { bpf_redirect(ifindex, 0) } as u32;
+    if r == XDP_REDIRECT {
+        Ok(r)
+    } else {
+        Err(reason::DROP_NAT_NO_ROUTE)
+    }
 }
 
 /// Where a translated frame goes when the FIB gives no next hop (or is not asked).
@@ -543,7 +606,8 @@ pub fn icmp_error(ctx: &XdpContext, quoted: &FlowKey) -> Step<Option<u32>> {
     } else {
         rewrite_icmp6(ctx.ctx)?
     };
-    let verdict = next_hop(ctx.ctx, l3, fallback)?;
+    // Not cached: an ICMP error is rare, and its flow's entry is not written here.
+    let verdict = next_hop(ctx.ctx, l3, fallback, core::ptr::null_mut(), 0)?;
     let len = frame_len(ctx) as u64;
     count(vip_slot(e.vip_num), len, false);
     count(backend_slot(e.backend), len, false);

@@ -224,7 +224,8 @@ pub fn remote_nat(flows: &[NatPin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKe
                     bport_be: f.bport.to_be(),
                     baddr,
                     client_mac: f.client_mac,
-                    _pad: [0; 2],
+                    // This host's own next hops: asked for on the first packet here.
+                    ..Default::default()
                 },
             ))
         })
@@ -1023,7 +1024,7 @@ mod tests {
             bport_be: 8443u16.to_be(),
             baddr: [10, 0, 1, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             client_mac: [2, 0, 0, 0, 0, 9],
-            _pad: [0; 2],
+            ..Default::default()
         };
         let sender = Names {
             backends: HashMap::from([(2, b.clone())]),

@@ -80,7 +80,7 @@ mod tests {
             bport_be: 8080u16.to_be(),
             baddr: [10, 0, 1, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             client_mac: [2, 0, 0, 0, 0, 1],
-            _pad: [0; 2],
+            ..Default::default()
         }
     }
 

@@ -9,11 +9,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use aya::maps::{HashMap as AyaHashMap, Map, MapData};
+use lb_common::{FlowKey, NAT_HOP_TTL_NS, NatFlow, names};
 use lb_tests::lab::{
     BackendSection, Lab, Node, SERVICE_PORT, Service, Streaming, SyncSection, VIP4, VIP6,
     VrrpSection, addr_like, addr4,
 };
 use lb_userspace::{
+    pins::PinDir,
     protocol::{BackendState, Status},
     vrrp::VrrpState,
 };
@@ -326,5 +329,122 @@ fn nat_connections_survive_a_sigkill_of_the_master() -> Result<()> {
             .with_context(|| format!("a new connection to {vip} via lb2"))?;
         ensure!(c.greeting.starts_with('b'), "{vip}: {}", c.greeting);
     }
+    Ok(())
+}
+
+/// The NAT flows' entries in the LB's pinned table (`NAT_FLOWS`), read as the agent
+/// left them.
+fn nat_entries(lab: &Lab) -> Result<Vec<(FlowKey, NatFlow)>> {
+    let pins = PinDir::new(&lab.bpffs_dir_of(Node::Lb), "eth0");
+    let path = pins.dir().join(names::MAP_NAT_FLOWS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map: AyaHashMap<MapData, FlowKey, NatFlow> = AyaHashMap::try_from(Map::HashMap(data))?;
+    map.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading NAT_FLOWS")
+}
+
+fn mac_bytes(text: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.split(':').collect();
+    ensure!(parts.len() == 6, "not a MAC: {text:?}");
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).with_context(|| format!("not a MAC: {text:?}"))?;
+    }
+    Ok(mac)
+}
+
+/// Each NAT flow keeps the FIB's next hop for both directions in its entry (the
+/// backend's MAC one way, the client's the other, from the LB's MAC, out of `eth0`),
+/// and asks again once that copy is older than `NAT_HOP_TTL_NS`: when the backend
+/// takes a new MAC and the LB host's neighbour entry says so, the held connection
+/// goes on, its packets to the new MAC.
+#[test]
+fn nat_flows_cache_their_next_hops_and_follow_a_change() -> Result<()> {
+    if !lb_tests::require_root("nat_flows_cache_their_next_hops_and_follow_a_change") {
+        return Ok(());
+    }
+    let lab = lab(1, false)?;
+    let _agent = lab.spawn_agent(&lab.config("native", &[nat4(1)]))?;
+    lab.wait_backends_up("api", &["b1"], UP_TIMEOUT)?;
+    let vip = SocketAddr::from((VIP4, SERVICE_PORT));
+    let mut held = with_diagnostics(&lab, lab.one_per_backend(vip, &["b1"], 20))?;
+    let c = held.get_mut("b1").context("no connection to b1")?;
+    with_diagnostics(&lab, c.check_echo("before"))?;
+
+    let b1 = Node::Backend(1);
+    let (lb_mac, client_mac, old_mac) = (
+        mac_bytes(&lab.mac_of(Node::Lb)?)?,
+        mac_bytes(&lab.mac_of(Node::Client)?)?,
+        mac_bytes(&lab.mac_of(b1)?)?,
+    );
+    let lb_ifindex: u32 = lab
+        .run(Node::Lb, &["cat", "/sys/class/net/eth0/ifindex"])?
+        .trim()
+        .parse()
+        .context("eth0's ifindex")?;
+    let entries = nat_entries(&lab)?;
+    let cached: Vec<&NatFlow> = entries
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| e.to_backend.at_ns != 0 && e.to_client.at_ns != 0)
+        .collect();
+    ensure!(
+        !cached.is_empty(),
+        "no NAT flow with both next hops cached: {entries:?}"
+    );
+    for e in &cached {
+        ensure!(
+            (e.to_backend.dmac, e.to_backend.smac, e.to_backend.ifindex)
+                == (old_mac, lb_mac, lb_ifindex),
+            "towards the backend: {:?}",
+            e.to_backend
+        );
+        ensure!(
+            (e.to_client.dmac, e.to_client.smac, e.to_client.ifindex)
+                == (client_mac, lb_mac, lb_ifindex),
+            "towards the client: {:?}",
+            e.to_client
+        );
+    }
+
+    // The backend takes a new MAC; the LB host learns it.
+    let new_mac = "02:77:00:00:b1:01";
+    lab.run(
+        b1,
+        &["ip", "link", "set", "dev", "eth0", "address", new_mac],
+    )?;
+    lab.run(
+        Node::Lb,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &addr4(b1).to_string(),
+            "lladdr",
+            new_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    // The copies made by the last echo are old by now.
+    let changed = Instant::now();
+    thread::sleep(Duration::from_nanos(NAT_HOP_TTL_NS) + Duration::from_millis(200));
+    with_diagnostics(&lab, c.check_echo("after"))?;
+    println!(
+        "echo answered {} ms after the backend's MAC changed",
+        changed.elapsed().as_millis()
+    );
+    let now_to = |entries: &[(FlowKey, NatFlow)]| {
+        entries
+            .iter()
+            .any(|(_, e)| e.to_backend.dmac == mac_bytes(new_mac).unwrap_or_default())
+    };
+    ensure!(
+        now_to(&nat_entries(&lab)?),
+        "no NAT flow's next hop is the backend's new MAC"
+    );
     Ok(())
 }

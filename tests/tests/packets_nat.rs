@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use lb_common::{
     COARSE_CLOCK_LAG_NS, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_SYNCED,
-    NAT_TOUCH_NS, NatConfig, PERSIST_TOUCH_NS, PersistKey,
+    NAT_HOP_TTL_NS, NAT_TOUCH_NS, NatConfig, NatFlow, NextHop, PERSIST_TOUCH_NS, PersistKey,
     counters::{event, event_slot, global_slot, reason, vip_slot},
 };
 use lb_tests::{
@@ -929,4 +929,101 @@ fn nat_packets_write_their_entry_only_when_it_changes() {
     let (_, closed) = entry(&mut store);
     assert_ne!(closed.flags & NAT_F_FIN_BACKEND, 0);
     assert!(lb_userspace::nat::is_closed(&closed));
+}
+
+/// A flow's cached next hop (`NatFlow::to_backend`, `to_client`) takes each direction's
+/// packets while younger than `NAT_HOP_TTL_NS`: its MACs, and `XDP_TX` when its
+/// interface is the one the packet came in on, else a redirect. An old copy is not used
+/// (here, without FIB lookups, the packet then takes the fallback MACs, and those are
+/// cached). The lab's NAT tests check the FIB's answers being cached and followed when
+/// the next hop changes.
+#[test]
+fn nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh() {
+    if !require_root("nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh") {
+        return;
+    }
+    const XDP_REDIRECT: u32 = 4;
+    // BPF_PROG_TEST_RUN without a context: the packet came in on loopback.
+    const INGRESS: u32 = 1;
+    let hop = |dmac: [u8; 6], smac: [u8; 6], ifindex: u32, at_ns: u64| NextHop {
+        dmac,
+        smac,
+        ifindex,
+        at_ns,
+    };
+    let (r1, s1) = ([0x02, 0xaa, 0, 0, 0, 1], [0x02, 0xbb, 0, 0, 0, 1]);
+    let (r2, s2) = ([0x02, 0xaa, 0, 0, 0, 2], [0x02, 0xbb, 0, 0, 0, 2]);
+
+    let mut rig = rig();
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("192.0.2.20"), 443);
+    let client = (ip("198.51.100.9"), 42001);
+    let backend = ip("10.0.1.5");
+    let bmac = backend_mac(backend);
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, false);
+    let from_client = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK);
+    let from_backend = tcp_frame(LB_MAC, bmac, None, (backend, 8443), (vip.0, n), ACK);
+    let to_backend = |dst, src| tcp_frame(dst, src, None, (vip.0, n), (backend, 8443), ACK);
+    let to_client = |dst, src| tcp_frame(dst, src, None, vip, client, ACK);
+    assert_eq!(rig.run(&from_client), (XDP_TX, to_backend(bmac, LB_MAC)));
+    assert_eq!(
+        rig.run(&from_backend),
+        (XDP_TX, to_client(CLIENT_MAC, LB_MAC))
+    );
+    let entry = |store: &mut dyn FlowStore| {
+        let flows = store.read_nat().expect("NAT table");
+        assert_eq!(flows.len(), 1);
+        flows[0]
+    };
+    let (key, e) = entry(&mut store);
+    let fallback = |dmac| (dmac, LB_MAC, INGRESS);
+    let kept = |h: NextHop| (h.dmac, h.smac, h.ifindex);
+    assert_eq!(
+        (kept(e.to_backend), kept(e.to_client)),
+        (fallback(bmac), fallback(CLIENT_MAC)),
+        "the fallback's choice is cached too"
+    );
+    assert!(e.to_backend.at_ns != 0 && e.to_client.at_ns != 0);
+
+    // Fresh copies, out of the interface the packets came in on.
+    let fresh = monotonic_ns() - COARSE_CLOCK_LAG_NS;
+    let cached = |to_backend, to_client| NatFlow {
+        to_backend,
+        to_client,
+        ..e
+    };
+    store
+        .install_nat(&[(
+            key,
+            cached(hop(r1, s1, INGRESS, fresh), hop(r2, s2, INGRESS, fresh)),
+        )])
+        .expect("cache next hops");
+    assert_eq!(rig.run(&from_client), (XDP_TX, to_backend(r1, s1)));
+    assert_eq!(rig.run(&from_backend), (XDP_TX, to_client(r2, s2)));
+
+    // Another interface: redirected there, with the cached MACs.
+    store
+        .install_nat(&[(
+            key,
+            cached(hop(r1, s1, 999_999, fresh), hop(r2, s2, INGRESS, fresh)),
+        )])
+        .expect("cache next hops");
+    assert_eq!(rig.run(&from_client), (XDP_REDIRECT, to_backend(r1, s1)));
+    assert_eq!(rig.run(&from_backend), (XDP_TX, to_client(r2, s2)));
+
+    // Old copies: not used.
+    let old = monotonic_ns() - 2 * NAT_HOP_TTL_NS;
+    store
+        .install_nat(&[(
+            key,
+            cached(hop(r1, s1, INGRESS, old), hop(r2, s2, INGRESS, old)),
+        )])
+        .expect("age next hops");
+    assert_eq!(rig.run(&from_client), (XDP_TX, to_backend(bmac, LB_MAC)));
+    assert_eq!(
+        rig.run(&from_backend),
+        (XDP_TX, to_client(CLIENT_MAC, LB_MAC))
+    );
 }

@@ -36,6 +36,7 @@ use crate::{
         EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr,
         frame_len, ptr_at, set_addr, set_mac,
     },
+    keys,
     maps::{CONFIG, NAT_BACKENDS, NAT_CONFIG, NAT_FLOWS, NAT_REVERSE, VIPS, scratch},
     parse_ethernet, usable_backend,
 };
@@ -191,33 +192,23 @@ fn open(ctx: &XdpContext, p: &Packet, now: u64) -> Step<()> {
         Some(c) if c.port_min != 0 && c.port_max >= c.port_min => (c.port_min, c.port_max),
         _ => (NAT_DEFAULT_PORT_MIN, NAT_DEFAULT_PORT_MAX),
     };
-    s.rev = FlowKey {
-        src: target.addr,
-        dst: p.flow.dst,
-        sport_be: target.port_be,
-        dport_be: 0,
-        proto: PROTO_TCP,
-        family: p.flow.family,
-        _pad: [0; 2],
-    };
+    // Keys and entries written word by word, not as literals: a literal's zeros become
+    // a call to the BPF backend's byte-by-byte `memset` (96 bytes for the entry).
+    s.rev = keys::flow_key(&target.addr, &p.flow.dst, target.port_be, 0, p.flow.family);
     let nport = claim_port(&mut s.rev, &p.flow, min, max)?;
-    let mut client_mac = [0u8; 6];
-    if let Some(eth) = ptr_at::<EthHdr>(ctx, 0) {
-        client_mac = unsafe { (*eth).src };
-    }
-    s.entry = NatFlow {
-        backend: id,
-        vip_num: p.vip.vip_num,
-        last_seen_ns: now,
-        flags: 0,
-        nport_be: nport,
-        bport_be: target.port_be,
-        baddr: target.addr,
-        to_backend: NextHop::default(),
-        to_client: NextHop::default(),
-        client_mac,
-        _pad: [0; 2],
-    };
+    let e = &mut s.entry;
+    e.backend = id;
+    e.vip_num = p.vip.vip_num;
+    e.last_seen_ns = now;
+    e.flags = 0;
+    e.nport_be = nport;
+    e.bport_be = target.port_be;
+    set_addr(addr_of_mut!(e.baddr), &target.addr);
+    clear(addr_of_mut!(e.to_backend));
+    clear(addr_of_mut!(e.to_client));
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
+    set_mac(addr_of_mut!(e.client_mac), unsafe { &(*eth).src });
+    e._pad = [0; 2];
     if NAT_FLOWS
         .insert(&p.flow, &s.entry, BPF_NOEXIST as u64)
         .is_err()
@@ -483,6 +474,19 @@ fn go(
         h.at_ns = now;
     }
     send(ifindex, ingress)
+}
+
+/// No next hop cached (`NextHop`'s three words zeroed).
+#[inline(always)]
+fn clear(hop: *mut NextHop) {
+    const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
+    let p = hop as *mut u64;
+    let mut i = 0;
+    while i < 3 {
+        // SAFETY: within the struct, u64-aligned (it holds a u64).
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+        i += 1;
+    }
 }
 
 /// Out of the interface `ifindex`: back where it came in (`XDP_TX`), else redirected.

@@ -7,8 +7,9 @@
 use std::net::IpAddr;
 
 use lb_common::{
-    COARSE_CLOCK_LAG_NS, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_SYNCED,
-    NAT_HOP_TTL_NS, NAT_TOUCH_NS, NatConfig, NatFlow, NextHop, PERSIST_TOUCH_NS, PersistKey,
+    COARSE_CLOCK_LAG_NS, FlowKey, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT,
+    NAT_F_SYNCED, NAT_HOP_TTL_NS, NAT_TOUCH_NS, NatConfig, NatFlow, NextHop, PERSIST_TOUCH_NS,
+    PersistKey,
     counters::{event, event_slot, global_slot, reason, vip_slot},
 };
 use lb_tests::{
@@ -852,6 +853,13 @@ fn established_nat_packets_refresh_the_persistence_entry() {
 /// last-seen time older than `NAT_TOUCH_NS`, a flag not yet set (a FIN, an RST), or a
 /// peer's copy seen here for the first time (`NAT_F_SYNCED` goes). Otherwise both
 /// directions only read it: its time stays as it was.
+/// The NAT table's one flow, read back.
+fn only_nat_flow(store: &mut dyn FlowStore) -> (FlowKey, NatFlow) {
+    let flows = store.read_nat().expect("NAT table");
+    assert_eq!(flows.len(), 1);
+    flows[0]
+}
+
 #[test]
 fn nat_packets_write_their_entry_only_when_it_changes() {
     if !require_root("nat_packets_write_their_entry_only_when_it_changes") {
@@ -877,12 +885,7 @@ fn nat_packets_write_their_entry_only_when_it_changes() {
         )
     };
     assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
-    let entry = |store: &mut dyn FlowStore| {
-        let flows = store.read_nat().expect("NAT table");
-        assert_eq!(flows.len(), 1);
-        flows[0]
-    };
-    let (key, mut e) = entry(&mut store);
+    let (key, mut e) = only_nat_flow(&mut store);
     assert_ne!(e.flags & NAT_F_ESTABLISHED, 0);
 
     // Stale, and a peer's copy: the next packet writes the time and clears SYNCED.
@@ -892,7 +895,7 @@ fn nat_packets_write_their_entry_only_when_it_changes() {
     store.install_nat(&[(key, e)]).expect("age it");
     let before = monotonic_ns();
     assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
-    let (_, after) = entry(&mut store);
+    let (_, after) = only_nat_flow(&mut store);
     assert!(
         after.last_seen_ns >= before - COARSE_CLOCK_LAG_NS,
         "a stale time is refreshed"
@@ -905,7 +908,7 @@ fn nat_packets_write_their_entry_only_when_it_changes() {
     e.flags = after.flags | NAT_F_SYNCED;
     store.install_nat(&[(key, e)]).expect("set it");
     assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
-    let (_, seen) = entry(&mut store);
+    let (_, seen) = only_nat_flow(&mut store);
     assert_eq!(seen.flags, after.flags, "seen here now, nothing else new");
     // Fresh, nothing new: neither direction moves the time (a write per packet would).
     // Only meaningful if the runs come back within the interval; they take
@@ -917,16 +920,16 @@ fn nat_packets_write_their_entry_only_when_it_changes() {
     let waited = monotonic_ns() - recent;
     println!("{waited} ns between the write and the last packet");
     if waited < NAT_TOUCH_NS {
-        let (_, now) = entry(&mut store);
+        let (_, now) = only_nat_flow(&mut store);
         assert_eq!(now.last_seen_ns, recent, "within NAT_TOUCH_NS: time kept");
         assert_eq!(now.flags, after.flags);
     }
 
     // A FIN each way is always written, time or not.
     assert_eq!(rig.run(&from_client(FIN | ACK)).0, XDP_TX);
-    assert_ne!(entry(&mut store).1.flags & NAT_F_FIN_CLIENT, 0);
+    assert_ne!(only_nat_flow(&mut store).1.flags & NAT_F_FIN_CLIENT, 0);
     assert_eq!(rig.run(&from_backend(FIN | ACK)).0, XDP_TX);
-    let (_, closed) = entry(&mut store);
+    let (_, closed) = only_nat_flow(&mut store);
     assert_ne!(closed.flags & NAT_F_FIN_BACKEND, 0);
     assert!(lb_userspace::nat::is_closed(&closed));
 }
@@ -972,12 +975,7 @@ fn nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh() {
         rig.run(&from_backend),
         (XDP_TX, to_client(CLIENT_MAC, LB_MAC))
     );
-    let entry = |store: &mut dyn FlowStore| {
-        let flows = store.read_nat().expect("NAT table");
-        assert_eq!(flows.len(), 1);
-        flows[0]
-    };
-    let (key, e) = entry(&mut store);
+    let (key, e) = only_nat_flow(&mut store);
     let fallback = |dmac| (dmac, LB_MAC, INGRESS);
     let kept = |h: NextHop| (h.dmac, h.smac, h.ifindex);
     assert_eq!(

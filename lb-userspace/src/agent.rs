@@ -297,6 +297,7 @@ impl Agent<XdpDataPlane> {
             max_pinned_flows: config.agent.max_pinned_flows,
             max_persistent_clients: config.agent.max_persistent_clients,
             max_nat_flows: config.agent.max_nat_flows,
+            flow_lru: config.agent.flow_lru,
         };
         // The maps (flow tables included) and the link outlive us: an earlier agent's
         // are taken over as they are, checked first.
@@ -308,6 +309,19 @@ impl Agent<XdpDataPlane> {
                 "reusing the maps pinned at {}: flow tables kept",
                 pins.dir().display()
             );
+        }
+        match aya::maps::MapInfo::from_pin(pins.map_path(lb_common::names::MAP_FLOWS)) {
+            Ok(info) if info.map_flags() & lb_common::BPF_F_NO_COMMON_LRU != 0 => {
+                tracing::info!(
+                    "connection table: one LRU list per CPU (flow_lru = {})",
+                    config.agent.flow_lru
+                )
+            }
+            Ok(_) => tracing::info!(
+                "connection table: one LRU list shared by all CPUs (flow_lru = {})",
+                config.agent.flow_lru
+            ),
+            Err(e) => tracing::warn!("connection table: its LRU lists unknown: {e}"),
         }
         let serve_switch = dp
             .take_serve_switch()
@@ -1061,6 +1075,9 @@ impl<D: DataPlane> Agent<D> {
         // The flow tables are sized when the program is loaded.
         if old.max_flows != newa.max_flows {
             return Err(ReloadError::NeedsRestart("agent.max_flows changed"));
+        }
+        if old.flow_lru != newa.flow_lru {
+            return Err(ReloadError::NeedsRestart("agent.flow_lru changed"));
         }
         if old.max_pinned_flows != newa.max_pinned_flows {
             return Err(ReloadError::NeedsRestart("agent.max_pinned_flows changed"));

@@ -8,7 +8,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::pins::{Found, PinDir};
+use crate::{
+    config::FlowLru,
+    pins::{Found, PinDir},
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
@@ -73,7 +76,7 @@ pub enum DataPlaneError {
     },
     #[error(
         "pinned map {map} at {path} has {what} {found}, this agent wants {wanted}: it was made \
-         by another layout or with another [agent] max_flows / max_pinned_flows / \
+         by another layout or with another [agent] max_flows / flow_lru / max_pinned_flows / \
          max_persistent_clients / max_nat_flows. \
          `lb-agent --config PATH --detach` removes the pins (every flow is lost); then start again"
     )]
@@ -544,6 +547,84 @@ mod sys {
         bpf(BPF_MAP_DELETE_ELEM, &mut attr)
     }
 
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+
+    /// `union bpf_attr` as BPF_MAP_CREATE reads it (up to `map_extra`).
+    #[repr(C)]
+    #[derive(Default)]
+    struct CreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+        map_ifindex: u32,
+        btf_fd: u32,
+        btf_key_type_id: u32,
+        btf_value_type_id: u32,
+        btf_vmlinux_value_type_id: u32,
+        map_extra: u64,
+    }
+
+    /// `union bpf_attr` as BPF_OBJ_PIN reads it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct PinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+
+    /// Makes a map as `m` describes it, with `max_entries` and `flags`, and pins it at
+    /// `path` (the map lives on in the pin; our descriptor is closed).
+    pub fn create_pinned(
+        m: &lb_common::layout::MapLayout,
+        max_entries: u32,
+        flags: u32,
+        path: &std::path::Path,
+    ) -> io::Result<()> {
+        use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+        let mut attr = CreateAttr {
+            map_type: m.map_type,
+            key_size: m.key_size,
+            value_size: m.value_size,
+            max_entries,
+            map_flags: flags,
+            ..Default::default()
+        };
+        let name = m.name.as_bytes();
+        let n = name.len().min(attr.map_name.len() - 1);
+        attr.map_name[..n].copy_from_slice(&name[..n]);
+        // SAFETY: as in `bpf`; BPF_MAP_CREATE returns a new descriptor we then own.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_CREATE,
+                &mut attr as *mut CreateAttr as *mut libc::c_void,
+                std::mem::size_of::<CreateAttr>() as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut pin = PinAttr {
+            pathname: path.as_ptr() as u64,
+            bpf_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf(BPF_OBJ_PIN, &mut pin)
+    }
+
     /// Every entry, `batch` at a time. The position between calls is a bucket index
     /// kept by the kernel (not a key), so entries the LRU evicts meanwhile cost nothing:
     /// they are simply not returned. ENOENT ends the walk (with that call's last
@@ -597,6 +678,14 @@ mod sys {
     }
 }
 
+/// The host's possible CPUs, as the kernel counts them for per-CPU maps.
+pub fn possible_cpus() -> u32 {
+    aya::util::nr_cpus()
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(u32::MAX)
+}
+
 /// How big the flow tables are made at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
@@ -608,6 +697,10 @@ pub struct MapSizes {
     pub max_persistent_clients: u32,
     /// NAT_FLOWS and NAT_REVERSE, one entry each per NAT flow.
     pub max_nat_flows: u32,
+    /// FLOWS's LRU lists. Only a load with pins (`load_pinned`) can make the shared
+    /// list: the object defines per-CPU lists, and the shared table is made and pinned
+    /// before the object is loaded, which then takes it up.
+    pub flow_lru: FlowLru,
 }
 
 impl Default for MapSizes {
@@ -617,6 +710,7 @@ impl Default for MapSizes {
             max_pinned_flows: MAX_PINNED_FLOWS,
             max_persistent_clients: MAX_PERSISTENT,
             max_nat_flows: MAX_NAT_FLOWS,
+            flow_lru: FlowLru::PerCpu,
         }
     }
 }
@@ -725,6 +819,23 @@ impl XdpDataPlane {
     /// `attach_pinned`.
     pub fn load_pinned(sizes: MapSizes, pins: &PinDir) -> Result<(Self, Found)> {
         let found = pins.prepare(sizes)?;
+        let flows = pins.map_path(names::MAP_FLOWS);
+        if !flows.exists() && sizes.flow_lru.shared_on(possible_cpus()) {
+            let m = layout::MAPS
+                .iter()
+                .find(|m| m.name == names::MAP_FLOWS)
+                .ok_or(DataPlaneError::Missing {
+                    kind: "map",
+                    name: names::MAP_FLOWS,
+                })?;
+            sys::create_pinned(m, sizes.max_flows, 0, &flows).map_err(|source| {
+                DataPlaneError::Pin {
+                    what: "making the shared-list connection table",
+                    path: flows.clone(),
+                    source,
+                }
+            })?;
+        }
         let mut dp = Self::load_with(OBJECT, sizes, Some(pins))?;
         dp.pins = Some(pins.clone());
         dp.meta

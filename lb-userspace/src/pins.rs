@@ -15,11 +15,15 @@ use std::{
 
 use aya::maps::{Array, MapData, MapInfo};
 use lb_common::{
+    BPF_F_NO_COMMON_LRU,
     layout::{self, MapLayout},
     names,
 };
 
-use crate::dataplane::{DataPlaneError, MapSizes};
+use crate::{
+    config::FlowLru,
+    dataplane::{DataPlaneError, MapSizes},
+};
 
 type Result<T> = std::result::Result<T, DataPlaneError>;
 
@@ -135,6 +139,22 @@ fn wanted_entries(m: &MapLayout, sizes: MapSizes) -> u32 {
     }
 }
 
+/// The flags a map of the layout must have: FLOWS's say which LRU lists it keeps
+/// (`FlowLru`); with `Auto`, a pinned table keeps the ones it was made with (`found`).
+fn wanted_flags(m: &MapLayout, sizes: MapSizes, found: u32) -> u32 {
+    if m.name != names::MAP_FLOWS {
+        return m.flags;
+    }
+    let per_cpu = m.flags | BPF_F_NO_COMMON_LRU;
+    let shared = m.flags & !BPF_F_NO_COMMON_LRU;
+    match sizes.flow_lru {
+        FlowLru::PerCpu => per_cpu,
+        FlowLru::Shared => shared,
+        FlowLru::Auto if found == shared => shared,
+        FlowLru::Auto => per_cpu,
+    }
+}
+
 fn check_map(m: &MapLayout, path: &Path, sizes: MapSizes) -> Result<()> {
     let info = MapInfo::from_pin(path).map_err(|e| DataPlaneError::Pin {
         what: "opening the pinned map",
@@ -147,7 +167,11 @@ fn check_map(m: &MapLayout, path: &Path, sizes: MapSizes) -> Result<()> {
         ("key size", info.key_size(), m.key_size),
         ("value size", info.value_size(), m.value_size),
         ("max entries", info.max_entries(), wanted_entries(m, sizes)),
-        ("flags", info.map_flags(), m.flags),
+        (
+            "flags",
+            info.map_flags(),
+            wanted_flags(m, sizes, info.map_flags()),
+        ),
     ];
     for (what, found, wanted) in checks {
         if found != wanted {
@@ -331,5 +355,30 @@ mod tests {
             );
         }
         assert_eq!(layout::MAPS.len(), all.len());
+    }
+
+    #[test]
+    fn the_connection_tables_flags_follow_flow_lru() {
+        let map = |name| layout::MAPS.iter().find(|m| m.name == name).expect(name);
+        let flows = map(names::MAP_FLOWS);
+        let sizes = |flow_lru| MapSizes {
+            flow_lru,
+            ..MapSizes::default()
+        };
+        let (per_cpu, shared) = (BPF_F_NO_COMMON_LRU, 0);
+        for found in [per_cpu, shared] {
+            assert_eq!(wanted_flags(flows, sizes(FlowLru::PerCpu), found), per_cpu);
+            assert_eq!(wanted_flags(flows, sizes(FlowLru::Shared), found), shared);
+            // Auto keeps what a pinned table was made with.
+            assert_eq!(wanted_flags(flows, sizes(FlowLru::Auto), found), found);
+        }
+        // Anything else is not a table Auto would make: wanted per-CPU, so refused.
+        assert_eq!(wanted_flags(flows, sizes(FlowLru::Auto), 0x40), per_cpu);
+        // Other maps keep the layout's flags whatever the setting.
+        let pinned = map(names::MAP_PINNED);
+        assert_eq!(
+            wanted_flags(pinned, sizes(FlowLru::Shared), 0),
+            pinned.flags
+        );
     }
 }

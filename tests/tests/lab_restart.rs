@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Result, ensure};
 use lb_tests::lab::{Lab, Load, Node, SERVICE_PORT, Service, VIP4, probe_gap};
-use lb_userspace::protocol::BackendState;
+use lb_userspace::{config::FlowLru, dataplane::possible_cpus, protocol::BackendState};
 
 /// The prober: a connection every 5 ms, 80 ms to connect and read the greeting.
 const PROBE_EVERY: Duration = Duration::from_millis(5);
@@ -50,6 +50,18 @@ fn restart_loses_no_flow_and_detach_removes_everything() -> Result<()> {
     );
     let mut first = lab.spawn_agent(&config)?;
     lab.wait_backends_up("web", &["b1", "b2", "b3"], UP_TIMEOUT)?;
+    // `flow_lru = "auto"` (the default): the lists this host's CPUs call for, and the
+    // same table (so the same lists) after the restart.
+    let lists = if FlowLru::Auto.shared_on(possible_cpus()) {
+        "connection table: one LRU list shared by all CPUs (flow_lru = auto)"
+    } else {
+        "connection table: one LRU list per CPU (flow_lru = auto)"
+    };
+    ensure!(
+        first.count_log(lists) == 1,
+        "the agent did not log {lists:?}:\n{}",
+        first.log()
+    );
 
     // A long-lived connection, then its backend drained: it must stay there.
     let mut long = lab.converse(vip())?;
@@ -87,6 +99,7 @@ fn restart_loses_no_flow_and_detach_removes_everything() -> Result<()> {
     for line in [
         "reusing the maps pinned at",
         "took over the program on eth0: replaced in its pinned link",
+        lists,
     ] {
         ensure!(
             second.count_log(line) == 1,

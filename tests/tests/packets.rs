@@ -1886,6 +1886,81 @@ fn pinned_maps_are_reused_and_other_layouts_refused() {
     );
 }
 
+/// `[agent] flow_lru`: the connection table the loaded program uses has the LRU lists
+/// asked for (the shared list made and pinned by the agent before the load, the per-CPU
+/// ones from the object), and a pinned table is kept as made by `auto` and refused by
+/// the other setting, with an error that says what to do.
+#[test]
+fn the_connection_tables_lru_lists_follow_flow_lru() {
+    if !require_root("the_connection_tables_lru_lists_follow_flow_lru") {
+        return;
+    }
+    use lb_common::{BPF_F_NO_COMMON_LRU, names::MAP_FLOWS};
+    use lb_userspace::{config::FlowLru, dataplane::possible_cpus};
+    let sizes = |flow_lru| MapSizes {
+        max_flows: 1024,
+        max_pinned_flows: 1024,
+        flow_lru,
+        ..MapSizes::default()
+    };
+    // The FLOWS pinned in `dir`: its flags, and whether a loaded lb_xdp uses it.
+    let flows = |dir: &PinDir| {
+        let info = aya::maps::MapInfo::from_pin(dir.map_path(MAP_FLOWS)).expect("FLOWS pinned");
+        let used = aya::programs::loaded_programs().flatten().any(|p| {
+            p.name_as_str() == Some("lb_xdp")
+                && p.map_ids()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|ids| ids.contains(&info.id()))
+        });
+        (info.map_flags(), used)
+    };
+    let (per_cpu, shared) = (BPF_F_NO_COMMON_LRU, 0);
+    for (made, other) in [
+        (FlowLru::Shared, FlowLru::PerCpu),
+        (FlowLru::PerCpu, FlowLru::Shared),
+    ] {
+        let flags = if made == FlowLru::Shared {
+            shared
+        } else {
+            per_cpu
+        };
+        let t = TestPins::new(&format!("lru-{made}"));
+        let dir = PinDir::new(&t.0, "test0");
+        let (dp, _) = XdpDataPlane::load_pinned(sizes(made), &dir).expect("load");
+        assert_eq!(flows(&dir), (flags, true), "{made}: the program's table");
+        drop(dp);
+        // Auto keeps the table as it was made.
+        let (dp, found) = XdpDataPlane::load_pinned(sizes(FlowLru::Auto), &dir).expect("auto");
+        assert!(found.maps);
+        assert_eq!(flows(&dir), (flags, true), "auto after {made}");
+        drop(dp);
+        let err = XdpDataPlane::load_pinned(sizes(other), &dir)
+            .err()
+            .expect("refused");
+        let text = err.to_string();
+        assert!(
+            matches!(err, DataPlaneError::PinnedMismatch { what: "flags", .. })
+                && text.contains("flow_lru")
+                && text.contains("--detach"),
+            "{other} after {made}: {text}"
+        );
+    }
+    // Auto with nothing pinned: decided by the host's CPUs.
+    let t = TestPins::new("lru-auto");
+    let dir = PinDir::new(&t.0, "test0");
+    let (dp, _) = XdpDataPlane::load_pinned(sizes(FlowLru::Auto), &dir).expect("load");
+    let cpus = possible_cpus();
+    let want = if FlowLru::Auto.shared_on(cpus) {
+        shared
+    } else {
+        per_cpu
+    };
+    println!("{cpus} possible CPUs: auto made FLOWS with flags {want:#x}");
+    assert_eq!(flows(&dir), (want, true));
+    drop(dp);
+}
+
 #[test]
 fn the_trace_reports_each_decision_while_on_and_nothing_while_off() {
     if !require_root("the_trace_reports_each_decision_while_on_and_nothing_while_off") {

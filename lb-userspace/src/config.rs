@@ -859,38 +859,26 @@ impl Validator<'_> {
                 Some(name.clone())
             }
         });
-        let xdp_mode = match &raw.xdp_mode {
-            None => Some(XdpMode::Auto),
-            Some(m) => match m.get_ref().as_str() {
-                "auto" => Some(XdpMode::Auto),
-                "native" => Some(XdpMode::Native),
-                "generic" => Some(XdpMode::Generic),
-                other => {
-                    self.err(
-                        m,
-                        "agent.xdp_mode",
-                        format!("{other:?}: expected \"auto\", \"native\" or \"generic\""),
-                    );
-                    None
-                }
-            },
-        };
-        let flow_lru = match &raw.flow_lru {
-            None => Some(FlowLru::Auto),
-            Some(m) => match m.get_ref().as_str() {
-                "auto" => Some(FlowLru::Auto),
-                "per-cpu" => Some(FlowLru::PerCpu),
-                "shared" => Some(FlowLru::Shared),
-                other => {
-                    self.err(
-                        m,
-                        "agent.flow_lru",
-                        format!("{other:?}: expected \"auto\", \"per-cpu\" or \"shared\""),
-                    );
-                    None
-                }
-            },
-        };
+        let xdp_mode = self.choice(
+            &raw.xdp_mode,
+            "agent.xdp_mode",
+            XdpMode::Auto,
+            &[
+                ("auto", XdpMode::Auto),
+                ("native", XdpMode::Native),
+                ("generic", XdpMode::Generic),
+            ],
+        );
+        let flow_lru = self.choice(
+            &raw.flow_lru,
+            "agent.flow_lru",
+            FlowLru::Auto,
+            &[
+                ("auto", FlowLru::Auto),
+                ("per-cpu", FlowLru::PerCpu),
+                ("shared", FlowLru::Shared),
+            ],
+        );
         let control_socket = self.path(
             &raw.control_socket,
             "agent.control_socket",
@@ -1111,6 +1099,31 @@ impl Validator<'_> {
         }
     }
 
+    /// One of `choices` by its name, or `default` when absent; any other string is an
+    /// error naming the accepted ones (`"a", "b" or "c"`).
+    fn choice<T: Copy>(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        path: &str,
+        default: T,
+        choices: &[(&str, T)],
+    ) -> Option<T> {
+        let Some(v) = v else {
+            return Some(default);
+        };
+        if let Some((_, value)) = choices.iter().find(|(name, _)| name == v.get_ref()) {
+            return Some(*value);
+        }
+        let names: Vec<String> = choices.iter().map(|(n, _)| format!("{n:?}")).collect();
+        let expected = match names.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        self.err(v, path, format!("{:?}: expected {expected}", v.get_ref()));
+        None
+    }
+
     fn health_check(
         &mut self,
         h: &Option<Spanned<RawHealthCheck>>,
@@ -1185,21 +1198,12 @@ impl Validator<'_> {
                     None
                 }
             });
-        let forwarding = match &raw.forwarding {
-            None => Some(Forwarding::Dsr),
-            Some(f) => match f.get_ref().as_str() {
-                "dsr" => Some(Forwarding::Dsr),
-                "nat" => Some(Forwarding::Nat),
-                other => {
-                    self.err(
-                        f,
-                        &format!("{path}.forwarding"),
-                        format!("{other:?}: expected \"dsr\" or \"nat\""),
-                    );
-                    None
-                }
-            },
-        };
+        let forwarding = self.choice(
+            &raw.forwarding,
+            &format!("{path}.forwarding"),
+            Forwarding::Dsr,
+            &[("dsr", Forwarding::Dsr), ("nat", Forwarding::Nat)],
+        );
         let ring_size = match &raw.ring_size {
             None => Some(DEFAULT_RING_SIZE),
             Some(r) => match u32::try_from(*r.get_ref()) {

@@ -469,15 +469,7 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
             let id = unsafe { (*state).backend };
             if let Some(backend) = usable_backend(id) {
                 found = Some((id, backend));
-                // Written only when stale or newly closing: no write per packet.
-                unsafe {
-                    if now.saturating_sub((*state).last_seen_ns) > PINNED_TOUCH_NS {
-                        (*state).last_seen_ns = now;
-                    }
-                    if closing != 0 && (*state).flags & FLOW_F_CLOSING == 0 {
-                        (*state).flags |= FLOW_F_CLOSING;
-                    }
-                }
+                touch(state, now, closing);
             }
         } else {
             lost = true;
@@ -537,14 +529,16 @@ pub fn flow_clock() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// A connection-table hit: the flow's last_seen_ns is rewritten only when older than
-/// `PINNED_TOUCH_NS`, its flags only when it starts closing, so a busy flow's entry is
-/// not written (and its cache line not taken from other CPUs) on every packet.
+/// A connection-table or pinned-table hit: the flow's last_seen_ns is rewritten only
+/// when older than `PINNED_TOUCH_NS`, its flags only when it starts closing, so a busy
+/// flow's entry is not written (and its cache line not taken from other CPUs) on every
+/// packet. A time ahead of `now` (the agent writes pinned entries with its precise
+/// clock, at most a tick ahead of the flow clock) is not old.
 #[inline(always)]
 fn touch(state: *mut FlowState, now: u64, closing: u32) {
     // SAFETY: a pointer the map lookup just returned.
     let state = unsafe { &mut *state };
-    if now.wrapping_sub(state.last_seen_ns) > PINNED_TOUCH_NS {
+    if now.saturating_sub(state.last_seen_ns) > PINNED_TOUCH_NS {
         state.last_seen_ns = now;
     }
     if state.flags & closing != closing {

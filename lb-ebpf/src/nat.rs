@@ -204,8 +204,8 @@ fn open(ctx: &XdpContext, p: &Packet, now: u64) -> Step<()> {
     e.nport_be = nport;
     e.bport_be = target.port_be;
     set_addr(addr_of_mut!(e.baddr), &target.addr);
-    clear(addr_of_mut!(e.to_backend));
-    clear(addr_of_mut!(e.to_client));
+    zero(addr_of_mut!(e.to_backend));
+    zero(addr_of_mut!(e.to_client));
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
     set_mac(addr_of_mut!(e.client_mac), unsafe { &(*eth).src });
     e._pad = [0; 2];
@@ -398,7 +398,7 @@ fn next_hop(
         const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
         // SAFETY: 64 bytes of this CPU's scratch, aligned for u64, as the helper's struct.
         let params = unsafe { &mut *(s.fib.as_mut_ptr() as *mut FibParams) };
-        zero(params);
+        zero(params as *mut FibParams);
         params.family = family;
         params.l4_protocol = PROTO_TCP;
         params.ifindex = ingress;
@@ -476,19 +476,6 @@ fn go(
     send(ifindex, ingress)
 }
 
-/// No next hop cached (`NextHop`'s three words zeroed).
-#[inline(always)]
-fn clear(hop: *mut NextHop) {
-    const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
-    let p = hop as *mut u64;
-    let mut i = 0;
-    while i < 3 {
-        // SAFETY: within the struct, u64-aligned (it holds a u64).
-        unsafe { core::ptr::write_volatile(p.add(i), 0) };
-        i += 1;
-    }
-}
-
 /// Out of the interface `ifindex`: back where it came in (`XDP_TX`), else redirected.
 #[inline(always)]
 fn send(ifindex: u32, ingress: u32) -> Step<u32> {
@@ -524,14 +511,17 @@ fn set_tuple(t: &mut Tuple, family: u8, src: &[u8; 16], dst: &[u8; 16], sport: u
     t.dport_be = dport;
 }
 
-/// Zeroes the FIB helper's 64 bytes as eight word stores: `mem::zeroed()` became a call
-/// to the BPF backend's byte-by-byte `memset`.
+/// Zeroes the `T` at `p` as 64-bit stores (`p` 8-aligned, `T` a whole number of
+/// words): `mem::zeroed()` or a literal's zeros became calls to the BPF backend's
+/// byte-by-byte `memset`. For the FIB helper's 64 bytes (in the scratch) and a new
+/// flow's next-hop copies.
 #[inline(always)]
-fn zero(params: &mut FibParams) {
-    let p = params as *mut FibParams as *mut u64;
+fn zero<T>(p: *mut T) {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
+    let p = p as *mut u64;
     let mut i = 0;
-    while i < core::mem::size_of::<FibParams>() / 8 {
-        // SAFETY: within the struct (64 bytes, u64-aligned: it lives in the scratch).
+    while i < core::mem::size_of::<T>() / 8 {
+        // SAFETY: within the `T`, which the caller's pointer makes u64-aligned.
         unsafe { core::ptr::write_volatile(p.add(i), 0) };
         i += 1;
     }

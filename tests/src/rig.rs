@@ -57,7 +57,6 @@ pub fn service(name: &str, vip: &str, port: u16, ring_size: u32, backends: &[&st
     }
 }
 
-/// Every backend resolved, healthy, enabled, at its configured weight.
 /// A TCP flow's key as the program builds it (and hashes it, and keys persistence on it).
 pub fn flow_key(src: (IpAddr, u16), dst: (IpAddr, u16)) -> FlowKey {
     let (s, family) = addr_bytes(src.0);
@@ -83,6 +82,7 @@ pub fn persist_entry(store: &mut dyn FlowStore, key: &PersistKey) -> Option<Pers
         .map(|(_, v)| v)
 }
 
+/// Every backend resolved, healthy, enabled, at its configured weight.
 pub fn all_up(_: &Service, b: &BackendSpec) -> BackendView {
     BackendView {
         mac: Some(backend_mac(b.address)),
@@ -190,7 +190,6 @@ impl Rig {
         })
     }
 
-    /// One run of the balancer program.
     /// The backend id and address the Maglev ring of `s` gives `flow`, computed from the
     /// pure Maglev table apart from the program (a backend of weight 0 takes no slot).
     pub fn ring_choice(&self, s: &Service, flow: &FlowKey) -> (u32, IpAddr) {
@@ -220,6 +219,7 @@ impl Rig {
             .expect("some port the ring sends elsewhere")
     }
 
+    /// One run of the balancer program.
     pub fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
         let r = self
             .run_program(lb_common::names::PROG_LB, input, 1)

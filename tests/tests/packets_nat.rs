@@ -849,10 +849,6 @@ fn established_nat_packets_refresh_the_persistence_entry() {
     }
 }
 
-/// A NAT flow's entry is written by its packets only when that changes something: a
-/// last-seen time older than `NAT_TOUCH_NS`, a flag not yet set (a FIN, an RST), or a
-/// peer's copy seen here for the first time (`NAT_F_SYNCED` goes). Otherwise both
-/// directions only read it: its time stays as it was.
 /// The NAT table's one flow, read back.
 fn only_nat_flow(store: &mut dyn FlowStore) -> (FlowKey, NatFlow) {
     let flows = store.read_nat().expect("NAT table");
@@ -860,6 +856,10 @@ fn only_nat_flow(store: &mut dyn FlowStore) -> (FlowKey, NatFlow) {
     flows[0]
 }
 
+/// A NAT flow's entry is written by its packets only when that changes something: a
+/// last-seen time older than `NAT_TOUCH_NS`, a flag not yet set (a FIN, an RST), or a
+/// peer's copy seen here for the first time (`NAT_F_SYNCED` goes). Otherwise both
+/// directions only read it: its time stays as it was.
 #[test]
 fn nat_packets_write_their_entry_only_when_it_changes() {
     if !require_root("nat_packets_write_their_entry_only_when_it_changes") {

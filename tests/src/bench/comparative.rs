@@ -573,10 +573,10 @@ impl<'lab> Bench<'lab> {
             Some(id) => {
                 let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
                     .context("BPF_ENABLE_STATS (the programs' run time)")?;
-                let (_, conn_ns) = xdp_ns_per_run(id, || self.wrk_for(http, PROBE_SECONDS))?;
-                let (_, bulk_ns) =
-                    xdp_ns_per_run(id, || self.iperf3_for(bulk_addr, PROBE_SECONDS))?;
-                (conn_ns, bulk_ns)
+                (
+                    xdp_ns_per_run(id, || self.wrk_for(http, PROBE_SECONDS))?,
+                    xdp_ns_per_run(id, || self.iperf3_for(bulk_addr, PROBE_SECONDS))?,
+                )
             }
         };
         // Every path went where it should: each connection is at least 3 packets from
@@ -856,11 +856,10 @@ pub fn load_xdp(program: &str, globals: &[(&str, [u8; 6])]) -> Result<aya::Ebpf>
     Ok(ebpf)
 }
 
-/// Runs `f` and returns its result with the CPU split of the time it took.
-/// Runs `f`; returns its value and the mean ns per run of the program `id` meanwhile:
-/// the kernel's run-time statistics (`BPF_ENABLE_STATS` must be on), in place, under
-/// the lab's load.
-fn xdp_ns_per_run<T>(id: u32, f: impl FnOnce() -> Result<T>) -> Result<(T, Option<f64>)> {
+/// Runs `f` (a load, checked there); returns the mean ns per run of the program `id`
+/// meanwhile: the kernel's run-time statistics (`BPF_ENABLE_STATS` must be on), in
+/// place, under the lab's load.
+fn xdp_ns_per_run<T>(id: u32, f: impl FnOnce() -> Result<T>) -> Result<Option<f64>> {
     let read = || -> Result<(u128, u64)> {
         let info = aya::programs::loaded_programs()
             .filter_map(Result::ok)
@@ -869,13 +868,13 @@ fn xdp_ns_per_run<T>(id: u32, f: impl FnOnce() -> Result<T>) -> Result<(T, Optio
         Ok((info.run_time().as_nanos(), info.run_count()))
     };
     let before = read()?;
-    let value = f()?;
+    f()?;
     let after = read()?;
     let runs = after.1.saturating_sub(before.1);
-    let ns = (runs > 0).then(|| after.0.saturating_sub(before.0) as f64 / runs as f64);
-    Ok((value, ns))
+    Ok((runs > 0).then(|| after.0.saturating_sub(before.0) as f64 / runs as f64))
 }
 
+/// Runs `f` and returns its result with the CPU split of the time it took.
 fn with_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, super::report::CpuSplit)> {
     let read = || -> Result<ProcStat> {
         ProcStat::parse(&fs::read_to_string("/proc/stat").context("reading /proc/stat")?)

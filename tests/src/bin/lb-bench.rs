@@ -98,17 +98,19 @@ comparative lab bench.
   --announce-only       only the [announce] withdrawal time and probe gap
   --trace-only          only the packet trace's cost while off
   --nat-only            only the NAT path's cost per packet, both directions
-  --lab-only            only the comparative lab bench (direct, null XDP forwarder,
-                        lb in DSR mode, lb in NAT mode, HAProxy, nginx stream)
+  --lab-only            only the comparative lab bench (direct, null XDP forwarder
+                        one way and both ways, lb in DSR mode with the default and
+                        with per-CPU LRU lists, lb in NAT mode, HAProxy, nginx stream)
   --lab-report          print the Markdown table of DIR/lab.json again (medians and
                         ratios computed anew from its samples) and redraw its charts
                         (no root)
   --lab-reps N          repetitions of the lab bench, each path once in each (default 5)
   --lab-paths P,P,..    only these paths of the lab bench, of: direct, null-fwd,
-                        lb-dsr, lb-nat, haproxy, nginx (default: all; the ratios
-                        need direct and null-fwd among them)
-  --lab-napi MODE       threaded (default): the LB veth's NAPI thread and the proxies
-                        pinned to the last CPU, wrk and iperf3 to CPU 0;
+                        lb-dsr, lb-dsr-per-cpu, null-fwd-both, lb-nat, haproxy, nginx
+                        (default: all; the ratios need direct and null-fwd among them)
+  --lab-napi MODE       threaded (default): the LB veth's NAPI thread, the proxies and
+                        the backend's servers pinned to the last CPU, wrk and iperf3
+                        to CPU 0;
                         inline: nothing threaded or pinned
   --lab-out DIR         where the lab bench writes lab.json, lab.md and the PNG charts
                         (default target/bench)";
@@ -1151,4 +1153,23 @@ fn lab_report(dir: &std::path::Path) -> anyhow::Result<()> {
         println!("wrote {}", chart.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_tests::bench::report::Path;
+
+    /// `--help` names every path `--lab-paths` takes.
+    #[test]
+    fn the_usage_names_every_lab_path() {
+        for path in Path::ALL {
+            assert!(
+                super::USAGE.contains(&format!(" {},", path.id()))
+                    || super::USAGE.contains(&format!(" {}\n", path.id()))
+                    || super::USAGE.contains(&format!(" {} ", path.id())),
+                "{} is not in the usage",
+                path.id()
+            );
+        }
+    }
 }

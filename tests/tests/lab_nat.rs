@@ -13,7 +13,7 @@ use aya::maps::{HashMap as AyaHashMap, Map, MapData};
 use lb_common::{FlowKey, NAT_HOP_TTL_NS, NatFlow, names};
 use lb_tests::lab::{
     BackendSection, Lab, Node, SERVICE_PORT, Service, Streaming, SyncSection, VIP4, VIP6,
-    VrrpSection, addr_like, addr4,
+    VrrpSection, addr_like, addr4, parse_mac,
 };
 use lb_userspace::{
     pins::PinDir,
@@ -344,16 +344,6 @@ fn nat_entries(lab: &Lab) -> Result<Vec<(FlowKey, NatFlow)>> {
         .context("reading NAT_FLOWS")
 }
 
-fn mac_bytes(text: &str) -> Result<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = text.split(':').collect();
-    ensure!(parts.len() == 6, "not a MAC: {text:?}");
-    for (byte, part) in mac.iter_mut().zip(parts) {
-        *byte = u8::from_str_radix(part, 16).with_context(|| format!("not a MAC: {text:?}"))?;
-    }
-    Ok(mac)
-}
-
 /// Each NAT flow keeps the FIB's next hop for both directions in its entry (the
 /// backend's MAC one way, the client's the other, from the LB's MAC, out of `eth0`),
 /// and asks again once that copy is older than `NAT_HOP_TTL_NS`: when the backend
@@ -374,9 +364,9 @@ fn nat_flows_cache_their_next_hops_and_follow_a_change() -> Result<()> {
 
     let b1 = Node::Backend(1);
     let (lb_mac, client_mac, old_mac) = (
-        mac_bytes(&lab.mac_of(Node::Lb)?)?,
-        mac_bytes(&lab.mac_of(Node::Client)?)?,
-        mac_bytes(&lab.mac_of(b1)?)?,
+        lab.mac_bytes_of(Node::Lb)?,
+        lab.mac_bytes_of(Node::Client)?,
+        lab.mac_bytes_of(b1)?,
     );
     let lb_ifindex: u32 = lab
         .run(Node::Lb, &["cat", "/sys/class/net/eth0/ifindex"])?
@@ -437,13 +427,11 @@ fn nat_flows_cache_their_next_hops_and_follow_a_change() -> Result<()> {
         "echo answered {} ms after the backend's MAC changed",
         changed.elapsed().as_millis()
     );
-    let now_to = |entries: &[(FlowKey, NatFlow)]| {
-        entries
-            .iter()
-            .any(|(_, e)| e.to_backend.dmac == mac_bytes(new_mac).unwrap_or_default())
-    };
+    let new = parse_mac(new_mac)?;
     ensure!(
-        now_to(&nat_entries(&lab)?),
+        nat_entries(&lab)?
+            .iter()
+            .any(|(_, e)| e.to_backend.dmac == new),
         "no NAT flow's next hop is the backend's new MAC"
     );
     Ok(())

@@ -46,7 +46,7 @@ use super::report::{
     IperfRun, LabReport, Machine, Path, PathResult, ProcStat, Sample, Settings, Summary, WrkRun,
     parse_iperf3, parse_wrk,
 };
-use crate::lab::{Lab, Node, ProcessGuard, Service, VIP4, addr4, in_ns, run_bounded};
+use crate::lab::{Lab, Node, ProcessGuard, Service, VIP4, addr4, in_ns, parse_mac, run_bounded};
 
 /// The backends' HTTP port (nginx, a fixed 200 answer) and iperf3's.
 const HTTP_PORT: u16 = 80;
@@ -362,8 +362,8 @@ impl<'lab> Bench<'lab> {
             backend: addr4(Node::Backend(1)).into(),
             lb: addr4(Node::Lb).into(),
             lb_mac: parse_mac(&lb_mac)?,
-            backend_mac: parse_mac(&lab.mac_of(Node::Backend(1))?)?,
-            client_mac: parse_mac(&lab.mac_of(Node::Client)?)?,
+            backend_mac: lab.mac_bytes_of(Node::Backend(1))?,
+            client_mac: lab.mac_bytes_of(Node::Client)?,
         })
     }
 
@@ -916,14 +916,4 @@ fn mac_text(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-fn parse_mac(text: &str) -> Result<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = text.trim().split(':').collect();
-    ensure!(parts.len() == 6, "not a MAC address: {text:?}");
-    for (byte, part) in mac.iter_mut().zip(parts) {
-        *byte = u8::from_str_radix(part, 16).with_context(|| format!("not a MAC: {text:?}"))?;
-    }
-    Ok(mac)
 }

@@ -107,7 +107,9 @@ pub use processes::{
     AgentGuard, ProcessGuard, Streaming, bin_path, parse_backends_json, parse_status_json,
     run_bounded,
 };
-pub use topology::{Node, addr_like, addr4, addr6, client_net_addresses, in_ns, try_in_ns};
+pub use topology::{
+    Node, addr_like, addr4, addr6, client_net_addresses, in_ns, parse_mac, try_in_ns,
+};
 
 use servers::Server;
 use topology::Netns;

@@ -544,6 +544,11 @@ impl Lab {
             .ok_or_else(|| anyhow!("no MAC in {out:?}"))
     }
 
+    /// `mac_of` as bytes.
+    pub fn mac_bytes_of(&self, node: Node) -> Result<[u8; 6]> {
+        parse_mac(&self.mac_of(node)?)
+    }
+
     /// What `ip neigh show ADDR dev eth0` says in `node`'s namespace (empty: no entry).
     pub fn neigh(&self, node: Node, addr: IpAddr) -> Result<String> {
         ip(&[
@@ -600,4 +605,17 @@ impl Lab {
         }
         out
     }
+}
+
+/// A MAC address as `ip link` writes it (`02:..`), as bytes.
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    if parts.len() != 6 {
+        bail!("not a MAC address: {text:?}");
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).with_context(|| format!("not a MAC: {text:?}"))?;
+    }
+    Ok(mac)
 }

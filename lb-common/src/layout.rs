@@ -64,6 +64,11 @@ const fn map(
     }
 }
 
+/// The map named `name` (`MAPS`).
+pub fn by_name(name: &str) -> Option<&'static MapLayout> {
+    MAPS.iter().find(|m| m.name == name)
+}
+
 /// Every map of the program (`lb-ebpf/src/maps.rs`).
 pub const MAPS: [MapLayout; 19] = [
     map(

@@ -492,6 +492,11 @@ mod sys {
     }
 
     fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+        bpf_value(cmd, attr).map(drop)
+    }
+
+    /// `bpf`, with the syscall's value (BPF_MAP_CREATE: the new map's descriptor).
+    fn bpf_value<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
         // SAFETY: `attr` is a bpf_attr prefix of the right layout for `cmd`, and every
         // pointer in it points to memory that outlives the call.
         let r = unsafe {
@@ -505,7 +510,7 @@ mod sys {
         if r < 0 {
             Err(io::Error::last_os_error())
         } else {
-            Ok(())
+            Ok(r)
         }
     }
 
@@ -601,18 +606,7 @@ mod sys {
         let name = m.name.as_bytes();
         let n = name.len().min(attr.map_name.len() - 1);
         attr.map_name[..n].copy_from_slice(&name[..n]);
-        // SAFETY: as in `bpf`; BPF_MAP_CREATE returns a new descriptor we then own.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_CREATE,
-                &mut attr as *mut CreateAttr as *mut libc::c_void,
-                std::mem::size_of::<CreateAttr>() as libc::c_uint,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = bpf_value(BPF_MAP_CREATE, &mut attr)?;
         // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
         let path = std::ffi::CString::new(path.as_os_str().as_bytes())
@@ -821,14 +815,12 @@ impl XdpDataPlane {
         let found = pins.prepare(sizes)?;
         let flows = pins.map_path(names::MAP_FLOWS);
         if !flows.exists() && sizes.flow_lru.shared_on(possible_cpus()) {
-            let m = layout::MAPS
-                .iter()
-                .find(|m| m.name == names::MAP_FLOWS)
-                .ok_or(DataPlaneError::Missing {
-                    kind: "map",
-                    name: names::MAP_FLOWS,
-                })?;
-            sys::create_pinned(m, sizes.max_flows, 0, &flows).map_err(|source| {
+            let m = layout::by_name(names::MAP_FLOWS).ok_or(DataPlaneError::Missing {
+                kind: "map",
+                name: names::MAP_FLOWS,
+            })?;
+            let flags = crate::pins::flows_flags(m, true);
+            sys::create_pinned(m, sizes.max_flows, flags, &flows).map_err(|source| {
                 DataPlaneError::Pin {
                     what: "making the shared-list connection table",
                     path: flows.clone(),

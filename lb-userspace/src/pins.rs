@@ -139,20 +139,28 @@ fn wanted_entries(m: &MapLayout, sizes: MapSizes) -> u32 {
     }
 }
 
+/// FLOWS's flags (`m` is its layout) with one LRU list shared by all CPUs, or one per
+/// CPU: what the agent makes a shared-list table with, and what a pinned one must have.
+pub fn flows_flags(m: &MapLayout, shared: bool) -> u32 {
+    if shared {
+        m.flags & !BPF_F_NO_COMMON_LRU
+    } else {
+        m.flags | BPF_F_NO_COMMON_LRU
+    }
+}
+
 /// The flags a map of the layout must have: FLOWS's say which LRU lists it keeps
 /// (`FlowLru`); with `Auto`, a pinned table keeps the ones it was made with (`found`).
 fn wanted_flags(m: &MapLayout, sizes: MapSizes, found: u32) -> u32 {
     if m.name != names::MAP_FLOWS {
         return m.flags;
     }
-    let per_cpu = m.flags | BPF_F_NO_COMMON_LRU;
-    let shared = m.flags & !BPF_F_NO_COMMON_LRU;
-    match sizes.flow_lru {
-        FlowLru::PerCpu => per_cpu,
-        FlowLru::Shared => shared,
-        FlowLru::Auto if found == shared => shared,
-        FlowLru::Auto => per_cpu,
-    }
+    let shared = match sizes.flow_lru {
+        FlowLru::PerCpu => false,
+        FlowLru::Shared => true,
+        FlowLru::Auto => found == flows_flags(m, true),
+    };
+    flows_flags(m, shared)
 }
 
 fn check_map(m: &MapLayout, path: &Path, sizes: MapSizes) -> Result<()> {
@@ -359,7 +367,7 @@ mod tests {
 
     #[test]
     fn the_connection_tables_flags_follow_flow_lru() {
-        let map = |name| layout::MAPS.iter().find(|m| m.name == name).expect(name);
+        let map = |name| layout::by_name(name).expect(name);
         let flows = map(names::MAP_FLOWS);
         let sizes = |flow_lru| MapSizes {
             flow_lru,

@@ -75,7 +75,7 @@ const QUEUE: [&str; 3] = ["pfifo", "limit", "1000"];
 /// How long the runs that measure the XDP program's cost per packet last.
 const PROBE_SECONDS: u32 = 1;
 /// The seconds at the start of each iperf3 run that are not counted (`-O`).
-const BULK_OMIT_SECONDS: u32 = 1;
+pub(crate) const BULK_OMIT_SECONDS: u32 = 1;
 
 /// Where the LB host's receive work runs; see the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -536,8 +536,9 @@ impl LabReport {
         let _ = writeln!(
             out,
             "Measured {} on {} ({} cores), Linux {}; median of {} repetitions, paths rotated \
-             in each; wrk {} s with {} connections (`Connection: close`), iperf3 one stream {} s after 1 s not counted; \
-             NAPI {}; sender offloads: {}; bridge ports' queue: {}. In brackets: the lowest \
+             in each; wrk {} s with {} connections (`Connection: close`), iperf3 one stream \
+             {} s after {} s not counted; NAPI {}; sender offloads: {}; bridge ports' queue: \
+             {}. In brackets: the lowest \
              and the highest repetition (for × null fwd: of the ratio to the null \
              forwarder's run in the same repetition).",
             m.date,
@@ -548,6 +549,7 @@ impl LabReport {
             s.conn_seconds,
             s.wrk_connections,
             s.bulk_seconds,
+            super::comparative::BULK_OMIT_SECONDS,
             s.napi,
             s.offloads,
             if s.queue.is_empty() { "none" } else { &s.queue }

@@ -92,6 +92,16 @@ pub fn all_up(_: &Service, b: &BackendSpec) -> BackendView {
     }
 }
 
+/// `all_up`, with every backend at the LB's own MAC: a frame forwarded in DSR comes
+/// out as it went in, so each of BPF_PROG_TEST_RUN's repeated runs (which take the
+/// previous run's output) finds a frame to our MAC and takes the same path as the first.
+pub fn looped(s: &Service, b: &BackendSpec) -> BackendView {
+    BackendView {
+        mac: Some(LB_MAC),
+        ..all_up(s, b)
+    }
+}
+
 pub struct Rig {
     pub dp: XdpDataPlane,
     /// Serving from the start; a test turns it off to play a backup host.
@@ -128,9 +138,19 @@ impl Rig {
         services: Vec<Service>,
         sizes: MapSizes,
     ) -> anyhow::Result<Self> {
+        Self::new_object_with(object, services, sizes, &all_up)
+    }
+
+    /// As `new_object`, each backend as `view` says.
+    pub fn new_object_with(
+        object: &[u8],
+        services: Vec<Service>,
+        sizes: MapSizes,
+        view: &dyn Fn(&Service, &BackendSpec) -> BackendView,
+    ) -> anyhow::Result<Self> {
         let mut dp = XdpDataPlane::load_object(object, sizes)?;
         let mut programmer = Programmer::new();
-        programmer.apply(&mut dp, &services, &all_up)?;
+        programmer.apply(&mut dp, &services, view)?;
         let config = LbConfig {
             mac: LB_MAC,
             flags: 0,
@@ -258,6 +278,29 @@ impl Rig {
 
     pub fn counter(&self, slot: u32) -> Counter {
         self.dp.counter(slot).expect("counter")
+    }
+
+    /// The balancer program's map named `name`, through a descriptor of its own: for a
+    /// test that changes a map behind the agent's back.
+    pub fn map(&mut self, name: &str) -> anyhow::Result<aya::maps::Map> {
+        let program = self.dp.program_mut(lb_common::names::PROG_LB)?;
+        let ids = program
+            .info()?
+            .map_ids()?
+            .ok_or_else(|| anyhow::anyhow!("the kernel lists no maps of the program"))?;
+        for id in ids {
+            let info = aya::maps::MapInfo::from_id(id)?;
+            if info.name_as_str() == Some(name) {
+                let data = MapData::from_id(id)?;
+                return Ok(match info.map_type()? {
+                    aya::maps::MapType::Hash => aya::maps::Map::HashMap(data),
+                    aya::maps::MapType::LruHash => aya::maps::Map::LruHashMap(data),
+                    aya::maps::MapType::Array => aya::maps::Map::Array(data),
+                    other => anyhow::bail!("map {name}: type {other:?} not handled here"),
+                });
+            }
+        }
+        anyhow::bail!("the program has no map {name}")
     }
 }
 

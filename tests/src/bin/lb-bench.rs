@@ -3,7 +3,10 @@
 //! Rounds interleave the cases so that drift hits them all alike; medians are reported.
 //!
 //! With `repeat`, each run sees the previous run's output. Every case here rewrites at
-//! most MAC addresses, so run 2..N take the same path as run 1.
+//! most MAC addresses, and the rig's backends have the LB's own MAC (`rig::looped`), so
+//! a forwarded frame comes out as it went in and run 2..N take the same path as run 1:
+//! each measured run checks so in the counters (every one of its runs counted where the
+//! case says), else the bench fails.
 //!
 //! Then NAT: the same comparison for the NAT path, both directions. NAT rewrites
 //! addresses, so a repeated run would measure the program on its own output (no longer
@@ -46,14 +49,17 @@
 //! prints the table of the latest `lab.json` again and redraws its charts (no root).
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     process::{Command, ExitCode},
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
-use lb_common::names;
+use lb_common::{
+    counters::{global_slot, reason, vip_slot},
+    names,
+};
 use lb_tests::{
     bench::{comparative, report::LabReport},
     lab::{
@@ -61,9 +67,9 @@ use lb_tests::{
         VrrpSection, addr4, probe_gap, run_bounded,
     },
     packet::{ACK, SYN, tcp_frame},
-    rig::{CLIENT_MAC, LB_MAC, Rig, XDP_PASS, XDP_TX, service},
+    rig::{CLIENT_MAC, LB_MAC, Rig, XDP_PASS, XDP_TX, looped, service},
 };
-use lb_userspace::dataplane::{MapSizes, OBJECT_UNTRACED};
+use lb_userspace::dataplane::{MapSizes, OBJECT, OBJECT_UNTRACED};
 
 const ROUNDS: usize = 9;
 const REPEAT: u32 = 200_000;
@@ -74,6 +80,57 @@ struct Case {
     verdict: u32,
     /// Sent once before measuring (the SYN that creates an established flow).
     prime: Option<Vec<u8>>,
+    /// The service a forwarded case's runs are counted on; `None`: not a VIP's packet,
+    /// counted as passed to the host.
+    service: Option<(IpAddr, u16)>,
+}
+
+impl Case {
+    /// The counter slot every run of this case moves by one packet.
+    fn slot(&self, rig: &Rig) -> anyhow::Result<u32> {
+        Ok(match self.service {
+            Some((vip, port)) => vip_slot(
+                rig.programmer
+                    .vip_num(vip, port)
+                    .ok_or_else(|| anyhow::anyhow!("{}: no service {vip}:{port}", self.name))?,
+            ),
+            None => global_slot(reason::PASS_NOT_VIP),
+        })
+    }
+
+    /// The balancer's time per run over `REPEAT` runs of this case, after checking that
+    /// every run was counted where the case says (so none took a shorter path).
+    fn time_lb(&self, rig: &mut Rig) -> anyhow::Result<Duration> {
+        let slot = self.slot(rig)?;
+        let before = rig.counter(slot).packets;
+        let run = rig.run_program(names::PROG_LB, &self.frame, REPEAT)?;
+        let counted = rig.counter(slot).packets - before;
+        anyhow::ensure!(
+            counted == u64::from(REPEAT) && run.verdict == self.verdict,
+            "{}: {counted} of {REPEAT} runs counted on the case's path, last verdict {} \
+             (want {}): the runs did not all do what the case measures",
+            self.name,
+            run.verdict,
+            self.verdict
+        );
+        Ok(run.per_run)
+    }
+
+    /// Primes the flow if the case has one, then checks one run's verdict.
+    fn check(&self, rig: &mut Rig) -> anyhow::Result<()> {
+        if let Some(p) = &self.prime {
+            rig.run_program(names::PROG_LB, p, 1)?;
+        }
+        let out = rig.run_program(names::PROG_LB, &self.frame, 1)?;
+        anyhow::ensure!(
+            out.verdict == self.verdict,
+            "{}: verdict {} (want {})",
+            self.name,
+            out.verdict,
+            self.verdict
+        );
+        Ok(())
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> f64 {
@@ -250,12 +307,17 @@ fn run() -> anyhow::Result<()> {
             ),
         ]
     };
-    let mut rig = Rig::new(services())?;
+    let mut rig = Rig::new_object_with(OBJECT, services(), MapSizes::default(), &looped)?;
     let mut baseline = match std::env::var_os(BASELINE_VAR) {
         Some(path) => {
             let object = std::fs::read(&path)
                 .map_err(|e| anyhow::anyhow!("{BASELINE_VAR}={}: {e}", path.display()))?;
-            Some(Rig::new_object(&object, services(), MapSizes::default())?)
+            Some(Rig::new_object_with(
+                &object,
+                services(),
+                MapSizes::default(),
+                &looped,
+            )?)
         }
         None => None,
     };
@@ -276,45 +338,40 @@ fn run() -> anyhow::Result<()> {
             frame: frame(c4, sticky4, SYN),
             verdict: XDP_TX,
             prime: None,
+            service: Some(sticky4),
         },
         Case {
             name: "established, persistent",
             frame: frame(c4, sticky4, ACK),
             verdict: XDP_TX,
             prime: Some(frame(c4, sticky4, SYN)),
+            service: Some(sticky4),
         },
         Case {
             name: "non-VIP IPv6 packet",
             frame: frame(c6, ("2001:db8::99".parse()?, 443), ACK),
             verdict: XDP_PASS,
             prime: None,
+            service: None,
         },
         Case {
             name: "SYN to an IPv6 VIP",
             frame: frame(c6, vip6, SYN),
             verdict: XDP_TX,
             prime: None,
+            service: Some(vip6),
         },
         Case {
             name: "established IPv6 flow",
             frame: frame(c6, vip6, ACK),
             verdict: XDP_TX,
             prime: Some(frame(c6, vip6, SYN)),
+            service: Some(vip6),
         },
     ];
     for r in std::iter::once(&mut rig).chain(baseline.as_mut()) {
         for case in &cases {
-            if let Some(p) = &case.prime {
-                r.run_program(names::PROG_LB, p, 1)?;
-            }
-            let out = r.run_program(names::PROG_LB, &case.frame, 1)?;
-            anyhow::ensure!(
-                out.verdict == case.verdict,
-                "{}: verdict {} (want {})",
-                case.name,
-                out.verdict,
-                case.verdict
-            );
+            case.check(r)?;
         }
     }
     let mut lb: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
@@ -326,12 +383,9 @@ fn run() -> anyhow::Result<()> {
                 rig.run_program(names::PROG_PASS, &case.frame, REPEAT)?
                     .per_run,
             );
-            lb[i].push(
-                rig.run_program(names::PROG_LB, &case.frame, REPEAT)?
-                    .per_run,
-            );
+            lb[i].push(case.time_lb(&mut rig)?);
             if let Some(b) = baseline.as_mut() {
-                base[i].push(b.run_program(names::PROG_LB, &case.frame, REPEAT)?.per_run);
+                base[i].push(case.time_lb(b)?);
             }
         }
     }
@@ -1014,18 +1068,21 @@ fn ipv4_cases() -> anyhow::Result<[Case; 3]> {
             frame: frame(c4, ("192.0.2.99".parse()?, 80), ACK),
             verdict: XDP_PASS,
             prime: None,
+            service: None,
         },
         Case {
             name: "SYN to an IPv4 VIP",
             frame: frame(c4, vip4, SYN),
             verdict: XDP_TX,
             prime: None,
+            service: Some(vip4),
         },
         Case {
             name: "established IPv4 flow",
             frame: frame(c4, vip4, ACK),
             verdict: XDP_TX,
             prime: Some(frame(c4, vip4, SYN)),
+            service: Some(vip4),
         },
     ])
 }
@@ -1042,26 +1099,17 @@ fn trace_cost() -> anyhow::Result<()> {
             &["192.0.2.21", "192.0.2.22", "192.0.2.23"],
         )]
     };
-    let mut traced = Rig::new(services())?;
+    let mut traced = Rig::new_object_with(OBJECT, services(), MapSizes::default(), &looped)?;
     anyhow::ensure!(
         traced.trace.is_some(),
         "the shipped program has no trace ring buffer"
     );
-    let mut untraced = Rig::new_object(OBJECT_UNTRACED, services(), MapSizes::default())?;
+    let mut untraced =
+        Rig::new_object_with(OBJECT_UNTRACED, services(), MapSizes::default(), &looped)?;
     let cases = ipv4_cases()?;
     for rig in [&mut traced, &mut untraced] {
         for case in &cases {
-            if let Some(p) = &case.prime {
-                rig.run_program(names::PROG_LB, p, 1)?;
-            }
-            let r = rig.run_program(names::PROG_LB, &case.frame, 1)?;
-            anyhow::ensure!(
-                r.verdict == case.verdict,
-                "{}: verdict {} (want {})",
-                case.name,
-                r.verdict,
-                case.verdict
-            );
+            case.check(rig)?;
         }
     }
     let n = cases.len();
@@ -1077,16 +1125,8 @@ fn trace_cost() -> anyhow::Result<()> {
                     .run_program(names::PROG_PASS, &case.frame, REPEAT)?
                     .per_run,
             );
-            on[i].push(
-                traced
-                    .run_program(names::PROG_LB, &case.frame, REPEAT)?
-                    .per_run,
-            );
-            off[i].push(
-                untraced
-                    .run_program(names::PROG_LB, &case.frame, REPEAT)?
-                    .per_run,
-            );
+            on[i].push(case.time_lb(&mut traced)?);
+            off[i].push(case.time_lb(&mut untraced)?);
         }
     }
     anyhow::ensure!(

@@ -5,6 +5,10 @@
 //! A set bit means "maybe": the exact lookup follows. The agent writes the bitmap as a
 //! function of the set of VIP addresses (`lb-userspace`'s programmer), always a superset
 //! of the addresses in the map while it changes.
+//!
+//! A second bitmap of the same shape (`DSR_FILTER`) has the bits of the addresses with
+//! a DSR service: only their TCP segments are looked up in the connection table before
+//! the service (a NAT service's flows are in the NAT tables).
 
 /// Words of 64 bits in the filter array.
 pub const WORDS: u32 = 1024;

@@ -6,7 +6,7 @@
 use crate::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
     MAX_RING_SIZE, MAX_VIPS, NatConfig, NatFlow, NatScratch, NatTarget, PersistKey, PersistState,
-    Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS, names,
+    Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS, names,
 };
 
 /// Bumped by hand when the meaning of a map changes while its sizes stay (a flag or a
@@ -70,7 +70,7 @@ pub fn by_name(name: &str) -> Option<&'static MapLayout> {
 }
 
 /// Every map of the program (`lb-ebpf/src/maps.rs`).
-pub const MAPS: [MapLayout; 19] = [
+pub const MAPS: [MapLayout; 21] = [
     map(
         names::MAP_VIPS,
         BPF_MAP_TYPE_HASH,
@@ -89,6 +89,22 @@ pub const MAPS: [MapLayout; 19] = [
     ),
     map(
         names::MAP_VIP_FILTER,
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        8,
+        crate::filter::WORDS,
+        0,
+    ),
+    map(
+        names::MAP_VIP_SLOTS,
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        size::<VipSlot>(),
+        MAX_VIPS,
+        0,
+    ),
+    map(
+        names::MAP_DSR_FILTER,
         BPF_MAP_TYPE_ARRAY,
         4,
         8,

@@ -69,6 +69,20 @@ pub struct VipInfo {
 /// VIP flag: the service forwards in full NAT (see `NatFlow`), not DSR.
 pub const VIP_F_NAT: u32 = 1;
 
+/// Value of the VIP slot array, indexed by VIP number: the VIPS entry of that number,
+/// key and value. An established DSR flow's connection-table entry names its VIP's
+/// number; the data path takes the VIP from this slot, with no VIPS lookup, when the
+/// slot's key is the packet's (VIP, port). The agent clears a slot before it writes or
+/// removes the VIPS entry and writes the slot after, so a slot never differs from
+/// VIPS, even after a write refused half-way; a cleared slot (all zero) matches no
+/// packet, whose segments then take the VIPS lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipSlot {
+    pub key: VipKey,
+    pub info: VipInfo,
+}
+
 /// Key of the map of VIP addresses the LB answers ARP / neighbour solicitations for.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -200,6 +214,8 @@ pub struct NatScratch {
     pub vip_key: VipKey,
     /// A new DSR flow's connection-table entry, while it is recorded.
     pub flow_state: FlowState,
+    /// A segment's key while the connection table is asked before its service.
+    pub early_flow: FlowKey,
 }
 
 /// The single entry of the NAT_CONFIG array.
@@ -439,6 +455,8 @@ pub mod names {
     pub const MAP_VIPS: &str = "VIPS";
     pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
     pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
+    pub const MAP_VIP_SLOTS: &str = "VIP_SLOTS";
+    pub const MAP_DSR_FILTER: &str = "DSR_FILTER";
     pub const MAP_RINGS: &str = "RINGS";
     pub const MAP_BACKENDS: &str = "BACKENDS";
     pub const MAP_FLOWS: &str = "FLOWS";
@@ -460,6 +478,7 @@ pub mod names {
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipInfo>() == 16);
+    assert!(core::mem::size_of::<VipSlot>() == 36);
     assert!(core::mem::size_of::<VipAddrKey>() == 20);
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 40);
@@ -476,7 +495,7 @@ const _: () = {
     assert!(core::mem::size_of::<NatFlow>() == 96);
     assert!(core::mem::size_of::<NatConfig>() == 8);
     assert!(core::mem::size_of::<NatTuple>() == 40);
-    assert!(core::mem::size_of::<NatScratch>() == 384);
+    assert!(core::mem::size_of::<NatScratch>() == 424);
     // The ring array is MAX_VIPS windows of MAX_RING_SIZE slots.
     assert!((MAX_VIPS as u64) * (MAX_RING_SIZE as u64) < u32::MAX as u64);
 };
@@ -487,6 +506,7 @@ mod pod {
     // SAFETY: all these are repr(C), Copy, with every padding byte an explicit field.
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for VipSlot {}
     unsafe impl aya::Pod for VipAddrKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}

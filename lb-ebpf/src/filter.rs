@@ -3,7 +3,9 @@
 
 use lb_common::filter;
 
-use crate::maps::VIP_FILTER;
+use aya_ebpf::maps::Array;
+
+use crate::maps::{DSR_FILTER, VIP_FILTER};
 
 /// False when no VIP has this address; true when one may have it.
 #[inline(always)]
@@ -18,9 +20,21 @@ pub fn may_end_a_vip(hi: u8, lo: u8) -> bool {
     may_be_vip_bit(filter::bit_of(hi, lo))
 }
 
+/// False when no DSR service has this address (`hi`, `lo` as for `may_end_a_vip`);
+/// true when one may have it.
+#[inline(always)]
+pub fn may_end_a_dsr_vip(hi: u8, lo: u8) -> bool {
+    bit_set(&DSR_FILTER, filter::bit_of(hi, lo))
+}
+
 #[inline(always)]
 fn may_be_vip_bit(bit: u32) -> bool {
+    bit_set(&VIP_FILTER, bit)
+}
+
+#[inline(always)]
+fn bit_set(bitmap: &Array<u64>, bit: u32) -> bool {
     let (word, mask) = filter::word_and_mask(bit);
     // A missing word (never: the index is below WORDS) counts as "maybe".
-    VIP_FILTER.get(word).is_none_or(|w| *w & mask != 0)
+    bitmap.get(word).is_none_or(|w| *w & mask != 0)
 }

@@ -58,6 +58,25 @@ pub fn vip_key(addr: &[u8; 16], port_be: u16, family: u8) -> VipKey {
     ])
 }
 
+/// Whether two VIP keys are equal, compared word by word (a derived `==` on the address
+/// bytes may become a call to the BPF backend's byte loop).
+#[inline(always)]
+pub fn same_vip(a: &VipKey, b: &VipKey) -> bool {
+    const N: usize = core::mem::size_of::<VipKey>() / 4;
+    const { assert!(core::mem::size_of::<VipKey>() == 4 * N && core::mem::align_of::<VipKey>() >= 4) };
+    let a = a as *const VipKey as *const u32;
+    let b = b as *const VipKey as *const u32;
+    let mut i = 0;
+    while i < N {
+        // SAFETY: in bounds and aligned (asserted above).
+        if unsafe { *a.add(i) != *b.add(i) } {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// A TCP flow as the client sends it.
 #[inline(always)]
 pub fn flow_key(

@@ -1,10 +1,11 @@
 //! The XDP data path. One pipeline, read top to bottom:
 //! Ethernet (+ one VLAN tag) -> ARP / IPv4 / IPv6 -> the VIP filter (one array load) ->
-//! VIP address? (for TCP: its service, VIP address, port and proto, whose hit says so) ->
-//! serving, our MAC? -> header sanity -> TCP (or an ICMP error about a flow, see
-//! `icmp.rs`; or a NAT reply, see `nat.rs`) -> connection table, pinned table, else
-//! persistence or Maglev ring (`persist::choose_backend`) -> backend -> MAC rewrite ->
-//! count -> XDP_TX.
+//! VIP address? (for TCP: its service, whose hit says so; for an established segment to
+//! an address with a DSR service, the connection table first, whose entry names the
+//! service: see `service`) -> serving, our MAC? -> header sanity -> TCP (or an ICMP error
+//! about a flow, see `icmp.rs`; or a NAT reply, see `nat.rs`) -> connection table (if
+//! not asked already), pinned table, else persistence or Maglev ring
+//! (`persist::choose_backend`) -> backend -> MAC rewrite -> count -> XDP_TX.
 //!
 //! Each stage returns `Step<T>`: `Ok` goes on, `Err(reason)` ends the packet. The reason
 //! is counted once in `lb_xdp` and mapped to a verdict by `verdict_of`.
@@ -44,7 +45,7 @@ use lb_common::{
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
-use maps::{BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, PINNED, RINGS, SERVING, STATS, VIPS};
+use maps::{BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, PINNED, RINGS, SERVING, STATS, VIP_SLOTS, VIPS};
 
 /// A pinned flow's last_seen_ns is rewritten at most this often: one map write per flow
 /// per second instead of one per packet; the agent's idle timeouts are in seconds.
@@ -113,6 +114,33 @@ struct Packet {
     flow: FlowKey,
     vip: VipInfo,
     tcp_flags: u8,
+    known: Known,
+}
+
+/// What the connection table said of a segment before its service was looked up
+/// (`service`): `what` is one of `KNOWN_*`, `backend` the entry's on a hit. Two words,
+/// not an enum: `parse_ip` writes it through a pointer, where an enum's padding could
+/// carry a register the verifier refuses to store in part.
+#[derive(Clone, Copy)]
+struct Known {
+    what: u32,
+    backend: u32,
+}
+
+/// Not asked: a SYN, an address with no DSR service, or not a plain TCP segment.
+const KNOWN_NOT_ASKED: u32 = 0;
+/// No entry.
+const KNOWN_MISSED: u32 = 1;
+/// An entry that needs a write for this segment (`is_current`).
+const KNOWN_HIT: u32 = 2;
+/// An entry that needs no write: the forwarding stage need not look it up again.
+const KNOWN_HIT_CURRENT: u32 = 3;
+
+impl Known {
+    #[inline(always)]
+    fn just(what: u32) -> Self {
+        Known { what, backend: 0 }
+    }
 }
 
 /// What a VIP packet turned out to be.
@@ -261,6 +289,7 @@ fn parse_ip_into<const V6: bool>(
                 addr_of_mut!((*out).flow).write(p.flow);
                 addr_of_mut!((*out).vip).write(p.vip);
                 addr_of_mut!((*out).tcp_flags).write(p.tcp_flags);
+                addr_of_mut!((*out).known).write(p.known);
                 Ok(PARSED_TCP)
             }
             Parsed::IcmpError(flow) => {
@@ -316,13 +345,15 @@ pub fn serve_flags(serving: &Serving) -> u32 {
 fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) -> Step<Parsed> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ip = unsafe { &*ip };
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&ip.src);
     let mut dst = [0u8; 16];
     dst[..4].copy_from_slice(&ip.dst);
     // Only traffic for a VIP address is ours to judge; the rest goes to the kernel as is.
     // (The filter was asked in `try_lb`.) A plain header's TCP is looked up as a service
     // first: a hit says the address is a VIP's, with no lookup of the address alone.
     let vip = if ip.version_ihl == 0x45 && ip.proto == PROTO_TCP {
-        service(ctx, l3 + IPV4_HLEN, &dst, FAMILY_V4)
+        service(ctx, l3 + IPV4_HLEN, &src, &dst, FAMILY_V4)
     } else {
         None
     };
@@ -348,11 +379,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     let l4 = l3 + IPV4_HLEN;
     let end = l3 + tot_len;
     match ip.proto {
-        PROTO_TCP => {
-            let mut src = [0u8; 16];
-            src[..4].copy_from_slice(&ip.src);
-            parse_tcp(ctx, l4, end, src, dst, FAMILY_V4, vip)
-        }
+        PROTO_TCP => parse_tcp(ctx, l4, end, src, dst, FAMILY_V4, vip),
         IPPROTO_ICMP => icmp::quoted_flow_v4(ctx, l4, end).map(Parsed::IcmpError),
         _ => Err(reason::DROP_VIP_UNSERVED),
     }
@@ -365,7 +392,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     let ip = unsafe { &*ip };
     // As for IPv4 (`parse_ipv4`): TCP as a service first.
     let vip = if ip.next_hdr == PROTO_TCP {
-        service(ctx, l3 + IPV6_HLEN, &ip.dst, FAMILY_V6)
+        service(ctx, l3 + IPV6_HLEN, &ip.src, &ip.dst, FAMILY_V6)
     } else {
         None
     };
@@ -392,14 +419,70 @@ pub fn is_ipv6_ext(next_hdr: u8) -> bool {
     matches!(next_hdr, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
-/// The TCP service of the segment at `l4` to `dst`, if there is one; `None` as well
-/// when the frame is too short for a TCP header (`parse_tcp` judges it).
+/// The TCP service of the segment at `l4` from `src` to `dst`, if there is one, and what
+/// the connection table said of it; `None` as well when the frame is too short for a
+/// TCP header (`parse_tcp` judges it).
+///
+/// An established segment to an address with a DSR service (`filter::may_end_a_dsr_vip`)
+/// is looked up in the connection table first. An entry names its VIP's number; when
+/// that number's slot (`VIP_SLOTS`) holds the segment's (VIP, port), the slot's copy of
+/// the VIPS entry is the service, and VIPS is not asked: one hash lookup for the whole
+/// segment. Otherwise VIPS is asked as for any segment, and the entry still decides the
+/// backend, as it always has. Nothing is written here: the serving and MAC checks come
+/// after (`vip_gate`).
 #[inline(always)]
-fn service(ctx: &XdpContext, l4: usize, dst: &[u8; 16], family: u8) -> Option<VipInfo> {
+fn service(
+    ctx: &XdpContext,
+    l4: usize,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    family: u8,
+) -> Option<(VipInfo, Known)> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
     // SAFETY: within the frame (`ptr_at`).
-    let key = keys::vip_key(dst, u16::from_ne_bytes(unsafe { (*tcp).dport }), family);
-    unsafe { VIPS.get(&key) }.copied()
+    let (sport_be, dport_be, flags) = unsafe {
+        (
+            u16::from_ne_bytes((*tcp).sport),
+            u16::from_ne_bytes((*tcp).dport),
+            (*tcp).flags,
+        )
+    };
+    let key = keys::vip_key(dst, dport_be, family);
+    let (hi, lo) = if family == FAMILY_V4 {
+        (dst[2], dst[3])
+    } else {
+        (dst[14], dst[15])
+    };
+    let mut known = Known::just(KNOWN_NOT_ASKED);
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+        && filter::may_end_a_dsr_vip(hi, lo)
+        && let Ok(scratch) = maps::scratch()
+    {
+        // The key in the scratch space: this frame is the pipeline's (see `parse_ip`).
+        let flow = &mut scratch.early_flow;
+        *flow = keys::flow_key(src, dst, sport_be, dport_be, family);
+        known = match unsafe { FLOWS.get(flow) } {
+            None => Known::just(KNOWN_MISSED),
+            Some(state) => {
+                let current = is_current(state, flow_clock(), closing_flag(flags));
+                let hit = Known {
+                    what: if current {
+                        KNOWN_HIT_CURRENT
+                    } else {
+                        KNOWN_HIT
+                    },
+                    backend: state.backend,
+                };
+                if let Some(slot) = VIP_SLOTS.get(state.vip_num)
+                    && keys::same_vip(&slot.key, &key)
+                {
+                    return Some((slot.info, hit));
+                }
+                hit
+            }
+        };
+    }
+    unsafe { VIPS.get(&key) }.map(|vip| (*vip, known))
 }
 
 /// `l4` is where TCP starts, `end` where the IP packet ends; `vip` is the segment's
@@ -412,7 +495,7 @@ fn parse_tcp(
     src: [u8; 16],
     dst: [u8; 16],
     family: u8,
-    vip: Option<VipInfo>,
+    vip: Option<(VipInfo, Known)>,
 ) -> Step<Parsed> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_TCP)?;
     let tcp = unsafe { &*tcp };
@@ -422,13 +505,14 @@ fn parse_tcp(
     }
     let dport_be = u16::from_ne_bytes(tcp.dport);
     let flow = keys::flow_key(&src, &dst, u16::from_ne_bytes(tcp.sport), dport_be, family);
-    let Some(vip) = vip else {
+    let Some((vip, known)) = vip else {
         return Ok(Parsed::NatReply(flow, tcp.flags));
     };
     Ok(Parsed::Tcp(Packet {
         flow,
         vip,
         tcp_flags: tcp.flags,
+        known,
     }))
 }
 
@@ -449,21 +533,28 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
     let now = flow_clock();
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = p.tcp_flags & TCP_RST != 0;
-    let closing = if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        FLOW_F_CLOSING
-    } else {
-        0
-    };
+    let closing = closing_flag(p.tcp_flags);
     let mut found = None;
     let mut lost = false;
     if !syn {
-        if let Some(state) = FLOWS.get_ptr_mut(&p.flow) {
-            let id = unsafe { (*state).backend };
+        // The connection table's entry: its backend, and where to write if it needs a
+        // write (asked again only then when `service` asked first).
+        let hit = match p.known.what {
+            KNOWN_HIT_CURRENT => Some((p.known.backend, None)),
+            KNOWN_HIT => Some((p.known.backend, FLOWS.get_ptr_mut(&p.flow))),
+            KNOWN_MISSED => None,
+            _ => FLOWS
+                .get_ptr_mut(&p.flow)
+                .map(|state| (unsafe { (*state).backend }, Some(state))),
+        };
+        if let Some((id, state)) = hit {
             // A backend that went down loses its flows to the ring, not into a void.
             if let Some(backend) = usable_backend(id) {
                 found = Some((id, backend));
                 persist::touch(&p.vip, &p.flow, id, now);
-                touch(state, now, closing);
+                if let Some(state) = state {
+                    touch(state, now, closing);
+                }
             }
         } else if let Some(state) = PINNED.get_ptr_mut(&p.flow) {
             let id = unsafe { (*state).backend };
@@ -527,6 +618,23 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
 #[inline(always)]
 pub fn flow_clock() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// `FLOW_F_CLOSING` for a segment with FIN or RST, else 0.
+#[inline(always)]
+fn closing_flag(tcp_flags: u8) -> u32 {
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        FLOW_F_CLOSING
+    } else {
+        0
+    }
+}
+
+/// Whether `touch` would write nothing to `state` for a segment at `now` with
+/// `closing` (`closing_flag`).
+#[inline(always)]
+fn is_current(state: &FlowState, now: u64, closing: u32) -> bool {
+    now.saturating_sub(state.last_seen_ns) <= PINNED_TOUCH_NS && state.flags & closing == closing
 }
 
 /// A connection-table or pinned-table hit: the flow's last_seen_ns is rewritten only

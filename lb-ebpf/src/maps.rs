@@ -11,7 +11,7 @@ use lb_common::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
     MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, NatConfig,
     NatFlow, NatScratch, NatTarget, PersistKey, PersistState, Serving, TRACE_RING_BYTES,
-    VipAddrKey, VipInfo, VipKey, counters::STATS_SLOTS, filter, layout,
+    VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS, filter, layout,
 };
 
 /// (VIP address, port, protocol) -> the VIP's number and ring size.
@@ -26,6 +26,16 @@ pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(MAX_V
 /// low 16 bits (`lb_common::filter`). An array: the verifier inlines its lookup.
 #[map]
 pub static VIP_FILTER: Array<u64> = Array::with_max_entries(filter::WORDS, 0);
+
+/// VIP number -> its VIPS entry, key and value (`lb_common::VipSlot`): what an
+/// established DSR flow's packet takes its service from, with no VIPS lookup.
+#[map]
+pub static VIP_SLOTS: Array<VipSlot> = Array::with_max_entries(MAX_VIPS, 0);
+
+/// The bits of the VIP filter's shape (`lb_common::filter`) for the addresses with a DSR
+/// service: their TCP segments, but a SYN, are looked up in FLOWS first.
+#[map]
+pub static DSR_FILTER: Array<u64> = Array::with_max_entries(filter::WORDS, 0);
 
 /// Maglev lookup tables: VIP number n owns slots [n * MAX_RING_SIZE, n * MAX_RING_SIZE + ring_size).
 #[map]

@@ -25,7 +25,7 @@ use aya::{
 use lb_common::{
     Backend, Counter, FlowKey, FlowState, LbConfig, MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT,
     MAX_PINNED_FLOWS, MAX_RING_SIZE, NatConfig, NatFlow, NatTarget, PersistKey, PersistState,
-    SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, layout, names,
+    SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, VipSlot, layout, names,
 };
 
 /// The XDP object built from `lb-ebpf`, embedded at build time.
@@ -100,12 +100,18 @@ type Result<T> = std::result::Result<T, DataPlaneError>;
 /// What the control plane needs from the data path, and nothing more.
 pub trait DataPlane {
     fn set_config(&mut self, cfg: &LbConfig) -> Result<()>;
+    /// The VIP number's slot (`lb_common::VipSlot`) cleared, the VIPS entry written,
+    /// then the slot: a write refused half-way leaves no slot that differs from VIPS.
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()>;
-    fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
+    /// The slot of `vip_num` cleared, then the VIPS entry removed: a slot never names a
+    /// service VIPS has no longer.
+    fn remove_vip(&mut self, key: &VipKey, vip_num: u32) -> Result<()>;
     fn set_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
     fn remove_vip_addr(&mut self, key: &VipAddrKey) -> Result<()>;
     /// One 64-bit word of the VIP address filter (`lb_common::filter`).
     fn set_vip_filter_word(&mut self, word: u32, bits: u64) -> Result<()>;
+    /// One word of the DSR filter: the bits of addresses with a DSR service.
+    fn set_dsr_filter_word(&mut self, word: u32, bits: u64) -> Result<()>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
     /// Writes `(slot, backend id)` pairs into the ring window of `vip_num`.
     fn set_ring_slots(&mut self, vip_num: u32, slots: &[(u32, u32)]) -> Result<()>;
@@ -744,6 +750,8 @@ pub struct XdpDataPlane {
     vips: HashMap<MapData, VipKey, VipInfo>,
     vip_addrs: HashMap<MapData, VipAddrKey, u32>,
     vip_filter: Array<MapData, u64>,
+    vip_slots: Array<MapData, VipSlot>,
+    dsr_filter: Array<MapData, u64>,
     rings: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     stats: PerCpuArray<MapData, Counter>,
@@ -860,6 +868,10 @@ impl XdpDataPlane {
             .map_err(map_err(names::MAP_VIP_ADDRS))?;
         let vip_filter = Array::try_from(take(&mut ebpf, names::MAP_VIP_FILTER)?)
             .map_err(map_err(names::MAP_VIP_FILTER))?;
+        let vip_slots = Array::try_from(take(&mut ebpf, names::MAP_VIP_SLOTS)?)
+            .map_err(map_err(names::MAP_VIP_SLOTS))?;
+        let dsr_filter = Array::try_from(take(&mut ebpf, names::MAP_DSR_FILTER)?)
+            .map_err(map_err(names::MAP_DSR_FILTER))?;
         let rings = Array::try_from(take(&mut ebpf, names::MAP_RINGS)?)
             .map_err(map_err(names::MAP_RINGS))?;
         let backends = Array::try_from(take(&mut ebpf, names::MAP_BACKENDS)?)
@@ -934,6 +946,8 @@ impl XdpDataPlane {
             vips,
             vip_addrs,
             vip_filter,
+            vip_slots,
+            dsr_filter,
             rings,
             backends,
             stats,
@@ -1168,11 +1182,24 @@ impl DataPlane for XdpDataPlane {
             .map_err(map_err(names::MAP_CONFIG))
     }
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        self.vip_slots
+            .set(info.vip_num, VipSlot::default(), 0)
+            .map_err(map_err(names::MAP_VIP_SLOTS))?;
         self.vips
             .insert(key, info, 0)
-            .map_err(map_err(names::MAP_VIPS))
+            .map_err(map_err(names::MAP_VIPS))?;
+        let slot = VipSlot {
+            key: *key,
+            info: *info,
+        };
+        self.vip_slots
+            .set(info.vip_num, slot, 0)
+            .map_err(map_err(names::MAP_VIP_SLOTS))
     }
-    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+    fn remove_vip(&mut self, key: &VipKey, vip_num: u32) -> Result<()> {
+        self.vip_slots
+            .set(vip_num, VipSlot::default(), 0)
+            .map_err(map_err(names::MAP_VIP_SLOTS))?;
         match self.vips.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::MAP_VIPS)(e)),
@@ -1193,6 +1220,11 @@ impl DataPlane for XdpDataPlane {
         self.vip_filter
             .set(word, bits, 0)
             .map_err(map_err(names::MAP_VIP_FILTER))
+    }
+    fn set_dsr_filter_word(&mut self, word: u32, bits: u64) -> Result<()> {
+        self.dsr_filter
+            .set(word, bits, 0)
+            .map_err(map_err(names::MAP_DSR_FILTER))
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
         self.backends
@@ -1255,6 +1287,10 @@ pub struct FakeDataPlane {
     pub vip_addrs: StdHashMap<VipAddrKey, u32>,
     /// The VIP filter's words that are not zero.
     pub vip_filter: StdHashMap<u32, u64>,
+    /// VIP number -> its slot, where not cleared.
+    pub vip_slots: StdHashMap<u32, VipSlot>,
+    /// The DSR filter's words that are not zero.
+    pub dsr_filter: StdHashMap<u32, u64>,
     pub backends: StdHashMap<u32, Backend>,
     pub rings: StdHashMap<u32, u32>,
     pub ring_writes: usize,
@@ -1277,6 +1313,15 @@ impl FakeDataPlane {
                     .unwrap_or(0)
             })
             .collect()
+    }
+}
+
+/// A filter word in a fake's map of the words that are not zero.
+fn set_word(words: &mut StdHashMap<u32, u64>, word: u32, bits: u64) {
+    if bits == 0 {
+        words.remove(&word);
+    } else {
+        words.insert(word, bits);
     }
 }
 
@@ -1306,11 +1351,21 @@ impl DataPlane for FakeDataPlane {
         Ok(())
     }
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        self.write(names::MAP_VIP_SLOTS)?;
+        self.vip_slots.remove(&info.vip_num);
         self.write(names::MAP_VIPS)?;
         self.vips.insert(*key, *info);
+        self.write(names::MAP_VIP_SLOTS)?;
+        let slot = VipSlot {
+            key: *key,
+            info: *info,
+        };
+        self.vip_slots.insert(info.vip_num, slot);
         Ok(())
     }
-    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+    fn remove_vip(&mut self, key: &VipKey, vip_num: u32) -> Result<()> {
+        self.write(names::MAP_VIP_SLOTS)?;
+        self.vip_slots.remove(&vip_num);
         self.write(names::MAP_VIPS)?;
         self.vips.remove(key);
         Ok(())
@@ -1327,11 +1382,12 @@ impl DataPlane for FakeDataPlane {
     }
     fn set_vip_filter_word(&mut self, word: u32, bits: u64) -> Result<()> {
         self.write(names::MAP_VIP_FILTER)?;
-        if bits == 0 {
-            self.vip_filter.remove(&word);
-        } else {
-            self.vip_filter.insert(word, bits);
-        }
+        set_word(&mut self.vip_filter, word, bits);
+        Ok(())
+    }
+    fn set_dsr_filter_word(&mut self, word: u32, bits: u64) -> Result<()> {
+        self.write(names::MAP_DSR_FILTER)?;
+        set_word(&mut self.dsr_filter, word, bits);
         Ok(())
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {

@@ -338,6 +338,8 @@ mod tests {
             names::MAP_VIPS,
             names::MAP_VIP_ADDRS,
             names::MAP_VIP_FILTER,
+            names::MAP_VIP_SLOTS,
+            names::MAP_DSR_FILTER,
             names::MAP_RINGS,
             names::MAP_BACKENDS,
             names::MAP_FLOWS,

@@ -196,6 +196,8 @@ pub struct Plan {
     /// Backends that left the config in this plan: their ids retire (flows finish).
     retiring: Vec<u32>,
     vip_addrs: HashSet<VipAddrKey>,
+    /// The addresses with a DSR service (`DSR_FILTER`).
+    dsr_addrs: HashSet<VipAddrKey>,
     pub unresolved: Vec<(String, String)>,
 }
 
@@ -264,6 +266,8 @@ pub struct Programmer {
     free_ids: BTreeSet<u32>,
     next_id: u32,
     vip_addrs: HashSet<VipAddrKey>,
+    /// The addresses with a DSR service, as the DSR filter holds them.
+    dsr_addrs: HashSet<VipAddrKey>,
     /// A commit failed half-way: the maps may differ from what we recorded, so the next
     /// commit writes everything again.
     dirty: bool,
@@ -554,6 +558,11 @@ impl Programmer {
             }
         }
         plan.vip_addrs = services.iter().map(|s| vip_addr_key(s.vip)).collect();
+        plan.dsr_addrs = services
+            .iter()
+            .filter(|s| s.forwarding == Forwarding::Dsr)
+            .map(|s| vip_addr_key(s.vip))
+            .collect();
         Ok(plan)
     }
 
@@ -572,7 +581,9 @@ impl Programmer {
             ..Default::default()
         };
         for key in &plan.gone_vips {
-            dp.remove_vip(key)?;
+            if let Some(state) = self.vips.get(key) {
+                dp.remove_vip(key, state.vip_num)?;
+            }
             if let Some(state) = self.vips.remove(key) {
                 self.free_vip_nums.insert(state.vip_num);
             }
@@ -653,6 +664,23 @@ impl Programmer {
             dp.set_vip_filter_word(word, bits)?;
         }
         self.vip_addrs = plan.vip_addrs;
+        // Which segments look in the connection table first: a speed-up only, so any
+        // order of writes is safe (a segment not asked first is asked later, as before).
+        let before = filter_words(&self.dsr_addrs);
+        let after = filter_words(&plan.dsr_addrs);
+        let changes = if dirty {
+            let words: BTreeSet<u32> = before.keys().chain(after.keys()).copied().collect();
+            words
+                .into_iter()
+                .map(|w| (w, after.get(&w).copied().unwrap_or(0)))
+                .collect()
+        } else {
+            filter_changes(&before, &after)
+        };
+        for (word, bits) in changes {
+            dp.set_dsr_filter_word(word, bits)?;
+        }
+        self.dsr_addrs = plan.dsr_addrs;
         self.dirty = false;
         Ok(report)
     }
@@ -1018,6 +1046,67 @@ mod tests {
         // The freed VIP number is reused, and its whole window is rewritten.
         let r = p.apply(&mut dp, &[a], &all_up).unwrap();
         assert_eq!(r.ring_slots_written, 1009);
+    }
+
+    /// Every slot the fake holds is its VIP number's VIPS entry, key and value.
+    fn slots_match_vips(dp: &FakeDataPlane) -> bool {
+        dp.vip_slots.iter().all(|(num, slot)| {
+            slot.info.vip_num == *num && dp.vips.get(&slot.key) == Some(&slot.info)
+        })
+    }
+
+    #[test]
+    fn vip_slots_name_only_services_in_vips_and_the_dsr_filter_only_dsr_addresses() {
+        let a = service("a", "192.0.2.10", &[("x", "192.0.2.21", 100)]);
+        let mut nat = service("n", "192.0.2.12", &[("y", "192.0.2.22", 100)]);
+        nat.forwarding = Forwarding::Nat;
+        let c = service("c", "2001:db8::10", &[("z", "2001:db8::21", 100)]);
+        let mut c_nat = c.clone();
+        c_nat.forwarding = Forwarding::Nat;
+        let steps: [Vec<Service>; 5] = [
+            vec![a.clone(), nat.clone()],
+            vec![nat.clone(), c.clone()],
+            vec![c_nat.clone()],
+            vec![a.clone(), c.clone()],
+            vec![],
+        ];
+        // As for the filter: every state an apply passes through after a refusal.
+        for n in 0.. {
+            let mut dp = FakeDataPlane::default();
+            let mut p = Programmer::new();
+            let mut failed = false;
+            for (i, s) in steps.iter().enumerate() {
+                dp.fail_one_write_after = (i == 1 || i == 2).then_some(n);
+                if p.apply(&mut dp, s, &all_up).is_err() {
+                    failed = true;
+                    assert!(slots_match_vips(&dp), "after {n} writes of step {i}");
+                    dp.fail_one_write_after = None;
+                    p.apply(&mut dp, s, &all_up).unwrap();
+                }
+                assert!(slots_match_vips(&dp), "step {i}");
+                assert_eq!(
+                    dp.vip_slots.len(),
+                    s.len(),
+                    "step {i}: one slot per service"
+                );
+                let dsr: Vec<VipAddrKey> = s
+                    .iter()
+                    .filter(|s| s.forwarding == Forwarding::Dsr)
+                    .map(|s| vip_addr_key(s.vip))
+                    .collect();
+                let held: BTreeMap<u32, u64> =
+                    dp.dsr_filter.iter().map(|(w, b)| (*w, *b)).collect();
+                assert_eq!(
+                    held,
+                    filter_words(&dsr),
+                    "step {i}: the DSR addresses' bits"
+                );
+            }
+            assert!(dp.vip_slots.is_empty() && dp.dsr_filter.is_empty());
+            if !failed {
+                break;
+            }
+        }
     }
 
     /// Every address in the fake's VIP_ADDRS has its bit in the fake's filter.

@@ -6,7 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     FLOW_F_CLOSING, FlowKey, FlowState, NO_BACKEND, PROTO_TCP, TRACE_F_NEW_FLOW, TRACE_FORWARDED,
+    VipInfo, VipKey,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
+    names,
 };
 use lb_tests::{
     packet::*,
@@ -23,7 +25,7 @@ use lb_userspace::{
     },
     flows,
     pins::{self, Found, PinDir},
-    programmer::BackendView,
+    programmer::{BackendView, vip_key},
 };
 
 const ROUTER_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x01];
@@ -1060,6 +1062,77 @@ fn established_flow_keeps_its_backend_after_its_slot_moves() {
     // ...and from then on the flow's packets go there.
     let (_, out) = rig.run(&ack);
     assert_eq!(out[0..6], moved_mac);
+}
+
+/// An established DSR segment takes its service from its VIP number's slot
+/// (`VIP_SLOTS`), with no VIPS lookup: with the VIPS entry taken away behind the agent's
+/// back, the flow's segments still reach its backend, while a new flow is not served.
+/// An entry whose VIP number's slot holds another service is served through VIPS, to
+/// the entry's backend, and counted on its own service. When the agent removes the
+/// service, the slot goes first: the flow's segments are no longer forwarded.
+#[test]
+fn established_dsr_segments_take_their_service_from_the_vip_slot() {
+    if !require_root("established_dsr_segments_take_their_service_from_the_vip_slot") {
+        return;
+    }
+    let mut rig = rig();
+    let vip = (ip("192.0.2.10"), 80);
+    let client = (ip("198.51.100.40"), 42000);
+    let syn = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN);
+    let ack = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK);
+    let (v, out) = rig.run(&syn);
+    assert_eq!(v, XDP_TX);
+    let mac = &out[0..6].to_vec();
+
+    // The slot alone: VIPS loses the service behind the agent's back.
+    let mut vips: aya::maps::HashMap<_, VipKey, VipInfo> =
+        aya::maps::HashMap::try_from(rig.map(names::MAP_VIPS).expect("VIPS")).expect("VIPS");
+    let info = vips
+        .get(&vip_key(vip.0, vip.1), 0)
+        .expect("the service in VIPS");
+    vips.remove(&vip_key(vip.0, vip.1))
+        .expect("remove from VIPS");
+    for _ in 0..3 {
+        let (v, out) = rig.run(&ack);
+        assert_eq!(
+            v, XDP_TX,
+            "an established flow's segment, by its VIP's slot"
+        );
+        assert_eq!(&out[0..6], mac);
+    }
+    let new = tcp_frame(LB_MAC, CLIENT_MAC, None, (client.0, 42001), vip, SYN);
+    assert_ne!(rig.run(&new).0, XDP_TX, "a new flow needs VIPS");
+    vips.insert(vip_key(vip.0, vip.1), info, 0)
+        .expect("VIPS back");
+
+    // An entry naming another service's number: VIPS decides the service, the entry the
+    // backend.
+    let key = flow(client, vip);
+    let mut flows: aya::maps::HashMap<_, FlowKey, FlowState> =
+        aya::maps::HashMap::try_from(rig.map(names::MAP_FLOWS).expect("FLOWS")).expect("FLOWS");
+    let mut state = flows.get(&key, 0).expect("the flow's entry");
+    let (web, web6) = (vip_num(&rig, "web"), vip_num(&rig, "web6"));
+    state.vip_num = web6;
+    flows.insert(key, state, 0).expect("entry rewritten");
+    let (web_before, web6_before) = (rig.counter(vip_slot(web)), rig.counter(vip_slot(web6)));
+    let (v, out) = rig.run(&ack);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(&out[0..6], mac, "the entry's backend");
+    assert_eq!(rig.counter(vip_slot(web)).packets, web_before.packets + 1);
+    assert_eq!(rig.counter(vip_slot(web6)).packets, web6_before.packets);
+
+    // The agent removes the service: no slot, no VIPS entry, no VIP address.
+    state.vip_num = web;
+    flows.insert(key, state, 0).expect("entry restored");
+    assert_eq!(rig.run(&ack).0, XDP_TX);
+    let mut s = services();
+    s.retain(|s| s.name != "web");
+    rig.apply(s).expect("reprogram");
+    assert_eq!(
+        rig.run(&ack).0,
+        XDP_PASS,
+        "a removed service's flow is not forwarded"
+    );
 }
 
 #[test]

@@ -118,13 +118,15 @@ struct Packet {
 }
 
 /// What the connection table said of a segment before its service was looked up
-/// (`service`): `what` is one of `KNOWN_*`, `backend` the entry's on a hit. Two words,
-/// not an enum: `parse_ip` writes it through a pointer, where an enum's padding could
-/// carry a register the verifier refuses to store in part.
+/// (`service`): `what` is one of `KNOWN_*`, `backend` the entry's on a hit, `now` the
+/// flow clock read then (once asked), which the forwarding stage uses too: one clock
+/// read per segment. Plain words, not an enum: `parse_ip` writes it through a pointer,
+/// where an enum's padding could carry a register the verifier refuses to store in part.
 #[derive(Clone, Copy)]
 struct Known {
     what: u32,
     backend: u32,
+    now: u64,
 }
 
 /// Not asked: a SYN, an address with no DSR service, or not a plain TCP segment.
@@ -138,8 +140,12 @@ const KNOWN_HIT_CURRENT: u32 = 3;
 
 impl Known {
     #[inline(always)]
-    fn just(what: u32) -> Self {
-        Known { what, backend: 0 }
+    fn just(what: u32, now: u64) -> Self {
+        Known {
+            what,
+            backend: 0,
+            now,
+        }
     }
 }
 
@@ -453,7 +459,7 @@ fn service(
     } else {
         (dst[14], dst[15])
     };
-    let mut known = Known::just(KNOWN_NOT_ASKED);
+    let mut known = Known::just(KNOWN_NOT_ASKED, 0);
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN
         && filter::may_end_a_dsr_vip(hi, lo)
         && let Ok(scratch) = maps::scratch()
@@ -461,10 +467,11 @@ fn service(
         // The key in the scratch space: this frame is the pipeline's (see `parse_ip`).
         let flow = &mut scratch.early_flow;
         *flow = keys::flow_key(src, dst, sport_be, dport_be, family);
+        let now = flow_clock();
         known = match unsafe { FLOWS.get(flow) } {
-            None => Known::just(KNOWN_MISSED),
+            None => Known::just(KNOWN_MISSED, now),
             Some(state) => {
-                let current = is_current(state, flow_clock(), closing_flag(flags));
+                let current = is_current(state, now, closing_flag(flags));
                 let hit = Known {
                     what: if current {
                         KNOWN_HIT_CURRENT
@@ -472,6 +479,7 @@ fn service(
                         KNOWN_HIT
                     },
                     backend: state.backend,
+                    now,
                 };
                 if let Some(slot) = VIP_SLOTS.get(state.vip_num)
                     && keys::same_vip(&slot.key, &key)
@@ -530,7 +538,11 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
 /// NAT path's calls share (512 bytes for the deepest chain).
 #[inline(never)]
 fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
-    let now = flow_clock();
+    let now = if p.known.what == KNOWN_NOT_ASKED {
+        flow_clock()
+    } else {
+        p.known.now
+    };
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = p.tcp_flags & TCP_RST != 0;
     let closing = closing_flag(p.tcp_flags);

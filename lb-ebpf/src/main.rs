@@ -351,10 +351,8 @@ pub fn serve_flags(serving: &Serving) -> u32 {
 fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) -> Step<Parsed> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ip = unsafe { &*ip };
-    let mut src = [0u8; 16];
-    src[..4].copy_from_slice(&ip.src);
-    let mut dst = [0u8; 16];
-    dst[..4].copy_from_slice(&ip.dst);
+    // SAFETY: within the frame (`ptr_at`).
+    let (src, dst) = unsafe { (Addr::v4(&ip.src), Addr::v4(&ip.dst)) };
     // Only traffic for a VIP address is ours to judge; the rest goes to the kernel as is.
     // (The filter was asked in `try_lb`.) A plain header's TCP is looked up as a service
     // first: a hit says the address is a VIP's, with no lookup of the address alone.
@@ -363,7 +361,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     } else {
         None
     };
-    if vip.is_none() && !neigh::in_vip_addrs(&dst, FAMILY_V4) {
+    if vip.is_none() && !neigh::in_vip_addrs(&dst.0, FAMILY_V4) {
         return Err(reason::PASS_NOT_VIP);
     }
     vip_gate(ctx, cfg, serving)?;
@@ -385,7 +383,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     let l4 = l3 + IPV4_HLEN;
     let end = l3 + tot_len;
     match ip.proto {
-        PROTO_TCP => parse_tcp(ctx, l4, end, src, dst, FAMILY_V4, vip),
+        PROTO_TCP => parse_tcp(ctx, l4, end, &src, &dst, FAMILY_V4, vip),
         IPPROTO_ICMP => icmp::quoted_flow_v4(ctx, l4, end).map(Parsed::IcmpError),
         _ => Err(reason::DROP_VIP_UNSERVED),
     }
@@ -396,13 +394,15 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     // A neighbour solicitation was answered before (`solicitation`).
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
     let ip = unsafe { &*ip };
+    // SAFETY: within the frame (`ptr_at`).
+    let (src, dst) = unsafe { (Addr::v6(&ip.src), Addr::v6(&ip.dst)) };
     // As for IPv4 (`parse_ipv4`): TCP as a service first.
     let vip = if ip.next_hdr == PROTO_TCP {
-        service(ctx, l3 + IPV6_HLEN, &ip.src, &ip.dst, FAMILY_V6)
+        service(ctx, l3 + IPV6_HLEN, &src, &dst, FAMILY_V6)
     } else {
         None
     };
-    if vip.is_none() && !neigh::in_vip_addrs(&ip.dst, FAMILY_V6) {
+    if vip.is_none() && !neigh::in_vip_addrs(&dst.0, FAMILY_V6) {
         return Err(reason::PASS_NOT_VIP);
     }
     vip_gate(ctx, cfg, serving)?;
@@ -412,7 +412,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     }
     let l4 = l3 + IPV6_HLEN;
     match ip.next_hdr {
-        PROTO_TCP => parse_tcp(ctx, l4, end, ip.src, ip.dst, FAMILY_V6, vip),
+        PROTO_TCP => parse_tcp(ctx, l4, end, &src, &dst, FAMILY_V6, vip),
         IPPROTO_ICMPV6 => icmp::quoted_flow_v6(ctx, l4, end).map(Parsed::IcmpError),
         next if is_ipv6_ext(next) => Err(reason::DROP_IPV6_EXT),
         _ => Err(reason::DROP_VIP_UNSERVED),
@@ -440,19 +440,14 @@ pub fn is_ipv6_ext(next_hdr: u8) -> bool {
 fn service(
     ctx: &XdpContext,
     l4: usize,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+    src: &Addr,
+    dst: &Addr,
     family: u8,
 ) -> Option<(VipInfo, Known)> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
     // SAFETY: within the frame (`ptr_at`).
-    let (sport_be, dport_be, flags) = unsafe {
-        (
-            u16::from_ne_bytes((*tcp).sport),
-            u16::from_ne_bytes((*tcp).dport),
-            (*tcp).flags,
-        )
-    };
+    let ((sport_be, dport_be), flags) = unsafe { (ports(tcp), (*tcp).flags) };
+    let (src, dst) = (&src.0, &dst.0);
     let key = keys::vip_key(dst, dport_be, family);
     let (hi, lo) = if family == FAMILY_V4 {
         (dst[2], dst[3])
@@ -493,6 +488,20 @@ fn service(
     unsafe { VIPS.get(&key) }.map(|vip| (*vip, known))
 }
 
+/// A TCP header's source and destination ports, network order, from one 32-bit load.
+///
+/// # Safety
+/// `tcp` is within the frame (`ptr_at`).
+#[inline(always)]
+unsafe fn ports(tcp: *const TcpHdr) -> (u16, u16) {
+    // SAFETY: the header's first 4 bytes (the caller's).
+    let w = unsafe { packet_word(tcp as *const u8, 0) }.to_ne_bytes();
+    (
+        u16::from_ne_bytes([w[0], w[1]]),
+        u16::from_ne_bytes([w[2], w[3]]),
+    )
+}
+
 /// `l4` is where TCP starts, `end` where the IP packet ends; `vip` is the segment's
 /// service (`service`), looked up before: `None` makes it a NAT reply or unserved.
 #[inline(always)]
@@ -500,19 +509,20 @@ fn parse_tcp(
     ctx: &XdpContext,
     l4: usize,
     end: usize,
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: &Addr,
+    dst: &Addr,
     family: u8,
     vip: Option<(VipInfo, Known)>,
 ) -> Step<Parsed> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_TCP)?;
+    // SAFETY: within the frame (`ptr_at`).
+    let (sport_be, dport_be) = unsafe { ports(tcp) };
     let tcp = unsafe { &*tcp };
     let doff = (tcp.data_off >> 4) as usize * 4;
     if doff < TCP_HLEN || l4 + doff > end {
         return Err(reason::DROP_BAD_TCP);
     }
-    let dport_be = u16::from_ne_bytes(tcp.dport);
-    let flow = keys::flow_key(&src, &dst, u16::from_ne_bytes(tcp.sport), dport_be, family);
+    let flow = keys::flow_key(&src.0, &dst.0, sport_be, dport_be, family);
     let Some((vip, known)) = vip else {
         return Ok(Parsed::NatReply(flow, tcp.flags));
     };

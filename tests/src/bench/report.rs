@@ -408,6 +408,12 @@ pub struct LabReport {
     pub paths: Vec<PathResult>,
 }
 
+/// The largest spread between repetitions, (highest − lowest) / median, that still makes
+/// a quiet run, for the paths every ratio rests on (direct, the null forwarder). Quiet
+/// runs on the development machine stayed within 10%; runs while other load moved the
+/// machine spread by 20 to 30% and more.
+pub const STEADY_SPREAD: f64 = 0.15;
+
 /// The median (the mean of the two middle values for an even count); 0 for none.
 pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.into_iter().collect();
@@ -520,6 +526,53 @@ impl LabReport {
         }
     }
 
+    /// The reference paths' measures (direct, the null forwarder) whose repetitions
+    /// spread beyond `STEADY_SPREAD` of their median: (path, measure, spread). Empty for
+    /// a quiet run.
+    pub fn unsteady(&self) -> Vec<(Path, &'static str, f64)> {
+        let mut out = Vec::new();
+        for r in &self.paths {
+            if !matches!(r.path, Path::Direct | Path::NullFwd) {
+                continue;
+            }
+            let m = &r.median;
+            for (what, [lo, hi], median) in [
+                ("connection rate", m.conn_range, m.conn_per_second),
+                ("bulk rate", m.bulk_range, m.bulk_gbit_per_second),
+            ] {
+                if median > 0.0 && (hi - lo) / median > STEADY_SPREAD {
+                    out.push((r.path, what, (hi - lo) / median));
+                }
+            }
+        }
+        out
+    }
+
+    /// One sentence on whether this was a quiet run (`unsteady`).
+    pub fn steadiness(&self) -> String {
+        let unsteady = self.unsteady();
+        if unsteady.is_empty() {
+            return format!(
+                "A quiet run: every repetition of the direct path and of the null forwarder \
+                 within {:.0}% of their medians.",
+                STEADY_SPREAD * 100.0
+            );
+        }
+        let what: Vec<String> = unsteady
+            .iter()
+            .map(|(path, measure, spread)| {
+                format!("{} {measure} {:.0}%", path.name(), spread * 100.0)
+            })
+            .collect();
+        format!(
+            "**Not a quiet run**: repetitions spread by more than {:.0}% of the median ({}); \
+             other load moved the figures, so this run's ratios cannot tell whether a goal \
+             is met.",
+            STEADY_SPREAD * 100.0,
+            what.join(", ")
+        )
+    }
+
     pub fn to_json(&self) -> Result<String> {
         serde_json::to_string_pretty(self).context("writing the bench report as JSON")
     }
@@ -595,6 +648,9 @@ impl LabReport {
                 cpu(&x.bulk_cpu),
             );
         }
+        out.push('\n');
+        out.push_str(&self.steadiness());
+        out.push('\n');
         out
     }
 }
@@ -768,6 +824,35 @@ Transfer/sec:      3.03MB
         assert_eq!(range(std::iter::empty()), [0.0, 0.0]);
         assert_eq!(median([4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median([]), 0.0);
+    }
+
+    #[test]
+    fn a_run_is_quiet_only_if_its_reference_paths_kept_still() {
+        // The fixed report: direct's bulk 10-12 around 11 (18%), the null forwarder's
+        // connections 15-17k around 16k (12.5%) and bulk 7-9 around 8 (25%).
+        let r = fixed();
+        let unsteady: Vec<(Path, &str)> = r.unsteady().iter().map(|(p, m, _)| (*p, *m)).collect();
+        assert_eq!(
+            unsteady,
+            vec![(Path::Direct, "bulk rate"), (Path::NullFwd, "bulk rate")]
+        );
+        let line = r.steadiness();
+        assert!(line.starts_with("**Not a quiet run**"), "{line}");
+        assert!(line.contains("null XDP forwarder bulk rate 25%"), "{line}");
+        assert!(r.markdown().ends_with(&format!("{line}\n")));
+        // HAProxy's own spread does not count; the reference paths held still.
+        let mut quiet = fixed();
+        for p in &mut quiet.paths {
+            for (i, x) in p.samples.iter_mut().enumerate() {
+                if p.path != Path::Haproxy {
+                    x.conn.per_second = 10_000.0 + 100.0 * i as f64;
+                    x.bulk.bits_per_second = 5e9 + 1e8 * i as f64;
+                }
+            }
+        }
+        quiet.summarise();
+        assert!(quiet.unsteady().is_empty());
+        assert!(quiet.steadiness().starts_with("A quiet run"));
     }
 
     #[test]

@@ -20,11 +20,10 @@ pub fn may_end_a_vip(hi: u8, lo: u8) -> bool {
     may_be_vip_bit(filter::bit_of(hi, lo))
 }
 
-/// False when no DSR service has this address (`hi`, `lo` as for `may_end_a_vip`);
-/// true when one may have it.
+/// False when no DSR service has this address; true when one may have it.
 #[inline(always)]
-pub fn may_end_a_dsr_vip(hi: u8, lo: u8) -> bool {
-    bit_set(&DSR_FILTER, filter::bit_of(hi, lo))
+pub fn may_be_dsr_vip(addr: &[u8; 16], family: u8) -> bool {
+    bit_set(&DSR_FILTER, filter::bit(addr, family))
 }
 
 #[inline(always)]

@@ -429,7 +429,7 @@ pub fn is_ipv6_ext(next_hdr: u8) -> bool {
 /// the connection table said of it; `None` as well when the frame is too short for a
 /// TCP header (`parse_tcp` judges it).
 ///
-/// An established segment to an address with a DSR service (`filter::may_end_a_dsr_vip`)
+/// An established segment to an address with a DSR service (`filter::may_be_dsr_vip`)
 /// is looked up in the connection table first. An entry names its VIP's number; when
 /// that number's slot (`VIP_SLOTS`) holds the segment's (VIP, port), the slot's copy of
 /// the VIPS entry is the service, and VIPS is not asked: one hash lookup for the whole
@@ -449,14 +449,9 @@ fn service(
     let ((sport_be, dport_be), flags) = unsafe { (ports(tcp), (*tcp).flags) };
     let (src, dst) = (&src.0, &dst.0);
     let key = keys::vip_key(dst, dport_be, family);
-    let (hi, lo) = if family == FAMILY_V4 {
-        (dst[2], dst[3])
-    } else {
-        (dst[14], dst[15])
-    };
     let mut known = Known::just(KNOWN_NOT_ASKED, 0);
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN
-        && filter::may_end_a_dsr_vip(hi, lo)
+        && filter::may_be_dsr_vip(dst, family)
         && let Ok(scratch) = maps::scratch()
     {
         // The key in the scratch space: this frame is the pipeline's (see `parse_ip`).

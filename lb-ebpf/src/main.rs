@@ -647,11 +647,18 @@ fn closing_flag(tcp_flags: u8) -> u32 {
     }
 }
 
+/// Whether an entry's time is old enough to be rewritten (`touch`). A time ahead of
+/// `now` is not old.
+#[inline(always)]
+fn is_stale(last_seen_ns: u64, now: u64) -> bool {
+    now.saturating_sub(last_seen_ns) > PINNED_TOUCH_NS
+}
+
 /// Whether `touch` would write nothing to `state` for a segment at `now` with
 /// `closing` (`closing_flag`).
 #[inline(always)]
 fn is_current(state: &FlowState, now: u64, closing: u32) -> bool {
-    now.saturating_sub(state.last_seen_ns) <= PINNED_TOUCH_NS && state.flags & closing == closing
+    !is_stale(state.last_seen_ns, now) && state.flags & closing == closing
 }
 
 /// A connection-table or pinned-table hit: the flow's last_seen_ns is rewritten only
@@ -663,7 +670,7 @@ fn is_current(state: &FlowState, now: u64, closing: u32) -> bool {
 fn touch(state: *mut FlowState, now: u64, closing: u32) {
     // SAFETY: a pointer the map lookup just returned.
     let state = unsafe { &mut *state };
-    if now.saturating_sub(state.last_seen_ns) > PINNED_TOUCH_NS {
+    if is_stale(state.last_seen_ns, now) {
         state.last_seen_ns = now;
     }
     if state.flags & closing != closing {

@@ -89,14 +89,19 @@ pub fn filter_words<'a>(addrs: impl IntoIterator<Item = &'a VipAddrKey>) -> BTre
     words
 }
 
-/// The words to write to turn filter `from` into filter `to`.
-fn filter_changes(from: &BTreeMap<u32, u64>, to: &BTreeMap<u32, u64>) -> Vec<(u32, u64)> {
+/// The words to write to turn filter `from` into filter `to`; with `all`, every word
+/// either has, changed or not (the map may hold neither, after a refused write).
+fn filter_changes(
+    from: &BTreeMap<u32, u64>,
+    to: &BTreeMap<u32, u64>,
+    all: bool,
+) -> Vec<(u32, u64)> {
     let words: BTreeSet<u32> = from.keys().chain(to.keys()).copied().collect();
     words
         .into_iter()
         .filter_map(|w| {
             let new = to.get(&w).copied().unwrap_or(0);
-            (from.get(&w).copied().unwrap_or(0) != new).then_some((w, new))
+            (all || from.get(&w).copied().unwrap_or(0) != new).then_some((w, new))
         })
         .collect()
 }
@@ -651,7 +656,7 @@ impl Programmer {
         // the old and the new addresses while the map changes, then the new ones only.
         let before = filter_words(&current);
         let both = filter_words(self.vip_addrs.union(&plan.vip_addrs));
-        for (word, bits) in filter_changes(&before, &both) {
+        for (word, bits) in filter_changes(&before, &both, false) {
             dp.set_vip_filter_word(word, bits)?;
         }
         for a in plan.vip_addrs.difference(&current) {
@@ -660,7 +665,7 @@ impl Programmer {
         for a in self.vip_addrs.difference(&plan.vip_addrs) {
             dp.remove_vip_addr(a)?;
         }
-        for (word, bits) in filter_changes(&both, &filter_words(&plan.vip_addrs)) {
+        for (word, bits) in filter_changes(&both, &filter_words(&plan.vip_addrs), false) {
             dp.set_vip_filter_word(word, bits)?;
         }
         self.vip_addrs = plan.vip_addrs;
@@ -668,16 +673,7 @@ impl Programmer {
         // order of writes is safe (a segment not asked first is asked later, as before).
         let before = filter_words(&self.dsr_addrs);
         let after = filter_words(&plan.dsr_addrs);
-        let changes = if dirty {
-            let words: BTreeSet<u32> = before.keys().chain(after.keys()).copied().collect();
-            words
-                .into_iter()
-                .map(|w| (w, after.get(&w).copied().unwrap_or(0)))
-                .collect()
-        } else {
-            filter_changes(&before, &after)
-        };
-        for (word, bits) in changes {
+        for (word, bits) in filter_changes(&before, &after, dirty) {
             dp.set_dsr_filter_word(word, bits)?;
         }
         self.dsr_addrs = plan.dsr_addrs;

@@ -23,10 +23,11 @@ fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let untraced = out_dir.join("untraced");
     std::fs::create_dir_all(&untraced)?;
+    // Relative, so a copy of the target directory keeps its own cache.
     let shared = untraced.join("aya-build");
     if std::fs::symlink_metadata(&shared).is_err() {
         std::fs::create_dir_all(out_dir.join("aya-build"))?;
-        std::os::unix::fs::symlink(out_dir.join("aya-build"), &shared)?;
+        std::os::unix::fs::symlink("../aya-build", &shared)?;
     }
     // SAFETY: a build script is single-threaded; aya-build reads OUT_DIR from the env.
     unsafe { std::env::set_var("OUT_DIR", &untraced) };

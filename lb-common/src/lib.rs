@@ -257,11 +257,22 @@ pub struct FlowKey {
 pub struct FlowState {
     pub backend: u32,
     pub vip_num: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the flow's last packet.
+    /// The flow clock (CLOCK_MONOTONIC_COARSE) of the flow's last packet, refreshed
+    /// once per `FLOW_TOUCH_JIFFIES` while packets come.
     pub last_seen_ns: u64,
     pub flags: u32,
-    pub _pad: u32,
+    /// The low 32 bits of the kernel's jiffies when the data path last refreshed
+    /// `last_seen_ns` (`bpf_jiffies64`, which the verifier inlines: no clock read). A
+    /// segment whose entry was refreshed less than `FLOW_TOUCH_JIFFIES` ago reads no
+    /// clock and writes nothing. The agent writes 0 (`FlowStore::pin`): the next packet
+    /// refreshes the time.
+    pub touched_jiffies: u32,
 }
+
+/// How often, at most, the data path refreshes a flow's `last_seen_ns`, in jiffies:
+/// 1 s at HZ=100, 0.4 s at HZ=250, 0.1 s at HZ=1000. An active flow's time is never
+/// more than that (plus a tick) behind.
+pub const FLOW_TOUCH_JIFFIES: u32 = 100;
 
 /// Flow flag: the client sent FIN or RST. In DSR only the client's half of a flow passes
 /// the LB, so this is what "closed" can mean here; such a flow no longer counts as active.

@@ -19,18 +19,25 @@ fn halves(first: [u8; 2], second: [u8; 2]) -> u32 {
     u32::from_ne_bytes([first[0], first[1], second[0], second[1]])
 }
 
-/// Writes `words` over the whole of a `T` (whose size is `4 * N`, alignment 4).
+/// Writes `words` over the whole of the `T` at `to` (whose size is `4 * N`, alignment
+/// 4), in place: a key built in a local and then moved is written twice.
 #[inline(always)]
-fn from_words<T, const N: usize>(words: [u32; N]) -> T {
+fn write_words<T, const N: usize>(to: *mut T, words: [u32; N]) {
     const { assert!(core::mem::size_of::<T>() == 4 * N && core::mem::align_of::<T>() >= 4) };
-    let mut out = MaybeUninit::<T>::uninit();
-    let p = out.as_mut_ptr() as *mut u32;
+    let p = to as *mut u32;
     let mut i = 0;
     while i < N {
-        // SAFETY: in bounds and aligned (asserted above).
+        // SAFETY: in bounds and aligned (asserted above); the caller's `T`.
         unsafe { write_volatile(p.add(i), words[i]) };
         i += 1;
     }
+}
+
+/// A `T` made of `words` (see `write_words`).
+#[inline(always)]
+fn from_words<T, const N: usize>(words: [u32; N]) -> T {
+    let mut out = MaybeUninit::<T>::uninit();
+    write_words(out.as_mut_ptr(), words);
     // SAFETY: every byte written; all the key types are plain integers.
     unsafe { out.assume_init() }
 }
@@ -46,30 +53,37 @@ pub fn vip_addr_key(addr: &[u8; 16], family: u8) -> VipAddrKey {
     ])
 }
 
-/// A TCP VIP.
+/// A TCP VIP's key, as words.
 #[inline(always)]
-pub fn vip_key(addr: &[u8; 16], port_be: u16, family: u8) -> VipKey {
-    from_words([
+fn vip_words(addr: &[u8; 16], port_be: u16, family: u8) -> [u32; 5] {
+    [
         word(addr, 0),
         word(addr, 1),
         word(addr, 2),
         word(addr, 3),
         halves(port_be.to_ne_bytes(), [PROTO_TCP, family]),
-    ])
+    ]
 }
 
-/// Whether two VIP keys are equal, compared word by word (a derived `==` on the address
-/// bytes may become a call to the BPF backend's byte loop).
+/// A TCP VIP.
 #[inline(always)]
-pub fn same_vip(a: &VipKey, b: &VipKey) -> bool {
+pub fn vip_key(addr: &[u8; 16], port_be: u16, family: u8) -> VipKey {
+    from_words(vip_words(addr, port_be, family))
+}
+
+/// Whether `key` is the TCP VIP `addr`:`port_be`, compared word by word with no key
+/// built (a derived `==` on the address bytes may become a call to the BPF backend's
+/// byte loop).
+#[inline(always)]
+pub fn is_vip(key: &VipKey, addr: &[u8; 16], port_be: u16, family: u8) -> bool {
     const N: usize = core::mem::size_of::<VipKey>() / 4;
     const { assert!(core::mem::size_of::<VipKey>() == 4 * N && core::mem::align_of::<VipKey>() >= 4) };
-    let a = a as *const VipKey as *const u32;
-    let b = b as *const VipKey as *const u32;
+    let want = vip_words(addr, port_be, family);
+    let k = key as *const VipKey as *const u32;
     let mut i = 0;
     while i < N {
         // SAFETY: in bounds and aligned (asserted above).
-        if unsafe { *a.add(i) != *b.add(i) } {
+        if unsafe { *k.add(i) } != want[i] {
             return false;
         }
         i += 1;
@@ -86,16 +100,35 @@ pub fn flow_key(
     dport_be: u16,
     family: u8,
 ) -> FlowKey {
-    from_words([
-        word(src, 0),
-        word(src, 1),
-        word(src, 2),
-        word(src, 3),
-        word(dst, 0),
-        word(dst, 1),
-        word(dst, 2),
-        word(dst, 3),
-        halves(sport_be.to_ne_bytes(), dport_be.to_ne_bytes()),
-        halves([PROTO_TCP, family], [0, 0]),
-    ])
+    let mut out = MaybeUninit::<FlowKey>::uninit();
+    write_flow_key(out.as_mut_ptr(), src, dst, sport_be, dport_be, family);
+    // SAFETY: written whole.
+    unsafe { out.assume_init() }
+}
+
+/// `flow_key`, written in place at `to`.
+#[inline(always)]
+pub fn write_flow_key(
+    to: *mut FlowKey,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    sport_be: u16,
+    dport_be: u16,
+    family: u8,
+) {
+    write_words(
+        to,
+        [
+            word(src, 0),
+            word(src, 1),
+            word(src, 2),
+            word(src, 3),
+            word(dst, 0),
+            word(dst, 1),
+            word(dst, 2),
+            word(dst, 3),
+            halves(sport_be.to_ne_bytes(), dport_be.to_ne_bytes()),
+            halves([PROTO_TCP, family], [0, 0]),
+        ],
+    )
 }

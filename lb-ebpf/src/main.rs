@@ -6,6 +6,8 @@
 //! about a flow, see `icmp.rs`; or a NAT reply, see `nat.rs`) -> connection table (if
 //! not asked already), pinned table, else persistence or Maglev ring
 //! (`persist::choose_backend`) -> backend -> MAC rewrite -> count -> XDP_TX.
+//! The common case, an established DSR segment whose entry needs no write, is sent from
+//! the TCP parse (`send_known`): one hash lookup and no clock read (`is_current`).
 //!
 //! Each stage returns `Step<T>`: `Ok` goes on, `Err(reason)` ends the packet. The reason
 //! is counted once in `lb_xdp` and mapped to a verdict by `verdict_of`.
@@ -34,22 +36,20 @@ use aya_ebpf::{
         xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
         xdp_md,
     },
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::xdp,
     programs::XdpContext,
 };
 use headers::*;
 use lb_common::{
-    BACKEND_F_VALID, Backend, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING, FlowKey, FlowState,
-    LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, SERVE_F_FORWARD, Serving, VipInfo,
+    BACKEND_F_VALID, Backend, Counter, FAMILY_V4, FAMILY_V6, FLOW_F_CLOSING, FLOW_TOUCH_JIFFIES,
+    FlowKey, FlowState, LbConfig, MAX_RING_SIZE, NO_BACKEND, PROTO_TCP, SERVE_F_FORWARD, Serving,
+    VipInfo,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
 use maps::{BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, PINNED, RINGS, SERVING, STATS, VIP_SLOTS, VIPS};
 
-/// A pinned flow's last_seen_ns is rewritten at most this often: one map write per flow
-/// per second instead of one per packet; the agent's idle timeouts are in seconds.
-const PINNED_TOUCH_NS: u64 = 1_000_000_000;
 /// The flood guard's window.
 const GUARD_WINDOW_NS: u64 = 1_000_000_000;
 
@@ -118,15 +118,13 @@ struct Packet {
 }
 
 /// What the connection table said of a segment before its service was looked up
-/// (`service`): `what` is one of `KNOWN_*`, `backend` the entry's on a hit, `now` the
-/// flow clock read then (once asked), which the forwarding stage uses too: one clock
-/// read per segment. Plain words, not an enum: `parse_ip` writes it through a pointer,
-/// where an enum's padding could carry a register the verifier refuses to store in part.
+/// (`service`): `what` is one of `KNOWN_*`, `backend` the entry's on a hit. Plain
+/// words, not an enum: `parse_ip` writes it through a pointer, where an enum's padding
+/// could carry a register the verifier refuses to store in part.
 #[derive(Clone, Copy)]
 struct Known {
     what: u32,
     backend: u32,
-    now: u64,
 }
 
 /// Not asked: a SYN, an address with no DSR service, or not a plain TCP segment.
@@ -140,12 +138,8 @@ const KNOWN_HIT_CURRENT: u32 = 3;
 
 impl Known {
     #[inline(always)]
-    fn just(what: u32, now: u64) -> Self {
-        Known {
-            what,
-            backend: 0,
-            now,
-        }
+    fn just(what: u32) -> Self {
+        Known { what, backend: 0 }
     }
 }
 
@@ -158,6 +152,8 @@ enum Parsed {
     /// TCP to a VIP address but no service's port: a backend's reply to a NAT flow if
     /// the NAT tables know it (its key as sent, and the TCP flags), else nothing of ours.
     NatReply(FlowKey, u8),
+    /// An established DSR segment sent on to its backend already (`send_known`).
+    Sent,
 }
 
 /// What `parse_ip` found (its `Ok`): `Parsed::Tcp`, with the whole `Packet` written.
@@ -166,6 +162,8 @@ const PARSED_TCP: u32 = 0;
 const PARSED_ICMP_ERROR: u32 = 1;
 /// `Parsed::NatReply`: the `Packet`'s flow and TCP flags written.
 const PARSED_NAT_REPLY: u32 = 2;
+/// `Parsed::Sent`: nothing written; the frame goes out (XDP_TX).
+const PARSED_SENT: u32 = 3;
 
 #[inline(always)]
 fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
@@ -205,6 +203,7 @@ fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
         match what {
             PARSED_TCP => forward(ctx, cfg, &*out),
             PARSED_ICMP_ERROR => forward_icmp_error(ctx, cfg, &*addr_of!((*out).flow)),
+            PARSED_SENT => Ok(XDP_TX),
             _ => nat::reply(ctx, &*addr_of!((*out).flow), *addr_of!((*out).tcp_flags)),
         }
     }
@@ -307,6 +306,7 @@ fn parse_ip_into<const V6: bool>(
                 addr_of_mut!((*out).tcp_flags).write(flags);
                 Ok(PARSED_NAT_REPLY)
             }
+            Parsed::Sent => Ok(PARSED_SENT),
         }
     }
 }
@@ -383,7 +383,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     let l4 = l3 + IPV4_HLEN;
     let end = l3 + tot_len;
     match ip.proto {
-        PROTO_TCP => parse_tcp(ctx, l4, end, &src, &dst, FAMILY_V4, vip),
+        PROTO_TCP => parse_tcp(ctx, cfg, l4, end, &src, &dst, FAMILY_V4, vip),
         IPPROTO_ICMP => icmp::quoted_flow_v4(ctx, l4, end).map(Parsed::IcmpError),
         _ => Err(reason::DROP_VIP_UNSERVED),
     }
@@ -412,7 +412,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     }
     let l4 = l3 + IPV6_HLEN;
     match ip.next_hdr {
-        PROTO_TCP => parse_tcp(ctx, l4, end, &src, &dst, FAMILY_V6, vip),
+        PROTO_TCP => parse_tcp(ctx, cfg, l4, end, &src, &dst, FAMILY_V6, vip),
         IPPROTO_ICMPV6 => icmp::quoted_flow_v6(ctx, l4, end).map(Parsed::IcmpError),
         next if is_ipv6_ext(next) => Err(reason::DROP_IPV6_EXT),
         _ => Err(reason::DROP_VIP_UNSERVED),
@@ -448,20 +448,18 @@ fn service(
     // SAFETY: within the frame (`ptr_at`).
     let ((sport_be, dport_be), flags) = unsafe { (ports(tcp), (*tcp).flags) };
     let (src, dst) = (&src.0, &dst.0);
-    let key = keys::vip_key(dst, dport_be, family);
-    let mut known = Known::just(KNOWN_NOT_ASKED, 0);
+    let mut known = Known::just(KNOWN_NOT_ASKED);
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN
         && filter::may_be_dsr_vip(dst, family)
         && let Ok(scratch) = maps::scratch()
     {
         // The key in the scratch space: this frame is the pipeline's (see `parse_ip`).
         let flow = &mut scratch.early_flow;
-        *flow = keys::flow_key(src, dst, sport_be, dport_be, family);
-        let now = flow_clock();
+        keys::write_flow_key(flow, src, dst, sport_be, dport_be, family);
         known = match unsafe { FLOWS.get(flow) } {
-            None => Known::just(KNOWN_MISSED, now),
+            None => Known::just(KNOWN_MISSED),
             Some(state) => {
-                let current = is_current(state, now, closing_flag(flags));
+                let current = is_current(state, jiffies(), closing_flag(flags));
                 let hit = Known {
                     what: if current {
                         KNOWN_HIT_CURRENT
@@ -469,10 +467,9 @@ fn service(
                         KNOWN_HIT
                     },
                     backend: state.backend,
-                    now,
                 };
                 if let Some(slot) = VIP_SLOTS.get(state.vip_num)
-                    && keys::same_vip(&slot.key, &key)
+                    && keys::is_vip(&slot.key, dst, dport_be, family)
                 {
                     return Some((slot.info, hit));
                 }
@@ -480,6 +477,7 @@ fn service(
             }
         };
     }
+    let key = keys::vip_key(dst, dport_be, family);
     unsafe { VIPS.get(&key) }.map(|vip| (*vip, known))
 }
 
@@ -500,8 +498,10 @@ unsafe fn ports(tcp: *const TcpHdr) -> (u16, u16) {
 /// `l4` is where TCP starts, `end` where the IP packet ends; `vip` is the segment's
 /// service (`service`), looked up before: `None` makes it a NAT reply or unserved.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn parse_tcp(
     ctx: &XdpContext,
+    cfg: &LbConfig,
     l4: usize,
     end: usize,
     src: &Addr,
@@ -517,6 +517,11 @@ fn parse_tcp(
     if doff < TCP_HLEN || l4 + doff > end {
         return Err(reason::DROP_BAD_TCP);
     }
+    if let Some((vip, known)) = &vip
+        && send_known(ctx, cfg, vip, known)?
+    {
+        return Ok(Parsed::Sent);
+    }
     let flow = keys::flow_key(&src.0, &dst.0, sport_be, dport_be, family);
     let Some((vip, known)) = vip else {
         return Ok(Parsed::NatReply(flow, tcp.flags));
@@ -527,6 +532,45 @@ fn parse_tcp(
         tcp_flags: tcp.flags,
         known,
     }))
+}
+
+/// The common case, sent on where it was parsed: an established DSR segment whose
+/// connection-table entry needs no write (`KNOWN_HIT_CURRENT`), of a service without
+/// persistence, whose backend is usable. What `forward_dsr` would do for it, without
+/// the call, a second flow key and the `Packet` copy. Returns whether it sent it; the
+/// rest (a backend gone, an entry to refresh, persistence) goes the long way.
+#[inline(always)]
+fn send_known(ctx: &XdpContext, cfg: &LbConfig, vip: &VipInfo, known: &Known) -> Step<bool> {
+    if known.what != KNOWN_HIT_CURRENT || vip.persistence_s != 0 || nat::is_nat(vip) {
+        return Ok(false);
+    }
+    let Some(backend) = usable_backend(known.backend) else {
+        return Ok(false);
+    };
+    send(ctx, cfg, vip.vip_num, known.backend, backend, false)?;
+    #[cfg(feature = "trace")]
+    if tracing(cfg) {
+        // The key `service` looked up, still in this CPU's scratch.
+        trace::forwarded(&maps::scratch()?.early_flow, XDP_TX, known.backend, 0);
+    }
+    Ok(true)
+}
+
+/// DSR's last step: the frame to `backend`'s MAC (`rewrite_macs`), counted on service
+/// `vip_num` and backend `id`. Returns the frame's length.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    cfg: &LbConfig,
+    vip_num: u32,
+    id: u32,
+    backend: &Backend,
+    new_flow: bool,
+) -> Step<u64> {
+    let len = rewrite_macs(ctx, cfg, backend)?;
+    count(vip_slot(vip_num), len, new_flow);
+    count(backend_slot(id), len, new_flow);
+    Ok(len)
 }
 
 /// Connection table first; on a miss (non-SYN), the pinned table; a SYN or an unknown
@@ -543,11 +587,8 @@ fn forward(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
 /// NAT path's calls share (512 bytes for the deepest chain).
 #[inline(never)]
 fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
-    let now = if p.known.what == KNOWN_NOT_ASKED {
-        flow_clock()
-    } else {
-        p.known.now
-    };
+    let now = flow_clock();
+    let j = jiffies();
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = p.tcp_flags & TCP_RST != 0;
     let closing = closing_flag(p.tcp_flags);
@@ -570,14 +611,14 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
                 found = Some((id, backend));
                 persist::touch(&p.vip, &p.flow, id, now);
                 if let Some(state) = state {
-                    touch(state, now, closing);
+                    touch(state, now, j, closing);
                 }
             }
         } else if let Some(state) = PINNED.get_ptr_mut(&p.flow) {
             let id = unsafe { (*state).backend };
             if let Some(backend) = usable_backend(id) {
                 found = Some((id, backend));
-                touch(state, now, closing);
+                touch(state, now, j, closing);
             }
         } else {
             lost = true;
@@ -599,16 +640,14 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
                     vip_num: p.vip.vip_num,
                     last_seen_ns: now,
                     flags: closing,
-                    _pad: 0,
+                    touched_jiffies: j,
                 };
                 not_recorded = !record(cfg, &p.flow, state, now)?;
             }
             (id, backend)
         }
     };
-    let len = rewrite_macs(ctx, cfg, backend)?;
-    count(vip_slot(p.vip.vip_num), len, new_flow);
-    count(backend_slot(chosen), len, new_flow);
+    let len = send(ctx, cfg, p.vip.vip_num, chosen, backend, new_flow)?;
     if lost {
         count(event_slot(event::FLOW_MISS), len, false);
     }
@@ -647,31 +686,42 @@ fn closing_flag(tcp_flags: u8) -> u32 {
     }
 }
 
-/// Whether an entry's time is old enough to be rewritten (`touch`). A time ahead of
-/// `now` is not old.
+/// The low 32 bits of the kernel's jiffies: the verifier inlines `bpf_jiffies64` as one
+/// load, where the flow clock (`flow_clock`) is a call. Only ever compared with an
+/// entry's `touched_jiffies`, as a distance.
 #[inline(always)]
-fn is_stale(last_seen_ns: u64, now: u64) -> bool {
-    now.saturating_sub(last_seen_ns) > PINNED_TOUCH_NS
+fn jiffies() -> u32 {
+    unsafe { bpf_jiffies64() as u32 }
 }
 
-/// Whether `touch` would write nothing to `state` for a segment at `now` with
-/// `closing` (`closing_flag`).
+/// Whether an entry's time is due to be refreshed (`touch`) at jiffies `j`: it was last
+/// refreshed `FLOW_TOUCH_JIFFIES` or more ago, or by the agent (0, most likely far).
 #[inline(always)]
-fn is_current(state: &FlowState, now: u64, closing: u32) -> bool {
-    !is_stale(state.last_seen_ns, now) && state.flags & closing == closing
+fn is_stale(state: &FlowState, j: u32) -> bool {
+    j.wrapping_sub(state.touched_jiffies) >= FLOW_TOUCH_JIFFIES
 }
 
-/// A connection-table or pinned-table hit: the flow's last_seen_ns is rewritten only
-/// when older than `PINNED_TOUCH_NS`, its flags only when it starts closing, so a busy
-/// flow's entry is not written (and its cache line not taken from other CPUs) on every
-/// packet. A time ahead of `now` (the agent writes pinned entries with its precise
-/// clock, at most a tick ahead of the flow clock) is not old.
+/// Whether `touch` would write nothing to `state` for a segment at jiffies `j` with
+/// `closing` (`closing_flag`): then the segment needs no clock read either.
 #[inline(always)]
-fn touch(state: *mut FlowState, now: u64, closing: u32) {
+fn is_current(state: &FlowState, j: u32, closing: u32) -> bool {
+    !is_stale(state, j) && state.flags & closing == closing
+}
+
+/// A connection-table or pinned-table hit: the flow's last_seen_ns is rewritten once
+/// per `FLOW_TOUCH_JIFFIES` (with the jiffies of the write), its flags only when it
+/// starts closing, so a busy flow's entry is not written (and its cache line not taken
+/// from other CPUs) on every packet. A time ahead of `now` (the agent writes pinned
+/// entries with its precise clock, at most a tick ahead of the flow clock) is kept.
+#[inline(always)]
+fn touch(state: *mut FlowState, now: u64, j: u32, closing: u32) {
     // SAFETY: a pointer the map lookup just returned.
     let state = unsafe { &mut *state };
-    if is_stale(state.last_seen_ns, now) {
-        state.last_seen_ns = now;
+    if is_stale(state, j) {
+        if state.last_seen_ns < now {
+            state.last_seen_ns = now;
+        }
+        state.touched_jiffies = j;
     }
     if state.flags & closing != closing {
         state.flags |= closing;
@@ -729,9 +779,7 @@ fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<
             (id, vip.vip_num, backend, event::ICMP_TO_RING)
         }
     };
-    let len = rewrite_macs(ctx, cfg, backend)?;
-    count(vip_slot(vip_num), len, false);
-    count(backend_slot(chosen), len, false);
+    let len = send(ctx, cfg, vip_num, chosen, backend, false)?;
     count(event_slot(what), len, false);
     #[cfg(feature = "trace")]
     if tracing(cfg) {

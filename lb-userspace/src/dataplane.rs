@@ -181,8 +181,9 @@ pub trait FlowStore: Send {
     /// that come and go during the read may or may not be in it.
     fn read(&mut self, table: FlowTable)
     -> Result<Vec<(lb_common::FlowKey, lb_common::FlowState)>>;
-    /// Writes flows into the pinned table (an existing entry is overwritten). Returns
-    /// how many did not fit because the table is full.
+    /// Writes flows into the pinned table (an existing entry is overwritten), with no
+    /// refresh stamp (`FlowState::touched_jiffies` 0). Returns how many did not fit
+    /// because the table is full.
     fn pin(&mut self, flows: &[(lb_common::FlowKey, lb_common::FlowState)]) -> Result<usize>;
     /// Removes flows from the pinned table; absent ones are ignored.
     fn unpin(&mut self, keys: &[lb_common::FlowKey]) -> Result<()>;
@@ -236,7 +237,13 @@ impl FlowStore for FakeFlowStore {
             if map.len() >= self.max_pinned && !map.contains_key(k) {
                 full += 1;
             } else {
-                map.insert(*k, *v);
+                map.insert(
+                    *k,
+                    lb_common::FlowState {
+                        touched_jiffies: 0,
+                        ..*v
+                    },
+                );
             }
         }
         Ok(full)
@@ -328,7 +335,13 @@ impl FlowStore for FlowMaps {
     fn pin(&mut self, flows: &[(FlowKey, FlowState)]) -> Result<usize> {
         let mut full = 0;
         for (key, value) in flows {
-            match sys::update(&self.pinned.fd().as_fd(), key, value) {
+            // No data path's refresh stamp (`FlowState::touched_jiffies`): the flow's next
+            // packet refreshes the time the agent wrote.
+            let value = FlowState {
+                touched_jiffies: 0,
+                ..*value
+            };
+            match sys::update(&self.pinned.fd().as_fd(), key, &value) {
                 Ok(()) => {}
                 // A full preallocated hash answers E2BIG; ENOMEM when memory runs out.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) => full += 1,

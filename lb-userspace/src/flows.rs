@@ -169,7 +169,7 @@ pub fn remote_pins(pins: &[Pin], rings: &RingSet, now_ns: u64) -> Vec<(FlowKey, 
                     vip_num,
                     last_seen_ns: now_ns.saturating_sub(u64::from(p.idle_ms) * 1_000_000),
                     flags: if p.closing { FLOW_F_CLOSING } else { 0 },
-                    _pad: 0,
+                    touched_jiffies: 0,
                 },
             ))
         })
@@ -818,7 +818,7 @@ mod tests {
             vip_num: 0,
             last_seen_ns: NOW - 1_000_000_000,
             flags: 0,
-            _pad: 0,
+            touched_jiffies: 0,
         }
     }
 

@@ -1135,6 +1135,115 @@ fn established_dsr_segments_take_their_service_from_the_vip_slot() {
     );
 }
 
+/// An established segment whose entry's refresh stamp is fresh
+/// (`FlowState::touched_jiffies`, less than `FLOW_TOUCH_JIFFIES` old) reads no clock and
+/// writes nothing, whatever the entry's time; it is still forwarded and counted. A stale
+/// stamp (0, as the agent writes) makes the next segment refresh the time and the stamp;
+/// a FIN still marks a fresh entry closing. IPv4 and IPv6.
+#[test]
+fn an_established_flows_time_is_refreshed_by_its_stamp_not_by_every_segment() {
+    if !require_root("an_established_flows_time_is_refreshed_by_its_stamp_not_by_every_segment") {
+        return;
+    }
+    let mut rig = rig();
+    let mut flows: aya::maps::HashMap<_, FlowKey, FlowState> =
+        aya::maps::HashMap::try_from(rig.map(names::MAP_FLOWS).expect("FLOWS")).expect("FLOWS");
+    for (name, vip, client) in [
+        ("web", (ip("192.0.2.10"), 80), (ip("198.51.100.41"), 42100)),
+        (
+            "web6",
+            (ip("2001:db8::10"), 443),
+            (ip("2001:db8:1::41"), 42100),
+        ),
+    ] {
+        let key = flow(client, vip);
+        let syn = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN);
+        let ack = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK);
+        let fin = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, FIN | ACK);
+        let (v, out) = rig.run(&syn);
+        assert_eq!(v, XDP_TX, "{name}");
+        let mac: [u8; 6] = out[0..6].try_into().expect("MAC");
+        let (backend, _) = backend_id_by_mac(&rig, name, mac);
+        let recorded = flows.get(&key, 0).expect("recorded");
+
+        // A stale stamp: the segment refreshes the time and the stamp.
+        let before = monotonic_ns();
+        let old = FlowState {
+            last_seen_ns: 1,
+            touched_jiffies: 0,
+            ..recorded
+        };
+        flows.insert(key, old, 0).expect("entry aged");
+        assert_eq!(
+            rig.run(&ack),
+            (XDP_TX, with_macs(&ack, mac, LB_MAC)),
+            "{name}"
+        );
+        let refreshed = flows.get(&key, 0).expect("entry");
+        assert!(
+            refreshed.last_seen_ns >= before - lb_common::COARSE_CLOCK_LAG_NS,
+            "{name}: a stale stamp: the time is refreshed ({refreshed:?})"
+        );
+        assert_ne!(refreshed.touched_jiffies, 0, "{name}: and the stamp");
+
+        // A fresh stamp: no write, however old the time, and the segment still counts.
+        // Should this process sleep past `FLOW_TOUCH_JIFFIES` between the write and the
+        // segment, the stamp is due and moves by at least that much: tried again.
+        let mut kept = false;
+        for _ in 0..5 {
+            let stamp = flows.get(&key, 0).expect("entry").touched_jiffies;
+            let aged = FlowState {
+                last_seen_ns: 1,
+                touched_jiffies: stamp,
+                ..refreshed
+            };
+            flows.insert(key, aged, 0).expect("entry aged");
+            let (vip_before, backend_before) = (
+                rig.counter(vip_slot(vip_num(&rig, name))),
+                rig.counter(backend_slot(backend)),
+            );
+            assert_eq!(
+                rig.run(&ack),
+                (XDP_TX, with_macs(&ack, mac, LB_MAC)),
+                "{name}"
+            );
+            let backend_after = rig.counter(backend_slot(backend));
+            assert_eq!(backend_after.packets, backend_before.packets + 1, "{name}");
+            assert_eq!(
+                backend_after.bytes,
+                backend_before.bytes + ack.len() as u64,
+                "{name}: the frame's bytes"
+            );
+            assert_eq!(backend_after.new_flows, backend_before.new_flows, "{name}");
+            assert_eq!(
+                rig.counter(vip_slot(vip_num(&rig, name))).packets,
+                vip_before.packets + 1,
+                "{name}"
+            );
+            let after = flows.get(&key, 0).expect("entry");
+            if after == aged {
+                kept = true;
+                break;
+            }
+            assert!(
+                after.touched_jiffies.wrapping_sub(stamp) >= lb_common::FLOW_TOUCH_JIFFIES,
+                "{name}: written with a fresh stamp: {aged:?} -> {after:?}"
+            );
+        }
+        assert!(kept, "{name}: a fresh stamp: the entry is not written");
+
+        // A FIN: closing is written even with a fresh stamp.
+        assert_eq!(
+            rig.run(&fin),
+            (XDP_TX, with_macs(&fin, mac, LB_MAC)),
+            "{name}"
+        );
+        let closed = flows.get(&key, 0).expect("entry");
+        assert_eq!(closed.flags & FLOW_F_CLOSING, FLOW_F_CLOSING, "{name}");
+        assert_eq!(closed.backend, backend, "{name}");
+    }
+}
+
 #[test]
 fn host_that_does_not_serve_drops_vip_traffic_and_answers_nothing() {
     if !require_root("host_that_does_not_serve_drops_vip_traffic_and_answers_nothing") {
@@ -1629,7 +1738,7 @@ fn icmpv6_packet_too_big_reaches_the_flows_backend() {
         vip_num: vip_num(&rig, "web6"),
         last_seen_ns: 0,
         flags: 0,
-        _pad: 0,
+        touched_jiffies: 0,
     };
     assert_eq!(store.pin(&[(pkey, state)]).expect("pin"), 0);
     assert_ne!(ring_choice(&rig, "web6", &pkey).0, first);
@@ -1670,7 +1779,8 @@ fn made_up_flows(n: u32) -> Vec<(FlowKey, FlowState)> {
                     vip_num: i % 64,
                     last_seen_ns: u64::from(i) * 1000 + 7,
                     flags: i % 2,
-                    _pad: 0,
+                    // A data path's refresh stamp, which the agent's writes drop.
+                    touched_jiffies: i + 1,
                 },
             )
         })
@@ -1701,11 +1811,20 @@ fn pinned_table_reads_back_exactly_what_was_pinned_and_says_what_did_not_fit() {
     assert_eq!(got.len(), 65536);
     let want: std::collections::HashMap<FlowKey, FlowState> = flows
         .iter()
-        .copied()
+        .map(|(k, v)| {
+            let unstamped = FlowState {
+                touched_jiffies: 0,
+                ..*v
+            };
+            (*k, unstamped)
+        })
         .filter(|(k, _)| got.contains_key(k))
         .collect();
     assert_eq!(want.len(), 65536, "only pinned flows come back");
-    assert_eq!(got, want, "keys and values as written");
+    assert_eq!(
+        got, want,
+        "keys and values as written, with no refresh stamp (`FlowStore::pin`)"
+    );
     // Overwrite and remove.
     let mut changed = flows[0];
     changed.1.backend = 4095;
@@ -1895,7 +2014,7 @@ fn pinned_maps_are_reused_and_other_layouts_refused() {
         vip_num: 0,
         last_seen_ns: 1,
         flags: 0,
-        _pad: 0,
+        touched_jiffies: 0,
     };
     let mut first = first;
     let mut store = first.take_flow_store().expect("flow store");
@@ -2072,6 +2191,8 @@ fn the_trace_reports_each_decision_while_on_and_nothing_while_off() {
     );
     assert_eq!(syn_event.flags, TRACE_F_NEW_FLOW);
     let ack_event = &events[1];
+    // Sent from the parse (`send_known`): the flow as the connection table knows it.
+    assert_eq!(ack_event.flow, flow(client, vip));
     assert_eq!(
         (
             ack_event.reason,

@@ -270,8 +270,8 @@ pub struct FlowState {
 }
 
 /// How often, at most, the data path refreshes a flow's `last_seen_ns`, in jiffies:
-/// 1 s at HZ=100, 0.4 s at HZ=250, 0.1 s at HZ=1000. An active flow's time is never
-/// more than that (plus a tick) behind.
+/// 1 s at HZ=100, 0.4 s at HZ=250, 0.1 s at HZ=1000 (at most `FLOW_TOUCH_MAX_NS`). An
+/// active flow's time is never more than that (plus a tick) behind.
 pub const FLOW_TOUCH_JIFFIES: u32 = 100;
 
 /// Flow flag: the client sent FIN or RST. In DSR only the client's half of a flow passes
@@ -311,8 +311,8 @@ impl PersistKey {
 pub struct PersistState {
     pub backend: u32,
     pub vip_num: u32,
-    /// `bpf_ktime_get_ns()` of the client's last new connection (or, at most
-    /// `PERSIST_TOUCH_NS` late, of its last packet).
+    /// The flow clock of the client's last new connection (or, at most
+    /// `PERSIST_LAG_NS` late, of its last packet).
     pub last_seen_ns: u64,
 }
 
@@ -325,6 +325,14 @@ pub const COARSE_CLOCK_LAG_NS: u64 = 20_000_000;
 /// A persistence entry's last_seen_ns is rewritten by established packets at most this
 /// often (a new connection always rewrites it).
 pub const PERSIST_TOUCH_NS: u64 = 1_000_000_000;
+
+/// `FLOW_TOUCH_JIFFIES` at the lowest HZ there is (100): how long, at most, a DSR flow's
+/// packets go without refreshing its entry, and so its client's persistence entry.
+pub const FLOW_TOUCH_MAX_NS: u64 = 1_000_000_000;
+
+/// How far a persistence entry's time may lag its client's last packet: a DSR flow asks
+/// for a refresh once per `FLOW_TOUCH_JIFFIES`, which writes once per `PERSIST_TOUCH_NS`.
+pub const PERSIST_LAG_NS: u64 = PERSIST_TOUCH_NS + FLOW_TOUCH_MAX_NS;
 
 /// Whether a persistence entry decides a new connection of its client at `now_ns`: it is
 /// within the service's timeout and its backend still takes new connections

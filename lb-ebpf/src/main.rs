@@ -535,13 +535,14 @@ fn parse_tcp(
 }
 
 /// The common case, sent on where it was parsed: an established DSR segment whose
-/// connection-table entry needs no write (`KNOWN_HIT_CURRENT`), of a service without
-/// persistence, whose backend is usable. What `forward_dsr` would do for it, without
-/// the call, a second flow key and the `Packet` copy. Returns whether it sent it; the
-/// rest (a backend gone, an entry to refresh, persistence) goes the long way.
+/// connection-table entry needs no write (`KNOWN_HIT_CURRENT`), whose backend is usable.
+/// What `forward_dsr` would do for it, without the call, a second flow key and the
+/// `Packet` copy; and without the persistence entry's refresh, which comes with the
+/// entry's own (`persist::touch`). Returns whether it sent it; the rest (a backend
+/// gone, an entry to refresh) goes the long way.
 #[inline(always)]
 fn send_known(ctx: &XdpContext, cfg: &LbConfig, vip: &VipInfo, known: &Known) -> Step<bool> {
-    if known.what != KNOWN_HIT_CURRENT || vip.persistence_s != 0 || nat::is_nat(vip) {
+    if known.what != KNOWN_HIT_CURRENT || nat::is_nat(vip) {
         return Ok(false);
     }
     let Some(backend) = usable_backend(known.backend) else {

@@ -52,7 +52,8 @@ pub fn choose_backend(vip: &VipInfo, flow: &FlowKey, now: u64) -> Step<(u32, &'s
 
 /// An established packet of a persistent service keeps its client's entry alive: the
 /// timeout runs from the client's last activity, written at most once per
-/// `PERSIST_TOUCH_NS` (a lookup per packet, a write per second).
+/// `PERSIST_TOUCH_NS`. A DSR flow asks only when its own entry is refreshed (once per
+/// `FLOW_TOUCH_JIFFIES`, see `send_known`); a NAT flow on each packet.
 #[inline(always)]
 pub fn touch(vip: &VipInfo, flow: &FlowKey, backend: u32, now: u64) {
     if vip.persistence_s == 0 {

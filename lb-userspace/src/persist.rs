@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use lb_common::{PERSIST_TOUCH_NS, PersistKey, PersistState, VipKey};
+use lb_common::{PERSIST_LAG_NS, PersistKey, PersistState, VipKey};
 
 use crate::{
     flows::{Names, RingSet},
@@ -111,7 +111,7 @@ pub fn to_wire(entries: &[(PersistKey, PersistState)], names: &Names, now_ns: u6
 /// A peer's entries as entries of this host's table: its backend id and VIP number,
 /// its time in this host's clock. Skipped: a backend or VIP this host does not have, a
 /// service without persistence here, an entry already expired, and one that is not
-/// newer (by more than the data path's touch interval) than this host's own (`local`):
+/// newer (by more than the data path's lag, `PERSIST_LAG_NS`) than this host's own (`local`):
 /// the freshest use of a client decides, so two hosts never undo each other's entries.
 pub fn from_peer(
     entries: &[Sticky],
@@ -133,7 +133,7 @@ pub fn from_peer(
                 return None;
             }
             if local.get(&e.key).is_some_and(|l| {
-                l.last_seen_ns.saturating_add(PERSIST_TOUCH_NS) >= state.last_seen_ns
+                l.last_seen_ns.saturating_add(PERSIST_LAG_NS) >= state.last_seen_ns
             }) {
                 return None;
             }
@@ -288,6 +288,15 @@ mod tests {
         );
         // An entry of our own at least as fresh stays; an older one is replaced.
         let local = HashMap::from([(key(1), state(6, 10)), (key(2), state(5, 200))]);
+        let got = from_peer(&wire, &receiver, &local, NOW);
+        assert_eq!(got, vec![(key(2), state(6, 100))]);
+        // Ours older by less than the data path's lag (`PERSIST_LAG_NS`, 2 s): it may
+        // be in use all the same, and stays.
+        let lagging = PersistState {
+            last_seen_ns: NOW - 11_500_000_000,
+            ..state(6, 0)
+        };
+        let local = HashMap::from([(key(1), lagging)]);
         let got = from_peer(&wire, &receiver, &local, NOW);
         assert_eq!(got, vec![(key(2), state(6, 100))]);
         // Expired on arrival, or persistence off here: nothing.

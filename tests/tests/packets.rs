@@ -2246,6 +2246,85 @@ fn ring_choice_of(rig: &Rig, s: &Service, flow: &FlowKey) -> (u32, [u8; 6]) {
     (id, backend_mac(addr))
 }
 
+/// An established DSR segment of a persistent service keeps its client's entry alive
+/// when it refreshes its flow's entry (the flow's stamp due, `FLOW_TOUCH_JIFFIES`): an
+/// entry older than `PERSIST_TOUCH_NS` is brought forward then. While the flow's stamp
+/// is fresh, its segments leave the client's entry alone (no lookup, no clock read).
+/// IPv4 and IPv6.
+#[test]
+fn established_dsr_segments_refresh_the_persistence_entry_with_their_flows_entry() {
+    if !require_root(
+        "established_dsr_segments_refresh_the_persistence_entry_with_their_flows_entry",
+    ) {
+        return;
+    }
+    let mut rig = Rig::new(persistent_services()).expect("load (needs root)");
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let mut flows: aya::maps::HashMap<_, FlowKey, FlowState> =
+        aya::maps::HashMap::try_from(rig.map(names::MAP_FLOWS).expect("FLOWS")).expect("FLOWS");
+    for (svc, client) in [(0usize, ip("198.51.100.84")), (1, ip("2001:db8:1::84"))] {
+        let s = rig.services[svc].clone();
+        let vip = (s.vip, s.port);
+        let key = flow((client, 40000), vip);
+        let pkey = lb_common::PersistKey::of_flow(&key);
+        let syn = tcp_frame(LB_MAC, CLIENT_MAC, None, (client, 40000), vip, SYN);
+        let ack = tcp_frame(LB_MAC, CLIENT_MAC, None, (client, 40000), vip, ACK);
+        assert_eq!(rig.run(&syn).0, XDP_TX, "{}", s.name);
+        let mut entry = persist_entry(&mut store, &pkey).expect("remembered");
+        let aged = monotonic_ns() - 60 * 1_000_000_000;
+        entry.last_seen_ns = aged;
+
+        // The flow's stamp fresh: the client's entry is left as it is. Should this
+        // process sleep past the stamp's interval, the segment refreshes the flow's
+        // entry (its stamp moves by at least that much): tried again.
+        let mut left = false;
+        for _ in 0..5 {
+            store.write_persist(&[(pkey, entry)]).expect("age it");
+            let stamp = flows.get(&key, 0).expect("the flow").touched_jiffies;
+            assert_eq!(rig.run(&ack).0, XDP_TX, "{}", s.name);
+            if persist_entry(&mut store, &pkey)
+                .expect("remembered")
+                .last_seen_ns
+                == aged
+            {
+                left = true;
+                break;
+            }
+            let now = flows.get(&key, 0).expect("the flow").touched_jiffies;
+            assert!(
+                now.wrapping_sub(stamp) >= lb_common::FLOW_TOUCH_JIFFIES,
+                "{}: the client's entry refreshed with the flow's stamp fresh",
+                s.name
+            );
+        }
+        assert!(left, "{}: a fresh stamp: no refresh", s.name);
+
+        // The flow's stamp due (0, as the agent writes): its segment refreshes the
+        // client's entry too.
+        let state = flows.get(&key, 0).expect("the flow");
+        flows
+            .insert(
+                key,
+                FlowState {
+                    touched_jiffies: 0,
+                    ..state
+                },
+                0,
+            )
+            .expect("stamp cleared");
+        let before = monotonic_ns();
+        assert_eq!(rig.run(&ack).0, XDP_TX, "{}", s.name);
+        let touched = persist_entry(&mut store, &pkey).expect("remembered");
+        assert!(
+            touched.last_seen_ns >= before - lb_common::COARSE_CLOCK_LAG_NS,
+            "{}: refreshed with the flow's entry ({} < {before})",
+            s.name,
+            touched.last_seen_ns
+        );
+        assert_eq!(touched.backend, entry.backend, "{}", s.name);
+    }
+}
+
 /// One client's connections keep the backend of its first after the ring moved it
 /// (weights changed), IPv4 and IPv6; a service without persistence follows the ring.
 #[test]

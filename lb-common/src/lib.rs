@@ -129,7 +129,8 @@ pub struct NatTarget {
 pub struct NatFlow {
     pub backend: u32,
     pub vip_num: u32,
-    /// `bpf_ktime_get_ns()` of the flow's last packet, either direction.
+    /// The flow clock of the flow's last packet, either direction, refreshed once per
+    /// `FLOW_TOUCH_JIFFIES` while packets come (`touched`).
     pub last_seen_ns: u64,
     /// `NAT_F_*`: what the TCP state machine has seen.
     pub flags: u32,
@@ -141,14 +142,17 @@ pub struct NatFlow {
     pub baddr: [u8; 16],
     /// The FIB's next hop towards the backend and towards the client, each as this
     /// host's program last asked for it: a direction's packets skip `bpf_fib_lookup`
-    /// while its copy is younger than `NAT_HOP_TTL_NS`. Never sent to peers (their
+    /// while its copy is younger than `NAT_HOP_TTL_JIFFIES`. Never sent to peers (their
     /// MACs and interfaces are their own); zero in an entry a peer's sync installed.
     pub to_backend: NextHop,
     pub to_client: NextHop,
     /// Where the client's frames came from (the client or its router): the reply's
     /// next hop when the FIB has no neighbour for the client.
     pub client_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The low 16 bits of the jiffies when the data path last refreshed
+    /// `last_seen_ns` (as `FlowState::touched_jiffies`): a packet less than
+    /// `FLOW_TOUCH_JIFFIES` after reads no clock. 0 from the agent (due).
+    pub touched: u16,
 }
 
 /// A next hop as `bpf_fib_lookup` gave it (`NatFlow::to_backend`, `to_client`).
@@ -159,13 +163,17 @@ pub struct NextHop {
     pub smac: [u8; 6],
     /// The interface to send on: the one the packet came in on means `XDP_TX`.
     pub ifindex: u32,
-    /// The flow clock's time of the lookup; 0: nothing cached.
-    pub at_ns: u64,
+    /// The jiffies of the lookup (`bpf_jiffies64`, no clock read); 0: nothing cached.
+    pub at_jiffies: u64,
 }
 
-/// How long a NAT flow's cached next hop is used before the FIB is asked again: a
-/// route or neighbour change reaches established NAT flows within this.
-pub const NAT_HOP_TTL_NS: u64 = 1_000_000_000;
+/// How long a NAT flow's cached next hop is used before the FIB is asked again, in
+/// jiffies (0.1 to 1 s by HZ, as `FLOW_TOUCH_JIFFIES`): a route or neighbour change
+/// reaches established NAT flows within `NAT_HOP_TTL_MAX_NS`.
+pub const NAT_HOP_TTL_JIFFIES: u64 = 100;
+
+/// `NAT_HOP_TTL_JIFFIES` at the lowest HZ there is (100).
+pub const NAT_HOP_TTL_MAX_NS: u64 = 1_000_000_000;
 
 /// NAT flow flags: a FIN from the client, a FIN from the backend, an RST either way.
 pub const NAT_F_FIN_CLIENT: u32 = 1;
@@ -176,10 +184,6 @@ pub const NAT_F_SYNCED: u32 = 8;
 /// The client sent more than a SYN: the handshake went through. A flow without it is
 /// collected after a short timeout (a SYN flood's entries do not sit out the idle one).
 pub const NAT_F_ESTABLISHED: u32 = 16;
-/// A NAT flow's last_seen_ns is rewritten at most this often by its packets (new flags
-/// are always written); the scanner's timeouts are in seconds.
-pub const NAT_TOUCH_NS: u64 = 1_000_000_000;
-
 /// Addresses (as `NatTarget::addr`) and ports a translated packet leaves with.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

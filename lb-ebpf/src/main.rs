@@ -687,12 +687,18 @@ fn closing_flag(tcp_flags: u8) -> u32 {
     }
 }
 
-/// The low 32 bits of the kernel's jiffies: the verifier inlines `bpf_jiffies64` as one
-/// load, where the flow clock (`flow_clock`) is a call. Only ever compared with an
-/// entry's `touched_jiffies`, as a distance.
+/// The kernel's jiffies: the verifier inlines `bpf_jiffies64` as one load, where the
+/// flow clock (`flow_clock`) is a call. Only ever compared with an entry's stamp (as
+/// `FlowState::touched_jiffies`), as a distance.
+#[inline(always)]
+pub fn jiffies64() -> u64 {
+    unsafe { bpf_jiffies64() }
+}
+
+/// `jiffies64`'s low 32 bits.
 #[inline(always)]
 fn jiffies() -> u32 {
-    unsafe { bpf_jiffies64() as u32 }
+    jiffies64() as u32
 }
 
 /// Whether an entry's time is due to be refreshed (`touch`) at jiffies `j`: it was last

@@ -22,10 +22,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    FAMILY_V4, FlowKey, NAT_CFG_F_FIB, NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN,
-    NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED,
-    NAT_HOP_TTL_NS, NAT_PORT_PROBES, NAT_TOUCH_NS, NatFlow, NatTuple as Tuple, NextHop, PROTO_TCP,
-    VIP_F_NAT, VipInfo, VipKey,
+    FAMILY_V4, FLOW_TOUCH_JIFFIES, FlowKey, NAT_CFG_F_FIB, NAT_DEFAULT_PORT_MAX,
+    NAT_DEFAULT_PORT_MIN, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST,
+    NAT_F_SYNCED, NAT_HOP_TTL_JIFFIES, NAT_PORT_PROBES, NatFlow, NatTuple as Tuple, NextHop,
+    PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
     counters::{backend_slot, event, event_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -54,7 +54,7 @@ pub fn is_nat(vip: &VipInfo) -> bool {
 /// Client -> VIP:port of a NAT service: the flow's entry, or a new one for a SYN.
 #[inline(never)]
 pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
-    let now = crate::flow_clock();
+    let j = crate::jiffies64();
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut entry = NAT_FLOWS.get_ptr_mut(&p.flow);
     // A SYN on the tuple of a flow that closed, or whose backend went away, is a new
@@ -74,7 +74,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
         Some(e) => e,
         None if syn => {
             // Not a pointer through `open`'s result: the verifier would lose its type.
-            open(ctx, p, now)?;
+            open(ctx, p, crate::flow_clock(), j)?;
             NAT_FLOWS
                 .get_ptr_mut(&p.flow)
                 .ok_or(reason::ABORT_INTERNAL)?
@@ -86,13 +86,13 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
     let established = if syn { 0 } else { NAT_F_ESTABLISHED };
     touch(
         e,
-        now,
+        j,
         established | closing_flags(p.tcp_flags, NAT_F_FIN_CLIENT),
     );
     let backend = e.backend;
-    if !new_flow {
+    if !new_flow && p.vip.persistence_s != 0 {
         // The client's persistence entry stays alive while its connections do.
-        crate::persist::touch(&p.vip, &p.flow, backend, now);
+        crate::persist::touch(&p.vip, &p.flow, backend, crate::flow_clock());
     }
     let vip = p.flow.dst;
     let s = scratch()?;
@@ -106,7 +106,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
     );
     let fallback = Fallback::Backend(backend);
     let l3 = rewrite(ctx, &s.new)?;
-    let verdict = next_hop(ctx.ctx, l3, fallback, addr_of_mut!(e.to_backend), now)?;
+    let verdict = next_hop(ctx.ctx, l3, fallback, addr_of_mut!(e.to_backend), j)?;
     let len = frame_len(ctx) as u64;
     count(vip_slot(p.vip.vip_num), len, new_flow);
     count(backend_slot(backend), len, new_flow);
@@ -123,8 +123,8 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u3
         .ok_or(reason::DROP_NAT_NO_FLOW)?;
     // SAFETY: as in `forward`.
     let e = unsafe { &mut *e };
-    let now = crate::flow_clock();
-    touch(e, now, closing_flags(tcp_flags, NAT_F_FIN_BACKEND));
+    let j = crate::jiffies64();
+    touch(e, j, closing_flags(tcp_flags, NAT_F_FIN_BACKEND));
     let (backend, vip_num) = (e.backend, e.vip_num);
     let s = scratch()?;
     set_tuple(
@@ -141,7 +141,7 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u3
         l3,
         Fallback::Mac(&e.client_mac),
         addr_of_mut!(e.to_client),
-        now,
+        j,
     )?;
     let len = frame_len(ctx) as u64;
     count(vip_slot(vip_num), len, false);
@@ -150,16 +150,18 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u3
     Ok(verdict)
 }
 
-/// A packet of a flow: `set` joins its flags, `NAT_F_SYNCED` goes (the flow is seen
-/// here now), and its last-seen time moves on. Written only when that changes
-/// something: new flags, or a time older than `NAT_TOUCH_NS`; so a busy flow's entry,
-/// read by both directions from any CPU, is not written on every packet.
+/// A packet of a flow at jiffies `j`: `set` joins its flags, `NAT_F_SYNCED` goes (the
+/// flow is seen here now), and its last-seen time moves on. Written only when that
+/// changes something: new flags, or a time last refreshed `FLOW_TOUCH_JIFFIES` or more
+/// ago (`NatFlow::touched`); so a busy flow's entry, read by both directions from any
+/// CPU, is not written on every packet, and its packets read no clock in between.
 #[inline(always)]
-fn touch(e: &mut NatFlow, now: u64, set: u32) {
-    let stale = now.wrapping_sub(e.last_seen_ns) > NAT_TOUCH_NS;
+fn touch(e: &mut NatFlow, j: u64, set: u32) {
+    let stale = (j as u16).wrapping_sub(e.touched) >= FLOW_TOUCH_JIFFIES as u16;
     if stale || e.flags & (set | NAT_F_SYNCED) != set {
         if stale {
-            e.last_seen_ns = now;
+            e.last_seen_ns = crate::flow_clock();
+            e.touched = j as u16;
         }
         e.flags = (e.flags & !NAT_F_SYNCED) | set;
     }
@@ -180,7 +182,7 @@ fn closing_flags(tcp_flags: u8, fin: u32) -> u32 {
 /// A new flow: the backend (`persist::choose_backend`), a free source port towards it, and the
 /// pair of entries (or the pair another CPU made for the same SYN a moment ago).
 #[inline(always)]
-fn open(ctx: &XdpContext, p: &Packet, now: u64) -> Step<()> {
+fn open(ctx: &XdpContext, p: &Packet, now: u64, j: u64) -> Step<()> {
     // Persistence first (if the service has it), else the ring: as for DSR.
     let (id, _) = crate::persist::choose_backend(&p.vip, &p.flow, now)?;
     let s = scratch()?;
@@ -208,7 +210,7 @@ fn open(ctx: &XdpContext, p: &Packet, now: u64) -> Step<()> {
     zero(addr_of_mut!(e.to_client));
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
     set_mac(addr_of_mut!(e.client_mac), unsafe { &(*eth).src });
-    e._pad = [0; 2];
+    e.touched = j as u16;
     if NAT_FLOWS
         .insert(&p.flow, &s.entry, BPF_NOEXIST as u64)
         .is_err()
@@ -361,7 +363,7 @@ fn apply(check: [u8; 2], acc: u32) -> [u8; 2] {
 /// MAC, or the MAC the client's frames came from).
 ///
 /// `hop` (null: none) is the flow's cached next hop for this direction: used while
-/// younger than `NAT_HOP_TTL_NS` at `now`, else the FIB is asked and what it leads to
+/// younger than `NAT_HOP_TTL_JIFFIES` at jiffies `j`, else the FIB is asked and what it leads to
 /// (its next hop, or the fallback) is kept there. Two CPUs refreshing one copy at once
 /// write the same answer, but for a route that changed in between: then one packet
 /// may go by either.
@@ -371,7 +373,7 @@ fn next_hop(
     l3: usize,
     fallback: Fallback,
     hop: *mut NextHop,
-    now: u64,
+    j: u64,
 ) -> Step<u32> {
     let ctx = &XdpContext::new(raw);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
@@ -379,7 +381,7 @@ fn next_hop(
     if !hop.is_null() {
         // SAFETY: a field of a NAT_FLOWS value (`forward`, `reply`).
         let h = unsafe { &*hop };
-        if h.at_ns != 0 && now.wrapping_sub(h.at_ns) < NAT_HOP_TTL_NS {
+        if h.at_jiffies != 0 && j.wrapping_sub(h.at_jiffies) < NAT_HOP_TTL_JIFFIES {
             unsafe {
                 set_mac(addr_of_mut!((*eth).dst), &h.dmac);
                 set_mac(addr_of_mut!((*eth).src), &h.smac);
@@ -428,7 +430,7 @@ fn next_hop(
                 &params.smac,
                 params.ifindex,
                 ingress,
-                now,
+                j,
             );
         }
     }
@@ -446,11 +448,11 @@ fn next_hop(
     }
     // Cached as well: the FIB has no neighbour for a client the LB host never spoke
     // to itself, and would say so again for each of the flow's replies.
-    go(eth, hop, fallback_mac, &cfg.mac, ingress, ingress, now)
+    go(eth, hop, fallback_mac, &cfg.mac, ingress, ingress, j)
 }
 
 /// The frame to `dmac` from `smac`, out of `ifindex` (`send`); the choice kept in
-/// `hop` (if any) from `now`.
+/// `hop` (if any) from jiffies `j`.
 #[inline(always)]
 fn go(
     eth: *mut EthHdr,
@@ -459,7 +461,7 @@ fn go(
     smac: &[u8; 6],
     ifindex: u32,
     ingress: u32,
-    now: u64,
+    j: u64,
 ) -> Step<u32> {
     unsafe {
         set_mac(addr_of_mut!((*eth).dst), dmac);
@@ -471,7 +473,7 @@ fn go(
         set_mac(addr_of_mut!(h.dmac), dmac);
         set_mac(addr_of_mut!(h.smac), smac);
         h.ifindex = ifindex;
-        h.at_ns = now;
+        h.at_jiffies = j;
     }
     send(ifindex, ingress)
 }

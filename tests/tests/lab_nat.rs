@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
-use lb_common::{FlowKey, NAT_HOP_TTL_NS, NatFlow, names};
+use lb_common::{FlowKey, NAT_HOP_TTL_MAX_NS, NatFlow, names};
 use lb_tests::lab::{
     BackendSection, Lab, Node, SERVICE_PORT, Service, Streaming, SyncSection, VIP4, VIP6,
     VrrpSection, addr_like, addr4, parse_mac,
@@ -346,8 +346,8 @@ fn nat_entries(lab: &Lab) -> Result<Vec<(FlowKey, NatFlow)>> {
 
 /// Each NAT flow keeps the FIB's next hop for both directions in its entry (the
 /// backend's MAC one way, the client's the other, from the LB's MAC, out of `eth0`),
-/// and asks again once that copy is older than `NAT_HOP_TTL_NS`: when the backend
-/// takes a new MAC and the LB host's neighbour entry says so, the held connection
+/// and asks again once that copy is older than `NAT_HOP_TTL_JIFFIES` (at most
+/// `NAT_HOP_TTL_MAX_NS`): when the backend takes a new MAC and the LB host's neighbour entry says so, the held connection
 /// goes on, its packets to the new MAC.
 #[test]
 fn nat_flows_cache_their_next_hops_and_follow_a_change() -> Result<()> {
@@ -377,7 +377,7 @@ fn nat_flows_cache_their_next_hops_and_follow_a_change() -> Result<()> {
     let cached: Vec<&NatFlow> = entries
         .iter()
         .map(|(_, e)| e)
-        .filter(|e| e.to_backend.at_ns != 0 && e.to_client.at_ns != 0)
+        .filter(|e| e.to_backend.at_jiffies != 0 && e.to_client.at_jiffies != 0)
         .collect();
     ensure!(
         !cached.is_empty(),
@@ -421,7 +421,7 @@ fn nat_flows_cache_their_next_hops_and_follow_a_change() -> Result<()> {
     )?;
     // The copies made by the last echo are old by now.
     let changed = Instant::now();
-    thread::sleep(Duration::from_nanos(NAT_HOP_TTL_NS) + Duration::from_millis(200));
+    thread::sleep(Duration::from_nanos(NAT_HOP_TTL_MAX_NS) + Duration::from_millis(200));
     with_diagnostics(&lab, c.check_echo("after"))?;
     println!(
         "echo answered {} ms after the backend's MAC changed",

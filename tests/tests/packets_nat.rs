@@ -7,9 +7,9 @@
 use std::net::IpAddr;
 
 use lb_common::{
-    COARSE_CLOCK_LAG_NS, FlowKey, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT,
-    NAT_F_SYNCED, NAT_HOP_TTL_NS, NAT_TOUCH_NS, NatConfig, NatFlow, NextHop, PERSIST_TOUCH_NS,
-    PersistKey,
+    COARSE_CLOCK_LAG_NS, FLOW_TOUCH_JIFFIES, FlowKey, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND,
+    NAT_F_FIN_CLIENT, NAT_F_SYNCED, NAT_HOP_TTL_JIFFIES, NatConfig, NatFlow, NextHop,
+    PERSIST_TOUCH_NS, PersistKey,
     counters::{event, event_slot, global_slot, reason, vip_slot},
 };
 use lb_tests::{
@@ -857,9 +857,10 @@ fn only_nat_flow(store: &mut dyn FlowStore) -> (FlowKey, NatFlow) {
 }
 
 /// A NAT flow's entry is written by its packets only when that changes something: a
-/// last-seen time older than `NAT_TOUCH_NS`, a flag not yet set (a FIN, an RST), or a
-/// peer's copy seen here for the first time (`NAT_F_SYNCED` goes). Otherwise both
-/// directions only read it: its time stays as it was.
+/// time last refreshed `FLOW_TOUCH_JIFFIES` or more ago (`NatFlow::touched`; 0, as a
+/// peer's copy comes, is due), a flag not yet set (a FIN, an RST), or a peer's copy
+/// seen here for the first time (`NAT_F_SYNCED` goes). Otherwise both directions only
+/// read it (and no clock): its time stays as it was, however old.
 #[test]
 fn nat_packets_write_their_entry_only_when_it_changes() {
     if !require_root("nat_packets_write_their_entry_only_when_it_changes") {
@@ -888,9 +889,11 @@ fn nat_packets_write_their_entry_only_when_it_changes() {
     let (key, mut e) = only_nat_flow(&mut store);
     assert_ne!(e.flags & NAT_F_ESTABLISHED, 0);
 
-    // Stale, and a peer's copy: the next packet writes the time and clears SYNCED.
+    // Due (no stamp), and a peer's copy: the next packet writes the time and the stamp
+    // and clears SYNCED.
     let aged = monotonic_ns() - 60 * 1_000_000_000;
     e.last_seen_ns = aged;
+    e.touched = 0;
     e.flags |= NAT_F_SYNCED;
     store.install_nat(&[(key, e)]).expect("age it");
     let before = monotonic_ns();
@@ -901,29 +904,38 @@ fn nat_packets_write_their_entry_only_when_it_changes() {
         "a stale time is refreshed"
     );
     assert_eq!(after.flags & NAT_F_SYNCED, 0, "seen here now");
+    assert_ne!(after.touched, 0, "and stamped");
 
-    // Fresh, and a peer's copy: the first packet clears SYNCED and keeps the time.
-    let recent = monotonic_ns() - NAT_TOUCH_NS / 10;
-    e.last_seen_ns = recent;
-    e.flags = after.flags | NAT_F_SYNCED;
-    store.install_nat(&[(key, e)]).expect("set it");
-    assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
-    let (_, seen) = only_nat_flow(&mut store);
-    assert_eq!(seen.flags, after.flags, "seen here now, nothing else new");
-    // Fresh, nothing new: neither direction moves the time (a write per packet would).
-    // Only meaningful if the runs come back within the interval; they take
-    // microseconds, the figure is printed.
-    for _ in 0..3 {
-        assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
-        assert_eq!(rig.run(&from_backend(ACK)).0, XDP_TX);
-    }
-    let waited = monotonic_ns() - recent;
-    println!("{waited} ns between the write and the last packet");
-    if waited < NAT_TOUCH_NS {
+    // A fresh stamp, an old time, a peer's copy: the first packet clears SYNCED and
+    // keeps the time; then neither direction writes (a write per packet would move
+    // the time). Should this process sleep past the stamp's interval, the stamp moves
+    // by at least that much: tried again.
+    let mut kept = false;
+    for _ in 0..5 {
         let (_, now) = only_nat_flow(&mut store);
-        assert_eq!(now.last_seen_ns, recent, "within NAT_TOUCH_NS: time kept");
-        assert_eq!(now.flags, after.flags);
+        e.last_seen_ns = aged;
+        e.touched = now.touched;
+        e.flags = after.flags | NAT_F_SYNCED;
+        store.install_nat(&[(key, e)]).expect("set it");
+        assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
+        let (_, seen) = only_nat_flow(&mut store);
+        assert_eq!(seen.flags, after.flags, "seen here now, nothing else new");
+        for _ in 0..3 {
+            assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
+            assert_eq!(rig.run(&from_backend(ACK)).0, XDP_TX);
+        }
+        let (_, later) = only_nat_flow(&mut store);
+        assert_eq!(later.flags, after.flags);
+        if later.last_seen_ns == aged {
+            kept = true;
+            break;
+        }
+        assert!(
+            later.touched.wrapping_sub(e.touched) >= FLOW_TOUCH_JIFFIES as u16,
+            "the time written with a fresh stamp: {e:?} -> {later:?}"
+        );
     }
+    assert!(kept, "a fresh stamp: the time is kept");
 
     // A FIN each way is always written, time or not.
     assert_eq!(rig.run(&from_client(FIN | ACK)).0, XDP_TX);
@@ -935,7 +947,7 @@ fn nat_packets_write_their_entry_only_when_it_changes() {
 }
 
 /// A flow's cached next hop (`NatFlow::to_backend`, `to_client`) takes each direction's
-/// packets while younger than `NAT_HOP_TTL_NS`: its MACs, and `XDP_TX` when its
+/// packets while younger than `NAT_HOP_TTL_JIFFIES`: its MACs, and `XDP_TX` when its
 /// interface is the one the packet came in on, else a redirect. An old copy is not used
 /// (here, without FIB lookups, the packet then takes the fallback MACs, and those are
 /// cached). The lab's NAT tests check the FIB's answers being cached and followed when
@@ -948,11 +960,11 @@ fn nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh() {
     const XDP_REDIRECT: u32 = 4;
     // BPF_PROG_TEST_RUN without a context: the packet came in on loopback.
     const INGRESS: u32 = 1;
-    let hop = |dmac: [u8; 6], smac: [u8; 6], ifindex: u32, at_ns: u64| NextHop {
+    let hop = |dmac: [u8; 6], smac: [u8; 6], ifindex: u32, at_jiffies: u64| NextHop {
         dmac,
         smac,
         ifindex,
-        at_ns,
+        at_jiffies,
     };
     let (r1, s1) = ([0x02, 0xaa, 0, 0, 0, 1], [0x02, 0xbb, 0, 0, 0, 1]);
     let (r2, s2) = ([0x02, 0xaa, 0, 0, 0, 2], [0x02, 0xbb, 0, 0, 0, 2]);
@@ -983,10 +995,12 @@ fn nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh() {
         (fallback(bmac), fallback(CLIENT_MAC)),
         "the fallback's choice is cached too"
     );
-    assert!(e.to_backend.at_ns != 0 && e.to_client.at_ns != 0);
+    assert!(e.to_backend.at_jiffies != 0 && e.to_client.at_jiffies != 0);
 
-    // Fresh copies, out of the interface the packets came in on.
-    let fresh = monotonic_ns() - COARSE_CLOCK_LAG_NS;
+    // Fresh copies, out of the interface the packets came in on: the jiffies of the
+    // copy the program just made (should this process sleep past the copy's age, the
+    // program asks again, here with the fallback's MACs: the assertions would say so).
+    let fresh = e.to_backend.at_jiffies.min(e.to_client.at_jiffies);
     let cached = |to_backend, to_client| NatFlow {
         to_backend,
         to_client,
@@ -1012,7 +1026,7 @@ fn nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh() {
     assert_eq!(rig.run(&from_backend), (XDP_TX, to_client(r2, s2)));
 
     // Old copies: not used.
-    let old = monotonic_ns() - 2 * NAT_HOP_TTL_NS;
+    let old = fresh - 2 * NAT_HOP_TTL_JIFFIES;
     store
         .install_nat(&[(
             key,

@@ -106,6 +106,22 @@ pub fn flow_key(
     unsafe { out.assume_init() }
 }
 
+/// A copy of `from` at `to`, word by word (a struct copy may become a call to the BPF
+/// backend's byte loop).
+#[inline(always)]
+pub fn copy_flow_key(to: *mut FlowKey, from: &FlowKey) {
+    const N: usize = core::mem::size_of::<FlowKey>() / 4;
+    let f = from as *const FlowKey as *const u32;
+    let mut words = [0u32; N];
+    let mut i = 0;
+    while i < N {
+        // SAFETY: in bounds and aligned (`write_words` asserts the size and alignment).
+        words[i] = unsafe { *f.add(i) };
+        i += 1;
+    }
+    write_words(to, words);
+}
+
 /// `flow_key`, written in place at `to`.
 #[inline(always)]
 pub fn write_flow_key(

@@ -135,6 +135,9 @@ const KNOWN_MISSED: u32 = 1;
 const KNOWN_HIT: u32 = 2;
 /// An entry that needs no write: the forwarding stage need not look it up again.
 const KNOWN_HIT_CURRENT: u32 = 3;
+/// Of a NAT reply (`Parsed::NatReply`): the reverse table knew it, and the client's key
+/// is in the scratch space (`nat_reply_known`).
+const KNOWN_NAT_REPLY: u32 = 4;
 
 impl Known {
     #[inline(always)]
@@ -150,8 +153,9 @@ enum Parsed {
     /// An ICMP error about a flow: the client's 5-tuple, rebuilt from the quoted packet.
     IcmpError(FlowKey),
     /// TCP to a VIP address but no service's port: a backend's reply to a NAT flow if
-    /// the NAT tables know it (its key as sent, and the TCP flags), else nothing of ours.
-    NatReply(FlowKey, u8),
+    /// the NAT tables know it (its key as sent, the TCP flags, and whether the parse
+    /// asked the reverse table already: `nat_reply_known`), else nothing of ours.
+    NatReply(FlowKey, u8, bool),
     /// An established DSR segment sent on to its backend already (`send_known`).
     Sent,
 }
@@ -160,7 +164,8 @@ enum Parsed {
 const PARSED_TCP: u32 = 0;
 /// `Parsed::IcmpError`: the `Packet`'s flow written.
 const PARSED_ICMP_ERROR: u32 = 1;
-/// `Parsed::NatReply`: the `Packet`'s flow and TCP flags written.
+/// `Parsed::NatReply`: the `Packet`'s flow, TCP flags and `known` (`KNOWN_NAT_REPLY` or
+/// not) written.
 const PARSED_NAT_REPLY: u32 = 2;
 /// `Parsed::Sent`: nothing written; the frame goes out (XDP_TX).
 const PARSED_SENT: u32 = 3;
@@ -204,7 +209,12 @@ fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
             PARSED_TCP => forward(ctx, cfg, &*out),
             PARSED_ICMP_ERROR => forward_icmp_error(ctx, cfg, &*addr_of!((*out).flow)),
             PARSED_SENT => Ok(XDP_TX),
-            _ => nat::reply(ctx, &*addr_of!((*out).flow), *addr_of!((*out).tcp_flags)),
+            _ => nat::reply(
+                ctx,
+                &*addr_of!((*out).flow),
+                *addr_of!((*out).tcp_flags),
+                (*addr_of!((*out).known)).what == KNOWN_NAT_REPLY,
+            ),
         }
     }
 }
@@ -301,9 +311,14 @@ fn parse_ip_into<const V6: bool>(
                 addr_of_mut!((*out).flow).write(flow);
                 Ok(PARSED_ICMP_ERROR)
             }
-            Parsed::NatReply(flow, flags) => {
+            Parsed::NatReply(flow, flags, asked) => {
                 addr_of_mut!((*out).flow).write(flow);
                 addr_of_mut!((*out).tcp_flags).write(flags);
+                addr_of_mut!((*out).known).write(Known::just(if asked {
+                    KNOWN_NAT_REPLY
+                } else {
+                    KNOWN_NOT_ASKED
+                }));
                 Ok(PARSED_NAT_REPLY)
             }
             Parsed::Sent => Ok(PARSED_SENT),
@@ -356,12 +371,15 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     // Only traffic for a VIP address is ours to judge; the rest goes to the kernel as is.
     // (The filter was asked in `try_lb`.) A plain header's TCP is looked up as a service
     // first: a hit says the address is a VIP's, with no lookup of the address alone.
-    let vip = if ip.version_ihl == 0x45 && ip.proto == PROTO_TCP {
+    let plain_tcp = ip.version_ihl == 0x45 && ip.proto == PROTO_TCP;
+    let vip = if plain_tcp {
         service(ctx, l3 + IPV4_HLEN, &src, &dst, FAMILY_V4)
     } else {
         None
     };
-    if vip.is_none() && !neigh::in_vip_addrs(&dst.0, FAMILY_V4) {
+    let nat_asked =
+        vip.is_none() && plain_tcp && nat_reply_known(ctx, l3 + IPV4_HLEN, &src, &dst, FAMILY_V4);
+    if vip.is_none() && !nat_asked && !neigh::in_vip_addrs(&dst.0, FAMILY_V4) {
         return Err(reason::PASS_NOT_VIP);
     }
     vip_gate(ctx, cfg, serving)?;
@@ -383,7 +401,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     let l4 = l3 + IPV4_HLEN;
     let end = l3 + tot_len;
     match ip.proto {
-        PROTO_TCP => parse_tcp(ctx, cfg, l4, end, &src, &dst, FAMILY_V4, vip),
+        PROTO_TCP => parse_tcp(ctx, cfg, l4, end, &src, &dst, FAMILY_V4, vip, nat_asked),
         IPPROTO_ICMP => icmp::quoted_flow_v4(ctx, l4, end).map(Parsed::IcmpError),
         _ => Err(reason::DROP_VIP_UNSERVED),
     }
@@ -397,12 +415,15 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     // SAFETY: within the frame (`ptr_at`).
     let (src, dst) = unsafe { (Addr::v6(&ip.src), Addr::v6(&ip.dst)) };
     // As for IPv4 (`parse_ipv4`): TCP as a service first.
-    let vip = if ip.next_hdr == PROTO_TCP {
+    let tcp = ip.next_hdr == PROTO_TCP;
+    let vip = if tcp {
         service(ctx, l3 + IPV6_HLEN, &src, &dst, FAMILY_V6)
     } else {
         None
     };
-    if vip.is_none() && !neigh::in_vip_addrs(&dst.0, FAMILY_V6) {
+    let nat_asked =
+        vip.is_none() && tcp && nat_reply_known(ctx, l3 + IPV6_HLEN, &src, &dst, FAMILY_V6);
+    if vip.is_none() && !nat_asked && !neigh::in_vip_addrs(&dst.0, FAMILY_V6) {
         return Err(reason::PASS_NOT_VIP);
     }
     vip_gate(ctx, cfg, serving)?;
@@ -412,7 +433,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     }
     let l4 = l3 + IPV6_HLEN;
     match ip.next_hdr {
-        PROTO_TCP => parse_tcp(ctx, cfg, l4, end, &src, &dst, FAMILY_V6, vip),
+        PROTO_TCP => parse_tcp(ctx, cfg, l4, end, &src, &dst, FAMILY_V6, vip, nat_asked),
         IPPROTO_ICMPV6 => icmp::quoted_flow_v6(ctx, l4, end).map(Parsed::IcmpError),
         next if is_ipv6_ext(next) => Err(reason::DROP_IPV6_EXT),
         _ => Err(reason::DROP_VIP_UNSERVED),
@@ -481,6 +502,42 @@ fn service(
     unsafe { VIPS.get(&key) }.map(|vip| (*vip, known))
 }
 
+/// For a TCP segment to no service (`service` found none), to an address with no DSR
+/// service: whether it is a backend's reply to a NAT flow, asked of the reverse table
+/// before the VIP addresses (whose answer the reverse table's implies: its keys are to
+/// VIPs). On a hit the client's key is left in the scratch space (`NatScratch::rev`)
+/// for `nat::reply`: one hash lookup fewer per reply. Nothing is written but the
+/// scratch space: the serving and MAC checks come after (`vip_gate`).
+#[inline(always)]
+fn nat_reply_known(ctx: &XdpContext, l4: usize, src: &Addr, dst: &Addr, family: u8) -> bool {
+    if filter::may_be_dsr_vip(&dst.0, family) {
+        return false;
+    }
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4) else {
+        return false;
+    };
+    // SAFETY: within the frame (`ptr_at`).
+    let (sport_be, dport_be) = unsafe { ports(tcp) };
+    let Ok(s) = maps::scratch() else {
+        return false;
+    };
+    keys::write_flow_key(
+        &mut s.early_flow,
+        &src.0,
+        &dst.0,
+        sport_be,
+        dport_be,
+        family,
+    );
+    match unsafe { maps::NAT_REVERSE.get(&s.early_flow) } {
+        Some(client) => {
+            keys::copy_flow_key(&mut s.rev, client);
+            true
+        }
+        None => false,
+    }
+}
+
 /// A TCP header's source and destination ports, network order, from one 32-bit load.
 ///
 /// # Safety
@@ -508,6 +565,7 @@ fn parse_tcp(
     dst: &Addr,
     family: u8,
     vip: Option<(VipInfo, Known)>,
+    nat_asked: bool,
 ) -> Step<Parsed> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_TCP)?;
     // SAFETY: within the frame (`ptr_at`).
@@ -524,7 +582,7 @@ fn parse_tcp(
     }
     let flow = keys::flow_key(&src.0, &dst.0, sport_be, dport_be, family);
     let Some((vip, known)) = vip else {
-        return Ok(Parsed::NatReply(flow, tcp.flags));
+        return Ok(Parsed::NatReply(flow, tcp.flags, nat_asked));
     };
     Ok(Parsed::Tcp(Packet {
         flow,

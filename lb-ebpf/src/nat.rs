@@ -10,7 +10,7 @@
 //! reverse entry is made first with BPF_NOEXIST: that insert is what hands a source
 //! port to one flow only.
 
-use core::ptr::addr_of_mut;
+use core::ptr::{addr_of, addr_of_mut};
 
 use aya_ebpf::{
     bindings::{
@@ -114,10 +114,18 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
 }
 
 /// backend:bport -> VIP:nport, back to the client as VIP:port -> client:cport, if the
-/// reverse table knows the backend's tuple; else it is to no service of ours.
+/// reverse table knows the backend's tuple; else it is to no service of ours. With
+/// `asked`, the parse asked the reverse table already and left the client's key in
+/// the scratch space (`NatScratch::rev`).
 #[inline(never)]
-pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u32> {
-    let client = unsafe { NAT_REVERSE.get(backend_flow) }.ok_or(reason::DROP_VIP_UNSERVED)?;
+pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8, asked: bool) -> Step<u32> {
+    let s = scratch()?;
+    let client: &FlowKey = if asked {
+        // SAFETY: this CPU's scratch; `rev` is not written below.
+        unsafe { &*addr_of!(s.rev) }
+    } else {
+        unsafe { NAT_REVERSE.get(backend_flow) }.ok_or(reason::DROP_VIP_UNSERVED)?
+    };
     let e = NAT_FLOWS
         .get_ptr_mut(client)
         .ok_or(reason::DROP_NAT_NO_FLOW)?;
@@ -126,9 +134,9 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u3
     let j = crate::jiffies64();
     touch(e, j, closing_flags(tcp_flags, NAT_F_FIN_BACKEND));
     let (backend, vip_num) = (e.backend, e.vip_num);
-    let s = scratch()?;
     set_tuple(
-        &mut s.new,
+        // SAFETY: a field of this CPU's scratch other than `rev`.
+        unsafe { &mut *addr_of_mut!(s.new) },
         client.family,
         &client.dst,
         &client.src,

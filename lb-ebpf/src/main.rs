@@ -464,12 +464,13 @@ fn service(
     src: &Addr,
     dst: &Addr,
     family: u8,
-) -> Option<(VipInfo, Known)> {
+) -> Option<(VipInfo, Known, *mut FlowState)> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
     // SAFETY: within the frame (`ptr_at`).
     let ((sport_be, dport_be), flags) = unsafe { (ports(tcp), (*tcp).flags) };
     let (src, dst) = (&src.0, &dst.0);
     let mut known = Known::just(KNOWN_NOT_ASKED);
+    let mut entry: *mut FlowState = core::ptr::null_mut();
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN
         && filter::may_be_dsr_vip(dst, family)
         && let Ok(scratch) = maps::scratch()
@@ -477,9 +478,13 @@ fn service(
         // The key in the scratch space: this frame is the pipeline's (see `parse_ip`).
         let flow = &mut scratch.early_flow;
         keys::write_flow_key(flow, src, dst, sport_be, dport_be, family);
-        known = match unsafe { FLOWS.get(flow) } {
+        known = match FLOWS.get_ptr_mut(flow) {
             None => Known::just(KNOWN_MISSED),
-            Some(state) => {
+            Some(ptr) => {
+                entry = ptr;
+                // SAFETY: a value of the map, just looked up; read here, written only
+                // after the serving and MAC checks (`send_known`, `forward_dsr`).
+                let state = unsafe { &*ptr };
                 let current = is_current(state, jiffies(), closing_flag(flags));
                 let hit = Known {
                     what: if current {
@@ -492,14 +497,14 @@ fn service(
                 if let Some(slot) = VIP_SLOTS.get(state.vip_num)
                     && keys::is_vip(&slot.key, dst, dport_be, family)
                 {
-                    return Some((slot.info, hit));
+                    return Some((slot.info, hit, entry));
                 }
                 hit
             }
         };
     }
     let key = keys::vip_key(dst, dport_be, family);
-    unsafe { VIPS.get(&key) }.map(|vip| (*vip, known))
+    unsafe { VIPS.get(&key) }.map(|vip| (*vip, known, entry))
 }
 
 /// For a TCP segment to no service (`service` found none), to an address with no DSR
@@ -564,7 +569,7 @@ fn parse_tcp(
     src: &Addr,
     dst: &Addr,
     family: u8,
-    vip: Option<(VipInfo, Known)>,
+    vip: Option<(VipInfo, Known, *mut FlowState)>,
     nat_asked: bool,
 ) -> Step<Parsed> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_TCP)?;
@@ -575,13 +580,13 @@ fn parse_tcp(
     if doff < TCP_HLEN || l4 + doff > end {
         return Err(reason::DROP_BAD_TCP);
     }
-    if let Some((vip, known)) = &vip
-        && send_known(ctx, cfg, vip, known)?
+    if let Some((vip, known, entry)) = &vip
+        && send_known(ctx, cfg, vip, known, *entry, tcp.flags)?
     {
         return Ok(Parsed::Sent);
     }
     let flow = keys::flow_key(&src.0, &dst.0, sport_be, dport_be, family);
-    let Some((vip, known)) = vip else {
+    let Some((vip, known, _)) = vip else {
         return Ok(Parsed::NatReply(flow, tcp.flags, nat_asked));
     };
     Ok(Parsed::Tcp(Packet {
@@ -592,20 +597,38 @@ fn parse_tcp(
     }))
 }
 
-/// The common case, sent on where it was parsed: an established DSR segment whose
-/// connection-table entry needs no write (`KNOWN_HIT_CURRENT`), whose backend is usable.
-/// What `forward_dsr` would do for it, without the call, a second flow key and the
-/// `Packet` copy; and without the persistence entry's refresh, which comes with the
-/// entry's own (`persist::touch`). Returns whether it sent it; the rest (a backend
-/// gone, an entry to refresh) goes the long way.
+/// The common case, sent on where it was parsed: an established DSR segment with a
+/// connection-table entry (`entry`, from `service`'s lookup), whose backend is usable.
+/// What `forward_dsr` would do for it, without the call, a second lookup and flow key,
+/// and the `Packet` copy. An entry that needs no write (`KNOWN_HIT_CURRENT`) costs no
+/// clock read and no write, and leaves the persistence entry alone (it is refreshed
+/// with the flow's own); one whose stamp is due or that starts closing (`KNOWN_HIT`)
+/// is refreshed here (`touch`), but for a persistent service, whose client's entry is
+/// refreshed then too (`forward_dsr`). Returns whether it sent it; the rest (a backend
+/// gone, no entry) goes the long way.
 #[inline(always)]
-fn send_known(ctx: &XdpContext, cfg: &LbConfig, vip: &VipInfo, known: &Known) -> Step<bool> {
-    if known.what != KNOWN_HIT_CURRENT || nat::is_nat(vip) {
+fn send_known(
+    ctx: &XdpContext,
+    cfg: &LbConfig,
+    vip: &VipInfo,
+    known: &Known,
+    entry: *mut FlowState,
+    tcp_flags: u8,
+) -> Step<bool> {
+    let refresh = match known.what {
+        KNOWN_HIT_CURRENT => false,
+        KNOWN_HIT if !entry.is_null() && vip.persistence_s == 0 => true,
+        _ => return Ok(false),
+    };
+    if nat::is_nat(vip) {
         return Ok(false);
     }
     let Some(backend) = usable_backend(known.backend) else {
         return Ok(false);
     };
+    if refresh {
+        touch(entry, flow_clock(), jiffies(), closing_flag(tcp_flags));
+    }
     send(ctx, cfg, vip.vip_num, known.backend, backend, false)?;
     #[cfg(feature = "trace")]
     if tracing(cfg) {

@@ -446,9 +446,10 @@ pub fn is_ipv6_ext(next_hdr: u8) -> bool {
     matches!(next_hdr, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
-/// The TCP service of the segment at `l4` from `src` to `dst`, if there is one, and what
-/// the connection table said of it; `None` as well when the frame is too short for a
-/// TCP header (`parse_tcp` judges it).
+/// The TCP service of the segment at `l4` from `src` to `dst`, if there is one, what
+/// the connection table said of it, and its entry on a hit (null otherwise: `send_known`
+/// writes through it, with no second lookup); `None` as well when the frame is too
+/// short for a TCP header (`parse_tcp` judges it).
 ///
 /// An established segment to an address with a DSR service (`filter::may_be_dsr_vip`)
 /// is looked up in the connection table first. An entry names its VIP's number; when

@@ -100,10 +100,7 @@ pub fn flow_key(
     dport_be: u16,
     family: u8,
 ) -> FlowKey {
-    let mut out = MaybeUninit::<FlowKey>::uninit();
-    write_flow_key(out.as_mut_ptr(), src, dst, sport_be, dport_be, family);
-    // SAFETY: written whole.
-    unsafe { out.assume_init() }
+    from_words(flow_words(src, dst, sport_be, dport_be, family))
 }
 
 /// A copy of `from` at `to`, word by word (a struct copy may become a call to the BPF
@@ -132,19 +129,28 @@ pub fn write_flow_key(
     dport_be: u16,
     family: u8,
 ) {
-    write_words(
-        to,
-        [
-            word(src, 0),
-            word(src, 1),
-            word(src, 2),
-            word(src, 3),
-            word(dst, 0),
-            word(dst, 1),
-            word(dst, 2),
-            word(dst, 3),
-            halves(sport_be.to_ne_bytes(), dport_be.to_ne_bytes()),
-            halves([PROTO_TCP, family], [0, 0]),
-        ],
-    )
+    write_words(to, flow_words(src, dst, sport_be, dport_be, family))
+}
+
+/// A TCP flow's key, as words.
+#[inline(always)]
+fn flow_words(
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    sport_be: u16,
+    dport_be: u16,
+    family: u8,
+) -> [u32; 10] {
+    [
+        word(src, 0),
+        word(src, 1),
+        word(src, 2),
+        word(src, 3),
+        word(dst, 0),
+        word(dst, 1),
+        word(dst, 2),
+        word(dst, 3),
+        halves(sport_be.to_ne_bytes(), dport_be.to_ne_bytes()),
+        halves([PROTO_TCP, family], [0, 0]),
+    ]
 }

@@ -370,18 +370,9 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     let (src, dst) = unsafe { (Addr::v4(&ip.src), Addr::v4(&ip.dst)) };
     // Only traffic for a VIP address is ours to judge; the rest goes to the kernel as is.
     // (The filter was asked in `try_lb`.) A plain header's TCP is looked up as a service
-    // first: a hit says the address is a VIP's, with no lookup of the address alone.
+    // first (`vip_of`).
     let plain_tcp = ip.version_ihl == 0x45 && ip.proto == PROTO_TCP;
-    let vip = if plain_tcp {
-        service(ctx, l3 + IPV4_HLEN, &src, &dst, FAMILY_V4)
-    } else {
-        None
-    };
-    let nat_asked =
-        vip.is_none() && plain_tcp && nat_reply_known(ctx, l3 + IPV4_HLEN, &src, &dst, FAMILY_V4);
-    if vip.is_none() && !nat_asked && !neigh::in_vip_addrs(&dst.0, FAMILY_V4) {
-        return Err(reason::PASS_NOT_VIP);
-    }
+    let (vip, nat_asked) = vip_of(ctx, l3 + IPV4_HLEN, &src, &dst, FAMILY_V4, plain_tcp)?;
     vip_gate(ctx, cfg, serving)?;
     let ihl = (ip.version_ihl & 0x0f) as usize * 4;
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
@@ -416,16 +407,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     let (src, dst) = unsafe { (Addr::v6(&ip.src), Addr::v6(&ip.dst)) };
     // As for IPv4 (`parse_ipv4`): TCP as a service first.
     let tcp = ip.next_hdr == PROTO_TCP;
-    let vip = if tcp {
-        service(ctx, l3 + IPV6_HLEN, &src, &dst, FAMILY_V6)
-    } else {
-        None
-    };
-    let nat_asked =
-        vip.is_none() && tcp && nat_reply_known(ctx, l3 + IPV6_HLEN, &src, &dst, FAMILY_V6);
-    if vip.is_none() && !nat_asked && !neigh::in_vip_addrs(&dst.0, FAMILY_V6) {
-        return Err(reason::PASS_NOT_VIP);
-    }
+    let (vip, nat_asked) = vip_of(ctx, l3 + IPV6_HLEN, &src, &dst, FAMILY_V6, tcp)?;
     vip_gate(ctx, cfg, serving)?;
     let end = l3 + IPV6_HLEN + be16(ip.payload_len) as usize;
     if ip.version_class_flow[0] >> 4 != 6 || !holds(ctx, end) {
@@ -438,6 +420,33 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
         next if is_ipv6_ext(next) => Err(reason::DROP_IPV6_EXT),
         _ => Err(reason::DROP_VIP_UNSERVED),
     }
+}
+
+/// Whether IP to `dst` (past the VIP filter) is ours, before the serving and MAC
+/// checks, and what it is: for TCP (`tcp`, its header at `l4`) its service (`service`;
+/// a hit says the address is a VIP's, with no lookup of the address alone), else
+/// whether the reverse table knows it as a NAT reply (`nat_reply_known`, which implies
+/// a VIP address too); otherwise the VIP addresses decide, and `PASS_NOT_VIP` when
+/// the address is none of them.
+#[inline(always)]
+fn vip_of(
+    ctx: &XdpContext,
+    l4: usize,
+    src: &Addr,
+    dst: &Addr,
+    family: u8,
+    tcp: bool,
+) -> Step<(Option<(VipInfo, Known, *mut FlowState)>, bool)> {
+    let vip = if tcp {
+        service(ctx, l4, src, dst, family)
+    } else {
+        None
+    };
+    let nat_asked = vip.is_none() && tcp && nat_reply_known(ctx, l4, src, dst, family);
+    if vip.is_none() && !nat_asked && !neigh::in_vip_addrs(&dst.0, family) {
+        return Err(reason::PASS_NOT_VIP);
+    }
+    Ok((vip, nat_asked))
 }
 
 /// Hop-by-hop, routing, fragment, ESP, AH, destination options, mobility, HIP, shim6.

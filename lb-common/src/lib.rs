@@ -172,8 +172,17 @@ pub struct NextHop {
 /// reaches established NAT flows within `NAT_HOP_TTL_MAX_NS`.
 pub const NAT_HOP_TTL_JIFFIES: u64 = 100;
 
-/// `NAT_HOP_TTL_JIFFIES` at the lowest HZ there is (100).
-pub const NAT_HOP_TTL_MAX_NS: u64 = 1_000_000_000;
+/// `NAT_HOP_TTL_JIFFIES` at the lowest HZ (`MIN_HZ`).
+pub const NAT_HOP_TTL_MAX_NS: u64 = jiffies_max_ns(NAT_HOP_TTL_JIFFIES);
+
+/// The lowest timer frequency (CONFIG_HZ) Linux offers on x86 and arm64: the longest a
+/// jiffy lasts is 1 / `MIN_HZ` s.
+pub const MIN_HZ: u64 = 100;
+
+/// How long `jiffies` jiffies last at most (at `MIN_HZ`), in ns.
+pub const fn jiffies_max_ns(jiffies: u64) -> u64 {
+    jiffies * 1_000_000_000 / MIN_HZ
+}
 
 /// NAT flow flags: a FIN from the client, a FIN from the backend, an RST either way.
 pub const NAT_F_FIN_CLIENT: u32 = 1;
@@ -273,6 +282,17 @@ pub struct FlowState {
     pub touched_jiffies: u32,
 }
 
+impl FlowState {
+    /// The entry as the agent writes it: with no refresh stamp (`touched_jiffies` 0),
+    /// so the flow's next packet refreshes its time.
+    pub fn unstamped(self) -> Self {
+        FlowState {
+            touched_jiffies: 0,
+            ..self
+        }
+    }
+}
+
 /// How often, at most, the data path refreshes a flow's `last_seen_ns`, in jiffies:
 /// 1 s at HZ=100, 0.4 s at HZ=250, 0.1 s at HZ=1000 (at most `FLOW_TOUCH_MAX_NS`). An
 /// active flow's time is never more than that (plus a tick) behind.
@@ -330,9 +350,9 @@ pub const COARSE_CLOCK_LAG_NS: u64 = 20_000_000;
 /// often (a new connection always rewrites it).
 pub const PERSIST_TOUCH_NS: u64 = 1_000_000_000;
 
-/// `FLOW_TOUCH_JIFFIES` at the lowest HZ there is (100): how long, at most, a DSR flow's
+/// `FLOW_TOUCH_JIFFIES` at the lowest HZ (`MIN_HZ`): how long, at most, a DSR flow's
 /// packets go without refreshing its entry, and so its client's persistence entry.
-pub const FLOW_TOUCH_MAX_NS: u64 = 1_000_000_000;
+pub const FLOW_TOUCH_MAX_NS: u64 = jiffies_max_ns(FLOW_TOUCH_JIFFIES as u64);
 
 /// How far a persistence entry's time may lag its client's last packet: a DSR flow asks
 /// for a refresh once per `FLOW_TOUCH_JIFFIES`, which writes once per `PERSIST_TOUCH_NS`.

@@ -237,13 +237,7 @@ impl FlowStore for FakeFlowStore {
             if map.len() >= self.max_pinned && !map.contains_key(k) {
                 full += 1;
             } else {
-                map.insert(
-                    *k,
-                    lb_common::FlowState {
-                        touched_jiffies: 0,
-                        ..*v
-                    },
-                );
+                map.insert(*k, v.unstamped());
             }
         }
         Ok(full)
@@ -335,13 +329,9 @@ impl FlowStore for FlowMaps {
     fn pin(&mut self, flows: &[(FlowKey, FlowState)]) -> Result<usize> {
         let mut full = 0;
         for (key, value) in flows {
-            // No data path's refresh stamp (`FlowState::touched_jiffies`): the flow's next
-            // packet refreshes the time the agent wrote.
-            let value = FlowState {
-                touched_jiffies: 0,
-                ..*value
-            };
-            match sys::update(&self.pinned.fd().as_fd(), key, &value) {
+            // No data path's refresh stamp: the flow's next packet refreshes the time
+            // the agent wrote.
+            match sys::update(&self.pinned.fd().as_fd(), key, &value.unstamped()) {
                 Ok(()) => {}
                 // A full preallocated hash answers E2BIG; ENOMEM when memory runs out.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) => full += 1,

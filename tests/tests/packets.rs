@@ -1811,13 +1811,7 @@ fn pinned_table_reads_back_exactly_what_was_pinned_and_says_what_did_not_fit() {
     assert_eq!(got.len(), 65536);
     let want: std::collections::HashMap<FlowKey, FlowState> = flows
         .iter()
-        .map(|(k, v)| {
-            let unstamped = FlowState {
-                touched_jiffies: 0,
-                ..*v
-            };
-            (*k, unstamped)
-        })
+        .map(|(k, v)| (*k, v.unstamped()))
         .filter(|(k, _)| got.contains_key(k))
         .collect();
     assert_eq!(want.len(), 65536, "only pinned flows come back");
@@ -2303,14 +2297,7 @@ fn established_dsr_segments_refresh_the_persistence_entry_with_their_flows_entry
         // client's entry too.
         let state = flows.get(&key, 0).expect("the flow");
         flows
-            .insert(
-                key,
-                FlowState {
-                    touched_jiffies: 0,
-                    ..state
-                },
-                0,
-            )
+            .insert(key, state.unstamped(), 0)
             .expect("stamp cleared");
         let before = monotonic_ns();
         assert_eq!(rig.run(&ack).0, XDP_TX, "{}", s.name);

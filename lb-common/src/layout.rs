@@ -69,7 +69,12 @@ pub fn by_name(name: &str) -> Option<&'static MapLayout> {
     MAPS.iter().find(|m| m.name == name)
 }
 
-/// Every map of the program (`lb-ebpf/src/maps.rs`).
+/// The program's maps that are neither pinned nor part of the layout: per-CPU soft
+/// state a new program may start without (`lease::LeaseCache`), so adding one does not
+/// make another `VERSION`.
+pub const UNPINNED: [&str; 1] = [names::MAP_LEASE_CACHE];
+
+/// Every other map of the program (`lb-ebpf/src/maps.rs`), pinned.
 pub const MAPS: [MapLayout; 21] = [
     map(
         names::MAP_VIPS,

@@ -9,6 +9,7 @@ pub mod counters;
 pub mod filter;
 pub mod hash;
 pub mod layout;
+pub mod lease;
 
 /// Address family tags stored in keys (`AF_INET`, `AF_INET6` values).
 pub const FAMILY_V4: u8 = 2;
@@ -516,6 +517,8 @@ pub mod names {
     pub const MAP_NAT_REVERSE: &str = "NAT_REVERSE";
     pub const MAP_NAT_CONFIG: &str = "NAT_CONFIG";
     pub const MAP_NAT_SCRATCH: &str = "NAT_SCRATCH";
+    /// Not pinned, in no layout (`lease::LeaseCache`).
+    pub const MAP_LEASE_CACHE: &str = "LEASE_CACHE";
 }
 
 const _: () = {
@@ -531,6 +534,7 @@ const _: () = {
     assert!(core::mem::size_of::<LbConfig>() == 12);
     assert!(core::mem::size_of::<Serving>() == 16);
     assert!(core::mem::size_of::<FloodWindow>() == 16);
+    assert!(core::mem::size_of::<lease::LeaseCache>() == 24);
     assert!(core::mem::size_of::<Counter>() == 24);
     assert!(core::mem::size_of::<TraceEvent>() == 56);
     assert!(core::mem::size_of::<NatTarget>() == 20);
@@ -559,6 +563,7 @@ mod pod {
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for Serving {}
     unsafe impl aya::Pod for FloodWindow {}
+    unsafe impl aya::Pod for crate::lease::LeaseCache {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TraceEvent {}
     unsafe impl aya::Pod for NatTarget {}

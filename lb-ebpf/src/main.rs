@@ -48,7 +48,10 @@ use lb_common::{
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
     hash::flow_hash,
 };
-use maps::{BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, PINNED, RINGS, SERVING, STATS, VIP_SLOTS, VIPS};
+use maps::{
+    BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, LEASE_CACHE, PINNED, RINGS, SERVING, STATS, VIP_SLOTS,
+    VIPS,
+};
 
 /// The flood guard's window.
 const GUARD_WINDOW_NS: u64 = 1_000_000_000;
@@ -353,13 +356,19 @@ fn vip_gate(ctx: &XdpContext, cfg: &LbConfig, serving: &Serving) -> Step<()> {
 }
 
 /// What this host may do for the VIPs now: the switch's flags while its lease (if any)
-/// runs. The clock is read only when there is a lease, and only for VIP traffic.
+/// runs. With a lease, this CPU's last reading of it answers within its jiffy, for a
+/// bounded number of packets (`lb_common::lease`); past that the clock is read.
 #[inline(always)]
 pub fn serve_flags(serving: &Serving) -> u32 {
     if serving.lease_until_ns == 0 {
         return serving.flags;
     }
-    serving.flags_at(unsafe { bpf_ktime_get_ns() })
+    let clock = || unsafe { bpf_ktime_get_ns() };
+    match LEASE_CACHE.get_ptr_mut(0) {
+        // SAFETY: this CPU's own entry; XDP runs with preemption off on a CPU.
+        Some(cache) => serving.flags_cached(unsafe { &mut *cache }, jiffies64(), clock),
+        None => serving.flags_at(clock()),
+    }
 }
 
 #[inline(always)]

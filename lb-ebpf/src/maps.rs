@@ -11,7 +11,7 @@ use lb_common::{
     BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
     MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, NatConfig,
     NatFlow, NatScratch, NatTarget, PersistKey, PersistState, Serving, TRACE_RING_BYTES,
-    VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS, filter, layout,
+    VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS, filter, layout, lease::LeaseCache,
 };
 
 /// (VIP address, port, protocol) -> the VIP's number and ring size.
@@ -80,6 +80,11 @@ pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
 /// `lb_common::Serving`.
 #[map]
 pub static SERVING: Array<Serving> = Array::with_max_entries(1, 0);
+
+/// Each CPU's last reading of the serving lease (`lb_common::lease`). Neither pinned nor
+/// in the layout: a new program starts with an empty one.
+#[map]
+pub static LEASE_CACHE: PerCpuArray<LeaseCache> = PerCpuArray::with_max_entries(1, 0);
 
 /// Never read here: the agent's record of the maps' layout version and of how the
 /// pinned link attached the program (`lb_common::layout::meta`).

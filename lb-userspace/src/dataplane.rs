@@ -1009,6 +1009,25 @@ impl XdpDataPlane {
         self.flow_store.take()
     }
 
+    /// Each CPU's last reading of the serving lease (`lb_common::lease`), for tests and
+    /// diagnostics: which lease a CPU last found running, in which jiffy, and how many
+    /// packets it may still answer from that reading.
+    pub fn lease_readings(&self) -> Result<Vec<lb_common::lease::LeaseCache>> {
+        let name = names::MAP_LEASE_CACHE;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataPlaneError::Missing { kind: "map", name })?;
+        let array: PerCpuArray<&MapData, lb_common::lease::LeaseCache> =
+            PerCpuArray::try_from(map).map_err(map_err(name))?;
+        Ok(array
+            .get(&0, 0)
+            .map_err(map_err(name))?
+            .iter()
+            .copied()
+            .collect())
+    }
+
     /// The XDP program `name`, loaded into the kernel.
     pub fn program_mut(&mut self, name: &'static str) -> Result<&mut Xdp> {
         let program: &mut Xdp = self

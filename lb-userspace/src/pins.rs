@@ -365,6 +365,9 @@ mod tests {
             );
         }
         assert_eq!(layout::MAPS.len(), all.len());
+        for name in layout::UNPINNED {
+            assert!(layout::by_name(name).is_none(), "{name} is not pinned");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use lb_common::{
     FLOW_F_CLOSING, FlowKey, FlowState, NO_BACKEND, PROTO_TCP, TRACE_F_NEW_FLOW, TRACE_FORWARDED,
     VipInfo, VipKey,
     counters::{backend_slot, event, event_slot, global_slot, reason, vip_slot},
+    lease::LEASE_CACHE_PACKETS,
     names,
 };
 use lb_tests::{
@@ -15,7 +16,7 @@ use lb_tests::{
     require_root,
     rig::{
         CLIENT_MAC, LB_MAC, Rig, XDP_DROP, XDP_PASS, XDP_TX, all_up, backend_mac, cpus,
-        flow_key as flow, persist_entry, run_on_cpu, service,
+        flow_key as flow, looped, persist_entry, run_on_cpu, service,
     },
 };
 use lb_userspace::{
@@ -1952,6 +1953,80 @@ fn the_serving_lease_decides_whether_the_host_answers_and_forwards() {
     serves(&mut rig);
 }
 
+/// Each CPU answers from its last reading of the lease within that reading's jiffy
+/// (`lb_common::lease`) instead of reading the clock per packet. That reading is kept per
+/// CPU; a demotion counts from the next packet; and a run of repeated segments across
+/// the lease's end, most of which read no clock, forwards nothing after it.
+#[test]
+fn the_lease_read_once_a_jiffy_still_ends_on_time() {
+    if !require_root("the_lease_read_once_a_jiffy_still_ends_on_time") {
+        return;
+    }
+    let mut rig = rig();
+    // Backends at our own MAC: each repeated run forwards the frame the last one sent.
+    let services = rig.services.clone();
+    rig.apply_with(services, &looped)
+        .expect("program the looped backends");
+    let syn = tcp4("192.0.2.10", 80, SYN);
+    let ack = tcp4("192.0.2.10", 80, ACK);
+    let lease = monotonic_ns() + 10_000_000_000;
+    rig.serving
+        .set_serving(true, lease)
+        .expect("serving switch");
+    assert_eq!(rig.run(&syn).0, XDP_TX, "SYN forwarded");
+    let run = rig
+        .run_program(lb_common::names::PROG_LB, &ack, 16)
+        .expect("BPF_PROG_TEST_RUN");
+    assert_eq!(run.verdict, XDP_TX, "ACKs forwarded");
+    let readings = rig.dp.lease_readings().expect("the lease cache");
+    assert!(
+        readings
+            .iter()
+            .any(|r| r.lease_until_ns == lease && r.left < LEASE_CACHE_PACKETS),
+        "a CPU keeps its reading of the lease: {readings:?}"
+    );
+
+    // A demotion under a cached lease: the next packet is dropped.
+    rig.serving.set_serving(false, 0).expect("serving switch");
+    assert_eq!(rig.run(&ack).0, XDP_DROP, "a backup forwards nothing");
+
+    // A lease 50 ms ahead (more than the margin, so it is cached) and runs of the ACK
+    // that outlast it: those after its end are dropped.
+    let vip = vip_num(&rig, "web");
+    let runs = 4_000_000;
+    let lease = monotonic_ns() + 50_000_000;
+    rig.serving
+        .set_serving(true, lease)
+        .expect("serving switch");
+    let (globals, before) = (global_counters(&rig), rig.counter(vip_slot(vip)));
+    let run = rig
+        .run_program(lb_common::names::PROG_LB, &ack, runs)
+        .expect("BPF_PROG_TEST_RUN");
+    let ended = monotonic_ns();
+    assert!(
+        ended > lease + 10_000_000,
+        "the runs outlasted the lease (raise `runs` on a faster machine)"
+    );
+    let forwarded = rig.counter(vip_slot(vip)).packets - before.packets;
+    let dropped = global_counters(&rig)[reason::DROP_NOT_MASTER as usize]
+        - globals[reason::DROP_NOT_MASTER as usize];
+    println!(
+        "{forwarded} runs forwarded within the lease, {dropped} dropped after it, {:?} a run",
+        run.per_run
+    );
+    assert_eq!(
+        run.verdict, XDP_DROP,
+        "the last run, after the lease, dropped"
+    );
+    assert!(forwarded > 0, "runs within the lease forwarded");
+    assert_eq!(
+        forwarded + dropped,
+        u64::from(runs),
+        "every run forwarded or dropped"
+    );
+    assert!(dropped > 0);
+}
+
 /// A bpffs directory of this test's own, removed (pins and all) when dropped.
 struct TestPins(std::path::PathBuf);
 
@@ -2019,6 +2094,9 @@ fn pinned_maps_are_reused_and_other_layouts_refused() {
     // matches the object: each pinned map was checked against it) and the flow.
     let (mut second, found) = XdpDataPlane::load_pinned(sizes, &dir).expect("second load");
     assert!(found.maps);
+    for name in lb_common::layout::UNPINNED {
+        assert!(!dir.map_path(name).exists(), "{name} is not pinned");
+    }
     let mut store = second.take_flow_store().expect("flow store");
     assert_eq!(
         store.read(FlowTable::Pinned).expect("read pinned"),

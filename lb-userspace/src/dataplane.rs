@@ -823,6 +823,17 @@ impl XdpDataPlane {
     /// other sizes, are refused), the others are made and pinned. Attaches nothing; see
     /// `attach_pinned`.
     pub fn load_pinned(sizes: MapSizes, pins: &PinDir) -> Result<(Self, Found)> {
+        Self::load_pinned_object(OBJECT, sizes, pins)
+    }
+
+    /// As `load_pinned`, another build of the program (the benchmark's, which measures
+    /// the connection table with the LRU list the agent would make).
+    #[doc(hidden)]
+    pub fn load_pinned_object(
+        object: &[u8],
+        sizes: MapSizes,
+        pins: &PinDir,
+    ) -> Result<(Self, Found)> {
         let found = pins.prepare(sizes)?;
         let flows = pins.map_path(names::MAP_FLOWS);
         if !flows.exists() && sizes.flow_lru.shared_on(possible_cpus()) {
@@ -839,7 +850,7 @@ impl XdpDataPlane {
                 }
             })?;
         }
-        let mut dp = Self::load_with(OBJECT, sizes, Some(pins))?;
+        let mut dp = Self::load_with(object, sizes, Some(pins))?;
         dp.pins = Some(pins.clone());
         dp.meta
             .set(layout::meta::LAYOUT, u64::from(layout::VERSION), 0)

@@ -148,7 +148,15 @@ impl Rig {
         sizes: MapSizes,
         view: &dyn Fn(&Service, &BackendSpec) -> BackendView,
     ) -> anyhow::Result<Self> {
-        let mut dp = XdpDataPlane::load_object(object, sizes)?;
+        Self::with_dataplane(XdpDataPlane::load_object(object, sizes)?, services, view)
+    }
+
+    /// As `new_object_with`, on a data plane already loaded (with pinned maps, say).
+    pub fn with_dataplane(
+        mut dp: XdpDataPlane,
+        services: Vec<Service>,
+        view: &dyn Fn(&Service, &BackendSpec) -> BackendView,
+    ) -> anyhow::Result<Self> {
         let mut programmer = Programmer::new();
         programmer.apply(&mut dp, &services, view)?;
         let config = LbConfig {

@@ -69,7 +69,11 @@ use lb_tests::{
     packet::{ACK, SYN, tcp_frame},
     rig::{CLIENT_MAC, LB_MAC, Rig, XDP_PASS, XDP_TX, looped, service},
 };
-use lb_userspace::dataplane::{MapSizes, OBJECT, OBJECT_UNTRACED, ServeSwitch, monotonic_ns};
+use lb_userspace::{
+    config::FlowLru,
+    dataplane::{MapSizes, OBJECT, OBJECT_UNTRACED, ServeSwitch, XdpDataPlane, monotonic_ns},
+    pins::{self, PinDir},
+};
 
 const ROUNDS: usize = 9;
 const REPEAT: u32 = 200_000;
@@ -83,9 +87,13 @@ struct Case {
     /// The service a forwarded case's runs are counted on; `None`: not a VIP's packet,
     /// counted as passed to the host.
     service: Option<(IpAddr, u16)>,
-    /// Measured with a serving lease set (as a VRRP master's), whose expiry the program
-    /// checks on every VIP packet with the precise clock; cleared after.
+    /// Measured with a serving lease set (as a VRRP master's), whose expiry each CPU
+    /// checks about once a jiffy (`lb_common::lease`); cleared after.
     leased: bool,
+    /// Measured on the connection table with one LRU list for all CPUs (`flow_lru =
+    /// "shared"`, what the agent makes by default on hosts of up to two CPUs), not the
+    /// object's own per-CPU lists.
+    shared_lru: bool,
 }
 
 impl Case {
@@ -328,17 +336,12 @@ fn run() -> anyhow::Result<()> {
             ),
         ]
     };
-    let mut rig = Rig::new_object_with(OBJECT, services(), MapSizes::default(), &looped)?;
+    let mut rig = Rigs::new(OBJECT, &services, "shipped")?;
     let mut baseline = match std::env::var_os(BASELINE_VAR) {
         Some(path) => {
             let object = std::fs::read(&path)
                 .map_err(|e| anyhow::anyhow!("{BASELINE_VAR}={}: {e}", path.display()))?;
-            Some(Rig::new_object_with(
-                &object,
-                services(),
-                MapSizes::default(),
-                &looped,
-            )?)
+            Some(Rigs::new(&object, &services, "baseline")?)
         }
         None => None,
     };
@@ -347,10 +350,20 @@ fn run() -> anyhow::Result<()> {
     let vip6 = ("2001:db8::10".parse()?, 443);
     let sticky4 = ("192.0.2.11".parse()?, 80);
     let frame = |src, dst, flags| tcp_frame(LB_MAC, CLIENT_MAC, None, src, dst, flags);
+    let vip4 = ("192.0.2.10".parse()?, 80);
     let [non_vip4, syn4, established4] = ipv4_cases()?;
     let cases = [
         non_vip4,
         syn4,
+        Case {
+            name: "SYN, shared LRU list",
+            frame: frame(c4, vip4, SYN),
+            verdict: XDP_TX,
+            prime: None,
+            service: Some(vip4),
+            leased: false,
+            shared_lru: true,
+        },
         established4,
         // The client's entry exists after the first run: every later SYN is a
         // persistent client's new connection (entry lookup and refresh, then FLOWS).
@@ -361,6 +374,7 @@ fn run() -> anyhow::Result<()> {
             prime: None,
             service: Some(sticky4),
             leased: false,
+            shared_lru: false,
         },
         Case {
             name: "established, persistent",
@@ -369,6 +383,7 @@ fn run() -> anyhow::Result<()> {
             prime: Some(frame(c4, sticky4, SYN)),
             service: Some(sticky4),
             leased: false,
+            shared_lru: false,
         },
         Case {
             name: "established, VRRP lease",
@@ -377,6 +392,7 @@ fn run() -> anyhow::Result<()> {
             prime: Some(frame(c4, ("192.0.2.10".parse()?, 80), SYN)),
             service: Some(("192.0.2.10".parse()?, 80)),
             leased: true,
+            shared_lru: false,
         },
         Case {
             name: "non-VIP IPv6 packet",
@@ -385,6 +401,7 @@ fn run() -> anyhow::Result<()> {
             prime: None,
             service: None,
             leased: false,
+            shared_lru: false,
         },
         Case {
             name: "SYN to an IPv6 VIP",
@@ -393,6 +410,7 @@ fn run() -> anyhow::Result<()> {
             prime: None,
             service: Some(vip6),
             leased: false,
+            shared_lru: false,
         },
         Case {
             name: "established IPv6 flow",
@@ -401,11 +419,12 @@ fn run() -> anyhow::Result<()> {
             prime: Some(frame(c6, vip6, SYN)),
             service: Some(vip6),
             leased: false,
+            shared_lru: false,
         },
     ];
     for r in std::iter::once(&mut rig).chain(baseline.as_mut()) {
         for case in &cases {
-            case.check(r)?;
+            case.check(r.pick(case))?;
         }
     }
     let mut lb: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
@@ -414,12 +433,13 @@ fn run() -> anyhow::Result<()> {
     for _ in 0..ROUNDS {
         for (i, case) in cases.iter().enumerate() {
             pass[i].push(
-                rig.run_program(names::PROG_PASS, &case.frame, REPEAT)?
+                rig.per_cpu
+                    .run_program(names::PROG_PASS, &case.frame, REPEAT)?
                     .per_run,
             );
-            lb[i].push(case.time_lb(&mut rig)?);
+            lb[i].push(case.time_lb(rig.pick(case))?);
             if let Some(b) = baseline.as_mut() {
-                base[i].push(case.time_lb(b)?);
+                base[i].push(case.time_lb(b.pick(case))?);
             }
         }
     }
@@ -460,6 +480,70 @@ fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A bpffs directory of the bench's own, its pins removed when dropped.
+struct BenchPins(std::path::PathBuf);
+
+/// The interface name the bench's pin directories are made under.
+const BENCH_PINS_IF: &str = "bench0";
+
+impl BenchPins {
+    fn new(tag: &str) -> Self {
+        let dir =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}-{tag}", std::process::id()));
+        let _ = pins::remove(&dir, BENCH_PINS_IF);
+        Self(dir)
+    }
+}
+
+impl Drop for BenchPins {
+    fn drop(&mut self) {
+        if let Err(e) = pins::remove(&self.0, BENCH_PINS_IF) {
+            eprintln!("lb-bench: removing {}: {e}", self.0.display());
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// One object's rigs: its connection table with the object's own per-CPU LRU lists, and
+/// with the shared list, which only a load with pins makes (as the agent does).
+/// Dropped in this order: the maps' last descriptors, then their pins.
+struct Rigs {
+    per_cpu: Rig,
+    shared: Rig,
+    _pins: BenchPins,
+}
+
+impl Rigs {
+    fn new(
+        object: &[u8],
+        services: &dyn Fn() -> Vec<lb_userspace::config::Service>,
+        tag: &str,
+    ) -> anyhow::Result<Self> {
+        let per_cpu = Rig::new_object_with(object, services(), MapSizes::default(), &looped)?;
+        let pins = BenchPins::new(tag);
+        let sizes = MapSizes {
+            flow_lru: FlowLru::Shared,
+            ..MapSizes::default()
+        };
+        let (dp, _) =
+            XdpDataPlane::load_pinned_object(object, sizes, &PinDir::new(&pins.0, BENCH_PINS_IF))?;
+        let shared = Rig::with_dataplane(dp, services(), &looped)?;
+        Ok(Self {
+            per_cpu,
+            shared,
+            _pins: pins,
+        })
+    }
+
+    fn pick(&mut self, case: &Case) -> &mut Rig {
+        if case.shared_lru {
+            &mut self.shared
+        } else {
+            &mut self.per_cpu
+        }
+    }
 }
 
 /// Single runs per case and program in the NAT comparison.
@@ -564,6 +648,29 @@ fn nat() -> anyhow::Result<()> {
     cases.push(NatCase {
         name: "DSR IPv4 established",
         frames: vec![dsr],
+        verdict: XDP_TX,
+    });
+    // A DSR SYN of a new flow in each run (a client's new connection: an entry added to
+    // the connection table), and one SYN again and again (a retransmission: its entry
+    // replaced, as in every repeated run of the XDP table's SYN cases).
+    let dsr_syn = |port: u16| {
+        tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            ("198.51.100.8".parse().expect("address"), port),
+            ("192.0.2.10".parse().expect("address"), 80),
+            SYN,
+        )
+    };
+    cases.push(NatCase {
+        name: "DSR IPv4 SYN, new flow",
+        frames: (0..NAT_RUNS).map(|i| dsr_syn(10_000 + i as u16)).collect(),
+        verdict: XDP_TX,
+    });
+    cases.push(NatCase {
+        name: "DSR IPv4 SYN, same again",
+        frames: vec![dsr_syn(9_999)],
         verdict: XDP_TX,
     });
     println!();
@@ -1104,6 +1211,7 @@ fn ipv4_cases() -> anyhow::Result<[Case; 3]> {
             prime: None,
             service: None,
             leased: false,
+            shared_lru: false,
         },
         Case {
             name: "SYN to an IPv4 VIP",
@@ -1112,6 +1220,7 @@ fn ipv4_cases() -> anyhow::Result<[Case; 3]> {
             prime: None,
             service: Some(vip4),
             leased: false,
+            shared_lru: false,
         },
         Case {
             name: "established IPv4 flow",
@@ -1120,6 +1229,7 @@ fn ipv4_cases() -> anyhow::Result<[Case; 3]> {
             prime: Some(frame(c4, vip4, SYN)),
             service: Some(vip4),
             leased: false,
+            shared_lru: false,
         },
     ])
 }

@@ -11,7 +11,10 @@ use plotters::{
     style::text_anchor::{HPos, Pos, VPos},
 };
 
-use super::report::{LabReport, Path, Summary};
+use super::{
+    report::{LabReport, Path, Summary},
+    xdp::XdpReport,
+};
 
 /// Where Debian's `fonts-dejavu-core` puts its sans-serif font.
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -170,6 +173,112 @@ fn bar_chart(
     Ok(())
 }
 
+/// Draws `xdp.png` into `dir`: each case's cost over `XDP_PASS` as a horizontal bar, the
+/// baseline object's beside it when there is one; returns its path.
+pub fn draw_xdp(report: &XdpReport, dir: &FsPath) -> Result<std::path::PathBuf> {
+    font().context("the chart needs a font")?;
+    let file = dir.join("xdp.png");
+    xdp_chart(report, &file).with_context(|| format!("drawing {}", file.display()))?;
+    Ok(file)
+}
+
+fn xdp_chart(report: &XdpReport, file: &FsPath) -> Result<()> {
+    let shipped = RGBColor(31, 119, 180);
+    let baseline = RGBColor(170, 170, 170);
+    let n = report.cases.len().max(1);
+    let root = BitMapBackend::new(file, (1000, 120 + 44 * n as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, body) = root.split_vertically(56);
+    top.draw(&Text::new(
+        "XDP cost per packet over XDP_PASS (BPF_PROG_TEST_RUN)".to_string(),
+        (12, 6),
+        (FAMILY, 22).into_font(),
+    ))?;
+    let m = &report.machine;
+    let mut subtitle = format!(
+        "{} ({} cores), Linux {}, {}; median of {} rounds x {} runs",
+        m.cpu_model, m.cores, m.kernel, m.date, report.rounds, report.repeat
+    );
+    if report.baseline.is_some() {
+        subtitle.push_str("; grey: the baseline object, same rounds");
+    }
+    top.draw(&Text::new(
+        subtitle,
+        (12, 34),
+        (FAMILY, 13).into_font().color(&RGBColor(90, 90, 90)),
+    ))?;
+    let values = report
+        .cases
+        .iter()
+        .flat_map(|c| std::iter::once(c.over_pass()).chain(c.baseline_over_pass()));
+    let top_value = values.fold(0.0, f64::max).max(1.0);
+    let names: Vec<String> = report.cases.iter().map(|c| c.name.clone()).collect();
+    let mut chart = ChartBuilder::on(&body)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(200)
+        .build_cartesian_2d(0f64..top_value * 1.25, (0..n - 1).into_segmented())?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .x_desc("ns over XDP_PASS")
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(row) if *row < n => names[n - 1 - row].clone(),
+            _ => String::new(),
+        })
+        .light_line_style(WHITE)
+        .label_style((FAMILY, 13))
+        .draw()?;
+    let label = (FAMILY, 13)
+        .into_font()
+        .into_text_style(&body)
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    // A bar a few pixels short of its row's edges (`gaps`: top, bottom), so rows part.
+    let bar = |corners, colour: RGBColor, gaps: (u32, u32)| {
+        let mut r = Rectangle::new(corners, colour.filled());
+        r.set_margin(gaps.0, gaps.1, 0, 0);
+        r
+    };
+    for (i, c) in report.cases.iter().enumerate() {
+        // Rows are drawn bottom up; the first case goes on top.
+        let row = n - 1 - i;
+        let (from, to) = (SegmentValue::Exact(row), SegmentValue::Exact(row + 1));
+        let mid = SegmentValue::CenterOf(row);
+        let v = c.over_pass();
+        let text = match c.baseline_over_pass() {
+            Some(b) => {
+                chart.draw_series(std::iter::once(bar(
+                    [(0.0, from.clone()), (b, mid.clone())],
+                    baseline,
+                    (0, 4),
+                )))?;
+                chart.draw_series(std::iter::once(bar(
+                    [(0.0, mid.clone()), (v, to)],
+                    shipped,
+                    (4, 0),
+                )))?;
+                format!("{v:+.0} ns ({:+.0} vs baseline)", v - b)
+            }
+            None => {
+                chart.draw_series(std::iter::once(bar(
+                    [(0.0, from), (v, to)],
+                    shipped,
+                    (4, 4),
+                )))?;
+                format!("{v:+.0} ns")
+            }
+        };
+        let end = c.baseline_over_pass().map_or(v, |b| v.max(b));
+        chart.draw_series(std::iter::once(Text::new(
+            format!("  {text}"),
+            (end, mid),
+            label.clone(),
+        )))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +298,31 @@ mod tests {
         let drawn = drawn.with_context(|| format!("is {FONT} installed? (cargo xtask setup)"))?;
         assert_eq!(drawn.len(), 2);
         for (file, bytes) in drawn.iter().zip(&files) {
+            assert!(
+                bytes.starts_with(b"\x89PNG"),
+                "{} is no PNG",
+                file.display()
+            );
+            assert!(bytes.len() > 5_000, "{} is nearly empty", file.display());
+        }
+        Ok(())
+    }
+
+    /// The XDP chart of a fixed report, with and without a baseline, is a PNG file.
+    #[test]
+    fn draws_the_xdp_chart() -> Result<()> {
+        for baseline in [false, true] {
+            let dir = std::env::temp_dir()
+                .join(format!("lb-xdp-chart-{}-{baseline}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let drawn = draw_xdp(&crate::bench::xdp::tests::fixed(baseline), &dir);
+            let bytes = match &drawn {
+                Ok(file) => std::fs::read(file)?,
+                Err(_) => Vec::new(),
+            };
+            std::fs::remove_dir_all(&dir)?;
+            let file =
+                drawn.with_context(|| format!("is {FONT} installed? (cargo xtask setup)"))?;
             assert!(
                 bytes.starts_with(b"\x89PNG"),
                 "{} is no PNG",

@@ -199,7 +199,8 @@ pub fn write_files(report: &LabReport, dir: &std::path::Path) -> Result<Vec<Path
     Ok(files)
 }
 
-fn machine(cores: usize) -> Result<Machine> {
+/// The machine this runs on: CPU model, `cores`, kernel release, the time now (UTC).
+pub fn machine(cores: usize) -> Result<Machine> {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()

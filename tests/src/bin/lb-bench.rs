@@ -39,7 +39,8 @@
 //! off) beside the same program built without the trace code (lb-ebpf without its
 //! `trace` feature) and XDP_PASS, interleaved in the same rounds. `--trace-only` runs
 //! only this part.
-//! `--xdp-only` runs only the first part (the XDP cost per packet); with
+//! `--xdp-only` runs only the first part (the XDP cost per packet, written to
+//! `target/bench/` as `xdp.json`, `xdp.md` and `xdp.png`); with
 //! `LB_BENCH_BASELINE=FILE` it also measures another build of the program beside it.
 //!
 //! Then the comparative lab bench (`lb_tests::bench`): direct, a null XDP forwarder,
@@ -61,7 +62,11 @@ use lb_common::{
     names,
 };
 use lb_tests::{
-    bench::{comparative, report::LabReport},
+    bench::{
+        comparative,
+        report::LabReport,
+        xdp::{self, XdpCase, XdpReport},
+    },
     lab::{
         AnnounceSection, Lab, Node, ROUTED_VIP4, SERVICE_PORT, Service, SyncSection, VIP4,
         VrrpSection, addr4, probe_gap, run_bounded,
@@ -198,8 +203,9 @@ comparative lab bench.
                         the backend's servers pinned to the last CPU, wrk and iperf3
                         to CPU 0;
                         inline: nothing threaded or pinned
-  --lab-out DIR         where the lab bench writes lab.json, lab.md and the PNG charts
-                        (default target/bench)";
+  --lab-out DIR         where the bench writes its files: lab.json, lab.md and the
+                        lab's PNG charts; xdp.json, xdp.md and xdp.png for the XDP
+                        cost per packet (default target/bench)";
 
 /// Which parts to run, and the lab bench's settings.
 struct Args {
@@ -278,14 +284,14 @@ fn main() -> ExitCode {
     }
     let lab = || lab_bench(&args.lab, &args.lab_out);
     let result = match args.part.as_deref() {
-        Some("--xdp-only") => run(),
+        Some("--xdp-only") => run(&args.lab_out),
         Some("--jitter-only") => jitter(),
         Some("--sync-only") => sync_pins(),
         Some("--announce-only") => announce(),
         Some("--trace-only") => trace_cost(),
         Some("--nat-only") => nat(),
         Some(_) => lab(),
-        None => run()
+        None => run(&args.lab_out)
             .and_then(|()| nat())
             .and_then(|()| failover())
             .and_then(|()| announce())
@@ -308,7 +314,8 @@ fn main() -> ExitCode {
 /// noise between runs cannot blur.
 const BASELINE_VAR: &str = "LB_BENCH_BASELINE";
 
-fn run() -> anyhow::Result<()> {
+/// The XDP cost per packet; its files go to `out`.
+fn run(out: &std::path::Path) -> anyhow::Result<()> {
     let services = || {
         let mut sticky = service(
             "sticky",
@@ -427,57 +434,35 @@ fn run() -> anyhow::Result<()> {
             case.check(r.pick(case))?;
         }
     }
-    let mut lb: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
-    let mut base: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
-    let mut pass: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+    let mut report = XdpReport {
+        machine: comparative::machine(std::thread::available_parallelism().map_or(1, usize::from))?,
+        rounds: ROUNDS,
+        repeat: REPEAT,
+        baseline: std::env::var_os(BASELINE_VAR).map(|p| p.to_string_lossy().into_owned()),
+        cases: cases
+            .iter()
+            .map(|c| XdpCase {
+                name: c.name.into(),
+                ..XdpCase::default()
+            })
+            .collect(),
+    };
+    let ns = |d: Duration| d.as_nanos() as f64;
     for _ in 0..ROUNDS {
-        for (i, case) in cases.iter().enumerate() {
-            pass[i].push(
-                rig.per_cpu
-                    .run_program(names::PROG_PASS, &case.frame, REPEAT)?
-                    .per_run,
-            );
-            lb[i].push(case.time_lb(rig.pick(case))?);
+        for (case, figures) in cases.iter().zip(&mut report.cases) {
+            figures.pass_ns.push(ns(rig
+                .per_cpu
+                .run_program(names::PROG_PASS, &case.frame, REPEAT)?
+                .per_run));
+            figures.lb_ns.push(ns(case.time_lb(rig.pick(case))?));
             if let Some(b) = baseline.as_mut() {
-                base[i].push(case.time_lb(b.pick(case))?);
+                figures.baseline_ns.push(ns(case.time_lb(b.pick(case))?));
             }
         }
     }
-    println!("XDP cost per packet, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds x {REPEAT} runs");
-    println!(
-        "{:<24} {:>10} {:>14} {:>8} {:>10}",
-        "case", "lb ns/pkt", "XDP_PASS ns", "ratio", "lb - pass"
-    );
-    for (i, case) in cases.iter().enumerate() {
-        let l = median(lb[i].clone());
-        let p = median(pass[i].clone());
-        println!(
-            "{:<24} {:>10.1} {:>14.1} {:>7.2}x {:>10.1}",
-            case.name,
-            l,
-            p,
-            l / p.max(1.0),
-            l - p
-        );
-    }
-    if baseline.is_some() {
-        println!("the same cases, the object in {BASELINE_VAR} measured in the same rounds:");
-        println!(
-            "{:<24} {:>10} {:>10} {:>12}",
-            "case", "shipped", "baseline", "difference"
-        );
-        for (i, case) in cases.iter().enumerate() {
-            let p = median(pass[i].clone());
-            let l = median(lb[i].clone()) - p;
-            let b = median(base[i].clone()) - p;
-            println!(
-                "{:<24} {:>+10.1} {:>+10.1} {:>+12.1}",
-                case.name,
-                l,
-                b,
-                l - b
-            );
-        }
+    print!("{}", report.text());
+    for file in xdp::write_files(&report, out)? {
+        println!("  wrote {}", file.display());
     }
     Ok(())
 }

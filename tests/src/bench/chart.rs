@@ -298,14 +298,19 @@ mod tests {
         let drawn = drawn.with_context(|| format!("is {FONT} installed? (cargo xtask setup)"))?;
         assert_eq!(drawn.len(), 2);
         for (file, bytes) in drawn.iter().zip(&files) {
-            assert!(
-                bytes.starts_with(b"\x89PNG"),
-                "{} is no PNG",
-                file.display()
-            );
-            assert!(bytes.len() > 5_000, "{} is nearly empty", file.display());
+            assert_drawn(file, bytes);
         }
         Ok(())
+    }
+
+    /// `bytes`, read from `file`, are a PNG image with something drawn in it.
+    fn assert_drawn(file: &FsPath, bytes: &[u8]) {
+        assert!(
+            bytes.starts_with(b"\x89PNG"),
+            "{} is no PNG",
+            file.display()
+        );
+        assert!(bytes.len() > 5_000, "{} is nearly empty", file.display());
     }
 
     /// The XDP chart of a fixed report, with and without a baseline, is a PNG file.
@@ -323,12 +328,7 @@ mod tests {
             std::fs::remove_dir_all(&dir)?;
             let file =
                 drawn.with_context(|| format!("is {FONT} installed? (cargo xtask setup)"))?;
-            assert!(
-                bytes.starts_with(b"\x89PNG"),
-                "{} is no PNG",
-                file.display()
-            );
-            assert!(bytes.len() > 5_000, "{} is nearly empty", file.display());
+            assert_drawn(&file, &bytes);
         }
         Ok(())
     }

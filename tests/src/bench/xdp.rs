@@ -43,6 +43,34 @@ impl XdpCase {
     }
 }
 
+/// One case's line of a table: its medians and what they give.
+struct Row<'a> {
+    name: &'a str,
+    lb: f64,
+    pass: f64,
+    /// `lb / pass`.
+    ratio: f64,
+    /// `lb - pass`.
+    over: f64,
+    /// The baseline's cost over `XDP_PASS`, and ours minus it.
+    baseline: Option<(f64, f64)>,
+}
+
+impl XdpCase {
+    fn row(&self) -> Row<'_> {
+        let (lb, pass) = (self.lb(), self.pass());
+        let over = lb - pass;
+        Row {
+            name: &self.name,
+            lb,
+            pass,
+            ratio: lb / pass.max(1.0),
+            over,
+            baseline: self.baseline_over_pass().map(|b| (b, over - b)),
+        }
+    }
+}
+
 /// Everything one `--xdp-only` run measured: what `xdp.json` holds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct XdpReport {
@@ -78,16 +106,11 @@ impl XdpReport {
             "{:<24} {:>10} {:>14} {:>8} {:>10}",
             "case", "lb ns/pkt", "XDP_PASS ns", "ratio", "lb - pass"
         );
-        for c in &self.cases {
-            let (l, p) = (c.lb(), c.pass());
+        for r in self.cases.iter().map(XdpCase::row) {
             let _ = writeln!(
                 out,
                 "{:<24} {:>10.1} {:>14.1} {:>7.2}x {:>10.1}",
-                c.name,
-                l,
-                p,
-                l / p.max(1.0),
-                l - p
+                r.name, r.lb, r.pass, r.ratio, r.over
             );
         }
         if let Some(baseline) = &self.baseline {
@@ -100,15 +123,12 @@ impl XdpReport {
                 "{:<24} {:>10} {:>10} {:>12}",
                 "case", "shipped", "baseline", "difference"
             );
-            for c in &self.cases {
-                let (l, b) = (c.over_pass(), c.baseline_over_pass().unwrap_or(f64::NAN));
+            for r in self.cases.iter().map(XdpCase::row) {
+                let (b, d) = r.baseline.unwrap_or((f64::NAN, f64::NAN));
                 let _ = writeln!(
                     out,
                     "{:<24} {:>+10.1} {:>+10.1} {:>+12.1}",
-                    c.name,
-                    l,
-                    b,
-                    l - b
+                    r.name, r.over, b, d
                 );
             }
         }
@@ -128,14 +148,11 @@ impl XdpReport {
         out.push('\n');
         out.push_str("| case | lb ns/pkt | XDP_PASS ns/pkt | ratio | difference |\n");
         out.push_str("|---|---|---|---|---|\n");
-        for c in &self.cases {
-            let (l, p) = (c.lb(), c.pass());
+        for r in self.cases.iter().map(XdpCase::row) {
             let _ = writeln!(
                 out,
-                "| {} | {l:.0} | {p:.0} | {:.2}x | {:.0} |",
-                c.name,
-                l / p.max(1.0),
-                l - p
+                "| {} | {:.0} | {:.0} | {:.2}x | {:.0} |",
+                r.name, r.lb, r.pass, r.ratio, r.over
             );
         }
         if let Some(baseline) = &self.baseline {
@@ -144,16 +161,13 @@ impl XdpReport {
                 "\nBeside `{baseline}` in the same rounds (ns over XDP_PASS):\n"
             );
             out.push_str("| case | shipped | baseline | difference |\n|---|---|---|---|\n");
-            for c in &self.cases {
-                let l = c.over_pass();
-                match c.baseline_over_pass() {
-                    Some(b) => {
-                        let _ = writeln!(out, "| {} | {l:+.0} | {b:+.0} | {:+.0} |", c.name, l - b);
+            for r in self.cases.iter().map(XdpCase::row) {
+                let _ = match r.baseline {
+                    Some((b, d)) => {
+                        writeln!(out, "| {} | {:+.0} | {b:+.0} | {d:+.0} |", r.name, r.over)
                     }
-                    None => {
-                        let _ = writeln!(out, "| {} | {l:+.0} | – | – |", c.name);
-                    }
-                }
+                    None => writeln!(out, "| {} | {:+.0} | – | – |", r.name, r.over),
+                };
             }
         }
         out

@@ -19,7 +19,7 @@
 //! The flags are read from the switch on every packet, never cached: a demotion counts
 //! from the next packet.
 
-use crate::{MIN_HZ, Serving, jiffies_max_ns};
+use crate::{Serving, jiffies_max_ns};
 
 /// Packets a CPU answers on one reading of the clock, at most (see the module's text).
 pub const LEASE_CACHE_PACKETS: u32 = 64;
@@ -27,8 +27,6 @@ pub const LEASE_CACHE_PACKETS: u32 = 64;
 /// A reading is cached only while more than this is left of the lease: the jiffy the
 /// reading was made in, plus one for the tick that ends it coming late.
 pub const LEASE_CACHE_MARGIN_NS: u64 = jiffies_max_ns(2);
-
-const _: () = assert!(LEASE_CACHE_MARGIN_NS >= 2 * 1_000_000_000 / MIN_HZ);
 
 /// One CPU's last reading of the lease (the entry of the per-CPU `LEASE_CACHE` map).
 /// Not pinned and in no layout: a new program starts with an empty one, which reads the
@@ -75,11 +73,10 @@ impl Serving {
                 left: LEASE_CACHE_PACKETS - 1,
                 _pad: 0,
             };
-            self.flags
         } else {
             cache.left = 0;
-            if now > lease { 0 } else { self.flags }
         }
+        self.flags_under(lease, now)
     }
 }
 

@@ -455,7 +455,14 @@ impl Serving {
     /// The flags in force at `now_ns`: none once the lease has run out.
     #[inline(always)]
     pub fn flags_at(&self, now_ns: u64) -> u32 {
-        if self.lease_until_ns != 0 && now_ns > self.lease_until_ns {
+        self.flags_under(self.lease_until_ns, now_ns)
+    }
+
+    /// The flags in force at `now_ns` under `lease_until_ns` (0: no lease), a value of
+    /// `lease_until_ns` read once (`flags_cached`).
+    #[inline(always)]
+    pub(crate) fn flags_under(&self, lease_until_ns: u64, now_ns: u64) -> u32 {
+        if lease_until_ns != 0 && now_ns > lease_until_ns {
             0
         } else {
             self.flags

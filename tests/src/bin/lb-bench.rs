@@ -344,10 +344,15 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
         ]
     };
     let mut rig = Rigs::new(OBJECT, &services, "shipped")?;
-    let mut baseline = match std::env::var_os(BASELINE_VAR) {
+    let baseline_path = std::env::var_os(BASELINE_VAR);
+    let mut baseline = match &baseline_path {
         Some(path) => {
-            let object = std::fs::read(&path)
-                .map_err(|e| anyhow::anyhow!("{BASELINE_VAR}={}: {e}", path.display()))?;
+            let object = std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "{BASELINE_VAR}={}: {e}",
+                    std::path::Path::new(path).display()
+                )
+            })?;
             Some(Rigs::new(&object, &services, "baseline")?)
         }
         None => None,
@@ -394,10 +399,10 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
         },
         Case {
             name: "established, VRRP lease",
-            frame: frame(c4, ("192.0.2.10".parse()?, 80), ACK),
+            frame: frame(c4, vip4, ACK),
             verdict: XDP_TX,
-            prime: Some(frame(c4, ("192.0.2.10".parse()?, 80), SYN)),
-            service: Some(("192.0.2.10".parse()?, 80)),
+            prime: Some(frame(c4, vip4, SYN)),
+            service: Some(vip4),
             leased: true,
             shared_lru: false,
         },
@@ -438,7 +443,7 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
         machine: comparative::machine(std::thread::available_parallelism().map_or(1, usize::from))?,
         rounds: ROUNDS,
         repeat: REPEAT,
-        baseline: std::env::var_os(BASELINE_VAR).map(|p| p.to_string_lossy().into_owned()),
+        baseline: baseline_path.map(|p| p.to_string_lossy().into_owned()),
         cases: cases
             .iter()
             .map(|c| XdpCase {

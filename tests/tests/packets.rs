@@ -1975,7 +1975,7 @@ fn the_lease_read_once_a_jiffy_still_ends_on_time() {
         .expect("serving switch");
     assert_eq!(rig.run(&syn).0, XDP_TX, "SYN forwarded");
     let run = rig
-        .run_program(lb_common::names::PROG_LB, &ack, 16)
+        .run_program(names::PROG_LB, &ack, 16)
         .expect("BPF_PROG_TEST_RUN");
     assert_eq!(run.verdict, XDP_TX, "ACKs forwarded");
     let readings = rig.dp.lease_readings().expect("the lease cache");

@@ -45,7 +45,7 @@ use crate::{
     dataplane::{
         Attached, AttachedMode, DataPlane, FlowStore, MapSizes, ServeSwitch, XdpDataPlane,
     },
-    flows::{FlowSnapshot, Scanner},
+    flows::Scanner,
     health::{CheckResult, Health, Verdict, check_tcp},
     metrics::{
         self, CounterSource,
@@ -1389,7 +1389,7 @@ impl<D: DataPlane> Agent<D> {
 
     fn status(&self) -> Result<Status> {
         let backends = self.backends(None)?;
-        let flows = flow_table_status(&self.scanner.snapshot());
+        let flows = FlowTableStatus::from(&*self.scanner.snapshot());
         let mut services = Vec::new();
         for s in &self.config.services {
             let c = match self.programmer.vip_num(s.vip, s.port) {
@@ -1609,21 +1609,6 @@ fn next_health(
         }
     }
     next
-}
-
-fn flow_table_status(snapshot: &FlowSnapshot) -> FlowTableStatus {
-    FlowTableStatus {
-        scan_age_ms: snapshot
-            .age()
-            .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
-        connections: snapshot.connections as u64,
-        pinned: snapshot.pinned as u64,
-        pin_failures: snapshot.pin_failures,
-        synced_pins_installed: snapshot.remote_installed,
-        nat_flows: snapshot.nat_flows as u64,
-        nat_collected: snapshot.nat_collected,
-        error: snapshot.error.clone(),
-    }
 }
 
 /// The answer to a reload, for `lbctl` and the log.

@@ -216,6 +216,10 @@ pub struct FakeFlowStore {
     pub persist: std::sync::Arc<std::sync::Mutex<StdHashMap<PersistKey, PersistState>>>,
     /// NAT flows by the client's key; the reverse half is derived (`nat::reverse_key`).
     pub nat: std::sync::Arc<std::sync::Mutex<StdHashMap<FlowKey, NatFlow>>>,
+    /// How long a read of the connection table takes (a big table's), and how many
+    /// have started.
+    pub read_delay: std::time::Duration,
+    pub connection_reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FlowStore for FakeFlowStore {
@@ -224,7 +228,12 @@ impl FlowStore for FakeFlowStore {
         table: FlowTable,
     ) -> Result<Vec<(lb_common::FlowKey, lb_common::FlowState)>> {
         let map = match table {
-            FlowTable::Connections => &self.connections,
+            FlowTable::Connections => {
+                self.connection_reads
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(self.read_delay);
+                &self.connections
+            }
             FlowTable::Pinned => &self.pinned,
         };
         let map = map.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,10 +1,13 @@
 //! The flow scanner: everything the agent learns from, or does to, the flow tables,
 //! on a thread of its own so that no control request and no VRRP timer waits for it.
 //!
-//! - It reads both tables in batches (`FlowStore::read`) every `SCAN_EVERY` and right
-//!   after every ring change, and publishes a [`FlowSnapshot`]: active flows per
-//!   backend id, and how old that count is. `lbctl status`, `backend list` and
-//!   `disable --wait` read the snapshot; none of them walks a table.
+//! - It reads both tables in batches (`FlowStore::read`) right after every ring change
+//!   and periodically, and publishes a [`FlowSnapshot`]: active flows per backend id,
+//!   and how old that count is. `lbctl status`, `backend list` and `disable --wait` read
+//!   the snapshot; none of them walks a table. The periodic scans take at most a
+//!   [`SCAN_SHARE_DIVISOR`]th of a core: a full table of a million entries takes most
+//!   of a second to read, so they come from [`SCAN_EVERY`] to [`SCAN_EVERY_MAX`] apart
+//!   ([`next_scan_in`]).
 //! - It keeps flows whose backend is no longer the ring's choice out of the LRU's
 //!   reach: such a flow is copied into the pinned table, which the program consults
 //!   when the connection table misses. A flood that evicts the flow from the
@@ -19,7 +22,7 @@
 //!
 //! - With `[sync]`, it tells the sync thread which flows it pinned and unpinned, named
 //!   by backend (service and address) rather than by this host's backend id
-//!   ([`wire_pins`]), and all of its pins every [`PIN_REFRESH_SCANS`] scans; and it
+//!   ([`wire_pins`]), and all of its pins every [`PIN_REFRESH_EVERY`]; and it
 //!   installs the pins peers send ([`remote_pins`]), translated to its own ids, into
 //!   its pinned table, where the same collection rules apply to them.
 //!
@@ -33,7 +36,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, mpsc},
+    sync::{Arc, Mutex, mpsc},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -55,18 +58,49 @@ use crate::{
 };
 
 /// The scanner's maps of flows, keyed by 5-tuples from the network: hashed with
-/// foldhash (seeded at random per map), not SipHash. Each scan puts every entry of the
-/// connection table in one; with SipHash that was a third of the scanner's time.
+/// foldhash (seeded at random per map), not SipHash: with SipHash, a map of every entry
+/// of the connection table (as each scan made then) was a third of the scanner's time.
 pub type FlowMap<V> = HashMap<FlowKey, V, foldhash::quality::RandomState>;
 
-/// How often the tables are read when nothing asks.
+/// How often the tables are read when nothing asks, at the most (`next_scan_in`).
 pub const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// The periodic scans' share of one core, as a divisor: the next scan starts this many
+/// times the last one's duration after it ended (`next_scan_in`). A full connection
+/// table (the LRU's steady state: nothing leaves it but by eviction) costs a scan about
+/// 0.4 µs per entry here, most of it the kernel's batch read (`cargo xtask bench --
+/// --scan-only`): read once a second, a full table of the default size took 10% of a
+/// core, one of 1M entries 30%.
+pub const SCAN_SHARE_DIVISOR: u32 = 20;
+/// How stale the periodic scans may get, whatever they cost: the snapshot's counts
+/// (`lbctl status`, `disable --wait`) and the NAT and pinned tables' collection wait
+/// for them.
+pub const SCAN_EVERY_MAX: Duration = Duration::from_secs(30);
 /// How long a closed flow stays pinned, for the client's last ACKs.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
-/// How long `prepare` waits for the scanner before the agent writes the ring anyway.
+/// How often `prepare` looks whether the scanner still works on its way to the answer.
 pub const PREPARE_WAIT: Duration = Duration::from_secs(2);
-/// Every this many scans, all pins go to the sync peers again (their copies' idle time).
-pub const PIN_REFRESH_SCANS: u64 = 10;
+/// A scan that has run this long is taken for stuck: `prepare` stops waiting for it
+/// and the agent writes the ring anyway. A million entries take most of a second.
+pub const SCAN_STUCK: Duration = Duration::from_secs(60);
+/// How often all pins (and NAT flows) go to the sync peers again, at the first scan
+/// after it is due: their copies' idle time.
+pub const PIN_REFRESH_EVERY: Duration = Duration::from_secs(10);
+
+/// When the next periodic scan is due after one that took `took`: the scans take at
+/// most a `SCAN_SHARE_DIVISOR`th of a core, from `SCAN_EVERY` to `SCAN_EVERY_MAX` apart.
+pub fn next_scan_in(took: Duration) -> Duration {
+    took.saturating_mul(SCAN_SHARE_DIVISOR)
+        .clamp(SCAN_EVERY, SCAN_EVERY_MAX)
+}
+
+/// Whether `Scanner::prepare` still waits, at `now`, for a scanner whose latest scan
+/// started at `started`: as long as that scan is younger than `SCAN_STUCK`. The scan
+/// under way when it asked ends and its own starts, however long each takes: a fixed
+/// wait would, on a table big enough, write the ring before the flows it moves were
+/// pinned.
+pub fn still_scanning(started: Option<Instant>, now: Instant) -> bool {
+    started.is_some_and(|t| now.saturating_duration_since(t) < SCAN_STUCK)
+}
 
 /// What the data path does with new flows right now: each VIP's ring (by VIP number)
 /// and the backend ids that may still take packets.
@@ -251,6 +285,8 @@ impl RingSet {
 pub struct FlowSnapshot {
     /// When the scan that made it started; `None` before the first one.
     pub taken_at: Option<Instant>,
+    /// How long that scan took (`next_scan_in`).
+    pub took: Duration,
     pub active: HashMap<u32, u64>,
     /// Entries in the connection table and in the pinned table.
     pub connections: usize,
@@ -276,6 +312,24 @@ impl FlowSnapshot {
     }
 }
 
+/// What `lbctl status` and the metrics show of a snapshot.
+impl From<&FlowSnapshot> for crate::protocol::FlowTableStatus {
+    fn from(s: &FlowSnapshot) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            scan_age_ms: s.age().map(ms),
+            scan_ms: s.taken_at.map(|_| ms(s.took)),
+            connections: s.connections as u64,
+            pinned: s.pinned as u64,
+            pin_failures: s.pin_failures,
+            synced_pins_installed: s.remote_installed,
+            nat_flows: s.nat_flows as u64,
+            nat_collected: s.nat_collected,
+            error: s.error.clone(),
+        }
+    }
+}
+
 /// Whether an entry still counts as an active flow at `now_ns`: no FIN or RST from the
 /// client, and a packet within `idle`.
 pub fn is_active(state: &FlowState, now_ns: u64, idle: Duration) -> bool {
@@ -283,33 +337,44 @@ pub fn is_active(state: &FlowState, now_ns: u64, idle: Duration) -> bool {
         && now_ns.saturating_sub(state.last_seen_ns) < idle.as_nanos() as u64
 }
 
-/// The two tables' views of each flow, merged: the freshest time, closed if either saw
-/// the close, the pinned table's backend where both have one (it is the older pin).
+/// The pinned flows as both tables see them: the freshest time, closed if either saw
+/// the close, the pinned table's backend (it is the older pin). Only the pinned flows:
+/// a map of the whole connection table, made at every scan, was a third of a scan's
+/// time at a full table; a flow only in the connection table is its entry as it is.
 pub fn merge(
     connections: &[(FlowKey, FlowState)],
     pinned: &[(FlowKey, FlowState)],
 ) -> FlowMap<FlowState> {
-    let mut all: FlowMap<FlowState> = connections.iter().copied().collect();
-    for (k, p) in pinned {
-        let merged = match all.get(k) {
-            Some(c) => FlowState {
-                backend: p.backend,
+    let mut merged: FlowMap<FlowState> = pinned.iter().copied().collect();
+    if merged.is_empty() {
+        return merged;
+    }
+    for (k, c) in connections {
+        if let Some(p) = merged.get_mut(k) {
+            *p = FlowState {
                 last_seen_ns: c.last_seen_ns.max(p.last_seen_ns),
                 flags: c.flags | p.flags,
                 ..*p
-            },
-            None => *p,
-        };
-        all.insert(*k, merged);
+            };
+        }
     }
-    all
+    merged
 }
 
-/// Active flows per backend id.
-pub fn count_active(flows: &FlowMap<FlowState>, now_ns: u64, idle: Duration) -> HashMap<u32, u64> {
+/// Active flows per backend id: each flow once, a pinned one as `merged` (`merge`) has it.
+pub fn count_active(
+    connections: &[(FlowKey, FlowState)],
+    merged: &FlowMap<FlowState>,
+    now_ns: u64,
+    idle: Duration,
+) -> HashMap<u32, u64> {
     // Counted in a foldhash map too (one entry per flow), handed out as a plain one.
     let mut counts: HashMap<u32, u64, foldhash::quality::RandomState> = HashMap::default();
-    for state in flows.values() {
+    let unpinned = connections
+        .iter()
+        .filter(|(k, _)| merged.is_empty() || !merged.contains_key(k))
+        .map(|(_, s)| s);
+    for state in unpinned.chain(merged.values()) {
         if is_active(state, now_ns, idle) {
             *counts.entry(state.backend).or_insert(0) += 1;
         }
@@ -386,6 +451,8 @@ enum Command {
 pub struct Scanner {
     commands: mpsc::Sender<Command>,
     snapshot: Arc<ArcSwap<FlowSnapshot>>,
+    /// When the worker's latest scan started (`still_scanning`).
+    started: Arc<Mutex<Option<Instant>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -409,6 +476,8 @@ impl Scanner {
         let (commands, rx) = mpsc::channel();
         let snapshot = Arc::new(ArcSwap::from_pointee(FlowSnapshot::default()));
         let published = snapshot.clone();
+        let started = Arc::new(Mutex::new(None));
+        let scan_started = started.clone();
         let thread = std::thread::Builder::new()
             .name("lb-flows".into())
             .spawn(move || {
@@ -421,10 +490,11 @@ impl Scanner {
                     nat_known: HashSet::default(),
                     rings: None,
                     snapshot: published,
+                    started: scan_started,
                     pin_failures: 0,
                     logged_failures: 0,
                     sync: None,
-                    scans: 0,
+                    last_refresh: None,
                     resend_all: false,
                     remote_installed: 0,
                     persist_seen: HashMap::new(),
@@ -437,6 +507,7 @@ impl Scanner {
         Ok(Self {
             commands,
             snapshot,
+            started,
             thread: Some(thread),
         })
     }
@@ -452,16 +523,30 @@ impl Scanner {
         self.snapshot.load_full()
     }
 
-    /// Hands the scanner the rings about to be written and waits (at most
-    /// `PREPARE_WAIT`) until the flows they move away from their backend are pinned.
-    /// Returns false if the scanner did not answer in time.
+    /// Hands the scanner the rings about to be written and waits until the flows they
+    /// move away from their backend are pinned, however long the scans take, while the
+    /// scanner works (`still_scanning`). Returns false if it stopped or is stuck.
     pub fn prepare(&self, rings: Arc<RingSet>) -> bool {
         let (done, wait) = mpsc::sync_channel(1);
         let sent = self.commands.send(Command::Rings {
             rings,
             done: Some(done),
         });
-        sent.is_ok() && wait.recv_timeout(PREPARE_WAIT).is_ok()
+        if sent.is_err() {
+            return false;
+        }
+        loop {
+            match wait.recv_timeout(PREPARE_WAIT) {
+                Ok(()) => return true,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let started = *self.started.lock().unwrap_or_else(|e| e.into_inner());
+                    if !still_scanning(started, Instant::now()) {
+                        return false;
+                    }
+                }
+            }
+        }
     }
 
     /// Where pins from peers are to be delivered.
@@ -504,10 +589,13 @@ struct Worker {
     /// maps), full of flows an empty ring set would take for flows of gone backends.
     rings: Option<Arc<RingSet>>,
     snapshot: Arc<ArcSwap<FlowSnapshot>>,
+    /// When the latest scan started, for `Scanner::prepare`.
+    started: Arc<Mutex<Option<Instant>>>,
     pin_failures: u64,
     logged_failures: u64,
     sync: Option<PinSink>,
-    scans: u64,
+    /// When all pins last went to the sync peers (`PIN_REFRESH_EVERY`).
+    last_refresh: Option<Instant>,
     /// A peer asked for every pin: the next scan sends them all.
     resend_all: bool,
     /// Pins from peers written into the pinned table (since start).
@@ -530,24 +618,24 @@ impl Worker {
             match rx.recv_timeout(wait) {
                 Ok(Command::Rings { rings, done }) => {
                     self.rings = Some(rings);
-                    self.scan();
+                    let took = self.scan();
                     if let Some(done) = done {
                         let _ = done.send(());
                     }
-                    next = Instant::now() + SCAN_EVERY;
+                    next = Instant::now() + next_scan_in(took);
                 }
                 Ok(Command::Sync(sink)) => self.sync = Some(sink),
                 Ok(Command::Remote(pins)) => self.install(pins),
                 Ok(Command::RemotePersist(entries)) => self.install_persistence(entries),
                 Ok(Command::ResendAll) => {
                     self.resend_all = true;
-                    self.scan();
-                    next = Instant::now() + SCAN_EVERY;
+                    let took = self.scan();
+                    next = Instant::now() + next_scan_in(took);
                 }
                 Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.scan();
-                    next = Instant::now() + SCAN_EVERY;
+                    let took = self.scan();
+                    next = Instant::now() + next_scan_in(took);
                 }
             }
         }
@@ -653,42 +741,63 @@ impl Worker {
         Ok(())
     }
 
-    fn scan(&mut self) {
+    /// Reads every table and acts on it; returns how long that took (the snapshot
+    /// carries it too).
+    fn scan(&mut self) -> Duration {
         let taken_at = Instant::now();
-        // `try_scan` takes the flag for the pins; the NAT flows go again too.
-        let resend_all = self.resend_all;
-        let snapshot = match self.try_scan() {
-            Ok((mut active, connections, pinned)) => match self.scan_nat(&mut active, resend_all) {
-                Ok(nat_flows) => FlowSnapshot {
-                    taken_at: Some(taken_at),
-                    active,
-                    connections,
-                    pinned,
-                    pin_failures: self.pin_failures,
-                    remote_installed: self.remote_installed,
-                    persistent: self.persistent.clone(),
-                    persistence_installed: self.persistence_installed,
-                    nat_flows,
-                    nat_collected: self.nat_collected,
-                    error: None,
-                },
-                Err(e) => {
-                    tracing::warn!("NAT flow scan failed: {e}");
+        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(taken_at);
+        // A peer asked for everything, or the refresh is due: all pins and NAT flows go.
+        let resend_all = std::mem::take(&mut self.resend_all);
+        let refresh = resend_all
+            || self
+                .last_refresh
+                .is_none_or(|t| taken_at.duration_since(t) >= PIN_REFRESH_EVERY);
+        let snapshot = match self.try_scan(resend_all, refresh) {
+            Ok((mut active, connections, pinned)) => match self.scan_nat(&mut active, refresh) {
+                Ok(nat_flows) => {
+                    if refresh {
+                        self.last_refresh = Some(taken_at);
+                    }
                     FlowSnapshot {
-                        error: Some(e.to_string()),
-                        ..(*self.snapshot.load_full()).clone()
+                        taken_at: Some(taken_at),
+                        took: taken_at.elapsed(),
+                        active,
+                        connections,
+                        pinned,
+                        pin_failures: self.pin_failures,
+                        remote_installed: self.remote_installed,
+                        persistent: self.persistent.clone(),
+                        persistence_installed: self.persistence_installed,
+                        nat_flows,
+                        nat_collected: self.nat_collected,
+                        error: None,
                     }
                 }
+                Err(e) => self.failed("NAT flow scan", e, resend_all, taken_at),
             },
-            Err(e) => {
-                tracing::warn!("flow scan failed: {e}");
-                FlowSnapshot {
-                    error: Some(e.to_string()),
-                    ..(*self.snapshot.load_full()).clone()
-                }
-            }
+            Err(e) => self.failed("flow scan", e, resend_all, taken_at),
         };
+        let took = snapshot.took;
         self.snapshot.store(Arc::new(snapshot));
+        took
+    }
+
+    /// The snapshot after a failed scan: the last one's counts, with the error; a
+    /// peer's ask for everything stays for the next scan.
+    fn failed(
+        &mut self,
+        what: &str,
+        e: crate::dataplane::DataPlaneError,
+        resend_all: bool,
+        taken_at: Instant,
+    ) -> FlowSnapshot {
+        tracing::warn!("{what} failed: {e}");
+        self.resend_all |= resend_all;
+        FlowSnapshot {
+            took: taken_at.elapsed(),
+            error: Some(e.to_string()),
+            ..(*self.snapshot.load_full()).clone()
+        }
     }
 
     /// Reads the NAT table: its active flows are added to `active`, closed and idle
@@ -696,7 +805,7 @@ impl Worker {
     fn scan_nat(
         &mut self,
         active: &mut HashMap<u32, u64>,
-        resend_all: bool,
+        refresh: bool,
     ) -> Result<usize, crate::dataplane::DataPlaneError> {
         let flows = self.store.read_nat()?;
         let now = monotonic_ns();
@@ -714,7 +823,6 @@ impl Worker {
         }
         if let (Some(sink), Some(rings)) = (&self.sync, &self.rings) {
             // New flows at every scan, all of them with the pins' refresh.
-            let refresh = resend_all || self.scans.is_multiple_of(PIN_REFRESH_SCANS);
             let send: Vec<(FlowKey, NatFlow)> = live
                 .iter()
                 .filter(|(k, _)| refresh || !self.nat_known.contains(k))
@@ -726,8 +834,13 @@ impl Worker {
         Ok(live.len())
     }
 
+    /// The connection and pinned tables (and persistence): pins, unpins, counts. With
+    /// `refresh`, all pins go to the sync peers, else the new ones; with `resend_all`,
+    /// all persistence entries too.
     fn try_scan(
         &mut self,
+        resend_all: bool,
+        refresh: bool,
     ) -> Result<(HashMap<u32, u64>, usize, usize), crate::dataplane::DataPlaneError> {
         let connections = self.store.read(FlowTable::Connections)?;
         let pinned = self.store.read(FlowTable::Pinned)?;
@@ -735,13 +848,13 @@ impl Worker {
         let merged = merge(&connections, &pinned);
         let Some(rings) = self.rings.clone() else {
             return Ok((
-                count_active(&merged, now, self.idle),
+                count_active(&connections, &merged, now, self.idle),
                 connections.len(),
                 pinned.len(),
             ));
         };
-        let pinned_map: FlowMap<FlowState> = pinned.iter().copied().collect();
-        let pin = to_pin(&connections, &pinned_map, &rings, now, self.idle);
+        // `merged` has every pinned flow, with its pinned backend.
+        let pin = to_pin(&connections, &merged, &rings, now, self.idle);
         let unpin = to_unpin(&pinned, &merged, &rings, now, self.idle);
         if !unpin.is_empty() {
             self.store.unpin(&unpin)?;
@@ -763,12 +876,10 @@ impl Worker {
         }
         // All entries only to a peer that (re)connects: busy clients' entries go out
         // again anyway (`persist::changed`), idle ones need no refresh to stay live.
-        self.scan_persistence(&rings, now, self.resend_all)?;
-        self.scans += 1;
+        self.scan_persistence(&rings, now, resend_all)?;
         if let Some(sink) = &self.sync {
             let names = &rings.names;
-            if self.scans.is_multiple_of(PIN_REFRESH_SCANS) || std::mem::take(&mut self.resend_all)
-            {
+            if refresh {
                 let gone: HashSet<&FlowKey> = unpin.iter().collect();
                 let all: Vec<(FlowKey, FlowState)> = pinned
                     .iter()
@@ -785,7 +896,7 @@ impl Worker {
         // New pins may overwrite old ones of the same flow: an upper bound until the next scan.
         let pinned_now = pinned.len().saturating_sub(unpin.len()) + pin.len().saturating_sub(full);
         Ok((
-            count_active(&merged, now, self.idle),
+            count_active(&connections, &merged, now, self.idle),
             connections.len(),
             pinned_now,
         ))
@@ -951,8 +1062,137 @@ mod tests {
         let conns = vec![(key(1), state(2)), (key(2), state(1))];
         let pinned = vec![(key(1), state(2))];
         let merged = merge(&conns, &pinned);
-        let counts = count_active(&merged, NOW, IDLE);
+        let counts = count_active(&conns, &merged, NOW, IDLE);
         assert_eq!(counts, HashMap::from([(1, 1), (2, 1)]));
+        // No pins: the connection table alone, with no map made of it.
+        let merged = merge(&conns, &[]);
+        assert!(merged.is_empty());
+        assert_eq!(
+            count_active(&conns, &merged, NOW, IDLE),
+            HashMap::from([(1, 1), (2, 1)])
+        );
+        // A pin only (the connection table evicted it) counts too; a closed one doesn't.
+        let closed = FlowState {
+            flags: FLOW_F_CLOSING,
+            ..state(3)
+        };
+        let pinned = vec![(key(7), state(3)), (key(8), closed)];
+        let merged = merge(&conns, &pinned);
+        assert_eq!(
+            count_active(&conns, &merged, NOW, IDLE),
+            HashMap::from([(1, 1), (2, 1), (3, 1)])
+        );
+    }
+
+    #[test]
+    fn the_merge_holds_the_pinned_flows_as_both_tables_see_them() {
+        let old = FlowState {
+            last_seen_ns: NOW - 50,
+            ..state(2)
+        };
+        let busy_elsewhere = FlowState {
+            last_seen_ns: NOW - 1,
+            flags: FLOW_F_CLOSING,
+            ..state(1)
+        };
+        let conns = vec![(key(1), busy_elsewhere), (key(2), state(1))];
+        let pinned = vec![(key(1), old), (key(3), old)];
+        let merged = merge(&conns, &pinned);
+        assert_eq!(merged.len(), 2, "the pinned flows only");
+        let m = merged[&key(1)];
+        assert_eq!(
+            (m.backend, m.last_seen_ns, m.flags),
+            (2, NOW - 1, FLOW_F_CLOSING),
+            "the pin's backend, the fresher time, the close either saw"
+        );
+        assert_eq!(merged[&key(3)], old);
+    }
+
+    #[test]
+    fn the_periodic_scans_keep_to_their_share_of_a_core() {
+        // Cheap scans: once a second.
+        assert_eq!(next_scan_in(Duration::ZERO), SCAN_EVERY);
+        assert_eq!(next_scan_in(Duration::from_millis(20)), SCAN_EVERY);
+        // Dearer ones: their duration times the divisor, a twentieth of a core.
+        assert_eq!(
+            next_scan_in(Duration::from_millis(150)),
+            Duration::from_millis(150 * u64::from(SCAN_SHARE_DIVISOR))
+        );
+        // Never staler than the bound, whatever a scan costs.
+        assert_eq!(next_scan_in(Duration::from_secs(10)), SCAN_EVERY_MAX);
+        assert_eq!(next_scan_in(Duration::MAX), SCAN_EVERY_MAX);
+    }
+
+    #[test]
+    fn a_ring_change_waits_while_the_scanner_works() {
+        let now = Instant::now();
+        let ago = |s| now.checked_sub(Duration::from_secs(s));
+        assert!(!still_scanning(None, now), "never scanned: no thread");
+        assert!(still_scanning(Some(now), now));
+        assert!(still_scanning(ago(5), now), "a long scan of a big table");
+        if let Some(stuck) = ago(SCAN_STUCK.as_secs()) {
+            assert!(!still_scanning(Some(stuck), now));
+        }
+    }
+
+    /// A scanner over a connection table that takes `delay` to read, the count of
+    /// reads started, and the store.
+    fn slow_scanner(delay: Duration) -> (Scanner, Arc<std::sync::atomic::AtomicUsize>) {
+        let store = FakeFlowStore {
+            read_delay: delay,
+            ..Default::default()
+        };
+        let reads = store.connection_reads.clone();
+        (Scanner::spawn(Box::new(store), IDLE).unwrap(), reads)
+    }
+
+    fn wait_for_reads(reads: &std::sync::atomic::AtomicUsize, n: usize, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if reads.load(std::sync::atomic::Ordering::SeqCst) >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn dear_scans_come_further_apart() {
+        // A read of 150 ms: the next periodic scan is 3 s (x20) after, not 1 s.
+        let delay = Duration::from_millis(150);
+        let (scanner, reads) = slow_scanner(delay);
+        assert!(wait_for_reads(&reads, 1, Duration::from_secs(5)));
+        let first = Instant::now();
+        assert!(
+            wait_for_reads(&reads, 2, Duration::from_secs(10)),
+            "no second scan"
+        );
+        let gap = first.elapsed();
+        println!("a scan of {delay:?}, the next {gap:?} later");
+        assert!(scanner.snapshot().took >= delay);
+        assert!(
+            gap >= delay * SCAN_SHARE_DIVISOR - delay,
+            "the next scan came after {gap:?}"
+        );
+    }
+
+    #[test]
+    fn a_ring_change_waits_out_scans_longer_than_its_poll() {
+        // Each scan 1.5 s: the one under way and the prepare's own end 3 s on, past
+        // the 2 s that used to be the whole wait.
+        let delay = Duration::from_millis(1500);
+        let (scanner, reads) = slow_scanner(delay);
+        assert!(wait_for_reads(&reads, 1, Duration::from_secs(5)));
+        let asked = Instant::now();
+        assert!(scanner.prepare(Arc::new(rings(1, &[1, 2]))));
+        let waited = asked.elapsed();
+        println!("prepare waited {waited:?} for two scans of {delay:?}");
+        assert!(
+            waited > PREPARE_WAIT,
+            "the prepare's own scan was not waited for"
+        );
+        assert!(reads.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     }
 
     #[test]

@@ -271,6 +271,10 @@ pub struct SyncCounters {
 pub struct FlowTableStatus {
     /// Milliseconds since the scan began; absent before the first scan.
     pub scan_age_ms: Option<u64>,
+    /// How long that scan took, in milliseconds (the scans take at most a twentieth of a
+    /// core, so a dear one makes them further apart); absent before the first scan.
+    #[serde(default)]
+    pub scan_ms: Option<u64>,
     /// Entries in the connection table (LRU).
     pub connections: u64,
     /// Flows pinned because their backend is no longer the ring's choice.

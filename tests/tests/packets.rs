@@ -1304,7 +1304,7 @@ fn fin_and_rst_end_a_flows_activity() {
         let conns = store.read(FlowTable::Connections).expect("read flows");
         let pinned = store.read(FlowTable::Pinned).expect("read pinned");
         let merged = flows::merge(&conns, &pinned);
-        flows::count_active(&merged, monotonic_ns(), idle)
+        flows::count_active(&conns, &merged, monotonic_ns(), idle)
             .values()
             .sum()
     };

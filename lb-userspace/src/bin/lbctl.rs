@@ -452,9 +452,10 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
     }
     println!();
     let f = &status.flows;
-    let age = match f.scan_age_ms {
-        Some(ms) => format!("scanned {ms} ms ago"),
-        None => "not scanned yet".to_string(),
+    let age = match (f.scan_age_ms, f.scan_ms) {
+        (Some(ms), Some(took)) => format!("scanned {ms} ms ago, in {took} ms"),
+        (Some(ms), None) => format!("scanned {ms} ms ago"),
+        (None, _) => "not scanned yet".to_string(),
     };
     println!(
         "flow table: {} connections, {} pinned{} ({age}{})",

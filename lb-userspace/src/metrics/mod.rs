@@ -166,18 +166,7 @@ pub fn gather(
         services,
         reasons,
         events,
-        flows: FlowTableStatus {
-            scan_age_ms: flows
-                .age()
-                .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
-            connections: flows.connections as u64,
-            pinned: flows.pinned as u64,
-            pin_failures: flows.pin_failures,
-            synced_pins_installed: flows.remote_installed,
-            nat_flows: flows.nat_flows as u64,
-            nat_collected: flows.nat_collected,
-            error: flows.error.clone(),
-        },
+        flows: FlowTableStatus::from(flows),
         vrrp,
         sync,
         announced: None,
@@ -368,6 +357,15 @@ pub fn render(sample: &Sample) -> String {
             age.clone(),
         );
         age.get_or_create(&Vec::new()).set(ms as f64 / 1000.0);
+    }
+    if let Some(ms) = f.scan_ms {
+        let took = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        r.register(
+            "lb_flow_scan_duration_seconds",
+            "How long the last flow-table scan took (the scans keep to a twentieth of a core)",
+            took.clone(),
+        );
+        took.get_or_create(&Vec::new()).set(ms as f64 / 1000.0);
     }
 
     if let Some(v) = &sample.vrrp {

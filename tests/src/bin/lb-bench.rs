@@ -35,6 +35,11 @@
 //! second one host sends and the other installs, and the bytes per flow on the wire.
 //! `--sync-only` runs only this part.
 //!
+//! Then the flow scanner at a full connection table (the default size and 1M entries,
+//! shared LRU list, loaded unattached): the kernel's batch read alone, then the whole
+//! scan as at a ring change, and the share of a core the periodic scans take, once a
+//! second beside the scans' budget. `--scan-only` runs only this part.
+//!
 //! Then the packet trace's cost while off: the program as shipped (trace code in, flag
 //! off) beside the same program built without the trace code (lb-ebpf without its
 //! `trace` feature) and XDP_PASS, interleaved in the same rounds. `--trace-only` runs
@@ -172,20 +177,22 @@ fn median(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_nanos() as f64
 }
 
-const USAGE: &str = "usage: lb-bench [--xdp-only | --jitter-only | --sync-only | --announce-only
-                 | --trace-only | --nat-only | --lab-only | --lab-report]
+const USAGE: &str = "usage: lb-bench [--xdp-only | --jitter-only | --sync-only | --scan-only
+                 | --announce-only | --trace-only | --nat-only | --lab-only
+                 | --lab-report]
                 [--lab-reps N] [--lab-paths P,P,..] [--lab-napi threaded|inline]
                 [--lab-out DIR]
 
 With no part named, runs them all: XDP cost per packet, NAT cost per packet, VRRP
 failover, BGP withdrawal
-([announce]), advert jitter, flow-pin sync, the trace's cost while off, then the
-comparative lab bench.
+([announce]), advert jitter, flow-pin sync, the flow scanner at a full table, the
+trace's cost while off, then the comparative lab bench.
   --xdp-only            only the XDP cost per packet; with LB_BENCH_BASELINE=FILE
                         (another build of lb-ebpf, same maps) that object is measured
                         in the same rounds too
   --jitter-only         only the VRRP advert jitter
   --sync-only           only the flow-pin sync rate
+  --scan-only           only the flow scanner's cost at a full connection table
   --announce-only       only the [announce] withdrawal time and probe gap
   --trace-only          only the packet trace's cost while off
   --nat-only            only the NAT path's cost per packet, both directions
@@ -228,8 +235,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         };
         match arg.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--xdp-only" | "--jitter-only" | "--sync-only" | "--announce-only" | "--trace-only"
-            | "--nat-only" | "--lab-only" | "--lab-report" => {
+            "--xdp-only" | "--jitter-only" | "--sync-only" | "--scan-only" | "--announce-only"
+            | "--trace-only" | "--nat-only" | "--lab-only" | "--lab-report" => {
                 if let Some(other) = &args.part {
                     anyhow::bail!("{other} and {arg} exclude each other");
                 }
@@ -287,6 +294,7 @@ fn main() -> ExitCode {
         Some("--xdp-only") => run(&args.lab_out),
         Some("--jitter-only") => jitter(),
         Some("--sync-only") => sync_pins(),
+        Some("--scan-only") => flow_scan(),
         Some("--announce-only") => announce(),
         Some("--trace-only") => trace_cost(),
         Some("--nat-only") => nat(),
@@ -297,6 +305,7 @@ fn main() -> ExitCode {
             .and_then(|()| announce())
             .and_then(|()| jitter())
             .and_then(|()| sync_pins())
+            .and_then(|()| flow_scan())
             .and_then(|()| trace_cost())
             .and_then(|()| lab()),
     };
@@ -1184,6 +1193,116 @@ fn sync_pins() -> anyhow::Result<()> {
         "only {installed} of {FLOWS} pins installed in {took:?} (received {})",
         got.flows_received
     );
+    Ok(())
+}
+
+/// The flow scanner's cost at a full connection table (the LRU's steady state: nothing
+/// leaves it but by eviction), at the default size and at 1M entries: the read alone,
+/// then the whole scan (read, decisions, snapshot) as the agent runs it at a ring
+/// change (`Scanner::prepare`), and what the periodic scans take of one core, a scan a
+/// second beside the scans' budget (`flows::next_scan_in`).
+fn flow_scan() -> anyhow::Result<()> {
+    use std::{collections::HashMap, sync::Arc};
+
+    use lb_common::{FAMILY_V4, FlowKey, FlowState, PROTO_TCP, names};
+    use lb_userspace::{
+        dataplane::{FlowStore, FlowTable},
+        flows::{RingSet, Scanner},
+    };
+
+    const SCANS: usize = 5;
+    println!();
+    println!("Flow scanner at a full connection table: median of {SCANS} scans");
+    println!(
+        "{:>10} {:>9} {:>9} {:>22} {:>22}",
+        "entries", "read ms", "scan ms", "a scan a second", "the scans' budget"
+    );
+    for entries in [lb_common::MAX_FLOWS, 1 << 20] {
+        let pins = BenchPins::new("scan");
+        let dir = PinDir::new(&pins.0, BENCH_PINS_IF);
+        // One list for all CPUs (this host's default up to two CPUs): one thread fills
+        // all of it, where each per-CPU list would hold only its CPU's share.
+        let sizes = MapSizes {
+            max_flows: entries,
+            flow_lru: FlowLru::Shared,
+            ..MapSizes::default()
+        };
+        let (mut dp, _) = XdpDataPlane::load_pinned_object(OBJECT, sizes, &dir)?;
+        let map = aya::maps::MapData::from_pin(dir.map_path(names::MAP_FLOWS))?;
+        let mut flows: aya::maps::HashMap<_, FlowKey, FlowState> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map))?;
+        let now = monotonic_ns();
+        for i in 0..entries {
+            let mut key = FlowKey {
+                sport_be: (i as u16).to_be(),
+                dport_be: 80u16.to_be(),
+                proto: PROTO_TCP,
+                family: FAMILY_V4,
+                ..FlowKey::default()
+            };
+            key.src[..4].copy_from_slice(&(0x0a00_0000 | (i >> 16)).to_be_bytes());
+            key.dst[..4].copy_from_slice(&[192, 0, 2, 10]);
+            let state = FlowState {
+                backend: 1,
+                last_seen_ns: now,
+                ..FlowState::default()
+            };
+            flows.insert(key, state, 0)?;
+        }
+        let mut store = dp
+            .take_flow_store()
+            .ok_or_else(|| anyhow::anyhow!("no flow tables"))?;
+        let mut read = Vec::new();
+        for _ in 0..SCANS {
+            let t = Instant::now();
+            let got = store.read(FlowTable::Connections)?.len();
+            read.push(t.elapsed());
+            anyhow::ensure!(
+                got == entries as usize,
+                "read {got} of {entries} connection-table entries"
+            );
+        }
+        let scanner = Scanner::spawn(Box::new(store), Duration::from_secs(900))?;
+        // Every flow on backend 1, the ring's only choice: nothing to pin, as at rest.
+        let rings = Arc::new(RingSet {
+            rings: HashMap::from([(0, Arc::new(vec![1; 101]))]),
+            forwarding: [1].into_iter().collect(),
+            ..RingSet::default()
+        });
+        let mut scans = Vec::new();
+        for _ in 0..SCANS {
+            let t = Instant::now();
+            anyhow::ensure!(scanner.prepare(rings.clone()), "the scanner did not answer");
+            scans.push(t.elapsed());
+        }
+        let snapshot = scanner.snapshot();
+        anyhow::ensure!(
+            snapshot.connections == entries as usize,
+            "the scan saw {} of {entries} entries",
+            snapshot.connections
+        );
+        let (read_ms, scan_ms) = (median(read) / 1e6, median(scans) / 1e6);
+        // A periodic scan starts its interval after the last one ended.
+        let share = |every: Duration| {
+            let scan_s = scan_ms / 1e3;
+            format!(
+                "{:>5.1} s, {:>5.1}% of a core",
+                every.as_secs_f64(),
+                100.0 * scan_s / (scan_s + every.as_secs_f64())
+            )
+        };
+        let budget = lb_userspace::flows::next_scan_in(Duration::from_secs_f64(scan_ms / 1e3));
+        println!(
+            "{:>10} {:>9.1} {:>9.1} {:>22} {:>22}",
+            entries,
+            read_ms,
+            scan_ms,
+            share(lb_userspace::flows::SCAN_EVERY),
+            share(budget)
+        );
+        drop(scanner);
+        drop(dp);
+    }
     Ok(())
 }
 

@@ -101,15 +101,49 @@ pub fn is_multicast_mac(mac: &[u8; 6]) -> bool {
     mac[0] & 1 != 0
 }
 
-/// Byte by byte, so that no `bcmp` call is emitted.
+/// A MAC as three 16-bit words, in memory order.
 #[inline(always)]
-pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
-    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
+pub fn mac_halves(mac: &[u8; 6]) -> [u16; 3] {
+    [
+        u16::from_ne_bytes([mac[0], mac[1]]),
+        u16::from_ne_bytes([mac[2], mac[3]]),
+        u16::from_ne_bytes([mac[4], mac[5]]),
+    ]
 }
 
-/// Writes `mac` over `to` as a 32-bit and a 16-bit store: a plain assignment of a
-/// `[u8; 6]` may become a call to a byte-by-byte `memmove` (the BPF backend's), which
-/// NAT's next-hop writes did.
+/// Whether the MAC at `p` in the frame is `mac`: three 16-bit loads (a MAC is 2-aligned
+/// in the kernel's model of a frame, see `packet_word`) where bytes take six.
+///
+/// # Safety
+/// `p .. p + 6` is within the frame, bounds-checked.
+#[inline(always)]
+pub unsafe fn packet_mac_is(p: *const [u8; 6], mac: &[u8; 6]) -> bool {
+    let p = p as *const u16;
+    let m = mac_halves(mac);
+    // SAFETY: the caller's.
+    unsafe { p.read() == m[0] && p.add(1).read() == m[1] && p.add(2).read() == m[2] }
+}
+
+/// Writes `mac` at `p` in the frame as three 16-bit stores (see `packet_mac_is`).
+///
+/// # Safety
+/// `p .. p + 6` is within the frame, bounds-checked.
+#[inline(always)]
+pub unsafe fn packet_set_mac(p: *mut [u8; 6], mac: &[u8; 6]) {
+    let p = p as *mut u16;
+    let m = mac_halves(mac);
+    // SAFETY: the caller's.
+    unsafe {
+        p.write(m[0]);
+        p.add(1).write(m[1]);
+        p.add(2).write(m[2]);
+    }
+}
+
+/// Writes `mac` over `to`, of any alignment: a plain assignment of a `[u8; 6]` may
+/// become a call to a byte-by-byte `memmove` (the BPF backend's), which NAT's next-hop
+/// writes did. The BPF backend splits these unaligned stores into bytes; a MAC in the
+/// frame takes `packet_set_mac`'s three 16-bit stores instead.
 #[inline(always)]
 pub fn set_mac(to: *mut [u8; 6], mac: &[u8; 6]) {
     let to = to as *mut u8;
@@ -219,6 +253,19 @@ pub fn frame_len(ctx: &XdpContext) -> usize {
 #[inline(always)]
 pub fn whole_len(ctx: &XdpContext) -> usize {
     unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
+}
+
+/// The frame's length for the counters when its IP packet ends at `end`: the first
+/// buffer's, with no helper call, when the packet ends within it; else the whole
+/// multi-buffer frame's (`whole_len`).
+#[inline(always)]
+pub fn counted_len(ctx: &XdpContext, end: usize) -> usize {
+    let linear = frame_len(ctx);
+    if end <= linear {
+        linear
+    } else {
+        whole_len(ctx)
+    }
 }
 
 /// Whether the frame is at least `end` bytes long. The fragments are asked about only

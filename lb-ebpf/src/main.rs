@@ -349,7 +349,8 @@ fn vip_gate(ctx: &XdpContext, cfg: &LbConfig, serving: &Serving) -> Step<()> {
         return Err(reason::DROP_NOT_MASTER);
     }
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
-    if !mac_eq(unsafe { &(*eth).dst }, &cfg.mac) {
+    // SAFETY: within the frame (`ptr_at`).
+    if !unsafe { packet_mac_is(addr_of!((*eth).dst), &cfg.mac) } {
         return Err(reason::DROP_OTHER_MAC);
     }
     Ok(())
@@ -600,7 +601,7 @@ fn parse_tcp(
         return Err(reason::DROP_BAD_TCP);
     }
     if let Some((vip, known, entry)) = &vip
-        && send_known(ctx, cfg, vip, known, *entry, tcp.flags)?
+        && send_known(ctx, cfg, vip, known, *entry, tcp.flags, end)?
     {
         return Ok(Parsed::Sent);
     }
@@ -633,6 +634,7 @@ fn send_known(
     known: &Known,
     entry: *mut FlowState,
     tcp_flags: u8,
+    end: usize,
 ) -> Step<bool> {
     let refresh = match known.what {
         KNOWN_HIT_CURRENT => false,
@@ -648,7 +650,15 @@ fn send_known(
     if refresh {
         touch(entry, flow_clock(), jiffies(), closing_flag(tcp_flags));
     }
-    send(ctx, cfg, vip.vip_num, known.backend, backend, false)?;
+    send(
+        ctx,
+        cfg,
+        vip.vip_num,
+        known.backend,
+        backend,
+        false,
+        counted_len(ctx, end),
+    )?;
     #[cfg(feature = "trace")]
     if tracing(cfg) {
         // The key `service` looked up, still in this CPU's scratch.
@@ -667,8 +677,10 @@ fn send(
     id: u32,
     backend: &Backend,
     new_flow: bool,
+    len: usize,
 ) -> Step<u64> {
-    let len = rewrite_macs(ctx, cfg, backend)?;
+    rewrite_macs(ctx, cfg, backend)?;
+    let len = len as u64;
     count(vip_slot(vip_num), len, new_flow);
     count(backend_slot(id), len, new_flow);
     Ok(len)
@@ -748,7 +760,15 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
             (id, backend)
         }
     };
-    let len = send(ctx, cfg, p.vip.vip_num, chosen, backend, new_flow)?;
+    let len = send(
+        ctx,
+        cfg,
+        p.vip.vip_num,
+        chosen,
+        backend,
+        new_flow,
+        whole_len(ctx),
+    )?;
     if lost {
         count(event_slot(event::FLOW_MISS), len, false);
     }
@@ -886,7 +906,7 @@ fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<
             (id, vip.vip_num, backend, event::ICMP_TO_RING)
         }
     };
-    let len = send(ctx, cfg, vip_num, chosen, backend, false)?;
+    let len = send(ctx, cfg, vip_num, chosen, backend, false, whole_len(ctx))?;
     count(event_slot(what), len, false);
     #[cfg(feature = "trace")]
     if tracing(cfg) {
@@ -897,13 +917,14 @@ fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<
 
 /// DSR: the frame goes to the backend's MAC from ours, IP untouched. Returns its length.
 #[inline(always)]
-fn rewrite_macs(ctx: &XdpContext, cfg: &LbConfig, backend: &Backend) -> Step<u64> {
+fn rewrite_macs(ctx: &XdpContext, cfg: &LbConfig, backend: &Backend) -> Step<()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
+    // SAFETY: within the frame (`ptr_at`).
     unsafe {
-        (*eth).dst = backend.mac;
-        (*eth).src = cfg.mac;
+        packet_set_mac(addr_of_mut!((*eth).dst), &backend.mac);
+        packet_set_mac(addr_of_mut!((*eth).src), &cfg.mac);
     }
-    Ok(whole_len(ctx) as u64)
+    Ok(())
 }
 
 /// The backend's entry, if it may take packets.

@@ -34,7 +34,7 @@ use crate::{
     Packet, Step, count,
     headers::{
         EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr,
-        frame_len, ptr_at, set_addr, set_mac,
+        frame_len, packet_set_mac, ptr_at, set_addr, set_mac,
     },
     keys,
     maps::{CONFIG, NAT_BACKENDS, NAT_CONFIG, NAT_FLOWS, NAT_REVERSE, VIPS, scratch},
@@ -390,9 +390,10 @@ fn next_hop(
         // SAFETY: a field of a NAT_FLOWS value (`forward`, `reply`).
         let h = unsafe { &*hop };
         if h.at_jiffies != 0 && j.wrapping_sub(h.at_jiffies) < NAT_HOP_TTL_JIFFIES {
+            // SAFETY: the frame's Ethernet header (`ptr_at`).
             unsafe {
-                set_mac(addr_of_mut!((*eth).dst), &h.dmac);
-                set_mac(addr_of_mut!((*eth).src), &h.smac);
+                packet_set_mac(addr_of_mut!((*eth).dst), &h.dmac);
+                packet_set_mac(addr_of_mut!((*eth).src), &h.smac);
             }
             return send(h.ifindex, ingress);
         }
@@ -471,9 +472,10 @@ fn go(
     ingress: u32,
     j: u64,
 ) -> Step<u32> {
+    // SAFETY: the frame's Ethernet header (`ptr_at`, the caller's).
     unsafe {
-        set_mac(addr_of_mut!((*eth).dst), dmac);
-        set_mac(addr_of_mut!((*eth).src), smac);
+        packet_set_mac(addr_of_mut!((*eth).dst), dmac);
+        packet_set_mac(addr_of_mut!((*eth).src), smac);
     }
     if !hop.is_null() {
         // SAFETY: a field of a NAT_FLOWS value (`next_hop`).

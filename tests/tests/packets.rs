@@ -883,6 +883,26 @@ fn fixtures() -> Vec<Fixture> {
             new: true,
         },
     });
+    // Its flow's next segment, padded too: sent from the parse (an entry that needs no
+    // write), counted by the frame's length, padding included, as the SYN was.
+    let mut padded_ack = tcp_frame(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        (ip("198.51.100.10"), 40003),
+        vip4,
+        ACK,
+    );
+    padded_ack.extend_from_slice(&[0; 6]);
+    v.push(Fixture {
+        name: "VIP ACK with Ethernet padding, same flow",
+        input: padded_ack,
+        expect: Expect::Forward {
+            service: "web",
+            flow: flow((ip("198.51.100.10"), 40003), vip4),
+            new: false,
+        },
+    });
     v
 }
 

@@ -755,7 +755,8 @@ impl Worker {
         let snapshot = match self.try_scan(resend_all, refresh) {
             Ok((mut active, connections, pinned)) => match self.scan_nat(&mut active, refresh) {
                 Ok(nat_flows) => {
-                    if refresh {
+                    // Before the first rings nothing goes to the peers: not a refresh.
+                    if refresh && self.rings.is_some() {
                         self.last_refresh = Some(taken_at);
                     }
                     FlowSnapshot {

@@ -865,18 +865,21 @@ fn fixtures() -> Vec<Fixture> {
         },
     ];
     // Ethernet padding after a short IPv4 packet is fine: still forwarded.
-    let mut padded = tcp_frame(
-        LB_MAC,
-        CLIENT_MAC,
-        None,
-        (ip("198.51.100.10"), 40003),
-        vip4,
-        SYN,
-    );
-    padded.extend_from_slice(&[0; 6]);
+    let padded = |flags| {
+        let mut f = tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (ip("198.51.100.10"), 40003),
+            vip4,
+            flags,
+        );
+        f.extend_from_slice(&[0; 6]);
+        f
+    };
     v.push(Fixture {
         name: "VIP SYN with Ethernet padding",
-        input: padded,
+        input: padded(SYN),
         expect: Expect::Forward {
             service: "web",
             flow: flow((ip("198.51.100.10"), 40003), vip4),
@@ -885,18 +888,9 @@ fn fixtures() -> Vec<Fixture> {
     });
     // Its flow's next segment, padded too: sent from the parse (an entry that needs no
     // write), counted by the frame's length, padding included, as the SYN was.
-    let mut padded_ack = tcp_frame(
-        LB_MAC,
-        CLIENT_MAC,
-        None,
-        (ip("198.51.100.10"), 40003),
-        vip4,
-        ACK,
-    );
-    padded_ack.extend_from_slice(&[0; 6]);
     v.push(Fixture {
         name: "VIP ACK with Ethernet padding, same flow",
-        input: padded_ack,
+        input: padded(ACK),
         expect: Expect::Forward {
             service: "web",
             flow: flow((ip("198.51.100.10"), 40003), vip4),

@@ -349,23 +349,25 @@ pub fn render(sample: &Sample) -> String {
         "Flow pins from sync peers written into the pinned table",
     )
     .set(Vec::new(), f.synced_pins_installed);
-    if let Some(ms) = f.scan_age_ms {
-        let age = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        r.register(
+    // Both absent before the first scan.
+    let scan_seconds = [
+        (
             "lb_flow_scan_age_seconds",
             "Time since the last flow-table scan began",
-            age.clone(),
-        );
-        age.get_or_create(&Vec::new()).set(ms as f64 / 1000.0);
-    }
-    if let Some(ms) = f.scan_ms {
-        let took = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        r.register(
+            f.scan_age_ms,
+        ),
+        (
             "lb_flow_scan_duration_seconds",
             "How long the last flow-table scan took (the scans keep to a twentieth of a core)",
-            took.clone(),
-        );
-        took.get_or_create(&Vec::new()).set(ms as f64 / 1000.0);
+            f.scan_ms,
+        ),
+    ];
+    for (name, help, ms) in scan_seconds {
+        if let Some(ms) = ms {
+            let gauge = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+            r.register(name, help, gauge.clone());
+            gauge.get_or_create(&Vec::new()).set(ms as f64 / 1000.0);
+        }
     }
 
     if let Some(v) = &sample.vrrp {

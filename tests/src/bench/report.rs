@@ -429,6 +429,33 @@ pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     }
 }
 
+/// A sample's connection rate and bulk rate, as measures to pair.
+const CONN: fn(&Sample) -> f64 = |x| x.conn.per_second;
+const BULK: fn(&Sample) -> f64 = |x| x.bulk.bits_per_second;
+
+/// Each repetition's ratio of `samples`' measure `f` to `base`'s in the same repetition:
+/// (repetition, ratio), for the repetitions both have (and a base above 0).
+fn paired_ratios(samples: &[Sample], base: &[Sample], f: fn(&Sample) -> f64) -> Vec<(usize, f64)> {
+    samples
+        .iter()
+        .filter_map(|x| {
+            let n = base.iter().find(|n| n.repetition == x.repetition)?;
+            (f(n) > 0.0).then(|| (x.repetition, f(x) / f(n)))
+        })
+        .collect()
+}
+
+/// One repetition of a measured path far from its path's other repetitions: its ratio
+/// to the null forwarder in the same repetition, and the median of those ratios.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Outlier {
+    pub path: Path,
+    pub measure: &'static str,
+    pub repetition: usize,
+    pub ratio: f64,
+    pub median: f64,
+}
+
 /// The median of the values present; `None` if none is.
 fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     let present: Vec<f64> = values.flatten().collect();
@@ -505,18 +532,11 @@ impl LabReport {
         for result in &mut self.paths {
             if let Some(base) = &null_samples {
                 let paired = |f: fn(&Sample) -> f64| -> Option<[f64; 2]> {
-                    let ratios: Vec<f64> = result
-                        .samples
-                        .iter()
-                        .filter_map(|x| {
-                            let n = base.iter().find(|n| n.repetition == x.repetition)?;
-                            ratio(f(x), f(n))
-                        })
-                        .collect();
-                    (!ratios.is_empty()).then(|| range(ratios.into_iter()))
+                    let ratios = paired_ratios(&result.samples, base, f);
+                    (!ratios.is_empty()).then(|| range(ratios.into_iter().map(|(_, r)| r)))
                 };
-                result.median.conn_vs_null_fwd_range = paired(|x| x.conn.per_second);
-                result.median.bulk_vs_null_fwd_range = paired(|x| x.bulk.bits_per_second);
+                result.median.conn_vs_null_fwd_range = paired(CONN);
+                result.median.bulk_vs_null_fwd_range = paired(BULK);
             }
             let m = &mut result.median;
             m.conn_vs_direct = direct.and_then(|d| ratio(m.conn_per_second, d.0));
@@ -548,13 +568,71 @@ impl LabReport {
         out
     }
 
-    /// One sentence on whether this was a quiet run (`unsteady`).
+    /// The measured paths' repetitions (every path but direct and the null forwarder)
+    /// whose ratio to the null forwarder in the same repetition lies more than
+    /// `STEADY_SPREAD` (relative) from the median of the path's such ratios: a
+    /// repetition something else disturbed (a compile, another tenant), or one the
+    /// path itself lost. The reference paths' check (`unsteady`) cannot see them.
+    pub fn outliers(&self) -> Vec<Outlier> {
+        let Some(base) = self.paths.iter().find(|r| r.path == Path::NullFwd) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for r in &self.paths {
+            if matches!(r.path, Path::Direct | Path::NullFwd) {
+                continue;
+            }
+            for (measure, f) in [("connections", CONN), ("bulk", BULK)] {
+                let ratios = paired_ratios(&r.samples, &base.samples, f);
+                let m = median(ratios.iter().map(|(_, x)| *x));
+                for (repetition, ratio) in ratios {
+                    if m > 0.0 && (ratio / m - 1.0).abs() > STEADY_SPREAD {
+                        out.push(Outlier {
+                            path: r.path,
+                            measure,
+                            repetition,
+                            ratio,
+                            median: m,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether this was a quiet run (`unsteady`), and the measured paths' repetitions far
+    /// from the rest (`outliers`), in a sentence or two.
     pub fn steadiness(&self) -> String {
+        let outliers = self.outliers();
+        let far = if outliers.is_empty() {
+            String::new()
+        } else {
+            let each: Vec<String> = outliers
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{} {} {:.2}× in repetition {} (its repetitions' median {:.2}×)",
+                        o.path.name(),
+                        o.measure,
+                        o.ratio,
+                        o.repetition + 1,
+                        o.median
+                    )
+                })
+                .collect();
+            format!(
+                " Repetitions more than {:.0}% from their path's median ratio to the null \
+                 forwarder, which the medians hold out and the brackets show: {}.",
+                STEADY_SPREAD * 100.0,
+                each.join("; ")
+            )
+        };
         let unsteady = self.unsteady();
         if unsteady.is_empty() {
             return format!(
                 "A quiet run: every repetition of the direct path and of the null forwarder \
-                 within {:.0}% of their medians.",
+                 within {:.0}% of their medians.{far}",
                 STEADY_SPREAD * 100.0
             );
         }
@@ -567,7 +645,7 @@ impl LabReport {
         format!(
             "**Not a quiet run**: repetitions spread by more than {:.0}% of the median ({}); \
              other load moved the figures, so this run's ratios cannot tell whether a goal \
-             is met.",
+             is met.{far}",
             STEADY_SPREAD * 100.0,
             what.join(", ")
         )
@@ -853,6 +931,48 @@ Transfer/sec:      3.03MB
         quiet.summarise();
         assert!(quiet.unsteady().is_empty());
         assert!(quiet.steadiness().starts_with("A quiet run"));
+    }
+
+    #[test]
+    fn a_disturbed_repetition_of_a_measured_path_is_named() {
+        // HAProxy against the null forwarder by repetition: connections 0.50, 0.56,
+        // 0.41 (median 0.50: the last 18% off), bulk 0.50, 0.49, 0.60 (median 0.50:
+        // the last 20% off).
+        let r = fixed();
+        let far: Vec<(Path, &str, usize)> = r
+            .outliers()
+            .iter()
+            .map(|o| (o.path, o.measure, o.repetition))
+            .collect();
+        assert_eq!(
+            far,
+            vec![
+                (Path::Haproxy, "connections", 2),
+                (Path::Haproxy, "bulk", 2)
+            ]
+        );
+        let line = r.steadiness();
+        assert!(
+            line.contains(
+                "HAProxy mode tcp connections 0.41× in repetition 3 (its repetitions' median 0.50×)"
+            ),
+            "{line}"
+        );
+        // Steady repetitions: none named, and the sentence says nothing more.
+        let mut steady = fixed();
+        for p in &mut steady.paths {
+            for x in &mut p.samples {
+                x.conn.per_second = 10_000.0;
+                x.bulk.bits_per_second = 5e9;
+            }
+        }
+        steady.summarise();
+        assert!(steady.outliers().is_empty());
+        assert!(steady.steadiness().ends_with("of their medians."));
+        // No null forwarder: nothing to pair with.
+        let mut alone = fixed();
+        alone.paths.retain(|p| p.path != Path::NullFwd);
+        assert!(alone.outliers().is_empty());
     }
 
     #[test]

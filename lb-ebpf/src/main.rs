@@ -915,7 +915,7 @@ fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<
     Ok(XDP_TX)
 }
 
-/// DSR: the frame goes to the backend's MAC from ours, IP untouched. Returns its length.
+/// DSR: the frame goes to the backend's MAC from ours, IP untouched.
 #[inline(always)]
 fn rewrite_macs(ctx: &XdpContext, cfg: &LbConfig, backend: &Backend) -> Step<()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;

@@ -618,25 +618,20 @@ impl Worker {
             match rx.recv_timeout(wait) {
                 Ok(Command::Rings { rings, done }) => {
                     self.rings = Some(rings);
-                    let took = self.scan();
+                    next = self.scan();
                     if let Some(done) = done {
                         let _ = done.send(());
                     }
-                    next = Instant::now() + next_scan_in(took);
                 }
                 Ok(Command::Sync(sink)) => self.sync = Some(sink),
                 Ok(Command::Remote(pins)) => self.install(pins),
                 Ok(Command::RemotePersist(entries)) => self.install_persistence(entries),
                 Ok(Command::ResendAll) => {
                     self.resend_all = true;
-                    let took = self.scan();
-                    next = Instant::now() + next_scan_in(took);
+                    next = self.scan();
                 }
                 Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let took = self.scan();
-                    next = Instant::now() + next_scan_in(took);
-                }
+                Err(mpsc::RecvTimeoutError::Timeout) => next = self.scan(),
             }
         }
     }
@@ -741,9 +736,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Reads every table and acts on it; returns how long that took (the snapshot
-    /// carries it too).
-    fn scan(&mut self) -> Duration {
+    /// Reads every table and acts on it; returns when the next periodic scan is due
+    /// (`next_scan_in` of how long this one took, which the snapshot carries too).
+    fn scan(&mut self) -> Instant {
         let taken_at = Instant::now();
         *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(taken_at);
         // A peer asked for everything, or the refresh is due: all pins and NAT flows go.
@@ -780,7 +775,7 @@ impl Worker {
         };
         let took = snapshot.took;
         self.snapshot.store(Arc::new(snapshot));
-        took
+        Instant::now() + next_scan_in(took)
     }
 
     /// The snapshot after a failed scan: the last one's counts, with the error; a

@@ -4,9 +4,10 @@
 //! agent never reads maps another layout wrote.
 
 use crate::{
-    BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_VIPS, NatConfig, NatFlow, NatScratch, NatTarget, PersistKey, PersistState,
-    Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS, names,
+    Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS, MAX_RING_SIZE,
+    MAX_VIPS, NatConfig, NatFlow, NatScratch, NatTarget, PersistKey, PersistState, Serving,
+    TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS,
+    flowtab::FlowSlot, names,
 };
 
 /// Bumped by hand when the meaning of a map changes while its sizes stay (a flag or a
@@ -26,6 +27,9 @@ pub mod meta {
     pub const LAYOUT: u32 = 0;
     /// How the pinned link attached the program: 1 native, 2 generic; 0 not yet.
     pub const XDP_MODE: u32 = 1;
+    /// The connection table's hash seed and bucket count (`flowtab::table_word`),
+    /// written by the agent that made the table; read by the program on every lookup.
+    pub const FLOW_TABLE: u32 = 2;
     pub const SLOTS: u32 = 4;
 }
 
@@ -134,11 +138,11 @@ pub const MAPS: [MapLayout; 21] = [
     ),
     map(
         names::MAP_FLOWS,
-        BPF_MAP_TYPE_LRU_HASH,
-        size::<FlowKey>(),
-        size::<FlowState>(),
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        size::<FlowSlot>(),
         0,
-        BPF_F_NO_COMMON_LRU,
+        0,
     ),
     map(
         names::MAP_PINNED,

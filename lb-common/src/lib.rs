@@ -7,6 +7,7 @@
 
 pub mod counters;
 pub mod filter;
+pub mod flowtab;
 pub mod hash;
 pub mod layout;
 pub mod lease;
@@ -25,7 +26,8 @@ pub const MAX_BACKENDS: u32 = 4096;
 /// Largest Maglev lookup table; each VIP owns a window of this many ring slots.
 pub const MAX_RING_SIZE: u32 = 65537;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
-/// Default connection-table capacity (LRU: the least recently used flow goes first);
+/// Default connection-table capacity (`flowtab`: in each bucket, the longest idle flow
+/// goes first);
 /// the agent sets the real size at load time (`[agent] max_flows`).
 pub const MAX_FLOWS: u32 = 1 << 18;
 /// Default capacity of the pinned-flow table (`[agent] max_pinned_flows`).
@@ -565,6 +567,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for crate::flowtab::FlowSlot {}
     unsafe impl aya::Pod for PersistKey {}
     unsafe impl aya::Pod for PersistState {}
     unsafe impl aya::Pod for LbConfig {}

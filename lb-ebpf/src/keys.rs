@@ -5,7 +5,7 @@
 
 use core::{mem::MaybeUninit, ptr::write_volatile};
 
-use lb_common::{FlowKey, PROTO_TCP, VipAddrKey, VipKey};
+use lb_common::{FlowKey, FlowState, PROTO_TCP, VipAddrKey, VipKey};
 
 /// Bytes `4 * i .. 4 * i + 4` of an address as one word, in memory order.
 #[inline(always)]
@@ -109,6 +109,21 @@ pub fn flow_key(
 pub fn copy_flow_key(to: *mut FlowKey, from: &FlowKey) {
     const N: usize = core::mem::size_of::<FlowKey>() / 4;
     let f = from as *const FlowKey as *const u32;
+    let mut words = [0u32; N];
+    let mut i = 0;
+    while i < N {
+        // SAFETY: in bounds and aligned (`write_words` asserts the size and alignment).
+        words[i] = unsafe { *f.add(i) };
+        i += 1;
+    }
+    write_words(to, words);
+}
+
+/// A copy of `from` at `to`, word by word (see `copy_flow_key`).
+#[inline(always)]
+pub fn copy_flow_state(to: *mut FlowState, from: &FlowState) {
+    const N: usize = core::mem::size_of::<FlowState>() / 4;
+    let f = from as *const FlowState as *const u32;
     let mut words = [0u32; N];
     let mut i = 0;
     while i < N {

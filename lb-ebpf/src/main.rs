@@ -15,6 +15,7 @@
 #![no_main]
 
 mod filter;
+mod flowtab;
 mod headers;
 mod icmp;
 mod keys;
@@ -49,8 +50,7 @@ use lb_common::{
     hash::flow_hash,
 };
 use maps::{
-    BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, LEASE_CACHE, PINNED, RINGS, SERVING, STATS, VIP_SLOTS,
-    VIPS,
+    BACKENDS, CONFIG, FLOOD_GUARD, LEASE_CACHE, PINNED, RINGS, SERVING, STATS, VIP_SLOTS, VIPS,
 };
 
 /// The flood guard's window.
@@ -498,7 +498,7 @@ fn service(
         // The key in the scratch space: this frame is the pipeline's (see `parse_ip`).
         let flow = &mut scratch.early_flow;
         keys::write_flow_key(flow, src, dst, sport_be, dport_be, family);
-        known = match FLOWS.get_ptr_mut(flow) {
+        known = match flowtab::lookup(flow) {
             None => Known::just(KNOWN_MISSED),
             Some(ptr) => {
                 entry = ptr;
@@ -712,11 +712,9 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
         // write (asked again only then when `service` asked first).
         let hit = match p.known.what {
             KNOWN_HIT_CURRENT => Some((p.known.backend, None)),
-            KNOWN_HIT => Some((p.known.backend, FLOWS.get_ptr_mut(&p.flow))),
+            KNOWN_HIT => Some((p.known.backend, flowtab::lookup(&p.flow))),
             KNOWN_MISSED => None,
-            _ => FLOWS
-                .get_ptr_mut(&p.flow)
-                .map(|state| (unsafe { (*state).backend }, Some(state))),
+            _ => flowtab::lookup(&p.flow).map(|state| (unsafe { (*state).backend }, Some(state))),
         };
         if let Some((id, state)) = hit {
             // A backend that went down loses its flows to the ring, not into a void.
@@ -873,10 +871,8 @@ fn record(cfg: &LbConfig, flow: &FlowKey, state: &FlowState, now: u64) -> Step<b
         }
         w.recorded += 1;
     }
-    // A full table evicts the least recently used flow; an error here only costs this
-    // flow its entry, so the packet still goes.
-    let _ = FLOWS.insert(flow, state, 0);
-    Ok(true)
+    // A full bucket gives up its longest idle flow (`flowtab::insert`).
+    Ok(flowtab::insert(flow, state))
 }
 
 /// ICMP fragmentation-needed / packet-too-big about a VIP flow goes to the backend that
@@ -888,7 +884,9 @@ fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<
         return Ok(verdict);
     }
     let mut found = None;
-    if let Some(state) = unsafe { FLOWS.get(flow) } {
+    if let Some(state) = flowtab::lookup(flow) {
+        // SAFETY: a slot's state, just looked up.
+        let state = unsafe { &*state };
         found = usable_backend(state.backend).map(|b| (state.backend, state.vip_num, b));
     }
     if found.is_none()

@@ -8,10 +8,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    BPF_F_NO_COMMON_LRU, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, NatConfig,
-    NatFlow, NatScratch, NatTarget, PersistKey, PersistState, Serving, TRACE_RING_BYTES,
-    VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS, filter, layout, lease::LeaseCache,
+    Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS, MAX_FLOWS,
+    MAX_NAT_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, NatConfig, NatFlow,
+    NatScratch, NatTarget, PersistKey, PersistState, Serving, TRACE_RING_BYTES, VipAddrKey,
+    VipInfo, VipKey, VipSlot, counters::STATS_SLOTS, filter, flowtab::FlowSlot, layout,
+    lease::LeaseCache,
 };
 
 /// (VIP address, port, protocol) -> the VIP's number and ring size.
@@ -46,10 +47,10 @@ pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * MAX_RING_SIZE,
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Connection table: keeps an established flow on its backend when the ring changes.
-/// One LRU list per CPU: no lock shared by all CPUs on every insert.
+/// Slots in buckets, kept by the program (`flowtab`); described by META's
+/// `FLOW_TABLE` word. Its size is `flowtab::slots_for` the agent's `max_flows`.
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+pub static FLOWS: Array<FlowSlot> = Array::with_max_entries(MAX_FLOWS, 0);
 
 /// Flows the agent pinned to their backend (not LRU: nothing evicts them but the
 /// agent). Consulted only when FLOWS misses for a non-SYN packet.
@@ -86,8 +87,9 @@ pub static SERVING: Array<Serving> = Array::with_max_entries(1, 0);
 #[map]
 pub static LEASE_CACHE: PerCpuArray<LeaseCache> = PerCpuArray::with_max_entries(1, 0);
 
-/// Never read here: the agent's record of the maps' layout version and of how the
-/// pinned link attached the program (`lb_common::layout::meta`).
+/// The agent's record of the maps' layout version and of how the pinned link attached
+/// the program (never read here), and the connection table's description, read by
+/// every lookup of it (`lb_common::layout::meta`).
 #[map]
 pub static META: Array<u64> = Array::with_max_entries(layout::meta::SLOTS, 0);
 

@@ -297,7 +297,6 @@ impl Agent<XdpDataPlane> {
             max_pinned_flows: config.agent.max_pinned_flows,
             max_persistent_clients: config.agent.max_persistent_clients,
             max_nat_flows: config.agent.max_nat_flows,
-            flow_lru: config.agent.flow_lru,
         };
         // The maps (flow tables included) and the link outlive us: an earlier agent's
         // are taken over as they are, checked first.
@@ -310,18 +309,17 @@ impl Agent<XdpDataPlane> {
                 pins.dir().display()
             );
         }
-        match aya::maps::MapInfo::from_pin(pins.map_path(lb_common::names::MAP_FLOWS)) {
-            Ok(info) if info.map_flags() & lb_common::BPF_F_NO_COMMON_LRU != 0 => {
-                tracing::info!(
-                    "connection table: one LRU list per CPU (flow_lru = {})",
-                    config.agent.flow_lru
-                )
-            }
-            Ok(_) => tracing::info!(
-                "connection table: one LRU list shared by all CPUs (flow_lru = {})",
-                config.agent.flow_lru
-            ),
-            Err(e) => tracing::warn!("connection table: its LRU lists unknown: {e}"),
+        tracing::info!(
+            "connection table: {} slots in buckets of {} (max_flows = {})",
+            lb_common::flowtab::slots_for(config.agent.max_flows),
+            lb_common::flowtab::FLOW_WAYS,
+            config.agent.max_flows
+        );
+        if config.agent.obsolete_flow_lru {
+            tracing::warn!(
+                "[agent] flow_lru is ignored: the connection table is no longer the kernel's \
+                 LRU hash but buckets the program keeps itself; remove the line"
+            );
         }
         let serve_switch = dp
             .take_serve_switch()
@@ -1075,9 +1073,6 @@ impl<D: DataPlane> Agent<D> {
         // The flow tables are sized when the program is loaded.
         if old.max_flows != newa.max_flows {
             return Err(ReloadError::NeedsRestart("agent.max_flows changed"));
-        }
-        if old.flow_lru != newa.flow_lru {
-            return Err(ReloadError::NeedsRestart("agent.flow_lru changed"));
         }
         if old.max_pinned_flows != newa.max_pinned_flows {
             return Err(ReloadError::NeedsRestart("agent.max_pinned_flows changed"));

@@ -93,8 +93,10 @@ pub struct AgentConfig {
     pub new_flows_per_cpu_s: u32,
     /// Size of the connection table (FLOWS); changing it needs a restart.
     pub max_flows: u32,
-    /// The connection table's LRU lists (`FlowLru`); changing it needs a restart.
-    pub flow_lru: FlowLru,
+    /// Whether the config still sets `flow_lru`, which chose the LRU lists of the
+    /// connection table while it was the kernel's LRU hash: read and ignored (the
+    /// agent says so when it starts), so an older config still loads.
+    pub obsolete_flow_lru: bool,
     /// Size of the pinned-flow table (PINNED); changing it needs a restart.
     pub max_pinned_flows: u32,
     /// Size of the persistence table (PERSIST, LRU); changing it needs a restart.
@@ -155,44 +157,6 @@ impl fmt::Display for XdpMode {
             XdpMode::Auto => "auto",
             XdpMode::Native => "native",
             XdpMode::Generic => "generic",
-        })
-    }
-}
-
-/// How the connection table (FLOWS, an LRU hash) keeps its LRU order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlowLru {
-    /// One list per CPU (`BPF_F_NO_COMMON_LRU`): CPUs never share a lock to record a new
-    /// flow, so a SYN flood on many CPUs scales; each CPU holds `max_flows` / CPUs.
-    PerCpu,
-    /// One list for all CPUs, refilled in batches: cheaper per new flow, but its lock
-    /// is shared, which stops scaling beyond a few CPUs under a flood.
-    Shared,
-    /// `Shared` on a host with at most `SHARED_LRU_MAX_CPUS` CPUs, else `PerCpu`; an
-    /// existing pinned table is kept as it is.
-    Auto,
-}
-
-/// `FlowLru::Auto` picks the shared list up to this many CPUs.
-pub const SHARED_LRU_MAX_CPUS: u32 = 2;
-
-impl FlowLru {
-    /// Whether a host with `cpus` possible CPUs uses one shared list (`Auto` decided).
-    pub fn shared_on(self, cpus: u32) -> bool {
-        match self {
-            FlowLru::PerCpu => false,
-            FlowLru::Shared => true,
-            FlowLru::Auto => cpus <= SHARED_LRU_MAX_CPUS,
-        }
-    }
-}
-
-impl fmt::Display for FlowLru {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            FlowLru::PerCpu => "per-cpu",
-            FlowLru::Shared => "shared",
-            FlowLru::Auto => "auto",
         })
     }
 }
@@ -406,7 +370,8 @@ struct RawAgent {
     flow_idle_timeout_s: Option<Spanned<i64>>,
     new_flows_per_cpu_s: Option<Spanned<i64>>,
     max_flows: Option<Spanned<i64>>,
-    flow_lru: Option<Spanned<String>>,
+    /// Obsolete (see `AgentConfig::obsolete_flow_lru`): any value is accepted.
+    flow_lru: Option<toml::Value>,
     max_pinned_flows: Option<Spanned<i64>>,
     max_persistent_clients: Option<Spanned<i64>>,
     bpffs_dir: Option<Spanned<String>>,
@@ -869,16 +834,6 @@ impl Validator<'_> {
                 ("generic", XdpMode::Generic),
             ],
         );
-        let flow_lru = self.choice(
-            &raw.flow_lru,
-            "agent.flow_lru",
-            FlowLru::Auto,
-            &[
-                ("auto", FlowLru::Auto),
-                ("per-cpu", FlowLru::PerCpu),
-                ("shared", FlowLru::Shared),
-            ],
-        );
         let control_socket = self.path(
             &raw.control_socket,
             "agent.control_socket",
@@ -1006,7 +961,7 @@ impl Validator<'_> {
             flow_idle_timeout_s: flow_idle_timeout_s?,
             new_flows_per_cpu_s: new_flows_per_cpu_s?,
             max_flows: max_flows?,
-            flow_lru: flow_lru?,
+            obsolete_flow_lru: raw.flow_lru.is_some(),
             max_pinned_flows: max_pinned_flows?,
             max_persistent_clients: max_persistent_clients?,
             bpffs_dir: bpffs_dir?,
@@ -1651,47 +1606,16 @@ port = 80
     }
 
     #[test]
-    fn flow_lru_key() {
+    fn the_obsolete_flow_lru_key_is_read_and_ignored() {
         let c = parse(GOOD, "t").expect("valid");
-        assert_eq!(c.agent.flow_lru, FlowLru::Auto, "the default");
-        for (text, want) in [
-            ("auto", FlowLru::Auto),
-            ("per-cpu", FlowLru::PerCpu),
-            ("shared", FlowLru::Shared),
-        ] {
+        assert!(!c.agent.obsolete_flow_lru);
+        for text in ["\"auto\"", "\"per-cpu\"", "\"shared\"", "\"percpu\""] {
             let set = GOOD.replace(
                 "xdp_mode = \"native\"\n",
-                &format!("xdp_mode = \"native\"\nflow_lru = \"{text}\"\n"),
+                &format!("xdp_mode = \"native\"\nflow_lru = {text}\n"),
             );
-            let c = parse(&set, "t").expect("valid");
-            assert_eq!(c.agent.flow_lru, want);
-            assert_eq!(want.to_string(), text);
-        }
-        let bad = GOOD.replace(
-            "xdp_mode = \"native\"\n",
-            "xdp_mode = \"native\"\nflow_lru = \"percpu\"\n",
-        );
-        let errs = parse(&bad, "t").expect_err("invalid").errors;
-        let joined: String = errs.iter().map(|e| format!("{e}\n")).collect();
-        assert!(
-            joined.contains(
-                "agent.flow_lru: \"percpu\": expected \"auto\", \"per-cpu\" or \"shared\""
-            ),
-            "{joined}"
-        );
-    }
-
-    #[test]
-    fn auto_shares_the_lru_list_on_small_hosts_only() {
-        for cpus in 1..=SHARED_LRU_MAX_CPUS {
-            assert!(FlowLru::Auto.shared_on(cpus), "{cpus} CPUs");
-        }
-        for cpus in [SHARED_LRU_MAX_CPUS + 1, 8, 64, 512] {
-            assert!(!FlowLru::Auto.shared_on(cpus), "{cpus} CPUs");
-        }
-        for cpus in [1, 2, 64] {
-            assert!(FlowLru::Shared.shared_on(cpus));
-            assert!(!FlowLru::PerCpu.shared_on(cpus));
+            let c = parse(&set, "t").expect("still valid");
+            assert!(c.agent.obsolete_flow_lru, "{text}");
         }
     }
 

@@ -8,10 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{
-    config::FlowLru,
-    pins::{Found, PinDir},
-};
+use crate::pins::{Found, PinDir};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
@@ -25,7 +22,9 @@ use aya::{
 use lb_common::{
     Backend, Counter, FlowKey, FlowState, LbConfig, MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT,
     MAX_PINNED_FLOWS, MAX_RING_SIZE, NatConfig, NatFlow, NatTarget, PersistKey, PersistState,
-    SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, VipSlot, layout, names,
+    SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, VipSlot,
+    flowtab::{self, FlowSlot},
+    layout, names,
 };
 
 /// The XDP object built from `lb-ebpf`, embedded at build time.
@@ -76,7 +75,7 @@ pub enum DataPlaneError {
     },
     #[error(
         "pinned map {map} at {path} has {what} {found}, this agent wants {wanted}: it was made \
-         by another layout or with another [agent] max_flows / flow_lru / max_pinned_flows / \
+         by another layout or with another [agent] max_flows / max_pinned_flows / \
          max_persistent_clients / max_nat_flows. \
          `lb-agent --config PATH --detach` removes the pins (every flow is lost); then start again"
     )]
@@ -166,7 +165,8 @@ impl ServeSwitch for FakeServeSwitch {
 /// The two flow tables of the program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FlowTable {
-    /// FLOWS: the LRU connection table every flow enters on its first packet.
+    /// FLOWS: the connection table every flow enters on its first packet (buckets of
+    /// slots the program keeps, `lb_common::flowtab`).
     Connections,
     /// PINNED: flows whose backend is no longer the ring's choice, copied here by the
     /// agent so that no eviction from the connection table can move them; the program
@@ -329,11 +329,21 @@ impl FlowMaps {
 impl FlowStore for FlowMaps {
     fn read(&mut self, table: FlowTable) -> Result<Vec<(FlowKey, FlowState)>> {
         let (fd, map) = self.fd(table);
-        sys::lookup_batch(&fd, BATCH).map_err(|source| DataPlaneError::Syscall {
+        let err = |source| DataPlaneError::Syscall {
             map,
             op: "BPF_MAP_LOOKUP_BATCH",
             source,
-        })
+        };
+        match table {
+            // Every slot of the array; the used ones are the flows.
+            FlowTable::Connections => Ok(sys::lookup_batch::<u32, FlowSlot>(&fd, BATCH)
+                .map_err(err)?
+                .into_iter()
+                .filter(|(_, slot)| slot.is_used())
+                .map(|(_, slot)| (slot.key, slot.state))
+                .collect()),
+            FlowTable::Pinned => sys::lookup_batch(&fd, BATCH).map_err(err),
+        }
     }
     fn pin(&mut self, flows: &[(FlowKey, FlowState)]) -> Result<usize> {
         let mut full = 0;
@@ -570,76 +580,9 @@ mod sys {
         bpf(BPF_MAP_DELETE_ELEM, &mut attr)
     }
 
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_OBJ_PIN: libc::c_long = 6;
-
-    /// `union bpf_attr` as BPF_MAP_CREATE reads it (up to `map_extra`).
-    #[repr(C)]
-    #[derive(Default)]
-    struct CreateAttr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-        inner_map_fd: u32,
-        numa_node: u32,
-        map_name: [u8; 16],
-        map_ifindex: u32,
-        btf_fd: u32,
-        btf_key_type_id: u32,
-        btf_value_type_id: u32,
-        btf_vmlinux_value_type_id: u32,
-        map_extra: u64,
-    }
-
-    /// `union bpf_attr` as BPF_OBJ_PIN reads it.
-    #[repr(C)]
-    #[derive(Default)]
-    struct PinAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-
-    /// Makes a map as `m` describes it, with `max_entries` and `flags`, and pins it at
-    /// `path` (the map lives on in the pin; our descriptor is closed).
-    pub fn create_pinned(
-        m: &lb_common::layout::MapLayout,
-        max_entries: u32,
-        flags: u32,
-        path: &std::path::Path,
-    ) -> io::Result<()> {
-        use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
-        let mut attr = CreateAttr {
-            map_type: m.map_type,
-            key_size: m.key_size,
-            value_size: m.value_size,
-            max_entries,
-            map_flags: flags,
-            ..Default::default()
-        };
-        let name = m.name.as_bytes();
-        let n = name.len().min(attr.map_name.len() - 1);
-        attr.map_name[..n].copy_from_slice(&name[..n]);
-        let fd = bpf_value(BPF_MAP_CREATE, &mut attr)?;
-        // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        let path = std::ffi::CString::new(path.as_os_str().as_bytes())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let mut pin = PinAttr {
-            pathname: path.as_ptr() as u64,
-            bpf_fd: fd.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        bpf(BPF_OBJ_PIN, &mut pin)
-    }
-
-    /// Every entry, `batch` at a time. The position between calls is a bucket index
-    /// kept by the kernel (not a key), so entries the LRU evicts meanwhile cost nothing:
-    /// they are simply not returned. ENOENT ends the walk (with that call's last
+    /// Every entry, `batch` at a time. The position between calls is kept by the kernel
+    /// (a hash map's bucket index, an array's index), not a key, so entries removed
+    /// meanwhile cost nothing: they are simply not returned. ENOENT ends the walk (with that call's last
     /// entries); ENOSPC means one bucket holds more than `batch`: retried with more room.
     pub fn lookup_batch<K: Copy + Default, V: Copy + Default>(
         fd: &impl AsRawFd,
@@ -701,7 +644,8 @@ pub fn possible_cpus() -> u32 {
 /// How big the flow tables are made at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
-    /// FLOWS, the LRU connection table.
+    /// FLOWS, the connection table (rounded up to whole buckets,
+    /// `lb_common::flowtab::slots_for`).
     pub max_flows: u32,
     /// PINNED, the agent's table of flows kept on their backend.
     pub max_pinned_flows: u32,
@@ -709,10 +653,6 @@ pub struct MapSizes {
     pub max_persistent_clients: u32,
     /// NAT_FLOWS and NAT_REVERSE, one entry each per NAT flow.
     pub max_nat_flows: u32,
-    /// FLOWS's LRU lists. Only a load with pins (`load_pinned`) can make the shared
-    /// list: the object defines per-CPU lists, and the shared table is made and pinned
-    /// before the object is loaded, which then takes it up.
-    pub flow_lru: FlowLru,
 }
 
 impl Default for MapSizes {
@@ -722,7 +662,6 @@ impl Default for MapSizes {
             max_pinned_flows: MAX_PINNED_FLOWS,
             max_persistent_clients: MAX_PERSISTENT,
             max_nat_flows: MAX_NAT_FLOWS,
-            flow_lru: FlowLru::PerCpu,
         }
     }
 }
@@ -835,8 +774,8 @@ impl XdpDataPlane {
         Self::load_pinned_object(OBJECT, sizes, pins)
     }
 
-    /// As `load_pinned`, another build of the program (the benchmark's, which measures
-    /// the connection table with the LRU list the agent would make).
+    /// As `load_pinned`, another build of the program (the benchmark's, which fills a
+    /// pinned connection table from outside).
     #[doc(hidden)]
     pub fn load_pinned_object(
         object: &[u8],
@@ -844,21 +783,6 @@ impl XdpDataPlane {
         pins: &PinDir,
     ) -> Result<(Self, Found)> {
         let found = pins.prepare(sizes)?;
-        let flows = pins.map_path(names::MAP_FLOWS);
-        if !flows.exists() && sizes.flow_lru.shared_on(possible_cpus()) {
-            let m = layout::by_name(names::MAP_FLOWS).ok_or(DataPlaneError::Missing {
-                kind: "map",
-                name: names::MAP_FLOWS,
-            })?;
-            let flags = crate::pins::flows_flags(m, true);
-            sys::create_pinned(m, sizes.max_flows, flags, &flows).map_err(|source| {
-                DataPlaneError::Pin {
-                    what: "making the shared-list connection table",
-                    path: flows.clone(),
-                    source,
-                }
-            })?;
-        }
         let mut dp = Self::load_with(object, sizes, Some(pins))?;
         dp.pins = Some(pins.clone());
         dp.meta
@@ -870,7 +794,7 @@ impl XdpDataPlane {
     fn load_with(object: &[u8], sizes: MapSizes, pins: Option<&PinDir>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(names::MAP_FLOWS, sizes.max_flows)
+            .map_max_entries(names::MAP_FLOWS, flowtab::slots_for(sizes.max_flows))
             .map_max_entries(names::MAP_PINNED, sizes.max_pinned_flows)
             .map_max_entries(names::MAP_PERSIST, sizes.max_persistent_clients)
             .map_max_entries(names::MAP_NAT_FLOWS, sizes.max_nat_flows)
@@ -920,13 +844,13 @@ impl XdpDataPlane {
             .map_err(map_err(names::MAP_NAT_BACKENDS))?;
         let nat_config = Array::try_from(take(&mut ebpf, names::MAP_NAT_CONFIG)?)
             .map_err(map_err(names::MAP_NAT_CONFIG))?;
-        // FLOWS stays in `ebpf` too (for `flow` and `active_flows`): the store gets its
-        // own descriptor on it. PINNED belongs to the store alone.
+        // FLOWS stays in `ebpf` too (for `flow`): the store gets its own descriptor on
+        // it. PINNED belongs to the store alone.
         let flows = match ebpf.map(names::MAP_FLOWS) {
-            Some(Map::LruHashMap(m)) => dup_fd(m, names::MAP_FLOWS)?,
+            Some(Map::Array(m)) => dup_fd(m, names::MAP_FLOWS)?,
             _ => {
                 return Err(DataPlaneError::Missing {
-                    kind: "LRU hash map",
+                    kind: "array",
                     name: names::MAP_FLOWS,
                 });
             }
@@ -992,7 +916,36 @@ impl XdpDataPlane {
             link: None,
         };
         dp.program_mut(names::PROG_LB)?;
+        dp.describe_flow_table(sizes.max_flows)?;
         Ok(dp)
+    }
+
+    /// Writes the connection table's description (`meta::FLOW_TABLE`: a fresh random
+    /// seed and the bucket count) unless the table has one: a pinned table keeps its
+    /// own, or its flows would no longer be found.
+    fn describe_flow_table(&mut self, max_flows: u32) -> Result<()> {
+        let meta_err = map_err(names::MAP_META);
+        let word = self
+            .meta
+            .get(&layout::meta::FLOW_TABLE, 0)
+            .map_err(map_err(names::MAP_META))?;
+        if word != 0 {
+            return Ok(());
+        }
+        let mut seed = [0u8; 4];
+        // SAFETY: a 4-byte buffer of our own.
+        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        if n != seed.len() as isize {
+            return Err(DataPlaneError::Syscall {
+                map: names::MAP_META,
+                op: "getrandom (the connection table's seed)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let word = flowtab::table_word(u32::from_ne_bytes(seed), flowtab::buckets_for(max_flows));
+        self.meta
+            .set(layout::meta::FLOW_TABLE, word, 0)
+            .map_err(meta_err)
     }
 
     /// A handle of its own on the counter array, for a reader on another thread (the
@@ -1195,7 +1148,7 @@ impl XdpDataPlane {
     }
 
     /// The connection table, read-only.
-    fn flows(&self) -> Result<HashMap<&MapData, lb_common::FlowKey, lb_common::FlowState>> {
+    fn flows(&self) -> Result<Array<&MapData, FlowSlot>> {
         let map = self
             .ebpf
             .map(names::MAP_FLOWS)
@@ -1203,17 +1156,29 @@ impl XdpDataPlane {
                 kind: "map",
                 name: names::MAP_FLOWS,
             })?;
-        HashMap::try_from(map).map_err(map_err(names::MAP_FLOWS))
+        Array::try_from(map).map_err(map_err(names::MAP_FLOWS))
     }
 
-    /// The connection-table entry of one flow, if any.
+    /// The connection-table entry of one flow, if any: its bucket's slots, as the
+    /// program looks it up.
     pub fn flow(&self, key: &lb_common::FlowKey) -> Result<Option<lb_common::FlowState>> {
-        let flows = self.flows()?;
-        match flows.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(names::MAP_FLOWS)(e)),
+        let word = self
+            .meta
+            .get(&layout::meta::FLOW_TABLE, 0)
+            .map_err(map_err(names::MAP_META))?;
+        let (seed, buckets) = flowtab::table_of(word);
+        if buckets == 0 {
+            return Ok(None);
         }
+        let flows = self.flows()?;
+        let first = flowtab::bucket_of(key, seed, buckets);
+        for i in first..first + flowtab::FLOW_WAYS {
+            let slot = flows.get(&i, 0).map_err(map_err(names::MAP_FLOWS))?;
+            if slot.is_used() && slot.key == *key {
+                return Ok(Some(slot.state));
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -15,15 +15,11 @@ use std::{
 
 use aya::maps::{Array, MapData, MapInfo};
 use lb_common::{
-    BPF_F_NO_COMMON_LRU,
     layout::{self, MapLayout},
     names,
 };
 
-use crate::{
-    config::FlowLru,
-    dataplane::{DataPlaneError, MapSizes},
-};
+use crate::dataplane::{DataPlaneError, MapSizes};
 
 type Result<T> = std::result::Result<T, DataPlaneError>;
 
@@ -131,36 +127,12 @@ fn version_dir_name(version: u32) -> String {
 /// The size a map of the layout must have with these table sizes.
 fn wanted_entries(m: &MapLayout, sizes: MapSizes) -> u32 {
     match m.name {
-        names::MAP_FLOWS => sizes.max_flows,
+        names::MAP_FLOWS => lb_common::flowtab::slots_for(sizes.max_flows),
         names::MAP_PINNED => sizes.max_pinned_flows,
         names::MAP_PERSIST => sizes.max_persistent_clients,
         names::MAP_NAT_FLOWS | names::MAP_NAT_REVERSE => sizes.max_nat_flows,
         _ => m.max_entries,
     }
-}
-
-/// FLOWS's flags (`m` is its layout) with one LRU list shared by all CPUs, or one per
-/// CPU: what the agent makes a shared-list table with, and what a pinned one must have.
-pub fn flows_flags(m: &MapLayout, shared: bool) -> u32 {
-    if shared {
-        m.flags & !BPF_F_NO_COMMON_LRU
-    } else {
-        m.flags | BPF_F_NO_COMMON_LRU
-    }
-}
-
-/// The flags a map of the layout must have: FLOWS's say which LRU lists it keeps
-/// (`FlowLru`); with `Auto`, a pinned table keeps the ones it was made with (`found`).
-fn wanted_flags(m: &MapLayout, sizes: MapSizes, found: u32) -> u32 {
-    if m.name != names::MAP_FLOWS {
-        return m.flags;
-    }
-    let shared = match sizes.flow_lru {
-        FlowLru::PerCpu => false,
-        FlowLru::Shared => true,
-        FlowLru::Auto => found == flows_flags(m, true),
-    };
-    flows_flags(m, shared)
 }
 
 fn check_map(m: &MapLayout, path: &Path, sizes: MapSizes) -> Result<()> {
@@ -175,11 +147,7 @@ fn check_map(m: &MapLayout, path: &Path, sizes: MapSizes) -> Result<()> {
         ("key size", info.key_size(), m.key_size),
         ("value size", info.value_size(), m.value_size),
         ("max entries", info.max_entries(), wanted_entries(m, sizes)),
-        (
-            "flags",
-            info.map_flags(),
-            wanted_flags(m, sizes, info.map_flags()),
-        ),
+        ("flags", info.map_flags(), m.flags),
     ];
     for (what, found, wanted) in checks {
         if found != wanted {
@@ -368,30 +336,5 @@ mod tests {
         for name in layout::UNPINNED {
             assert!(layout::by_name(name).is_none(), "{name} is not pinned");
         }
-    }
-
-    #[test]
-    fn the_connection_tables_flags_follow_flow_lru() {
-        let map = |name| layout::by_name(name).expect(name);
-        let flows = map(names::MAP_FLOWS);
-        let sizes = |flow_lru| MapSizes {
-            flow_lru,
-            ..MapSizes::default()
-        };
-        let (per_cpu, shared) = (BPF_F_NO_COMMON_LRU, 0);
-        for found in [per_cpu, shared] {
-            assert_eq!(wanted_flags(flows, sizes(FlowLru::PerCpu), found), per_cpu);
-            assert_eq!(wanted_flags(flows, sizes(FlowLru::Shared), found), shared);
-            // Auto keeps what a pinned table was made with.
-            assert_eq!(wanted_flags(flows, sizes(FlowLru::Auto), found), found);
-        }
-        // Anything else is not a table Auto would make: wanted per-CPU, so refused.
-        assert_eq!(wanted_flags(flows, sizes(FlowLru::Auto), 0x40), per_cpu);
-        // Other maps keep the layout's flags whatever the setting.
-        let pinned = map(names::MAP_PINNED);
-        assert_eq!(
-            wanted_flags(pinned, sizes(FlowLru::Shared), 0),
-            pinned.flags
-        );
     }
 }

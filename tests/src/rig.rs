@@ -288,6 +288,20 @@ impl Rig {
         self.dp.counter(slot).expect("counter")
     }
 
+    /// The program's connection table, by key (see `Flows`).
+    pub fn flows(&mut self) -> anyhow::Result<Flows> {
+        let meta: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(self.map(lb_common::names::MAP_META)?)?;
+        let (seed, buckets) =
+            lb_common::flowtab::table_of(meta.get(&lb_common::layout::meta::FLOW_TABLE, 0)?);
+        let table = aya::maps::Array::try_from(self.map(lb_common::names::MAP_FLOWS)?)?;
+        Ok(Flows {
+            table,
+            seed,
+            buckets,
+        })
+    }
+
     /// The balancer program's map named `name`, through a descriptor of its own: for a
     /// test that changes a map behind the agent's back.
     pub fn map(&mut self, name: &str) -> anyhow::Result<aya::maps::Map> {
@@ -334,4 +348,48 @@ pub fn cpus() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     usize::try_from(n).unwrap_or(1).max(1)
+}
+
+/// The program's connection table (`lb_common::flowtab`) as a test reads and writes it:
+/// by key, in the bucket the program looks in.
+pub struct Flows {
+    table: aya::maps::Array<aya::maps::MapData, lb_common::flowtab::FlowSlot>,
+    seed: u32,
+    buckets: u32,
+}
+
+impl Flows {
+    /// The slot that holds `key`, or `None`.
+    fn slot_of(&self, key: &lb_common::FlowKey) -> anyhow::Result<Option<u32>> {
+        let first = lb_common::flowtab::bucket_of(key, self.seed, self.buckets);
+        for i in first..first + lb_common::flowtab::FLOW_WAYS {
+            let slot = self.table.get(&i, 0)?;
+            if slot.is_used() && slot.key == *key {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The flow's entry; an error if the table does not hold it.
+    pub fn get(&self, key: &lb_common::FlowKey) -> anyhow::Result<lb_common::FlowState> {
+        let i = self
+            .slot_of(key)?
+            .ok_or_else(|| anyhow::anyhow!("no entry for {key:?}"))?;
+        Ok(self.table.get(&i, 0)?.state)
+    }
+
+    /// Rewrites the entry of a flow the table holds.
+    pub fn set(
+        &mut self,
+        key: &lb_common::FlowKey,
+        state: lb_common::FlowState,
+    ) -> anyhow::Result<()> {
+        let i = self
+            .slot_of(key)?
+            .ok_or_else(|| anyhow::anyhow!("no entry for {key:?}"))?;
+        let slot = lb_common::flowtab::FlowSlot { key: *key, state };
+        self.table.set(i, slot, 0)?;
+        Ok(())
+    }
 }

@@ -41,7 +41,6 @@ fn colour(path: Path) -> RGBColor {
         Path::NullFwd => RGBColor(170, 170, 170),
         Path::NullFwdBoth => RGBColor(200, 200, 200),
         Path::LbDsr => RGBColor(31, 119, 180),
-        Path::LbDsrPerCpu => RGBColor(120, 170, 210),
         Path::LbNat => RGBColor(255, 127, 14),
         Path::Haproxy => RGBColor(214, 39, 40),
         Path::Nginx => RGBColor(44, 160, 44),

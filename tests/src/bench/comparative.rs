@@ -499,7 +499,7 @@ impl<'lab> Bench<'lab> {
                 (self.backend, HTTP_PORT).into(),
                 (self.backend, IPERF_PORT).into(),
             ),
-            Path::NullFwd | Path::NullFwdBoth | Path::LbDsr | Path::LbDsrPerCpu => {
+            Path::NullFwd | Path::NullFwdBoth | Path::LbDsr => {
                 ((vip, HTTP_PORT).into(), (vip, IPERF_PORT).into())
             }
             Path::LbNat => {
@@ -527,9 +527,7 @@ impl<'lab> Bench<'lab> {
                 LbState::Xdp(self.attach(names::PROG_NULL_FWD, &globals)?)
             }
             Path::Haproxy | Path::Nginx => LbState::Xdp(self.attach(names::PROG_PASS, &[])?),
-            Path::LbDsr | Path::LbDsrPerCpu | Path::LbNat => {
-                LbState::Agent(self.start_agent(path)?)
-            }
+            Path::LbDsr | Path::LbNat => LbState::Agent(self.start_agent(path)?),
         };
         let _replies = (path == Path::NullFwdBoth)
             .then(|| RepliesViaLb::new(self.lab, &mac_text(&self.lb_mac)))
@@ -684,8 +682,8 @@ impl<'lab> Bench<'lab> {
         })
     }
 
-    /// The agent with the `http` and `bulk` services: DSR on `VIP4` for `Path::LbDsr`
-    /// (per-CPU LRU lists for `Path::LbDsrPerCpu`), NAT on `NAT_VIP4` (to the same ports
+    /// The agent with the `http` and `bulk` services: DSR on `VIP4` for `Path::LbDsr`,
+    /// NAT on `NAT_VIP4` (to the same ports
     /// on the backend) for `Path::LbNat`.
     fn start_agent(&self, path: Path) -> Result<crate::lab::AgentGuard<'lab>> {
         let services = match path {
@@ -702,19 +700,8 @@ impl<'lab> Bench<'lab> {
                 Service::new("bulk", VIP4, IPERF_PORT).backends([1]),
             ],
         };
-        let mut file = self.lab.config_file(Node::Lb, "native", &services);
-        if path == Path::LbDsrPerCpu {
-            file.agent.flow_lru = Some("per-cpu".into());
-        }
+        let file = self.lab.config_file(Node::Lb, "native", &services);
         let agent = self.lab.spawn_agent(&file.to_toml())?;
-        if path == Path::LbDsrPerCpu {
-            ensure!(
-                agent.count_log("connection table: one LRU list per CPU") == 1,
-                "the agent of {} did not make per-CPU lists:\n{}",
-                path.id(),
-                agent.log()
-            );
-        }
         for service in ["http", "bulk"] {
             self.lab.wait_backends_up(service, &["b1"], PATH_READY)?;
         }

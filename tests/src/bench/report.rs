@@ -20,12 +20,8 @@ pub enum Path {
     /// backend's neighbour entry for the client points at the LB): the yardstick of the
     /// paths whose replies cross the LB host too (NAT, the proxies).
     NullFwdBoth,
-    /// lb-agent in DSR mode: the XDP program the agent loads, one service, one backend,
-    /// the agent's default `flow_lru` (`auto`).
+    /// lb-agent in DSR mode: the XDP program the agent loads, one service, one backend.
     LbDsr,
-    /// `LbDsr` with `flow_lru = "per-cpu"`: what the connection table's per-CPU LRU
-    /// lists cost beside the default's lists, in the same run.
-    LbDsrPerCpu,
     /// lb-agent in NAT mode: full NAT to the one backend on a VIP of its own that the
     /// backend does not hold; the backend's replies come back through the LB.
     LbNat,
@@ -37,11 +33,10 @@ pub enum Path {
 
 impl Path {
     /// Every path: the order of the table; repetition `r` starts at the `r`-th.
-    pub const ALL: [Path; 8] = [
+    pub const ALL: [Path; 7] = [
         Path::Direct,
         Path::NullFwd,
         Path::LbDsr,
-        Path::LbDsrPerCpu,
         Path::NullFwdBoth,
         Path::LbNat,
         Path::Haproxy,
@@ -55,7 +50,6 @@ impl Path {
             Path::NullFwd => "null XDP forwarder",
             Path::NullFwdBoth => "null XDP forwarder, both ways",
             Path::LbDsr => "lb (DSR)",
-            Path::LbDsrPerCpu => "lb (DSR), per-CPU LRU lists",
             Path::LbNat => "lb (NAT)",
             Path::Haproxy => "HAProxy mode tcp",
             Path::Nginx => "nginx stream",
@@ -69,7 +63,6 @@ impl Path {
             Path::NullFwd => "null-fwd",
             Path::NullFwdBoth => "null-fwd-both",
             Path::LbDsr => "lb-dsr",
-            Path::LbDsrPerCpu => "lb-dsr-per-cpu",
             Path::LbNat => "lb-nat",
             Path::Haproxy => "haproxy",
             Path::Nginx => "nginx",
@@ -88,7 +81,7 @@ impl Path {
     pub fn is_xdp(self) -> bool {
         matches!(
             self,
-            Path::NullFwd | Path::NullFwdBoth | Path::LbDsr | Path::LbDsrPerCpu | Path::LbNat
+            Path::NullFwd | Path::NullFwdBoth | Path::LbDsr | Path::LbNat
         )
     }
 

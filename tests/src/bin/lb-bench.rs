@@ -36,7 +36,7 @@
 //! `--sync-only` runs only this part.
 //!
 //! Then the flow scanner at a full connection table (the default size and 1M entries,
-//! shared LRU list, loaded unattached): the kernel's batch read alone, then the whole
+//! loaded unattached, every slot used): the kernel's batch read alone, then the whole
 //! scan as at a ring change, and the share of a core the periodic scans take, once a
 //! second beside the scans' budget. `--scan-only` runs only this part.
 //!
@@ -80,7 +80,6 @@ use lb_tests::{
     rig::{CLIENT_MAC, LB_MAC, Rig, XDP_PASS, XDP_TX, looped, service},
 };
 use lb_userspace::{
-    config::FlowLru,
     dataplane::{MapSizes, OBJECT, OBJECT_UNTRACED, ServeSwitch, XdpDataPlane, monotonic_ns},
     pins::{self, PinDir},
 };
@@ -100,10 +99,6 @@ struct Case {
     /// Measured with a serving lease set (as a VRRP master's), whose expiry each CPU
     /// checks about once a jiffy (`lb_common::lease`); cleared after.
     leased: bool,
-    /// Measured on the connection table with one LRU list for all CPUs (`flow_lru =
-    /// "shared"`, what the agent makes by default on hosts of up to two CPUs), not the
-    /// object's own per-CPU lists.
-    shared_lru: bool,
 }
 
 impl Case {
@@ -352,7 +347,7 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
             ),
         ]
     };
-    let mut rig = Rigs::new(OBJECT, &services, "shipped")?;
+    let mut rig = bench_rig(OBJECT, &services)?;
     let baseline_path = std::env::var_os(BASELINE_VAR);
     let mut baseline = match &baseline_path {
         Some(path) => {
@@ -362,7 +357,7 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
                     std::path::Path::new(path).display()
                 )
             })?;
-            Some(Rigs::new(&object, &services, "baseline")?)
+            Some(bench_rig(&object, &services)?)
         }
         None => None,
     };
@@ -376,15 +371,6 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
     let cases = [
         non_vip4,
         syn4,
-        Case {
-            name: "SYN, shared LRU list",
-            frame: frame(c4, vip4, SYN),
-            verdict: XDP_TX,
-            prime: None,
-            service: Some(vip4),
-            leased: false,
-            shared_lru: true,
-        },
         established4,
         // The client's entry exists after the first run: every later SYN is a
         // persistent client's new connection (entry lookup and refresh, then FLOWS).
@@ -395,7 +381,6 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
             prime: None,
             service: Some(sticky4),
             leased: false,
-            shared_lru: false,
         },
         Case {
             name: "established, persistent",
@@ -404,7 +389,6 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
             prime: Some(frame(c4, sticky4, SYN)),
             service: Some(sticky4),
             leased: false,
-            shared_lru: false,
         },
         Case {
             name: "established, VRRP lease",
@@ -413,7 +397,6 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
             prime: Some(frame(c4, vip4, SYN)),
             service: Some(vip4),
             leased: true,
-            shared_lru: false,
         },
         Case {
             name: "non-VIP IPv6 packet",
@@ -422,7 +405,6 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
             prime: None,
             service: None,
             leased: false,
-            shared_lru: false,
         },
         Case {
             name: "SYN to an IPv6 VIP",
@@ -431,7 +413,6 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
             prime: None,
             service: Some(vip6),
             leased: false,
-            shared_lru: false,
         },
         Case {
             name: "established IPv6 flow",
@@ -440,12 +421,11 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
             prime: Some(frame(c6, vip6, SYN)),
             service: Some(vip6),
             leased: false,
-            shared_lru: false,
         },
     ];
     for r in std::iter::once(&mut rig).chain(baseline.as_mut()) {
         for case in &cases {
-            case.check(r.pick(case))?;
+            case.check(r)?;
         }
     }
     let mut report = XdpReport {
@@ -465,12 +445,11 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
     for _ in 0..ROUNDS {
         for (case, figures) in cases.iter().zip(&mut report.cases) {
             figures.pass_ns.push(ns(rig
-                .per_cpu
                 .run_program(names::PROG_PASS, &case.frame, REPEAT)?
                 .per_run));
-            figures.lb_ns.push(ns(case.time_lb(rig.pick(case))?));
+            figures.lb_ns.push(ns(case.time_lb(&mut rig)?));
             if let Some(b) = baseline.as_mut() {
-                figures.baseline_ns.push(ns(case.time_lb(b.pick(case))?));
+                figures.baseline_ns.push(ns(case.time_lb(b)?));
             }
         }
     }
@@ -505,44 +484,12 @@ impl Drop for BenchPins {
     }
 }
 
-/// One object's rigs: its connection table with the object's own per-CPU LRU lists, and
-/// with the shared list, which only a load with pins makes (as the agent does).
-/// Dropped in this order: the maps' last descriptors, then their pins.
-struct Rigs {
-    per_cpu: Rig,
-    shared: Rig,
-    _pins: BenchPins,
-}
-
-impl Rigs {
-    fn new(
-        object: &[u8],
-        services: &dyn Fn() -> Vec<lb_userspace::config::Service>,
-        tag: &str,
-    ) -> anyhow::Result<Self> {
-        let per_cpu = Rig::new_object_with(object, services(), MapSizes::default(), &looped)?;
-        let pins = BenchPins::new(tag);
-        let sizes = MapSizes {
-            flow_lru: FlowLru::Shared,
-            ..MapSizes::default()
-        };
-        let (dp, _) =
-            XdpDataPlane::load_pinned_object(object, sizes, &PinDir::new(&pins.0, BENCH_PINS_IF))?;
-        let shared = Rig::with_dataplane(dp, services(), &looped)?;
-        Ok(Self {
-            per_cpu,
-            shared,
-            _pins: pins,
-        })
-    }
-
-    fn pick(&mut self, case: &Case) -> &mut Rig {
-        if case.shared_lru {
-            &mut self.shared
-        } else {
-            &mut self.per_cpu
-        }
-    }
+/// One object's rig, its maps as the agent makes them by default.
+fn bench_rig(
+    object: &[u8],
+    services: &dyn Fn() -> Vec<lb_userspace::config::Service>,
+) -> anyhow::Result<Rig> {
+    Rig::new_object_with(object, services(), MapSizes::default(), &looped)
 }
 
 /// Single runs per case and program in the NAT comparison.
@@ -1196,15 +1143,15 @@ fn sync_pins() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The flow scanner's cost at a full connection table (the LRU's steady state: nothing
-/// leaves it but by eviction), at the default size and at 1M entries: the read alone,
+/// The flow scanner's cost at a full connection table (a busy host's steady state:
+/// nothing leaves it but by a new flow taking a slot), at the default size and at 1M entries: the read alone,
 /// then the whole scan (read, decisions, snapshot) as the agent runs it at a ring
 /// change (`Scanner::prepare`), and what the periodic scans take of one core, a scan a
 /// second beside the scans' budget (`flows::next_scan_in`).
 fn flow_scan() -> anyhow::Result<()> {
     use std::{collections::HashMap, sync::Arc};
 
-    use lb_common::{FAMILY_V4, FlowKey, FlowState, PROTO_TCP, names};
+    use lb_common::{FAMILY_V4, FlowKey, FlowState, PROTO_TCP, flowtab::FlowSlot, names};
     use lb_userspace::{
         dataplane::{FlowStore, FlowTable},
         flows::{RingSet, Scanner},
@@ -1220,17 +1167,14 @@ fn flow_scan() -> anyhow::Result<()> {
     for entries in [lb_common::MAX_FLOWS, 1 << 20] {
         let pins = BenchPins::new("scan");
         let dir = PinDir::new(&pins.0, BENCH_PINS_IF);
-        // One list for all CPUs (this host's default up to two CPUs): one thread fills
-        // all of it, where each per-CPU list would hold only its CPU's share.
         let sizes = MapSizes {
             max_flows: entries,
-            flow_lru: FlowLru::Shared,
             ..MapSizes::default()
         };
         let (mut dp, _) = XdpDataPlane::load_pinned_object(OBJECT, sizes, &dir)?;
         let map = aya::maps::MapData::from_pin(dir.map_path(names::MAP_FLOWS))?;
-        let mut flows: aya::maps::HashMap<_, FlowKey, FlowState> =
-            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map))?;
+        let mut flows: aya::maps::Array<_, FlowSlot> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(map))?;
         let now = monotonic_ns();
         for i in 0..entries {
             let mut key = FlowKey {
@@ -1247,7 +1191,8 @@ fn flow_scan() -> anyhow::Result<()> {
                 last_seen_ns: now,
                 ..FlowState::default()
             };
-            flows.insert(key, state, 0)?;
+            // Every slot used, in order: the scan reads them all wherever they sit.
+            flows.set(i, FlowSlot { key, state }, 0)?;
         }
         let mut store = dp
             .take_flow_store()
@@ -1320,7 +1265,6 @@ fn ipv4_cases() -> anyhow::Result<[Case; 3]> {
             prime: None,
             service: None,
             leased: false,
-            shared_lru: false,
         },
         Case {
             name: "SYN to an IPv4 VIP",
@@ -1329,7 +1273,6 @@ fn ipv4_cases() -> anyhow::Result<[Case; 3]> {
             prime: None,
             service: Some(vip4),
             leased: false,
-            shared_lru: false,
         },
         Case {
             name: "established IPv4 flow",
@@ -1338,7 +1281,6 @@ fn ipv4_cases() -> anyhow::Result<[Case; 3]> {
             prime: Some(frame(c4, vip4, SYN)),
             service: Some(vip4),
             leased: false,
-            shared_lru: false,
         },
     ])
 }

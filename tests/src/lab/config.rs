@@ -132,9 +132,6 @@ pub struct AgentSection {
     pub flow_idle_timeout_s: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_flows: Option<u32>,
-    /// `auto`, `per-cpu` or `shared`; None: the agent's default (`auto`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub flow_lru: Option<String>,
     /// Where the agent pins its maps and link. Lab hosts share the root's bpffs and all
     /// call their interface eth0: `config_file` gives each node a directory of its own.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -359,6 +359,16 @@ pub struct Flows {
 }
 
 impl Flows {
+    /// The first slot of the bucket `key` belongs in.
+    pub fn bucket_of(&self, key: &lb_common::FlowKey) -> u32 {
+        lb_common::flowtab::bucket_of(key, self.seed, self.buckets)
+    }
+
+    /// Whether the table holds the flow.
+    pub fn holds(&self, key: &lb_common::FlowKey) -> anyhow::Result<bool> {
+        Ok(self.slot_of(key)?.is_some())
+    }
+
     /// The slot that holds `key`, or `None`.
     fn slot_of(&self, key: &lb_common::FlowKey) -> anyhow::Result<Option<u32>> {
         let first = lb_common::flowtab::bucket_of(key, self.seed, self.buckets);

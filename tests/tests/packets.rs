@@ -1469,6 +1469,73 @@ fn flood_guard_records_at_most_the_limit_per_cpu_and_window() {
     assert_eq!(events(&rig), plus(&before, event::FLOW_NOT_RECORDED, 3));
 }
 
+/// The connection table's buckets (`lb_common::flowtab`): a new flow into a full
+/// bucket takes a closing flow's slot first, else the longest idle flow's; a flow the
+/// bucket holds keeps its own slot (a retransmitted SYN pushes nothing out); the
+/// bucket's other flows stay.
+#[test]
+fn a_full_bucket_gives_up_a_closing_then_the_longest_idle_flow() {
+    if !require_root("a_full_bucket_gives_up_a_closing_then_the_longest_idle_flow") {
+        return;
+    }
+    let sizes = MapSizes {
+        max_flows: 1024,
+        max_pinned_flows: 1024,
+        ..MapSizes::default()
+    };
+    let mut rig = Rig::new_sized(services(), sizes).expect("load (needs root)");
+    let mut flows = rig.flows().expect("FLOWS");
+    let vip = (ip("192.0.2.10"), 80);
+    let first = (ip("198.51.100.9"), 1000);
+    let bucket = flows.bucket_of(&flow(first, vip));
+    // Ten flows of one bucket (of 128), by the table's own seed.
+    let clients: Vec<(IpAddr, u16)> = (1000..u16::MAX)
+        .map(|port| (first.0, port))
+        .filter(|c| flows.bucket_of(&flow(*c, vip)) == bucket)
+        .take(10)
+        .collect();
+    assert_eq!(clients.len(), 10);
+    let keys: Vec<FlowKey> = clients.iter().map(|c| flow(*c, vip)).collect();
+    let syn = |c: (IpAddr, u16)| tcp_frame(LB_MAC, CLIENT_MAC, None, c, vip, SYN);
+    let held = |flows: &lb_tests::rig::Flows| -> Vec<bool> {
+        keys.iter().map(|k| flows.holds(k).expect("read")).collect()
+    };
+    for c in &clients[..8] {
+        assert_eq!(rig.run(&syn(*c)).0, XDP_TX);
+    }
+    let full = [true, true, true, true, true, true, true, true, false, false];
+    assert_eq!(held(&flows), full, "eight flows fill the bucket");
+    // A retransmitted SYN takes its own slot again.
+    assert_eq!(rig.run(&syn(clients[3])).0, XDP_TX);
+    assert_eq!(held(&flows), full, "a flow it holds pushes nothing out");
+    // Flow 5 idle for 10 s, flow 2 closing (though seen last).
+    let idle = flows.get(&keys[5]).expect("flow 5");
+    let idle = FlowState {
+        last_seen_ns: idle.last_seen_ns.saturating_sub(10_000_000_000),
+        ..idle
+    };
+    flows.set(&keys[5], idle).expect("aged");
+    let closing = flows.get(&keys[2]).expect("flow 2");
+    let closing = FlowState {
+        flags: closing.flags | FLOW_F_CLOSING,
+        last_seen_ns: closing.last_seen_ns + 1,
+        ..closing
+    };
+    flows.set(&keys[2], closing).expect("closing");
+    assert_eq!(rig.run(&syn(clients[8])).0, XDP_TX);
+    assert_eq!(
+        held(&flows),
+        [true, true, false, true, true, true, true, true, true, false],
+        "the ninth flow takes the closing flow's slot"
+    );
+    assert_eq!(rig.run(&syn(clients[9])).0, XDP_TX);
+    assert_eq!(
+        held(&flows),
+        [true, true, false, true, true, false, true, true, true, true],
+        "the tenth takes the longest idle flow's"
+    );
+}
+
 #[test]
 fn a_pinned_flow_keeps_its_backend_when_the_connection_table_loses_it() {
     if !require_root("a_pinned_flow_keeps_its_backend_when_the_connection_table_loses_it") {

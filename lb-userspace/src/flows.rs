@@ -8,8 +8,8 @@
 //!   [`SCAN_SHARE_DIVISOR`]th of a core: a full table of a million entries takes most
 //!   of a second to read, so they come from [`SCAN_EVERY`] to [`SCAN_EVERY_MAX`] apart
 //!   ([`next_scan_in`]).
-//! - It keeps flows whose backend is no longer the ring's choice out of the LRU's
-//!   reach: such a flow is copied into the pinned table, which the program consults
+//! - It keeps flows whose backend is no longer the ring's choice out of the reach of
+//!   new flows taking their slots: such a flow is copied into the pinned table, which the program consults
 //!   when the connection table misses. A flood that evicts the flow from the
 //!   connection table then costs it nothing. Before the agent writes a new ring it hands
 //!   the scanner that ring and waits for the copy ([`Scanner::prepare`]), so a flow
@@ -66,10 +66,10 @@ pub type FlowMap<V> = HashMap<FlowKey, V, foldhash::quality::RandomState>;
 pub const SCAN_EVERY: Duration = Duration::from_secs(1);
 /// The periodic scans' share of one core, as a divisor: the next scan starts this many
 /// times the last one's duration after it ended (`next_scan_in`). A full connection
-/// table (the LRU's steady state: nothing leaves it but by eviction) costs a scan about
-/// 0.4 µs per entry here, most of it the kernel's batch read (`cargo xtask bench --
-/// --scan-only`): read once a second, a full table of the default size took 10% of a
-/// core, one of 1M entries 30%.
+/// table (a busy host's steady state: nothing leaves it but by a new flow taking a slot)
+/// costs a scan about 0.27 µs per slot here, most of it the kernel's batch read (`cargo
+/// xtask bench -- --scan-only`): read once a second, a full table of the default size
+/// took 7% of a core, one of 1M slots 25%.
 pub const SCAN_SHARE_DIVISOR: u32 = 20;
 /// How stale the periodic scans may get, whatever they cost: the snapshot's counts
 /// (`lbctl status`, `disable --wait`) and the NAT and pinned tables' collection wait

@@ -275,7 +275,7 @@ pub struct FlowTableStatus {
     /// core, so a dear one makes them further apart); absent before the first scan.
     #[serde(default)]
     pub scan_ms: Option<u64>,
-    /// Entries in the connection table (LRU).
+    /// Flows in the connection table (its used slots).
     pub connections: u64,
     /// Flows pinned because their backend is no longer the ring's choice.
     pub pinned: u64,

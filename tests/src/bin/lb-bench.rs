@@ -192,14 +192,14 @@ trace's cost while off, then the comparative lab bench.
   --trace-only          only the packet trace's cost while off
   --nat-only            only the NAT path's cost per packet, both directions
   --lab-only            only the comparative lab bench (direct, null XDP forwarder
-                        one way and both ways, lb in DSR mode with the default and
-                        with per-CPU LRU lists, lb in NAT mode, HAProxy, nginx stream)
+                        one way and both ways, lb in DSR mode, lb in NAT mode,
+                        HAProxy, nginx stream)
   --lab-report          print the Markdown table of DIR/lab.json again (medians and
                         ratios computed anew from its samples) and redraw its charts
                         (no root)
   --lab-reps N          repetitions of the lab bench, each path once in each (default 5)
   --lab-paths P,P,..    only these paths of the lab bench, of: direct, null-fwd,
-                        lb-dsr, lb-dsr-per-cpu, null-fwd-both, lb-nat, haproxy, nginx
+                        lb-dsr, null-fwd-both, lb-nat, haproxy, nginx
                         (default: all; the ratios need direct and null-fwd among them)
   --lab-napi MODE       threaded (default): the LB veth's NAPI thread, the proxies and
                         the backend's servers pinned to the last CPU, wrk and iperf3

@@ -25,7 +25,7 @@ use super::{
 
 impl Lab {
     /// Runs hping3 in the client namespace, one process pinned to each CPU so that every
-    /// CPU's share of the connection table (per-CPU LRU lists) is flooded: SYNs from
+    /// CPU records new flows (each CPU's flood guard counts its own): SYNs from
     /// random sources to the VIP's (`VIP4`) service port, `syns` in all, as fast as
     /// hping3 goes with a 5 µs pause. Bounded in count and in time: each hping3 is
     /// interrupted (SIGINT, so that it still prints its statistics) after `max_time`.

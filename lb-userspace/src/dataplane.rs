@@ -921,15 +921,17 @@ impl XdpDataPlane {
     }
 
     /// Writes the connection table's description (`meta::FLOW_TABLE`: a fresh random
-    /// seed and the bucket count) unless the table has one: a pinned table keeps its
-    /// own, or its flows would no longer be found.
+    /// seed and the bucket count) unless the table has one of its size: a pinned table
+    /// keeps its own, or its flows would no longer be found. (A description of another
+    /// size can only be left from a table that is gone: a pinned table of another size
+    /// is refused before the load.)
     fn describe_flow_table(&mut self, max_flows: u32) -> Result<()> {
         let meta_err = map_err(names::MAP_META);
         let word = self
             .meta
             .get(&layout::meta::FLOW_TABLE, 0)
             .map_err(map_err(names::MAP_META))?;
-        if word != 0 {
+        if word != 0 && flowtab::table_of(word).1 == flowtab::buckets_for(max_flows) {
             return Ok(());
         }
         let mut seed = [0u8; 4];

@@ -197,7 +197,8 @@ pub const NAT_F_SYNCED: u32 = 8;
 /// collected after a short timeout (a SYN flood's entries do not sit out the idle one).
 pub const NAT_F_ESTABLISHED: u32 = 16;
 /// Addresses (as `NatTarget::addr`) and ports a translated packet leaves with.
-#[repr(C)]
+/// 4-aligned, so that the program reads its addresses as words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NatTuple {
     pub src: [u8; 16],

@@ -226,6 +226,16 @@ pub unsafe fn packet_word(p: *const u8, i: usize) -> u32 {
     unsafe { (p.add(4 * i) as *const u32).read() }
 }
 
+/// Writes `w` over bytes `4 * i .. 4 * i + 4` at `p` in the frame as one 32-bit store
+/// (see `packet_word`).
+///
+/// # Safety
+/// `p + 4 * i .. p + 4 * i + 4` is within the frame, bounds-checked.
+#[inline(always)]
+pub unsafe fn packet_set_word(p: *mut u8, i: usize, w: u32) {
+    unsafe { (p.add(4 * i) as *mut u32).write(w) }
+}
+
 #[inline(always)]
 pub fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)

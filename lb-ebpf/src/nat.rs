@@ -34,7 +34,7 @@ use crate::{
     Packet, Step, count,
     headers::{
         EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr,
-        frame_len, packet_set_mac, ptr_at, set_addr, set_mac,
+        frame_len, packet_set_mac, packet_set_word, packet_word, ptr_at, set_addr, set_mac,
     },
     keys,
     maps::{CONFIG, NAT_BACKENDS, NAT_CONFIG, NAT_FLOWS, NAT_REVERSE, VIPS, scratch},
@@ -287,27 +287,93 @@ fn remove_pair(client: &FlowKey, e: &NatFlow) {
 
 /// Writes `new` into the packet's IP and TCP headers with incremental checksum updates
 /// (RFC 1624): the IPv4 header checksum, and the TCP checksum over the pseudo-header's
-/// addresses and the ports. Returns where IP starts.
+/// addresses and the ports. Words in and out of the packet as 32-bit loads and stores,
+/// summed in their native byte order (`csum_add`): the one's-complement sum does not
+/// care, as long as the checksum is read and written in that order too (RFC 1071,
+/// "byte order independence"). Returns where IP starts.
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, new: &Tuple) -> Step<usize> {
     let (_, l3) = parse_ethernet(ctx)?;
+    let ports = u32::from_ne_bytes({
+        let (s, d) = (new.sport_be.to_ne_bytes(), new.dport_be.to_ne_bytes());
+        [s[0], s[1], d[0], d[1]]
+    });
     if new.family == FAMILY_V4 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::ABORT_INTERNAL)?;
         let tcp: *mut TcpHdr = ptr_at(ctx, l3 + IPV4_HLEN).ok_or(reason::ABORT_INTERNAL)?;
-        let (ip, tcp) = unsafe { (&mut *ip, &mut *tcp) };
-        let addrs = readdress4(ip, &new.src, &new.dst);
-        ip.check = apply(ip.check, addrs);
-        let ports = set_ports(tcp, new);
-        tcp.check = apply(tcp.check, addrs + ports);
+        let (ipb, tcpb) = (ip as *mut u8, tcp as *mut u8);
+        let (src, dst) = (tuple_word(&new.src, 0), tuple_word(&new.dst, 0));
+        // SAFETY: the headers' fields, within the frame (`ptr_at`): the addresses are
+        // words 3 and 4 of the IPv4 header, the ports word 0 of TCP's.
+        unsafe {
+            let addrs = csum_add(
+                csum_add(0, packet_word(ipb, 3), src),
+                packet_word(ipb, 4),
+                dst,
+            );
+            packet_set_word(ipb, 3, src);
+            packet_set_word(ipb, 4, dst);
+            csum_apply(addr_of_mut!((*ip).check), addrs);
+            let all = csum_add(addrs, packet_word(tcpb, 0), ports);
+            packet_set_word(tcpb, 0, ports);
+            csum_apply(addr_of_mut!((*tcp).check), all);
+        }
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(reason::ABORT_INTERNAL)?;
         let tcp: *mut TcpHdr = ptr_at(ctx, l3 + IPV6_HLEN).ok_or(reason::ABORT_INTERNAL)?;
-        let (ip, tcp) = unsafe { (&mut *ip, &mut *tcp) };
-        let addrs = readdress6(ip, &new.src, &new.dst);
-        let ports = set_ports(tcp, new);
-        tcp.check = apply(tcp.check, addrs + ports);
+        let (ipb, tcpb) = (ip as *mut u8, tcp as *mut u8);
+        let mut acc = 0;
+        let mut i = 0;
+        // SAFETY: as above: the source address is words 2 to 5 of the IPv6 header, the
+        // destination 6 to 9.
+        unsafe {
+            while i < 4 {
+                let (src, dst) = (tuple_word(&new.src, i), tuple_word(&new.dst, i));
+                acc = csum_add(acc, packet_word(ipb, 2 + i), src);
+                acc = csum_add(acc, packet_word(ipb, 6 + i), dst);
+                packet_set_word(ipb, 2 + i, src);
+                packet_set_word(ipb, 6 + i, dst);
+                i += 1;
+            }
+            acc = csum_add(acc, packet_word(tcpb, 0), ports);
+            packet_set_word(tcpb, 0, ports);
+            csum_apply(addr_of_mut!((*tcp).check), acc);
+        }
     }
     Ok(l3)
+}
+
+/// Word `i` of a tuple's address, one load (`Tuple` is 4-aligned).
+#[inline(always)]
+fn tuple_word(a: &[u8; 16], i: usize) -> u32 {
+    u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+}
+
+/// `acc` plus the one's-complement difference of a 32-bit word `old` becoming `new`,
+/// both in native byte order: a 32-bit word counts as the sum of its halves, since
+/// 2^16 is 1 modulo 2^16 - 1. Unfolded; `csum_apply` folds.
+#[inline(always)]
+fn csum_add(acc: u64, old: u32, new: u32) -> u64 {
+    acc + (!old) as u64 + new as u64
+}
+
+/// RFC 1624 eqn. 3 on the checksum at `check` in the frame, read and written in native
+/// byte order (see `rewrite`): HC' = ~(~HC + sum of (~m + m')).
+///
+/// # Safety
+/// `check .. check + 2` is within the frame, bounds-checked.
+#[inline(always)]
+unsafe fn csum_apply(check: *mut [u8; 2], acc: u64) {
+    let check = check as *mut u16;
+    // SAFETY: the caller's; a checksum field is 2-aligned in the kernel's model of a
+    // frame (see `packet_word`).
+    let old = unsafe { check.read() };
+    let mut sum = (!old) as u64 + acc;
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    unsafe { check.write(!(sum as u16)) };
 }
 
 /// Writes the IPv4 addresses of `src` and `dst` (the maps' 16-byte form) into `ip`;
@@ -330,16 +396,6 @@ fn readdress6(ip: &mut Ipv6Hdr, src: &[u8; 16], dst: &[u8; 16]) -> u32 {
     let delta = diff(diff(0, &ip.src, src), &ip.dst, dst);
     set_addr(addr_of_mut!(ip.src), src);
     set_addr(addr_of_mut!(ip.dst), dst);
-    delta
-}
-
-/// Writes `new`'s ports into `tcp`; returns the difference for its checksum.
-#[inline(always)]
-fn set_ports(tcp: &mut TcpHdr, new: &Tuple) -> u32 {
-    let (sport, dport) = (new.sport_be.to_ne_bytes(), new.dport_be.to_ne_bytes());
-    let delta = diff(diff(0, &tcp.sport, &sport), &tcp.dport, &dport);
-    tcp.sport = sport;
-    tcp.dport = dport;
     delta
 }
 

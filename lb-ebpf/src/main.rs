@@ -436,8 +436,9 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
 /// checks, and what it is: for TCP (`tcp`, its header at `l4`) its service (`service`;
 /// a hit says the address is a VIP's, with no lookup of the address alone), else
 /// whether the reverse table knows it as a NAT reply (`nat_reply_known`, which implies
-/// a VIP address too); otherwise the VIP addresses decide, and `PASS_NOT_VIP` when
-/// the address is none of them.
+/// a VIP address too; asked first for a port of the NAT range, `to_nat_port`);
+/// otherwise the VIP addresses decide, and `PASS_NOT_VIP` when the address is none of
+/// them.
 #[inline(always)]
 fn vip_of(
     ctx: &XdpContext,
@@ -447,6 +448,11 @@ fn vip_of(
     family: u8,
     tcp: bool,
 ) -> Step<(Option<(VipInfo, Known, *mut FlowState)>, bool)> {
+    // A backend's reply to a NAT flow comes to a port of the NAT range: asked of the
+    // reverse table first, before the services, which it would miss.
+    if tcp && to_nat_port(ctx, l4, dst, family) && nat_reply_known(ctx, l4, src, dst, family) {
+        return Ok((None, true));
+    }
     let vip = if tcp {
         service(ctx, l4, src, dst, family)
     } else {
@@ -525,6 +531,23 @@ fn service(
     }
     let key = keys::vip_key(dst, dport_be, family);
     unsafe { VIPS.get(&key) }.map(|vip| (*vip, known, entry))
+}
+
+/// Whether the TCP segment at `l4` goes to a port of the NAT range (`nat::port_range`)
+/// at an address with no DSR service: a backend's reply to a NAT flow, most likely,
+/// unless a service of that address listens in the range too.
+#[inline(always)]
+fn to_nat_port(ctx: &XdpContext, l4: usize, dst: &Addr, family: u8) -> bool {
+    if filter::may_be_dsr_vip(&dst.0, family) {
+        return false;
+    }
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4) else {
+        return false;
+    };
+    // SAFETY: within the frame (`ptr_at`).
+    let dport = u16::from_be(unsafe { ports(tcp) }.1);
+    let (min, max) = nat::port_range();
+    min <= dport && dport <= max
 }
 
 /// For a TCP segment to no service (`service` found none), to an address with no DSR

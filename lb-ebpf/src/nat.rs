@@ -198,10 +198,7 @@ fn open(ctx: &XdpContext, p: &Packet, now: u64, j: u64) -> Step<()> {
     if target.family != p.flow.family {
         return Err(reason::DROP_NO_BACKEND);
     }
-    let (min, max) = match NAT_CONFIG.get(0) {
-        Some(c) if c.port_min != 0 && c.port_max >= c.port_min => (c.port_min, c.port_max),
-        _ => (NAT_DEFAULT_PORT_MIN, NAT_DEFAULT_PORT_MAX),
-    };
+    let (min, max) = port_range();
     // Keys and entries written word by word, not as literals: a literal's zeros become
     // a call to the BPF backend's byte-by-byte `memset` (96 bytes for the entry).
     s.rev = keys::flow_key(&target.addr, &p.flow.dst, target.port_be, 0, p.flow.family);
@@ -231,6 +228,15 @@ fn open(ctx: &XdpContext, p: &Packet, now: u64, j: u64) -> Step<()> {
         }
     }
     Ok(())
+}
+
+/// The source ports NAT flows take towards backends (`NAT_CONFIG`, else the default).
+#[inline(always)]
+pub fn port_range() -> (u16, u16) {
+    match NAT_CONFIG.get(0) {
+        Some(c) if c.port_min != 0 && c.port_max >= c.port_min => (c.port_min, c.port_max),
+        _ => (NAT_DEFAULT_PORT_MIN, NAT_DEFAULT_PORT_MAX),
+    }
 }
 
 /// Claims a source port for `client` towards the backend of `rev` (whose `dport_be` is

@@ -1039,3 +1039,53 @@ fn nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh() {
         (XDP_TX, to_client(CLIENT_MAC, LB_MAC))
     );
 }
+
+/// A backend's reply comes to a port of the NAT range, so the program asks the reverse
+/// table first there; a NAT service may listen on a port of that range too: its
+/// clients' segments miss the reverse table and still find the service, and its
+/// backend's replies still come back.
+#[test]
+fn a_nat_service_on_a_port_of_the_nat_range() {
+    if !require_root("a_nat_service_on_a_port_of_the_nat_range") {
+        return;
+    }
+    let mut rig = Rig::new(vec![nat_service(
+        "alt",
+        "192.0.2.30",
+        8080,
+        &["10.0.1.6"],
+        9000,
+    )])
+    .expect("load (needs root)");
+    let vip = (ip("192.0.2.30"), 8080);
+    let client = (ip("198.51.100.30"), 41000);
+    let backend_ip = ip("10.0.1.6");
+    let bmac = backend_mac(backend_ip);
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX, "the SYN finds the service");
+    let n = nport(&out, false);
+    assert_eq!(
+        out,
+        tcp_frame(bmac, LB_MAC, None, (vip.0, n), (backend_ip, 9000), SYN)
+    );
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK));
+    assert_eq!(v, XDP_TX, "so does the handshake's ACK");
+    assert_eq!(
+        out,
+        tcp_frame(bmac, LB_MAC, None, (vip.0, n), (backend_ip, 9000), ACK)
+    );
+    let reply = tcp_frame(
+        LB_MAC,
+        bmac,
+        None,
+        (backend_ip, 9000),
+        (vip.0, n),
+        SYN | ACK,
+    );
+    let (v, out) = rig.run(&reply);
+    assert_eq!(v, XDP_TX, "the reply is forwarded");
+    assert_eq!(
+        out,
+        tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, SYN | ACK)
+    );
+}

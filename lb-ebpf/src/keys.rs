@@ -104,11 +104,10 @@ pub fn flow_key(
 }
 
 /// A copy of `from` at `to`, word by word (a struct copy may become a call to the BPF
-/// backend's byte loop).
+/// backend's byte loop). `N` is the `T`'s size in words (`write_words` asserts it).
 #[inline(always)]
-pub fn copy_flow_key(to: *mut FlowKey, from: &FlowKey) {
-    const N: usize = core::mem::size_of::<FlowKey>() / 4;
-    let f = from as *const FlowKey as *const u32;
+fn copy_words<T, const N: usize>(to: *mut T, from: &T) {
+    let f = from as *const T as *const u32;
     let mut words = [0u32; N];
     let mut i = 0;
     while i < N {
@@ -119,19 +118,16 @@ pub fn copy_flow_key(to: *mut FlowKey, from: &FlowKey) {
     write_words(to, words);
 }
 
-/// A copy of `from` at `to`, word by word (see `copy_flow_key`).
+/// A flow key copied word by word (see `copy_words`).
+#[inline(always)]
+pub fn copy_flow_key(to: *mut FlowKey, from: &FlowKey) {
+    copy_words::<FlowKey, 10>(to, from);
+}
+
+/// A connection-table entry copied word by word (see `copy_words`).
 #[inline(always)]
 pub fn copy_flow_state(to: *mut FlowState, from: &FlowState) {
-    const N: usize = core::mem::size_of::<FlowState>() / 4;
-    let f = from as *const FlowState as *const u32;
-    let mut words = [0u32; N];
-    let mut i = 0;
-    while i < N {
-        // SAFETY: in bounds and aligned (`write_words` asserts the size and alignment).
-        words[i] = unsafe { *f.add(i) };
-        i += 1;
-    }
-    write_words(to, words);
+    copy_words::<FlowState, 6>(to, from);
 }
 
 /// `flow_key`, written in place at `to`.

@@ -2,12 +2,14 @@
 //! Ethernet (+ one VLAN tag) -> ARP / IPv4 / IPv6 -> the VIP filter (one array load) ->
 //! VIP address? (for TCP: its service, whose hit says so; for an established segment to
 //! an address with a DSR service, the connection table first, whose entry names the
-//! service: see `service`) -> serving, our MAC? -> header sanity -> TCP (or an ICMP error
-//! about a flow, see `icmp.rs`; or a NAT reply, see `nat.rs`) -> connection table (if
-//! not asked already), pinned table, else persistence or Maglev ring
+//! service: see `service`; for a segment to a port of the NAT range, the NAT reverse
+//! table first) -> serving, our MAC? -> header sanity -> TCP (or an ICMP error about a
+//! flow, see `icmp.rs`; or a NAT reply, see `nat.rs`) -> connection table (`flowtab`,
+//! if not asked already), pinned table, else persistence or Maglev ring
 //! (`persist::choose_backend`) -> backend -> MAC rewrite -> count -> XDP_TX.
 //! The common case, an established DSR segment whose entry needs no write, is sent from
-//! the TCP parse (`send_known`): one hash lookup and no clock read (`is_current`).
+//! the TCP parse (`send_known`): no hash-map lookup (the connection table is an array
+//! the program keeps) and no clock read (`is_current`).
 //!
 //! Each stage returns `Step<T>`: `Ok` goes on, `Err(reason)` ends the packet. The reason
 //! is counted once in `lb_xdp` and mapped to a verdict by `verdict_of`.

@@ -336,12 +336,12 @@ impl FlowStore for FlowMaps {
         };
         match table {
             // Every slot of the array; the used ones are the flows.
-            FlowTable::Connections => Ok(sys::lookup_batch::<u32, FlowSlot>(&fd, BATCH)
-                .map_err(err)?
-                .into_iter()
-                .filter(|(_, slot)| slot.is_used())
-                .map(|(_, slot)| (slot.key, slot.state))
-                .collect()),
+            FlowTable::Connections => {
+                sys::lookup_batch_keeping(&fd, BATCH, |_: u32, slot: FlowSlot| {
+                    slot.is_used().then_some((slot.key, slot.state))
+                })
+                .map_err(err)
+            }
             FlowTable::Pinned => sys::lookup_batch(&fd, BATCH).map_err(err),
         }
     }
@@ -588,6 +588,16 @@ mod sys {
         fd: &impl AsRawFd,
         batch: usize,
     ) -> io::Result<Vec<(K, V)>> {
+        lookup_batch_keeping(fd, batch, |k, v| Some((k, v)))
+    }
+
+    /// `lookup_batch`, keeping what `keep` makes of each entry (`None`: nothing), batch
+    /// by batch: what is not kept never piles up (an array's unused slots, say).
+    pub fn lookup_batch_keeping<K: Copy + Default, V: Copy + Default, T>(
+        fd: &impl AsRawFd,
+        batch: usize,
+        mut keep: impl FnMut(K, V) -> Option<T>,
+    ) -> io::Result<Vec<T>> {
         let mut out = Vec::new();
         let mut size = batch.max(1);
         let mut keys = vec![K::default(); size];
@@ -615,7 +625,7 @@ mod sys {
             match r {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+                    out.extend((0..n).filter_map(|i| keep(keys[i], values[i])));
                     return Ok(out);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
@@ -626,7 +636,7 @@ mod sys {
                 }
                 Err(e) => return Err(e),
             }
-            out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+            out.extend((0..n).filter_map(|i| keep(keys[i], values[i])));
             token = next;
             first = false;
         }

@@ -4,9 +4,9 @@
 //! agent never reads maps another layout wrote.
 
 use crate::{
-    Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS, MAX_RING_SIZE,
-    MAX_VIPS, NatConfig, NatFlow, NatScratch, NatTarget, PersistKey, PersistState, Serving,
-    TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS,
+    BPF_F_MMAPABLE, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
+    MAX_RING_SIZE, MAX_VIPS, NatConfig, NatFlow, NatScratch, NatTarget, PersistKey, PersistState,
+    Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS,
     flowtab::FlowSlot, names,
 };
 
@@ -142,7 +142,7 @@ pub const MAPS: [MapLayout; 21] = [
         4,
         size::<FlowSlot>(),
         0,
-        0,
+        BPF_F_MMAPABLE,
     ),
     map(
         names::MAP_PINNED,

@@ -35,8 +35,9 @@ pub const MAX_PINNED_FLOWS: u32 = 1 << 16;
 /// Default capacity of the persistence table (`[agent] max_persistent_clients`); LRU:
 /// an evicted entry only costs its client the stickiness, never a connection.
 pub const MAX_PERSISTENT: u32 = 1 << 16;
-/// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU, so CPUs do not contend for one lock.
-pub const BPF_F_NO_COMMON_LRU: u32 = 2;
+/// `BPF_F_MMAPABLE`: an array the agent can map into its memory (the connection table,
+/// which its scanner then reads in place).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Ring slot value meaning "no backend": traffic for such a slot is dropped and counted.
 pub const NO_BACKEND: u32 = u32::MAX;
 /// Default capacity of the NAT flow table (`[agent] max_nat_flows`); the reverse table

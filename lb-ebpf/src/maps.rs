@@ -8,10 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS, MAX_FLOWS,
-    MAX_NAT_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, NatConfig, NatFlow,
-    NatScratch, NatTarget, PersistKey, PersistState, Serving, TRACE_RING_BYTES, VipAddrKey,
-    VipInfo, VipKey, VipSlot, counters::STATS_SLOTS, filter, flowtab::FlowSlot, layout,
+    BPF_F_MMAPABLE, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
+    MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, NatConfig,
+    NatFlow, NatScratch, NatTarget, PersistKey, PersistState, Serving, TRACE_RING_BYTES,
+    VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS, filter, flowtab::FlowSlot, layout,
     lease::LeaseCache,
 };
 
@@ -49,8 +49,9 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Connection table: keeps an established flow on its backend when the ring changes.
 /// Slots in buckets, kept by the program (`flowtab`); described by META's
 /// `FLOW_TABLE` word. Its size is `flowtab::slots_for` the agent's `max_flows`.
+/// Mappable: the agent's scanner reads it in place.
 #[map]
-pub static FLOWS: Array<FlowSlot> = Array::with_max_entries(MAX_FLOWS, 0);
+pub static FLOWS: Array<FlowSlot> = Array::with_max_entries(MAX_FLOWS, BPF_F_MMAPABLE);
 
 /// Flows the agent pinned to their backend (not LRU: nothing evicts them but the
 /// agent). Consulted only when FLOWS misses for a non-SYN packet.

@@ -177,7 +177,8 @@ pub enum FlowTable {
 /// The flow tables, read and written off the agent's main loop: whoever holds this has
 /// its own handles on the maps (a scanner thread, say).
 pub trait FlowStore: Send {
-    /// A copy of every entry of `table`, read in batches (BPF_MAP_LOOKUP_BATCH). Entries
+    /// A copy of every entry of `table`: the connection table's used slots read in
+    /// place (a mapping), the pinned table in batches (BPF_MAP_LOOKUP_BATCH). Entries
     /// that come and go during the read may or may not be in it.
     fn read(&mut self, table: FlowTable)
     -> Result<Vec<(lb_common::FlowKey, lb_common::FlowState)>>;
@@ -306,7 +307,7 @@ impl FlowStore for FakeFlowStore {
 /// The real flow tables: the program's FLOWS and PINNED maps, through handles of its own
 /// (duplicated descriptors), so a scanner thread can hold it apart from the data plane.
 pub struct FlowMaps {
-    flows: OwnedFd,
+    flows: MappedSlots,
     pinned: MapData,
     persist: OwnedFd,
     nat_flows: MapData,
@@ -317,32 +318,89 @@ pub struct FlowMaps {
 /// whole buckets, so a call may need room for one bucket more than it returns.
 const BATCH: usize = 8192;
 
-impl FlowMaps {
-    fn fd(&self, table: FlowTable) -> (BorrowedFd<'_>, &'static str) {
-        match table {
-            FlowTable::Connections => (self.flows.as_fd(), names::MAP_FLOWS),
-            FlowTable::Pinned => (self.pinned.fd().as_fd(), names::MAP_PINNED),
+/// The connection table's slots, mapped read-only into our memory (FLOWS is
+/// `BPF_F_MMAPABLE`): a scan reads them in place, where a batch read copied every slot,
+/// used or not, through the kernel (a few ms against 60 for the default 262,144 slots,
+/// however few flows there are).
+struct MappedSlots {
+    ptr: std::ptr::NonNull<FlowSlot>,
+    slots: usize,
+}
+
+// SAFETY: a read-only mapping of the map's memory, owned by this value alone (it is
+// unmapped on drop); reading it from another thread is as safe as from this one.
+unsafe impl Send for MappedSlots {}
+
+impl MappedSlots {
+    /// Maps the `slots` slots of the FLOWS array behind `fd`. The mapping holds the map
+    /// alive by itself.
+    fn new(fd: BorrowedFd<'_>, slots: u32) -> Result<Self> {
+        let slots = slots as usize;
+        let len = slots * std::mem::size_of::<FlowSlot>();
+        // SAFETY: a fresh shared read-only mapping of the map's memory; the kernel
+        // checks that `len` is within it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataPlaneError::Syscall {
+                map: names::MAP_FLOWS,
+                op: "mmap",
+                source: std::io::Error::last_os_error(),
+            });
         }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<FlowSlot>()).ok_or_else(|| {
+            DataPlaneError::Syscall {
+                map: names::MAP_FLOWS,
+                op: "mmap",
+                source: std::io::Error::other("a null mapping"),
+            }
+        })?;
+        Ok(Self { ptr, slots })
+    }
+
+    /// The used slots' flows. Each slot is copied once (volatile: the program writes
+    /// them meanwhile); a slot written during its copy may read half old, half new, as
+    /// a batch read's copy could.
+    fn flows(&self) -> Vec<(FlowKey, FlowState)> {
+        (0..self.slots)
+            .filter_map(|i| {
+                // SAFETY: slot i < slots of the mapping, which lives as long as `self`.
+                let slot = unsafe { self.ptr.as_ptr().add(i).read_volatile() };
+                slot.is_used().then_some((slot.key, slot.state))
+            })
+            .collect()
+    }
+}
+
+impl Drop for MappedSlots {
+    fn drop(&mut self) {
+        let len = self.slots * std::mem::size_of::<FlowSlot>();
+        // SAFETY: our own mapping, of this length, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), len) };
     }
 }
 
 impl FlowStore for FlowMaps {
     fn read(&mut self, table: FlowTable) -> Result<Vec<(FlowKey, FlowState)>> {
-        let (fd, map) = self.fd(table);
-        let err = |source| DataPlaneError::Syscall {
-            map,
-            op: "BPF_MAP_LOOKUP_BATCH",
-            source,
-        };
         match table {
-            // Every slot of the array; the used ones are the flows.
-            FlowTable::Connections => {
-                sys::lookup_batch_keeping(&fd, BATCH, |_: u32, slot: FlowSlot| {
-                    slot.is_used().then_some((slot.key, slot.state))
+            FlowTable::Connections => Ok(self.flows.flows()),
+            FlowTable::Pinned => {
+                sys::lookup_batch(&self.pinned.fd().as_fd(), BATCH).map_err(|source| {
+                    DataPlaneError::Syscall {
+                        map: names::MAP_PINNED,
+                        op: "BPF_MAP_LOOKUP_BATCH",
+                        source,
+                    }
                 })
-                .map_err(err)
             }
-            FlowTable::Pinned => sys::lookup_batch(&fd, BATCH).map_err(err),
         }
     }
     fn pin(&mut self, flows: &[(FlowKey, FlowState)]) -> Result<usize> {
@@ -854,10 +912,12 @@ impl XdpDataPlane {
             .map_err(map_err(names::MAP_NAT_BACKENDS))?;
         let nat_config = Array::try_from(take(&mut ebpf, names::MAP_NAT_CONFIG)?)
             .map_err(map_err(names::MAP_NAT_CONFIG))?;
-        // FLOWS stays in `ebpf` too (for `flow`): the store gets its own descriptor on
-        // it. PINNED belongs to the store alone.
+        // FLOWS stays in `ebpf` too (for `flow`): the store maps its slots. PINNED
+        // belongs to the store alone.
         let flows = match ebpf.map(names::MAP_FLOWS) {
-            Some(Map::Array(m)) => dup_fd(m, names::MAP_FLOWS)?,
+            Some(Map::Array(m)) => {
+                MappedSlots::new(m.fd().as_fd(), flowtab::slots_for(sizes.max_flows))?
+            }
             _ => {
                 return Err(DataPlaneError::Missing {
                     kind: "array",

@@ -36,7 +36,7 @@
 //! `--sync-only` runs only this part.
 //!
 //! Then the flow scanner at a full connection table (the default size and 1M entries,
-//! loaded unattached, every slot used): the kernel's batch read alone, then the whole
+//! loaded unattached, every slot used): the table's read alone, then the whole
 //! scan as at a ring change, and the share of a core the periodic scans take, once a
 //! second beside the scans' budget. `--scan-only` runs only this part.
 //!

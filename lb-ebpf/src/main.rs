@@ -506,23 +506,22 @@ fn service(
         // The key in the scratch space: this frame is the pipeline's (see `parse_ip`).
         let flow = &mut scratch.early_flow;
         keys::write_flow_key(flow, src, dst, sport_be, dport_be, family);
-        known = match flowtab::lookup(flow) {
+        // Read, the key checked again after (`lookup_read`); written only after the
+        // serving and MAC checks (`send_known`, `forward_dsr`).
+        known = match flowtab::lookup_read(flow) {
             None => Known::just(KNOWN_MISSED),
-            Some(ptr) => {
+            Some((seen, ptr)) => {
                 entry = ptr;
-                // SAFETY: a value of the map, just looked up; read here, written only
-                // after the serving and MAC checks (`send_known`, `forward_dsr`).
-                let state = unsafe { &*ptr };
-                let current = is_current(state, jiffies(), closing_flag(flags));
+                let current = is_current(&seen, jiffies(), closing_flag(flags));
                 let hit = Known {
                     what: if current {
                         KNOWN_HIT_CURRENT
                     } else {
                         KNOWN_HIT
                     },
-                    backend: state.backend,
+                    backend: seen.backend,
                 };
-                if let Some(slot) = VIP_SLOTS.get(state.vip_num)
+                if let Some(slot) = VIP_SLOTS.get(seen.vip_num)
                     && keys::is_vip(&slot.key, dst, dport_be, family)
                 {
                     return Some((slot.info, hit, entry));
@@ -739,7 +738,7 @@ fn forward_dsr(ctx: &XdpContext, cfg: &LbConfig, p: &Packet) -> Step<u32> {
             KNOWN_HIT_CURRENT => Some((p.known.backend, None)),
             KNOWN_HIT => Some((p.known.backend, flowtab::lookup(&p.flow))),
             KNOWN_MISSED => None,
-            _ => flowtab::lookup(&p.flow).map(|state| (unsafe { (*state).backend }, Some(state))),
+            _ => flowtab::lookup_read(&p.flow).map(|(seen, state)| (seen.backend, Some(state))),
         };
         if let Some((id, state)) = hit {
             // A backend that went down loses its flows to the ring, not into a void.
@@ -848,14 +847,21 @@ fn jiffies() -> u32 {
 /// refreshed `FLOW_TOUCH_JIFFIES` or more ago, or by the agent (0, most likely far).
 #[inline(always)]
 fn is_stale(state: &FlowState, j: u32) -> bool {
-    j.wrapping_sub(state.touched_jiffies) >= FLOW_TOUCH_JIFFIES
+    is_stale_at(state.touched_jiffies, j)
 }
 
-/// Whether `touch` would write nothing to `state` for a segment at jiffies `j` with
-/// `closing` (`closing_flag`): then the segment needs no clock read either.
+/// `is_stale` of an entry stamped at jiffies `touched`.
 #[inline(always)]
-fn is_current(state: &FlowState, j: u32, closing: u32) -> bool {
-    !is_stale(state, j) && state.flags & closing == closing
+fn is_stale_at(touched: u32, j: u32) -> bool {
+    j.wrapping_sub(touched) >= FLOW_TOUCH_JIFFIES
+}
+
+/// Whether `touch` would write nothing to an entry (as read: `flowtab::Seen`) for a
+/// segment at jiffies `j` with `closing` (`closing_flag`): then the segment needs no
+/// clock read either.
+#[inline(always)]
+fn is_current(seen: &flowtab::Seen, j: u32, closing: u32) -> bool {
+    !is_stale_at(seen.touched_jiffies, j) && seen.flags & closing == closing
 }
 
 /// A connection-table or pinned-table hit: the flow's last_seen_ns is rewritten once
@@ -909,10 +915,8 @@ fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<
         return Ok(verdict);
     }
     let mut found = None;
-    if let Some(state) = flowtab::lookup(flow) {
-        // SAFETY: a slot's state, just looked up.
-        let state = unsafe { &*state };
-        found = usable_backend(state.backend).map(|b| (state.backend, state.vip_num, b));
+    if let Some((seen, _)) = flowtab::lookup_read(flow) {
+        found = usable_backend(seen.backend).map(|b| (seen.backend, seen.vip_num, b));
     }
     if found.is_none()
         && let Some(state) = unsafe { PINNED.get(flow) }

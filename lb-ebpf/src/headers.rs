@@ -140,6 +140,19 @@ pub unsafe fn packet_set_mac(p: *mut [u8; 6], mac: &[u8; 6]) {
     }
 }
 
+/// Writes the frame's destination and source MACs (`packet_set_mac`).
+///
+/// # Safety
+/// `eth` is the frame's Ethernet header, bounds-checked.
+#[inline(always)]
+pub unsafe fn packet_set_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6]) {
+    // SAFETY: the caller's; both fields within the header.
+    unsafe {
+        packet_set_mac(core::ptr::addr_of_mut!((*eth).dst), dst);
+        packet_set_mac(core::ptr::addr_of_mut!((*eth).src), src);
+    }
+}
+
 /// Writes `mac` over `to`, of any alignment: a plain assignment of a `[u8; 6]` may
 /// become a call to a byte-by-byte `memmove` (the BPF backend's), which NAT's next-hop
 /// writes did. The BPF backend splits these unaligned stores into bytes; a MAC in the

@@ -7,9 +7,10 @@ use core::{mem::MaybeUninit, ptr::write_volatile};
 
 use lb_common::{FlowKey, FlowState, PROTO_TCP, VipAddrKey, VipKey};
 
-/// Bytes `4 * i .. 4 * i + 4` of an address as one word, in memory order.
+/// Bytes `4 * i .. 4 * i + 4` of an address as one word, in memory order (one load
+/// where the address is 4-aligned: the keys', `Addr`, `NatTuple`).
 #[inline(always)]
-fn word(a: &[u8; 16], i: usize) -> u32 {
+pub fn word(a: &[u8; 16], i: usize) -> u32 {
     u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
 }
 

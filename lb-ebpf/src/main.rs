@@ -947,10 +947,7 @@ fn forward_icmp_error(ctx: &XdpContext, cfg: &LbConfig, flow: &FlowKey) -> Step<
 fn rewrite_macs(ctx: &XdpContext, cfg: &LbConfig, backend: &Backend) -> Step<()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
     // SAFETY: within the frame (`ptr_at`).
-    unsafe {
-        packet_set_mac(addr_of_mut!((*eth).dst), &backend.mac);
-        packet_set_mac(addr_of_mut!((*eth).src), &cfg.mac);
-    }
+    unsafe { packet_set_macs(eth, &backend.mac, &cfg.mac) };
     Ok(())
 }
 

@@ -34,7 +34,7 @@ use crate::{
     Packet, Step, count,
     headers::{
         EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr,
-        frame_len, packet_set_mac, packet_set_word, packet_word, ptr_at, set_addr, set_mac,
+        frame_len, packet_set_macs, packet_set_word, packet_word, ptr_at, set_addr, set_mac,
     },
     keys,
     maps::{CONFIG, NAT_BACKENDS, NAT_CONFIG, NAT_FLOWS, NAT_REVERSE, VIPS, scratch},
@@ -308,7 +308,7 @@ fn rewrite(ctx: &XdpContext, new: &Tuple) -> Step<usize> {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::ABORT_INTERNAL)?;
         let tcp: *mut TcpHdr = ptr_at(ctx, l3 + IPV4_HLEN).ok_or(reason::ABORT_INTERNAL)?;
         let (ipb, tcpb) = (ip as *mut u8, tcp as *mut u8);
-        let (src, dst) = (tuple_word(&new.src, 0), tuple_word(&new.dst, 0));
+        let (src, dst) = (keys::word(&new.src, 0), keys::word(&new.dst, 0));
         // SAFETY: the headers' fields, within the frame (`ptr_at`): the addresses are
         // words 3 and 4 of the IPv4 header, the ports word 0 of TCP's.
         unsafe {
@@ -334,7 +334,7 @@ fn rewrite(ctx: &XdpContext, new: &Tuple) -> Step<usize> {
         // destination 6 to 9.
         unsafe {
             while i < 4 {
-                let (src, dst) = (tuple_word(&new.src, i), tuple_word(&new.dst, i));
+                let (src, dst) = (keys::word(&new.src, i), keys::word(&new.dst, i));
                 acc = csum_add(acc, packet_word(ipb, 2 + i), src);
                 acc = csum_add(acc, packet_word(ipb, 6 + i), dst);
                 packet_set_word(ipb, 2 + i, src);
@@ -347,12 +347,6 @@ fn rewrite(ctx: &XdpContext, new: &Tuple) -> Step<usize> {
         }
     }
     Ok(l3)
-}
-
-/// Word `i` of a tuple's address, one load (`Tuple` is 4-aligned).
-#[inline(always)]
-fn tuple_word(a: &[u8; 16], i: usize) -> u32 {
-    u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
 }
 
 /// `acc` plus the one's-complement difference of a 32-bit word `old` becoming `new`,
@@ -453,10 +447,7 @@ fn next_hop(
         let h = unsafe { &*hop };
         if h.at_jiffies != 0 && j.wrapping_sub(h.at_jiffies) < NAT_HOP_TTL_JIFFIES {
             // SAFETY: the frame's Ethernet header (`ptr_at`).
-            unsafe {
-                packet_set_mac(addr_of_mut!((*eth).dst), &h.dmac);
-                packet_set_mac(addr_of_mut!((*eth).src), &h.smac);
-            }
+            unsafe { packet_set_macs(eth, &h.dmac, &h.smac) };
             return send(h.ifindex, ingress);
         }
     }
@@ -477,10 +468,8 @@ fn next_hop(
         params.ifindex = ingress;
         params.__bindgen_anon_1.tot_len = (frame_len(ctx) - l3) as u16;
         if family == FAMILY_V4 {
-            params.__bindgen_anon_3.ipv4_src =
-                u32::from_ne_bytes([new.src[0], new.src[1], new.src[2], new.src[3]]);
-            params.__bindgen_anon_4.ipv4_dst =
-                u32::from_ne_bytes([new.dst[0], new.dst[1], new.dst[2], new.dst[3]]);
+            params.__bindgen_anon_3.ipv4_src = keys::word(&new.src, 0);
+            params.__bindgen_anon_4.ipv4_dst = keys::word(&new.dst, 0);
         } else {
             params.__bindgen_anon_3.ipv6_src = words(&new.src);
             params.__bindgen_anon_4.ipv6_dst = words(&new.dst);
@@ -535,10 +524,7 @@ fn go(
     j: u64,
 ) -> Step<u32> {
     // SAFETY: the frame's Ethernet header (`ptr_at`, the caller's).
-    unsafe {
-        packet_set_mac(addr_of_mut!((*eth).dst), dmac);
-        packet_set_mac(addr_of_mut!((*eth).src), smac);
-    }
+    unsafe { packet_set_macs(eth, dmac, smac) };
     if !hop.is_null() {
         // SAFETY: a field of a NAT_FLOWS value (`next_hop`).
         let h = unsafe { &mut *hop };
@@ -604,10 +590,10 @@ fn zero<T>(p: *mut T) {
 #[inline(always)]
 fn words(a: &[u8; 16]) -> [u32; 4] {
     [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        keys::word(a, 0),
+        keys::word(a, 1),
+        keys::word(a, 2),
+        keys::word(a, 3),
     ]
 }
 

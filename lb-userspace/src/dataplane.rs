@@ -638,24 +638,14 @@ mod sys {
         bpf(BPF_MAP_DELETE_ELEM, &mut attr)
     }
 
-    /// Every entry, `batch` at a time. The position between calls is kept by the kernel
-    /// (a hash map's bucket index, an array's index), not a key, so entries removed
-    /// meanwhile cost nothing: they are simply not returned. ENOENT ends the walk (with that call's last
+    /// Every entry, `batch` at a time. The position between calls is a bucket index
+    /// kept by the kernel (not a key), so entries removed meanwhile cost nothing: they
+    /// are simply not returned. ENOENT ends the walk (with that call's last
     /// entries); ENOSPC means one bucket holds more than `batch`: retried with more room.
     pub fn lookup_batch<K: Copy + Default, V: Copy + Default>(
         fd: &impl AsRawFd,
         batch: usize,
     ) -> io::Result<Vec<(K, V)>> {
-        lookup_batch_keeping(fd, batch, |k, v| Some((k, v)))
-    }
-
-    /// `lookup_batch`, keeping what `keep` makes of each entry (`None`: nothing), batch
-    /// by batch: what is not kept never piles up (an array's unused slots, say).
-    pub fn lookup_batch_keeping<K: Copy + Default, V: Copy + Default, T>(
-        fd: &impl AsRawFd,
-        batch: usize,
-        mut keep: impl FnMut(K, V) -> Option<T>,
-    ) -> io::Result<Vec<T>> {
         let mut out = Vec::new();
         let mut size = batch.max(1);
         let mut keys = vec![K::default(); size];
@@ -683,7 +673,7 @@ mod sys {
             match r {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    out.extend((0..n).filter_map(|i| keep(keys[i], values[i])));
+                    out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
                     return Ok(out);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
@@ -694,19 +684,11 @@ mod sys {
                 }
                 Err(e) => return Err(e),
             }
-            out.extend((0..n).filter_map(|i| keep(keys[i], values[i])));
+            out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
             token = next;
             first = false;
         }
     }
-}
-
-/// The host's possible CPUs, as the kernel counts them for per-CPU maps.
-pub fn possible_cpus() -> u32 {
-    aya::util::nr_cpus()
-        .ok()
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(u32::MAX)
 }
 
 /// How big the flow tables are made at load time.
@@ -996,7 +978,6 @@ impl XdpDataPlane {
     /// size can only be left from a table that is gone: a pinned table of another size
     /// is refused before the load.)
     fn describe_flow_table(&mut self, max_flows: u32) -> Result<()> {
-        let meta_err = map_err(names::MAP_META);
         let word = self
             .meta
             .get(&layout::meta::FLOW_TABLE, 0)
@@ -1017,7 +998,7 @@ impl XdpDataPlane {
         let word = flowtab::table_word(u32::from_ne_bytes(seed), flowtab::buckets_for(max_flows));
         self.meta
             .set(layout::meta::FLOW_TABLE, word, 0)
-            .map_err(meta_err)
+            .map_err(map_err(names::MAP_META))
     }
 
     /// A handle of its own on the counter array, for a reader on another thread (the

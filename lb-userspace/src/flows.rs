@@ -1131,15 +1131,20 @@ mod tests {
         }
     }
 
-    /// A scanner over a connection table that takes `delay` to read, the count of
-    /// reads started, and the store.
+    /// A scanner over a connection table that takes `delay` to read, once its first
+    /// read has started, and the count of reads started.
     fn slow_scanner(delay: Duration) -> (Scanner, Arc<std::sync::atomic::AtomicUsize>) {
         let store = FakeFlowStore {
             read_delay: delay,
             ..Default::default()
         };
         let reads = store.connection_reads.clone();
-        (Scanner::spawn(Box::new(store), IDLE).unwrap(), reads)
+        let scanner = Scanner::spawn(Box::new(store), IDLE).unwrap();
+        assert!(
+            wait_for_reads(&reads, 1, Duration::from_secs(5)),
+            "no first scan"
+        );
+        (scanner, reads)
     }
 
     fn wait_for_reads(reads: &std::sync::atomic::AtomicUsize, n: usize, within: Duration) -> bool {
@@ -1158,7 +1163,6 @@ mod tests {
         // A read of 150 ms: the next periodic scan is 3 s (x20) after, not 1 s.
         let delay = Duration::from_millis(150);
         let (scanner, reads) = slow_scanner(delay);
-        assert!(wait_for_reads(&reads, 1, Duration::from_secs(5)));
         let first = Instant::now();
         assert!(
             wait_for_reads(&reads, 2, Duration::from_secs(10)),
@@ -1179,7 +1183,6 @@ mod tests {
         // the 2 s that used to be the whole wait.
         let delay = Duration::from_millis(1500);
         let (scanner, reads) = slow_scanner(delay);
-        assert!(wait_for_reads(&reads, 1, Duration::from_secs(5)));
         let asked = Instant::now();
         assert!(scanner.prepare(Arc::new(rings(1, &[1, 2]))));
         let waited = asked.elapsed();

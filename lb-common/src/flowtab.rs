@@ -123,6 +123,30 @@ pub fn bucket_of(key: &FlowKey, seed: u32, buckets: u32) -> u32 {
     first_slot(key_hash(key, seed), buckets)
 }
 
+/// Where a table described by (`seed`, `buckets`) holds `key`, as the program looks for
+/// it: the slot's index and its content, read through `read` (slot index -> slot), or
+/// `None`. For the agent and the tests, which read the table through the kernel; the
+/// program compares in place (`same_key`). A table not described yet (`buckets` 0)
+/// holds nothing.
+pub fn find_slot<E>(
+    key: &FlowKey,
+    seed: u32,
+    buckets: u32,
+    mut read: impl FnMut(u32) -> Result<FlowSlot, E>,
+) -> Result<Option<(u32, FlowSlot)>, E> {
+    if buckets == 0 {
+        return Ok(None);
+    }
+    let first = bucket_of(key, seed, buckets);
+    for i in first..first + FLOW_WAYS {
+        let slot = read(i)?;
+        if slot.is_used() && slot.key == *key {
+            return Ok(Some((i, slot)));
+        }
+    }
+    Ok(None)
+}
+
 /// Whether two keys are the same flow, word by word in place: the ports' word first
 /// (the one two flows of one client to one service differ in), then the addresses'
 /// first words.

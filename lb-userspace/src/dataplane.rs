@@ -1220,18 +1220,11 @@ impl XdpDataPlane {
             .get(&layout::meta::FLOW_TABLE, 0)
             .map_err(map_err(names::MAP_META))?;
         let (seed, buckets) = flowtab::table_of(word);
-        if buckets == 0 {
-            return Ok(None);
-        }
         let flows = self.flows()?;
-        let first = flowtab::bucket_of(key, seed, buckets);
-        for i in first..first + flowtab::FLOW_WAYS {
-            let slot = flows.get(&i, 0).map_err(map_err(names::MAP_FLOWS))?;
-            if slot.is_used() && slot.key == *key {
-                return Ok(Some(slot.state));
-            }
-        }
-        Ok(None)
+        let found = flowtab::find_slot(key, seed, buckets, |i| {
+            flows.get(&i, 0).map_err(map_err(names::MAP_FLOWS))
+        })?;
+        Ok(found.map(|(_, slot)| slot.state))
     }
 }
 

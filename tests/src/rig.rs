@@ -369,24 +369,31 @@ impl Flows {
         Ok(self.slot_of(key)?.is_some())
     }
 
-    /// The slot that holds `key`, or `None`.
-    fn slot_of(&self, key: &lb_common::FlowKey) -> anyhow::Result<Option<u32>> {
-        let first = lb_common::flowtab::bucket_of(key, self.seed, self.buckets);
-        for i in first..first + lb_common::flowtab::FLOW_WAYS {
-            let slot = self.table.get(&i, 0)?;
-            if slot.is_used() && slot.key == *key {
-                return Ok(Some(i));
-            }
-        }
-        Ok(None)
+    /// The slot that holds `key` (its index and content), or `None`.
+    fn slot_of(
+        &self,
+        key: &lb_common::FlowKey,
+    ) -> anyhow::Result<Option<(u32, lb_common::flowtab::FlowSlot)>> {
+        Ok(lb_common::flowtab::find_slot(
+            key,
+            self.seed,
+            self.buckets,
+            |i| self.table.get(&i, 0),
+        )?)
+    }
+
+    /// The slot of a flow the table holds; an error if it does not.
+    fn held(
+        &self,
+        key: &lb_common::FlowKey,
+    ) -> anyhow::Result<(u32, lb_common::flowtab::FlowSlot)> {
+        self.slot_of(key)?
+            .ok_or_else(|| anyhow::anyhow!("no entry for {key:?}"))
     }
 
     /// The flow's entry; an error if the table does not hold it.
     pub fn get(&self, key: &lb_common::FlowKey) -> anyhow::Result<lb_common::FlowState> {
-        let i = self
-            .slot_of(key)?
-            .ok_or_else(|| anyhow::anyhow!("no entry for {key:?}"))?;
-        Ok(self.table.get(&i, 0)?.state)
+        Ok(self.held(key)?.1.state)
     }
 
     /// Rewrites the entry of a flow the table holds.
@@ -395,9 +402,7 @@ impl Flows {
         key: &lb_common::FlowKey,
         state: lb_common::FlowState,
     ) -> anyhow::Result<()> {
-        let i = self
-            .slot_of(key)?
-            .ok_or_else(|| anyhow::anyhow!("no entry for {key:?}"))?;
+        let (i, _) = self.held(key)?;
         let slot = lb_common::flowtab::FlowSlot { key: *key, state };
         self.table.set(i, slot, 0)?;
         Ok(())

@@ -503,7 +503,6 @@ struct NatCase {
 }
 
 fn nat() -> anyhow::Result<()> {
-    use lb_tests::packet::PSH;
     use lb_userspace::config::Forwarding;
     let nat_service = |name, vip, backend| {
         let mut s = service(name, vip, 443, 65537, &[backend]);
@@ -511,11 +510,100 @@ fn nat() -> anyhow::Result<()> {
         s.backends[0].port = Some(8443);
         s
     };
-    let mut rig = Rig::new(vec![
-        nat_service("api", "192.0.2.20", "10.0.1.5"),
-        nat_service("api6", "2001:db8::20", "2001:db8:1::5"),
-        service("web", "192.0.2.10", 80, 65537, &["192.0.2.21"]),
-    ])?;
+    let services = || {
+        vec![
+            nat_service("api", "192.0.2.20", "10.0.1.5"),
+            nat_service("api6", "2001:db8::20", "2001:db8:1::5"),
+            service("web", "192.0.2.10", 80, 65537, &["192.0.2.21"]),
+        ]
+    };
+    let mut rig = bench_rig(OBJECT, &services)?;
+    let cases = nat_cases(&mut rig)?;
+    // With `LB_BENCH_BASELINE`: the other build, its own flows opened the same way
+    // (its source ports may differ), measured in the same rounds.
+    let mut baseline = match std::env::var_os(BASELINE_VAR) {
+        Some(path) => {
+            let object = std::fs::read(&path).map_err(|e| {
+                anyhow::anyhow!(
+                    "{BASELINE_VAR}={}: {e}",
+                    std::path::Path::new(&path).display()
+                )
+            })?;
+            let mut rig = bench_rig(&object, &services)?;
+            let cases = nat_cases(&mut rig)?;
+            Some((rig, cases))
+        }
+        None => None,
+    };
+    println!();
+    println!(
+        "NAT cost per packet: separate single runs (NAT rewrites addresses), median of {NAT_RUNS}"
+    );
+    if baseline.is_some() {
+        println!(
+            "{:<28} {:>10} {:>14} {:>8} {:>10} {:>14} {:>8}",
+            "case", "lb ns/pkt", "XDP_PASS ns", "ratio", "lb - pass", "baseline - pass", "change"
+        );
+    } else {
+        println!(
+            "{:<28} {:>10} {:>14} {:>8} {:>10}",
+            "case", "lb ns/pkt", "XDP_PASS ns", "ratio", "lb - pass"
+        );
+    }
+    for (n, case) in cases.iter().enumerate() {
+        let mut lb = Vec::with_capacity(NAT_RUNS);
+        let mut pass = Vec::with_capacity(NAT_RUNS);
+        let mut base = Vec::with_capacity(NAT_RUNS);
+        for i in 0..NAT_RUNS {
+            let frame = &case.frames[i % case.frames.len()];
+            pass.push(rig.run_program(names::PROG_PASS, frame, 1)?.per_run);
+            // With a baseline, the two builds take turns at going first: in an A/A
+            // comparison the first after XDP_PASS read up to 40 ns dearer on a SYN.
+            let baseline_first = i % 2 == 1;
+            if baseline_first && let Some((b, b_cases)) = &mut baseline {
+                base.push(run_nat_case(b, &b_cases[n], i)?);
+            }
+            lb.push(run_nat_case(&mut rig, case, i)?);
+            if !baseline_first && let Some((b, b_cases)) = &mut baseline {
+                base.push(run_nat_case(b, &b_cases[n], i)?);
+            }
+        }
+        let (l, p) = (median(lb), median(pass));
+        print!(
+            "{:<28} {:>10.1} {:>14.1} {:>7.2}x {:>10.1}",
+            case.name,
+            l,
+            p,
+            l / p.max(1.0),
+            l - p
+        );
+        if baseline.is_some() {
+            let b = median(base);
+            print!(" {:>14.1} {:>+8.1}", b - p, l - b);
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// Single run `i` of `case` on `rig`: its time, the verdict checked.
+fn run_nat_case(rig: &mut Rig, case: &NatCase, i: usize) -> anyhow::Result<Duration> {
+    let frame = &case.frames[i % case.frames.len()];
+    let r = rig.run_program(names::PROG_LB, frame, 1)?;
+    anyhow::ensure!(
+        r.verdict == case.verdict,
+        "{}: run {i}: verdict {} (want {})",
+        case.name,
+        r.verdict,
+        case.verdict
+    );
+    Ok(r.per_run)
+}
+
+/// The NAT comparison's cases on `rig`: its flows opened first (a SYN each), the
+/// backend's replies to the source port `rig` gave them.
+fn nat_cases(rig: &mut Rig) -> anyhow::Result<Vec<NatCase>> {
+    use lb_tests::packet::PSH;
     let mut cases = Vec::new();
     for (family, vip, client, backend) in [
         ("IPv4", "192.0.2.20", "198.51.100.7", "10.0.1.5"),
@@ -619,41 +707,7 @@ fn nat() -> anyhow::Result<()> {
         frames: vec![dsr_syn(9_999)],
         verdict: XDP_TX,
     });
-    println!();
-    println!(
-        "NAT cost per packet: separate single runs (NAT rewrites addresses), median of {NAT_RUNS}"
-    );
-    println!(
-        "{:<28} {:>10} {:>14} {:>8} {:>10}",
-        "case", "lb ns/pkt", "XDP_PASS ns", "ratio", "lb - pass"
-    );
-    for case in &cases {
-        let mut lb = Vec::with_capacity(NAT_RUNS);
-        let mut pass = Vec::with_capacity(NAT_RUNS);
-        for i in 0..NAT_RUNS {
-            let frame = &case.frames[i % case.frames.len()];
-            pass.push(rig.run_program(names::PROG_PASS, frame, 1)?.per_run);
-            let r = rig.run_program(names::PROG_LB, frame, 1)?;
-            anyhow::ensure!(
-                r.verdict == case.verdict,
-                "{}: run {i}: verdict {} (want {})",
-                case.name,
-                r.verdict,
-                case.verdict
-            );
-            lb.push(r.per_run);
-        }
-        let (l, p) = (median(lb), median(pass));
-        println!(
-            "{:<28} {:>10.1} {:>14.1} {:>7.2}x {:>10.1}",
-            case.name,
-            l,
-            p,
-            l / p.max(1.0),
-            l - p
-        );
-    }
-    Ok(())
+    Ok(cases)
 }
 
 const FAILOVER_ROUNDS: usize = 3;

@@ -26,6 +26,13 @@ pub fn may_be_dsr_vip(addr: &[u8; 16], family: u8) -> bool {
     bit_set(&DSR_FILTER, filter::bit(addr, family))
 }
 
+/// `may_be_dsr_vip` for an address whose last two bytes are `hi`, `lo` (as
+/// `may_end_a_vip`).
+#[inline(always)]
+pub fn may_end_a_dsr_vip(hi: u8, lo: u8) -> bool {
+    bit_set(&DSR_FILTER, filter::bit_of(hi, lo))
+}
+
 #[inline(always)]
 fn may_be_vip_bit(bit: u32) -> bool {
     bit_set(&VIP_FILTER, bit)

@@ -1,15 +1,17 @@
 //! The XDP data path. One pipeline, read top to bottom:
 //! Ethernet (+ one VLAN tag) -> ARP / IPv4 / IPv6 -> the VIP filter (one array load) ->
+//! [TCP but a SYN, to an address with no DSR service: a NAT flow's segment either way,
+//! sent from a frame of its own if it passes every check below (`nat::known`)] ->
 //! VIP address? (for TCP: its service, whose hit says so; for an established segment to
 //! an address with a DSR service, the connection table first, whose entry names the
-//! service: see `service`; for a segment to a port of the NAT range, the NAT reverse
-//! table first) -> serving, our MAC? -> header sanity -> TCP (or an ICMP error about a
-//! flow, see `icmp.rs`; or a NAT reply, see `nat.rs`) -> connection table (`flowtab`,
-//! if not asked already), pinned table, else persistence or Maglev ring
+//! service: see `service`) -> serving, our MAC? -> header sanity -> TCP (or an ICMP
+//! error about a flow, see `icmp.rs`; or a NAT reply, see `nat.rs`) -> connection table
+//! (`flowtab`, if not asked already), pinned table, else persistence or Maglev ring
 //! (`persist::choose_backend`) -> backend -> MAC rewrite -> count -> XDP_TX.
 //! The common case, an established DSR segment whose entry needs no write, is sent from
 //! the TCP parse (`send_known`): no hash-map lookup (the connection table is an array
-//! the program keeps) and no clock read (`is_current`).
+//! the program keeps) and no clock read (`is_current`). An established NAT segment asks
+//! its flow's entry and no service (`nat::known`): one hash lookup each way.
 //!
 //! Each stage returns `Step<T>`: `Ok` goes on, `Err(reason)` ends the packet. The reason
 //! is counted once in `lb_xdp` and mapped to a verdict by `verdict_of`.
@@ -186,9 +188,16 @@ fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
         ETH_P_IP => {
             let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(reason::PASS_TRUNCATED)?;
             // SAFETY: within the frame (`ptr_at`).
-            let dst = unsafe { (*ip).dst };
+            let (dst, proto) = unsafe { ((*ip).dst, (*ip).proto) };
             if !filter::may_end_a_vip(dst[2], dst[3]) {
                 return Err(reason::PASS_NOT_VIP);
+            }
+            if !filter::may_end_a_dsr_vip(dst[2], dst[3])
+                && proto == PROTO_TCP
+                && may_be_known_nat(ctx, l3 + IPV4_HLEN)
+                && let Some(verdict) = known_nat(nat::known::<false>(ctx.ctx, cfg, l3))?
+            {
+                return Ok(verdict);
             }
             unpack(parse_ip::<false>(ctx.ctx, cfg, l3, &mut out))?
         }
@@ -201,6 +210,13 @@ fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
             }
             if !filter::may_end_a_vip(hi, lo) {
                 return Err(reason::PASS_NOT_VIP);
+            }
+            if !filter::may_end_a_dsr_vip(hi, lo)
+                && next_hdr == PROTO_TCP
+                && may_be_known_nat(ctx, l3 + IPV6_HLEN)
+                && let Some(verdict) = known_nat(nat::known::<true>(ctx.ctx, cfg, l3))?
+            {
+                return Ok(verdict);
             }
             unpack(parse_ip::<true>(ctx.ctx, cfg, l3, &mut out))?
         }
@@ -222,6 +238,26 @@ fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
             ),
         }
     }
+}
+
+/// Whether the TCP segment at `l4` (where it starts in a plain header) may be one
+/// `nat::known` sends: anything but a SYN, which opens a flow the long way (`nat::forward`).
+#[inline(always)]
+fn may_be_known_nat(ctx: &XdpContext, l4: usize) -> bool {
+    match ptr_at::<TcpHdr>(ctx, l4) {
+        // SAFETY: within the frame (`ptr_at`).
+        Some(tcp) => (unsafe { (*tcp).flags }) & (TCP_SYN | TCP_ACK) != TCP_SYN,
+        None => false,
+    }
+}
+
+/// What `nat::known` said: `None` to go on with the parse, else its step.
+#[inline(always)]
+fn known_nat(packed: u64) -> Step<Option<u32>> {
+    if packed == nat::NOT_KNOWN {
+        return Ok(None);
+    }
+    unpack(packed).map(Some)
 }
 
 /// ARP from `l3` (`neigh::arp`), packed (see `pack`). Not inlined: its VIP address key
@@ -271,7 +307,7 @@ fn parse_ip<const V6: bool>(
 const PACKED_OK: u64 = 1 << 32;
 
 #[inline(always)]
-fn pack(step: Step<u32>) -> u64 {
+pub fn pack(step: Step<u32>) -> u64 {
     match step {
         Ok(v) => PACKED_OK | v as u64,
         Err(why) => why as u64,
@@ -346,7 +382,7 @@ pub fn parse_ethernet(ctx: &XdpContext) -> Step<(u16, usize)> {
 /// drops it (its kernel must not answer for a VIP), and only frames sent to our MAC are
 /// forwarded (a broadcast or another host's frame would be sent on a second time).
 #[inline(always)]
-fn vip_gate(ctx: &XdpContext, cfg: &LbConfig, serving: &Serving) -> Step<()> {
+pub fn vip_gate(ctx: &XdpContext, cfg: &LbConfig, serving: &Serving) -> Step<()> {
     if serve_flags(serving) & SERVE_F_FORWARD == 0 {
         return Err(reason::DROP_NOT_MASTER);
     }
@@ -438,7 +474,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
 /// checks, and what it is: for TCP (`tcp`, its header at `l4`) its service (`service`;
 /// a hit says the address is a VIP's, with no lookup of the address alone), else
 /// whether the reverse table knows it as a NAT reply (`nat_reply_known`, which implies
-/// a VIP address too; asked first for a port of the NAT range, `to_nat_port`);
+/// a VIP address too; most replies were sent before the parse, `nat::known`);
 /// otherwise the VIP addresses decide, and `PASS_NOT_VIP` when the address is none of
 /// them.
 #[inline(always)]
@@ -450,11 +486,6 @@ fn vip_of(
     family: u8,
     tcp: bool,
 ) -> Step<(Option<(VipInfo, Known, *mut FlowState)>, bool)> {
-    // A backend's reply to a NAT flow comes to a port of the NAT range: asked of the
-    // reverse table first, before the services, which it would miss.
-    if tcp && to_nat_port(ctx, l4, dst, family) && nat_reply_known(ctx, l4, src, dst, family) {
-        return Ok((None, true));
-    }
     let vip = if tcp {
         service(ctx, l4, src, dst, family)
     } else {
@@ -534,23 +565,6 @@ fn service(
     unsafe { VIPS.get(&key) }.map(|vip| (*vip, known, entry))
 }
 
-/// Whether the TCP segment at `l4` goes to a port of the NAT range (`nat::port_range`)
-/// at an address with no DSR service: a backend's reply to a NAT flow, most likely,
-/// unless a service of that address listens in the range too.
-#[inline(always)]
-fn to_nat_port(ctx: &XdpContext, l4: usize, dst: &Addr, family: u8) -> bool {
-    if filter::may_be_dsr_vip(&dst.0, family) {
-        return false;
-    }
-    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4) else {
-        return false;
-    };
-    // SAFETY: within the frame (`ptr_at`).
-    let dport = u16::from_be(unsafe { ports(tcp) }.1);
-    let (min, max) = nat::port_range();
-    min <= dport && dport <= max
-}
-
 /// For a TCP segment to no service (`service` found none), to an address with no DSR
 /// service: whether it is a backend's reply to a NAT flow, asked of the reverse table
 /// before the VIP addresses (whose answer the reverse table's implies: its keys are to
@@ -592,7 +606,7 @@ fn nat_reply_known(ctx: &XdpContext, l4: usize, src: &Addr, dst: &Addr, family: 
 /// # Safety
 /// `tcp` is within the frame (`ptr_at`).
 #[inline(always)]
-unsafe fn ports(tcp: *const TcpHdr) -> (u16, u16) {
+pub unsafe fn ports(tcp: *const TcpHdr) -> (u16, u16) {
     // SAFETY: the header's first 4 bytes (the caller's).
     let w = unsafe { packet_word(tcp as *const u8, 0) }.to_ne_bytes();
     (

@@ -22,10 +22,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    FAMILY_V4, FLOW_TOUCH_JIFFIES, FlowKey, NAT_CFG_F_FIB, NAT_DEFAULT_PORT_MAX,
-    NAT_DEFAULT_PORT_MIN, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST,
-    NAT_F_SYNCED, NAT_HOP_TTL_JIFFIES, NAT_PORT_PROBES, NatFlow, NatTuple as Tuple, NextHop,
-    PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
+    FAMILY_V4, FAMILY_V6, FLOW_TOUCH_JIFFIES, FlowKey, LbConfig, NAT_CFG_F_FIB,
+    NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND,
+    NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED, NAT_HOP_TTL_JIFFIES, NAT_PORT_PROBES, NatFlow,
+    NatTuple as Tuple, NextHop, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
     counters::{backend_slot, event, event_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -33,11 +33,14 @@ use lb_common::{
 use crate::{
     Packet, Step, count,
     headers::{
-        EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr,
-        frame_len, packet_set_macs, packet_set_word, packet_word, ptr_at, set_addr, set_mac,
+        Addr, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TCP_ACK, TCP_FIN, TCP_HLEN, TCP_RST,
+        TCP_SYN, TcpHdr, frame_len, holds, packet_set_macs, packet_set_word, packet_word, ptr_at,
+        set_addr, set_mac,
     },
     keys,
-    maps::{CONFIG, NAT_BACKENDS, NAT_CONFIG, NAT_FLOWS, NAT_REVERSE, VIPS, scratch},
+    maps::{
+        CONFIG, NAT_BACKENDS, NAT_CONFIG, NAT_FLOWS, NAT_REVERSE, SERVING, VIP_SLOTS, VIPS, scratch,
+    },
     parse_ethernet, usable_backend,
 };
 
@@ -83,32 +86,174 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
     };
     // SAFETY: an entry of NAT_FLOWS; concurrent writers only ever set flags and times.
     let e = unsafe { &mut *e };
-    let established = if syn { 0 } else { NAT_F_ESTABLISHED };
+    if !new_flow && p.vip.persistence_s != 0 {
+        // The client's persistence entry stays alive while its connections do.
+        crate::persist::touch(&p.vip, &p.flow, e.backend, crate::flow_clock());
+    }
+    to_backend(
+        ctx,
+        e,
+        p.flow.family,
+        &p.flow.dst,
+        p.vip.vip_num,
+        p.tcp_flags,
+        new_flow,
+        j,
+    )
+}
+
+/// What `known` returns for a segment it leaves to the parse.
+pub const NOT_KNOWN: u64 = 1 << 33;
+
+/// A NAT flow's segment, sent from its own frame before the parse (`crate::try_lb`,
+/// for an address with no DSR service): an established client segment whose flow entry
+/// names its service, checked in that service's slot (`VIP_SLOTS`, as for DSR), or a
+/// backend's reply to a port of the NAT range that the reverse table knows. What
+/// `forward` and `reply` do for them, without the parse, the service lookup (VIPS)
+/// and the `Packet`. The packed verdict (`crate::pack`), or `NOT_KNOWN` for anything
+/// else, and for anything that would not pass the parse's checks (not serving, not our
+/// MAC, IP options, a fragment, a short frame), which the parse then judges: nothing
+/// is written before it is known to be sent here.
+#[inline(never)]
+pub fn known<const V6: bool>(raw: *mut xdp_md, cfg: &LbConfig, l3: usize) -> u64 {
+    match known_step::<V6>(&XdpContext::new(raw), cfg, l3) {
+        Some(step) => crate::pack(step),
+        None => NOT_KNOWN,
+    }
+}
+
+#[inline(always)]
+fn known_step<const V6: bool>(ctx: &XdpContext, cfg: &LbConfig, l3: usize) -> Option<Step<u32>> {
+    let serving = SERVING.get(0)?;
+    crate::vip_gate(ctx, cfg, serving).ok()?;
+    let s = scratch().ok()?;
+    let (family, l4, end) = if V6 {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, l3)?;
+        // SAFETY: within the frame (`ptr_at`).
+        let ip = unsafe { &*ip };
+        if ip.version_class_flow[0] >> 4 != 6 || ip.next_hdr != PROTO_TCP {
+            return None;
+        }
+        let end = l3 + IPV6_HLEN + u16::from_be_bytes(ip.payload_len) as usize;
+        // SAFETY: as above.
+        let (src, dst) = unsafe { (Addr::v6(&ip.src), Addr::v6(&ip.dst)) };
+        s.early_flow.family = FAMILY_V6;
+        set_addr(addr_of_mut!(s.early_flow.src), &src.0);
+        set_addr(addr_of_mut!(s.early_flow.dst), &dst.0);
+        (FAMILY_V6, l3 + IPV6_HLEN, end)
+    } else {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, l3)?;
+        // SAFETY: within the frame (`ptr_at`).
+        let ip = unsafe { &*ip };
+        // A plain header (no options) of TCP, not a fragment.
+        if ip.version_ihl != 0x45
+            || ip.proto != PROTO_TCP
+            || u16::from_be_bytes(ip.frag_off) & 0x3fff != 0
+        {
+            return None;
+        }
+        let end = l3 + u16::from_be_bytes(ip.tot_len) as usize;
+        // SAFETY: as above.
+        let (src, dst) = unsafe { (Addr::v4(&ip.src), Addr::v4(&ip.dst)) };
+        s.early_flow.family = FAMILY_V4;
+        set_addr(addr_of_mut!(s.early_flow.src), &src.0);
+        set_addr(addr_of_mut!(s.early_flow.dst), &dst.0);
+        (FAMILY_V4, l3 + IPV4_HLEN, end)
+    };
+    if !holds(ctx, end) {
+        return None;
+    }
+    let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
+    // SAFETY: within the frame (`ptr_at`).
+    let ((sport_be, dport_be), tcp) = unsafe { (crate::ports(tcp), &*tcp) };
+    let doff = (tcp.data_off >> 4) as usize * 4;
+    if doff < TCP_HLEN || l4 + doff > end {
+        return None;
+    }
+    let tcp_flags = tcp.flags;
+    s.early_flow.sport_be = sport_be;
+    s.early_flow.dport_be = dport_be;
+    s.early_flow.proto = PROTO_TCP;
+    s.early_flow._pad = [0; 2];
+    let (min, max) = port_range();
+    let dport = u16::from_be(dport_be);
+    if min <= dport && dport <= max {
+        // A backend's reply, if the reverse table knows it (else a service's segment
+        // on a port of the range, or nothing of ours).
+        // SAFETY: the map's key and value; `rev` is this CPU's scratch.
+        let client = unsafe { NAT_REVERSE.get(&s.early_flow) }?;
+        keys::copy_flow_key(addr_of_mut!(s.rev), client);
+        // SAFETY: this CPU's scratch; `rev` is not written by `to_client`.
+        return Some(to_client(ctx, unsafe { &*addr_of!(s.rev) }, tcp_flags));
+    }
+    if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return None;
+    }
+    let e = NAT_FLOWS.get_ptr_mut(&s.early_flow)?;
+    // SAFETY: an entry of NAT_FLOWS; concurrent writers only ever set flags and times.
+    let e = unsafe { &mut *e };
+    let vip_num = e.vip_num;
+    let slot = VIP_SLOTS.get(vip_num)?;
+    // Copied: `to_backend` writes the scratch space's translation.
+    let vip = s.early_flow.dst;
+    if !keys::is_vip(&slot.key, &vip, dport_be, family) || !is_nat(&slot.info) {
+        return None;
+    }
+    if slot.info.persistence_s != 0 {
+        // As in `forward`.
+        let flow = s.early_flow;
+        crate::persist::touch(&slot.info, &flow, e.backend, crate::flow_clock());
+    }
+    Some(to_backend(
+        ctx,
+        e,
+        family,
+        &vip,
+        vip_num,
+        tcp_flags,
+        false,
+        crate::jiffies64(),
+    ))
+}
+
+/// The client's segment of flow `e` to VIP address `vip` (of `family`, service `vip_num`), at
+/// jiffies `j`: the entry touched, the packet translated, sent to the backend and
+/// counted.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn to_backend(
+    ctx: &XdpContext,
+    e: &mut NatFlow,
+    family: u8,
+    vip: &[u8; 16],
+    vip_num: u32,
+    tcp_flags: u8,
+    new_flow: bool,
+    j: u64,
+) -> Step<u32> {
+    let established = if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        0
+    } else {
+        NAT_F_ESTABLISHED
+    };
     touch(
         e,
         j,
-        established | closing_flags(p.tcp_flags, NAT_F_FIN_CLIENT),
+        established | closing_flags(tcp_flags, NAT_F_FIN_CLIENT),
     );
     let backend = e.backend;
-    if !new_flow && p.vip.persistence_s != 0 {
-        // The client's persistence entry stays alive while its connections do.
-        crate::persist::touch(&p.vip, &p.flow, backend, crate::flow_clock());
-    }
-    let vip = p.flow.dst;
     let s = scratch()?;
-    set_tuple(
-        &mut s.new,
-        p.flow.family,
-        &vip,
-        &e.baddr,
-        e.nport_be,
-        e.bport_be,
-    );
-    let fallback = Fallback::Backend(backend);
+    set_tuple(&mut s.new, family, vip, &e.baddr, e.nport_be, e.bport_be);
     let l3 = rewrite(ctx, &s.new)?;
-    let verdict = next_hop(ctx.ctx, l3, fallback, addr_of_mut!(e.to_backend), j)?;
+    let verdict = next_hop(
+        ctx.ctx,
+        l3,
+        Fallback::Backend(backend),
+        addr_of_mut!(e.to_backend),
+        j,
+    )?;
     let len = frame_len(ctx) as u64;
-    count(vip_slot(p.vip.vip_num), len, new_flow);
+    count(vip_slot(vip_num), len, new_flow);
     count(backend_slot(backend), len, new_flow);
     Ok(verdict)
 }
@@ -126,6 +271,13 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8, asked: boo
     } else {
         unsafe { NAT_REVERSE.get(backend_flow) }.ok_or(reason::DROP_VIP_UNSERVED)?
     };
+    to_client(ctx, client, tcp_flags)
+}
+
+/// A backend's segment of the flow of `client` (the client's key), back to the
+/// client: the entry touched, the packet translated, sent and counted.
+#[inline(always)]
+fn to_client(ctx: &XdpContext, client: &FlowKey, tcp_flags: u8) -> Step<u32> {
     let e = NAT_FLOWS
         .get_ptr_mut(client)
         .ok_or(reason::DROP_NAT_NO_FLOW)?;
@@ -134,6 +286,7 @@ pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8, asked: boo
     let j = crate::jiffies64();
     touch(e, j, closing_flags(tcp_flags, NAT_F_FIN_BACKEND));
     let (backend, vip_num) = (e.backend, e.vip_num);
+    let s = scratch()?;
     set_tuple(
         // SAFETY: a field of this CPU's scratch other than `rev`.
         unsafe { &mut *addr_of_mut!(s.new) },

@@ -1089,3 +1089,98 @@ fn a_nat_service_on_a_port_of_the_nat_range() {
         tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, SYN | ACK)
     );
 }
+
+/// A NAT flow's established segments and its backend's replies are sent before the
+/// parse (`nat::known`) only when they would pass everything the parse checks; the
+/// rest goes the long way and gets the parse's verdict: a fragment, a frame to another
+/// MAC, a flow whose service went (its slot cleared, or taken by another service).
+/// A NAT service at an address that has a DSR service too goes the long way as well,
+/// and translates as always.
+#[test]
+fn a_nat_flow_sent_before_the_parse_still_meets_the_parses_checks() {
+    if !require_root("a_nat_flow_sent_before_the_parse_still_meets_the_parses_checks") {
+        return;
+    }
+    let mut rig = rig();
+    let vip = (ip("192.0.2.20"), 443);
+    let client = (ip("198.51.100.7"), 45000);
+    let backend = ip("10.0.1.5");
+    let bmac = backend_mac(backend);
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, false);
+    let ack = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK);
+    let (v, out) = rig.run(&ack);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        out,
+        tcp_frame(bmac, LB_MAC, None, (vip.0, n), (backend, 8443), ACK)
+    );
+
+    // A fragment of the flow (more-fragments set): the parse drops it, untouched.
+    let mut fragment = ack.clone();
+    fragment[14 + 6] |= 0x20;
+    let before = reasons(&rig);
+    assert_eq!(rig.run(&fragment), (XDP_DROP, fragment.clone()));
+    assert_eq!(reasons(&rig), plus(&before, reason::DROP_FRAGMENT, 1));
+    // A frame of the flow to another host's MAC (flooded to us by a switch): not ours
+    // to send on, either way.
+    let reply = tcp_frame(LB_MAC, bmac, None, (backend, 8443), (vip.0, n), ACK);
+    let mut other = [0x02, 0, 0, 0, 0, 0x99];
+    for frame in [ack.clone(), reply.clone()] {
+        let mut elsewhere = frame.clone();
+        elsewhere[0..6].copy_from_slice(&other);
+        let before = reasons(&rig);
+        assert_eq!(rig.run(&elsewhere), (XDP_DROP, elsewhere.clone()));
+        assert_eq!(reasons(&rig), plus(&before, reason::DROP_OTHER_MAC, 1));
+        other[5] += 1;
+    }
+
+    // The service goes, another takes the address (and perhaps its number): the flow's
+    // entry names a service that is no more, and its segments are not sent on.
+    let mut changed = services();
+    changed[0] = nat_service("api-b", "192.0.2.20", 444, &["10.0.1.6"], 8444);
+    rig.apply(changed).expect("reprogram");
+    let before = reasons(&rig);
+    assert_eq!(rig.run(&ack), (XDP_DROP, ack.clone()));
+    assert_eq!(reasons(&rig), plus(&before, reason::DROP_VIP_UNSERVED, 1));
+    // The new service's flows are translated.
+    let b_vip = (vip.0, 444);
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, b_vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n_b = nport(&out, false);
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, b_vip, ACK));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        out,
+        tcp_frame(
+            backend_mac(ip("10.0.1.6")),
+            LB_MAC,
+            None,
+            (vip.0, n_b),
+            (ip("10.0.1.6"), 8444),
+            ACK
+        )
+    );
+
+    // A NAT service beside a DSR one at one address.
+    let mut rig = Rig::new(vec![
+        service("web", "192.0.2.40", 80, 1009, &["192.0.2.21"]),
+        nat_service("api", "192.0.2.40", 443, &["10.0.1.5"], 8443),
+    ])
+    .expect("load (needs root)");
+    let vip = (ip("192.0.2.40"), 443);
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, false);
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        out,
+        tcp_frame(bmac, LB_MAC, None, (vip.0, n), (backend, 8443), ACK)
+    );
+    let reply = tcp_frame(LB_MAC, bmac, None, (backend, 8443), (vip.0, n), ACK);
+    let (v, out) = rig.run(&reply);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out, tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, ACK));
+}

@@ -14,6 +14,15 @@ pub fn word(a: &[u8; 16], i: usize) -> u32 {
     u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
 }
 
+/// Whether two addresses (the maps' 16-byte form) are the same, compared as words.
+#[inline(always)]
+pub fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    word(a, 0) == word(b, 0)
+        && word(a, 1) == word(b, 1)
+        && word(a, 2) == word(b, 2)
+        && word(a, 3) == word(b, 3)
+}
+
 /// Two 16-bit halves as one word, in memory order.
 #[inline(always)]
 fn halves(first: [u8; 2], second: [u8; 2]) -> u32 {

@@ -24,8 +24,8 @@ use aya_ebpf::{
 use lb_common::{
     FAMILY_V4, FAMILY_V6, FLOW_TOUCH_JIFFIES, FlowKey, LbConfig, NAT_CFG_F_FIB,
     NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND,
-    NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED, NAT_HOP_TTL_JIFFIES, NAT_PORT_PROBES, NatFlow,
-    NatTuple as Tuple, NextHop, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
+    NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED, NAT_HOP_TTL_JIFFIES, NAT_PORT_PROBES, NO_BACKEND,
+    NatFlow, NatTuple as Tuple, NextHop, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
     counters::{backend_slot, event, event_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -61,28 +61,51 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut entry = NAT_FLOWS.get_ptr_mut(&p.flow);
     // A SYN on the tuple of a flow that closed, or whose backend went away, is a new
-    // connection: the old pair goes, the SYN takes the ring. A retransmitted SYN of a
-    // live flow keeps its translation.
-    if syn && let Some(e) = entry {
-        let (flags, backend) = unsafe { ((*e).flags, (*e).backend) };
-        if flags & (NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST) != 0
-            || usable_backend(backend).is_none()
-        {
-            remove_pair(&p.flow, unsafe { &*e });
-            entry = None;
+    // connection: it takes persistence or the ring (`chosen`). A closed flow's pair
+    // whose backend is chosen again is the new flow's (`reopen`: the same backend, the
+    // same source port, the port the claim would give it again); otherwise the old
+    // pair goes. A retransmitted SYN of a live flow keeps its translation.
+    let mut chosen = None;
+    let mut reopened = false;
+    if syn {
+        let stale = match entry {
+            // SAFETY: an entry of NAT_FLOWS.
+            Some(e) => {
+                let (flags, backend) = unsafe { ((*e).flags, (*e).backend) };
+                if is_closed(flags) || usable_backend(backend).is_none() {
+                    Some((is_closed(flags), backend))
+                } else {
+                    None
+                }
+            }
+            None => Some((false, NO_BACKEND)),
+        };
+        if let Some((closed, old)) = stale {
+            let (id, _) = crate::persist::choose_backend(&p.vip, &p.flow, crate::flow_clock())?;
+            chosen = Some(id);
+            if let Some(e) = entry {
+                // SAFETY: as above.
+                let e = unsafe { &mut *e };
+                if closed && id == old && reopen(ctx, e, p, j) {
+                    reopened = true;
+                } else {
+                    remove_pair(&p.flow, e);
+                    entry = None;
+                }
+            }
         }
     }
-    let new_flow = entry.is_none();
-    let e = match entry {
-        Some(e) => e,
-        None if syn => {
+    let new_flow = entry.is_none() || reopened;
+    let e = match (entry, chosen) {
+        (Some(e), _) => e,
+        (None, Some(id)) => {
             // Not a pointer through `open`'s result: the verifier would lose its type.
-            open(ctx, p, crate::flow_clock(), j)?;
+            open(ctx, p, id, crate::flow_clock(), j)?;
             NAT_FLOWS
                 .get_ptr_mut(&p.flow)
                 .ok_or(reason::ABORT_INTERNAL)?
         }
-        None => return Err(reason::DROP_NAT_NO_FLOW),
+        (None, None) => return Err(reason::DROP_NAT_NO_FLOW),
     };
     // SAFETY: an entry of NAT_FLOWS; concurrent writers only ever set flags and times.
     let e = unsafe { &mut *e };
@@ -340,12 +363,11 @@ fn closing_flags(tcp_flags: u8, fin: u32) -> u32 {
     f
 }
 
-/// A new flow: the backend (`persist::choose_backend`), a free source port towards it, and the
-/// pair of entries (or the pair another CPU made for the same SYN a moment ago).
+/// A new flow to backend `id` (`persist::choose_backend`'s choice): a free source port
+/// towards it, and the pair of entries (or the pair another CPU made for the same SYN a
+/// moment ago).
 #[inline(always)]
-fn open(ctx: &XdpContext, p: &Packet, now: u64, j: u64) -> Step<()> {
-    // Persistence first (if the service has it), else the ring: as for DSR.
-    let (id, _) = crate::persist::choose_backend(&p.vip, &p.flow, now)?;
+fn open(ctx: &XdpContext, p: &Packet, id: u32, now: u64, j: u64) -> Step<()> {
     let s = scratch()?;
     let target = NAT_BACKENDS.get(id).ok_or(reason::ABORT_INTERNAL)?;
     if target.family != p.flow.family {
@@ -381,6 +403,41 @@ fn open(ctx: &XdpContext, p: &Packet, now: u64, j: u64) -> Step<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a flow's flags say it closed (a FIN either way, or an RST).
+#[inline(always)]
+fn is_closed(flags: u32) -> bool {
+    flags & (NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST) != 0
+}
+
+/// A SYN on the tuple of closed flow `e`, whose backend was chosen again: the pair is
+/// the new connection's, if the backend's target is still the one the pair leads to
+/// (an address or port changed in a reload: no). Its state starts anew, as `open`'s
+/// would (its next-hop copies are kept: they lead to the same hosts). Returns whether
+/// it took the pair. The agent's scanner, which may have read the closed flow to remove
+/// it, sees the entry changed and leaves it (`lb_userspace`'s `remove_nat`).
+#[inline(always)]
+fn reopen(ctx: &XdpContext, e: &mut NatFlow, p: &Packet, j: u64) -> bool {
+    let Some(target) = NAT_BACKENDS.get(e.backend) else {
+        return false;
+    };
+    if target.family != p.flow.family
+        || target.port_be != e.bport_be
+        || !keys::same_addr(&target.addr, &e.baddr)
+    {
+        return false;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    e.vip_num = p.vip.vip_num;
+    e.last_seen_ns = crate::flow_clock();
+    e.flags = 0;
+    e.touched = j as u16;
+    // SAFETY: the frame's Ethernet header (`ptr_at`).
+    set_mac(addr_of_mut!(e.client_mac), unsafe { &(*eth).src });
+    true
 }
 
 /// The source ports NAT flows take towards backends (`NAT_CONFIG`, else the default).

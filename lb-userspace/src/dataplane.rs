@@ -197,8 +197,11 @@ pub trait FlowStore: Send {
     /// A copy of every NAT flow (NAT_FLOWS), read in batches.
     fn read_nat(&mut self) -> Result<Vec<(FlowKey, NatFlow)>>;
     /// Removes NAT flows, both halves: the forward entry first, so that no packet of
-    /// the flow goes out on a port a new flow may already hold. Absent ones are ignored.
-    fn remove_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<()>;
+    /// the flow goes out on a port a new flow may already hold. Absent ones are ignored,
+    /// and so is one whose entry is no longer the one given (read by an earlier scan):
+    /// the data path wrote it since (a client's SYN reopened a closed flow's pair,
+    /// a packet came), and the next scan judges it anew. Returns how many it removed.
+    fn remove_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<usize>;
     /// Installs NAT flows (a peer's), both halves: the reverse entry first, as the
     /// program does; one whose port another flow holds here is left out. Returns how
     /// many were left out (port taken or table full).
@@ -279,12 +282,16 @@ impl FlowStore for FakeFlowStore {
         let map = self.nat.lock().unwrap_or_else(|e| e.into_inner());
         Ok(map.iter().map(|(k, v)| (*k, *v)).collect())
     }
-    fn remove_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<()> {
+    fn remove_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<usize> {
         let mut map = self.nat.lock().unwrap_or_else(|e| e.into_inner());
-        for (k, _) in flows {
-            map.remove(k);
+        let mut removed = 0;
+        for (k, v) in flows {
+            if map.get(k) == Some(v) {
+                map.remove(k);
+                removed += 1;
+            }
         }
-        Ok(())
+        Ok(removed)
     }
     fn install_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<usize> {
         let mut map = self.nat.lock().unwrap_or_else(|e| e.into_inner());
@@ -458,8 +465,25 @@ impl FlowStore for FlowMaps {
             }
         })
     }
-    fn remove_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<()> {
+    fn remove_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<usize> {
+        let mut removed = 0;
         for (key, value) in flows {
+            // Read again just before: the window in which the program may reopen the
+            // pair (`nat::reopen`) and lose it to this delete shrinks from a whole scan
+            // to two system calls. (No compare-and-delete for hash maps closes it.)
+            match sys::lookup::<FlowKey, NatFlow>(&self.nat_flows.fd().as_fd(), key) {
+                Ok(now) if now == *value => {}
+                Ok(_) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(source) => {
+                    return Err(DataPlaneError::Syscall {
+                        map: names::MAP_NAT_FLOWS,
+                        op: "BPF_MAP_LOOKUP_ELEM",
+                        source,
+                    });
+                }
+            }
+            removed += 1;
             deleted(
                 names::MAP_NAT_FLOWS,
                 sys::delete(&self.nat_flows.fd().as_fd(), key),
@@ -470,7 +494,7 @@ impl FlowStore for FlowMaps {
                 sys::delete(&self.nat_reverse.fd().as_fd(), &rev),
             )?;
         }
-        Ok(())
+        Ok(removed)
     }
     fn install_nat(&mut self, flows: &[(FlowKey, NatFlow)]) -> Result<usize> {
         let mut left_out = 0;

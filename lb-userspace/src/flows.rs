@@ -814,8 +814,9 @@ impl Worker {
             }
         }
         if !gone.is_empty() {
-            self.store.remove_nat(&gone)?;
-            self.nat_collected += gone.len() as u64;
+            // A pair written since it was read (reopened by a SYN) stays, judged again
+            // at the next scan.
+            self.nat_collected += self.store.remove_nat(&gone)? as u64;
         }
         if let (Some(sink), Some(rings)) = (&self.sync, &self.rings) {
             // New flows at every scan, all of them with the pins' refresh.

@@ -405,18 +405,14 @@ fn icmp_errors_about_nat_flows_are_translated_both_ways_ipv6() {
     );
 }
 
-#[test]
-fn a_syn_on_a_closed_flows_tuple_opens_a_new_pair() {
-    if !require_root("a_syn_on_a_closed_flows_tuple_opens_a_new_pair") {
-        return;
-    }
-    let mut rig = rig();
-    let mut store = rig.dp.take_flow_store().expect("flow store");
-    let vip = (ip("192.0.2.20"), 443);
-    let client = (ip("198.51.100.7"), 42000);
-    let backend = ip("10.0.1.5");
-    let (_, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
-    let n = nport(&out, false);
+/// Closes the flow of `client` (source port `n` towards `backend`) both ways.
+fn close_both_ways(
+    rig: &mut Rig,
+    client: (IpAddr, u16),
+    vip: (IpAddr, u16),
+    backend: IpAddr,
+    n: u16,
+) {
     rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, FIN | ACK));
     rig.run(&tcp_frame(
         LB_MAC,
@@ -426,13 +422,47 @@ fn a_syn_on_a_closed_flows_tuple_opens_a_new_pair() {
         (vip.0, n),
         FIN | ACK,
     ));
-    let flows = store.read_nat().expect("NAT table");
-    assert_eq!(flows.len(), 1);
-    assert!(lb_userspace::nat::is_closed(&flows[0].1), "both FINs seen");
-    assert_ne!(flows[0].1.flags & NAT_F_ESTABLISHED, 0, "past the SYN");
-    // The client reuses its port: a new connection, a fresh pair.
-    let (v, _) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
-    assert_eq!(v, XDP_TX);
+}
+
+/// A client reuses the tuple of a closed flow: a new connection. When its backend is
+/// chosen again, the closed flow's pair becomes the new connection's (the same source
+/// port, which the claim would give it again), with no pair removed and made; a scan
+/// that read the closed flow before does not remove it. When another backend is
+/// chosen, the old pair goes and a new one is made.
+#[test]
+fn a_syn_on_a_closed_flows_tuple_is_a_new_connection() {
+    if !require_root("a_syn_on_a_closed_flows_tuple_is_a_new_connection") {
+        return;
+    }
+    let mut rig = rig();
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("192.0.2.20"), 443);
+    let client = (ip("198.51.100.7"), 42000);
+    let backend = ip("10.0.1.5");
+    let bmac = backend_mac(backend);
+    let syn = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN);
+    let (_, out) = rig.run(&syn);
+    let n = nport(&out, false);
+    rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK));
+    close_both_ways(&mut rig, client, vip, backend, n);
+    let closed = store.read_nat().expect("NAT table");
+    assert_eq!(closed.len(), 1);
+    assert!(lb_userspace::nat::is_closed(&closed[0].1), "both FINs seen");
+    assert_ne!(closed[0].1.flags & NAT_F_ESTABLISHED, 0, "past the SYN");
+    let slot = vip_slot(rig.programmer.vip_num(vip.0, 443).expect("vip"));
+    let new_flows = rig.counter(slot).new_flows;
+
+    // The client reuses its port; the one backend is chosen again.
+    let (v, out) = rig.run(&syn);
+    assert_eq!(
+        (v, out),
+        (
+            XDP_TX,
+            tcp_frame(bmac, LB_MAC, None, (vip.0, n), (backend, 8443), SYN)
+        ),
+        "the same backend, the same source port"
+    );
+    assert_eq!(rig.counter(slot).new_flows, new_flows + 1, "a new flow");
     let flows = store.read_nat().expect("NAT table");
     assert_eq!(flows.len(), 1);
     assert!(!lb_userspace::nat::is_closed(&flows[0].1), "a fresh flow");
@@ -441,6 +471,74 @@ fn a_syn_on_a_closed_flows_tuple_opens_a_new_pair() {
         0,
         "a SYN only: collected after the embryonic timeout unless more follows"
     );
+    assert!(flows[0].1.last_seen_ns >= closed[0].1.last_seen_ns);
+    // A scan that read the closed flow removes nothing now.
+    assert_eq!(store.remove_nat(&closed).expect("remove"), 0);
+    assert_eq!(
+        store.read_nat().expect("NAT table"),
+        flows,
+        "the pair stays"
+    );
+    // The backend's SYN-ACK comes back.
+    let (v, out) = rig.run(&tcp_frame(
+        LB_MAC,
+        bmac,
+        None,
+        (backend, 8443),
+        (vip.0, n),
+        SYN | ACK,
+    ));
+    assert_eq!(
+        (v, out),
+        (
+            XDP_TX,
+            tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, SYN | ACK)
+        )
+    );
+
+    // Two backends; the closed flow's backend is drained: the SYN takes the other.
+    let two = || {
+        vec![nat_service(
+            "api",
+            "192.0.2.20",
+            443,
+            &["10.0.1.5", "10.0.1.6"],
+            8443,
+        )]
+    };
+    let mut rig = Rig::new(two()).expect("load (needs root)");
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let (v, out) = rig.run(&syn);
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, false);
+    let chosen = IpAddr::from([out[30], out[31], out[32], out[33]]);
+    close_both_ways(&mut rig, client, vip, chosen, n);
+    let mut drained = two();
+    for b in &mut drained[0].backends {
+        if b.address == chosen {
+            b.weight = 0;
+        }
+    }
+    rig.apply(drained).expect("reprogram");
+    let (v, out) = rig.run(&syn);
+    assert_eq!(v, XDP_TX);
+    let other = IpAddr::from([out[30], out[31], out[32], out[33]]);
+    assert_ne!(other, chosen, "the ring's other backend");
+    let flows = store.read_nat().expect("NAT table");
+    assert_eq!(flows.len(), 1, "the old pair went");
+    assert!(!lb_userspace::nat::is_closed(&flows[0].1));
+    // The old backend's port leads nowhere now.
+    let before = reasons(&rig);
+    let stray = tcp_frame(
+        LB_MAC,
+        backend_mac(chosen),
+        None,
+        (chosen, 8443),
+        (vip.0, n),
+        ACK,
+    );
+    assert_eq!(rig.run(&stray).0, XDP_DROP);
+    assert_eq!(reasons(&rig), plus(&before, reason::DROP_VIP_UNSERVED, 1));
 }
 
 #[test]

@@ -76,7 +76,7 @@ use lb_tests::{
         AnnounceSection, Lab, Node, ROUTED_VIP4, SERVICE_PORT, Service, SyncSection, VIP4,
         VrrpSection, addr4, probe_gap, run_bounded,
     },
-    packet::{ACK, SYN, tcp_frame},
+    packet::{ACK, RST, SYN, tcp_frame},
     rig::{CLIENT_MAC, LB_MAC, Rig, XDP_PASS, XDP_TX, looped, service},
 };
 use lb_userspace::{
@@ -500,6 +500,8 @@ struct NatCase {
     name: &'static str,
     frames: Vec<Vec<u8>>,
     verdict: u32,
+    /// A frame run (not timed) before each timed run, with its own frame.
+    before_each: Option<Vec<u8>>,
 }
 
 fn nat() -> anyhow::Result<()> {
@@ -589,6 +591,9 @@ fn nat() -> anyhow::Result<()> {
 /// Single run `i` of `case` on `rig`: its time, the verdict checked.
 fn run_nat_case(rig: &mut Rig, case: &NatCase, i: usize) -> anyhow::Result<Duration> {
     let frame = &case.frames[i % case.frames.len()];
+    if let Some(before) = &case.before_each {
+        rig.run_program(names::PROG_LB, before, 1)?;
+    }
     let r = rig.run_program(names::PROG_LB, frame, 1)?;
     anyhow::ensure!(
         r.verdict == case.verdict,
@@ -638,6 +643,7 @@ fn nat_cases(rig: &mut Rig) -> anyhow::Result<Vec<NatCase>> {
                 .map(|i| to_vip(10_000 + i as u16, SYN))
                 .collect(),
             verdict: XDP_TX,
+            before_each: None,
         });
         cases.push(NatCase {
             name: if family == "IPv4" {
@@ -647,6 +653,7 @@ fn nat_cases(rig: &mut Rig) -> anyhow::Result<Vec<NatCase>> {
             },
             frames: vec![to_vip(client.1, ACK | PSH)],
             verdict: XDP_TX,
+            before_each: None,
         });
         cases.push(NatCase {
             name: if family == "IPv4" {
@@ -656,6 +663,19 @@ fn nat_cases(rig: &mut Rig) -> anyhow::Result<Vec<NatCase>> {
             },
             frames: vec![reply],
             verdict: XDP_TX,
+            before_each: None,
+        });
+        // A client's new connection on the tuple of one that closed (its RST, not
+        // timed, before each): the pair is reopened (`nat::reopen`).
+        cases.push(NatCase {
+            name: if family == "IPv4" {
+                "NAT IPv4 SYN, closed tuple"
+            } else {
+                "NAT IPv6 SYN, closed tuple"
+            },
+            frames: vec![to_vip(client.1 + 1, SYN)],
+            verdict: XDP_TX,
+            before_each: Some(to_vip(client.1 + 1, RST | ACK)),
         });
     }
     // DSR, measured the same way, for scale.
@@ -683,6 +703,7 @@ fn nat_cases(rig: &mut Rig) -> anyhow::Result<Vec<NatCase>> {
         name: "DSR IPv4 established",
         frames: vec![dsr],
         verdict: XDP_TX,
+        before_each: None,
     });
     // A DSR SYN of a new flow in each run (a client's new connection: an entry added to
     // the connection table), and one SYN again and again (a retransmission: its entry
@@ -701,11 +722,13 @@ fn nat_cases(rig: &mut Rig) -> anyhow::Result<Vec<NatCase>> {
         name: "DSR IPv4 SYN, new flow",
         frames: (0..NAT_RUNS).map(|i| dsr_syn(10_000 + i as u16)).collect(),
         verdict: XDP_TX,
+        before_each: None,
     });
     cases.push(NatCase {
         name: "DSR IPv4 SYN, same again",
         frames: vec![dsr_syn(9_999)],
         verdict: XDP_TX,
+        before_each: None,
     });
     Ok(cases)
 }

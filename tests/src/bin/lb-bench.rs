@@ -11,7 +11,8 @@
 //! Then NAT: the same comparison for the NAT path, both directions. NAT rewrites
 //! addresses, so a repeated run would measure the program on its own output (no longer
 //! to a VIP): every NAT case is measured as separate single runs, the trivial program
-//! too, and medians compared. `--nat-only` runs only this part.
+//! too, and medians compared; with `LB_BENCH_BASELINE=FILE` that build too, the two taking
+//! turns at going first. `--nat-only` runs only this part.
 //!
 //! Then failover: two LB hosts with VRRP in the namespace lab, a client probing the VIP
 //! every 5 ms; the gap without a successful connection when the master goes, beside the
@@ -190,7 +191,8 @@ trace's cost while off, then the comparative lab bench.
   --scan-only           only the flow scanner's cost at a full connection table
   --announce-only       only the [announce] withdrawal time and probe gap
   --trace-only          only the packet trace's cost while off
-  --nat-only            only the NAT path's cost per packet, both directions
+  --nat-only            only the NAT path's cost per packet, both directions; with
+                        LB_BENCH_BASELINE=FILE as for --xdp-only
   --lab-only            only the comparative lab bench (direct, null XDP forwarder
                         one way and both ways, lb in DSR mode, lb in NAT mode,
                         HAProxy, nginx stream)

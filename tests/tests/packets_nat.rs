@@ -405,6 +405,27 @@ fn icmp_errors_about_nat_flows_are_translated_both_ways_ipv6() {
     );
 }
 
+/// One NAT service ("api", 192.0.2.20:443) of two backends, 10.0.1.5 and 10.0.1.6.
+fn two_backends() -> Vec<Service> {
+    vec![nat_service(
+        "api",
+        "192.0.2.20",
+        443,
+        &["10.0.1.5", "10.0.1.6"],
+        8443,
+    )]
+}
+
+/// `services` with `backend` out of the ring (weight 0, as a drain does).
+fn drained(mut services: Vec<Service>, backend: IpAddr) -> Vec<Service> {
+    for b in services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
+        if b.address == backend {
+            b.weight = 0;
+        }
+    }
+    services
+}
+
 /// Closes the flow of `client` (source port `n` towards `backend`) both ways.
 fn close_both_ways(
     rig: &mut Rig,
@@ -497,32 +518,18 @@ fn a_syn_on_a_closed_flows_tuple_is_a_new_connection() {
     );
 
     // Two backends; the closed flow's backend is drained: the SYN takes the other.
-    let two = || {
-        vec![nat_service(
-            "api",
-            "192.0.2.20",
-            443,
-            &["10.0.1.5", "10.0.1.6"],
-            8443,
-        )]
-    };
-    let mut rig = Rig::new(two()).expect("load (needs root)");
+    let mut rig = Rig::new(two_backends()).expect("load (needs root)");
     let mut store = rig.dp.take_flow_store().expect("flow store");
     let (v, out) = rig.run(&syn);
     assert_eq!(v, XDP_TX);
     let n = nport(&out, false);
-    let chosen = IpAddr::from([out[30], out[31], out[32], out[33]]);
+    let chosen = translated_to(&out).0;
     close_both_ways(&mut rig, client, vip, chosen, n);
-    let mut drained = two();
-    for b in &mut drained[0].backends {
-        if b.address == chosen {
-            b.weight = 0;
-        }
-    }
-    rig.apply(drained).expect("reprogram");
+    rig.apply(drained(two_backends(), chosen))
+        .expect("reprogram");
     let (v, out) = rig.run(&syn);
     assert_eq!(v, XDP_TX);
-    let other = IpAddr::from([out[30], out[31], out[32], out[33]]);
+    let other = translated_to(&out).0;
     assert_ne!(other, chosen, "the ring's other backend");
     let flows = store.read_nat().expect("NAT table");
     assert_eq!(flows.len(), 1, "the old pair went");
@@ -586,30 +593,16 @@ fn an_established_nat_flow_keeps_its_backend_through_ring_changes() {
     if !require_root("an_established_nat_flow_keeps_its_backend_through_ring_changes") {
         return;
     }
-    let two = || {
-        vec![nat_service(
-            "api",
-            "192.0.2.20",
-            443,
-            &["10.0.1.5", "10.0.1.6"],
-            8443,
-        )]
-    };
-    let mut rig = Rig::new(two()).expect("load (needs root)");
+    let mut rig = Rig::new(two_backends()).expect("load (needs root)");
     let vip = (ip("192.0.2.20"), 443);
     let client = (ip("198.51.100.7"), 44000);
     let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
     assert_eq!(v, XDP_TX);
     let n = nport(&out, false);
-    let chosen = IpAddr::from([out[30], out[31], out[32], out[33]]);
+    let chosen = translated_to(&out).0;
     // Its backend leaves the ring (weight 0, as a drain does).
-    let mut drained = two();
-    for b in &mut drained[0].backends {
-        if b.address == chosen {
-            b.weight = 0;
-        }
-    }
-    rig.apply(drained).expect("reprogram");
+    rig.apply(drained(two_backends(), chosen))
+        .expect("reprogram");
     let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK));
     assert_eq!(v, XDP_TX);
     assert_eq!(
@@ -635,7 +628,7 @@ fn an_established_nat_flow_keeps_its_backend_through_ring_changes() {
             SYN,
         ));
         assert_eq!(v, XDP_TX);
-        assert_ne!(IpAddr::from([out[30], out[31], out[32], out[33]]), chosen);
+        assert_ne!(translated_to(&out).0, chosen);
     }
 }
 

@@ -99,8 +99,11 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
     let e = match (entry, chosen) {
         (Some(e), _) => e,
         (None, Some(id)) => {
-            // Not a pointer through `open`'s result: the verifier would lose its type.
-            open(ctx, p, id, crate::flow_clock(), j)?;
+            if let Some(verdict) = open(ctx, p, id, crate::flow_clock(), j)? {
+                count_flow(ctx, p.vip.vip_num, id, true);
+                return Ok(verdict);
+            }
+            // Another CPU opened this very flow a moment ago: its entry decides.
             NAT_FLOWS
                 .get_ptr_mut(&p.flow)
                 .ok_or(reason::ABORT_INTERNAL)?
@@ -275,10 +278,16 @@ fn to_backend(
         addr_of_mut!(e.to_backend),
         j,
     )?;
+    count_flow(ctx, vip_num, backend, new_flow);
+    Ok(verdict)
+}
+
+/// A translated frame towards a backend, counted on its service and backend.
+#[inline(always)]
+fn count_flow(ctx: &XdpContext, vip_num: u32, backend: u32, new_flow: bool) {
     let len = frame_len(ctx) as u64;
     count(vip_slot(vip_num), len, new_flow);
     count(backend_slot(backend), len, new_flow);
-    Ok(verdict)
 }
 
 /// backend:bport -> VIP:nport, back to the client as VIP:port -> client:cport, if the
@@ -364,10 +373,13 @@ fn closing_flags(tcp_flags: u8, fin: u32) -> u32 {
 }
 
 /// A new flow to backend `id` (`persist::choose_backend`'s choice): a free source port
-/// towards it, and the pair of entries (or the pair another CPU made for the same SYN a
-/// moment ago).
+/// towards it, the SYN translated and its next hop found, then the pair of entries, the
+/// forward one with that next hop already in it (so it is not looked up again).
+/// Returns the SYN's verdict; `None` if another CPU made the pair for the same SYN a
+/// moment ago (the caller sends the SYN by that pair: translated again, from what this
+/// one wrote, which the incremental checksums allow).
 #[inline(always)]
-fn open(ctx: &XdpContext, p: &Packet, id: u32, now: u64, j: u64) -> Step<()> {
+fn open(ctx: &XdpContext, p: &Packet, id: u32, now: u64, j: u64) -> Step<Option<u32>> {
     let s = scratch()?;
     let target = NAT_BACKENDS.get(id).ok_or(reason::ABORT_INTERNAL)?;
     if target.family != p.flow.family {
@@ -382,7 +394,7 @@ fn open(ctx: &XdpContext, p: &Packet, id: u32, now: u64, j: u64) -> Step<()> {
     e.backend = id;
     e.vip_num = p.vip.vip_num;
     e.last_seen_ns = now;
-    e.flags = 0;
+    e.flags = closing_flags(p.tcp_flags, NAT_F_FIN_CLIENT);
     e.nport_be = nport;
     e.bport_be = target.port_be;
     set_addr(addr_of_mut!(e.baddr), &target.addr);
@@ -391,6 +403,32 @@ fn open(ctx: &XdpContext, p: &Packet, id: u32, now: u64, j: u64) -> Step<()> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
     set_mac(addr_of_mut!(e.client_mac), unsafe { &(*eth).src });
     e.touched = j as u16;
+    set_tuple(
+        // SAFETY: a field of this CPU's scratch other than `entry` and `rev`.
+        unsafe { &mut *addr_of_mut!(s.new) },
+        p.flow.family,
+        &p.flow.dst,
+        &target.addr,
+        nport,
+        target.port_be,
+    );
+    let sent = rewrite(ctx, &s.new).and_then(|l3| {
+        next_hop(
+            ctx.ctx,
+            l3,
+            Fallback::Backend(id),
+            addr_of_mut!(s.entry.to_backend),
+            j,
+        )
+    });
+    let verdict = match sent {
+        Ok(verdict) => verdict,
+        Err(why) => {
+            // Not sent: the port goes back.
+            let _ = NAT_REVERSE.remove(&s.rev);
+            return Err(why);
+        }
+    };
     if NAT_FLOWS
         .insert(&p.flow, &s.entry, BPF_NOEXIST as u64)
         .is_err()
@@ -401,8 +439,9 @@ fn open(ctx: &XdpContext, p: &Packet, id: u32, now: u64, j: u64) -> Step<()> {
         if unsafe { NAT_FLOWS.get(&p.flow) }.is_none() {
             return Err(reason::DROP_NAT_TABLE_FULL);
         }
+        return Ok(None);
     }
-    Ok(())
+    Ok(Some(verdict))
 }
 
 /// Whether a flow's flags say it closed (a FIN either way, or an RST).

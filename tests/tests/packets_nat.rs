@@ -1275,3 +1275,66 @@ fn a_nat_flow_sent_before_the_parse_still_meets_the_parses_checks() {
     assert_eq!(v, XDP_TX);
     assert_eq!(out, tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, ACK));
 }
+
+/// A NAT flow never takes, as its source port towards a backend, a port a service of
+/// its VIP listens on: a reply to it would be that service's segment. With the range
+/// 2000 to 2002 and a service on the VIP's port 2001, two flows take 2000 and 2002 and
+/// a third finds no port.
+#[test]
+fn a_nat_flow_never_takes_a_port_a_service_of_its_vip_listens_on() {
+    if !require_root("a_nat_flow_never_takes_a_port_a_service_of_its_vip_listens_on") {
+        return;
+    }
+    let mut rig = Rig::new(vec![
+        nat_service("api", "192.0.2.20", 443, &["10.0.1.5"], 8443),
+        nat_service("alt", "192.0.2.20", 2001, &["10.0.1.6"], 9000),
+    ])
+    .expect("load (needs root)");
+    rig.dp
+        .set_nat_config(&NatConfig {
+            port_min: 2000,
+            port_max: 2002,
+            flags: 0,
+        })
+        .expect("NAT config");
+    let vip = (ip("192.0.2.20"), 443);
+    let mut got = Vec::new();
+    for cport in 47000..47002 {
+        let syn = tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            None,
+            (ip("198.51.100.7"), cport),
+            vip,
+            SYN,
+        );
+        let (v, out) = rig.run(&syn);
+        assert_eq!(v, XDP_TX, "client port {cport}");
+        got.push(nport(&out, false));
+    }
+    got.sort();
+    assert_eq!(got, vec![2000, 2002], "the service's port is never taken");
+    let before = reasons(&rig);
+    let syn = tcp_frame(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        (ip("198.51.100.7"), 47002),
+        vip,
+        SYN,
+    );
+    assert_eq!(rig.run(&syn).0, XDP_DROP);
+    assert_eq!(reasons(&rig), plus(&before, reason::DROP_NAT_NO_PORT, 1));
+    // The service on that port still takes its own clients.
+    let alt = (vip.0, 2001);
+    let (v, out) = rig.run(&tcp_frame(
+        LB_MAC,
+        CLIENT_MAC,
+        None,
+        (ip("198.51.100.8"), 47000),
+        alt,
+        SYN,
+    ));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(translated_to(&out).0, ip("10.0.1.6"));
+}

@@ -42,6 +42,8 @@ fn colour(path: Path) -> RGBColor {
         Path::NullFwdBoth => RGBColor(200, 200, 200),
         Path::LbDsr => RGBColor(31, 119, 180),
         Path::LbNat => RGBColor(255, 127, 14),
+        Path::LbDsrBaseline => RGBColor(120, 170, 210),
+        Path::LbNatBaseline => RGBColor(250, 185, 120),
         Path::Haproxy => RGBColor(214, 39, 40),
         Path::Nginx => RGBColor(44, 160, 44),
     }

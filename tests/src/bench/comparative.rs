@@ -99,6 +99,9 @@ pub struct Options {
     pub repetitions: usize,
     pub napi: Napi,
     pub paths: Vec<Path>,
+    /// The directory of another build's lb-agent, for the baseline paths
+    /// (`Path::BASELINES`).
+    pub baseline_bin_dir: Option<PathBuf>,
     /// How long each wrk run lasts.
     pub conn_seconds: u32,
     /// How long each iperf3 run lasts.
@@ -111,6 +114,7 @@ impl Default for Options {
             repetitions: 5,
             napi: Napi::Threaded,
             paths: Path::ALL.to_vec(),
+            baseline_bin_dir: None,
             conn_seconds: 4,
             bulk_seconds: 4,
         }
@@ -176,6 +180,11 @@ pub fn run(options: &Options) -> Result<LabReport> {
             napi: bench.napi_text(),
             offloads: OFFLOADS.join(" "),
             queue: QUEUE.join(" "),
+            baseline_bin_dir: options
+                .baseline_bin_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
         },
         paths: results,
     };
@@ -237,6 +246,8 @@ struct Bench<'lab> {
     lb_mac: [u8; 6],
     backend_mac: [u8; 6],
     client_mac: [u8; 6],
+    /// Options::baseline_bin_dir.
+    baseline_bin_dir: Option<PathBuf>,
 }
 
 /// While it lives, the backend sends its frames for the client to the LB host's MAC
@@ -365,6 +376,7 @@ impl<'lab> Bench<'lab> {
             lb_mac: parse_mac(&lb_mac)?,
             backend_mac: lab.mac_bytes_of(Node::Backend(1))?,
             client_mac: lab.mac_bytes_of(Node::Client)?,
+            baseline_bin_dir: options.baseline_bin_dir.clone(),
         })
     }
 
@@ -494,7 +506,7 @@ impl<'lab> Bench<'lab> {
     /// The HTTP and bulk addresses the client uses for `path`.
     fn targets(&self, path: Path) -> (SocketAddr, SocketAddr) {
         let vip = IpAddr::from(VIP4);
-        match path {
+        match path.measured_as() {
             Path::Direct => (
                 (self.backend, HTTP_PORT).into(),
                 (self.backend, IPERF_PORT).into(),
@@ -511,6 +523,7 @@ impl<'lab> Bench<'lab> {
                 (self.lb, HAPROXY_BULK).into(),
             ),
             Path::Nginx => ((self.lb, NGINX_HTTP).into(), (self.lb, NGINX_BULK).into()),
+            Path::LbDsrBaseline | Path::LbNatBaseline => unreachable!("measured as LbDsr / LbNat"),
         }
     }
 
@@ -527,7 +540,9 @@ impl<'lab> Bench<'lab> {
                 LbState::Xdp(self.attach(names::PROG_NULL_FWD, &globals)?)
             }
             Path::Haproxy | Path::Nginx => LbState::Xdp(self.attach(names::PROG_PASS, &[])?),
-            Path::LbDsr | Path::LbNat => LbState::Agent(self.start_agent(path)?),
+            Path::LbDsr | Path::LbNat | Path::LbDsrBaseline | Path::LbNatBaseline => {
+                LbState::Agent(self.start_agent(path)?)
+            }
         };
         let _replies = (path == Path::NullFwdBoth)
             .then(|| RepliesViaLb::new(self.lab, &mac_text(&self.lb_mac)))
@@ -609,7 +624,7 @@ impl<'lab> Bench<'lab> {
             );
             // NAT: each connection's answers (SYN-ACK, response, FIN) come back through
             // the LB; DSR: none does.
-            if path == Path::LbNat {
+            if path.measured_as() == Path::LbNat {
                 ensure!(
                     replies >= conn.requests,
                     "the agent translated {replies} replies for {} requests: the backend \
@@ -686,7 +701,7 @@ impl<'lab> Bench<'lab> {
     /// NAT on `NAT_VIP4` (to the same ports
     /// on the backend) for `Path::LbNat`.
     fn start_agent(&self, path: Path) -> Result<crate::lab::AgentGuard<'lab>> {
-        let services = match path {
+        let services = match path.measured_as() {
             Path::LbNat => [
                 Service::new("http", NAT_VIP4, HTTP_PORT)
                     .nat(HTTP_PORT)
@@ -701,7 +716,16 @@ impl<'lab> Bench<'lab> {
             ],
         };
         let file = self.lab.config_file(Node::Lb, "native", &services);
-        let agent = self.lab.spawn_agent(&file.to_toml())?;
+        let agent = if path.is_baseline() {
+            let dir = self
+                .baseline_bin_dir
+                .as_ref()
+                .context("a baseline path needs LB_BENCH_BASELINE_BIN_DIR")?;
+            self.lab
+                .spawn_agent_bin_on(Node::Lb, &dir.join("lb-agent"), &file.to_toml())?
+        } else {
+            self.lab.spawn_agent(&file.to_toml())?
+        };
         for service in ["http", "bulk"] {
             self.lab.wait_backends_up(service, &["b1"], PATH_READY)?;
         }

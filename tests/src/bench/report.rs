@@ -25,6 +25,11 @@ pub enum Path {
     /// lb-agent in NAT mode: full NAT to the one backend on a VIP of its own that the
     /// backend does not hold; the backend's replies come back through the LB.
     LbNat,
+    /// `LbDsr` with another build's lb-agent (`LB_BENCH_BASELINE_BIN_DIR`): an A/B of two
+    /// builds in the same rotation.
+    LbDsrBaseline,
+    /// `LbNat` with another build's lb-agent, as `LbDsrBaseline`.
+    LbNatBaseline,
     /// HAProxy `mode tcp` in the LB namespace, one thread.
     Haproxy,
     /// nginx `stream` in the LB namespace, one worker.
@@ -32,7 +37,12 @@ pub enum Path {
 }
 
 impl Path {
-    /// Every path: the order of the table; repetition `r` starts at the `r`-th.
+    /// The paths of another build, run only when asked for (`--lab-paths`, or
+    /// `LB_BENCH_BASELINE_BIN_DIR` set).
+    pub const BASELINES: [Path; 2] = [Path::LbDsrBaseline, Path::LbNatBaseline];
+
+    /// Every path of a default run: the order of the table; repetition `r` starts at the
+    /// `r`-th.
     pub const ALL: [Path; 7] = [
         Path::Direct,
         Path::NullFwd,
@@ -51,6 +61,8 @@ impl Path {
             Path::NullFwdBoth => "null XDP forwarder, both ways",
             Path::LbDsr => "lb (DSR)",
             Path::LbNat => "lb (NAT)",
+            Path::LbDsrBaseline => "lb (DSR), baseline build",
+            Path::LbNatBaseline => "lb (NAT), baseline build",
             Path::Haproxy => "HAProxy mode tcp",
             Path::Nginx => "nginx stream",
         }
@@ -64,6 +76,8 @@ impl Path {
             Path::NullFwdBoth => "null-fwd-both",
             Path::LbDsr => "lb-dsr",
             Path::LbNat => "lb-nat",
+            Path::LbDsrBaseline => "lb-dsr-baseline",
+            Path::LbNatBaseline => "lb-nat-baseline",
             Path::Haproxy => "haproxy",
             Path::Nginx => "nginx",
         }
@@ -71,8 +85,9 @@ impl Path {
 
     /// The path whose `id` is `id`.
     pub fn from_id(id: &str) -> Result<Path> {
-        Path::ALL.into_iter().find(|p| p.id() == id).ok_or_else(|| {
-            let ids: Vec<&str> = Path::ALL.iter().map(|p| p.id()).collect();
+        let all = || Path::ALL.into_iter().chain(Path::BASELINES);
+        all().find(|p| p.id() == id).ok_or_else(|| {
+            let ids: Vec<&str> = all().map(|p| p.id()).collect();
             anyhow!("no lab path {id:?} (the paths: {})", ids.join(", "))
         })
     }
@@ -81,7 +96,12 @@ impl Path {
     pub fn is_xdp(self) -> bool {
         matches!(
             self,
-            Path::NullFwd | Path::NullFwdBoth | Path::LbDsr | Path::LbNat
+            Path::NullFwd
+                | Path::NullFwdBoth
+                | Path::LbDsr
+                | Path::LbNat
+                | Path::LbDsrBaseline
+                | Path::LbNatBaseline
         )
     }
 
@@ -89,8 +109,22 @@ impl Path {
     pub fn both_ways(self) -> bool {
         matches!(
             self,
-            Path::NullFwdBoth | Path::LbNat | Path::Haproxy | Path::Nginx
+            Path::NullFwdBoth | Path::LbNat | Path::LbNatBaseline | Path::Haproxy | Path::Nginx
         )
+    }
+
+    /// The path a baseline path measures (with another build); any other path itself.
+    pub fn measured_as(self) -> Path {
+        match self {
+            Path::LbDsrBaseline => Path::LbDsr,
+            Path::LbNatBaseline => Path::LbNat,
+            other => other,
+        }
+    }
+
+    /// Whether this path runs another build's lb-agent.
+    pub fn is_baseline(self) -> bool {
+        self.measured_as() != self
     }
 }
 
@@ -391,6 +425,10 @@ pub struct Settings {
     /// The queue (qdisc) of every bridge port; empty: the veth default (none).
     #[serde(default)]
     pub queue: String,
+    /// Where the baseline paths' lb-agent came from (`LB_BENCH_BASELINE_BIN_DIR`); empty:
+    /// no baseline path.
+    #[serde(default)]
+    pub baseline_bin_dir: String,
 }
 
 /// Everything one run of the comparative bench measured: what `lab.json` holds.
@@ -678,6 +716,13 @@ impl LabReport {
             s.offloads,
             if s.queue.is_empty() { "none" } else { &s.queue }
         );
+        if !s.baseline_bin_dir.is_empty() {
+            let _ = writeln!(
+                out,
+                "The baseline build's paths ran the lb-agent of `{}`.",
+                s.baseline_bin_dir
+            );
+        }
         out.push('\n');
         out.push_str(
             "| path | connections/s | × direct | × null fwd | bulk Gbit/s | × direct | × null fwd \
@@ -847,6 +892,7 @@ Transfer/sec:      3.03MB
                 napi: "threaded".into(),
                 offloads: "tx off, gso off".into(),
                 queue: "pfifo limit 1000".into(),
+                baseline_bin_dir: String::new(),
             },
             paths: vec![
                 result(
@@ -984,7 +1030,7 @@ Transfer/sec:      3.03MB
         assert!(json.contains("\"path\": \"null-fwd\""));
         let back = LabReport::from_json(&json).unwrap();
         assert_eq!(back, r);
-        for path in Path::ALL {
+        for path in Path::ALL.into_iter().chain(Path::BASELINES) {
             assert_eq!(Path::from_id(path.id()).unwrap(), path);
             assert!(
                 json.contains(&format!("\"path\": \"{}\"", path.id()))
@@ -992,6 +1038,18 @@ Transfer/sec:      3.03MB
             );
         }
         assert!(Path::from_id("katran").is_err());
+        // A baseline path is its counterpart with another build: the same setup.
+        for (base, path) in [
+            (Path::LbDsrBaseline, Path::LbDsr),
+            (Path::LbNatBaseline, Path::LbNat),
+        ] {
+            assert_eq!(base.measured_as(), path);
+            assert!(base.is_baseline() && !path.is_baseline());
+            assert_eq!(
+                (base.is_xdp(), base.both_ways()),
+                (path.is_xdp(), path.both_ways())
+            );
+        }
         let md = back.markdown();
         assert!(md.starts_with(
             "Measured 2026-11-27T12:00:00Z on Test CPU (2 cores), Linux 6.18.0; median of 3"

@@ -201,8 +201,11 @@ trace's cost while off, then the comparative lab bench.
                         (no root)
   --lab-reps N          repetitions of the lab bench, each path once in each (default 5)
   --lab-paths P,P,..    only these paths of the lab bench, of: direct, null-fwd,
-                        lb-dsr, null-fwd-both, lb-nat, haproxy, nginx
-                        (default: all; the ratios need direct and null-fwd among them)
+                        lb-dsr, null-fwd-both, lb-nat, haproxy, nginx, and with
+                        LB_BENCH_BASELINE_BIN_DIR=DIR (another build's lb-agent)
+                        lb-dsr-baseline and lb-nat-baseline
+                        (default: all, the baseline paths with that variable; the
+                        ratios need direct and null-fwd among them)
   --lab-napi MODE       threaded (default): the LB veth's NAPI thread, the proxies and
                         the backend's servers pinned to the last CPU, wrk and iperf3
                         to CPU 0;
@@ -224,6 +227,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         lab: comparative::Options::default(),
         lab_out: "target/bench".into(),
     };
+    let mut paths_given = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -249,6 +253,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             }
             "--lab-napi" => args.lab.napi = comparative::Napi::parse(&value("--lab-napi")?)?,
             "--lab-paths" => {
+                paths_given = true;
                 args.lab.paths = value("--lab-paths")?
                     .split(',')
                     .map(lb_tests::bench::report::Path::from_id)
@@ -256,6 +261,29 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             }
             "--lab-out" => args.lab_out = value("--lab-out")?.into(),
             _ => anyhow::bail!("unknown argument {arg:?}\n{USAGE}"),
+        }
+    }
+    use lb_tests::bench::report::Path;
+    args.lab.baseline_bin_dir = std::env::var_os(BASELINE_BIN_DIR_VAR).map(Into::into);
+    match &args.lab.baseline_bin_dir {
+        // A default run measures the baseline build beside each lb path.
+        Some(_) if !paths_given => {
+            args.lab.paths = Path::ALL
+                .into_iter()
+                .flat_map(|p| {
+                    let base = Path::BASELINES.into_iter().find(|b| b.measured_as() == p);
+                    std::iter::once(p).chain(base)
+                })
+                .collect();
+        }
+        Some(_) => {}
+        None => {
+            if let Some(p) = args.lab.paths.iter().find(|p| p.is_baseline()) {
+                anyhow::bail!(
+                    "the lab path {} needs {BASELINE_BIN_DIR_VAR}=DIR (another build's lb-agent)",
+                    p.id()
+                );
+            }
         }
     }
     Ok(Some(args))
@@ -319,6 +347,10 @@ fn main() -> ExitCode {
 /// measured in the same rounds as the shipped one: an A/B comparison that machine
 /// noise between runs cannot blur.
 const BASELINE_VAR: &str = "LB_BENCH_BASELINE";
+
+/// `LB_BENCH_BASELINE_BIN_DIR=DIR`: the directory of another build's `lb-agent`, run by
+/// the lab bench's baseline paths beside this build's, in the same rotation.
+const BASELINE_BIN_DIR_VAR: &str = "LB_BENCH_BASELINE_BIN_DIR";
 
 /// The XDP cost per packet; its files go to `out`.
 fn run(out: &std::path::Path) -> anyhow::Result<()> {

@@ -51,17 +51,28 @@ impl Lab {
     /// The config should come from `config_on(node, ..)` or `config_file(node, ..)`. On
     /// failure (the agent exits, or does not answer in time) the error holds its log.
     pub fn spawn_agent_on(&self, node: Node, config: &str) -> Result<AgentGuard<'_>> {
+        self.spawn_agent_bin_on(node, &bin_path("lb-agent")?, config)
+    }
+
+    /// `spawn_agent_on` with the lb-agent at `bin` (another build's, for a benchmark's
+    /// A/B).
+    pub fn spawn_agent_bin_on(
+        &self,
+        node: Node,
+        bin: &Path,
+        config: &str,
+    ) -> Result<AgentGuard<'_>> {
         ensure!(
             self.lbs().contains(&node),
             "no load balancer {node:?} in this lab (LabBuilder::second_lb for Node::Lb2)"
         );
-        let bin = bin_path("lb-agent")?;
+        ensure!(bin.is_file(), "no lb-agent at {}", bin.display());
         let stem = format!("agent-{}", node.short_name());
         let config_path = self.new_file(&stem, "toml");
         write_atomically(&config_path, config)?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns(node)])
-            .arg(&bin)
+            .arg(bin)
             .arg("--config")
             .arg(&config_path);
         let process = ProcessGuard::spawn(cmd, self.new_file(&stem, "log"))?;

@@ -348,6 +348,19 @@ fn main() -> ExitCode {
 /// noise between runs cannot blur.
 const BASELINE_VAR: &str = "LB_BENCH_BASELINE";
 
+/// The object `LB_BENCH_BASELINE` names, read; `None` without the variable.
+fn baseline_object() -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(path) = std::env::var_os(BASELINE_VAR) else {
+        return Ok(None);
+    };
+    std::fs::read(&path).map(Some).map_err(|e| {
+        anyhow::anyhow!(
+            "{BASELINE_VAR}={}: {e}",
+            std::path::Path::new(&path).display()
+        )
+    })
+}
+
 /// `LB_BENCH_BASELINE_BIN_DIR=DIR`: the directory of another build's `lb-agent`, run by
 /// the lab bench's baseline paths beside this build's, in the same rotation.
 const BASELINE_BIN_DIR_VAR: &str = "LB_BENCH_BASELINE_BIN_DIR";
@@ -383,16 +396,8 @@ fn run(out: &std::path::Path) -> anyhow::Result<()> {
     };
     let mut rig = bench_rig(OBJECT, &services)?;
     let baseline_path = std::env::var_os(BASELINE_VAR);
-    let mut baseline = match &baseline_path {
-        Some(path) => {
-            let object = std::fs::read(path).map_err(|e| {
-                anyhow::anyhow!(
-                    "{BASELINE_VAR}={}: {e}",
-                    std::path::Path::new(path).display()
-                )
-            })?;
-            Some(bench_rig(&object, &services)?)
-        }
+    let mut baseline = match baseline_object()? {
+        Some(object) => Some(bench_rig(&object, &services)?),
         None => None,
     };
     let c4 = ("198.51.100.7".parse()?, 40000);
@@ -557,14 +562,8 @@ fn nat() -> anyhow::Result<()> {
     let cases = nat_cases(&mut rig)?;
     // With `LB_BENCH_BASELINE`: the other build, its own flows opened the same way
     // (its source ports may differ), measured in the same rounds.
-    let mut baseline = match std::env::var_os(BASELINE_VAR) {
-        Some(path) => {
-            let object = std::fs::read(&path).map_err(|e| {
-                anyhow::anyhow!(
-                    "{BASELINE_VAR}={}: {e}",
-                    std::path::Path::new(&path).display()
-                )
-            })?;
+    let mut baseline = match baseline_object()? {
+        Some(object) => {
             let mut rig = bench_rig(&object, &services)?;
             let cases = nat_cases(&mut rig)?;
             Some((rig, cases))

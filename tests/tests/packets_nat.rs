@@ -76,6 +76,33 @@ fn nport(frame: &[u8], v6: bool) -> u16 {
     u16::from_be_bytes([frame[at], frame[at + 1]])
 }
 
+/// The backend's segment (`flags`) from `backend` to the flow's source port `n` at the
+/// VIP comes back as VIP -> `client`, to the client's MAC, byte for byte.
+fn reply_comes_back(
+    rig: &mut Rig,
+    backend: (IpAddr, u16),
+    vip: (IpAddr, u16),
+    n: u16,
+    client: (IpAddr, u16),
+    flags: u8,
+) {
+    let reply = tcp_frame(
+        LB_MAC,
+        backend_mac(backend.0),
+        None,
+        backend,
+        (vip.0, n),
+        flags,
+    );
+    let (v, out) = rig.run(&reply);
+    assert_eq!(v, XDP_TX, "the reply is forwarded");
+    assert_eq!(
+        out,
+        tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, flags),
+        "translated reply, checksums as computed from scratch"
+    );
+}
+
 /// Client -> VIP and back, byte for byte, for one family.
 fn both_directions(rig: &mut Rig, vip: &str, backend: &str, client: &str, v6: bool) {
     let vip = (ip(vip), 443);
@@ -108,21 +135,7 @@ fn both_directions(rig: &mut Rig, vip: &str, backend: &str, client: &str, v6: bo
 
     // The backend's SYN-ACK comes back as VIP:443 -> client, to the client's MAC.
     let replies = event_count(rig, event::NAT_REPLY);
-    let reply = tcp_frame(
-        LB_MAC,
-        bmac,
-        None,
-        (backend_ip, 8443),
-        (vip.0, n),
-        SYN | ACK,
-    );
-    let (v, out) = rig.run(&reply);
-    assert_eq!(v, XDP_TX, "the reply is forwarded");
-    assert_eq!(
-        out,
-        tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, SYN | ACK),
-        "translated reply, checksums as computed from scratch"
-    );
+    reply_comes_back(rig, (backend_ip, 8443), vip, n, client, SYN | ACK);
     assert_eq!(event_count(rig, event::NAT_REPLY), replies + 1);
     let after = rig.counter(vip_slot(rig.programmer.vip_num(vip.0, 443).expect("vip")));
     assert_eq!(
@@ -501,21 +514,7 @@ fn a_syn_on_a_closed_flows_tuple_is_a_new_connection() {
         "the pair stays"
     );
     // The backend's SYN-ACK comes back.
-    let (v, out) = rig.run(&tcp_frame(
-        LB_MAC,
-        bmac,
-        None,
-        (backend, 8443),
-        (vip.0, n),
-        SYN | ACK,
-    ));
-    assert_eq!(
-        (v, out),
-        (
-            XDP_TX,
-            tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, SYN | ACK)
-        )
-    );
+    reply_comes_back(&mut rig, (backend, 8443), vip, n, client, SYN | ACK);
 
     // Two backends; the closed flow's backend is drained: the SYN takes the other.
     let mut rig = Rig::new(two_backends()).expect("load (needs root)");
@@ -1165,20 +1164,7 @@ fn a_nat_service_on_a_port_of_the_nat_range() {
         out,
         tcp_frame(bmac, LB_MAC, None, (vip.0, n), (backend_ip, 9000), ACK)
     );
-    let reply = tcp_frame(
-        LB_MAC,
-        bmac,
-        None,
-        (backend_ip, 9000),
-        (vip.0, n),
-        SYN | ACK,
-    );
-    let (v, out) = rig.run(&reply);
-    assert_eq!(v, XDP_TX, "the reply is forwarded");
-    assert_eq!(
-        out,
-        tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, SYN | ACK)
-    );
+    reply_comes_back(&mut rig, (backend_ip, 9000), vip, n, client, SYN | ACK);
 }
 
 /// A NAT flow's established segments and its backend's replies are sent before the
@@ -1270,10 +1256,7 @@ fn a_nat_flow_sent_before_the_parse_still_meets_the_parses_checks() {
         out,
         tcp_frame(bmac, LB_MAC, None, (vip.0, n), (backend, 8443), ACK)
     );
-    let reply = tcp_frame(LB_MAC, bmac, None, (backend, 8443), (vip.0, n), ACK);
-    let (v, out) = rig.run(&reply);
-    assert_eq!(v, XDP_TX);
-    assert_eq!(out, tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, ACK));
+    reply_comes_back(&mut rig, (backend, 8443), vip, n, client, ACK);
 }
 
 /// A NAT flow never takes, as its source port towards a backend, a port a service of

@@ -23,7 +23,9 @@
 //!   `iperf3` on CPU 0: the LB's work apart from the client's, as on a host of its own
 //!   (with two CPUs, the backend has to share one; left to the scheduler, where its
 //!   servers ran moved one path's bulk rate by up to a third between repetitions).
-//!   `Napi::Inline` leaves all of it to the scheduler and the sender's softirq.
+//!   `Napi::Inline` leaves all of it to the scheduler and the sender's softirq;
+//! - no TIME_WAIT left from the paths before (`Bench::forget_time_wait`): each path starts
+//!   with none on the client or the backend, as its own LB state starts empty.
 
 use std::{
     collections::BTreeSet,
@@ -43,8 +45,8 @@ use aya::{
 use lb_common::names;
 
 use super::report::{
-    IperfRun, LabReport, Machine, Path, PathResult, ProcStat, Sample, Settings, Summary, WrkRun,
-    parse_iperf3, parse_wrk,
+    IperfRun, LabReport, Machine, NetCounters, Path, PathResult, ProcStat, Sample, Settings,
+    Summary, TcpEvents, WrkRun, parse_iperf3, parse_net_counters, parse_wrk,
 };
 use crate::lab::{Lab, Node, ProcessGuard, Service, VIP4, addr4, in_ns, parse_mac, run_bounded};
 
@@ -529,6 +531,7 @@ impl<'lab> Bench<'lab> {
 
     /// Sets the LB up for `path`, measures, takes it down again.
     fn measure(&self, path: Path, repetition: usize) -> Result<Sample> {
+        self.forget_time_wait()?;
         let mut state = match path {
             Path::Direct => LbState::Nothing,
             Path::NullFwd | Path::NullFwdBoth => {
@@ -573,8 +576,12 @@ impl<'lab> Bench<'lab> {
         };
         let counts_before = agent_counts(&state)?;
         let rx_before = self.lb_rx_packets()?;
+        let tcp_before = self.tcp_counters()?;
         let (conn, conn_cpu) = with_cpu(|| self.wrk(http))?;
+        let tcp_after = self.tcp_counters()?;
         let rx = self.lb_rx_packets()? - rx_before;
+        let conn_tcp =
+            TcpEvents::between((&tcp_before.0, &tcp_after.0), (&tcp_before.1, &tcp_after.1));
         let counts = agent_counts(&state)?
             .zip(counts_before)
             .map(|(a, b)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)));
@@ -651,7 +658,48 @@ impl<'lab> Bench<'lab> {
             bulk_cpu,
             conn_xdp_ns,
             bulk_xdp_ns,
+            conn_tcp: Some(conn_tcp),
         })
+    }
+
+    /// Ends the client's and the backend's TIME_WAIT sockets (`ss -K`), so that no path
+    /// starts with what the paths before it left. A NAT path's agent starts with an
+    /// empty table: its flows take other source ports than the last NAT run's for the
+    /// same client ports, and a backend still holding that run's TIME_WAIT on one
+    /// refuses the new SYN whose timestamp is older (Linux gives each connection a
+    /// timestamp offset of its own), which costs the client a reset and its SYN again:
+    /// up to 8% of a NAT run's connections when the runs came 40 s apart. An agent that
+    /// keeps its table (a restart, or one run after another) has no such collisions: a
+    /// closed flow's port stays its own for `nat_time_wait_s`.
+    fn forget_time_wait(&self) -> Result<()> {
+        for node in [Node::Client, Node::Backend(1)] {
+            // `ss -K` reports an error for the families it has nothing of; what is left
+            // decides.
+            let _ = self.lab.run(node, &["ss", "-K", "state", "time-wait"]);
+            let left = self
+                .lab
+                .run(node, &["ss", "-H", "-t", "-n", "state", "time-wait"])
+                .with_context(|| format!("listing {node:?}'s TIME_WAIT sockets"))?;
+            ensure!(
+                left.trim().is_empty(),
+                "{node:?} still has {} TIME_WAIT sockets after `ss -K` (the kernel needs \
+                 CONFIG_INET_DIAG_DESTROY)",
+                left.lines().count()
+            );
+        }
+        Ok(())
+    }
+
+    /// The client's and the backend's network counters (`parse_net_counters`).
+    fn tcp_counters(&self) -> Result<(NetCounters, NetCounters)> {
+        let read = |node: Node| -> Result<NetCounters> {
+            let text = self
+                .lab
+                .run(node, &["cat", "/proc/net/snmp", "/proc/net/netstat"])
+                .with_context(|| format!("reading {node:?}'s network counters"))?;
+            parse_net_counters(&text).with_context(|| format!("{node:?}'s network counters"))
+        };
+        Ok((read(Node::Client)?, read(Node::Backend(1))?))
     }
 
     /// The id of the XDP program on the LB's veth while `path` runs (`ip -d link`), if

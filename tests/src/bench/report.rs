@@ -345,6 +345,80 @@ pub fn parse_iperf3(json: &str) -> Result<IperfRun> {
     })
 }
 
+/// TCP's own counters in the client's and the backend's namespaces over one
+/// connections run (`/proc/net/snmp` and `/proc/net/netstat`): what the run cost the
+/// two hosts' TCP beyond the forwarding. A SYN the backend refuses in TIME_WAIT
+/// (its timestamp older than the one the old connection on that tuple last carried)
+/// costs the client a reset and a SYN sent again.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TcpEvents {
+    /// SYNs the client sent again (`TcpExt: TCPSynRetrans`).
+    pub syn_retransmits: u64,
+    /// Resets the client sent (`Tcp: OutRsts`).
+    pub client_resets: u64,
+    /// Segments the backend refused in TIME_WAIT for an old timestamp
+    /// (`TcpExt: PAWSTimewait`).
+    pub backend_paws_timewait: u64,
+}
+
+impl TcpEvents {
+    /// The counts between two readings of each host's counters (`parse_net_counters`).
+    pub fn between(
+        client: (&NetCounters, &NetCounters),
+        backend: (&NetCounters, &NetCounters),
+    ) -> Self {
+        let delta = |(before, after): (&NetCounters, &NetCounters), name: &str| {
+            let of = |c: &NetCounters| c.get(name).copied().unwrap_or(0);
+            of(after).saturating_sub(of(before))
+        };
+        TcpEvents {
+            syn_retransmits: delta(client, "TcpExt:TCPSynRetrans"),
+            client_resets: delta(client, "Tcp:OutRsts"),
+            backend_paws_timewait: delta(backend, "TcpExt:PAWSTimewait"),
+        }
+    }
+}
+
+/// A host's network counters by `Group:Name` (`Tcp:OutRsts`).
+pub type NetCounters = std::collections::BTreeMap<String, u64>;
+
+/// Parses `/proc/net/snmp` and `/proc/net/netstat` (read one after the other): each
+/// group is a line of names and a line of values, both starting with `Group:`.
+/// Values that are not unsigned (`Tcp: MaxConn -1`) are left out.
+pub fn parse_net_counters(text: &str) -> Result<NetCounters> {
+    let mut out = NetCounters::new();
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    while let Some(names) = lines.next() {
+        let values = lines
+            .next()
+            .ok_or_else(|| anyhow!("net counters: `{names}` has no line of values"))?;
+        let (group, names) = names
+            .split_once(':')
+            .ok_or_else(|| anyhow!("net counters: no group in `{names}`"))?;
+        let (vgroup, values) = values
+            .split_once(':')
+            .ok_or_else(|| anyhow!("net counters: no group in `{values}`"))?;
+        if group != vgroup {
+            bail!("net counters: names of {group} followed by values of {vgroup}");
+        }
+        let names: Vec<&str> = names.split_whitespace().collect();
+        let values: Vec<&str> = values.split_whitespace().collect();
+        if names.len() != values.len() {
+            bail!(
+                "net counters: {group} has {} names and {} values",
+                names.len(),
+                values.len()
+            );
+        }
+        for (name, value) in names.into_iter().zip(values) {
+            if let Ok(v) = value.parse::<u64>() {
+                out.insert(format!("{group}:{name}"), v);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// One repetition of one path.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
@@ -359,6 +433,10 @@ pub struct Sample {
     pub conn_xdp_ns: Option<f64>,
     #[serde(default)]
     pub bulk_xdp_ns: Option<f64>,
+    /// The client's and the backend's TCP events during the connections run; `None` in
+    /// files from before they were read.
+    #[serde(default)]
+    pub conn_tcp: Option<TcpEvents>,
 }
 
 /// The medians of one path, and its ratios to direct and to the null forwarder.
@@ -391,6 +469,10 @@ pub struct Summary {
     pub bulk_range: [f64; 2],
     pub conn_cpu: CpuSplit,
     pub bulk_cpu: CpuSplit,
+    /// The medians of the samples' `TcpEvents` per 1000 connections: SYNs sent again,
+    /// the client's resets, the backend's refusals in TIME_WAIT.
+    #[serde(default)]
+    pub conn_tcp_per_1000: Option<[f64; 3]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -502,6 +584,32 @@ fn range(values: impl Iterator<Item = f64>) -> [f64; 2] {
         .unwrap_or_default()
 }
 
+/// The medians of the samples' TCP events per 1000 connections (`Summary`), if every
+/// sample has them.
+fn tcp_per_1000(samples: &[Sample]) -> Option<[f64; 3]> {
+    let per: Vec<(f64, &TcpEvents)> = samples
+        .iter()
+        .map(|x| Some((x.conn.requests as f64, x.conn_tcp.as_ref()?)))
+        .collect::<Option<_>>()?;
+    if per.is_empty() {
+        return None;
+    }
+    let rate = |f: fn(&TcpEvents) -> u64| {
+        median(per.iter().map(|(n, t)| {
+            if *n > 0.0 {
+                1000.0 * f(t) as f64 / n
+            } else {
+                0.0
+            }
+        }))
+    };
+    Some([
+        rate(|t| t.syn_retransmits),
+        rate(|t| t.client_resets),
+        rate(|t| t.backend_paws_timewait),
+    ])
+}
+
 fn median_split<'a>(splits: impl Iterator<Item = &'a CpuSplit> + Clone) -> CpuSplit {
     let field = |f: fn(&CpuSplit) -> f64| median(splits.clone().map(f));
     let cpus = splits
@@ -542,6 +650,7 @@ impl LabReport {
                 bulk_range: range(s.iter().map(|x| x.bulk.bits_per_second / 1e9)),
                 conn_cpu: median_split(s.iter().map(|x| &x.conn_cpu)),
                 bulk_cpu: median_split(s.iter().map(|x| &x.bulk_cpu)),
+                conn_tcp_per_1000: tcp_per_1000(s),
                 ..Summary::default()
             };
         }
@@ -727,10 +836,11 @@ impl LabReport {
         out.push_str(
             "| path | connections/s | × direct | × null fwd | bulk Gbit/s | × direct | × null fwd \
              | bulk retransmits | XDP ns per packet (connections / bulk) \
+             | per 1000 connections: SYNs sent again / client resets / backend TIME_WAIT refusals \
              | CPU during connections (user / sys / softirq %) \
              | CPU during bulk (user / sys / softirq %) |\n",
         );
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
         let ratio = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}×"));
         let paired = |r: Option<f64>, range: Option<[f64; 2]>| match (r, range) {
             (Some(r), Some([lo, hi])) => format!("{r:.2}× ({lo:.2}–{hi:.2})"),
@@ -743,7 +853,7 @@ impl LabReport {
             let _ = writeln!(
                 out,
                 "| {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.2} ({:.2}–{:.2}) | {} | {} | {:.0} | {} \
-                 | {} | {} |",
+                 | {} | {} | {} |",
                 r.path.name(),
                 x.conn_per_second,
                 x.conn_range[0],
@@ -760,6 +870,10 @@ impl LabReport {
                     (None, None) => "–".to_string(),
                     (c, b) => format!("{} / {}", ns(c), ns(b)),
                 },
+                x.conn_tcp_per_1000
+                    .map_or("–".to_string(), |[a, b, c]| format!(
+                        "{a:.1} / {b:.1} / {c:.1}"
+                    )),
                 cpu(&x.conn_cpu),
                 cpu(&x.bulk_cpu),
             );
@@ -813,6 +927,33 @@ Transfer/sec:      3.03MB
     }
 
     #[test]
+    fn reads_net_counters() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Tcp: RtoMin MaxConn ActiveOpens OutRsts\nTcp: 200 -1 31 7\n\
+                    TcpExt: SyncookiesSent PAWSTimewait TCPSynRetrans\nTcpExt: 0 5 12\n";
+        let c = parse_net_counters(text).unwrap();
+        assert_eq!(c.get("Tcp:OutRsts"), Some(&7));
+        assert_eq!(c.get("TcpExt:PAWSTimewait"), Some(&5));
+        assert_eq!(c.get("Tcp:MaxConn"), None, "not a count");
+        let mut later = c.clone();
+        later.insert("Tcp:OutRsts".into(), 10);
+        later.insert("TcpExt:TCPSynRetrans".into(), 20);
+        let mut backend = c.clone();
+        backend.insert("TcpExt:PAWSTimewait".into(), 9);
+        assert_eq!(
+            TcpEvents::between((&c, &later), (&c, &backend)),
+            TcpEvents {
+                syn_retransmits: 8,
+                client_resets: 3,
+                backend_paws_timewait: 4
+            }
+        );
+        assert!(parse_net_counters("Tcp: A B\nTcp: 1\n").is_err());
+        assert!(parse_net_counters("Tcp: A B\nUdp: 1 2\n").is_err());
+        assert!(parse_net_counters("Tcp: A B\n").is_err());
+    }
+
+    #[test]
     fn splits_cpu_time() {
         let before = ProcStat::parse(
             "cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 50 0 50 400 0 0 0 0 0 0\ncpu1 50 0 50 400 0 0 0 0 0 0\nintr 1\n",
@@ -863,6 +1004,11 @@ Transfer/sec:      3.03MB
             bulk_cpu: split(5.0),
             conn_xdp_ns: (repetition > 0).then_some(100.0 * repetition as f64),
             bulk_xdp_ns: None,
+            conn_tcp: Some(TcpEvents {
+                syn_retransmits: 40 * repetition as u64,
+                client_resets: 10 * repetition as u64,
+                backend_paws_timewait: 20 * repetition as u64,
+            }),
         }
     }
 
@@ -938,6 +1084,18 @@ Transfer/sec:      3.03MB
             "the samples that have one"
         );
         assert_eq!(haproxy.bulk_xdp_ns, None);
+        // Per 1000 connections: 0 of 32000, 40 of 33600, 80 of 28000 SYNs again.
+        let [syn, resets, paws] = haproxy.conn_tcp_per_1000.unwrap();
+        assert!((syn - 40_000.0 / 33_600.0).abs() < 1e-9, "{syn}");
+        assert!((resets - 10_000.0 / 33_600.0).abs() < 1e-9, "{resets}");
+        assert!((paws - 20_000.0 / 33_600.0).abs() < 1e-9, "{paws}");
+        let mut old = r.paths[2].samples.clone();
+        old[1].conn_tcp = None;
+        assert_eq!(
+            tcp_per_1000(&old),
+            None,
+            "a sample without them: no medians"
+        );
         assert_eq!(range(std::iter::empty()), [0.0, 0.0]);
         assert_eq!(median([4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median([]), 0.0);
@@ -1058,11 +1216,11 @@ Transfer/sec:      3.03MB
         assert_eq!(rows.len(), 4, "{md}");
         assert_eq!(
             rows[2],
-            "| null XDP forwarder | 16000 (15000–17000) | 0.76× | 1.00× (1.00–1.00) | 8.00 (7.00–9.00) | 0.73× | 1.00× (1.00–1.00) | 10 | 150 / – | 21 / 10 / 30 | 5 / 10 / 30 |"
+            "| null XDP forwarder | 16000 (15000–17000) | 0.76× | 1.00× (1.00–1.00) | 8.00 (7.00–9.00) | 0.73× | 1.00× (1.00–1.00) | 10 | 150 / – | 0.7 / 0.2 / 0.3 | 21 / 10 / 30 | 5 / 10 / 30 |"
         );
         assert_eq!(
             rows[3],
-            "| HAProxy mode tcp | 8000 (7000–8400) | 0.38× | 0.50× (0.41–0.56) | 4.20 (4.00–4.40) | 0.38× | 0.53× (0.49–0.60) | 10 | 150 / – | 21 / 10 / 30 | 5 / 10 / 30 |"
+            "| HAProxy mode tcp | 8000 (7000–8400) | 0.38× | 0.50× (0.41–0.56) | 4.20 (4.00–4.40) | 0.38× | 0.53× (0.49–0.60) | 10 | 150 / – | 1.2 / 0.3 / 0.6 | 21 / 10 / 30 | 5 / 10 / 30 |"
         );
     }
 }

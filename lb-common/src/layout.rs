@@ -5,9 +5,9 @@
 
 use crate::{
     BPF_F_MMAPABLE, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_VIPS, NatConfig, NatFlow, NatScratch, NatTarget, PersistKey, PersistState,
-    Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS,
-    flowtab::FlowSlot, names,
+    MAX_RING_SIZE, MAX_VIPS, NatConfig, NatFlow, NatReply, NatScratch, NatTarget, PersistKey,
+    PersistState, Serving, TRACE_RING_BYTES, VipAddrKey, VipInfo, VipKey, VipSlot,
+    counters::STATS_SLOTS, flowtab::FlowSlot, names,
 };
 
 /// Bumped by hand when the meaning of a map changes while its sizes stay (a flag or a
@@ -221,7 +221,7 @@ pub const MAPS: [MapLayout; 21] = [
         names::MAP_NAT_REVERSE,
         BPF_MAP_TYPE_HASH,
         size::<FlowKey>(),
-        size::<FlowKey>(),
+        size::<NatReply>(),
         0,
         0,
     ),

@@ -127,7 +127,8 @@ pub struct NatTarget {
 
 /// Value of the NAT flow table, keyed by the client's `FlowKey` (client -> VIP:port).
 /// Its twin in the reverse table is keyed by the backend's tuple (backend:bport ->
-/// VIP:nport) and holds the client's key; both are created and removed together.
+/// VIP:nport) and holds what a reply needs (`NatReply`); both are created and removed
+/// together.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NatFlow {
@@ -144,12 +145,12 @@ pub struct NatFlow {
     pub bport_be: u16,
     /// The backend's address (as `NatTarget::addr`), fixed for the flow's life.
     pub baddr: [u8; 16],
-    /// The FIB's next hop towards the backend and towards the client, each as this
-    /// host's program last asked for it: a direction's packets skip `bpf_fib_lookup`
-    /// while its copy is younger than `NAT_HOP_TTL_JIFFIES`. Never sent to peers (their
-    /// MACs and interfaces are their own); zero in an entry a peer's sync installed.
+    /// The FIB's next hop towards the backend, as this host's program last asked for
+    /// it: the client's packets skip `bpf_fib_lookup` while it is younger than
+    /// `NAT_HOP_TTL_JIFFIES` (the replies' is `NatReply::to_client`). Never sent to peers
+    /// (their MACs and interfaces are their own); zero in an entry a peer's sync
+    /// installed.
     pub to_backend: NextHop,
-    pub to_client: NextHop,
     /// Where the client's frames came from (the client or its router): the reply's
     /// next hop when the FIB has no neighbour for the client.
     pub client_mac: [u8; 6],
@@ -159,7 +160,32 @@ pub struct NatFlow {
     pub touched: u16,
 }
 
-/// A next hop as `bpf_fib_lookup` gave it (`NatFlow::to_backend`, `to_client`).
+/// Value of the NAT reverse table, keyed by the backend's tuple (backend:bport ->
+/// VIP:nport): all a backend's segment needs to go back to the client, so that most
+/// replies ask one hash map, not two. The forward entry (`NatFlow`, under `client`)
+/// is asked too only for a FIN or an RST (the flow's TCP state), once per
+/// `FLOW_TOUCH_JIFFIES` (its last-seen time, `touched`), and for the client's MAC when
+/// the FIB has no neighbour for the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatReply {
+    /// The flow's key in NAT_FLOWS: client -> VIP:port, the reply's translation read
+    /// backwards.
+    pub client: FlowKey,
+    /// As the forward entry's (`NatFlow::backend`, `vip_num`): the reply's counters.
+    pub backend: u32,
+    pub vip_num: u32,
+    /// The FIB's next hop towards the client, as `NatFlow::to_backend` is towards the
+    /// backend. Zero from the agent.
+    pub to_client: NextHop,
+    /// The low 16 bits of the jiffies when a reply last refreshed the forward entry's
+    /// last-seen time (`NatFlow::touched`); 0 from the agent (due).
+    pub touched: u16,
+    pub _pad: [u8; 6],
+}
+
+/// A next hop as `bpf_fib_lookup` gave it (`NatFlow::to_backend`,
+/// `NatReply::to_client`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NextHop {
@@ -221,8 +247,9 @@ pub struct NatScratch {
     pub new: NatTuple,
     /// ICMP: the quoted packet's new tuple.
     pub inner: NatTuple,
-    /// A new flow's reverse key and forward entry, while they are made.
+    /// A new flow's reverse key, reverse entry and forward entry, while they are made.
     pub rev: FlowKey,
+    pub reply: NatReply,
     pub entry: NatFlow,
     /// A new flow's persistence key and entry (`persistence_timeout_s`), while the
     /// backend is chosen: off the stack, which the NAT path's calls share.
@@ -550,10 +577,11 @@ const _: () = {
     assert!(core::mem::size_of::<TraceEvent>() == 56);
     assert!(core::mem::size_of::<NatTarget>() == 20);
     assert!(core::mem::size_of::<NextHop>() == 24);
-    assert!(core::mem::size_of::<NatFlow>() == 96);
+    assert!(core::mem::size_of::<NatFlow>() == 72);
+    assert!(core::mem::size_of::<NatReply>() == 80);
     assert!(core::mem::size_of::<NatConfig>() == 8);
     assert!(core::mem::size_of::<NatTuple>() == 40);
-    assert!(core::mem::size_of::<NatScratch>() == 424);
+    assert!(core::mem::size_of::<NatScratch>() == 480);
     // The ring array is MAX_VIPS windows of MAX_RING_SIZE slots.
     assert!((MAX_VIPS as u64) * (MAX_RING_SIZE as u64) < u32::MAX as u64);
 };
@@ -581,5 +609,6 @@ mod pod {
     unsafe impl aya::Pod for NatTarget {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for NatFlow {}
+    unsafe impl aya::Pod for NatReply {}
     unsafe impl aya::Pod for NatConfig {}
 }

@@ -142,9 +142,6 @@ const KNOWN_MISSED: u32 = 1;
 const KNOWN_HIT: u32 = 2;
 /// An entry that needs no write: the forwarding stage need not look it up again.
 const KNOWN_HIT_CURRENT: u32 = 3;
-/// Of a NAT reply (`Parsed::NatReply`): the reverse table knew it, and the client's key
-/// is in the scratch space (`nat_reply_known`).
-const KNOWN_NAT_REPLY: u32 = 4;
 
 impl Known {
     #[inline(always)]
@@ -160,9 +157,9 @@ enum Parsed {
     /// An ICMP error about a flow: the client's 5-tuple, rebuilt from the quoted packet.
     IcmpError(FlowKey),
     /// TCP to a VIP address but no service's port: a backend's reply to a NAT flow if
-    /// the NAT tables know it (its key as sent, the TCP flags, and whether the parse
-    /// asked the reverse table already: `nat_reply_known`), else nothing of ours.
-    NatReply(FlowKey, u8, bool),
+    /// the NAT tables know it (its key as sent, and the TCP flags), else nothing of
+    /// ours.
+    NatReply(FlowKey, u8),
     /// An established DSR segment sent on to its backend already (`send_known`).
     Sent,
 }
@@ -171,8 +168,7 @@ enum Parsed {
 const PARSED_TCP: u32 = 0;
 /// `Parsed::IcmpError`: the `Packet`'s flow written.
 const PARSED_ICMP_ERROR: u32 = 1;
-/// `Parsed::NatReply`: the `Packet`'s flow, TCP flags and `known` (`KNOWN_NAT_REPLY` or
-/// not) written.
+/// `Parsed::NatReply`: the `Packet`'s flow and TCP flags written.
 const PARSED_NAT_REPLY: u32 = 2;
 /// `Parsed::Sent`: nothing written; the frame goes out (XDP_TX).
 const PARSED_SENT: u32 = 3;
@@ -230,12 +226,7 @@ fn try_lb(ctx: &XdpContext, cfg: &LbConfig) -> Step<u32> {
             PARSED_TCP => forward(ctx, cfg, &*out),
             PARSED_ICMP_ERROR => forward_icmp_error(ctx, cfg, &*addr_of!((*out).flow)),
             PARSED_SENT => Ok(XDP_TX),
-            _ => nat::reply(
-                ctx,
-                &*addr_of!((*out).flow),
-                *addr_of!((*out).tcp_flags),
-                (*addr_of!((*out).known)).what == KNOWN_NAT_REPLY,
-            ),
+            _ => nat::reply(ctx, &*addr_of!((*out).flow), *addr_of!((*out).tcp_flags)),
         }
     }
 }
@@ -352,14 +343,9 @@ fn parse_ip_into<const V6: bool>(
                 addr_of_mut!((*out).flow).write(flow);
                 Ok(PARSED_ICMP_ERROR)
             }
-            Parsed::NatReply(flow, flags, asked) => {
+            Parsed::NatReply(flow, flags) => {
                 addr_of_mut!((*out).flow).write(flow);
                 addr_of_mut!((*out).tcp_flags).write(flags);
-                addr_of_mut!((*out).known).write(Known::just(if asked {
-                    KNOWN_NAT_REPLY
-                } else {
-                    KNOWN_NOT_ASKED
-                }));
                 Ok(PARSED_NAT_REPLY)
             }
             Parsed::Sent => Ok(PARSED_SENT),
@@ -420,7 +406,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     // (The filter was asked in `try_lb`.) A plain header's TCP is looked up as a service
     // first (`vip_of`).
     let plain_tcp = ip.version_ihl == 0x45 && ip.proto == PROTO_TCP;
-    let (vip, nat_asked) = vip_of(ctx, l3 + IPV4_HLEN, &src, &dst, FAMILY_V4, plain_tcp)?;
+    let vip = vip_of(ctx, l3 + IPV4_HLEN, &src, &dst, FAMILY_V4, plain_tcp)?;
     vip_gate(ctx, cfg, serving)?;
     let ihl = (ip.version_ihl & 0x0f) as usize * 4;
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
@@ -440,7 +426,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     let l4 = l3 + IPV4_HLEN;
     let end = l3 + tot_len;
     match ip.proto {
-        PROTO_TCP => parse_tcp(ctx, cfg, l4, end, &src, &dst, FAMILY_V4, vip, nat_asked),
+        PROTO_TCP => parse_tcp(ctx, cfg, l4, end, &src, &dst, FAMILY_V4, vip),
         IPPROTO_ICMP => icmp::quoted_flow_v4(ctx, l4, end).map(Parsed::IcmpError),
         _ => Err(reason::DROP_VIP_UNSERVED),
     }
@@ -455,7 +441,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     let (src, dst) = unsafe { (Addr::v6(&ip.src), Addr::v6(&ip.dst)) };
     // As for IPv4 (`parse_ipv4`): TCP as a service first.
     let tcp = ip.next_hdr == PROTO_TCP;
-    let (vip, nat_asked) = vip_of(ctx, l3 + IPV6_HLEN, &src, &dst, FAMILY_V6, tcp)?;
+    let vip = vip_of(ctx, l3 + IPV6_HLEN, &src, &dst, FAMILY_V6, tcp)?;
     vip_gate(ctx, cfg, serving)?;
     let end = l3 + IPV6_HLEN + be16(ip.payload_len) as usize;
     if ip.version_class_flow[0] >> 4 != 6 || !holds(ctx, end) {
@@ -463,7 +449,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize, cfg: &LbConfig, serving: &Serving) ->
     }
     let l4 = l3 + IPV6_HLEN;
     match ip.next_hdr {
-        PROTO_TCP => parse_tcp(ctx, cfg, l4, end, &src, &dst, FAMILY_V6, vip, nat_asked),
+        PROTO_TCP => parse_tcp(ctx, cfg, l4, end, &src, &dst, FAMILY_V6, vip),
         IPPROTO_ICMPV6 => icmp::quoted_flow_v6(ctx, l4, end).map(Parsed::IcmpError),
         next if is_ipv6_ext(next) => Err(reason::DROP_IPV6_EXT),
         _ => Err(reason::DROP_VIP_UNSERVED),
@@ -485,17 +471,17 @@ fn vip_of(
     dst: &Addr,
     family: u8,
     tcp: bool,
-) -> Step<(Option<(VipInfo, Known, *mut FlowState)>, bool)> {
+) -> Step<Option<(VipInfo, Known, *mut FlowState)>> {
     let vip = if tcp {
         service(ctx, l4, src, dst, family)
     } else {
         None
     };
-    let nat_asked = vip.is_none() && tcp && nat_reply_known(ctx, l4, src, dst, family);
-    if vip.is_none() && !nat_asked && !neigh::in_vip_addrs(&dst.0, family) {
+    let nat_reply = vip.is_none() && tcp && nat_reply_known(ctx, l4, src, dst, family);
+    if vip.is_none() && !nat_reply && !neigh::in_vip_addrs(&dst.0, family) {
         return Err(reason::PASS_NOT_VIP);
     }
-    Ok((vip, nat_asked))
+    Ok(vip)
 }
 
 /// Hop-by-hop, routing, fragment, ESP, AH, destination options, mobility, HIP, shim6.
@@ -568,9 +554,8 @@ fn service(
 /// For a TCP segment to no service (`service` found none), to an address with no DSR
 /// service: whether it is a backend's reply to a NAT flow, asked of the reverse table
 /// before the VIP addresses (whose answer the reverse table's implies: its keys are to
-/// VIPs). On a hit the client's key is left in the scratch space (`NatScratch::rev`)
-/// for `nat::reply`: one hash lookup fewer per reply. Nothing is written but the
-/// scratch space: the serving and MAC checks come after (`vip_gate`).
+/// VIPs). Nothing is written but the scratch space: the serving and MAC checks come
+/// after (`vip_gate`).
 #[inline(always)]
 fn nat_reply_known(ctx: &XdpContext, l4: usize, src: &Addr, dst: &Addr, family: u8) -> bool {
     if filter::may_be_dsr_vip(&dst.0, family) {
@@ -592,13 +577,7 @@ fn nat_reply_known(ctx: &XdpContext, l4: usize, src: &Addr, dst: &Addr, family: 
         dport_be,
         family,
     );
-    match unsafe { maps::NAT_REVERSE.get(&s.early_flow) } {
-        Some(client) => {
-            keys::copy_flow_key(&mut s.rev, client);
-            true
-        }
-        None => false,
-    }
+    unsafe { maps::NAT_REVERSE.get(&s.early_flow) }.is_some()
 }
 
 /// A TCP header's source and destination ports, network order, from one 32-bit load.
@@ -628,7 +607,6 @@ fn parse_tcp(
     dst: &Addr,
     family: u8,
     vip: Option<(VipInfo, Known, *mut FlowState)>,
-    nat_asked: bool,
 ) -> Step<Parsed> {
     let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::DROP_BAD_TCP)?;
     // SAFETY: within the frame (`ptr_at`).
@@ -645,7 +623,7 @@ fn parse_tcp(
     }
     let flow = keys::flow_key(&src.0, &dst.0, sport_be, dport_be, family);
     let Some((vip, known, _)) = vip else {
-        return Ok(Parsed::NatReply(flow, tcp.flags, nat_asked));
+        return Ok(Parsed::NatReply(flow, tcp.flags));
     };
     Ok(Parsed::Tcp(Packet {
         flow,

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     BPF_F_MMAPABLE, Backend, Counter, FloodWindow, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
     MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT, MAX_PINNED_FLOWS, MAX_RING_SIZE, MAX_VIPS, NatConfig,
-    NatFlow, NatScratch, NatTarget, PersistKey, PersistState, Serving, TRACE_RING_BYTES,
+    NatFlow, NatReply, NatScratch, NatTarget, PersistKey, PersistState, Serving, TRACE_RING_BYTES,
     VipAddrKey, VipInfo, VipKey, VipSlot, counters::STATS_SLOTS, filter, flowtab::FlowSlot, layout,
     lease::LeaseCache,
 };
@@ -108,9 +108,10 @@ pub static NAT_BACKENDS: Array<NatTarget> = Array::with_max_entries(MAX_BACKENDS
 #[map]
 pub static NAT_FLOWS: HashMap<FlowKey, NatFlow> = HashMap::with_max_entries(MAX_NAT_FLOWS, 0);
 
-/// NAT flows by the backend's key (backend:bport -> VIP:nport) -> the client's key.
+/// NAT flows by the backend's key (backend:bport -> VIP:nport) -> what a reply needs
+/// (`NatReply`: the client's key first).
 #[map]
-pub static NAT_REVERSE: HashMap<FlowKey, FlowKey> = HashMap::with_max_entries(MAX_NAT_FLOWS, 0);
+pub static NAT_REVERSE: HashMap<FlowKey, NatReply> = HashMap::with_max_entries(MAX_NAT_FLOWS, 0);
 
 /// The NAT code's scratch space, per CPU: off the stack, which three calls deep
 /// (pipeline, NAT, next hop) would not hold it.

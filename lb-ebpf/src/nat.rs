@@ -10,7 +10,7 @@
 //! reverse entry is made first with BPF_NOEXIST: that insert is what hands a source
 //! port to one flow only.
 
-use core::ptr::{addr_of, addr_of_mut};
+use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
     bindings::{
@@ -25,7 +25,7 @@ use lb_common::{
     FAMILY_V4, FAMILY_V6, FLOW_TOUCH_JIFFIES, FlowKey, LbConfig, NAT_CFG_F_FIB,
     NAT_DEFAULT_PORT_MAX, NAT_DEFAULT_PORT_MIN, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND,
     NAT_F_FIN_CLIENT, NAT_F_RST, NAT_F_SYNCED, NAT_HOP_TTL_JIFFIES, NAT_PORT_PROBES, NO_BACKEND,
-    NatFlow, NatTuple as Tuple, NextHop, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
+    NatFlow, NatReply, NatTuple as Tuple, NextHop, PROTO_TCP, VIP_F_NAT, VipInfo, VipKey,
     counters::{backend_slot, event, event_slot, reason, vip_slot},
     hash::flow_hash,
 };
@@ -206,11 +206,8 @@ fn known_step<const V6: bool>(ctx: &XdpContext, cfg: &LbConfig, l3: usize) -> Op
     if min <= dport && dport <= max {
         // A backend's reply, if the reverse table knows it (else a service's segment
         // on a port of the range, or nothing of ours).
-        // SAFETY: the map's key and value; `rev` is this CPU's scratch.
-        let client = unsafe { NAT_REVERSE.get(&s.early_flow) }?;
-        keys::copy_flow_key(addr_of_mut!(s.rev), client);
-        // SAFETY: this CPU's scratch; `rev` is not written by `to_client`.
-        return Some(to_client(ctx, unsafe { &*addr_of!(s.rev) }, tcp_flags));
+        let r = NAT_REVERSE.get_ptr_mut(&s.early_flow)?;
+        return Some(to_client(ctx, r, tcp_flags));
     }
     if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return None;
@@ -291,33 +288,37 @@ fn count_flow(ctx: &XdpContext, vip_num: u32, backend: u32, new_flow: bool) {
 }
 
 /// backend:bport -> VIP:nport, back to the client as VIP:port -> client:cport, if the
-/// reverse table knows the backend's tuple; else it is to no service of ours. With
-/// `asked`, the parse asked the reverse table already and left the client's key in
-/// the scratch space (`NatScratch::rev`).
+/// reverse table knows the backend's tuple; else it is to no service of ours. For the
+/// replies `nat::known` left to the parse.
 #[inline(never)]
-pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8, asked: bool) -> Step<u32> {
-    let s = scratch()?;
-    let client: &FlowKey = if asked {
-        // SAFETY: this CPU's scratch; `rev` is not written below.
-        unsafe { &*addr_of!(s.rev) }
-    } else {
-        unsafe { NAT_REVERSE.get(backend_flow) }.ok_or(reason::DROP_VIP_UNSERVED)?
-    };
-    to_client(ctx, client, tcp_flags)
+pub fn reply(ctx: &XdpContext, backend_flow: &FlowKey, tcp_flags: u8) -> Step<u32> {
+    let r = NAT_REVERSE
+        .get_ptr_mut(backend_flow)
+        .ok_or(reason::DROP_VIP_UNSERVED)?;
+    to_client(ctx, r, tcp_flags)
 }
 
-/// A backend's segment of the flow of `client` (the client's key), back to the
-/// client: the entry touched, the packet translated, sent and counted.
+/// A backend's segment of the flow whose reverse entry is `r`, back to the client:
+/// translated from `r` alone, sent and counted. The forward entry is asked only to
+/// write what it keeps of the flow: a FIN or an RST (its TCP state), and its last-seen
+/// time once per `FLOW_TOUCH_JIFFIES` (`NatReply::touched`), then also clearing
+/// `NAT_F_SYNCED` (seen here) as `touch` does.
 #[inline(always)]
-fn to_client(ctx: &XdpContext, client: &FlowKey, tcp_flags: u8) -> Step<u32> {
-    let e = NAT_FLOWS
-        .get_ptr_mut(client)
-        .ok_or(reason::DROP_NAT_NO_FLOW)?;
-    // SAFETY: as in `forward`.
-    let e = unsafe { &mut *e };
+fn to_client(ctx: &XdpContext, r: *mut NatReply, tcp_flags: u8) -> Step<u32> {
+    // SAFETY: an entry of NAT_REVERSE; concurrent writers only ever set its hop and time.
+    let r = unsafe { &mut *r };
     let j = crate::jiffies64();
-    touch(e, j, closing_flags(tcp_flags, NAT_F_FIN_BACKEND));
-    let (backend, vip_num) = (e.backend, e.vip_num);
+    let set = closing_flags(tcp_flags, NAT_F_FIN_BACKEND);
+    if set != 0 || (j as u16).wrapping_sub(r.touched) >= FLOW_TOUCH_JIFFIES as u16 {
+        let e = NAT_FLOWS
+            .get_ptr_mut(&r.client)
+            .ok_or(reason::DROP_NAT_NO_FLOW)?;
+        // SAFETY: as in `forward`.
+        touch(unsafe { &mut *e }, j, set);
+        r.touched = j as u16;
+    }
+    let client = &r.client;
+    let (backend, vip_num) = (r.backend, r.vip_num);
     let s = scratch()?;
     set_tuple(
         // SAFETY: a field of this CPU's scratch other than `rev`.
@@ -332,8 +333,8 @@ fn to_client(ctx: &XdpContext, client: &FlowKey, tcp_flags: u8) -> Step<u32> {
     let verdict = next_hop(
         ctx.ctx,
         l3,
-        Fallback::Mac(&e.client_mac),
-        addr_of_mut!(e.to_client),
+        Fallback::Flow(client),
+        addr_of_mut!(r.to_client),
         j,
     )?;
     let len = frame_len(ctx) as u64;
@@ -381,15 +382,24 @@ fn closing_flags(tcp_flags: u8, fin: u32) -> u32 {
 #[inline(always)]
 fn open(ctx: &XdpContext, p: &Packet, id: u32, now: u64, j: u64) -> Step<Option<u32>> {
     let s = scratch()?;
+    // The reverse entry first: written where more values are live, it cost `forward`
+    // 32 bytes more stack, past the 512 its callers leave. (Its padding stays as the
+    // scratch began: zero.)
+    keys::copy_flow_key(addr_of_mut!(s.reply.client), &p.flow);
+    s.reply.backend = id;
+    s.reply.vip_num = p.vip.vip_num;
+    zero(addr_of_mut!(s.reply.to_client));
+    s.reply.touched = j as u16;
     let target = NAT_BACKENDS.get(id).ok_or(reason::ABORT_INTERNAL)?;
     if target.family != p.flow.family {
         return Err(reason::DROP_NO_BACKEND);
     }
     let (min, max) = port_range();
     // Keys and entries written word by word, not as literals: a literal's zeros become
-    // a call to the BPF backend's byte-by-byte `memset` (96 bytes for the entry).
+    // a call to the BPF backend's byte-by-byte `memset` (72 bytes for the entry).
     s.rev = keys::flow_key(&target.addr, &p.flow.dst, target.port_be, 0, p.flow.family);
-    let nport = claim_port(&mut s.rev, &p.flow, min, max)?;
+    // SAFETY: fields of this CPU's scratch, apart from each other.
+    let nport = claim_port(unsafe { &mut *addr_of_mut!(s.rev) }, &s.reply, min, max)?;
     let e = &mut s.entry;
     e.backend = id;
     e.vip_num = p.vip.vip_num;
@@ -399,7 +409,6 @@ fn open(ctx: &XdpContext, p: &Packet, id: u32, now: u64, j: u64) -> Step<Option<
     e.bport_be = target.port_be;
     set_addr(addr_of_mut!(e.baddr), &target.addr);
     zero(addr_of_mut!(e.to_backend));
-    zero(addr_of_mut!(e.to_client));
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
     set_mac(addr_of_mut!(e.client_mac), unsafe { &(*eth).src });
     e.touched = j as u16;
@@ -461,16 +470,18 @@ fn reopen(ctx: &XdpContext, e: &mut NatFlow, p: &Packet, j: u64) -> bool {
     let Some(target) = NAT_BACKENDS.get(e.backend) else {
         return false;
     };
+    // The reverse entry keeps the service number for the replies' counters: a service
+    // renumbered since (removed and added again) makes a new pair.
     if target.family != p.flow.family
         || target.port_be != e.bport_be
         || !keys::same_addr(&target.addr, &e.baddr)
+        || e.vip_num != p.vip.vip_num
     {
         return false;
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return false;
     };
-    e.vip_num = p.vip.vip_num;
     e.last_seen_ns = crate::flow_clock();
     e.flags = 0;
     e.touched = j as u16;
@@ -488,14 +499,15 @@ pub fn port_range() -> (u16, u16) {
     }
 }
 
-/// Claims a source port for `client` towards the backend of `rev` (whose `dport_be` is
-/// set to it): candidates from a hash of the client's tuple, the first whose reverse
-/// entry does not exist yet wins. Ports of the VIP's own services are skipped (a reply
-/// to one would look like a new client). Returns the port, network order.
+/// Claims a source port for the flow of `reply` (`NatReply::client`) towards the backend
+/// of `rev` (whose `dport_be` is set to it), `reply` its reverse entry: candidates from
+/// a hash of the client's tuple, the first whose reverse entry does not exist yet wins.
+/// Ports of the VIP's own services are skipped (a reply to one would look like a new
+/// client). Returns the port, network order.
 #[inline(always)]
-fn claim_port(rev: &mut FlowKey, client: &FlowKey, min: u16, max: u16) -> Step<u16> {
+fn claim_port(rev: &mut FlowKey, reply: &NatReply, min: u16, max: u16) -> Step<u16> {
     let range = (max - min) as u32 + 1;
-    let h = flow_hash(client);
+    let h = flow_hash(&reply.client);
     let mut full = false;
     let mut i = 0;
     while i < NAT_PORT_PROBES {
@@ -511,7 +523,7 @@ fn claim_port(rev: &mut FlowKey, client: &FlowKey, min: u16, max: u16) -> Step<u
             continue;
         }
         rev.dport_be = port.to_be();
-        match NAT_REVERSE.insert(&*rev, client, BPF_NOEXIST as u64) {
+        match NAT_REVERSE.insert(&*rev, reply, BPF_NOEXIST as u64) {
             Ok(()) => return Ok(port.to_be()),
             // EEXIST: the port is taken; anything else (E2BIG, ENOMEM): the table is full.
             Err(e) if e == -17 => {}
@@ -692,7 +704,7 @@ fn next_hop(
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(reason::ABORT_INTERNAL)?;
     let ingress = ctx.ingress_ifindex() as u32;
     if !hop.is_null() {
-        // SAFETY: a field of a NAT_FLOWS value (`forward`, `reply`).
+        // SAFETY: a field of a NAT_FLOWS or NAT_REVERSE value (`to_backend`, `to_client`).
         let h = unsafe { &*hop };
         if h.at_jiffies != 0 && j.wrapping_sub(h.at_jiffies) < NAT_HOP_TTL_JIFFIES {
             // SAFETY: the frame's Ethernet header (`ptr_at`).
@@ -750,6 +762,10 @@ fn next_hop(
             None => return Err(reason::DROP_NAT_NO_ROUTE),
         },
         Fallback::Mac(mac) => mac,
+        Fallback::Flow(client) => match unsafe { NAT_FLOWS.get(client) } {
+            Some(e) => &e.client_mac,
+            None => return Err(reason::DROP_NAT_NO_FLOW),
+        },
     };
     // An unresolved MAC is all zeros.
     if fallback_mac.iter().fold(0, |a, b| a | b) == 0 {
@@ -775,7 +791,7 @@ fn go(
     // SAFETY: the frame's Ethernet header (`ptr_at`, the caller's).
     unsafe { packet_set_macs(eth, dmac, smac) };
     if !hop.is_null() {
-        // SAFETY: a field of a NAT_FLOWS value (`next_hop`).
+        // SAFETY: a field of a NAT_FLOWS or NAT_REVERSE value (`next_hop`).
         let h = unsafe { &mut *hop };
         set_mac(addr_of_mut!(h.dmac), dmac);
         set_mac(addr_of_mut!(h.smac), smac);
@@ -806,6 +822,9 @@ enum Fallback<'a> {
     Backend(u32),
     /// A MAC at hand: the one the client's frames came from.
     Mac(&'a [u8; 6]),
+    /// The MAC the client's frames came from, as the forward entry under this key
+    /// keeps it (`NatFlow::client_mac`): looked up only when needed.
+    Flow(&'a FlowKey),
 }
 
 /// Writes a translation's fields one by one (addresses as words, see `set_addr`): a
@@ -857,8 +876,8 @@ fn words(a: &[u8; 16]) -> [u32; 4] {
 pub fn icmp_error(ctx: &XdpContext, quoted: &FlowKey) -> Step<Option<u32>> {
     let (client, to_backend): (&FlowKey, bool) = if unsafe { NAT_FLOWS.get(quoted) }.is_some() {
         (quoted, true)
-    } else if let Some(client) = unsafe { NAT_REVERSE.get(quoted) } {
-        (client, false)
+    } else if let Some(r) = unsafe { NAT_REVERSE.get(quoted) } {
+        (&r.client, false)
     } else {
         // A NAT service's flow we do not know: never DSR-forwarded raw. The key in the
         // scratch: this frame and the rewrite's below it share the 512-byte stack with

@@ -21,8 +21,8 @@ use aya::{
 
 use lb_common::{
     Backend, Counter, FlowKey, FlowState, LbConfig, MAX_FLOWS, MAX_NAT_FLOWS, MAX_PERSISTENT,
-    MAX_PINNED_FLOWS, MAX_RING_SIZE, NatConfig, NatFlow, NatTarget, PersistKey, PersistState,
-    SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, VipSlot,
+    MAX_PINNED_FLOWS, MAX_RING_SIZE, NatConfig, NatFlow, NatReply, NatTarget, PersistKey,
+    PersistState, SERVE_F_ALL, Serving, VipAddrKey, VipInfo, VipKey, VipSlot,
     flowtab::{self, FlowSlot},
     layout, names,
 };
@@ -500,12 +500,18 @@ impl FlowStore for FlowMaps {
         let mut left_out = 0;
         for (key, value) in flows {
             let rev = crate::nat::reverse_key(key, value);
+            let reply = crate::nat::reply_entry(key, value);
             // Our own copy of this flow (an earlier sync) is simply refreshed.
-            match sys::update_flags(&self.nat_reverse.fd().as_fd(), &rev, key, sys::BPF_NOEXIST) {
+            match sys::update_flags(
+                &self.nat_reverse.fd().as_fd(),
+                &rev,
+                &reply,
+                sys::BPF_NOEXIST,
+            ) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    match sys::lookup::<FlowKey, FlowKey>(&self.nat_reverse.fd().as_fd(), &rev) {
-                        Ok(owner) if owner == *key => {}
+                    match sys::lookup::<FlowKey, NatReply>(&self.nat_reverse.fd().as_fd(), &rev) {
+                        Ok(owner) if owner.client == *key => {}
                         _ => {
                             left_out += 1;
                             continue;

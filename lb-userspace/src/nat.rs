@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use lb_common::{
-    FlowKey, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NatFlow, PROTO_TCP,
+    FlowKey, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_RST, NatFlow, NatReply,
+    PROTO_TCP,
 };
 
 /// After an RST neither side keeps state (no TIME_WAIT): the pair goes after this
@@ -27,6 +28,19 @@ pub fn reverse_key(client: &FlowKey, flow: &NatFlow) -> FlowKey {
         proto: PROTO_TCP,
         family: client.family,
         _pad: [0; 2],
+    }
+}
+
+/// The reverse table's entry of a NAT flow (`NatReply`) as the agent installs it for a
+/// flow a peer sent: the client's key, the flow's backend and service; no next hop
+/// towards the client yet (this host's program asks its own FIB), and the refresh of
+/// the forward entry's last-seen time due at the first reply.
+pub fn reply_entry(client: &FlowKey, flow: &NatFlow) -> NatReply {
+    NatReply {
+        client: *client,
+        backend: flow.backend,
+        vip_num: flow.vip_num,
+        ..NatReply::default()
     }
 }
 
@@ -85,7 +99,7 @@ mod tests {
     }
 
     #[test]
-    fn the_reverse_key_is_what_the_backend_sends() {
+    fn the_reverse_key_and_entry_are_what_the_backend_sends_and_needs() {
         let client = FlowKey {
             src: [198, 51, 100, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             dst: [192, 0, 2, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -101,6 +115,12 @@ mod tests {
         assert_eq!(u16::from_be(r.sport_be), 8080);
         assert_eq!(u16::from_be(r.dport_be), 5000);
         assert_eq!(r.family, FAMILY_V4);
+        // Its entry names the client's key, the flow's backend and service; no next hop
+        // and the refresh due, for this host's program to fill.
+        let e = reply_entry(&client, &flow(0, 0));
+        assert_eq!((e.client, e.backend, e.vip_num), (client, 3, 1));
+        assert_eq!(e.to_client, Default::default());
+        assert_eq!(e.touched, 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
-use lb_common::{FlowKey, NAT_HOP_TTL_MAX_NS, NatFlow, names};
+use lb_common::{FlowKey, NAT_HOP_TTL_MAX_NS, NatFlow, NatReply, names};
 use lb_tests::lab::{
     BackendSection, Lab, Node, SERVICE_PORT, Service, Streaming, SyncSection, VIP4, VIP6,
     VrrpSection, addr_like, addr4, parse_mac,
@@ -335,17 +335,23 @@ fn nat_connections_survive_a_sigkill_of_the_master() -> Result<()> {
 /// The NAT flows' entries in the LB's pinned table (`NAT_FLOWS`), read as the agent
 /// left them.
 fn nat_entries(lab: &Lab) -> Result<Vec<(FlowKey, NatFlow)>> {
-    let pins = PinDir::new(&lab.bpffs_dir_of(Node::Lb), "eth0");
-    let path = pins.dir().join(names::MAP_NAT_FLOWS);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let map: AyaHashMap<MapData, FlowKey, NatFlow> = AyaHashMap::try_from(Map::HashMap(data))?;
-    map.iter()
-        .collect::<Result<Vec<_>, _>>()
-        .context("reading NAT_FLOWS")
+    pinned_entries(lab, names::MAP_NAT_FLOWS)
 }
 
-/// Each NAT flow keeps the FIB's next hop for both directions in its entry (the
-/// backend's MAC one way, the client's the other, from the LB's MAC, out of `eth0`),
+/// The entries of the LB's pinned hash map `name`.
+fn pinned_entries<V: aya::Pod>(lab: &Lab, name: &str) -> Result<Vec<(FlowKey, V)>> {
+    let pins = PinDir::new(&lab.bpffs_dir_of(Node::Lb), "eth0");
+    let path = pins.dir().join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map: AyaHashMap<MapData, FlowKey, V> = AyaHashMap::try_from(Map::HashMap(data))?;
+    map.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {name}"))
+}
+
+/// Each NAT flow keeps the FIB's next hop for both directions in its entries (the
+/// backend's MAC one way in the forward entry, the client's the other in the reverse
+/// one, from the LB's MAC, out of `eth0`),
 /// and asks again once that copy is older than `NAT_HOP_TTL_JIFFIES` (at most
 /// `NAT_HOP_TTL_MAX_NS`): when the backend takes a new MAC and the LB host's neighbour entry says so, the held connection
 /// goes on, its packets to the new MAC.
@@ -374,16 +380,21 @@ fn nat_flows_cache_their_next_hops_and_follow_a_change() -> Result<()> {
         .parse()
         .context("eth0's ifindex")?;
     let entries = nat_entries(&lab)?;
-    let cached: Vec<&NatFlow> = entries
+    let replies: Vec<(FlowKey, NatReply)> = pinned_entries(&lab, names::MAP_NAT_REVERSE)?;
+    let cached: Vec<(&NatFlow, &NatReply)> = entries
         .iter()
-        .map(|(_, e)| e)
-        .filter(|e| e.to_backend.at_jiffies != 0 && e.to_client.at_jiffies != 0)
+        .filter_map(|(k, e)| {
+            let rev = lb_userspace::nat::reverse_key(k, e);
+            let (_, r) = replies.iter().find(|(key, _)| *key == rev)?;
+            (r.client == *k && e.to_backend.at_jiffies != 0 && r.to_client.at_jiffies != 0)
+                .then_some((e, r))
+        })
         .collect();
     ensure!(
         !cached.is_empty(),
-        "no NAT flow with both next hops cached: {entries:?}"
+        "no NAT flow with both next hops cached: {entries:?} {replies:?}"
     );
-    for e in &cached {
+    for (e, r) in &cached {
         ensure!(
             (e.to_backend.dmac, e.to_backend.smac, e.to_backend.ifindex)
                 == (old_mac, lb_mac, lb_ifindex),
@@ -391,10 +402,10 @@ fn nat_flows_cache_their_next_hops_and_follow_a_change() -> Result<()> {
             e.to_backend
         );
         ensure!(
-            (e.to_client.dmac, e.to_client.smac, e.to_client.ifindex)
+            (r.to_client.dmac, r.to_client.smac, r.to_client.ifindex)
                 == (client_mac, lb_mac, lb_ifindex),
             "towards the client: {:?}",
-            e.to_client
+            r.to_client
         );
     }
 

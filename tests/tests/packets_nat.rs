@@ -8,9 +8,10 @@ use std::net::IpAddr;
 
 use lb_common::{
     COARSE_CLOCK_LAG_NS, FLOW_TOUCH_JIFFIES, FlowKey, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND,
-    NAT_F_FIN_CLIENT, NAT_F_SYNCED, NAT_HOP_TTL_JIFFIES, NatConfig, NatFlow, NextHop,
+    NAT_F_FIN_CLIENT, NAT_F_SYNCED, NAT_HOP_TTL_JIFFIES, NatConfig, NatFlow, NatReply, NextHop,
     PERSIST_TOUCH_NS, PersistKey,
     counters::{event, event_slot, global_slot, reason, vip_slot},
+    names,
 };
 use lb_tests::{
     packet::*,
@@ -1036,7 +1037,138 @@ fn nat_packets_write_their_entry_only_when_it_changes() {
     assert!(lb_userspace::nat::is_closed(&closed));
 }
 
-/// A flow's cached next hop (`NatFlow::to_backend`, `to_client`) takes each direction's
+/// A backend's reply is translated from its reverse entry (`NatReply`) alone: it asks
+/// the forward entry only to write to it, for a FIN or an RST, and for the flow's
+/// last-seen time once the reverse entry's own stamp is due (then also clearing
+/// `NAT_F_SYNCED`). A peer's pair, as the agent installs it, has that stamp due.
+#[test]
+fn a_nat_reply_asks_only_its_reverse_entry_until_the_flow_needs_a_write() {
+    if !require_root("a_nat_reply_asks_only_its_reverse_entry_until_the_flow_needs_a_write") {
+        return;
+    }
+    let mut rig = rig();
+    let mut store = rig.dp.take_flow_store().expect("flow store");
+    let vip = (ip("192.0.2.20"), 443);
+    let client = (ip("198.51.100.9"), 42001);
+    let backend = ip("10.0.1.5");
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX);
+    let n = nport(&out, false);
+    let from_backend = |flags| {
+        tcp_frame(
+            LB_MAC,
+            backend_mac(backend),
+            None,
+            (backend, 8443),
+            (vip.0, n),
+            flags,
+        )
+    };
+    let to_client = |flags| tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, flags);
+    let from_client = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK);
+    assert_eq!(rig.run(&from_client).0, XDP_TX);
+    let (key, e) = only_nat_flow(&mut store);
+    let rev = lb_userspace::nat::reverse_key(&key, &e);
+    let mut replies: aya::maps::HashMap<_, FlowKey, NatReply> =
+        aya::maps::HashMap::try_from(rig.map(names::MAP_NAT_REVERSE).expect("NAT_REVERSE"))
+            .expect("NAT_REVERSE");
+    let r = replies.get(&rev, 0).expect("the flow's reverse entry");
+    assert_eq!(
+        (r.client, r.backend, r.vip_num),
+        (key, e.backend, e.vip_num),
+        "the reverse entry names the flow, its backend and its service"
+    );
+
+    // A peer's copy, its time old and its own stamp due (a packet that visits it
+    // writes it): while the reverse entry's stamp is fresh, replies go back translated
+    // and the forward entry is not written. Should this process sleep past the stamp's
+    // interval, the time moves: tried again.
+    let aged = monotonic_ns() - 60 * 1_000_000_000;
+    let mut kept = false;
+    for _ in 0..5 {
+        let fresh = replies.get(&rev, 0).expect("reverse entry").touched;
+        store
+            .install_nat(&[(
+                key,
+                NatFlow {
+                    last_seen_ns: aged,
+                    touched: 0,
+                    flags: e.flags | NAT_F_SYNCED,
+                    ..e
+                },
+            )])
+            .expect("age it");
+        replies
+            .insert(
+                rev,
+                NatReply {
+                    touched: fresh,
+                    ..r
+                },
+                0,
+            )
+            .expect("a fresh stamp");
+        for _ in 0..3 {
+            assert_eq!(rig.run(&from_backend(ACK)), (XDP_TX, to_client(ACK)));
+        }
+        let (_, now) = only_nat_flow(&mut store);
+        if now.last_seen_ns == aged {
+            assert_ne!(
+                now.flags & NAT_F_SYNCED,
+                0,
+                "not written: still the peer's copy"
+            );
+            kept = true;
+            break;
+        }
+    }
+    assert!(kept, "a fresh stamp: the forward entry is not written");
+
+    // The stamp due (0, as the agent installs it): the next reply refreshes the
+    // forward entry's time, clears SYNCED and stamps the reverse entry.
+    replies
+        .insert(rev, NatReply { touched: 0, ..r }, 0)
+        .expect("a due stamp");
+    let before = monotonic_ns();
+    assert_eq!(rig.run(&from_backend(ACK)), (XDP_TX, to_client(ACK)));
+    let (_, now) = only_nat_flow(&mut store);
+    assert!(
+        now.last_seen_ns >= before - COARSE_CLOCK_LAG_NS,
+        "refreshed: {now:?}"
+    );
+    assert_eq!(now.flags & NAT_F_SYNCED, 0, "seen here now");
+    assert_ne!(
+        replies.get(&rev, 0).expect("reverse entry").touched,
+        0,
+        "stamped"
+    );
+
+    // A FIN is written whatever the stamp.
+    assert_eq!(
+        rig.run(&from_backend(FIN | ACK)),
+        (XDP_TX, to_client(FIN | ACK))
+    );
+    assert_ne!(only_nat_flow(&mut store).1.flags & NAT_F_FIN_BACKEND, 0);
+
+    // The pair as a peer's sync installs it on a host that had none: its reverse
+    // entry is the agent's (`reply_entry`), with no next hop and the stamp due; the
+    // first reply goes back and marks the flow seen here.
+    let closed = only_nat_flow(&mut store);
+    assert_eq!(store.remove_nat(&[closed]).expect("remove"), 1);
+    assert!(replies.get(&rev, 0).is_err(), "both halves removed");
+    let peers = NatFlow {
+        flags: NAT_F_ESTABLISHED | NAT_F_SYNCED,
+        ..e
+    };
+    assert_eq!(store.install_nat(&[(key, peers)]).expect("install"), 0);
+    let installed = replies.get(&rev, 0).expect("the installed reverse entry");
+    assert_eq!(installed, lb_userspace::nat::reply_entry(&key, &peers));
+    assert_eq!((installed.touched, installed.to_client.at_jiffies), (0, 0));
+    assert_eq!(rig.run(&from_backend(ACK)), (XDP_TX, to_client(ACK)));
+    assert_eq!(only_nat_flow(&mut store).1.flags & NAT_F_SYNCED, 0);
+}
+
+/// A flow's cached next hop (`NatFlow::to_backend`, `NatReply::to_client`) takes each direction's
 /// packets while younger than `NAT_HOP_TTL_JIFFIES`: its MACs, and `XDP_TX` when its
 /// interface is the one the packet came in on, else a redirect. An old copy is not used
 /// (here, without FIB lookups, the packet then takes the fallback MACs, and those are
@@ -1078,51 +1210,45 @@ fn nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh() {
         (XDP_TX, to_client(CLIENT_MAC, LB_MAC))
     );
     let (key, e) = only_nat_flow(&mut store);
+    let rev = lb_userspace::nat::reverse_key(&key, &e);
+    let mut replies: aya::maps::HashMap<_, FlowKey, NatReply> =
+        aya::maps::HashMap::try_from(rig.map(names::MAP_NAT_REVERSE).expect("NAT_REVERSE"))
+            .expect("NAT_REVERSE");
+    let r = replies.get(&rev, 0).expect("the flow's reverse entry");
+    assert_eq!(r.client, key);
     let fallback = |dmac| (dmac, LB_MAC, INGRESS);
     let kept = |h: NextHop| (h.dmac, h.smac, h.ifindex);
     assert_eq!(
-        (kept(e.to_backend), kept(e.to_client)),
+        (kept(e.to_backend), kept(r.to_client)),
         (fallback(bmac), fallback(CLIENT_MAC)),
         "the fallback's choice is cached too"
     );
-    assert!(e.to_backend.at_jiffies != 0 && e.to_client.at_jiffies != 0);
+    assert!(e.to_backend.at_jiffies != 0 && r.to_client.at_jiffies != 0);
 
     // Fresh copies, out of the interface the packets came in on: the jiffies of the
     // copy the program just made (should this process sleep past the copy's age, the
     // program asks again, here with the fallback's MACs: the assertions would say so).
-    let fresh = e.to_backend.at_jiffies.min(e.to_client.at_jiffies);
-    let cached = |to_backend, to_client| NatFlow {
-        to_backend,
-        to_client,
-        ..e
+    let fresh = e.to_backend.at_jiffies.min(r.to_client.at_jiffies);
+    let mut cache = |to_backend, to_client| {
+        store
+            .install_nat(&[(key, NatFlow { to_backend, ..e })])
+            .expect("cache the next hop towards the backend");
+        replies
+            .insert(rev, NatReply { to_client, ..r }, 0)
+            .expect("cache the next hop towards the client");
     };
-    store
-        .install_nat(&[(
-            key,
-            cached(hop(r1, s1, INGRESS, fresh), hop(r2, s2, INGRESS, fresh)),
-        )])
-        .expect("cache next hops");
+    cache(hop(r1, s1, INGRESS, fresh), hop(r2, s2, INGRESS, fresh));
     assert_eq!(rig.run(&from_client), (XDP_TX, to_backend(r1, s1)));
     assert_eq!(rig.run(&from_backend), (XDP_TX, to_client(r2, s2)));
 
     // Another interface: redirected there, with the cached MACs.
-    store
-        .install_nat(&[(
-            key,
-            cached(hop(r1, s1, 999_999, fresh), hop(r2, s2, INGRESS, fresh)),
-        )])
-        .expect("cache next hops");
+    cache(hop(r1, s1, 999_999, fresh), hop(r2, s2, 999_999, fresh));
     assert_eq!(rig.run(&from_client), (XDP_REDIRECT, to_backend(r1, s1)));
-    assert_eq!(rig.run(&from_backend), (XDP_TX, to_client(r2, s2)));
+    assert_eq!(rig.run(&from_backend), (XDP_REDIRECT, to_client(r2, s2)));
 
     // Old copies: not used.
     let old = fresh - 2 * NAT_HOP_TTL_JIFFIES;
-    store
-        .install_nat(&[(
-            key,
-            cached(hop(r1, s1, INGRESS, old), hop(r2, s2, INGRESS, old)),
-        )])
-        .expect("age next hops");
+    cache(hop(r1, s1, INGRESS, old), hop(r2, s2, INGRESS, old));
     assert_eq!(rig.run(&from_client), (XDP_TX, to_backend(bmac, LB_MAC)));
     assert_eq!(
         rig.run(&from_backend),

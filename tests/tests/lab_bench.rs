@@ -56,6 +56,12 @@ fn every_path_carries_connections_and_a_stream() -> Result<()> {
             sample.conn_xdp_ns,
             sample.bulk_xdp_ns
         );
+        // The client's and the backend's TCP counters were read around the run (every
+        // path started with no TIME_WAIT left, or the bench failed).
+        ensure!(
+            sample.conn_tcp.is_some() && result.median.conn_tcp_per_1000.is_some(),
+            "{name}: no TCP events: {sample:?}"
+        );
         ensure!(
             result.median.conn_vs_null_fwd.is_some() && result.median.bulk_vs_direct.is_some(),
             "{name}: ratios missing: {:?}",

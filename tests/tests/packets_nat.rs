@@ -559,9 +559,7 @@ fn a_host_that_does_not_serve_translates_nothing() {
     let vip = (ip("192.0.2.20"), 443);
     let client = (ip("198.51.100.7"), 43000);
     let backend = ip("10.0.1.5");
-    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
-    assert_eq!(v, XDP_TX);
-    let n = nport(&out, false);
+    let n = open_ipv4_flow(&mut rig, client, vip);
     // A backup (or a master whose lease ran out): neither direction is translated.
     rig.serving.set_serving(false, 0).expect("serving switch");
     let before = reasons(&rig);
@@ -941,6 +939,32 @@ fn established_nat_packets_refresh_the_persistence_entry() {
 }
 
 /// The NAT table's one flow, read back.
+/// A client's SYN from `client` to the IPv4 NAT service `vip`, translated: the source
+/// port its flow took towards the backend.
+fn open_ipv4_flow(rig: &mut Rig, client: (IpAddr, u16), vip: (IpAddr, u16)) -> u16 {
+    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
+    assert_eq!(v, XDP_TX, "the SYN is translated");
+    nport(&out, false)
+}
+
+/// The backend's segment (from its port 8443) to the VIP address `vip` at NAT port `n`.
+fn backend_segment(backend: IpAddr, vip: IpAddr, n: u16, flags: u8) -> Vec<u8> {
+    tcp_frame(
+        LB_MAC,
+        backend_mac(backend),
+        None,
+        (backend, 8443),
+        (vip, n),
+        flags,
+    )
+}
+
+/// The reverse table (NAT_REVERSE), through a descriptor of its own.
+fn reverse_table(rig: &mut Rig) -> aya::maps::HashMap<aya::maps::MapData, FlowKey, NatReply> {
+    aya::maps::HashMap::try_from(rig.map(names::MAP_NAT_REVERSE).expect("NAT_REVERSE"))
+        .expect("NAT_REVERSE")
+}
+
 fn only_nat_flow(store: &mut dyn FlowStore) -> (FlowKey, NatFlow) {
     let flows = store.read_nat().expect("NAT table");
     assert_eq!(flows.len(), 1);
@@ -962,20 +986,9 @@ fn nat_packets_write_their_entry_only_when_it_changes() {
     let vip = (ip("192.0.2.20"), 443);
     let client = (ip("198.51.100.9"), 42001);
     let backend = ip("10.0.1.5");
-    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
-    assert_eq!(v, XDP_TX);
-    let n = nport(&out, false);
+    let n = open_ipv4_flow(&mut rig, client, vip);
     let from_client = |flags| tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, flags);
-    let from_backend = |flags| {
-        tcp_frame(
-            LB_MAC,
-            backend_mac(backend),
-            None,
-            (backend, 8443),
-            (vip.0, n),
-            flags,
-        )
-    };
+    let from_backend = |flags| backend_segment(backend, vip.0, n, flags);
     assert_eq!(rig.run(&from_client(ACK)).0, XDP_TX);
     let (key, mut e) = only_nat_flow(&mut store);
     assert_ne!(e.flags & NAT_F_ESTABLISHED, 0);
@@ -1051,27 +1064,14 @@ fn a_nat_reply_asks_only_its_reverse_entry_until_the_flow_needs_a_write() {
     let vip = (ip("192.0.2.20"), 443);
     let client = (ip("198.51.100.9"), 42001);
     let backend = ip("10.0.1.5");
-    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
-    assert_eq!(v, XDP_TX);
-    let n = nport(&out, false);
-    let from_backend = |flags| {
-        tcp_frame(
-            LB_MAC,
-            backend_mac(backend),
-            None,
-            (backend, 8443),
-            (vip.0, n),
-            flags,
-        )
-    };
+    let n = open_ipv4_flow(&mut rig, client, vip);
+    let from_backend = |flags| backend_segment(backend, vip.0, n, flags);
     let to_client = |flags| tcp_frame(CLIENT_MAC, LB_MAC, None, vip, client, flags);
     let from_client = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK);
     assert_eq!(rig.run(&from_client).0, XDP_TX);
     let (key, e) = only_nat_flow(&mut store);
     let rev = lb_userspace::nat::reverse_key(&key, &e);
-    let mut replies: aya::maps::HashMap<_, FlowKey, NatReply> =
-        aya::maps::HashMap::try_from(rig.map(names::MAP_NAT_REVERSE).expect("NAT_REVERSE"))
-            .expect("NAT_REVERSE");
+    let mut replies = reverse_table(&mut rig);
     let r = replies.get(&rev, 0).expect("the flow's reverse entry");
     assert_eq!(
         (r.client, r.backend, r.vip_num),
@@ -1197,9 +1197,7 @@ fn nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh() {
     let client = (ip("198.51.100.9"), 42001);
     let backend = ip("10.0.1.5");
     let bmac = backend_mac(backend);
-    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
-    assert_eq!(v, XDP_TX);
-    let n = nport(&out, false);
+    let n = open_ipv4_flow(&mut rig, client, vip);
     let from_client = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK);
     let from_backend = tcp_frame(LB_MAC, bmac, None, (backend, 8443), (vip.0, n), ACK);
     let to_backend = |dst, src| tcp_frame(dst, src, None, (vip.0, n), (backend, 8443), ACK);
@@ -1211,9 +1209,7 @@ fn nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh() {
     );
     let (key, e) = only_nat_flow(&mut store);
     let rev = lb_userspace::nat::reverse_key(&key, &e);
-    let mut replies: aya::maps::HashMap<_, FlowKey, NatReply> =
-        aya::maps::HashMap::try_from(rig.map(names::MAP_NAT_REVERSE).expect("NAT_REVERSE"))
-            .expect("NAT_REVERSE");
+    let mut replies = reverse_table(&mut rig);
     let r = replies.get(&rev, 0).expect("the flow's reverse entry");
     assert_eq!(r.client, key);
     let fallback = |dmac| (dmac, LB_MAC, INGRESS);
@@ -1309,9 +1305,7 @@ fn a_nat_flow_sent_before_the_parse_still_meets_the_parses_checks() {
     let client = (ip("198.51.100.7"), 45000);
     let backend = ip("10.0.1.5");
     let bmac = backend_mac(backend);
-    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
-    assert_eq!(v, XDP_TX);
-    let n = nport(&out, false);
+    let n = open_ipv4_flow(&mut rig, client, vip);
     let ack = tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK);
     let (v, out) = rig.run(&ack);
     assert_eq!(v, XDP_TX);
@@ -1373,9 +1367,7 @@ fn a_nat_flow_sent_before_the_parse_still_meets_the_parses_checks() {
     ])
     .expect("load (needs root)");
     let vip = (ip("192.0.2.40"), 443);
-    let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN));
-    assert_eq!(v, XDP_TX);
-    let n = nport(&out, false);
+    let n = open_ipv4_flow(&mut rig, client, vip);
     let (v, out) = rig.run(&tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK));
     assert_eq!(v, XDP_TX);
     assert_eq!(

@@ -100,7 +100,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet) -> Step<u32> {
         (Some(e), _) => e,
         (None, Some(id)) => {
             if let Some(verdict) = open(ctx, p, id, crate::flow_clock(), j)? {
-                count_flow(ctx, p.vip.vip_num, id, true);
+                count_flow(frame_len(ctx) as u64, p.vip.vip_num, id, true);
                 return Ok(verdict);
             }
             // Another CPU opened this very flow a moment ago: its entry decides.
@@ -275,14 +275,14 @@ fn to_backend(
         addr_of_mut!(e.to_backend),
         j,
     )?;
-    count_flow(ctx, vip_num, backend, new_flow);
+    count_flow(frame_len(ctx) as u64, vip_num, backend, new_flow);
     Ok(verdict)
 }
 
-/// A translated frame towards a backend, counted on its service and backend.
+/// A translated frame of `len` bytes, either way, counted on its flow's service and
+/// backend.
 #[inline(always)]
-fn count_flow(ctx: &XdpContext, vip_num: u32, backend: u32, new_flow: bool) {
-    let len = frame_len(ctx) as u64;
+fn count_flow(len: u64, vip_num: u32, backend: u32, new_flow: bool) {
     count(vip_slot(vip_num), len, new_flow);
     count(backend_slot(backend), len, new_flow);
 }
@@ -309,7 +309,7 @@ fn to_client(ctx: &XdpContext, r: *mut NatReply, tcp_flags: u8) -> Step<u32> {
     let r = unsafe { &mut *r };
     let j = crate::jiffies64();
     let set = closing_flags(tcp_flags, NAT_F_FIN_BACKEND);
-    if set != 0 || (j as u16).wrapping_sub(r.touched) >= FLOW_TOUCH_JIFFIES as u16 {
+    if set != 0 || is_due(r.touched, j) {
         let e = NAT_FLOWS
             .get_ptr_mut(&r.client)
             .ok_or(reason::DROP_NAT_NO_FLOW)?;
@@ -321,8 +321,7 @@ fn to_client(ctx: &XdpContext, r: *mut NatReply, tcp_flags: u8) -> Step<u32> {
     let (backend, vip_num) = (r.backend, r.vip_num);
     let s = scratch()?;
     set_tuple(
-        // SAFETY: a field of this CPU's scratch other than `rev`.
-        unsafe { &mut *addr_of_mut!(s.new) },
+        &mut s.new,
         client.family,
         &client.dst,
         &client.src,
@@ -338,8 +337,7 @@ fn to_client(ctx: &XdpContext, r: *mut NatReply, tcp_flags: u8) -> Step<u32> {
         j,
     )?;
     let len = frame_len(ctx) as u64;
-    count(vip_slot(vip_num), len, false);
-    count(backend_slot(backend), len, false);
+    count_flow(len, vip_num, backend, false);
     count(event_slot(event::NAT_REPLY), len, false);
     Ok(verdict)
 }
@@ -351,7 +349,7 @@ fn to_client(ctx: &XdpContext, r: *mut NatReply, tcp_flags: u8) -> Step<u32> {
 /// CPU, is not written on every packet, and its packets read no clock in between.
 #[inline(always)]
 fn touch(e: &mut NatFlow, j: u64, set: u32) {
-    let stale = (j as u16).wrapping_sub(e.touched) >= FLOW_TOUCH_JIFFIES as u16;
+    let stale = is_due(e.touched, j);
     if stale || e.flags & (set | NAT_F_SYNCED) != set {
         if stale {
             e.last_seen_ns = crate::flow_clock();
@@ -359,6 +357,13 @@ fn touch(e: &mut NatFlow, j: u64, set: u32) {
         }
         e.flags = (e.flags & !NAT_F_SYNCED) | set;
     }
+}
+
+/// Whether a 16-bit jiffies stamp (`NatFlow::touched`, `NatReply::touched`) is
+/// `FLOW_TOUCH_JIFFIES` or more behind jiffies `j`: its entry's time is due a refresh.
+#[inline(always)]
+fn is_due(touched: u16, j: u64) -> bool {
+    (j as u16).wrapping_sub(touched) >= FLOW_TOUCH_JIFFIES as u16
 }
 
 #[inline(always)]
@@ -931,8 +936,7 @@ pub fn icmp_error(ctx: &XdpContext, quoted: &FlowKey) -> Step<Option<u32>> {
     // Not cached: an ICMP error is rare, and its flow's entry is not written here.
     let verdict = next_hop(ctx.ctx, l3, fallback, core::ptr::null_mut(), 0)?;
     let len = frame_len(ctx) as u64;
-    count(vip_slot(e.vip_num), len, false);
-    count(backend_slot(e.backend), len, false);
+    count_flow(len, e.vip_num, e.backend, false);
     count(event_slot(event::NAT_ICMP), len, false);
     Ok(Some(verdict))
 }

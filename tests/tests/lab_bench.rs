@@ -62,6 +62,22 @@ fn every_path_carries_connections_and_a_stream() -> Result<()> {
             sample.conn_tcp.is_some() && result.median.conn_tcp_per_1000.is_some(),
             "{name}: no TCP events: {sample:?}"
         );
+        // The LB's veth received packets for each connection on every path through
+        // the LB host (the bench itself checks at least one each), and the program's
+        // work per connection follows from them; the direct path's go around it.
+        let packets = sample.conn_lb_packets.unwrap_or(0);
+        let per_conn = result.median.conn_xdp_per_conn;
+        ensure!(
+            if has_program {
+                packets >= sample.conn.requests
+                    && per_conn.is_some_and(|[p, us, share]| p >= 1.0 && us > 0.0 && share > 0.0)
+            } else {
+                sample.conn_lb_packets.is_some() && per_conn.is_none()
+            },
+            "{name}: LB packets {:?} for {} requests, per connection {per_conn:?}",
+            sample.conn_lb_packets,
+            sample.conn.requests
+        );
         ensure!(
             result.median.conn_vs_null_fwd.is_some() && result.median.bulk_vs_direct.is_some(),
             "{name}: ratios missing: {:?}",

@@ -659,6 +659,7 @@ impl<'lab> Bench<'lab> {
             conn_xdp_ns,
             bulk_xdp_ns,
             conn_tcp: Some(conn_tcp),
+            conn_lb_packets: Some(rx),
         })
     }
 

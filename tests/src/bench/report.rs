@@ -437,6 +437,10 @@ pub struct Sample {
     /// files from before they were read.
     #[serde(default)]
     pub conn_tcp: Option<TcpEvents>,
+    /// The packets the LB's veth received during the connections run (its XDP program
+    /// ran once for each); `None` in files from before they were kept.
+    #[serde(default)]
+    pub conn_lb_packets: Option<u64>,
 }
 
 /// The medians of one path, and its ratios to direct and to the null forwarder.
@@ -473,6 +477,10 @@ pub struct Summary {
     /// the client's resets, the backend's refusals in TIME_WAIT.
     #[serde(default)]
     pub conn_tcp_per_1000: Option<[f64; 3]>,
+    /// The LB program's work per connection (`xdp_per_conn`): packets, µs, and the
+    /// share of a core it took at the path's connection rate, in %.
+    #[serde(default)]
+    pub conn_xdp_per_conn: Option<[f64; 3]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -610,6 +618,33 @@ fn tcp_per_1000(samples: &[Sample]) -> Option<[f64; 3]> {
     ])
 }
 
+/// The medians of the LB program's work per connection (`Summary::conn_xdp_per_conn`),
+/// if every sample has its packet count and its ns per packet: the packets its veth
+/// received per connection; those times the ns per packet, in µs; and that times the
+/// connection rate, as a share of one core in %. Where the LB shares a core with the
+/// backend's servers, as in this lab, that share comes off the connection rate.
+fn xdp_per_conn(samples: &[Sample]) -> Option<[f64; 3]> {
+    let per: Vec<[f64; 3]> = samples
+        .iter()
+        .map(|x| {
+            let (packets, ns) = (x.conn_lb_packets?, x.conn_xdp_ns?);
+            let requests = x.conn.requests as f64;
+            let packets = if requests > 0.0 {
+                packets as f64 / requests
+            } else {
+                0.0
+            };
+            let us = packets * ns / 1000.0;
+            Some([packets, us, us * x.conn.per_second / 1e6 * 100.0])
+        })
+        .collect::<Option<_>>()?;
+    if per.is_empty() {
+        return None;
+    }
+    let field = |i: usize| median(per.iter().map(|v| v[i]));
+    Some([field(0), field(1), field(2)])
+}
+
 fn median_split<'a>(splits: impl Iterator<Item = &'a CpuSplit> + Clone) -> CpuSplit {
     let field = |f: fn(&CpuSplit) -> f64| median(splits.clone().map(f));
     let cpus = splits
@@ -651,6 +686,7 @@ impl LabReport {
                 conn_cpu: median_split(s.iter().map(|x| &x.conn_cpu)),
                 bulk_cpu: median_split(s.iter().map(|x| &x.bulk_cpu)),
                 conn_tcp_per_1000: tcp_per_1000(s),
+                conn_xdp_per_conn: xdp_per_conn(s),
                 ..Summary::default()
             };
         }
@@ -836,11 +872,12 @@ impl LabReport {
         out.push_str(
             "| path | connections/s | × direct | × null fwd | bulk Gbit/s | × direct | × null fwd \
              | bulk retransmits | XDP ns per packet (connections / bulk) \
+             | XDP per connection: packets / µs / % of a core \
              | per 1000 connections: SYNs sent again / client resets / backend TIME_WAIT refusals \
              | CPU during connections (user / sys / softirq %) \
              | CPU during bulk (user / sys / softirq %) |\n",
         );
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
         let ratio = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}×"));
         let paired = |r: Option<f64>, range: Option<[f64; 2]>| match (r, range) {
             (Some(r), Some([lo, hi])) => format!("{r:.2}× ({lo:.2}–{hi:.2})"),
@@ -853,7 +890,7 @@ impl LabReport {
             let _ = writeln!(
                 out,
                 "| {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.2} ({:.2}–{:.2}) | {} | {} | {:.0} | {} \
-                 | {} | {} | {} |",
+                 | {} | {} | {} | {} |",
                 r.path.name(),
                 x.conn_per_second,
                 x.conn_range[0],
@@ -870,6 +907,10 @@ impl LabReport {
                     (None, None) => "–".to_string(),
                     (c, b) => format!("{} / {}", ns(c), ns(b)),
                 },
+                x.conn_xdp_per_conn
+                    .map_or("–".to_string(), |[packets, us, share]| format!(
+                        "{packets:.1} / {us:.2} / {share:.1}"
+                    )),
                 x.conn_tcp_per_1000
                     .map_or("–".to_string(), |[a, b, c]| format!(
                         "{a:.1} / {b:.1} / {c:.1}"
@@ -1009,6 +1050,7 @@ Transfer/sec:      3.03MB
                 client_resets: 10 * repetition as u64,
                 backend_paws_timewait: 20 * repetition as u64,
             }),
+            conn_lb_packets: Some(10 * (conn * 4.0) as u64 + 1000 * repetition as u64),
         }
     }
 
@@ -1095,6 +1137,26 @@ Transfer/sec:      3.03MB
             tcp_per_1000(&old),
             None,
             "a sample without them: no medians"
+        );
+        // The program's work per connection: the first sample has no ns per packet.
+        assert_eq!(
+            haproxy.conn_xdp_per_conn, None,
+            "a sample without one: none"
+        );
+        let mut all = r.paths[2].samples.clone();
+        all[0].conn_xdp_ns = Some(50.0);
+        // Packets per connection 10, 10 + 1000/33600, 10 + 2000/28000; ns 50, 100, 200.
+        let [packets, us, share] = xdp_per_conn(&all).unwrap();
+        let p1 = 10.0 + 1000.0 / 33_600.0;
+        assert!((packets - p1).abs() < 1e-9, "{packets}");
+        assert!((us - p1 * 0.1).abs() < 1e-9, "{us}");
+        // µs per connection times 8400 connections/s, of a second, in %.
+        assert!((share - p1 * 0.1 * 8_400.0 / 1e4).abs() < 1e-9, "{share}");
+        all[1].conn_lb_packets = None;
+        assert_eq!(
+            xdp_per_conn(&all),
+            None,
+            "a sample without its packets: none"
         );
         assert_eq!(range(std::iter::empty()), [0.0, 0.0]);
         assert_eq!(median([4.0, 1.0, 3.0, 2.0]), 2.5);
@@ -1183,7 +1245,10 @@ Transfer/sec:      3.03MB
 
     #[test]
     fn json_round_trip_and_markdown() {
-        let r = fixed();
+        let mut r = fixed();
+        // The null forwarder with an ns per packet in every sample: 50, 100, 200.
+        r.paths[1].samples[0].conn_xdp_ns = Some(50.0);
+        r.summarise();
         let json = r.to_json().unwrap();
         assert!(json.contains("\"path\": \"null-fwd\""));
         let back = LabReport::from_json(&json).unwrap();
@@ -1216,11 +1281,11 @@ Transfer/sec:      3.03MB
         assert_eq!(rows.len(), 4, "{md}");
         assert_eq!(
             rows[2],
-            "| null XDP forwarder | 16000 (15000–17000) | 0.76× | 1.00× (1.00–1.00) | 8.00 (7.00–9.00) | 0.73× | 1.00× (1.00–1.00) | 10 | 150 / – | 0.7 / 0.2 / 0.3 | 21 / 10 / 30 | 5 / 10 / 30 |"
+            "| null XDP forwarder | 16000 (15000–17000) | 0.76× | 1.00× (1.00–1.00) | 8.00 (7.00–9.00) | 0.73× | 1.00× (1.00–1.00) | 10 | 100 / – | 10.0 / 1.00 / 1.5 | 0.7 / 0.2 / 0.3 | 21 / 10 / 30 | 5 / 10 / 30 |"
         );
         assert_eq!(
             rows[3],
-            "| HAProxy mode tcp | 8000 (7000–8400) | 0.38× | 0.50× (0.41–0.56) | 4.20 (4.00–4.40) | 0.38× | 0.53× (0.49–0.60) | 10 | 150 / – | 1.2 / 0.3 / 0.6 | 21 / 10 / 30 | 5 / 10 / 30 |"
+            "| HAProxy mode tcp | 8000 (7000–8400) | 0.38× | 0.50× (0.41–0.56) | 4.20 (4.00–4.40) | 0.38× | 0.53× (0.49–0.60) | 10 | 150 / – | – | 1.2 / 0.3 / 0.6 | 21 / 10 / 30 | 5 / 10 / 30 |"
         );
     }
 }

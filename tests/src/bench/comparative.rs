@@ -24,6 +24,11 @@
 //!   (with two CPUs, the backend has to share one; left to the scheduler, where its
 //!   servers ran moved one path's bulk rate by up to a third between repetitions).
 //!   `Napi::Inline` leaves all of it to the scheduler and the sender's softirq;
+//! - with `Napi::Threaded`, each end receives on its own CPU (RPS on its veth): a veth
+//!   delivers in its sender's context, which had the client receive its replies (and
+//!   send its last ACKs) on the LB's CPU while `wrk` sent its FINs from its own, and the
+//!   two reached the backend swapped (up to half the connections of the paths whose
+//!   replies cross the LB ended with a reset);
 //! - no TIME_WAIT left from the paths before (`Bench::forget_time_wait`): each path starts
 //!   with none on the client or the backend, as its own LB state starts empty.
 
@@ -301,6 +306,17 @@ enum LbState<'lab> {
     Agent(crate::lab::AgentGuard<'lab>),
 }
 
+/// The bitmap of one CPU as sysfs writes CPU masks (`rps_cpus`): hexadecimal, in
+/// comma-separated groups of 32 bits, the highest first.
+fn cpu_mask(cpu: usize) -> String {
+    let (group, bit) = (cpu / 32, cpu % 32);
+    let mut out = format!("{:x}", 1u32 << bit);
+    for _ in 0..group {
+        out.push_str(",00000000");
+    }
+    out
+}
+
 impl<'lab> Bench<'lab> {
     fn new(lab: &'lab Lab, options: &Options, cores: usize) -> Result<Self> {
         let napi = options.napi;
@@ -317,6 +333,26 @@ impl<'lab> Bench<'lab> {
             args.extend(QUEUE);
             lab.run(Node::Bridge, &args)
                 .with_context(|| format!("the queue of {node:?}'s bridge port"))?;
+        }
+        // Each end's receive work on its own CPU, as on a host of its own: a veth delivers
+        // in its sender's context, so without this the client's replies were received
+        // (and its ACKs sent) on whichever CPU sent them, the LB's on the XDP paths, and
+        // the backend's requests on the client's CPU on the direct path. RPS queues each
+        // frame to the CPU of the end it reaches: the client's (`wrk`, `iperf3`), the
+        // backend's (its servers, beside the LB's NAPI thread).
+        if let Some((client_cpu, lb_cpu)) = cpus {
+            for (node, cpu) in [(Node::Client, client_cpu), (Node::Backend(1), lb_cpu)] {
+                let mask = cpu_mask(cpu);
+                lab.run(
+                    node,
+                    &[
+                        "sh",
+                        "-c",
+                        &format!("echo {mask} > /sys/class/net/eth0/queues/rx-0/rps_cpus"),
+                    ],
+                )
+                .with_context(|| format!("RPS to CPU {cpu} on {node:?}'s veth"))?;
+            }
         }
         // Tens of thousands of short connections a second through a few ports.
         for node in [Node::Client, Node::Lb] {
@@ -386,7 +422,8 @@ impl<'lab> Bench<'lab> {
         match (self.napi, self.cpus) {
             (Napi::Threaded, Some((client, lb))) => format!(
                 "threaded, pinned to CPU {lb} with the proxies and the backend's servers; \
-                 wrk and iperf3 on CPU {client}"
+                 wrk and iperf3 on CPU {client}; RPS: the client receives on CPU {client}, \
+                 the backend on CPU {lb}"
             ),
             (Napi::Threaded, None) => "threaded, unpinned (one CPU)".into(),
             (Napi::Inline, _) => "inline (not threaded, nothing pinned)".into(),
@@ -977,4 +1014,18 @@ fn mac_text(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_mask;
+
+    #[test]
+    fn cpu_masks_as_sysfs_writes_them() {
+        assert_eq!(cpu_mask(0), "1");
+        assert_eq!(cpu_mask(1), "2");
+        assert_eq!(cpu_mask(31), "80000000");
+        assert_eq!(cpu_mask(32), "1,00000000");
+        assert_eq!(cpu_mask(67), "8,00000000,00000000");
+    }
 }

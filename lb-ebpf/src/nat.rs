@@ -134,7 +134,9 @@ pub const NOT_KNOWN: u64 = 1 << 33;
 /// A NAT flow's segment, sent from its own frame before the parse (`crate::try_lb`,
 /// for an address with no DSR service): an established client segment whose flow entry
 /// names its service, checked in that service's slot (`VIP_SLOTS`, as for DSR), or a
-/// backend's reply to a port of the NAT range that the reverse table knows. What
+/// backend's reply to a port of the NAT range that the reverse table knows (asked
+/// first for a segment to such a port; on a miss, the segment may still be a client's
+/// to a service listening on a port of the range). What
 /// `forward` and `reply` do for them, without the parse, the service lookup (VIPS)
 /// and the `Packet`. The packed verdict (`crate::pack`), or `NOT_KNOWN` for anything
 /// else, and for anything that would not pass the parse's checks (not serving, not our
@@ -203,10 +205,12 @@ fn known_step<const V6: bool>(ctx: &XdpContext, cfg: &LbConfig, l3: usize) -> Op
     s.early_flow._pad = [0; 2];
     let (min, max) = port_range();
     let dport = u16::from_be(dport_be);
-    if min <= dport && dport <= max {
-        // A backend's reply, if the reverse table knows it (else a service's segment
-        // on a port of the range, or nothing of ours).
-        let r = NAT_REVERSE.get_ptr_mut(&s.early_flow)?;
+    if min <= dport
+        && dport <= max
+        && let Some(r) = NAT_REVERSE.get_ptr_mut(&s.early_flow)
+    {
+        // A backend's reply. (A miss: a client's segment to a service on a port of the
+        // range, asked below, or nothing of ours.)
         return Some(to_client(ctx, r, tcp_flags));
     }
     if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {

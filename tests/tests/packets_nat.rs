@@ -1254,8 +1254,9 @@ fn nat_packets_take_the_flows_cached_next_hop_while_it_is_fresh() {
 
 /// A backend's reply comes to a port of the NAT range, so the program asks the reverse
 /// table first there; a NAT service may listen on a port of that range too: its
-/// clients' segments miss the reverse table and still find the service, and its
-/// backend's replies still come back.
+/// clients' segments miss the reverse table and still find the service (their flow's
+/// entry, before the parse, as for any other port), and its backend's replies still
+/// come back.
 #[test]
 fn a_nat_service_on_a_port_of_the_nat_range() {
     if !require_root("a_nat_service_on_a_port_of_the_nat_range") {

@@ -556,6 +556,13 @@ fn nat() -> anyhow::Result<()> {
             nat_service("api", "192.0.2.20", "10.0.1.5"),
             nat_service("api6", "2001:db8::20", "2001:db8:1::5"),
             service("web", "192.0.2.10", 80, 65537, &["192.0.2.21"]),
+            // A NAT service listening on a port of the NAT range.
+            {
+                let mut s = service("alt", "192.0.2.22", 8080, 65537, &["10.0.1.6"]);
+                s.forwarding = Forwarding::Nat;
+                s.backends[0].port = Some(9000);
+                s
+            },
         ]
     };
     let mut rig = bench_rig(OBJECT, &services)?;
@@ -711,6 +718,28 @@ fn nat_cases(rig: &mut Rig) -> anyhow::Result<Vec<NatCase>> {
             before_each: Some(to_vip(client.1 + 1, RST | ACK)),
         });
     }
+    // A NAT service on a port of the NAT range (8080): its clients' segments ask the
+    // reverse table first (a miss), then the flow's entry.
+    let (vip, client) = (
+        ("192.0.2.22".parse()?, 8080),
+        ("198.51.100.7".parse()?, 40000),
+    );
+    let syn = rig.run_program(
+        names::PROG_LB,
+        &tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, SYN),
+        1,
+    )?;
+    anyhow::ensure!(
+        syn.verdict == XDP_TX,
+        "NAT SYN to port 8080: verdict {}",
+        syn.verdict
+    );
+    cases.push(NatCase {
+        name: "NAT IPv4 c->b, service 8080",
+        frames: vec![tcp_frame(LB_MAC, CLIENT_MAC, None, client, vip, ACK | PSH)],
+        verdict: XDP_TX,
+        before_each: None,
+    });
     // DSR, measured the same way, for scale.
     let dsr = tcp_frame(
         LB_MAC,

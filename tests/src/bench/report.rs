@@ -592,30 +592,40 @@ fn range(values: impl Iterator<Item = f64>) -> [f64; 2] {
         .unwrap_or_default()
 }
 
-/// The medians of the samples' TCP events per 1000 connections (`Summary`), if every
-/// sample has them.
-fn tcp_per_1000(samples: &[Sample]) -> Option<[f64; 3]> {
-    let per: Vec<(f64, &TcpEvents)> = samples
-        .iter()
-        .map(|x| Some((x.conn.requests as f64, x.conn_tcp.as_ref()?)))
-        .collect::<Option<_>>()?;
+/// `count` per connection of a run of `requests` connections (0 for a run of none).
+fn per_connection(count: f64, requests: u64) -> f64 {
+    if requests > 0 {
+        count / requests as f64
+    } else {
+        0.0
+    }
+}
+
+/// The medians, field by field, of what `f` reads from each sample; `None` if a sample
+/// lacks it (a file from before it was kept), or for no sample.
+fn sample_medians<const N: usize>(
+    samples: &[Sample],
+    f: impl Fn(&Sample) -> Option<[f64; N]>,
+) -> Option<[f64; N]> {
+    let per: Vec<[f64; N]> = samples.iter().map(f).collect::<Option<_>>()?;
     if per.is_empty() {
         return None;
     }
-    let rate = |f: fn(&TcpEvents) -> u64| {
-        median(per.iter().map(|(n, t)| {
-            if *n > 0.0 {
-                1000.0 * f(t) as f64 / n
-            } else {
-                0.0
-            }
-        }))
-    };
-    Some([
-        rate(|t| t.syn_retransmits),
-        rate(|t| t.client_resets),
-        rate(|t| t.backend_paws_timewait),
-    ])
+    Some(std::array::from_fn(|i| median(per.iter().map(|v| v[i]))))
+}
+
+/// The medians of the samples' TCP events per 1000 connections (`Summary`), if every
+/// sample has them.
+fn tcp_per_1000(samples: &[Sample]) -> Option<[f64; 3]> {
+    sample_medians(samples, |x| {
+        let t = x.conn_tcp.as_ref()?;
+        let rate = |n: u64| 1000.0 * per_connection(n as f64, x.conn.requests);
+        Some([
+            rate(t.syn_retransmits),
+            rate(t.client_resets),
+            rate(t.backend_paws_timewait),
+        ])
+    })
 }
 
 /// The medians of the LB program's work per connection (`Summary::conn_xdp_per_conn`),
@@ -624,25 +634,11 @@ fn tcp_per_1000(samples: &[Sample]) -> Option<[f64; 3]> {
 /// connection rate, as a share of one core in %. Where the LB shares a core with the
 /// backend's servers, as in this lab, that share comes off the connection rate.
 fn xdp_per_conn(samples: &[Sample]) -> Option<[f64; 3]> {
-    let per: Vec<[f64; 3]> = samples
-        .iter()
-        .map(|x| {
-            let (packets, ns) = (x.conn_lb_packets?, x.conn_xdp_ns?);
-            let requests = x.conn.requests as f64;
-            let packets = if requests > 0.0 {
-                packets as f64 / requests
-            } else {
-                0.0
-            };
-            let us = packets * ns / 1000.0;
-            Some([packets, us, us * x.conn.per_second / 1e6 * 100.0])
-        })
-        .collect::<Option<_>>()?;
-    if per.is_empty() {
-        return None;
-    }
-    let field = |i: usize| median(per.iter().map(|v| v[i]));
-    Some([field(0), field(1), field(2)])
+    sample_medians(samples, |x| {
+        let packets = per_connection(x.conn_lb_packets? as f64, x.conn.requests);
+        let us = packets * x.conn_xdp_ns? / 1000.0;
+        Some([packets, us, us * x.conn.per_second / 1e6 * 100.0])
+    })
 }
 
 fn median_split<'a>(splits: impl Iterator<Item = &'a CpuSplit> + Clone) -> CpuSplit {

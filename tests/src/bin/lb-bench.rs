@@ -545,24 +545,19 @@ struct NatCase {
 
 fn nat() -> anyhow::Result<()> {
     use lb_userspace::config::Forwarding;
-    let nat_service = |name, vip, backend| {
-        let mut s = service(name, vip, 443, 65537, &[backend]);
+    let nat_service = |name, vip, port, backend| {
+        let mut s = service(name, vip, port, 65537, &[backend]);
         s.forwarding = Forwarding::Nat;
         s.backends[0].port = Some(8443);
         s
     };
     let services = || {
         vec![
-            nat_service("api", "192.0.2.20", "10.0.1.5"),
-            nat_service("api6", "2001:db8::20", "2001:db8:1::5"),
+            nat_service("api", "192.0.2.20", 443, "10.0.1.5"),
+            nat_service("api6", "2001:db8::20", 443, "2001:db8:1::5"),
             service("web", "192.0.2.10", 80, 65537, &["192.0.2.21"]),
             // A NAT service listening on a port of the NAT range.
-            {
-                let mut s = service("alt", "192.0.2.22", 8080, 65537, &["10.0.1.6"]);
-                s.forwarding = Forwarding::Nat;
-                s.backends[0].port = Some(9000);
-                s
-            },
+            nat_service("alt", "192.0.2.22", 8080, "10.0.1.6"),
         ]
     };
     let mut rig = bench_rig(OBJECT, &services)?;
